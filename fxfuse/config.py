@@ -1,0 +1,87 @@
+"""Every option and environment variable fxfuse reads, in one place.
+
+Options can be set three ways, later ones winning: environment variables (read once, at import),
+``fxfuse.config.patch(...)`` as a context manager, and the ``options={...}`` of
+``torch.compile(model, backend="fxfuse", options=...)`` / ``fxfuse.rewrite(..., options=...)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# Triton decides at import whether its own library functions (tl.sum, tl.max, ...) are compiled or
+# interpreted, so interpretation is a property of the process: it must be on before triton loads.
+if _env_flag("FXFUSE_INTERPRET") and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def interpreter_available() -> bool:
+    """Whether this process's Triton runs kernels through its CPU interpreter."""
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(tl.sum, InterpretedFunction)
+
+
+@dataclasses.dataclass
+class Options:
+    # Run the generated Triton kernels on CPU tensors through Triton's interpreter instead of the
+    # exact torch reference. Slow; meant for tests and for reading what a kernel does.
+    interpret: bool = dataclasses.field(default_factory=lambda: _env_flag("FXFUSE_INTERPRET"))
+    # Where every captured graph (before/after the passes) and every kernel is written; None: off.
+    debug_dir: str | None = dataclasses.field(default_factory=lambda: os.environ.get("FXFUSE_DEBUG_DIR") or None)
+    # Where generated kernel sources are cached, by content hash.
+    cache_dir: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("FXFUSE_CACHE_DIR")
+        or str(Path(tempfile.gettempdir()) / f"fxfuse-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    )
+    # The pass pipeline: None for the default, or a comma-separated string / list of pass names.
+    passes: str | list | None = None
+
+    def replace(self, **changes) -> "Options":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            known = ", ".join(f.name for f in dataclasses.fields(self))
+            raise ValueError(f"unknown fxfuse option(s) {sorted(unknown)}; the options are: {known}")
+        return dataclasses.replace(self, **changes)
+
+
+# The options in force. A module-level object rather than a thread-local: autograd runs backward
+# functions on its own thread, and the backward kernels must see the options the forward saw.
+current = Options()
+
+
+@contextlib.contextmanager
+def patch(**changes):
+    """Temporarily change options: ``with fxfuse.config.patch(interpret=True): ...``."""
+    global current
+    saved = current
+    current = current.replace(**changes)
+    try:
+        yield current
+    finally:
+        current = saved
+
+
+def interpret_on_cpu() -> bool:
+    """Whether fused ops on CPU tensors should run their Triton kernels (through the interpreter)."""
+    if not current.interpret:
+        return False
+    if not interpreter_available():
+        raise RuntimeError(
+            "fxfuse was asked to run Triton kernels on the CPU (interpret=True), but Triton was imported "
+            "without its interpreter. Set FXFUSE_INTERPRET=1 (or TRITON_INTERPRET=1) in the environment "
+            "before Python starts, or leave interpret off to use the exact torch reference on CPU."
+        )
+    return True

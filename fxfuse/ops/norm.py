@@ -1,0 +1,177 @@
+"""``torch.ops.fxfuse.norm`` and ``torch.ops.fxfuse.add_norm``: fused normalization operators.
+
+Each has a fake implementation (shapes for tracing), an autograd formula (through a backward
+operator of its own), a CPU implementation that is the exact torch reference of the spec, and a
+Triton implementation generated from the spec, used on CUDA and, when asked, on CPU through
+Triton's interpreter.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fxfuse import config
+from fxfuse.lowering.norm import lower_norm
+from fxfuse.spec import NormSpec, to_dtype
+
+
+def _spec(text: str) -> NormSpec:
+    return NormSpec.from_json(text)
+
+
+def _use_triton(t: Tensor, spec: NormSpec) -> bool:
+    from fxfuse.codegen.norm import MAX_ROW
+
+    if t.shape[-1] > MAX_ROW:
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and config.interpret_on_cpu())
+
+
+def _prepared(p: Tensor, prep) -> Tensor:
+    p = p.reshape(-1).to(to_dtype(prep.dtype))
+    return p + prep.offset if prep.offset else p
+
+
+def reference(spec: NormSpec, src: Tensor, params: list[Tensor]) -> Tensor:
+    """The site's computation in plain torch ops, in the dtypes the user's code used."""
+    xc = src.to(to_dtype(spec.compute_dtype))
+    if spec.kind == "rms_norm":
+        centered = xc
+    else:
+        centered = xc - xc.mean(-1, keepdim=True)
+    var = (centered * centered).mean(-1, keepdim=True) + spec.eps
+    n = centered * torch.rsqrt(var) if spec.inverse == "rsqrt" else centered / torch.sqrt(var)
+    v = n.to(to_dtype(spec.norm_dtype))
+    for step in spec.steps:
+        if step.op == "cast":
+            v = v.to(to_dtype(step.dtype))
+            continue
+        p = _prepared(params[step.param], spec.params[step.param])
+        v = (v * p if step.op == "mul" else v + p).to(to_dtype(step.dtype))
+    return v
+
+
+def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """[d_src, *d_params], by the formulas the backward kernel uses (autograd is off inside ops)."""
+    acc = torch.float64 if lower_norm(spec).acc == "float64" else torch.float32
+    x = src.to(acc)
+    centered = x if spec.kind == "rms_norm" else x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + spec.eps)
+    n = centered * rstd
+    preps = [_prepared(p, prep).to(acc) for p, prep in zip(params, spec.params)]
+    values = [n.to(to_dtype(spec.norm_dtype)).to(acc)]
+    for step in spec.steps:
+        v = values[-1]
+        if step.op != "cast":
+            v = v * preps[step.param] if step.op == "mul" else v + preps[step.param]
+        values.append(v.to(to_dtype(step.dtype)).to(acc))
+    g = grad_y.to(acc).reshape(-1, x.shape[-1])
+    x_shape = x.shape
+    n, rstd = n.reshape(g.shape), rstd.reshape(-1, 1)
+    values = [v.reshape(g.shape) for v in values]
+    rows = (0,)
+    d_params = [torch.zeros_like(p, dtype=acc) for p in preps]
+    for k in reversed(range(len(spec.steps))):
+        step = spec.steps[k]
+        if step.op == "mul":
+            d_params[step.param] += (g * values[k]).sum(rows)
+            g = g * preps[step.param]
+        elif step.op == "add":
+            d_params[step.param] += g.sum(rows)
+    inner = (g * n).mean(-1, keepdim=True)
+    d_x = rstd * (g - n * inner) if spec.kind == "rms_norm" else rstd * (g - g.mean(-1, keepdim=True) - n * inner)
+    return [d_x.reshape(x_shape).to(src.dtype), *(d.reshape(p.shape).to(p.dtype) for d, p in zip(d_params, params))]
+
+
+# ---- forward operators ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fxfuse::norm", mutates_args=())
+def norm(x: Tensor, params: list[Tensor], spec: str) -> Tensor:
+    s = _spec(spec)
+    if _use_triton(x, s):
+        from fxfuse.codegen import norm as kernels
+
+        return kernels.forward(s, x, None, params)[0]
+    return reference(s, x, params)
+
+
+@norm.register_fake
+def _(x, params, spec):
+    return x.new_empty(x.shape, dtype=to_dtype(_spec(spec).out_dtype))
+
+
+@torch.library.custom_op("fxfuse::add_norm", mutates_args=())
+def add_norm(x: Tensor, residual: Tensor, params: list[Tensor], spec: str) -> tuple[Tensor, Tensor]:
+    s = _spec(spec)
+    if _use_triton(x, s):
+        from fxfuse.codegen import norm as kernels
+
+        return kernels.forward(s, x, residual, params)
+    total = (x + residual).to(to_dtype(s.sum_dtype))
+    return reference(s, total, params), total
+
+
+@add_norm.register_fake
+def _(x, residual, params, spec):
+    s = _spec(spec)
+    return x.new_empty(x.shape, dtype=to_dtype(s.out_dtype)), x.new_empty(x.shape, dtype=to_dtype(s.sum_dtype))
+
+
+# ---- backward operator ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fxfuse::norm_backward", mutates_args=())
+def norm_backward(grad_y: Tensor, grad_sum: Optional[Tensor], src: Tensor, params: list[Tensor], spec: str) -> list[Tensor]:
+    """Gradients [d_src, *d_params] of a norm whose input was ``src``; ``grad_sum`` adds to d_src."""
+    s = _spec(spec)
+    if _use_triton(src, s):
+        from fxfuse.codegen import norm as kernels
+
+        d_src, d_params = kernels.backward(s, grad_y, grad_sum, src, params)
+        return [d_src, *d_params]
+    d_src, *d_params = _reference_backward(s, grad_y, src, params)
+    if grad_sum is not None:
+        d_src = d_src + grad_sum
+    return [d_src, *d_params]
+
+
+@norm_backward.register_fake
+def _(grad_y, grad_sum, src, params, spec):
+    return [torch.empty_like(src), *(torch.empty_like(p) for p in params)]
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+
+def _setup_norm(ctx, inputs, output):
+    x, params, spec = inputs
+    ctx.save_for_backward(x, *params)
+    ctx.spec, ctx.interpret = spec, config.current.interpret
+
+
+def _backward_norm(ctx, grad_y):
+    x, *params = ctx.saved_tensors
+    with config.patch(interpret=ctx.interpret):
+        d_x, *d_params = torch.ops.fxfuse.norm_backward(grad_y, None, x, params, ctx.spec)
+    return d_x.to(x.dtype), d_params, None
+
+
+def _setup_add_norm(ctx, inputs, output):
+    x, residual, params, spec = inputs
+    # Save the sum (an output anyway, kept alive by the residual stream) rather than both inputs.
+    ctx.save_for_backward(output[1], *params)
+    ctx.spec, ctx.interpret = spec, config.current.interpret
+    ctx.dtypes = (x.dtype, residual.dtype)
+
+
+def _backward_add_norm(ctx, grad_y, grad_sum):
+    total, *params = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(total, dtype=to_dtype(_spec(ctx.spec).out_dtype))
+    with config.patch(interpret=ctx.interpret):
+        d_total, *d_params = torch.ops.fxfuse.norm_backward(grad_y, grad_sum, total, params, ctx.spec)
+    return d_total.to(ctx.dtypes[0]), d_total.to(ctx.dtypes[1]), d_params, None
+
+
+norm.register_autograd(_backward_norm, setup_context=_setup_norm)
+add_norm.register_autograd(_backward_add_norm, setup_context=_setup_add_norm)

@@ -1,0 +1,88 @@
+"""Small questions recognition passes ask of an ATen FX graph, answered from ``node.meta``."""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+
+def val(node) -> torch.Tensor | None:
+    """The fake tensor a node produces, or None (scalars, tuples, unknown)."""
+    v = node.meta.get("val") if isinstance(node, Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def shape(node) -> tuple | None:
+    v = val(node)
+    return tuple(v.shape) if v is not None else None
+
+
+def dtype(node) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if v is not None else None
+
+
+def is_op(node, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def is_python_scalar(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def source_of(node: Node) -> tuple[str, str]:
+    """The user's ``file:line`` and source line for a node, from its recorded stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', trace)
+    # The last frame outside torch and fxfuse is the user's line.
+    for path, line, code in reversed(frames):
+        if "/torch/" in path or "/fxfuse/" in path:
+            continue
+        return f"{path}:{line}", code.strip()
+    if frames:
+        path, line, code = frames[-1]
+        return f"{path}:{line}", code.strip()
+    return "<unknown>", ""
+
+
+def users_outside(nodes: Iterable[Node], allowed: set[Node]) -> list[tuple[Node, Node]]:
+    """Pairs (node, user) where a node of ``nodes`` is used by something outside ``allowed``."""
+    return [(n, u) for n in nodes for u in n.users if u not in allowed]
+
+
+def depends_on(node, target: Node, stop: set[Node] | None = None) -> bool:
+    """Whether ``node`` is computed (transitively) from ``target``."""
+    if not isinstance(node, Node):
+        return False
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is target:
+            return True
+        if n in seen or n.op == "placeholder":
+            continue
+        seen.add(n)
+        todo.extend(a for a in n.all_input_nodes)
+    return False
+
+
+def last_dim_only(dims, rank: int) -> bool:
+    """Whether a reduction's ``dim`` argument is exactly the last dimension."""
+    if dims is None:
+        return rank == 1
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return len(dims) == 1 and dims[0] % max(rank, 1) == rank - 1
+
+
+def replace_with(gm: torch.fx.GraphModule, old: Node, target, args: tuple, kwargs: dict | None = None,
+                 meta_from: Node | None = None) -> Node:
+    """Insert ``target(*args)`` just before ``old`` and redirect ``old``'s users to it."""
+    with gm.graph.inserting_before(old):
+        new = gm.graph.call_function(target, args, kwargs or {})
+    new.meta.update((meta_from or old).meta)
+    old.replace_all_uses_with(new)
+    return new

@@ -1,0 +1,370 @@
+"""Normalization fusion: RMSNorm and LayerNorm, written any way, become one ``fxfuse`` operator.
+
+Recognition anchors on the ``rsqrt``/``sqrt`` of a norm (or on ``aten.native_layer_norm``), walks
+back to the statistic (mean of squares, variance, or mean of squared deviations) and the input,
+forward through the normalization to the per-feature weight/bias and casts, and proves each step
+from ``meta``: the reduction is over the last dimension only, eps is a scalar inside the root, the
+parameters broadcast along the normalized dimension only and do not depend on the input, and no
+value the rewrite removes is used anywhere else. Anything unproven is recorded as a miss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch.fx import Node
+
+from fxfuse.passes.graph import depends_on, dtype, is_op, is_python_scalar, last_dim_only, shape, source_of, val
+from fxfuse.passes.pipeline import Match, Miss, PassResult
+from fxfuse.spec import NormSpec, ParamPrep, Step, dtype_name
+
+aten = torch.ops.aten
+
+_MEAN = (aten.mean.dim,)
+_ADD = (aten.add.Tensor, aten.add.Scalar)
+_CAST = (aten._to_copy.default,)
+
+
+class Declined(Exception):
+    """Raised inside recognition with the reason a site is left as written."""
+
+
+@dataclasses.dataclass
+class _Site:
+    kind: str
+    anchor: Node  # gives the site its source line
+    x: Node
+    residual: Node | None
+    params: list[Node]
+    spec: NormSpec
+    output: Node
+    interior: set[Node]  # nodes the rewrite makes dead; none may be used outside the site
+    notes: list[str]  # parts left outside the fused op, with reasons
+
+
+def _plain_cast(node) -> bool:
+    """``x.to(dtype)``: a dtype change only (no device/layout change, no copy semantics)."""
+    if not is_op(node, *_CAST):
+        return False
+    extra = set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}
+    v, src = val(node), val(node.args[0])
+    return not extra and v is not None and src is not None and v.device == src.device and v.dtype.is_floating_point
+
+
+def _strip_cast(node: Node) -> Node:
+    return node.args[0] if _plain_cast(node) else node
+
+
+def _square_of(node) -> Node | None:
+    if is_op(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
+        return node.args[0]
+    if is_op(node, aten.mul.Tensor) and node.args[0] is node.args[1]:
+        return node.args[0]
+    return None
+
+
+def _check_reduction(node: Node, dims, keepdim: bool, of: Node) -> None:
+    rank = len(shape(of) or ())
+    if not last_dim_only(dims, rank):
+        raise Declined(
+            f"the statistic reduces over dims {list(dims) if dims is not None else 'all'} of a rank-{rank} "
+            "tensor; fused norms reduce over the last dimension only"
+        )
+    if not keepdim:
+        raise Declined("the statistic is reduced without keepdim=True, so it does not broadcast back over the row")
+
+
+def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
+    """(kind, xc, mean_node, nodes) for a norm statistic, xc being the (maybe upcast) input.
+
+    Returns kind "" when ``stat`` is not a norm statistic at all (an unrelated sqrt).
+    """
+    if is_op(stat, *_MEAN):
+        sq = stat.args[0]
+        y = _square_of(sq)
+        if y is None:
+            return "", stat, None, set()
+        _check_reduction(stat, stat.args[1], bool(stat.args[2] if len(stat.args) > 2 else stat.kwargs.get("keepdim")), sq)
+        if is_op(y, aten.sub.Tensor) and not y.kwargs.get("alpha", 1) != 1:
+            xc, mean = y.args
+            if is_op(mean, *_MEAN) and mean.args[0] is xc:
+                _check_reduction(mean, mean.args[1], bool(mean.args[2] if len(mean.args) > 2 else False), xc)
+                return "layer_norm", xc, mean, {stat, sq, y, mean}
+        return "rms_norm", y, None, {stat, sq}
+    if is_op(stat, aten.var.correction, aten.var.dim):
+        xc = stat.args[0]
+        correction = stat.kwargs.get("correction", 1 if stat.target == aten.var.correction else None)
+        if stat.target == aten.var.dim:
+            correction = 1 if stat.kwargs.get("unbiased", stat.args[2] if len(stat.args) > 2 else True) else 0
+        _check_reduction(stat, stat.args[1] if len(stat.args) > 1 else None, bool(stat.kwargs.get("keepdim")), xc)
+        if correction != 0:
+            raise Declined(
+                f"the variance is unbiased (correction={correction}, torch.var's default); LayerNorm divides "
+                "by N, not N-1. Write x.var(-1, unbiased=False, keepdim=True) if that was meant"
+            )
+        return "layer_norm", xc, None, {stat}
+    return "", stat, None, set()
+
+
+def _split_eps(inner: Node) -> tuple[Node, float | None]:
+    if is_op(inner, *_ADD) and inner.kwargs.get("alpha", 1) == 1:
+        a, b = inner.args[0], inner.args[1]
+        if is_python_scalar(b) and isinstance(a, Node):
+            return a, float(b)
+        if is_python_scalar(a) and isinstance(b, Node):
+            return b, float(a)
+        if isinstance(a, Node) and isinstance(b, Node):
+            stat = a if _statistic(a)[0] else b
+            if _statistic(stat)[0]:
+                raise Declined("eps is a tensor, not a constant; fused norms take eps as a constant from the graph")
+    return inner, None
+
+
+def _normalize_node(anchor: Node, operand_ok) -> tuple[Node, Node, str]:
+    """The node that multiplies by rsqrt (or divides by sqrt): (node, operand, inverse form)."""
+    users = list(anchor.users)
+    if len(users) != 1:
+        raise Declined(f"the {anchor.target.__name__.split('.')[0]} is used {len(users)} times; fusing would drop its other uses")
+    user = users[0]
+    if anchor.target == aten.rsqrt.default and is_op(user, aten.mul.Tensor):
+        a, b = user.args
+        operand = b if a is anchor else a
+        form = "rsqrt"
+    elif anchor.target == aten.sqrt.default and is_op(user, aten.div.Tensor) and user.args[1] is anchor:
+        operand, form = user.args[0], "div_sqrt"
+    elif anchor.target == aten.sqrt.default and is_op(user, *_ADD):
+        raise Declined("eps is added outside the square root (x / (sqrt(var) + eps)); fused norms compute x / sqrt(var + eps)")
+    else:
+        raise Declined(f"the normalizer feeds {user.target} rather than multiplying/dividing the input")
+    if not isinstance(operand, Node) or not operand_ok(operand):
+        raise Declined("the value normalized is not the one the statistic was computed from")
+    return user, operand, form
+
+
+def _row_param(p: Node, x: Node, n: int, rank: int) -> tuple[Node, ParamPrep]:
+    """A per-feature parameter: broadcasts along the last dimension only, independent of x."""
+    s = shape(p)
+    if s is None or len(s) == 0 or s[-1] != n or any(d != 1 for d in s[:-1]) or len(s) > rank:
+        raise Declined(f"a tensor of shape {list(s) if s is not None else '?'} is not a per-feature parameter of size {n} "
+                       "(it broadcasts along another dimension), so it is applied after the fused norm")
+    if depends_on(p, x):
+        raise Declined("the weight is computed from the normalized input, so it is applied after the fused norm")
+    offset, base = 0.0, p
+    if is_op(base, *_ADD) and base.kwargs.get("alpha", 1) == 1:
+        a, b = base.args[0], base.args[1]
+        if is_python_scalar(b) and isinstance(a, Node):
+            offset, base = float(b), a
+        elif is_python_scalar(a) and isinstance(b, Node):
+            offset, base = float(a), b
+    base = _strip_cast(base)
+    if not dtype(base).is_floating_point:
+        raise Declined(f"the weight has dtype {dtype(base)}; fused norms take floating-point weights")
+    return base, ParamPrep(dtype=dtype_name(dtype(p)), offset=offset)
+
+
+def _epilogue(start: Node, x: Node, site_steps: list, params: list, prepared: list, notes: list) -> Node:
+    """Walk forward from the normalized value through casts and per-feature mul/add."""
+    cur = start
+    n, rank = shape(x)[-1], len(shape(x))
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        if _plain_cast(user):
+            site_steps.append(Step("cast", dtype_name(dtype(user))))
+            cur = user
+            continue
+        if is_op(user, aten.mul.Tensor, aten.add.Tensor) and user.kwargs.get("alpha", 1) == 1:
+            a, b = user.args
+            other = b if a is cur else a
+            if not isinstance(other, Node) or other is cur or shape(user) != shape(cur):
+                break
+            try:
+                base, prep = _row_param(other, x, n, rank)
+            except Declined as why:
+                v = val(other)
+                if v is not None and v.numel() < val(cur).numel():  # parameter-like, worth a note
+                    notes.append(str(why))
+                break
+            op = "mul" if user.target == aten.mul.Tensor else "add"
+            site_steps.append(Step(op, dtype_name(dtype(user)), param=len(params)))
+            params.append(base)
+            prepared.append(prep)
+            cur = user
+            continue
+        break
+    return cur
+
+
+def _hand_written(anchor: Node) -> _Site | None:
+    stat, eps = _split_eps(anchor.args[0])
+    kind, xc, mean, stat_nodes = _statistic(stat)
+    if not kind:
+        return None
+    if eps is None:
+        if anchor.target == aten.sqrt.default and any(is_op(u, *_ADD) for u in anchor.users):
+            raise Declined("eps is added outside the square root (x / (sqrt(var) + eps)); fused norms compute x / sqrt(var + eps)")
+        raise Declined("there is no eps inside the square root; fused norms compute rsqrt(var + eps)")
+    x = _strip_cast(xc)
+
+    def operand_ok(op: Node) -> bool:
+        if kind == "rms_norm":
+            return op is xc or op is x or _strip_cast(op) is x
+        if not is_op(op, aten.sub.Tensor) or op.kwargs.get("alpha", 1) != 1:
+            return False
+        centered_of, m = op.args
+        m_ok = m is mean or (is_op(m, *_MEAN) and m.args[0] is xc and last_dim_only(m.args[1], len(shape(xc)))
+                             and (m.args[2] if len(m.args) > 2 else False))
+        return m_ok and (centered_of is xc or centered_of is x)
+
+    normalized, operand, form = _normalize_node(anchor, operand_ok)
+    interior = {anchor, normalized, *stat_nodes, anchor.args[0]}
+    if kind == "layer_norm":
+        interior |= {operand, operand.args[1]}
+    steps, params, prepared, notes = [], [], [], []
+    output = _epilogue(normalized, x, steps, params, prepared, notes)
+    interior |= _chain(normalized, output)
+    spec = NormSpec(kind=kind, eps=eps, compute_dtype=dtype_name(dtype(xc)), norm_dtype=dtype_name(dtype(normalized)),
+                    inverse=form, steps=tuple(steps), params=tuple(prepared))
+    return _Site(kind, anchor, x, None, params, spec, output, interior, notes)
+
+
+def _chain(first: Node, last: Node) -> set[Node]:
+    nodes, cur = {first}, first
+    while cur is not last:
+        cur = next(iter(cur.users))
+        nodes.add(cur)
+    return nodes
+
+
+def _native_layer_norm(node: Node) -> _Site | None:
+    x, normalized_shape, weight, bias, eps = node.args[:5]
+    if len(normalized_shape) != 1:
+        raise Declined(f"layer_norm over the last {len(normalized_shape)} dimensions; fused norms normalize over the last one only")
+    outs = {u.args[1]: u for u in node.users if u.target.__name__ == "getitem"}
+    if set(outs) - {0} and any(outs[i].users for i in outs if i != 0):
+        raise Declined("layer_norm's saved mean/rstd are used by other code")
+    if 0 not in outs:
+        return None
+    f32 = "float32"
+    steps, params, prepared = [], [], []
+    for op, p in (("mul", weight), ("add", bias)):
+        if p is not None:
+            steps.append(Step(op, f32, param=len(params)))
+            params.append(p)
+            prepared.append(ParamPrep(dtype=f32))
+    out_dtype = dtype_name(dtype(outs[0]))
+    if out_dtype != f32:
+        steps.append(Step("cast", out_dtype))
+    spec = NormSpec(kind="layer_norm", eps=float(eps), compute_dtype=f32, norm_dtype=f32, inverse="rsqrt",
+                    steps=tuple(steps), params=tuple(prepared))
+    more, notes = [], []
+    # Casts and affine terms written after the layer_norm call fuse too.
+    output = _epilogue(outs[0], x, more, params, prepared, notes)
+    spec = dataclasses.replace(spec, steps=spec.steps + tuple(more), params=tuple(prepared))
+    return _Site("layer_norm", node, x, None, params, spec, output, {node, *outs.values()} | _chain(outs[0], output), notes)
+
+
+def _order(gm) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def _try_residual(site: _Site, order: dict[Node, int]) -> None:
+    """Fold ``x = a + b`` into the site when the sum is also used elsewhere (pre-norm blocks)."""
+    s = site.x
+    if not is_op(s, aten.add.Tensor) or s.kwargs.get("alpha", 1) != 1:
+        return
+    a, b = s.args
+    if not (isinstance(a, Node) and isinstance(b, Node)) or not (shape(a) == shape(b) == shape(s)):
+        return
+    if not (dtype(a).is_floating_point and dtype(b).is_floating_point):
+        return
+    outside = [u for u in s.users if u not in site.interior]
+    if not outside:
+        return
+    insert_after = max([a, b, *site.params], key=order.__getitem__)
+    if any(order[u] <= order[insert_after] for u in outside):
+        return  # a user of the sum runs before all inputs exist; leave the add alone
+    site.residual, site.x = b, a
+    site.interior.add(s)
+    site.spec = dataclasses.replace(site.spec, sum_dtype=dtype_name(dtype(s)))
+    site.sum_node = s
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseNorm:
+    name: str = "fuse-norm"
+    residual: bool = True  # also fuse a residual add whose sum feeds the norm and the residual stream
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        result = PassResult(self.name)
+        claimed: set[Node] = set()
+        for node in list(gm.graph.nodes):
+            if node in claimed:
+                continue
+            if is_op(node, aten.native_layer_norm.default):
+                kind, find = "layer_norm", _native_layer_norm
+            elif is_op(node, aten.rsqrt.default, aten.sqrt.default):
+                kind, find = "norm", _hand_written
+            else:
+                continue
+            source, code = source_of(node)
+            try:
+                site = find(node)
+                if site is None:
+                    continue
+                _check_site(site)
+            except Declined as why:
+                result.misses.append(Miss(kind if kind != "norm" else "rms_norm/layer_norm", source, str(why), code))
+                continue
+            if self.residual:
+                _try_residual(site, _order(gm))
+            new = _replace(gm, site)
+            claimed |= site.interior
+            result.matches.append(Match(site.kind, source, site.spec, new.name, code))
+            result.misses.extend(Miss(site.kind, source, note, code) for note in site.notes)
+            result.changed += 1
+        return result
+
+
+def _check_site(site: _Site) -> None:
+    escaped = [(n, u) for n in site.interior - {site.output} for u in n.users if u not in site.interior]
+    if escaped:
+        n, u = escaped[0]
+        raise Declined(f"the intermediate `{n.name}` ({n.target}) is also used by `{u.name}` outside the norm; "
+                       "fusing would compute it twice, so the site is left as written")
+    if shape(site.output) != shape(site.x):
+        raise Declined(f"the result has shape {list(shape(site.output))}, not the input's {list(shape(site.x))}")
+    if dtype_name(dtype(site.output)) != site.spec.out_dtype:
+        raise Declined("the result's dtype does not follow from the casts recorded for the site")
+
+
+def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
+    order = _order(gm)
+    inputs = [site.x, *site.params] + ([site.residual] if site.residual is not None else [])
+    last_input = max(inputs, key=order.__getitem__)
+    spec = site.spec.to_json()
+    graph = gm.graph
+    with graph.inserting_after(last_input):
+        if site.residual is None:
+            new = graph.call_function(torch.ops.fxfuse.norm.default, (site.x, list(site.params), spec))
+            new.meta.update(site.output.meta)
+            _copy_source(site.anchor, new)
+            site.output.replace_all_uses_with(new)
+            return new
+        new = graph.call_function(torch.ops.fxfuse.add_norm.default, (site.x, site.residual, list(site.params), spec))
+    new.meta["val"] = (val(site.output), val(site.sum_node))
+    _copy_source(site.anchor, new)
+    with graph.inserting_after(new):
+        y = graph.call_function(operator.getitem, (new, 0))
+    with graph.inserting_after(y):
+        s = graph.call_function(operator.getitem, (new, 1))
+    y.meta.update(site.output.meta)
+    s.meta.update(site.sum_node.meta)
+    site.output.replace_all_uses_with(y)
+    site.sum_node.replace_all_uses_with(s)
+    return new
+
+
+def _copy_source(src: Node, dst: Node) -> None:
+    if src.meta.get("stack_trace"):
+        dst.meta["stack_trace"] = src.meta["stack_trace"]

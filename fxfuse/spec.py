@@ -1,0 +1,116 @@
+"""Specs: what exactly one fused site computes.
+
+A spec travels inside the rewritten graph as a JSON string argument of the fused operator, so the
+graph stays an ordinary torch program (printable, exportable, picklable) and the operator, the
+lowering and the report all read the same description.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+
+_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_SHORT = {"float64": "f64", "float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"fxfuse fuses floating-point computations only; got dtype {dtype}")
+
+
+def to_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPrep:
+    """How a per-feature parameter (weight, bias) is prepared before use: ``p.to(dtype) + offset``.
+
+    ``offset`` covers Gemma-style ``(1 + w)``; it is added in ``dtype``, as the user's code does.
+    """
+
+    dtype: str
+    offset: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One operation applied to the normalized row after normalization, in program order.
+
+    ``op`` is ``"cast"`` (round to ``dtype``), ``"mul"`` or ``"add"`` (with ``params[param]``,
+    broadcast along the normalized dimension); ``dtype`` is the result's dtype, as type promotion
+    gave it in the user's graph.
+    """
+
+    op: str
+    dtype: str
+    param: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """A normalization over the last dimension.
+
+    kind:          "rms_norm" (x * rsqrt(mean(x^2) + eps)) or "layer_norm" ((x - mean) * rsqrt(var + eps)).
+    eps:           taken from the graph, never assumed.
+    compute_dtype: the dtype the user's code computes the statistics in (after any upcast).
+    norm_dtype:    the dtype of the normalized value before the steps.
+    inverse:       "rsqrt" (multiplied by rsqrt) or "div_sqrt" (divided by sqrt); both are exact
+                   rewrites, the field lets the CPU reference reproduce the user's rounding.
+    steps:         casts and per-feature multiplies/adds after normalization.
+    params:        how each parameter tensor is prepared.
+    sum_dtype:     set when the input is ``x + residual`` and the sum is a second output: the
+                   sum's dtype (it is rounded to it before it is normalized, as the user's code does).
+    """
+
+    kind: str
+    eps: float
+    compute_dtype: str
+    norm_dtype: str
+    inverse: str = "rsqrt"
+    steps: tuple[Step, ...] = ()
+    params: tuple[ParamPrep, ...] = ()
+    sum_dtype: str | None = None
+
+    @property
+    def residual(self) -> bool:
+        return self.sum_dtype is not None
+
+    @property
+    def out_dtype(self) -> str:
+        return self.steps[-1].dtype if self.steps else self.norm_dtype
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> "NormSpec":
+        raw = json.loads(text)
+        raw["steps"] = tuple(Step(**s) for s in raw["steps"])
+        raw["params"] = tuple(ParamPrep(**p) for p in raw["params"])
+        return NormSpec(**raw)
+
+    def describe(self) -> str:
+        """The spec in words, for reports: ``rms_norm eps=1e-06, f32 stats, * (1 + w) -> bf16``."""
+        parts = [f"{self.kind}", f"eps={self.eps:g}", f"stats in {_SHORT[self.compute_dtype]}"]
+        if self.residual:
+            parts.insert(1, "residual add")
+        for step in self.steps:
+            if step.op == "cast":
+                parts.append(f"cast {_SHORT[step.dtype]}")
+                continue
+            prep = self.params[step.param]
+            name = "weight" if step.op == "mul" else "bias"
+            term = f"({prep.offset:g} + {name})" if prep.offset else name
+            parts.append(f"{'*' if step.op == 'mul' else '+'} {term}")
+        parts.append(f"-> {_SHORT[self.out_dtype]}")
+        return ", ".join(parts)

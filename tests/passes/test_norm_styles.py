@@ -1,0 +1,89 @@
+"""Every norm style is matched, and the rewritten module equals eager (outputs and gradients), on
+the exact torch reference and on the generated Triton kernels run through the interpreter."""
+import copy
+
+import pytest
+import torch
+
+import fxfuse
+from tests.norm_styles import LAYER_STYLES, RMS_STYLES, PreNormResidualBlock, build
+from tests.tolerances import assert_close_to_reference
+
+D = 24  # not a power of two: the kernels' masked tail is exercised
+
+
+def _run(model, inputs):
+    out = model(*inputs)
+    out.float().pow(2).sum().backward()
+    grads = [i.grad for i in inputs] + [p.grad for p in model.parameters()]
+    return out, grads
+
+
+def _check(model, dtype, shape=(2, 5, D)):
+    model = model.to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    res = fxfuse.rewrite(model, (x,))
+    ref_model = copy.deepcopy(model).double()
+    expected, expected_grads = _run(ref_model, [x.double().requires_grad_()])
+    eager, eager_grads = _run(copy.deepcopy(model), [x.clone().requires_grad_()])
+    model.zero_grad()
+    got = res.module(x.clone().requires_grad_())
+    got.float().pow(2).sum().backward()
+    assert got.dtype == eager.dtype
+    assert_close_to_reference(got, eager, expected, "output")
+    got_grads = [p.grad for p in model.parameters()]
+    for g, e, r in zip(got_grads, eager_grads[1:], expected_grads[1:]):
+        assert_close_to_reference(g, e, r, "parameter gradient")
+    return res
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", RMS_STYLES + LAYER_STYLES, ids=lambda s: s.__name__)
+def test_style_is_fused_and_exact(style, dtype, cpu_path):
+    res = _check(build(style, D), dtype)
+    kind = "rms_norm" if style in RMS_STYLES else "layer_norm"
+    assert [m.kind for m in res.matches] == [kind], res.report()
+    assert not res.misses, res.report()
+    assert "torch.ops.fxfuse.norm" in res.graph.code
+
+
+@pytest.mark.parametrize("shape", [(D,), (3, D), (2, 2, 3, D)], ids=["rank1", "rank2", "rank4"])
+def test_any_rank(shape, cpu_path):
+    res = _check(build(RMS_STYLES[0], D), torch.float32, shape)
+    assert len(res.matches) == 1
+
+
+@pytest.mark.parametrize("style", [RMS_STYLES[2], LAYER_STYLES[2]], ids=lambda s: s.__name__)
+def test_gradcheck_in_float64(style, cpu_path):
+    # Styles without a hard-coded float32 upcast, so the whole site runs in float64.
+    model = build(style, D)
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    res = fxfuse.rewrite(model.double(), (x,))
+    assert torch.autograd.gradcheck(lambda t: res.module(t), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_residual_norm_is_one_kernel_with_two_outputs(cpu_path):
+    model = PreNormResidualBlock(D)
+    x, delta = torch.randn(2, 3, D), torch.randn(2, 3, D)
+    res = fxfuse.rewrite(model, (x, delta))
+    assert [m.kind for m in res.matches] == ["rms_norm"]
+    assert res.matches[0].spec.residual
+    assert "fxfuse.add_norm" in res.graph.code and "aten.add.Tensor(arg" not in res.graph.code.split("add_norm")[0]
+    xs = [x.clone().requires_grad_(), delta.clone().requires_grad_()]
+    out = res.module(*xs)
+    out.pow(2).sum().backward()
+    ref_xs = [x.clone().requires_grad_(), delta.clone().requires_grad_()]
+    model.zero_grad()
+    ref = model(*ref_xs)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(xs, ref_xs):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_eps_is_captured_not_assumed():
+    for eps in (1e-3, 0.25):
+        model = build(RMS_STYLES[0], D)
+        model.eps = eps
+        res = fxfuse.rewrite(model, (torch.randn(2, D),))
+        assert res.matches[0].spec.eps == pytest.approx(eps)
