@@ -42,8 +42,12 @@ def reference(spec: NormSpec, src: Tensor, params: list[Tensor]) -> Tensor:
     else:
         centered = xc - xc.mean(-1, keepdim=True)
     var = (centered * centered).mean(-1, keepdim=True) + spec.eps
-    n = centered * torch.rsqrt(var) if spec.inverse == "rsqrt" else centered / torch.sqrt(var)
-    v = n.to(to_dtype(spec.norm_dtype))
+    # The user's code multiplies (or divides) in the promoted dtype of its operands, norm_dtype, which
+    # is at least as wide as the statistic's (T5 normalizes bf16 x by a float32 rsqrt, in float32).
+    nd = to_dtype(spec.norm_dtype)
+    centered = centered.to(nd)
+    n = centered * torch.rsqrt(var).to(nd) if spec.inverse == "rsqrt" else centered / torch.sqrt(var).to(nd)
+    v = n
     for step in spec.steps:
         if step.op == "cast":
             v = v.to(to_dtype(step.dtype))

@@ -34,7 +34,18 @@ def _inplace_on_temporary(node: Node) -> bool:
     if node.op != "call_function" or _functional_twin(node.target) is None or not node.args:
         return False
     base = node.args[0]
-    return isinstance(base, Node) and base.op == "call_function" and len(base.users) == 1
+    return (isinstance(base, Node) and base.op == "call_function" and len(base.users) == 1
+            and not _may_alias(base))
+
+
+def _may_alias(node: Node) -> bool:
+    """Whether ``node``'s result may share memory with another tensor (a view such as ``view`` or
+    ``transpose``, an in-place op, or an op whose schema is unknown): mutating it in place would
+    also change that other tensor, so the mutation is observable and must stay."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return True
+    return any(r.alias_info is not None for r in schema.returns)
 
 
 def _is_identity(node: Node) -> bool:

@@ -56,23 +56,67 @@ def _strip_cast(node: Node) -> Node:
     return node.args[0] if _plain_cast(node) else node
 
 
+# (mantissa bits, exponent bits): a cast is exact when the target has at least as many of both.
+_FORMAT = {torch.float64: (53, 11), torch.float32: (24, 8), torch.bfloat16: (8, 8), torch.float16: (11, 5)}
+
+
+def _exact_cast(src: torch.dtype | None, dst: torch.dtype | None) -> bool:
+    """Whether every value of ``src`` is representable in ``dst`` (bf16 -> f32 yes, f32 -> bf16 no)."""
+    if src is None or dst is None:
+        return False
+    if src == dst:
+        return True
+    a, b = _FORMAT.get(src), _FORMAT.get(dst)
+    return a is not None and b is not None and b[0] >= a[0] and b[1] >= a[1]
+
+
+def _holds_x(node: Node, x: Node) -> bool:
+    """``node`` is x, or x cast exactly (an upcast): it holds x's values unchanged."""
+    return node is x or (_strip_cast(node) is x and _exact_cast(dtype(x), dtype(node)))
+
+
+def _dtype_name(node: Node) -> str:
+    try:
+        return dtype_name(dtype(node))
+    except ValueError as err:
+        raise Declined(str(err)) from None
+
+
+def _keepdim(node: Node, position: int) -> bool:
+    return bool(node.args[position] if len(node.args) > position else node.kwargs.get("keepdim", False))
+
+
 def _square_of(node) -> Node | None:
     if is_op(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
         return node.args[0]
-    if is_op(node, aten.mul.Tensor) and node.args[0] is node.args[1]:
-        return node.args[0]
+    if is_op(node, aten.mul.Tensor):
+        a, b = node.args
+        if a is b:
+            return a
+        # x.float() * x.float(): two casts of one tensor to one dtype hold the same values.
+        if _plain_cast(a) and _plain_cast(b) and a.args[0] is b.args[0] and dtype(a) == dtype(b):
+            return a
+        if isinstance(a, Node) and isinstance(b, Node):
+            raise Declined(f"the statistic is the mean of a product of two different tensors (`{a.name}` * "
+                           f"`{b.name}`), not of a square, so it is not a norm's mean of squares")
     return None
 
 
-def _check_reduction(node: Node, dims, keepdim: bool, of: Node) -> None:
+def _check_reduction(node: Node, dims, keepdim: bool, of: Node, what: str = "the statistic") -> None:
     rank = len(shape(of) or ())
     if not last_dim_only(dims, rank):
         raise Declined(
-            f"the statistic reduces over dims {list(dims) if dims is not None else 'all'} of a rank-{rank} "
+            f"{what} reduces over dims {list(dims) if dims is not None else 'all'} of a rank-{rank} "
             "tensor; fused norms reduce over the last dimension only"
         )
     if not keepdim:
-        raise Declined("the statistic is reduced without keepdim=True, so it does not broadcast back over the row")
+        raise Declined(f"{what} is reduced without keepdim=True, so it does not broadcast back over the row "
+                       "(write .mean(-1, keepdim=True))")
+    # mean(..., dtype=float32) accumulates in another dtype than its input; the spec has no field for that.
+    wanted = node.kwargs.get("dtype")
+    if wanted is not None and wanted != dtype(of):
+        raise Declined(f"{what} is taken with dtype={wanted} on a {dtype(of)} input; fused norms compute the "
+                       "statistic in the input's dtype. Upcast the input instead (x.float().pow(2).mean(...))")
 
 
 def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
@@ -85,19 +129,23 @@ def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
         y = _square_of(sq)
         if y is None:
             return "", stat, None, set()
-        _check_reduction(stat, stat.args[1], bool(stat.args[2] if len(stat.args) > 2 else stat.kwargs.get("keepdim")), sq)
-        if is_op(y, aten.sub.Tensor) and not y.kwargs.get("alpha", 1) != 1:
+        _check_reduction(stat, stat.args[1], _keepdim(stat, 2), sq)
+        if is_op(y, aten.sub.Tensor) and y.kwargs.get("alpha", 1) == 1:
             xc, mean = y.args
             if is_op(mean, *_MEAN) and mean.args[0] is xc:
-                _check_reduction(mean, mean.args[1], bool(mean.args[2] if len(mean.args) > 2 else False), xc)
+                _check_reduction(mean, mean.args[1], _keepdim(mean, 2), xc, "the mean subtracted from the input")
                 return "layer_norm", xc, mean, {stat, sq, y, mean}
         return "rms_norm", y, None, {stat, sq}
     if is_op(stat, aten.var.correction, aten.var.dim):
         xc = stat.args[0]
-        correction = stat.kwargs.get("correction", 1 if stat.target == aten.var.correction else None)
         if stat.target == aten.var.dim:
             correction = 1 if stat.kwargs.get("unbiased", stat.args[2] if len(stat.args) > 2 else True) else 0
-        _check_reduction(stat, stat.args[1] if len(stat.args) > 1 else None, bool(stat.kwargs.get("keepdim")), xc)
+            keepdim = _keepdim(stat, 3)
+        else:
+            correction = stat.kwargs.get("correction")
+            correction = 1 if correction is None else correction  # None is torch.var's default, unbiased
+            keepdim = bool(stat.kwargs.get("keepdim", False))
+        _check_reduction(stat, stat.args[1] if len(stat.args) > 1 else None, keepdim, xc)
         if correction != 0:
             raise Declined(
                 f"the variance is unbiased (correction={correction}, torch.var's default); LayerNorm divides "
@@ -160,7 +208,7 @@ def _row_param(p: Node, x: Node, n: int, rank: int) -> tuple[Node, ParamPrep]:
     base = _strip_cast(base)
     if not dtype(base).is_floating_point:
         raise Declined(f"the weight has dtype {dtype(base)}; fused norms take floating-point weights")
-    return base, ParamPrep(dtype=dtype_name(dtype(p)), offset=offset)
+    return base, ParamPrep(dtype=_dtype_name(p), offset=offset)
 
 
 def _epilogue(start: Node, x: Node, site_steps: list, params: list, prepared: list, notes: list) -> Node:
@@ -170,7 +218,7 @@ def _epilogue(start: Node, x: Node, site_steps: list, params: list, prepared: li
     while len(cur.users) == 1:
         user = next(iter(cur.users))
         if _plain_cast(user):
-            site_steps.append(Step("cast", dtype_name(dtype(user))))
+            site_steps.append(Step("cast", _dtype_name(user)))
             cur = user
             continue
         if is_op(user, aten.mul.Tensor, aten.add.Tensor) and user.kwargs.get("alpha", 1) == 1:
@@ -186,7 +234,7 @@ def _epilogue(start: Node, x: Node, site_steps: list, params: list, prepared: li
                     notes.append(str(why))
                 break
             op = "mul" if user.target == aten.mul.Tensor else "add"
-            site_steps.append(Step(op, dtype_name(dtype(user)), param=len(params)))
+            site_steps.append(Step(op, _dtype_name(user), param=len(params)))
             params.append(base)
             prepared.append(prep)
             cur = user
@@ -206,15 +254,23 @@ def _hand_written(anchor: Node) -> _Site | None:
         raise Declined("there is no eps inside the square root; fused norms compute rsqrt(var + eps)")
     x = _strip_cast(xc)
 
+    def holds_stat_input(op: Node) -> bool:
+        """``op`` holds exactly the values the statistic was computed from."""
+        if op is xc or (_holds_x(op, x) and _holds_x(xc, x)):
+            return True
+        if isinstance(op, Node) and _strip_cast(op) is x:
+            raise Declined(f"the statistic is computed on a {dtype(xc)} copy of the input but the {dtype(op)} "
+                           "copy is normalized; the two differ by rounding, so the site is left as written")
+        return False
+
     def operand_ok(op: Node) -> bool:
         if kind == "rms_norm":
-            return op is xc or op is x or _strip_cast(op) is x
+            return holds_stat_input(op)
         if not is_op(op, aten.sub.Tensor) or op.kwargs.get("alpha", 1) != 1:
             return False
         centered_of, m = op.args
-        m_ok = m is mean or (is_op(m, *_MEAN) and m.args[0] is xc and last_dim_only(m.args[1], len(shape(xc)))
-                             and (m.args[2] if len(m.args) > 2 else False))
-        return m_ok and (centered_of is xc or centered_of is x)
+        # The centering must round like the reference's (xc - mean) in the statistic's dtype.
+        return (m is mean or _row_mean_of(m, xc)) and holds_stat_input(centered_of) and dtype(op) == dtype(xc)
 
     normalized, operand, form = _normalize_node(anchor, operand_ok)
     interior = {anchor, normalized, *stat_nodes, anchor.args[0]}
@@ -223,9 +279,30 @@ def _hand_written(anchor: Node) -> _Site | None:
     steps, params, prepared, notes = [], [], [], []
     output = _epilogue(normalized, x, steps, params, prepared, notes)
     interior |= _chain(normalized, output)
-    spec = NormSpec(kind=kind, eps=eps, compute_dtype=dtype_name(dtype(xc)), norm_dtype=dtype_name(dtype(normalized)),
+    interior |= _dead_casts(interior, keep={x, *params})
+    spec = NormSpec(kind=kind, eps=eps, compute_dtype=_dtype_name(xc), norm_dtype=_dtype_name(normalized),
                     inverse=form, steps=tuple(steps), params=tuple(prepared))
     return _Site(kind, anchor, x, None, params, spec, output, interior, notes)
+
+
+def _row_mean_of(m, xc: Node) -> bool:
+    """``m`` is ``xc.mean(-1, keepdim=True)`` in xc's own dtype."""
+    return (is_op(m, *_MEAN) and m.args[0] is xc and last_dim_only(m.args[1], len(shape(xc) or ()))
+            and _keepdim(m, 2) and m.kwargs.get("dtype") in (None, dtype(xc)))
+
+
+def _dead_casts(interior: set[Node], keep: set[Node]) -> set[Node]:
+    """Casts feeding the site that only the site reads: they die with it, so they are not "other
+    uses" of the input (a residual sum read only through such a cast is not used elsewhere)."""
+    found, todo = set(), list(interior)
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a in keep or a in found or a in interior or not _plain_cast(a):
+                continue
+            if all(u in interior or u in found for u in a.users):
+                found.add(a)
+                todo.append(a)
+    return found
 
 
 def _chain(first: Node, last: Node) -> set[Node]:
@@ -245,17 +322,18 @@ def _native_layer_norm(node: Node) -> _Site | None:
         raise Declined("layer_norm's saved mean/rstd are used by other code")
     if 0 not in outs:
         return None
-    f32 = "float32"
+    # ATen computes layer_norm in float32 for 16-bit inputs (its "opmath" type) and in float64 for float64.
+    acc = "float64" if dtype(x) == torch.float64 else "float32"
     steps, params, prepared = [], [], []
     for op, p in (("mul", weight), ("add", bias)):
         if p is not None:
-            steps.append(Step(op, f32, param=len(params)))
+            steps.append(Step(op, acc, param=len(params)))
             params.append(p)
-            prepared.append(ParamPrep(dtype=f32))
-    out_dtype = dtype_name(dtype(outs[0]))
-    if out_dtype != f32:
+            prepared.append(ParamPrep(dtype=acc))
+    out_dtype = _dtype_name(outs[0])
+    if out_dtype != acc:
         steps.append(Step("cast", out_dtype))
-    spec = NormSpec(kind="layer_norm", eps=float(eps), compute_dtype=f32, norm_dtype=f32, inverse="rsqrt",
+    spec = NormSpec(kind="layer_norm", eps=float(eps), compute_dtype=acc, norm_dtype=acc, inverse="rsqrt",
                     steps=tuple(steps), params=tuple(prepared))
     more, notes = [], []
     # Casts and affine terms written after the layer_norm call fuse too.
@@ -276,7 +354,7 @@ def _try_residual(site: _Site, order: dict[Node, int]) -> None:
     a, b = s.args
     if not (isinstance(a, Node) and isinstance(b, Node)) or not (shape(a) == shape(b) == shape(s)):
         return
-    if not (dtype(a).is_floating_point and dtype(b).is_floating_point):
+    if not all(dtype(t) in _FORMAT for t in (a, b, s)):
         return
     outside = [u for u in s.users if u not in site.interior]
     if not outside:
@@ -334,7 +412,7 @@ def _check_site(site: _Site) -> None:
                        "fusing would compute it twice, so the site is left as written")
     if shape(site.output) != shape(site.x):
         raise Declined(f"the result has shape {list(shape(site.output))}, not the input's {list(shape(site.x))}")
-    if dtype_name(dtype(site.output)) != site.spec.out_dtype:
+    if _dtype_name(site.output) != site.spec.out_dtype:
         raise Declined("the result's dtype does not follow from the casts recorded for the site")
 
 
