@@ -39,6 +39,16 @@ class MulSelfRMSNorm(nn.Module):  # x * x, eps on the left, no upcast
         return (x * torch.rsqrt(1e-8 + ms)) * self.g
 
 
+class TwoCastsRMSNorm(nn.Module):  # x.float() * x.float(): two casts of one tensor, one square
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        ms = (x.float() * x.float()).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(ms + 1e-6)).to(x.dtype) * self.weight
+
+
 class GemmaStyleRMSNorm(nn.Module):  # weight stored as an offset from 1, applied in float32
     def __init__(self, d, eps=1e-6):
         super().__init__()
@@ -136,8 +146,8 @@ class PreNormResidualBlock(nn.Module):  # residual add feeding a norm; the sum i
         return h + self.proj(self.norm(h))
 
 
-RMS_STYLES = [LlamaStyleRMSNorm, SquareDivSqrtRMSNorm, MulSelfRMSNorm, GemmaStyleRMSNorm, T5StyleRMSNorm,
-              NoWeightRMSNorm, FunctionalRMSNorm]
+RMS_STYLES = [LlamaStyleRMSNorm, SquareDivSqrtRMSNorm, MulSelfRMSNorm, TwoCastsRMSNorm, GemmaStyleRMSNorm,
+              T5StyleRMSNorm, NoWeightRMSNorm, FunctionalRMSNorm]
 LAYER_STYLES = [TorchLayerNorm, VarSqrtLayerNorm, CenteredPowLayerNorm, UpcastLayerNormNoAffine,
                 FunctionalLayerNormNoAffine]
 

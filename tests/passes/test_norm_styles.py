@@ -87,3 +87,29 @@ def test_eps_is_captured_not_assumed():
         model.eps = eps
         res = fxfuse.rewrite(model, (torch.randn(2, D),))
         assert res.matches[0].spec.eps == pytest.approx(eps)
+
+
+def test_float64_layer_norm_stays_in_float64():
+    # ATen computes a float64 layer_norm in float64; a float32 fused kernel would lose ~1e-7.
+    model = build(LAYER_STYLES[0], D).double()
+    x = torch.randn(3, D, dtype=torch.float64)
+    res = fxfuse.rewrite(model, (x,))
+    assert res.matches[0].spec.compute_dtype == "float64"
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_statistics_in_bf16_normalizing_an_upcast_copy(cpu_path):
+    # The statistic rounds in bf16, but the normalized product is taken in float32 as the code says.
+    def upcast_operand(x):
+        return x.float() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    x = torch.randn(4, D, dtype=torch.bfloat16)
+    res = fxfuse.rewrite(upcast_operand, (x,))
+    assert [m.kind for m in res.matches] == ["rms_norm"], res.report()
+    expected = upcast_operand(x)
+    got = res.module(x)
+    assert got.dtype == torch.float32
+    if cpu_path == "reference":  # the reference reproduces the user's roundings exactly
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:  # the kernel keeps the statistic in float32: closer to the truth, not bit-equal
+        assert_close_to_reference(got, expected, upcast_operand(x.double()), "output")

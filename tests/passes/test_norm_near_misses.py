@@ -1,0 +1,180 @@
+"""Near-misses: code that looks like a norm but computes something else must be left as written.
+
+Each case asserts three things: the site is not rewritten into a norm (or, where only a trailing
+parameter is wrong, the norm core fuses and that parameter stays outside), a recorded miss says
+why in words a user can act on, and the rewritten module still computes what eager does.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxfuse
+from fxfuse.passes.canonicalize import Canonicalize
+from tests.tolerances import tolerance
+
+EPS = 1e-6
+D = 8
+
+
+def _rms(x, dim=-1):
+    return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + EPS)
+
+
+def _rewrite(fn, *inputs):
+    """Rewrite ``fn`` and check that the rewritten module returns what eager does."""
+    res = fxfuse.rewrite(fn, inputs)
+    got, expected = res.module(*inputs), fn(*inputs)
+    got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+    for g, e in zip(got, expected, strict=True):
+        rtol, atol = tolerance(e.dtype)
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
+    return res
+
+
+def _reasons(res) -> str:
+    return " | ".join(m.reason for m in res.misses).lower()
+
+
+def _assert_declined(res, *words):
+    assert not res.matches, res.report()
+    assert "fxfuse" not in res.graph.code, res.graph.code
+    text = _reasons(res)
+    for word in words:
+        assert word.lower() in text, f"{word!r} not in the misses: {text}"
+
+
+# ---- sites that are not norms at all --------------------------------------------------------------
+
+DECLINED = {
+    "reduce_other_axis": (lambda x: _rms(x, 0), (4, D), ["dims [0]", "last dimension"]),
+    "reduce_two_axes": (lambda x: _rms(x, (-2, -1)), (3, 4, D), ["dims [-2, -1]", "last dimension"]),
+    "eps_outside_sqrt": (lambda x: x / (torch.sqrt(x.pow(2).mean(-1, keepdim=True)) + EPS), (4, D),
+                         ["outside the square root"]),
+    "unbiased_var": (lambda x: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + EPS), (4, D),
+                     ["unbiased", "unbiased=False"]),
+    # A square input makes the non-keepdim statistic broadcast along the wrong axis without an error.
+    "mean_without_keepdim": (lambda x: x * torch.rsqrt(x.pow(2).mean(-1) + EPS), (D, D), ["keepdim=True"]),
+    "eps_is_a_tensor": (lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.tensor(EPS)), (4, D),
+                        ["eps is a tensor"]),
+    "product_of_two_tensors": (lambda x: x * torch.rsqrt((x.exp() * x.exp().flip(-1)).mean(-1, keepdim=True) + EPS), (4, D),
+                               ["product of two different tensors"]),
+    "centering_mean_over_other_axis": (
+        lambda x: (x - x.mean(0, keepdim=True)) * torch.rsqrt(((x - x.mean(0, keepdim=True)) ** 2).mean(-1, keepdim=True) + EPS),
+        (4, D), ["mean subtracted", "dims [0]"]),
+    "layer_norm_over_two_dims": (lambda x: F.layer_norm(x, x.shape[-2:]), (2, 3, D), ["last 2 dimensions"]),
+    # Statistics of a bf16 copy normalizing the float32 input: the two differ by bf16 rounding.
+    "stats_of_a_rounded_copy": (lambda x: x * torch.rsqrt(x.bfloat16().pow(2).mean(-1, keepdim=True) + EPS), (4, D),
+                                ["bfloat16 copy", "differ by rounding"]),
+    "normalizes_a_rounded_copy": (lambda x: x.half() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS), (4, D),
+                                  ["float16 copy", "differ by rounding"]),
+    "mean_with_dtype": (
+        lambda x: x.float() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True, dtype=torch.float32) + EPS),
+        (4, D), ["dtype=torch.float32", "upcast the input"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DECLINED))
+def test_near_miss_is_declined_with_reason(case):
+    fn, shape, words = DECLINED[case]
+    dtype = torch.bfloat16 if case == "mean_with_dtype" else torch.float32
+    _assert_declined(_rewrite(fn, torch.randn(shape, dtype=dtype)), *words)
+
+
+@pytest.mark.parametrize("returned", ["mean", "variance", "rsqrt"])
+def test_intermediate_returned_by_the_model_is_not_swallowed(returned):
+    def layer_norm_returning(x):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        r = torch.rsqrt(var + EPS)
+        return (x - mean) * r, {"mean": mean, "variance": var, "rsqrt": r}[returned]
+
+    res = _rewrite(layer_norm_returning, torch.randn(4, D))
+    words = ["used 2 times"] if returned == "rsqrt" else ["also used", "outside the norm"]
+    _assert_declined(res, *words)
+
+
+# ---- a trailing parameter that is not per-feature stays outside the fused norm --------------------
+
+def _assert_core_fused_param_outside(res, *words):
+    assert [m.kind for m in res.matches] == ["rms_norm"], res.report()
+    assert not res.matches[0].spec.params, "the parameter was swallowed into the fused norm"
+    assert "aten.mul.Tensor" in res.graph.code.split("fxfuse.norm")[1], res.graph.code
+    text = _reasons(res)
+    for word in words:
+        assert word.lower() in text, f"{word!r} not in the misses: {text}"
+
+
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 5, D), (5, 1)), ((6, D), (6, 1))], ids=["L1", "N1"])
+def test_weight_broadcast_along_another_axis_stays_outside(x_shape, w_shape):
+    res = _rewrite(lambda x, w: _rms(x) * w, torch.randn(x_shape), torch.randn(w_shape))
+    _assert_core_fused_param_outside(res, f"shape {list(w_shape)}", "another dimension")
+
+
+def test_weight_computed_from_the_input_stays_outside():
+    res = _rewrite(lambda x: _rms(x) * x.mean(0), torch.randn(4, D))
+    _assert_core_fused_param_outside(res, "computed from the normalized input")
+
+
+def test_mask_and_residual_after_the_norm_are_not_swallowed():
+    def masked(x, w, mask):
+        return _rms(x) * w * mask + x
+
+    x, w, mask = torch.randn(2, 5, D), torch.randn(D), (torch.rand(2, 5, 1) > 0.5).float()
+    res = _rewrite(masked, x, w, mask)
+    assert [m.kind for m in res.matches] == ["rms_norm"]
+    assert [s.op for s in res.matches[0].spec.steps] == ["mul"]  # only the per-feature weight
+    after = res.graph.code.split("fxfuse.norm")[1]
+    assert "aten.mul.Tensor" in after and "aten.add.Tensor" in after
+
+
+# ---- soundness of the paths the recogniser takes ------------------------------------------------
+
+def test_sub_with_alpha_is_not_a_layer_norm():
+    # x - 0.5 * mean is not centred; at most it is an RMS norm of that difference, which is exact.
+    def half_centred(x):
+        y = torch.sub(x, x.mean(-1, keepdim=True), alpha=0.5)
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + EPS)
+
+    res = _rewrite(half_centred, torch.randn(4, D) + 3.0)
+    assert "layer_norm" not in [m.kind for m in res.matches], res.report()
+
+
+def test_layer_norm_centred_with_alpha_is_declined():
+    def centred_with_alpha(x):
+        mean = x.mean(-1, keepdim=True)
+        return torch.sub(x, mean, alpha=0.5) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + EPS)
+
+    _assert_declined(_rewrite(centred_with_alpha, torch.randn(4, D) + 3.0), "not the one the statistic")
+
+
+def test_cast_to_another_device_is_not_stripped():
+    # A device copy is not a plain cast: the fused op must read the copy, not the original tensor.
+    def on_meta(x):
+        return _rms(x.to("meta"))
+
+    res = fxfuse.rewrite(on_meta, (torch.randn(4, D),))
+    norm = next(n for n in res.graph.graph.nodes if "fxfuse" in str(n.target))
+    assert norm.args[0].meta["val"].device.type == "meta"
+    assert res.module(torch.randn(4, D)).device.type == "meta"
+
+
+def test_canonicalize_keeps_in_place_ops_on_views():
+    # Mutating a view changes its base too; turning it into an out-of-place op would drop that.
+    def graph_with(base_op):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        y = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+        base = g.call_function(base_op, (y, [-1]) if base_op == torch.ops.aten.view.default else (y, [-1], True))
+        g.call_function(torch.ops.aten.add_.Scalar, (base, 1.0))
+        g.output(y)
+        return torch.fx.GraphModule(torch.nn.Module(), g)
+
+    def targets(gm):
+        return [n.target for n in gm.graph.nodes]
+
+    on_view = graph_with(torch.ops.aten.view.default)
+    assert Canonicalize()(on_view).changed == 0
+    assert torch.ops.aten.add_.Scalar in targets(on_view)
+    on_temporary = graph_with(torch.ops.aten.mean.dim)
+    assert Canonicalize()(on_temporary).changed == 1
+    assert torch.ops.aten.add.Scalar in targets(on_temporary)
