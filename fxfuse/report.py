@@ -1,11 +1,19 @@
-"""Readable reports of what the passes matched, declined and generated."""
+"""Readable reports of what the passes matched, declined and generated.
+
+A ``Report`` holds plain data (matches, misses, kernels) and reads it only through ``Match.kind``,
+``Match.source``, ``Match.describe()`` and ``Kernel.spec``, so a new pattern family (attention, ...)
+appears in the text and HTML reports without changes here.
+"""
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
 
 from fxfuse.codegen.cache import Kernel
+from fxfuse.log import get_logger
 from fxfuse.passes.pipeline import Match, Miss
+
+log = get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -18,18 +26,36 @@ class Report:
     seconds: float = 0.0
     title: str = "fxfuse"
 
-    def text(self) -> str:
+    def __post_init__(self):
+        # Reports are built once per captured graph, so this is the one place every entry point
+        # (rewrite, the torch.compile backend, the CLI) passes through: log here, not in each.
+        log.info("%s", self.summary())
+        for m in self.matches:
+            log.debug("fused %s at %s: %s", m.kind, m.source, m.describe())
+        for m in self.misses:
+            log.debug("declined %s at %s: %s", m.kind, m.source, m.reason)
+
+    def kernel_for(self, match: Match) -> Kernel | None:
+        """The generated kernel that computes ``match`` (kernels are shared by identical specs)."""
+        described = match.describe()
+        return next((k for k in self.kernels if k.spec == described), None)
+
+    def summary(self) -> str:
         kinds = Counter(m.kind for m in self.matches)
-        lines = [
+        fused = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+        return (
             f"{self.title}: {len(self.matches) + len(self.misses)} candidate site(s), "
-            f"{len(self.matches)} fused ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'}), "
-            f"{len(self.misses)} declined, {len(self.kernels)} kernel(s), {self.seconds:.2f}s",
-        ]
+            f"{len(self.matches)} fused ({fused}), {len(self.misses)} declined, "
+            f"{len(self.kernels)} kernel(s), {self.seconds:.2f}s"
+        )
+
+    def text(self) -> str:
+        lines = [self.summary()]
         if self.matches:
             lines.append("fused:")
             for m in self.matches:
-                kernel = next((k.name for k in self.kernels if k.spec == m.describe()), "")
-                arrow = f" -> kernel {kernel}" if kernel else ""
+                kernel = self.kernel_for(m)
+                arrow = f" -> kernel {kernel.name}" if kernel else ""
                 lines.append(f"  {m.kind} at {m.source} -- {m.describe()}{arrow}")
                 if m.code:
                     lines.append(f"      {m.code}")
@@ -42,3 +68,14 @@ class Report:
         return "\n".join(lines)
 
     __str__ = text
+
+    def html(self, before=None, after=None, renderer: str = "auto") -> str:
+        """One self-contained HTML page; ``before``/``after`` are the graphs to draw (optional).
+
+        ``after`` is ``Rewrite.graph``; ``before`` is a capture of the same model and inputs
+        without the passes (``fxfuse.capture.capture_module(model, args).gm``). ``renderer`` is
+        "auto" (Graphviz ``dot`` when installed, else networkx), "dot" or "networkx".
+        """
+        from fxfuse.report_html import render
+
+        return render(self, before=before, after=after, renderer=renderer)

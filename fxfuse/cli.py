@@ -1,0 +1,274 @@
+"""The ``fxfuse`` command.
+
+    fxfuse demo                          a naive transformer rewritten, checked and measured
+    fxfuse explain FILE.py:FACTORY       what fxfuse does to your model (``--html``, ``--dump``)
+    fxfuse explain pkg.module:FACTORY
+    fxfuse kernels DIR                   the kernels in a --dump directory or kernel cache
+
+A factory is a callable with no required arguments returning ``(model, example_inputs)`` or
+``(model, example_inputs, example_kwargs)``. Exit status: 0 success, 1 the model or fxfuse failed,
+2 the command line was wrong (missing file, bad target, unknown factory or pass).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """The command line names something that is not there (exit status 2)."""
+
+
+class RunError(Exception):
+    """The user's code or the rewrite failed (exit status 1)."""
+
+
+def _user_traceback(err: BaseException, skip_frames: int) -> str:
+    """The traceback without the first ``skip_frames`` frames (ours), so it starts in user code."""
+    tb = err.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    return "".join(traceback.format_exception(type(err), err, tb))
+
+
+def _load_module_from_file(path: Path):
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    # The file's folder goes on sys.path, as `python file.py` would do, so it can import its neighbours.
+    sys.path.insert(0, str(path.resolve().parent))
+    spec = importlib.util.spec_from_file_location(f"fxfuse_target_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        sys.stderr.write(_user_traceback(err, 1))
+        raise RunError(f"importing {path} raised {type(err).__name__}: {err}") from None
+    return module
+
+
+def _import_module(name: str):
+    sys.path.insert(0, os.getcwd())  # `package.module` is looked up from here first, like `python -m`
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name and (name == err.name or name.startswith(err.name + ".")):
+            raise UsageError(f"cannot import module {name!r}: no module named {err.name!r}") from None
+        sys.stderr.write(_user_traceback(err, 1))
+        raise RunError(f"importing {name} raised {type(err).__name__}: {err}") from None
+    except Exception as err:
+        sys.stderr.write(_user_traceback(err, 1))
+        raise RunError(f"importing {name} raised {type(err).__name__}: {err}") from None
+
+
+def load_factory(target: str):
+    """``path/to/file.py:factory`` or ``package.module:factory`` → the factory callable."""
+    where, sep, attr = target.rpartition(":")
+    if not sep or not where or not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise UsageError(f"bad target {target!r}: expected path/to/file.py:factory or package.module:factory")
+    is_file = where.endswith(".py") or "/" in where or os.sep in where
+    module = _load_module_from_file(Path(where)) if is_file else _import_module(where)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                           and getattr(v, "__module__", None) == module.__name__)
+            hint = f" (it defines: {', '.join(names)})" if names else ""
+            raise UsageError(f"factory {attr!r} not found in {where}{hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{attr!r} in {where} is a {type(obj).__name__}, not a callable factory")
+    return obj
+
+
+def _device_problem(tensors) -> str | None:
+    import torch
+
+    for t in tensors:
+        kind = t.device.type
+        if kind == "meta":
+            return "tensors on the meta device (no data): build them on 'cpu' or 'cuda'"
+        backend = getattr(torch, kind, None)
+        if kind != "cpu" and backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+            return f"tensors on device {kind!r}, which is not available here"
+    return None
+
+
+def call_factory(factory, name: str):
+    """Call the factory and check what it returned: ``(model, args, kwargs)``."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    try:
+        made = factory()
+    except Exception as err:
+        sys.stderr.write(_user_traceback(err, 1))
+        text = f"{type(err).__name__}: {err}".splitlines()[0]
+        if "cuda" in text.lower() and not torch.cuda.is_available():
+            raise RunError(f"factory {name} asked for a CUDA device, and this machine has none "
+                           f"(torch.cuda.is_available() is False): {text}") from None
+        raise RunError(f"factory {name} raised {text}") from None
+    if not (isinstance(made, (tuple, list)) and len(made) in (2, 3)):
+        raise RunError(f"factory {name} must return (model, example_inputs) or (model, example_inputs, "
+                       f"example_kwargs); it returned {type(made).__name__!r} object")
+    model, args, kwargs = made[0], made[1], (made[2] if len(made) == 3 else {})
+    if not callable(model):
+        raise RunError(f"factory {name} returned {type(model).__name__!r} object as the model; "
+                       "expected a torch.nn.Module or a callable")
+    if isinstance(args, torch.Tensor) or not isinstance(args, (tuple, list)):
+        args = (args,)
+    if not isinstance(kwargs, dict):
+        raise RunError(f"factory {name} returned example_kwargs of type {type(kwargs).__name__}; expected a dict")
+    tensors = [leaf for leaf in pytree.tree_leaves((tuple(args), kwargs)) if isinstance(leaf, torch.Tensor)]
+    problem = _device_problem(tensors)
+    if problem:
+        raise RunError(f"the example inputs from factory {name} have {problem}")
+    if isinstance(model, torch.nn.Module):
+        problem = _device_problem([*model.parameters(), *model.buffers()])
+        if problem:
+            raise RunError(f"the model from factory {name} has {problem}")
+    return model, tuple(args), kwargs
+
+
+def cmd_explain(opts) -> int:
+    factory = load_factory(opts.target)
+    if opts.passes is not None:
+        from fxfuse.passes.pipeline import parse_pipeline
+
+        try:
+            parse_pipeline(opts.passes)
+        except (ValueError, TypeError) as err:
+            raise UsageError(str(err)) from None
+    model, args, kwargs = call_factory(factory, opts.target)
+
+    import fxfuse
+    from fxfuse.capture import capture_module
+
+    options = {"debug_dir": str(Path(opts.dump).resolve())} if opts.dump else {}
+    try:
+        res = fxfuse.rewrite(model, args, passes=opts.passes, options=options, example_kwargs=kwargs)
+        # The graph before the passes, for the pictures: a second capture of the same call (capture
+        # is deterministic, so node names agree with the rewritten graph's).
+        before = capture_module(model, args, kwargs).gm if opts.html else None
+    except fxfuse.CaptureError as err:
+        raise RunError(str(err).replace("\n", " ")) from None
+    text = res.report()
+    print(text)
+    if opts.dump:
+        (Path(opts.dump) / "report.txt").write_text(text + "\n")
+        print(f"graphs and kernels written to {opts.dump}")
+    if opts.html:
+        Path(opts.html).write_text(res.report_data.html(before=before, after=res.graph))
+        print(f"HTML report written to {opts.html}")
+    return 0
+
+
+def read_kernel_header(path: Path) -> dict | None:
+    """The spec of a kernel file written by fxfuse (its leading comments), or None for other files."""
+    words, spec = [], None
+    try:
+        with path.open() as f:
+            for line in f:
+                if not line.startswith("#"):
+                    break
+                body = line[1:].strip()
+                if body.startswith("spec:"):
+                    spec = json.loads(body[len("spec:"):])
+                elif not body.startswith("Generated by fxfuse"):
+                    words.append(body)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if spec is None:
+        return None
+    return {"name": path.stem, "kind": spec.get("kind", "?"), "spec": spec, "words": " ".join(words), "path": str(path)}
+
+
+def cmd_kernels(opts) -> int:
+    root = Path(opts.dir)
+    if not root.is_dir():
+        raise UsageError(f"no such directory: {root}")
+    # A --dump / FXFUSE_DEBUG_DIR directory keeps its kernels in kernels/; a cache dir holds them at top level.
+    files = sorted([*root.glob("*.py"), *root.glob("kernels/*.py")])
+    found = [k for k in map(read_kernel_header, files) if k is not None]
+    if opts.json:
+        for k in found:
+            print(json.dumps(k, sort_keys=True))
+        return 0 if found else 1
+    if not found:
+        print(f"no fxfuse kernels in {root} ({len(files)} other .py file(s))")
+        return 1
+    print(f"{len(found)} fxfuse kernel(s) in {root}:")
+    width = max(len(k["name"]) for k in found)
+    for k in found:
+        print(f"  {k['name']:<{width}}  {k['words']}")
+        if opts.verbose:
+            print(f"  {'':<{width}}  {k['path']}\n  {'':<{width}}  spec: {json.dumps(k['spec'], sort_keys=True)}")
+    return 0
+
+
+def cmd_demo(opts) -> int:
+    from fxfuse import demo
+
+    return demo.run(show_kernel=not opts.no_kernel, inductor=opts.inductor, html=opts.html)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxfuse", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log", choices=["debug", "info", "warning"], help="log level of the fxfuse logger "
+                        "(default: FXFUSE_LOG or warning)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="rewrite a naive transformer, check it and measure it")
+    demo.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
+                      help="compare with torch.compile's Inductor (default: on a GPU only; compiling on CPU is slow)")
+    demo.add_argument("--no-kernel", action="store_true", help="do not print the generated kernel")
+    demo.add_argument("--html", metavar="FILE", help="also write the HTML report")
+    demo.set_defaults(run=cmd_demo)
+
+    explain = sub.add_parser("explain", help="show what fxfuse matches, declines and generates for a model")
+    explain.add_argument("target", help="path/to/file.py:factory or package.module:factory")
+    explain.add_argument("--passes", help="pass pipeline, e.g. canonicalize,fuse-norm (default: all)")
+    explain.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with graph pictures")
+    explain.add_argument("--dump", metavar="DIR", help="write the graphs (before/after) and kernels to DIR")
+    explain.set_defaults(run=cmd_explain)
+
+    kernels = sub.add_parser("kernels", help="list the fxfuse kernels in a directory, with their specs")
+    kernels.add_argument("dir", help="a --dump directory, FXFUSE_DEBUG_DIR or the kernel cache")
+    kernels.add_argument("-v", "--verbose", action="store_true", help="also print each file and its full spec")
+    kernels.add_argument("--json", action="store_true", help="one JSON object per kernel")
+    kernels.set_defaults(run=cmd_kernels)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)  # argparse itself exits with status 2 on bad usage
+    if opts.log:
+        from fxfuse.log import set_level
+
+        set_level(opts.log)
+    try:
+        return opts.run(opts)
+    except UsageError as err:
+        print(f"fxfuse: error: {err}", file=sys.stderr)
+        return 2
+    except RunError as err:
+        print(f"fxfuse: error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `fxfuse kernels DIR | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as err:  # a failure inside fxfuse itself: keep the whole traceback for the bug report
+        traceback.print_exc()
+        print(f"fxfuse: error: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

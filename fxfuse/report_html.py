@@ -1,0 +1,277 @@
+"""The HTML report: one self-contained page (no scripts, no network) with the summary, the fused
+sites, the declined ones, every kernel's source and the graph before and after the passes.
+
+Graphs are drawn by Graphviz's ``dot`` when it is installed (best layout); otherwise networkx lays
+the graph out in layers (its topological generations) and the picture is written as inline SVG.
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import operator
+import shutil
+import subprocess
+
+import torch
+
+from fxfuse.log import get_logger
+
+log = get_logger(__name__)
+
+# Beyond this many nodes a picture is unreadable; larger graphs are cut to the rewritten nodes and
+# their direct neighbours, and the caption says so.
+MAX_NODES = 250
+DOT_TIMEOUT_S = 30
+
+FUSED, REPLACED = "fused", "replaced"
+FILL = {FUSED: "#9be39b", REPLACED: "#ffc48a", None: "#f2f2f2"}
+STROKE = {FUSED: "#1d7a1d", REPLACED: "#b35c00", None: "#888888"}
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 110em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #eee; }
+code, pre { font-family: ui-monospace, monospace; font-size: 0.9em; }
+pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; border: 1px solid #ddd; }
+.legend span { display: inline-block; padding: 0.1em 0.6em; margin-right: 1em; border: 1px solid #888; }
+figure { margin: 1em 0; overflow: auto; border: 1px solid #ddd; padding: 0.5em; }
+.none { color: #777; font-style: italic; }
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawnNode:
+    name: str
+    label: str  # lines separated by "\n"
+    tooltip: str
+    mark: str | None  # FUSED, REPLACED or None
+
+
+def _op_label(node: torch.fx.Node) -> str:
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            namespace = target.namespace
+            base = target._schema.name.split("::")[-1]
+            overload = "" if target._overloadname == "default" else f".{target._overloadname}"
+            return f"{base}{overload}" if namespace == "aten" else f"{namespace}.{base}{overload}"
+        return getattr(target, "__name__", str(target))
+    if node.op == "placeholder":
+        return f"input {node.name}"
+    return node.op if node.op == "output" else f"{node.op} {node.name}"
+
+
+def _shape_label(node: torch.fx.Node) -> str:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    parts = []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            dtype = str(v.dtype).replace("torch.", "")
+            parts.append("×".join(str(s) for s in v.shape) + f" {dtype}")
+    return ", ".join(parts)
+
+
+def _is_fused_op(node: torch.fx.Node) -> bool:
+    target = node.target
+    return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target.namespace == "fxfuse"
+
+
+def mark_nodes(before: torch.fx.GraphModule | None, after: torch.fx.GraphModule | None, fused_names=()):
+    """Which nodes to highlight: in ``after`` the fused operators (and the items read from their
+    outputs); in ``before`` the nodes the passes removed or replaced (absent from ``after``)."""
+    after_marks: dict[str, str] = {}
+    if after is not None:
+        for node in after.graph.nodes:
+            if node.name in fused_names or _is_fused_op(node):
+                after_marks[node.name] = FUSED
+            elif node.target is operator.getitem and node.args[0].name in after_marks:
+                after_marks[node.name] = FUSED
+    before_marks: dict[str, str] = {}
+    if before is not None and after is not None:
+        kept = {n.name for n in after.graph.nodes}
+        before_marks = {n.name: REPLACED for n in before.graph.nodes if n.name not in kept}
+    return before_marks, after_marks
+
+
+def _drawn_nodes(gm: torch.fx.GraphModule, marks: dict[str, str]) -> tuple[list[DrawnNode], list[tuple[str, str]], str]:
+    """The nodes and edges to draw, cut down around the marked nodes when the graph is large."""
+    nodes = list(gm.graph.nodes)
+    keep = {n.name for n in nodes}
+    note = ""
+    if len(nodes) > MAX_NODES:
+        marked = [n for n in nodes if n.name in marks]
+        keep = {n.name for n in marked}
+        for n in marked:
+            keep.update(a.name for a in n.all_input_nodes)
+            keep.update(u.name for u in n.users)
+        if not marked or len(keep) > MAX_NODES:
+            keep = {n.name for n in nodes[:MAX_NODES]}
+            note = f"showing the first {MAX_NODES} of {len(nodes)} nodes"
+        else:
+            note = f"showing {len(keep)} of {len(nodes)} nodes: the highlighted ones and their direct neighbours"
+    drawn, edges = [], []
+    for n in nodes:
+        if n.name not in keep:
+            continue
+        mark = marks.get(n.name)
+        label = _op_label(n) + (f"\n{n.name}" if mark == FUSED and n.op == "call_function" else "")
+        shape = _shape_label(n)
+        label += f"\n{shape}" if shape else ""
+        trace = (n.meta.get("stack_trace") or "").strip().splitlines()
+        tooltip = f"{n.name}: {n.format_node() or n.op}" + (f"\n{trace[-2].strip()}" if len(trace) >= 2 else "")
+        drawn.append(DrawnNode(n.name, label, tooltip, mark))
+        edges.extend((a.name, n.name) for a in n.all_input_nodes if a.name in keep)
+    return drawn, edges, note
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _svg_with_dot(nodes: list[DrawnNode], edges: list[tuple[str, str]]) -> str | None:
+    dot = shutil.which("dot")
+    if dot is None:
+        return None
+    lines = ["digraph G {", "rankdir=TB;",
+             'node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10];',
+             'edge [color="#777777", arrowsize=0.6];']
+    for n in nodes:
+        lines.append(f"{_dot_quote(n.name)} [label={_dot_quote(n.label)}, tooltip={_dot_quote(n.tooltip)}, "
+                     f'fillcolor="{FILL[n.mark]}", color="{STROKE[n.mark]}"];')
+    lines += [f"{_dot_quote(a)} -> {_dot_quote(b)};" for a, b in edges]
+    lines.append("}")
+    try:
+        done = subprocess.run([dot, "-Tsvg"], input="\n".join(lines), capture_output=True, text=True,
+                              timeout=DOT_TIMEOUT_S, check=True)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.warning("graphviz dot failed (%s); drawing with networkx instead", err)
+        return None
+    svg = done.stdout
+    return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: the SVG is inlined in HTML
+
+
+def _svg_with_networkx(nodes: list[DrawnNode], edges: list[tuple[str, str]]) -> str:
+    import networkx as nx
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(n.name for n in nodes)
+    graph.add_edges_from(edges)
+    for layer, names in enumerate(nx.topological_generations(graph)):
+        for name in names:
+            graph.nodes[name]["layer"] = layer
+    pos = nx.multipartite_layout(graph, subset_key="layer", align="horizontal")
+    char_w, line_h, pad = 6.2, 13, 6
+    size = {n.name: (max(len(line) for line in n.label.split("\n")) * char_w + 2 * pad,
+                     len(n.label.split("\n")) * line_h + 2 * pad) for n in nodes}
+    box_w = max(w for w, _ in size.values())
+    box_h = max(h for _, h in size.values())
+    widest = max(sum(1 for n in nodes if graph.nodes[n.name]["layer"] == k)
+                 for k in {graph.nodes[n.name]["layer"] for n in nodes})
+    layers = 1 + max(graph.nodes[n.name]["layer"] for n in nodes)
+    width, height = widest * (box_w + 20) + 40, layers * (box_h + 30) + 40
+    xs = [p[0] for p in pos.values()]
+    ys = [p[1] for p in pos.values()]
+
+    def place(v, lo, hi, extent, box):
+        return 20 + box / 2 + (0.5 if hi == lo else (v - lo) / (hi - lo)) * (extent - 40 - box)
+
+    at = {name: (place(p[0], min(xs), max(xs), width, box_w), place(p[1], min(ys), max(ys), height, box_h))
+          for name, p in pos.items()}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+           f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, sans-serif" font-size="10">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
+           'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#777"/></marker></defs>']
+    for a, b in edges:
+        (xa, ya), (xb, yb) = at[a], at[b]
+        out.append(f'<line x1="{xa:.1f}" y1="{ya + size[a][1] / 2:.1f}" x2="{xb:.1f}" y2="{yb - size[b][1] / 2:.1f}" '
+                   'stroke="#999" stroke-width="1" marker-end="url(#arrow)"/>')
+    for n in nodes:
+        (x, y), (w, h) = at[n.name], size[n.name]
+        out.append(f'<g class="node"><title>{html.escape(n.tooltip)}</title>'
+                   f'<rect x="{x - w / 2:.1f}" y="{y - h / 2:.1f}" width="{w:.1f}" height="{h:.1f}" rx="5" '
+                   f'fill="{FILL[n.mark]}" stroke="{STROKE[n.mark]}"/>')
+        for i, line in enumerate(n.label.split("\n")):
+            ty = y - h / 2 + pad + (i + 0.8) * line_h
+            out.append(f'<text x="{x:.1f}" y="{ty:.1f}" text-anchor="middle">{html.escape(line)}</text>')
+        out.append("</g>")
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def graph_svg(gm: torch.fx.GraphModule, marks: dict[str, str], renderer: str = "auto") -> tuple[str, str]:
+    """``(svg, caption note)``; ``renderer`` is "auto" (dot if installed), "dot" or "networkx"."""
+    nodes, edges, note = _drawn_nodes(gm, marks)
+    if not nodes:
+        return "", "empty graph"
+    svg = _svg_with_dot(nodes, edges) if renderer in ("auto", "dot") else None
+    drawn_by = "graphviz dot"
+    if svg is None:
+        svg, drawn_by = _svg_with_networkx(nodes, edges), "networkx layout"
+    return svg, "; ".join(filter(None, [note, f"drawn with {drawn_by}"]))
+
+
+def _highlight(source: str) -> str:
+    try:
+        from pygments import highlight
+        from pygments.formatters import HtmlFormatter
+        from pygments.lexers import PythonLexer
+    except ImportError:
+        return f"<pre>{html.escape(source)}</pre>"
+    return highlight(source, PythonLexer(), HtmlFormatter(noclasses=True))  # inline styles: self-contained
+
+
+def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
+    if not rows:
+        return f'<p class="none">{empty}</p>'
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _where(source: str, code: str) -> str:
+    return f"<code>{html.escape(source)}</code>" + (f"<br><code>{html.escape(code)}</code>" if code else "")
+
+
+def render(report, before: torch.fx.GraphModule | None = None, after: torch.fx.GraphModule | None = None,
+           renderer: str = "auto") -> str:
+    """The whole page for one ``Report``; the graph section is left out when no graph is given."""
+    e = html.escape
+    match_rows = []
+    for m in report.matches:
+        kernel = report.kernel_for(m)
+        link = f'<a href="#kernel-{e(kernel.name)}"><code>{e(kernel.name)}</code></a>' if kernel else ""
+        match_rows.append([e(m.kind), _where(m.source, m.code), e(m.describe()), link])
+    miss_rows = [[e(m.kind), _where(m.source, m.code), e(m.reason)] for m in report.misses]
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(report.title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(report.title)}</h1>",
+        f'<section id="summary"><h2>Summary</h2><p>{e(report.summary())}</p></section>',
+        '<section id="matches"><h2>Fused sites</h2>',
+        _table(["kind", "source", "spec", "kernel"], match_rows, "No site was fused."), "</section>",
+        '<section id="misses"><h2>Declined sites</h2>',
+        _table(["kind", "source", "reason"], miss_rows, "No candidate was declined."), "</section>",
+        '<section id="kernels"><h2>Generated kernels</h2>',
+    ]
+    if not report.kernels:
+        parts.append('<p class="none">No kernel was generated.</p>')
+    for k in report.kernels:
+        parts.append(f'<h3 id="kernel-{e(k.name)}"><code>{e(k.name)}</code></h3>'
+                     f"<p>{e(k.spec)}<br><code>{e(k.path)}</code></p>{_highlight(k.source)}")
+    parts.append("</section>")
+    if before is not None or after is not None:
+        fused_names = {m.node for m in report.matches}
+        before_marks, after_marks = mark_nodes(before, after, fused_names)
+        parts += ['<section id="graphs"><h2>Graphs</h2><p class="legend">'
+                  f'<span style="background:{FILL[REPLACED]}">removed or replaced by the passes</span>'
+                  f'<span style="background:{FILL[FUSED]}">fused operator</span></p>']
+        for title, gm, marks in (("before the passes", before, before_marks), ("after the passes", after, after_marks)):
+            if gm is None:
+                continue
+            svg, note = graph_svg(gm, marks, renderer)
+            parts.append(f'<figure class="graph"><figcaption>Graph {title} ({e(note)})</figcaption>{svg}</figure>')
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
