@@ -1,0 +1,196 @@
+"""``torch.ops.fxfuse.attention``: ``softmax(steps(q @ k^T)) @ v`` as one operator.
+
+q, k, v are ``(B, H, L, D)`` (any strides); the extra tensors (boolean masks, additive masks and
+biases) broadcast to the scores' ``(B, H, Lq, Lk)`` the way they did in the user's code (aligned
+on the right). The CPU implementation is ``F.scaled_dot_product_attention`` where SDPA computes
+exactly the spec (a scale and at most one additive or -inf boolean mask, no casts), otherwise the
+plain torch reference of the spec. The backward is an explicit formula through a backward operator
+of its own (autograd is off inside custom operators), recomputing the probabilities.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fxfuse import config
+from fxfuse.spec import to_dtype
+from fxfuse.spec_attention import AttentionSpec
+
+
+def _spec(text: str) -> AttentionSpec:
+    return AttentionSpec.from_json(text)
+
+
+def causal_mask(lq: int, lk: int, device) -> Tensor:
+    """True where key j comes after query i, aligned bottom-right as the pass proved it."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return j > i + (lk - lq)
+
+
+def _mask_of(step, extras: list[Tensor], lq: int, lk: int, device) -> Tensor:
+    mask = causal_mask(lq, lk, device) if step.input == -1 else extras[step.input]
+    return ~mask if step.invert else mask
+
+
+def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc: torch.dtype | None = None):
+    """The scores after every step; with ``acc``, computed in that dtype without intermediate rounding."""
+    s = torch.matmul(q.to(acc) if acc else q, (k.to(acc) if acc else k).transpose(-1, -2))
+    lq, lk = s.shape[-2:]
+    for step in spec.steps:
+        if step.op == "mul":
+            s = s * step.value
+        elif step.op == "div":
+            s = s / step.value
+        elif step.op == "fill":
+            s = s.masked_fill(_mask_of(step, extras, lq, lk, s.device), step.value)
+        elif step.op == "add":
+            s = s + (extras[step.input].to(acc) if acc else extras[step.input])
+        if acc is None:
+            s = s.to(to_dtype(step.dtype))
+    return s
+
+
+def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor]) -> Tensor:
+    """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code."""
+    p = torch.softmax(_scores(spec, q, k, extras), dim=-1)
+    return torch.matmul(p.to(to_dtype(spec.prob_dtype)), v)
+
+
+def _sdpa_form(spec: AttentionSpec):
+    """(scale, mask step) when SDPA computes the spec exactly, else None.
+
+    SDPA computes softmax(q @ k^T * scale + mask) @ v in one dtype: the spec may hold scalar
+    factors first, then at most one additive mask or one -inf boolean fill, and no cast.
+    """
+    dtypes = {spec.score_dtype, spec.prob_dtype, *(s.dtype for s in spec.steps)}
+    if len(dtypes) != 1:
+        return None
+    scale, mask_step = 1.0, None
+    for step in spec.steps:
+        if step.op in ("mul", "div") and mask_step is None:
+            scale = scale * step.value if step.op == "mul" else scale / step.value
+        elif step.op == "add" and mask_step is None:
+            mask_step = step
+        elif step.op == "fill" and mask_step is None and step.value == float("-inf"):
+            mask_step = step
+        else:
+            return None
+    return scale, mask_step
+
+
+def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
+    scale, step = form
+    mask, hidden = None, None
+    if step is not None and step.op == "add":
+        mask = extras[step.input]
+        hidden = mask == float("-inf")
+    elif step is not None:
+        hidden = _mask_of(step, extras, q.shape[-2], k.shape[-2], q.device)
+        mask = ~hidden  # SDPA's boolean mask says which positions take part
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if hidden is not None:
+        # A row whose every score is -inf is NaN in the user's softmax; SDPA returns zeros there.
+        out = out.masked_fill(hidden.all(-1, keepdim=True), float("nan"))
+    return out
+
+
+def _use_triton(q: Tensor, spec: AttentionSpec) -> bool:
+    if "float64" in {spec.score_dtype, spec.prob_dtype}:
+        return False  # tl.dot has no float64 on GPUs; the reference is exact
+    return q.is_cuda or (q.device.type == "cpu" and config.interpret_on_cpu())
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    """Reduce a broadcast gradient back to the shape of the tensor that was broadcast."""
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead else t
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                       extras: list[Tensor]) -> list[Tensor]:
+    """[dq, dk, dv, *d_extras] (masks get an empty gradient), recomputing the probabilities.
+
+    ``dS = P * (dP - rowsum(dP * P))`` with ``dP = dO @ v^T``, then back through the steps in
+    reverse: factors scale it, fills zero it where they hid the score, adds pass it to their bias.
+    """
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    p = torch.softmax(_scores(spec, q, k, extras, acc), dim=-1)
+    do = grad_out.to(acc)
+    dv = torch.matmul(p.to(to_dtype(spec.prob_dtype)).to(acc).transpose(-1, -2), do)
+    dp = torch.matmul(do, v.to(acc).transpose(-1, -2))
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    lq, lk = ds.shape[-2:]
+    d_extras: list[Tensor | None] = [None] * len(extras)
+    for step in reversed(spec.steps):
+        if step.op == "mul":
+            ds = ds * step.value
+        elif step.op == "div":
+            ds = ds / step.value
+        elif step.op == "fill":
+            ds = ds.masked_fill(_mask_of(step, extras, lq, lk, ds.device), 0.0)
+        elif step.op == "add":
+            d = _sum_to(ds, extras[step.input].shape)
+            prev = d_extras[step.input]
+            d_extras[step.input] = d if prev is None else prev + d
+    dq = torch.matmul(ds, k.to(acc))
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(acc))
+    out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
+    for e, d in zip(extras, d_extras):
+        if d is None:  # a boolean mask, or a bias no step added (never: the pass adds each once)
+            out.append(torch.zeros_like(e) if e.dtype.is_floating_point else e.new_empty(0))
+        else:
+            out.append(d.reshape(e.shape).to(e.dtype))
+    return out
+
+
+# ---- operators -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("fxfuse::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str) -> Tensor:
+    s = _spec(spec)
+    if _use_triton(q, s):
+        from fxfuse.codegen import attention as kernels
+
+        return kernels.forward(s, q, k, v, extras)[0]
+    form = _sdpa_form(s)
+    if form is not None:
+        return _sdpa(s, form, q, k, v, extras)
+    return reference(s, q, k, v, extras)
+
+
+@attention.register_fake
+def _(q, k, v, extras, spec):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=to_dtype(_spec(spec).out_dtype))
+
+
+@torch.library.custom_op("fxfuse::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
+                       spec: str) -> list[Tensor]:
+    return reference_backward(_spec(spec), grad_out, q, k, v, extras)
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, extras, spec):
+    masks = [torch.empty_like(e) if e.dtype.is_floating_point else e.new_empty(0) for e in extras]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *masks]
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, extras, spec = inputs
+    ctx.save_for_backward(q, k, v, *extras)
+    ctx.spec, ctx.interpret = spec, config.current.interpret
+
+
+def _backward(ctx, grad_out):
+    q, k, v, *extras = ctx.saved_tensors
+    with config.patch(interpret=ctx.interpret):
+        dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(grad_out, q, k, v, extras, ctx.spec)
+    d_extras = [d if e.dtype.is_floating_point else None for d, e in zip(d_extras, extras)]
+    return dq, dk, dv, d_extras, None
+
+
+attention.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,373 @@
+"""Attention fusion: ``softmax(score terms(q @ k^T)) @ v``, written any way, becomes one operator.
+
+Recognition anchors on ``aten._softmax`` and walks back through the score terms (scalar factors,
+boolean fills, additive masks and biases, casts) and a layout-only chain (views, permutes,
+expands) to the ``bmm`` of queries and keys, then forward through casts and a layout-only chain to
+the ``bmm`` with the values. Whatever the user's code did to build q, k and v (head splits,
+transposes, einsum's permutes, scaled queries) stays in the graph: the fused operator takes the
+two products' operands as they are, so those parts cannot be misread. What must be proved is
+listed in ``_check``: that the layout chains between the products and the softmax only rename
+the product's elements (shown by replaying them on an index tensor), that the softmax runs over
+the key axis, that every score term keeps the scores' shape and broadcasts the way the operator
+reads it, and that no removed value (scores, probabilities) is used anywhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch.fx import Node
+
+from fxfuse.passes.graph import depends_on, dtype, is_op, is_python_scalar, shape, source_of, val
+from fxfuse.passes.pipeline import Match, Miss, PassResult
+from fxfuse.spec import dtype_name
+from fxfuse.spec_attention import AttentionSpec, ScoreStep
+
+aten = torch.ops.aten
+
+# Ops that only rename elements (no arithmetic): a chain of them between a product and the
+# softmax is allowed when replaying it on an index tensor shows it is a plain reshape.
+_LAYOUT = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+           aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim,
+           aten.clone.default, aten.alias.default, aten.t.default)
+_BMM = (aten.bmm.default,)
+_CAST = (aten._to_copy.default,)
+_MAX_CONSTANT_NODES = 40  # constant mask subgraphs evaluated to prove causality stay this small
+_MAX_CONSTANT_NUMEL = 1 << 22
+
+
+class Declined(Exception):
+    """Raised inside recognition with the reason a site is left as written."""
+
+
+@dataclasses.dataclass
+class _Site:
+    softmax: Node
+    qk: Node  # bmm(q_op (N, Lq, D), k_op (N, D, Lk))
+    pv: Node  # bmm(p (N, Lq, Lk), v_op (N, Lk, Dv))
+    lead: tuple[int, int]  # (B, H): the scores' leading dims, a rank-3 site's N as (1, N)
+    extras: list[Node]
+    spec: AttentionSpec
+    interior: set[Node]
+
+
+def _plain_cast(node) -> bool:
+    if not is_op(node, *_CAST):
+        return False
+    extra = set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}
+    v, src = val(node), val(node.args[0])
+    return not extra and v is not None and src is not None and v.device == src.device and v.dtype.is_floating_point
+
+
+def _concrete(args) -> bool:
+    flat = []
+    for a in args:
+        flat.extend(a if isinstance(a, (list, tuple)) else [a])
+    return all(not isinstance(a, (Node, torch.SymInt)) for a in flat)
+
+
+def _is_plain_reshape(chain: list[Node], src_shape: tuple, dst_shape: tuple) -> bool:
+    """Whether ``chain`` (layout ops, first applied first) maps a ``src_shape`` tensor to its
+    row-major reshape: replays the ops on ``arange`` and compares (exact, at these shapes)."""
+    numel = math.prod(src_shape)
+    if numel != math.prod(dst_shape) or numel > _MAX_CONSTANT_NUMEL:
+        return False
+    idx = torch.arange(numel).reshape(src_shape)
+    for node in chain:
+        if not _concrete(node.args[1:]):
+            return False
+        if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+            idx = idx.reshape(node.args[1])  # same values as the view; the strides may differ
+        else:
+            idx = node.target(idx, *node.args[1:], **{k: v for k, v in node.kwargs.items() if k != "memory_format"})
+    return tuple(idx.shape) == tuple(dst_shape) and torch.equal(idx, torch.arange(numel).reshape(dst_shape))
+
+
+def _layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
+    """Walk back from ``node`` through layout ops: (first non-layout node, chain in program order)."""
+    chain = []
+    while is_op(node, *_LAYOUT) and isinstance(node.args[0], Node):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+def _scalar_fill(node) -> float | None:
+    """The value of a 0-dim constant (``torch.where(m, s, float('-inf'))`` makes a scalar_tensor)."""
+    if is_python_scalar(node):
+        return float(node)
+    if is_op(node, aten.scalar_tensor.default) and is_python_scalar(node.args[0]):
+        return float(node.args[0])
+    if is_op(node, aten.full.default) and list(node.args[0]) == [] and is_python_scalar(node.args[1]):
+        return float(node.args[1])
+    return None
+
+
+def _broadcasts_to(s, target) -> bool:
+    """Whether shape ``s`` broadcasts to ``target`` aligned on the right, as the operator reads it."""
+    if s is None or len(s) > len(target):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(s), reversed(target)))
+
+
+def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple[Node, ScoreStep, Node | None]]]:
+    """Walk back from the softmax's input through the score terms to the first non-term node.
+
+    Returns (that node, [(node, step, extra tensor or None)] in program order).
+    """
+    steps = []
+    x = softmax_in
+    while True:
+        if shape(x) != score_shape:
+            raise Declined(f"a score term changes the scores' shape to {list(shape(x) or ())}; "
+                           f"attention keeps them {list(score_shape)}")
+        d = dtype_name(dtype(x))
+        a = x.args[0] if isinstance(x, Node) and x.args else None
+        if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and is_python_scalar(x.args[1]):
+            op = "mul" if x.target in (aten.mul.Tensor, aten.mul.Scalar) else "div"
+            steps.append((x, ScoreStep(op, d, value=float(x.args[1])), None))
+        elif is_op(x, aten.masked_fill.Scalar, aten.masked_fill.Tensor) and _scalar_fill(x.args[2]) is not None:
+            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2])), x.args[1]))
+        elif is_op(x, aten.where.self) and _scalar_fill(x.args[2]) is not None and isinstance(x.args[1], Node):
+            a = x.args[1]  # where(mask, s, fill): fill where the mask is False
+            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2]), invert=True), x.args[0]))
+        elif is_op(x, aten.where.self) and _scalar_fill(x.args[1]) is not None and isinstance(x.args[2], Node):
+            a = x.args[2]  # where(mask, fill, s): fill where the mask is True
+            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[1])), x.args[0]))
+        elif is_op(x, aten.add.Tensor) and x.kwargs.get("alpha", 1) == 1 and all(isinstance(t, Node) for t in x.args[:2]):
+            s0, s1 = x.args[:2]
+            a, bias = (s0, s1) if shape(s0) == score_shape else (s1, s0)
+            steps.append((x, ScoreStep("add", d), bias))
+        elif _plain_cast(x):
+            steps.append((x, ScoreStep("cast", d), None))
+        else:
+            return x, steps[::-1]
+        x = a
+
+
+def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> None:
+    s = shape(t)
+    kind = "mask" if step.op == "fill" else "bias"
+    if not _broadcasts_to(s, score_shape):
+        raise Declined(f"a {kind} of shape {list(s) if s else '?'} does not broadcast to the scores' shape "
+                       f"{list(score_shape)} aligned on the right")
+    if step.op == "fill" and dtype(t) != torch.bool:
+        raise Declined(f"masked_fill/where takes a {dtype(t)} mask; fused attention reads boolean masks")
+    if step.op == "add" and not dtype(t).is_floating_point:
+        raise Declined(f"an additive score term of dtype {dtype(t)} is not a floating-point mask or bias")
+    if depends_on(t, v_root):
+        raise Declined(f"a score {kind} is computed from the values; attention's score terms depend on "
+                       "positions, masks and biases, not on v")
+
+
+def _constant_value(node: Node, gm: torch.fx.GraphModule) -> torch.Tensor | None:
+    """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange)."""
+    order, todo, seen = [], [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_CONSTANT_NODES:
+            return None  # a graph input (placeholder) takes part: the value is not known here
+        order.append(n)
+        todo.extend(n.all_input_nodes)
+    env: dict[Node, object] = {}
+    for n in sorted(order, key=_position(gm).__getitem__):
+        try:
+            if n.op == "get_attr":
+                env[n] = getattr(gm, n.target)
+                continue
+            args = torch.fx.node.map_arg(n.args, env.__getitem__)
+            kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": torch.device("cpu")}
+            env[n] = n.target(*args, **kwargs)
+        except Exception:
+            return None
+    out = env[node]
+    return out.cpu() if isinstance(out, torch.Tensor) and out.numel() <= _MAX_CONSTANT_NUMEL else None
+
+
+def _position(gm) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def _is_causal(mask: torch.Tensor, lq: int, lk: int) -> bool:
+    """Whether a boolean mask, broadcast to (…, Lq, Lk), is True exactly where key j > i + Lk - Lq."""
+    from fxfuse.ops.attention import causal_mask
+
+    if mask.dtype != torch.bool or any(n != 1 for n in mask.shape[:-2]):
+        return False
+    return torch.equal(mask.reshape(mask.shape[-2:]).expand(lq, lk), causal_mask(lq, lk, mask.device))
+
+
+def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
+    """Walk forward from the softmax through casts and a layout chain to the value product.
+
+    Returns (casts, layout chain, pv bmm); raises Declined for attention-like sites it cannot fuse.
+    """
+    casts, x = [], softmax
+    while len(x.users) == 1 and _plain_cast(next(iter(x.users))):
+        x = next(iter(x.users))
+        casts.append(x)
+    chain = []
+    while len(x.users) == 1 and is_op(next(iter(x.users)), *_LAYOUT):
+        x = next(iter(x.users))
+        chain.append(x)
+    users = list(x.users)
+    pv = [u for u in users if is_op(u, *_BMM)]
+    if len(users) == 1 and pv and pv[0].args[0] is x:
+        return casts, chain, pv[0]
+    if pv and pv[0].args[1] is x:
+        raise Declined("the probabilities are the right operand of the product (p^T-like: it contracts the "
+                       "query axis); attention contracts the key axis with the values")
+    if len(users) > 1 and any(_reaches_bmm(u) for u in users):
+        raise Declined("the probabilities are also used elsewhere (returned or reused); fusing would drop that use")
+    user = users[0] if len(users) == 1 else None
+    if user is not None and _reaches_bmm(user):
+        what = "multiplied by a random mask (dropout in training is not fused yet)" if _is_dropout(user) else \
+            f"modified by {user.target} after the softmax (a mask, scale or bias must act on the scores)"
+        raise Declined(f"the probabilities are {what}")
+    raise _NotAttention
+
+
+class _NotAttention(Exception):
+    """The softmax is not an attention's (its result never meets a product): no miss is recorded."""
+
+
+def _reaches_bmm(node: Node, depth: int = 6) -> bool:
+    for _ in range(depth):
+        if is_op(node, *_BMM):
+            return True
+        if len(node.users) != 1:
+            return any(is_op(u, *_BMM) for u in node.users)
+        node = next(iter(node.users))
+    return False
+
+
+def _is_dropout(node: Node) -> bool:
+    """``p * mask`` where the mask comes from a random draw (how dropout is traced in training)."""
+    random = [n for n in node.graph.nodes if is_op(n, aten.bernoulli.p, aten.rand.default, aten.native_dropout.default)]
+    return is_op(node, aten.mul.Tensor) and any(depends_on(a, r) for a in node.args for r in random)
+
+
+def _root(node: Node) -> Node:
+    """The tensor an operand is a view/copy of (for the "computed from the values" check)."""
+    while is_op(node, *_LAYOUT, aten.repeat_interleave.self_int) and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
+    x, dim = softmax.args[0], softmax.args[1]
+    score_shape = shape(x)
+    if score_shape is None:
+        raise _NotAttention
+    start, steps = _score_steps(x, score_shape)
+    qk, score_chain = _layout_chain_back(start)
+    if not is_op(qk, *_BMM):
+        raise _NotAttention
+    rank = len(score_shape)
+    casts, p_chain, pv = _probabilities_to_pv(softmax)
+    if dim % rank != rank - 1:
+        raise Declined(f"the softmax runs over dim {dim} (the query axis) of the {rank}-d scores; attention "
+                       "normalizes each query's scores over the keys (the last dim)")
+    if softmax.args[2]:
+        raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
+    if rank not in (3, 4):
+        raise Declined(f"the scores have rank {rank}; fused attention reads (B*H, L, L) or (B, H, L, L) scores")
+    n, lq, lk = shape(qk)
+    if math.prod(score_shape[:-2]) != n or tuple(score_shape[-2:]) != (lq, lk) or not \
+            _is_plain_reshape(score_chain, (n, lq, lk), score_shape):
+        raise Declined("the scores reach the softmax through a layout change that is not a plain reshape of "
+                       "q @ k^T (transposed or permuted), so the softmax does not run over the key axis")
+    p_node = casts[-1] if casts else softmax
+    if shape(pv.args[0]) != (n, lq, lk) or not _is_plain_reshape(p_chain, tuple(shape(p_node)), (n, lq, lk)):
+        raise Declined("the probabilities reach the value product through a layout change (transposed, "
+                       "permuted or broadcast), so the product does not contract the key axis")
+    v_op = pv.args[1]
+    extras, spec_steps = [], []
+    for node, step, extra in steps:
+        if extra is not None:
+            _check_extra(extra, step, score_shape, _root(v_op))
+            mask = _constant_value(extra, gm) if step.op == "fill" else None
+            if mask is not None and _is_causal(~mask if step.invert else mask, lq, lk):
+                step = dataclasses.replace(step, input=-1, invert=False)
+            else:
+                step = dataclasses.replace(step, input=len(extras))
+                extras.append(extra)
+        spec_steps.append(step)
+    spec = AttentionSpec(
+        score_dtype=dtype_name(dtype(qk)), steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
+        inputs=tuple("mask" if dtype(e) == torch.bool else "bias" for e in extras),
+    )
+    interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *p_chain, pv}
+    lead = (1, n) if rank == 3 else tuple(score_shape[:2])
+    site = _Site(softmax, qk, pv, lead, extras, spec, interior)
+    _check_no_escape(site, {softmax, *casts, *p_chain})
+    return site
+
+
+def _check_no_escape(site: _Site, probabilities: set[Node]) -> None:
+    for node in site.interior - {site.pv}:
+        outside = [u for u in node.users if u not in site.interior]
+        if outside:
+            what = "probabilities" if node in probabilities else "scores"
+            raise Declined(f"the attention {what} ({node.name}) are also used by {outside[0].name} (returned or "
+                           "reused); fusing would drop that use")
+
+
+def _call(gm, target, args, before: Node) -> Node:
+    """Insert ``target(*args)`` before ``before``, its meta computed from the arguments' fake values."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, args)
+    fake_args = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
+    fake = next(a for a in torch.utils._pytree.tree_leaves(fake_args) if isinstance(a, torch.Tensor))
+    with fake.fake_mode:
+        node.meta["val"] = target(*fake_args)
+    return node
+
+
+def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
+    q_op, k_op = site.qk.args
+    v_op = site.pv.args[1]
+    b, h = site.lead
+    lq, d = shape(q_op)[1:]
+    lk, dv = shape(v_op)[1:]
+    q = _call(gm, aten.view.default, (q_op, [b, h, lq, d]), site.pv)
+    k_t = _call(gm, aten.transpose.int, (k_op, 1, 2), site.pv)
+    k = _call(gm, aten.view.default, (k_t, [b, h, lk, d]), site.pv)
+    v = _call(gm, aten.view.default, (v_op, [b, h, lk, dv]), site.pv)
+    fused = _call(gm, torch.ops.fxfuse.attention.default, (q, k, v, list(site.extras), site.spec.to_json()), site.pv)
+    if site.softmax.meta.get("stack_trace"):
+        fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]
+    out = _call(gm, aten.view.default, (fused, [b * h, lq, dv]), site.pv)
+    site.pv.replace_all_uses_with(out)
+    return fused
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseAttention:
+    name: str = "fuse-attention"
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        import fxfuse.ops  # noqa: F401  (the rewritten graph calls torch.ops.fxfuse.attention)
+
+        result = PassResult(self.name)
+        for node in list(gm.graph.nodes):
+            if not is_op(node, aten._softmax.default) or node.graph is not gm.graph:
+                continue
+            source, code = source_of(node)
+            try:
+                site = _recognise(node, gm)
+            except _NotAttention:
+                continue
+            except Declined as why:
+                result.misses.append(Miss("attention", source, str(why), code))
+                continue
+            fused = _replace(gm, site)
+            result.matches.append(Match("attention", source, site.spec, fused.name, code))
+            result.changed += 1
+        return result

@@ -1,0 +1,110 @@
+"""AttentionSpec: what exactly one fused attention site computes.
+
+The site is ``out = softmax(steps(q @ k^T)) @ v`` with q, k, v in ``(B, H, L, D)`` layout. The
+``steps`` are the elementwise operations the user's code applies to the scores between the two
+products, in program order, each with the dtype its result had in the user's graph, so that the
+CPU reference reproduces the user's roundings and the kernel knows where they happen. Extra tensor
+inputs (boolean masks, additive masks and biases) are listed in ``inputs``; a step names its input
+by index. Like NormSpec it travels through the graph as a JSON string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from fxfuse.spec import _SHORT
+
+# Step kinds on the scores ``s`` (all elementwise, all keep the score shape):
+#   "mul"  s * value            (a Python scalar from the graph)
+#   "div"  s / value            (kept apart from "mul": the reference divides as the user did)
+#   "fill" s = value where inputs[input] is True (or, with invert, where it is False); input -1
+#          is the causal mask, True where key j is after query i (j > i + Lk - Lq), which the
+#          pass sets only when it proved a constant mask triangular from its values
+#   "add"  s + inputs[input]    (additive mask or bias, broadcast to (B, H, Lq, Lk))
+#   "cast" s.to(dtype)
+STEP_OPS = ("mul", "div", "fill", "add", "cast")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreStep:
+    op: str
+    dtype: str  # the scores' dtype after this step
+    value: float = 0.0
+    input: int = -1
+    invert: bool = False  # "fill" only: fill where the mask is False (torch.where(mask, s, value))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """One attention site.
+
+    score_dtype:   dtype of ``q @ k^T`` (q's and k's dtype).
+    steps:         score operations in program order (see STEP_OPS).
+    prob_dtype:    dtype of the probabilities as they enter the value product (after any cast of
+                   the softmax's result; the softmax runs in the dtype of the last step).
+    inputs:        per extra tensor, "mask" (boolean) or "bias" (floating point).
+    """
+
+    score_dtype: str
+    steps: tuple[ScoreStep, ...] = ()
+    prob_dtype: str = "float32"
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def softmax_dtype(self) -> str:
+        return self.steps[-1].dtype if self.steps else self.score_dtype
+
+    @property
+    def causal(self) -> bool:
+        return any(step.op == "fill" and step.input == -1 for step in self.steps)
+
+    @property
+    def out_dtype(self) -> str:
+        # The value product multiplies the probabilities by v, which must share their dtype.
+        return self.prob_dtype
+
+    @property
+    def scale(self) -> float:
+        """The product of the scalar factors (for reports and kernels that fold them)."""
+        s = 1.0
+        for step in self.steps:
+            if step.op == "mul":
+                s *= step.value
+            elif step.op == "div":
+                s /= step.value
+        return s
+
+    def to_json(self) -> str:
+        # json writes inf as Infinity, which json.loads reads back: fill values may be -inf.
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @staticmethod
+    def from_json(text: str) -> "AttentionSpec":
+        raw = json.loads(text)
+        raw["steps"] = tuple(ScoreStep(**s) for s in raw["steps"])
+        raw["inputs"] = tuple(raw["inputs"])
+        return AttentionSpec(**raw)
+
+    def describe(self) -> str:
+        """The spec in words: ``attention: scale 0.5, masked_fill(-inf), + bias, softmax in f32 -> bf16``."""
+        parts = [f"scores in {_SHORT[self.score_dtype]}"]
+        scale_written = False
+        for step in self.steps:
+            if step.op in ("mul", "div"):
+                if not scale_written:
+                    parts.append(f"scale {self.scale:.6g}")
+                    scale_written = True
+            elif step.op == "fill":
+                if step.input == -1:
+                    parts.append(f"causal (fill {step.value:g})")
+                else:
+                    parts.append(f"masked_fill({'~' if step.invert else ''}mask{step.input}, {step.value:g})")
+            elif step.op == "add":
+                parts.append(f"+ {self.inputs[step.input]}{step.input}")
+            else:
+                parts.append(f"cast {_SHORT[step.dtype]}")
+        if not scale_written:
+            parts.append("no scale")
+        parts.append(f"softmax in {_SHORT[self.softmax_dtype]}")
+        parts.append(f"-> {_SHORT[self.out_dtype]}")
+        return "attention: " + ", ".join(parts)

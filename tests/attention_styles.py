@@ -1,0 +1,261 @@
+"""Attention written the ways real code writes it, and near-misses that are not attention.
+
+Each style is a module whose ``forward`` is one way of writing ``softmax(scores) @ v``; its
+``inputs(dtype)`` builds example inputs (B=2, H=2, L=5 — not a multiple of any tile — D=8), float
+tensors in ``dtype``, boolean masks as they are. The comment says where the style comes from.
+Shared by the recognition and numerics tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+B, H, L, D = 2, 2, 5, 8
+
+
+def _qkv(dtype, layout=(B, H, L, D)):
+    return [torch.randn(layout, dtype=dtype) for _ in range(3)]
+
+
+def _padding(dtype):
+    keep = torch.ones(B, L, dtype=torch.bool)
+    keep[1, 3:] = False  # the second sequence is padded; every row still sees key 0
+    return keep
+
+
+class MatmulTranspose(nn.Module):  # the textbook: q @ k.transpose(-2, -1) / sqrt(d)
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        return torch.matmul(scores.softmax(dim=-1), v)
+
+
+class EinsumUpcastSoftmax(nn.Module):  # (B, L, H, D) layout, einsum, softmax in float32 cast back
+    def inputs(self, dtype):
+        return _qkv(dtype, (B, L, H, D))
+
+    def forward(self, q, k, v):
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.size(-1) ** -0.5
+        probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class BmmFlatHeadsScaledQuery(nn.Module):  # fairseq-style: (B*H, L, D), the query pre-scaled
+    def inputs(self, dtype):
+        return _qkv(dtype, (B * H, L, D))
+
+    def forward(self, q, k, v):
+        q = q * (q.size(-1) ** -0.5)
+        return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v)
+
+
+class ScaleOnScoresMT(nn.Module):  # .mT, a scale multiplied after the product, no head split
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        return (0.125 * (q @ k.mT)).softmax(-1) @ v
+
+
+class CausalTrilBuffer(nn.Module):  # GPT-2 (older transformers)/nanoGPT: a tril buffer sliced to length
+    def __init__(self, max_len=16):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :n, :n] == 0, float("-inf"))
+        return F.softmax(att, dim=-1) @ v
+
+
+class CausalTrilInForward(nn.Module):  # the mask built in forward: proved causal from its values
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        return scores.softmax(-1) @ v
+
+
+class CausalArangeWhere(nn.Module):  # causality from an arange comparison, applied with torch.where
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.size(-2))
+        scores = torch.where(i[None, :] <= i[:, None], q @ k.transpose(-1, -2), float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+class PaddingMaskFill(nn.Module):  # boolean key-padding mask, masked_fill(-inf)
+    def inputs(self, dtype):
+        return _qkv(dtype) + [_padding(dtype)]
+
+    def forward(self, q, k, v, keep):
+        scores = q @ k.transpose(-1, -2) * 0.3
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+class AdditiveMaskBert(nn.Module):  # BERT: (1 - mask) * -10000 as a (B, 1, 1, L) additive mask
+    def inputs(self, dtype):
+        return _qkv(dtype) + [_padding(dtype).to(dtype)]
+
+    def forward(self, q, k, v, mask):
+        extended = (1.0 - mask[:, None, None, :]) * -10000.0
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)) + extended
+        return nn.functional.softmax(scores, dim=-1) @ v
+
+
+class RelativeBias(nn.Module):  # T5: a learned (H, L, L) position bias, no scale
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(H, L, L))
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) + self.bias
+        return F.softmax(scores.float(), dim=-1).type_as(scores) @ v
+
+
+class GroupedQueryRepeatInterleave(nn.Module):  # GQA: 2 key/value heads shared by 4 query heads
+    def inputs(self, dtype):
+        return [torch.randn(B, 4, L, D, dtype=dtype)] + [torch.randn(B, 2, L, D, dtype=dtype) for _ in range(2)]
+
+    def forward(self, q, k, v):
+        k = k.repeat_interleave(2, dim=1)
+        v = v.repeat_interleave(2, dim=1)
+        return (q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v
+
+
+class MultiHeadProjections(nn.Module):  # a whole MHA block: heads split by view+transpose, merged back
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(H * D, 3 * H * D), nn.Linear(H * D, H * D)
+
+    def inputs(self, dtype):
+        return [torch.randn(B, L, H * D, dtype=dtype)]
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split(H * D, dim=-1)
+        q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))
+        y = att.softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).contiguous().view(B, L, H * D))
+
+
+class ScaledValues(nn.Module):  # a factor on v is part of the value operand: fused, and exact
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-1, -2)).softmax(-1) @ (v * 0.5)
+
+
+STYLES = [MatmulTranspose, EinsumUpcastSoftmax, BmmFlatHeadsScaledQuery, ScaleOnScoresMT, CausalTrilBuffer,
+          CausalTrilInForward, CausalArangeWhere, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
+          GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues]
+
+
+# ---- near-misses: each must be declined, with the reason in ``reason`` ----------------------------
+
+class SoftmaxOverQueries(nn.Module):
+    reason = "query axis"
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-1, -2)).softmax(-2) @ v
+
+
+class MaskAfterSoftmax(nn.Module):
+    reason = "after the softmax"
+
+    def inputs(self, dtype):
+        return _qkv(dtype) + [_padding(dtype)]
+
+    def forward(self, q, k, v, keep):
+        probs = (q @ k.transpose(-1, -2)).softmax(-1)
+        return probs.masked_fill(~keep[:, None, None, :], 0.0) @ v
+
+
+class ScaleOnProbabilities(nn.Module):
+    reason = "after the softmax"
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        return ((q @ k.transpose(-1, -2)).softmax(-1) * 0.5) @ v
+
+
+class ScoresAlsoReturned(nn.Module):
+    reason = "also used"
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2)
+        return scores.softmax(-1) @ v, scores
+
+
+class ProbabilitiesAlsoReturned(nn.Module):
+    reason = "also used"
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        probs = (q @ k.transpose(-1, -2)).softmax(-1)
+        return probs @ v, probs
+
+
+class ProductOverQueryAxis(nn.Module):  # p^T @ v: contracts the query axis
+    reason = "does not contract the key axis"
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-1, -2)).softmax(-1).transpose(-1, -2) @ v
+
+
+class ScoreTermFromValues(nn.Module):
+    reason = "computed from the values"
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) + v.sum(-1)[:, :, None, :]
+        return scores.softmax(-1) @ v
+
+
+class TransposedScores(nn.Module):  # softmax over what were the queries, after a transpose
+    reason = "not a plain reshape"
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-1, -2)).transpose(-1, -2).softmax(-1) @ v
+
+
+NEAR_MISSES = [SoftmaxOverQueries, MaskAfterSoftmax, ScaleOnProbabilities, ScoresAlsoReturned,
+               ProbabilitiesAlsoReturned, ProductOverQueryAxis, ScoreTermFromValues, TransposedScores]
