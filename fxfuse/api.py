@@ -1,8 +1,10 @@
 """The standalone API: ``rewrite()``, ``explain()`` and the ``Rewrite`` result."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -14,14 +16,19 @@ from fxfuse.capture import Captured, capture_module
 from fxfuse.codegen import generate_kernel
 from fxfuse.codegen.cache import Kernel
 from fxfuse.debug import dump_graph
-from fxfuse.passes.pipeline import Match, Miss, run_pipeline
+from fxfuse.passes.pipeline import Match, Miss, parse_pipeline, run_pipeline
 from fxfuse.report import Report
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+RECAPTURE_WARNING = 8  # captures of one module before we suggest torch.compile(dynamic=True)
 
-def optimize_graph(gm: torch.fx.GraphModule, passes=None, title: str = "fxfuse") -> Report:
-    """Run the pass pipeline on a captured graph in place and generate a kernel per fused site."""
+
+def optimize_graph(gm: torch.fx.GraphModule, passes=None, title: str = "fxfuse", debug_index: int | None = None) -> Report:
+    """Run the pass pipeline on a captured graph in place and generate a kernel per fused site.
+
+    ``debug_index`` numbers the graph's files in the debug directory (a new number if None)."""
     start = time.perf_counter()
-    index = dump_graph(gm, "captured")
+    index = dump_graph(gm, "captured", debug_index)
     results = run_pipeline(gm, passes if passes is not None else config.current.passes)
     dump_graph(gm, "rewritten", index)
     matches = [m for r in results for m in r.matches]
@@ -33,24 +40,48 @@ def optimize_graph(gm: torch.fx.GraphModule, passes=None, title: str = "fxfuse")
     return Report(matches, misses, list(kernels.values()), time.perf_counter() - start, title)
 
 
-def _signature(leaves: list, training: bool) -> tuple:
-    """What a captured graph was specialised on: tensor metadata and non-tensor values."""
-    sig = []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            sig.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.requires_grad))
-        else:
-            sig.append(("C", repr(leaf)))
-    return tuple(sig) + (training,)
+def _leaf_key(leaf: Any) -> tuple:
+    if isinstance(leaf, torch.Tensor):
+        # Strides too: code may branch on is_contiguous(), and a traced view() needs them.
+        return ("T", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, leaf.device, leaf.requires_grad)
+    # Non-tensor arguments are baked into the graph as constants; repr tells values apart (and
+    # objects without a value repr apart by identity).
+    return ("C", type(leaf).__qualname__, repr(leaf))
+
+
+def _signature(model: Callable, in_spec, leaves: list) -> tuple:
+    """Everything a captured graph was specialised on, so that a call differing in any of it is
+    captured again: the inputs' structure, tensor metadata and constant values; the module's
+    parameters and buffers (names, metadata); every submodule's train/eval mode; autocast."""
+    key: list = [str(in_spec), tuple(_leaf_key(leaf) for leaf in leaves)]
+    if isinstance(model, torch.nn.Module):
+        key.append(tuple((n, *_leaf_key(t)) for n, t in model.named_parameters(remove_duplicate=False)))
+        key.append(tuple((n, *_leaf_key(t)) for n, t in model.named_buffers(remove_duplicate=False)))
+        key.append(tuple(m.training for m in model.modules()))
+    key.append(tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES))
+    return tuple(key)
+
+
+@contextlib.contextmanager
+def _autocast_off():
+    """A graph captured under autocast already holds its casts; running it under autocast again
+    would cast a second time, so it runs with autocast off."""
+    with contextlib.ExitStack() as stack:
+        for device in _AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 class RewrittenModule(torch.nn.Module):
     """Calls the rewritten graph with the original model's parameters and buffers.
 
     The original model is a submodule, so ``parameters()``, ``state_dict()``, optimizers and
-    ``.to()`` act on the user's own tensors, and gradients flow to them. A call whose inputs differ
-    from the captured ones in shape, dtype, device or constant arguments (or after ``train()``/
-    ``eval()``) is captured and rewritten again for those inputs.
+    ``.to()`` act on the user's own tensors, and gradients flow to them. Buffers the model updates
+    in place (running statistics, step counters) are updated in the user's tensors as eager does.
+    A call whose inputs differ from the captured ones in structure, shape, strides, dtype, device
+    or constant arguments, or after ``train()``/``eval()``, ``.to()`` or under another autocast
+    state, is captured and rewritten again for those inputs.
     """
 
     def __init__(self, model: Callable, passes, options: dict):
@@ -67,10 +98,15 @@ class RewrittenModule(torch.nn.Module):
         return self.original if "original" in self._modules else self._callable
 
     def prepare(self, args: tuple, kwargs: dict) -> tuple[Captured, Report]:
-        leaves, _ = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        training = bool(getattr(self._model, "training", False))
-        key = _signature(leaves, training)
+        """The captured and rewritten graph for this call's inputs (capturing it if new)."""
+        leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        key = _signature(self._model, in_spec, leaves)
         if key not in self._graphs:
+            if len(self._graphs) == RECAPTURE_WARNING:
+                warnings.warn(
+                    f"fxfuse has captured {type(self._model).__name__} {RECAPTURE_WARNING} times, once per "
+                    "distinct input shape/constant; if shapes keep changing, torch.compile(model, "
+                    "backend='fxfuse', dynamic=True) compiles one graph for all of them.", stacklevel=3)
             with config.patch(**self._options):
                 captured = capture_module(self._model, args, kwargs)
                 report = optimize_graph(captured.gm, self._passes, title=f"fxfuse.rewrite({type(self._model).__name__})")
@@ -86,13 +122,38 @@ class RewrittenModule(torch.nn.Module):
             named_p = dict(model.named_parameters(remove_duplicate=False))
             named_b = dict(model.named_buffers(remove_duplicate=False))
             state = [named_p[n] for n in captured.param_names] + [named_b[n] for n in captured.buffer_names]
-        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        with config.patch(**self._options):
-            flat_out = captured.gm(*state, *tensors)
-        out_leaves, it = [], iter(flat_out)
+        inputs = [*state, *(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))]
+        graph_inputs = inputs
+        if captured.mutated and torch.is_grad_enabled():
+            # Autograd may save an input the model then updates (batch norm saves its running
+            # stats); the graph gets a copy, so the write-back below does not invalidate it.
+            graph_inputs = [t.clone() if i in captured.mutated else t for i, t in enumerate(inputs)]
+        with config.patch(**self._options), _autocast_off():
+            flat_out = captured.gm(*graph_inputs)
+        n_out = len(flat_out) - len(captured.mutated)
+        self._write_back(captured, inputs, flat_out[n_out:])
+        out_leaves, it = [], iter(flat_out[:n_out])
         for i in range(captured.out_spec.num_leaves):
-            out_leaves.append(captured.out_constants[i] if i in captured.out_constants else next(it))
+            if i in captured.out_constants:
+                out_leaves.append(captured.out_constants[i])
+            else:
+                value = next(it)
+                out_leaves.append(inputs[captured.output_is_input[i]] if i in captured.output_is_input else value)
         return pytree.tree_unflatten(out_leaves, captured.out_spec)
+
+    @staticmethod
+    def _write_back(captured: Captured, inputs: list, new_values) -> None:
+        """Apply the model's in-place updates to the caller's tensors, as eager would have.
+
+        An update made under ``torch.no_grad()`` (running statistics) is applied without autograd,
+        so the buffer does not start carrying this step's graph.
+        """
+        for i, value in zip(captured.mutated, new_values):
+            if i in captured.mutated_without_grad:
+                with torch.no_grad():
+                    inputs[i].copy_(value)
+            else:
+                inputs[i].copy_(value)
 
 
 @dataclasses.dataclass
@@ -119,6 +180,19 @@ class Rewrite:
         return self.report_data.text()
 
 
+def _check_model(model: Any) -> None:
+    if callable(model):
+        return
+    hint = ""
+    if isinstance(model, torch.Tensor):
+        hint = " (a tensor: the model comes first, then its inputs)"
+    raise TypeError(
+        f"fxfuse.rewrite needs the model to rewrite: an nn.Module or a function, got a "
+        f"{type(model).__name__}{hint}. Call it as fxfuse.rewrite(model, (x,)) or "
+        "fxfuse.rewrite(model, (x,), example_kwargs={'mask': m})."
+    )
+
+
 def rewrite(model: Callable, example_inputs: Any = (), passes=None, options: dict | None = None,
             example_kwargs: dict | None = None) -> Rewrite:
     """Capture ``model`` on ``example_inputs``, run the passes and return a ``Rewrite``.
@@ -127,12 +201,14 @@ def rewrite(model: Callable, example_inputs: Any = (), passes=None, options: dic
     ``example_kwargs`` holds keyword arguments. ``passes`` selects the pipeline (names or a comma
     separated string); ``options`` are fxfuse options (see ``fxfuse.config.Options``).
     """
-    if not callable(model):
-        raise TypeError(f"fxfuse.rewrite needs a torch.nn.Module or a callable, got {type(model).__name__}")
+    _check_model(model)
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict of keyword arguments, got {type(example_kwargs).__name__}")
     options = dict(options or {})
-    config.current.replace(**options)  # validates option names before any work
+    validated = config.current.replace(**options)  # validates option names before any work
+    parse_pipeline(passes if passes is not None else validated.passes)  # and pass names
     module = RewrittenModule(model, passes, options)
     captured, report = module.prepare(tuple(example_inputs), dict(example_kwargs or {}))
     return Rewrite(module=module, report_data=report, graph=captured.gm)

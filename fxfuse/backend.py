@@ -16,6 +16,8 @@ import fxfuse.ops  # noqa: F401
 from fxfuse import config
 from fxfuse.api import optimize_graph
 from fxfuse.capture import capture_graph
+from fxfuse.debug import dump_graph, next_index
+from fxfuse.passes.pipeline import Match, Miss, parse_pipeline
 from fxfuse.report import Report
 
 
@@ -29,9 +31,23 @@ class Backend:
     def __init__(self, passes=None, **options):
         if passes is not None:
             options["passes"] = passes
-        config.current.replace(**options)  # validates names now, not at the first compile
+        # Validate names now: inside torch.compile the error would surface at the first call,
+        # wrapped in Dynamo's BackendCompilerFailed.
+        parse_pipeline(config.current.replace(**options).passes)
         self.options = options
         self.reports: list[Report] = []
+
+    @property
+    def matches(self) -> list[Match]:
+        return [m for r in self.reports for m in r.matches]
+
+    @property
+    def misses(self) -> list[Miss]:
+        return [m for r in self.reports for m in r.misses]
+
+    def report(self) -> str:
+        """The reports of every graph compiled so far, one after the other."""
+        return "\n\n".join(r.text() for r in self.reports) or "fxfuse: no graph compiled yet"
 
     def _run_with_options(self, fn):
         options = self.options
@@ -44,17 +60,23 @@ class Backend:
         run._boxed_call = getattr(fn, "_boxed_call", False)
         return run
 
-    def _compile_graph(self, gm: torch.fx.GraphModule, example_inputs):
-        return make_boxed_func(self._run_with_options(gm.forward))
+    def _compiler(self, stage: str, index: int | None):
+        def compile_graph(gm: torch.fx.GraphModule, example_inputs):
+            with config.patch(**self.options):
+                dump_graph(gm, stage, index)  # what actually runs, after AOTAutograd
+            return make_boxed_func(self._run_with_options(gm.forward))
+
+        return compile_graph
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         with config.patch(**self.options):
+            index = next_index()
             aten_gm = capture_graph(gm, example_inputs)
-            report = optimize_graph(aten_gm, title=f"fxfuse graph {len(self.reports)}")
+            report = optimize_graph(aten_gm, title=f"fxfuse graph {len(self.reports)}", debug_index=index)
         self.reports.append(report)
         compiler = aot_autograd(
-            fw_compiler=self._compile_graph,
-            bw_compiler=self._compile_graph,
+            fw_compiler=self._compiler("aot_forward", index),
+            bw_compiler=self._compiler("aot_backward", index),
             keep_inference_input_mutations=True,
         )
         return compiler(aten_gm, example_inputs)

@@ -1,20 +1,37 @@
 """Capture: a model or callable plus example inputs → one ATen-level functional FX graph.
 
 Both entry points (``fxfuse.rewrite`` and the torch.compile backend) converge here. The graph is
-traced with ``make_fx`` over fake tensors after functionalization, so every node carries
+traced with ``make_fx`` over fake tensors under functionalization, so every node carries
 ``meta["val"]`` (a fake tensor: shape, dtype, device, symbolic sizes) and ``meta["stack_trace"]``
-(the user's source line), and the only mutations left are the write-backs to inputs at its end.
+(the user's source line).
+
+Two things the plain ATen trace loses are put back here:
+
+- in-place updates of inputs (buffers such as running statistics or step counters): functional
+  code computes the new value; ``capture_module`` returns it as an extra output (the caller writes
+  it back), ``capture_graph`` ends the graph with ``copy_`` into the input, as AOTAutograd expects;
+- ``torch.no_grad()`` regions: make_fx records below autograd, so without help the gradient would
+  flow through code the user excluded from it. Ops run while grad mode is off are tagged during the
+  trace and their inputs from outside the region are cut with ``detach``.
 """
 from __future__ import annotations
 
 import dataclasses
+import traceback
 from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
-from torch._guards import detect_fake_mode
+from torch._functorch._aot_autograd.functional_utils import from_fun, to_fun
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.overrides import TorchFunctionMode
+
+aten = torch.ops.aten
+_NO_GRAD = "fxfuse_grad_disabled"  # key in node.meta["custom"] of ops traced with grad mode off
 
 
 class CaptureError(RuntimeError):
@@ -23,7 +40,11 @@ class CaptureError(RuntimeError):
 
 @dataclasses.dataclass
 class Captured:
-    """A module captured as ``gm(*params, *buffers, *tensor_inputs) -> flat tensor outputs``."""
+    """A module captured as ``gm(*params, *buffers, *tensor_inputs) -> [*outputs, *updated]``.
+
+    ``updated`` holds the new values of the inputs the model changes in place, in the order of
+    ``mutated`` (positions among the graph inputs); the caller writes them back.
+    """
 
     gm: torch.fx.GraphModule
     param_names: list[str]
@@ -33,27 +54,202 @@ class Captured:
     out_spec: pytree.TreeSpec
     out_constants: dict[int, Any]  # output leaves that are not tensors, by leaf position
     training: bool
+    mutated: list[int] = dataclasses.field(default_factory=list)
+    mutated_without_grad: list[int] = dataclasses.field(default_factory=list)  # all its updates ran under no_grad
+    # Output leaves that ARE an input tensor (``return x``, or a buffer updated in place and
+    # returned): output leaf position -> graph input position, so the caller returns that tensor.
+    output_is_input: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
-def _trace(fn: Callable, flat_args: list, fake_mode=None, symbolic: bool = False) -> torch.fx.GraphModule:
-    functional = torch.func.functionalize(fn, remove="mutations")
+# ---- errors ----------------------------------------------------------------------------------------
+
+_DATA_DEPENDENT = (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
+
+
+def _user_frame(err: BaseException) -> str:
+    """The innermost frame of the user's code in ``err``'s traceback, as ``file:line: code``."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "/torch/" not in f.filename and "/fxfuse/" not in f.filename and not f.filename.startswith("<")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def _capture_error(err: Exception) -> CaptureError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    where = _user_frame(err)
+    at = f" at {where}" if where else ""
+    if isinstance(err, _DATA_DEPENDENT):
+        return CaptureError(
+            f"fxfuse cannot capture the model whole: its control flow depends on tensor values{at} "
+            f"({type(err).__name__}: {first}).\n"
+            "A Python `if`/`int()`/`.item()` on a tensor's value is decided once at capture time, so "
+            "the graph would be wrong for other inputs. Either use torch.compile(model, "
+            "backend='fxfuse'), which splits the model into graphs around such code, or rewrite "
+            "the part of the model without it (e.g. fxfuse.rewrite(model.block, ...)), or express "
+            "the branch with tensor ops (torch.where)."
+        )
+    return CaptureError(
+        f"fxfuse could not trace the model on fake tensors shaped like the example inputs: "
+        f"{type(err).__name__}{at}: {first}\n"
+        "Check that model(*example_inputs, **example_kwargs) runs eagerly with these inputs; the "
+        "original exception is chained below."
+    )
+
+
+def _tensor_inside(obj: Any, depth: int = 3) -> bool:
+    """Whether a non-tensor object (a cache, a config) holds tensors a few attributes deep."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth == 0 or isinstance(obj, (type(None), bool, int, float, complex, str, bytes, type, torch.dtype, torch.device)):
+        return False
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)[:64]
+    elif isinstance(obj, dict):
+        children = list(obj.values())[:64]
+    elif isinstance(obj, torch.nn.Module):
+        return True
+    elif hasattr(obj, "__dict__") and not callable(obj):
+        children = list(vars(obj).values())[:64]
+    else:
+        return False
+    return any(_tensor_inside(c, depth - 1) for c in children)
+
+
+def _leaf_name(tree: Any, index: int) -> str:
+    """``['cache']`` or ``[1]``: where leaf ``index`` sits in ``tree``, for messages."""
     try:
-        if fake_mode is not None:
-            # The inputs are already fake (torch.compile hands us Dynamo's); trace in their mode so
-            # their symbolic sizes become the graph's.
-            # Stack traces come from the Dynamo graph's nodes (see capture_graph), not this frame.
-            with fake_mode:
-                return make_fx(functional, tracing_mode="real")(*flat_args)
-        mode = "symbolic" if symbolic else "fake"
-        return make_fx(functional, tracing_mode=mode, record_stack_traces=True)(*flat_args)
-    except Exception as err:  # the tracer's errors are long; say what failed, keep the cause
-        raise CaptureError(
-            f"fxfuse could not trace the model into a graph: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
-            "Models with data-dependent control flow (a Python `if` on tensor values) cannot be "
-            "captured whole; use torch.compile(model, backend='fxfuse'), which splits the model "
-            "into graphs around such code."
-        ) from err
+        return pytree.keystr(pytree.tree_flatten_with_path(tree)[0][index][0])
+    except Exception:  # a pytree node type registered without key paths
+        return f"leaf {index}"
 
+
+def _opaque_error(what: str, obj: Any) -> CaptureError:
+    return CaptureError(
+        f"the model's {what} is a {type(obj).__name__} holding tensors, which fxfuse cannot take apart: "
+        f"it would {'return tensors from the capture instead of this call' if what.startswith('output') else 'bake them into the graph as constants'}. "
+        "Register the type as a pytree node (torch.utils._pytree.register_pytree_node), or leave it out "
+        "(for Hugging Face models: use_cache=False / past_key_values=None)."
+    )
+
+
+# ---- tracing ---------------------------------------------------------------------------------------
+
+class _TagNoGrad(TorchFunctionMode):
+    """Tags the nodes of every torch call made while grad mode is off (see ``_cut_no_grad``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        meta = fx_traceback.get_current_meta()
+        saved = meta.get("custom")
+        meta["custom"] = {**(saved or {}), _NO_GRAD: True}
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if saved is None:
+                meta.pop("custom", None)
+            else:
+                meta["custom"] = saved
+
+
+def _functionalized(fn: Callable, info: dict, write_back: bool) -> Callable:
+    """``fn`` with in-place updates removed; what it mutated is recorded in ``info``.
+
+    With ``write_back`` the traced graph ends with ``input.copy_(new_value)`` for each mutated input
+    (AOTAutograd's convention); otherwise the new values are appended to the flat outputs.
+    """
+
+    def run(*flat):
+        # Functionalization in Python (FunctionalTensorMode, as AOTAutograd does): the C++
+        # torch.func.functionalize specialises Dynamo's symbolic sizes to their example values.
+        no_outer = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
+        with no_outer, FunctionalTensorMode():
+            f_flat = [to_fun(a) for a in flat]
+            with fx_traceback.preserve_node_meta(), _TagNoGrad():
+                outs = fn(*f_flat)
+            out_leaves, out_spec = pytree.tree_flatten(outs)
+            info["output_is_input"] = {k: i for k, o in enumerate(out_leaves) for i, fa in enumerate(f_flat)
+                                       if isinstance(o, torch.Tensor) and o is fa}
+            mutated, new_values, without_grad = [], [], []
+            for i, fa in enumerate(f_flat):
+                if not isinstance(fa, FunctionalTensor):
+                    continue
+                torch._sync(fa)
+                if torch._functionalize_has_metadata_mutation(fa.elem) or torch._functionalize_was_storage_changed(fa.elem):
+                    raise CaptureError(
+                        f"the model changes the shape, strides or storage of input {i} in place "
+                        "(e.g. x.unsqueeze_(0), x.resize_(...), x.set_(...)); fxfuse only replays changes "
+                        "of values. Use the out-of-place form (x = x.unsqueeze(0))."
+                    )
+                if torch._functionalize_has_data_mutation(fa.elem):
+                    mutated.append(i)
+                    new_values.append(from_fun(fa))
+                    if torch._functionalize_are_all_mutations_under_no_grad_or_inference_mode(fa.elem):
+                        without_grad.append(i)
+            out_leaves = [from_fun(o) for o in out_leaves]
+        info["mutated"], info["mutated_without_grad"] = mutated, without_grad
+        if write_back:
+            for i, value in zip(mutated, new_values):
+                flat[i].copy_(value)
+            return pytree.tree_unflatten(out_leaves, out_spec)
+        return [*out_leaves, *new_values]
+
+    return run
+
+
+def _cut_no_grad(gm: torch.fx.GraphModule) -> None:
+    """Detach the values flowing into ops that ran under ``torch.no_grad()``.
+
+    make_fx records below autograd, so the graph alone would let gradients flow through a no-grad
+    region (a scale computed under no_grad, running statistics) and give gradients eager does not.
+    """
+    def tagged(n) -> bool:
+        return bool(n.meta.get("custom", {}).get(_NO_GRAD))
+
+    detached: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not tagged(node):
+            continue
+        for inp in node.all_input_nodes:
+            val = inp.meta.get("val")
+            if tagged(inp) or not isinstance(val, torch.Tensor) or not (val.is_floating_point() or val.is_complex()):
+                continue
+            if inp not in detached:
+                with gm.graph.inserting_before(node):
+                    cut = gm.graph.call_function(aten.detach.default, (inp,))
+                cut.meta.update(val=val, stack_trace=node.meta.get("stack_trace"), custom={_NO_GRAD: True})
+                detached[inp] = cut
+            node.replace_input_with(inp, detached[inp])
+    for node in gm.graph.nodes:  # the tag has done its job; keep other tools' "custom" meta intact
+        custom = node.meta.get("custom")
+        if custom and _NO_GRAD in custom:
+            custom = {k: v for k, v in custom.items() if k != _NO_GRAD}
+            if custom:
+                node.meta["custom"] = custom
+            else:
+                del node.meta["custom"]
+    if detached:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphModule:
+    try:
+        # Traced with grad on, so that only the model's own no_grad regions count as such.
+        with torch.enable_grad():
+            gm = make_fx(fn, tracing_mode=tracing_mode, record_stack_traces=True)(*flat_args)
+    except CaptureError:
+        raise
+    except Exception as err:  # the tracer's errors are long; say what failed, keep the cause
+        raise _capture_error(err) from err
+    _cut_no_grad(gm)
+    return gm
+
+
+# ---- entry points ----------------------------------------------------------------------------------
 
 def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, symbolic: bool = False) -> Captured:
     """Capture ``model(*args, **kwargs)``; parameters and buffers become the first graph inputs."""
@@ -62,6 +258,9 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
     params = dict(module.named_parameters(remove_duplicate=False)) if module is not None else {}
     buffers = dict(module.named_buffers(remove_duplicate=False)) if module is not None else {}
     leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor) and _tensor_inside(leaf):
+            raise _opaque_error("input", leaf)
     tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     n_state = len(params) + len(buffers)
     out_holder: dict[str, Any] = {}
@@ -79,10 +278,16 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
         out_leaves, out_spec = pytree.tree_flatten(out)
         out_holder["spec"] = out_spec
         out_holder["constants"] = {i: v for i, v in enumerate(out_leaves) if not isinstance(v, torch.Tensor)}
+        out_holder["tensor_positions"] = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
+        for i, v in out_holder["constants"].items():
+            if _tensor_inside(v):
+                raise _opaque_error(f"output {_leaf_name(out, i)}", v)
         return [v for v in out_leaves if isinstance(v, torch.Tensor)]
 
+    info: dict[str, Any] = {}
     flat_inputs = [*params.values(), *buffers.values(), *(leaves[i] for i in tensor_positions)]
-    gm = _trace(flat_fn, flat_inputs, symbolic=symbolic)
+    gm = _trace(_functionalized(flat_fn, info, write_back=False), flat_inputs, "symbolic" if symbolic else "fake")
+    positions = out_holder["tensor_positions"]
     return Captured(
         gm=gm,
         param_names=list(params),
@@ -92,15 +297,19 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
         out_spec=out_holder["spec"],
         out_constants=out_holder["constants"],
         training=bool(getattr(module, "training", False)),
+        mutated=info["mutated"],
+        mutated_without_grad=info["mutated_without_grad"],
+        output_is_input={positions[k]: i for k, i in info["output_is_input"].items()},
     )
 
 
 def capture_graph(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
-    """Capture a Dynamo graph (torch-level ops) as an ATen-level functional graph, same inputs.
+    """Capture a Dynamo graph (torch-level ops) as an ATen-level functional graph, same signature.
 
     Dynamo hands real example tensors to a backend, but records in each placeholder the fake tensor
-    (with symbolic sizes under ``dynamic=True``) it traced with; tracing with those keeps the
-    sizes symbolic and the graph valid for every shape Dynamo's guards admit.
+    (with symbolic sizes under ``dynamic=True``) it traced with; tracing those symbolically, in
+    Dynamo's own fake mode, keeps the sizes symbolic and the graph valid for every shape Dynamo's
+    guards admit. Inputs the graph mutates are written back with ``copy_`` at its end.
     """
     def run(*args):
         # Interpreting node by node under preserve_node_meta carries each Dynamo node's
@@ -110,12 +319,33 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.Gr
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fakes = [n.meta.get("example_value") for n in placeholders]
-    tensor_fakes = [f for f in fakes if isinstance(f, torch.Tensor)]
-    if len(fakes) == len(example_inputs) and all(f is not None for f in fakes) and tensor_fakes:
-        fake_mode = getattr(tensor_fakes[0], "fake_mode", None)
-        if fake_mode is not None:
-            return _trace(run, fakes, fake_mode=fake_mode)
-    fake_mode = detect_fake_mode(example_inputs)
-    if fake_mode is not None:
-        return _trace(run, list(example_inputs), fake_mode=fake_mode)
-    return _trace(run, list(example_inputs))
+    traced = _functionalized(run, {}, write_back=True)
+    if len(fakes) == len(example_inputs) and all(f is not None for f in fakes) and any(isinstance(f, torch.Tensor) for f in fakes):
+        aten_gm = _trace(traced, fakes, "symbolic")
+    else:
+        aten_gm = _trace(traced, list(example_inputs), "fake")
+    if torch.is_grad_enabled():
+        _read_mutated_inputs_from_copies(aten_gm)
+    return aten_gm
+
+
+def _read_mutated_inputs_from_copies(gm: torch.fx.GraphModule) -> None:
+    """Make the ops of a graph read a copy of each input that the graph's end writes to.
+
+    AOTAutograd differentiates the graph as given: an op that saves an input for backward
+    (batch norm saves its running statistics) would find it changed by the final ``copy_`` and
+    autograd would refuse. Only done when gradients are on; inference graphs keep reading in place.
+    """
+    writes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.copy_.default
+              and isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "placeholder"]
+    if not writes:
+        return
+    last_placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for write in writes:
+        target = write.args[0]
+        with gm.graph.inserting_after(last_placeholder):
+            copy = gm.graph.call_function(aten.clone.default, (target,))
+        copy.meta.update(val=target.meta.get("val"))
+        target.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not write and user is not copy)
+    gm.graph.lint()
+    gm.recompile()

@@ -54,7 +54,22 @@ class Options:
         if unknown:
             known = ", ".join(f.name for f in dataclasses.fields(self))
             raise ValueError(f"unknown fxfuse option(s) {sorted(unknown)}; the options are: {known}")
+        for name, value in changes.items():
+            types, what = _OPTION_TYPES[name]
+            if not isinstance(value, types):
+                raise TypeError(f"fxfuse option {name!r} must be {what}, got {value!r}")
+            if isinstance(value, os.PathLike):
+                changes[name] = os.fspath(value)
         return dataclasses.replace(self, **changes)
+
+
+# What each option accepts; a wrong type fails when the option is given, not deep in a compile.
+_OPTION_TYPES = {
+    "interpret": (bool, "True or False"),
+    "debug_dir": ((str, os.PathLike, type(None)), "a directory path or None"),
+    "cache_dir": ((str, os.PathLike), "a directory path"),
+    "passes": ((str, list, tuple, type(None)), 'a pipeline such as "canonicalize,fuse-norm", a list of pass names, or None'),
+}
 
 
 # The options in force. A module-level object rather than a thread-local: autograd runs backward

@@ -1,4 +1,10 @@
-"""``FXFUSE_DEBUG_DIR``: every captured graph, before and after the passes, written as text."""
+"""``FXFUSE_DEBUG_DIR``: every captured graph, before and after the passes (and, under
+torch.compile, the forward and backward graphs AOTAutograd derives from it), written as text.
+
+Files are ``<debug_dir>/graphs/NNN_<stage>.txt``, one number per captured graph, so the stages of
+one graph sort together: ``captured``, ``rewritten``, ``aot_forward``, ``aot_backward``. The
+generated kernels go to ``<debug_dir>/kernels/`` (see ``fxfuse.codegen.cache``).
+"""
 from __future__ import annotations
 
 import itertools
@@ -9,6 +15,11 @@ import torch
 from fxfuse import config
 
 _counter = itertools.count()
+
+
+def next_index() -> int | None:
+    """A new graph number, or None when no debug directory is set."""
+    return next(_counter) if config.current.debug_dir else None
 
 
 def dump_graph(gm: torch.fx.GraphModule, stage: str, index: int | None = None) -> int | None:
