@@ -273,10 +273,14 @@ def print_row(row: dict, peak: float | None) -> None:
     if row["ms"] is None:
         print(f"  {row['impl']:<9} -- {row['note']}")
         return
-    frac = f" {100 * row['gbps'] / peak:5.1f}% of copy" if peak else ""
-    ind = row.get("speedup_vs_inductor")
-    print(f"  {row['impl']:<9} {row['ms']:9.4f} ms  {row['gbps']:8.1f} GB/s{frac}  x{row['speedup_vs_eager']:.2f} vs eager"
-          + (f"  x{ind:.2f} vs inductor" if ind else "") + f"  diff {row['max_abs_diff_vs_eager']:.2g}")
+    parts = [f"  {row['impl']:<9} {row['ms']:9.4f} ms  {row['gbps']:8.1f} GB/s"]
+    if peak:
+        parts.append(f"{100 * row['gbps'] / peak:5.1f}% of copy")
+    for key, label in (("speedup_vs_eager", "eager"), ("speedup_vs_inductor", "inductor")):
+        if row.get(key):
+            parts.append(f"x{row[key]:.2f} vs {label}")
+    parts.append(f"diff {row['max_abs_diff_vs_eager']:.2g}")
+    print("  ".join(parts))
 
 
 def parse_args(argv=None):
