@@ -84,7 +84,7 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     scale, step = form
     mask, hidden = None, None
     if step is not None and step.op == "add":
-        mask = extras[step.input]
+        mask = extras[step.input].to(q.dtype)  # exact: a wider bias would have widened the scores
         hidden = mask == float("-inf")
     elif step is not None:
         hidden = _mask_of(step, extras, q.shape[-2], k.shape[-2], q.device)

@@ -1,0 +1,144 @@
+"""The fused attention operator on its own: the generated flash-attention kernel (through Triton's
+interpreter) against the torch reference of the spec, at lengths that are not multiples of the
+tile, for decoding (one query), with causal tile skipping, masks, biases and low-precision
+roundings; the log-sum-exp it saves; the exact CPU path (SDPA where it is exact); the backward
+formula (gradcheck); and the spec's JSON form."""
+import math
+
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.codegen.attention import forward as kernel_forward
+from fxfuse.codegen.attention import generate
+from fxfuse.lowering.attention import lower_attention
+from fxfuse.ops.attention import _sdpa_form, reference
+from fxfuse.spec_attention import AttentionSpec, ScoreStep
+from tests.tolerances import assert_close_to_reference
+
+B, H, D = 1, 2, 8
+MIN32 = torch.finfo(torch.float32).min
+
+
+def _spec(kind, dtype):
+    d = dtype
+    steps = {
+        "plain": (ScoreStep("mul", d, value=0.35),),
+        "causal": (ScoreStep("div", d, value=2.0), ScoreStep("fill", d, value=-math.inf, input=-1)),
+        "causal_finite": (ScoreStep("fill", d, value=MIN32 if d == "float32" else -1e9, input=-1),),
+        # bf16 scores + a float32 bias: the scores widen to float32, then are cast back before softmax.
+        "mask_bias": (ScoreStep("fill", d, value=-math.inf, input=0, invert=True), ScoreStep("add", "float32", input=1),
+                      ScoreStep("cast", d)),
+    }[kind]
+    inputs = ("mask", "bias") if kind == "mask_bias" else ()
+    return AttentionSpec(score_dtype=d, steps=steps, prob_dtype=d, inputs=inputs)
+
+
+def _extras(kind, lq, lk):
+    if kind != "mask_bias":
+        return []
+    keep = torch.rand(B, 1, 1, lk) > 0.3
+    keep[..., 0] = True  # every query sees at least one key
+    return [keep, torch.randn(H, lq, lk)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias"])
+@pytest.mark.parametrize("lq,lk", [(5, 5), (19, 19), (1, 21), (3, 21), (37, 37)])
+def test_kernel_matches_reference(lq, lk, kind, dtype):
+    spec = _spec(kind, dtype)
+    t = getattr(torch, dtype)
+    q, k = torch.randn(B, H, lq, D, dtype=t), torch.randn(B, H, lk, D, dtype=t)
+    v = torch.randn(B, H, lk, D + 4, dtype=t)  # Dv != D
+    extras = _extras(kind, lq, lk)
+    out, lse = kernel_forward(spec, q, k, v, extras)
+    f64 = AttentionSpec(score_dtype="float64", prob_dtype="float64", inputs=spec.inputs, steps=tuple(
+        ScoreStep(s.op, "float64", s.value, s.input, s.invert) for s in spec.steps))
+    wide = [e.double() if e.is_floating_point() else e for e in extras]
+    expected = reference(f64, q.double(), k.double(), v.double(), wide)
+    assert_close_to_reference(out, reference(spec, q, k, v, extras), expected, "kernel output")
+    from fxfuse.ops.attention import _scores
+
+    lse_expected = torch.logsumexp(_scores(f64, q.double(), k.double(), wide), -1).reshape(B * H, lq)
+    torch.testing.assert_close(lse.double(), lse_expected, rtol=1e-2 if dtype == "bfloat16" else 1e-5, atol=1e-2)
+
+
+def test_causal_tiles_are_skipped_only_when_exact():
+    assert lower_attention(_spec("causal", "float32")).skip_above_diagonal
+    assert "tl.minimum(LK" in generate(_spec("causal", "float32")).source
+    # A finite fill gives hidden keys a tiny but nonzero weight in a row's softmax (and a
+    # uniform one in a fully hidden row): skipping them would change the result.
+    assert not lower_attention(_spec("causal_finite", "float32")).skip_above_diagonal
+    negated = AttentionSpec("float32", (ScoreStep("fill", "float32", -math.inf, -1), ScoreStep("mul", "float32", -1.0)))
+    assert not lower_attention(negated).skip_above_diagonal  # -inf * -1 = +inf: the hidden keys would win
+
+
+def test_fully_hidden_rows_are_nan_as_in_eager():
+    spec = AttentionSpec("float32", (ScoreStep("fill", "float32", -math.inf, 0),), "float32", ("mask",))
+    q, k, v = torch.randn(3, 1, 1, 4, D).unbind(0)
+    hidden = torch.zeros(4, 4, dtype=torch.bool)
+    hidden[2] = True
+    eager = (q @ k.mT).masked_fill(hidden, -math.inf).softmax(-1) @ v
+    assert eager[0, 0, 2].isnan().all() and not eager[0, 0, 1].isnan().any()
+    kernel = kernel_forward(spec, q, k, v, [hidden])[0]
+    op = torch.ops.fxfuse.attention(q, k, v, [hidden], spec.to_json())  # the SDPA path, fixed up
+    assert _sdpa_form(spec) is not None
+    for got in (kernel, op):
+        assert torch.equal(got.isnan(), eager.isnan())
+        torch.testing.assert_close(got[~got.isnan()], eager[~eager.isnan()])
+
+
+def test_sdpa_is_used_only_where_exact():
+    assert _sdpa_form(_spec("plain", "float32")) == (0.35, None)
+    assert _sdpa_form(_spec("causal", "float32"))[0] == 0.5
+    assert _sdpa_form(_spec("causal_finite", "float32")) is None  # a finite fill is not SDPA's -inf
+    assert _sdpa_form(_spec("mask_bias", "bfloat16")) is None  # casts between steps
+
+
+def test_source_is_deterministic_and_uses_no_libdevice():
+    a, b = generate(_spec("mask_bias", "bfloat16")), generate(_spec("mask_bias", "bfloat16"))
+    assert a.source == b.source and a.name == b.name
+    assert generate(_spec("plain", "float32")).name != a.name
+    for kind in ("plain", "causal", "mask_bias"):
+        src = generate(_spec(kind, "float32")).source
+        assert "libdevice" not in src and "tl.math" not in src
+
+
+@pytest.mark.parametrize("kind", ["plain", "causal", "mask_bias"])
+def test_backward_formula_passes_gradcheck(kind):
+    spec = _spec(kind, "float64")
+    spec = AttentionSpec("float64", tuple(ScoreStep(s.op, "float64", s.value, s.input, s.invert) for s in spec.steps),
+                         "float64", spec.inputs)
+    q, k, v = (torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    extras = [e.double().requires_grad_() if e.is_floating_point() else e for e in _extras(kind, 3, 3)]
+
+    def f(q, k, v, *floats):
+        it = iter(floats)
+        return torch.ops.fxfuse.attention(q, k, v, [next(it) if e.is_floating_point() else e for e in extras],
+                                          spec.to_json())
+
+    floats = [e for e in extras if e.is_floating_point()]
+    assert torch.autograd.gradcheck(f, (q, k, v, *floats), eps=1e-6, atol=1e-6)
+
+
+def test_spec_round_trips_through_json_and_reads_in_words():
+    spec = _spec("mask_bias", "bfloat16")
+    assert AttentionSpec.from_json(spec.to_json()) == spec
+    causal = _spec("causal", "float32")
+    assert AttentionSpec.from_json(causal.to_json()) == causal and causal.causal
+    words = spec.describe()
+    assert "masked_fill(~mask0, -inf)" in words and "+ bias1" in words and "softmax in bf16" in words
+    assert "scale 0.5" in causal.describe() and "causal (fill -inf)" in causal.describe()
+
+
+def test_operator_runs_the_kernel_when_interpreting(monkeypatch):
+    import fxfuse.codegen.attention as kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "forward", lambda *a: calls.append(1) or kernel_forward(*a))
+    spec = _spec("plain", "float32").to_json()
+    q, k, v = torch.randn(3, 1, 2, 5, D).unbind(0)
+    with fxfuse.config.patch(interpret=True):
+        got = torch.ops.fxfuse.attention(q, k, v, [], spec)
+    assert calls == [1]
+    torch.testing.assert_close(got, torch.ops.fxfuse.attention(q, k, v, [], spec))
