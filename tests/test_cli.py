@@ -141,7 +141,8 @@ def test_kernels_json_and_folders_without_kernels(models, tmp_path, capsys):
 def test_explain_module_target_passes_and_kwargs(models, capsys):
     code, out, err = in_process(capsys, "explain", "fxfuse.demo:make_demo")
     assert code == 0, err
-    assert "5 fused (1 layer_norm, 4 rms_norm)" in out
+    summary = out.splitlines()[0]  # other families (attention) may be fused too: count the norms
+    assert summary.startswith("fxfuse.rewrite(NaiveTransformer)") and "1 layer_norm" in summary and "4 rms_norm" in summary
     code, out, _ = in_process(capsys, "explain", f"{models}:make", "--passes", "canonicalize")
     assert code == 0 and "0 fused" in out  # without fuse-norm nothing is fused: --passes is used
     code, out, _ = in_process(capsys, "explain", f"{models}:make_with_kwargs")

@@ -18,7 +18,8 @@ def run_example(name: str) -> str:
 
 def test_quickstart():
     out = run_example("quickstart.py")
-    assert "fxfuse.rewrite(Block): 3 candidate site(s), 3 fused (1 layer_norm, 2 rms_norm)" in out
+    summary = out.splitlines()[0]  # other families (attention) may be fused too: count the norms
+    assert summary.startswith("fxfuse.rewrite(Block):") and "1 layer_norm" in summary and "2 rms_norm" in summary
     assert "# spec: {" in out  # the generated kernel is printed
     assert "rewritten output equals eager" in out
     assert "backend='fxfuse') output equals eager too" in out
