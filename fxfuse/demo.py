@@ -145,14 +145,14 @@ def run(show_kernel: bool = True, inductor: bool | None = None, html: str | None
     with torch.no_grad():
         eager_s, fused_s = median_seconds([lambda: model(x), lambda: res.module(x)], device)
     print(f"speed (inference, median of 30): eager {eager_s * 1e3:.2f} ms, fxfuse {fused_s * 1e3:.2f} ms, "
-          f"{eager_s / fused_s:.2f}x eager")
+          f"fxfuse at {eager_s / fused_s:.2f}x eager's speed")
     if device == "cpu":
         print("  (on CPU the fused operators run their exact torch reference; the speed-up comes from "
               "the Triton kernels on a GPU)")
     eager_b = saved_activation_bytes(model, model, x)
     fused_b = saved_activation_bytes(res.module, model, x)
     print(f"memory (activations saved for backward): eager {eager_b / 1024:.0f} KiB, fxfuse {fused_b / 1024:.0f} KiB, "
-          f"{fused_b / eager_b:.2f}x eager")
+          f"{fused_b / eager_b:.2f}x eager's")
 
     if inductor is None:
         inductor = device == "cuda"

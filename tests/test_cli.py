@@ -50,6 +50,13 @@ MODELS = textwrap.dedent('''
     def not_a_model():
         return 42, (torch.randn(2),)
 
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    def data_dependent():
+        return Branchy(), (torch.randn(3),)
+
     NOT_CALLABLE = 3
 ''')
 
@@ -84,7 +91,7 @@ def test_demo_reports_checks_and_measures():
     assert "fxfuse.rewrite(NaiveTransformer):" in out and "rms_norm" in out and "layer_norm" in out
     assert "# spec: {" in out and "@triton.jit" in out  # one generated kernel is printed
     assert "output check: rewritten == eager" in out
-    assert "speed (inference" in out and "x eager" in out
+    assert "speed (inference" in out and "x eager's speed" in out
     assert "memory (activations saved for backward)" in out
     assert "torch.compile (Inductor) comparison skipped" in out
 
@@ -167,7 +174,8 @@ def test_usage_errors(models, capsys, args, message):
     ("broken", "factory {models}:broken raised ValueError: weights not found", "in helper_that_fails"),
     ("on_meta", "have tensors on the meta device", None),
     ("not_a_model", "returned 'int' object as the model", None),
-], ids=["factory-raises", "meta-device", "not-a-model"])
+    ("data_dependent", "could not trace the model into a graph", None),
+], ids=["factory-raises", "meta-device", "not-a-model", "capture-fails"])
 def test_runtime_failures(models, capsys, factory, message, traceback_line):
     code, out, err = in_process(capsys, "explain", f"{models}:{factory}")
     assert code == 1, out + err
@@ -176,4 +184,4 @@ def test_runtime_failures(models, capsys, factory, message, traceback_line):
     if traceback_line:  # the user's traceback is shown, starting in their code, not in fxfuse's
         assert "Traceback" in err and traceback_line in err and "fxfuse/cli.py" not in err
     else:
-        assert "Traceback" not in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
