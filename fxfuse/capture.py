@@ -16,6 +16,7 @@ Two things the plain ATen trace loses are put back here:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import traceback
 from typing import Any, Callable
@@ -236,10 +237,17 @@ def _cut_no_grad(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _compiling():
+    session = getattr(torch.compiler, "_compile_session_context", None)
+    return session() if session is not None else contextlib.nullcontext()
+
+
 def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphModule:
     try:
-        # Traced with grad on, so that only the model's own no_grad regions count as such.
-        with torch.enable_grad():
+        # Traced with grad on, so that only the model's own no_grad regions count as such; and
+        # with torch.compiler.is_compiling() true, as under torch.compile and torch.export, so that
+        # libraries take their traceable paths (Hugging Face skips data-dependent checks then).
+        with torch.enable_grad(), _compiling():
             gm = make_fx(fn, tracing_mode=tracing_mode, record_stack_traces=True)(*flat_args)
     except CaptureError:
         raise

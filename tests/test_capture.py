@@ -1,0 +1,143 @@
+"""Capture keeps eager semantics that a plain ATen trace loses: in-place updates of buffers and
+inputs, torch.no_grad() regions, outputs that are inputs; and refuses what it cannot replay."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxfuse
+from fxfuse.capture import capture_module
+
+
+class StatefulBlock(nn.Module):
+    """A step counter, hand-written running statistics under no_grad, and a BatchNorm."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("running", torch.zeros(d))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        h = self.bn(self.lin(x))
+        with torch.no_grad():
+            self.running.mul_(0.9).add_(0.1 * h.mean(0))
+        return h * self.steps
+
+
+def _assert_same_state(model, ref):
+    for (name, got), (_, want) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(got, want, msg=name)
+        assert not got.requires_grad and got.grad_fn is None, f"buffer {name} carries autograd history"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_buffers_updated_in_place_match_eager(mode):
+    model = StatefulBlock()
+    getattr(model, mode)()
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    res = fxfuse.rewrite(model, (x,))
+    _assert_same_state(model, StatefulBlock().train(mode == "train"))  # capturing ran nothing
+    for _ in range(2):  # the second call must see the first call's updates
+        out, want = res.module(x), ref(x)
+        out.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(out, want)
+        _assert_same_state(model, ref)
+        for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert int(model.steps) == 2
+
+
+def test_mutated_input_is_updated_for_the_caller():
+    def accumulate(acc, x):
+        acc.add_(x)
+        return acc * 2
+
+    acc, x = torch.zeros(3), torch.randn(3)
+    res = fxfuse.rewrite(accumulate, (acc.clone(), x))
+    out = res.module(acc, x)
+    torch.testing.assert_close(acc, x)
+    torch.testing.assert_close(out, 2 * x)
+
+
+def test_output_that_is_an_input_is_that_tensor():
+    class ReturnsCounter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("steps", torch.zeros(()))
+
+        def forward(self, x):
+            self.steps.add_(1)
+            return x * 2, self.steps, x
+
+    model, x = ReturnsCounter(), torch.randn(2)
+    res = fxfuse.rewrite(model, (x,))
+    _, steps, same_x = res.module(x)
+    assert steps is model.steps and same_x is x  # aliases, as in eager
+    assert float(model.steps) == 1
+
+
+def test_no_grad_region_blocks_gradients_as_in_eager():
+    class StopGradient(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.lin(x)
+            with torch.no_grad():
+                scale = h.abs().amax()  # a statistic the user excludes from the gradient
+            return h / scale + h.detach().sum() * h
+
+    model = StopGradient()
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    res = fxfuse.rewrite(model, (x,))
+    assert "aten.detach" in res.graph.code
+    res.module(x).sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(model.lin.weight.grad, ref.lin.weight.grad)
+    torch.testing.assert_close(model.lin.bias.grad, ref.lin.bias.grad)
+
+
+def test_capture_of_a_no_grad_caller_still_trains():
+    model = nn.Linear(3, 3)
+    with torch.no_grad():
+        res = fxfuse.rewrite(model, (torch.randn(2, 3),))
+    res.module(torch.randn(2, 3)).sum().backward()
+    assert model.weight.grad is not None
+
+
+def test_shape_changing_in_place_op_is_refused():
+    def grows(x):
+        x.unsqueeze_(0)
+        return x * 2
+
+    with pytest.raises(fxfuse.CaptureError, match="out-of-place"):
+        fxfuse.rewrite(grows, (torch.randn(3),))
+
+
+def test_opaque_output_holding_tensors_is_refused():
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    with pytest.raises(fxfuse.CaptureError, match=r"Box holding tensors.*register_pytree_node"):
+        fxfuse.rewrite(lambda x: (x * 2, Box(x + 1)), (torch.randn(3),))
+    with pytest.raises(fxfuse.CaptureError, match="Box holding tensors"):
+        fxfuse.rewrite(lambda x, box: x * box.t, (torch.randn(3), Box(torch.randn(3))))
+
+
+def test_captured_graph_is_functional_and_records_mutations():
+    model = StatefulBlock().train()
+    captured = capture_module(model, (torch.randn(3, 4),))
+    mutating = [n for n in captured.gm.graph.nodes
+                if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    assert mutating == []
+    names = captured.param_names + captured.buffer_names
+    assert sorted(names[i] for i in captured.mutated) == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var", "running", "steps"]
+    assert sorted(names[i] for i in captured.mutated_without_grad) == ["running"]
