@@ -68,6 +68,9 @@ def _source(name: str, spec: NormSpec, plan: NormPlan) -> str:
         ]
         if plan.sum_round:
             fwd_in.append(f"x = {_round('x', plan.sum_round)}  # the user's code normalizes the rounded sum")
+    if plan.input_round:
+        fwd_in.append(f"x = {_round('x', plan.input_round)}  # the statistics are of the rounded input")
+    bwd_in = [f"x = {_round('x', plan.input_round)}"] if plan.input_round else []
     bwd_steps = []
     for k in reversed(range(len(plan.steps))):
         op, param, _ = plan.steps[k]
@@ -118,7 +121,7 @@ def {name}_backward(DY, DS, X, DX, {p_args}{dp_args}n_rows, N, stride_dy, stride
     for r in range(row_start, row_end):
         row = tl.cast(r, tl.int64)
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
-{block(_statistics(plan), 8)}
+{block(bwd_in + _statistics(plan), 8)}
 {block(_steps_forward(plan), 8)}
         g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(ACC)
 {block(bwd_steps, 8)}

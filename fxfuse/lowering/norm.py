@@ -5,7 +5,9 @@ Stages, in order:
    kernel is never less precise than the user's code;
 2. decide which of the site's casts round: a cast to a dtype at least as precise as the
    accumulator is a no-op inside the kernel, any other is kept as an explicit rounding so the
-   kernel produces the values the user's code would;
+   kernel produces the values the user's code would (the input itself is rounded to the
+   statistic's dtype when that is narrower: code such as ``h = x.bfloat16()`` normalizes the
+   rounded copy; the arithmetic after it still runs in the accumulator);
 3. list the parameter preparations and epilogue steps in program order.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ class NormPlan:
     params: tuple[tuple[str | None, float], ...]  # (rounding dtype, offset) per parameter
     steps: tuple[tuple[str, int, str | None], ...]  # (op, param index, rounding dtype)
     residual: bool
+    input_round: str | None = None  # the input (after any residual sum) is rounded to this dtype first
 
 
 def lower_norm(spec: NormSpec) -> NormPlan:
@@ -45,4 +48,5 @@ def lower_norm(spec: NormSpec) -> NormPlan:
         params=tuple((rounding(p.dtype), p.offset) for p in spec.params),
         steps=tuple((s.op, s.param, rounding(s.dtype)) for s in spec.steps),
         residual=spec.residual,
+        input_round=rounding(spec.compute_dtype),
     )

@@ -256,7 +256,7 @@ def _hand_written(anchor: Node) -> _Site | None:
 
     def holds_stat_input(op: Node) -> bool:
         """``op`` holds exactly the values the statistic was computed from."""
-        if op is xc or (_holds_x(op, x) and _holds_x(xc, x)):
+        if _holds_x(op, xc) or (_holds_x(op, x) and _holds_x(xc, x)):
             return True
         if isinstance(op, Node) and _strip_cast(op) is x:
             raise Declined(f"the statistic is computed on a {dtype(xc)} copy of the input but the {dtype(op)} "

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import fxfuse
+from fxfuse.lowering.norm import lower_norm
 from tests.norm_styles import LAYER_STYLES, RMS_STYLES, PreNormResidualBlock, build
-from tests.tolerances import assert_close_to_reference
+from tests.tolerances import assert_close_to_reference, tolerance
 
 D = 24  # not a power of two: the kernels' masked tail is exercised
 
@@ -113,3 +114,26 @@ def test_statistics_in_bf16_normalizing_an_upcast_copy(cpu_path):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     else:  # the kernel keeps the statistic in float32: closer to the truth, not bit-equal
         assert_close_to_reference(got, expected, upcast_operand(x.double()), "output")
+
+
+def test_statistics_of_a_bf16_copy_of_a_float32_input(cpu_path):
+    # The site normalizes the rounded copy h, so the fused op must round its float32 input first.
+    def rounded_copy(x):
+        h = x.bfloat16()
+        return h.float() * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    x = torch.randn(4, D)
+    res = fxfuse.rewrite(rounded_copy, (x,))
+    assert [m.kind for m in res.matches] == ["rms_norm"], res.report()
+    spec = res.matches[0].spec
+    assert spec.compute_dtype == "bfloat16" and lower_norm(spec).input_round == "bfloat16"
+    got, eager = res.module(x), rounded_copy(x)
+    if cpu_path == "reference":
+        torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    else:
+        # Triton's interpreter truncates float32 -> bfloat16 casts (a GPU rounds to nearest), so the
+        # interpreted kernel is held to bfloat16's tolerance against the exact result on bf16(x).
+        h = x.bfloat16().double()
+        exact = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        rtol, atol = tolerance(torch.bfloat16)
+        torch.testing.assert_close(got.double(), exact, rtol=rtol, atol=atol)
