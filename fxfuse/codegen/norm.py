@@ -159,7 +159,7 @@ def forward(spec: NormSpec, x: torch.Tensor, residual, params):
     r2 = _rows(residual, n) if residual is not None else x2
     s = torch.empty(x.shape, dtype=getattr(torch, spec.sum_dtype), device=x.device) if spec.residual else None
     s2 = s.view(-1, n) if s is not None else y2
-    flat_params = [p.reshape(-1) for p in params]
+    flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
     block, warps = _launch_shape(n)
     rows = x2.shape[0]
     if rows:
@@ -188,7 +188,7 @@ def backward(spec: NormSpec, grad_y, grad_sum, src, params):
     per_program = triton.cdiv(rows, programs)
     acc = torch.float64 if lower_norm(spec).acc == "float64" else torch.float32
     partials = [torch.zeros((programs, n), dtype=acc, device=src.device) for _ in params]
-    flat_params = [p.reshape(-1) for p in params]
+    flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
     block, warps = _launch_shape(n)
     if rows:
         getattr(module, name)[(programs,)](

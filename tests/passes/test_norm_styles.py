@@ -137,3 +137,20 @@ def test_statistics_of_a_bf16_copy_of_a_float32_input(cpu_path):
         exact = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
         rtol, atol = tolerance(torch.bfloat16)
         torch.testing.assert_close(got.double(), exact, rtol=rtol, atol=atol)
+
+
+def test_strided_weight(cpu_path):
+    # A weight that is a strided view (a column of a matrix): the kernels must not read it densely.
+    def column_weight(x, w2):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w2[:, 0]
+
+    x, w2 = torch.randn(3, D), torch.randn(D, 2)
+    res = fxfuse.rewrite(column_weight, (x, w2))
+    assert len(res.matches[0].spec.params) == 1, res.report()
+    inputs = [x.clone().requires_grad_(), w2.clone().requires_grad_()]
+    eager_inputs = [x.clone().requires_grad_(), w2.clone().requires_grad_()]
+    got, eager = res.module(*inputs), column_weight(*eager_inputs)
+    got.pow(2).sum().backward()
+    eager.pow(2).sum().backward()
+    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(inputs[1].grad, eager_inputs[1].grad)
