@@ -73,13 +73,16 @@ class Backend:
             index = next_index()
             aten_gm = capture_graph(gm, example_inputs)
             report = optimize_graph(aten_gm, title=f"fxfuse graph {len(self.reports)}", debug_index=index)
-        self.reports.append(report)
         compiler = aot_autograd(
             fw_compiler=self._compiler("aot_forward", index),
             bw_compiler=self._compiler("aot_backward", index),
             keep_inference_input_mutations=True,
         )
-        return compiler(aten_gm, example_inputs)
+        compiled = compiler(aten_gm, example_inputs)
+        # Only now: Dynamo may abandon this attempt (it restarts analysis when a float it passed
+        # as a tensor had to be specialised), and then this graph is never run.
+        self.reports.append(report)
+        return compiled
 
 
 def fxfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):

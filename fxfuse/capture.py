@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, guard_scalar
 from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
@@ -156,7 +156,7 @@ class _TagNoGrad(TorchFunctionMode):
                 meta["custom"] = saved
 
 
-def _functionalized(fn: Callable, info: dict, write_back: bool) -> Callable:
+def _functionalized(fn: Callable, info: dict, write_back: bool, originals: list | None = None) -> Callable:
     """``fn`` with in-place updates removed; what it mutated is recorded in ``info``.
 
     With ``write_back`` the traced graph ends with ``input.copy_(new_value)`` for each mutated input
@@ -164,6 +164,11 @@ def _functionalized(fn: Callable, info: dict, write_back: bool) -> Callable:
     """
 
     def run(*flat):
+        for arg, original in zip(flat, originals or ()):
+            # Dynamo turns a float attribute into a 0-d tensor input under dynamic=True and
+            # remembers its value as a symbol (item_memo) that make_fx's copy of the input lacks.
+            if getattr(original, "item_memo", None) is not None and getattr(arg, "item_memo", 0) is None:
+                arg.item_memo = original.item_memo
         # Functionalization in Python (FunctionalTensorMode, as AOTAutograd does): the C++
         # torch.func.functionalize specialises Dynamo's symbolic sizes to their example values.
         no_outer = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
@@ -311,6 +316,23 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
     )
 
 
+class _DynamoGraphInterpreter(torch.fx.Interpreter):
+    """Runs a Dynamo graph op by op, reading floats as constants.
+
+    Under ``dynamic=True`` Dynamo passes a float attribute (an eps, a scale) as a 0-d tensor read
+    with ``.item()``; a fused site needs it as a constant, as it is without ``dynamic=True``. Its
+    value is used with a guard on it, so Dynamo compiles again if the float ever changes.
+    """
+
+    def run_node(self, n: torch.fx.Node):
+        source = n.args[0] if n.op == "call_method" and n.target == "item" and n.args else None
+        if isinstance(source, torch.fx.Node) and source.op == "placeholder":
+            memo = getattr(source.meta.get("example_value"), "item_memo", None)
+            if isinstance(memo, torch.SymFloat):
+                return guard_scalar(memo)
+        return super().run_node(n)
+
+
 def capture_graph(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
     """Capture a Dynamo graph (torch-level ops) as an ATen-level functional graph, same signature.
 
@@ -323,15 +345,15 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.Gr
         # Interpreting node by node under preserve_node_meta carries each Dynamo node's
         # stack_trace (the user's source line) onto the ATen nodes it decomposes into.
         with fx_traceback.preserve_node_meta():
-            return torch.fx.Interpreter(gm).run(*args)
+            return _DynamoGraphInterpreter(gm).run(*args)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fakes = [n.meta.get("example_value") for n in placeholders]
-    traced = _functionalized(run, {}, write_back=True)
     if len(fakes) == len(example_inputs) and all(f is not None for f in fakes) and any(isinstance(f, torch.Tensor) for f in fakes):
+        traced = _functionalized(run, {}, write_back=True, originals=fakes)
         aten_gm = _trace(traced, fakes, "symbolic")
     else:
-        aten_gm = _trace(traced, list(example_inputs), "fake")
+        aten_gm = _trace(_functionalized(run, {}, write_back=True), list(example_inputs), "fake")
     if torch.is_grad_enabled():
         _read_mutated_inputs_from_copies(aten_gm)
     return aten_gm
