@@ -157,9 +157,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str) 
 
         return kernels.forward(s, q, k, v, extras)[0]
     form = _sdpa_form(s)
-    if form is not None:
-        return _sdpa(s, form, q, k, v, extras)
-    return reference(s, q, k, v, extras)
+    out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras)
+    # Contiguous, as the fake implementation promises (SDPA's CPU kernel returns (B, L, H, D) strides).
+    return out.contiguous()
 
 
 @attention.register_fake
@@ -170,13 +170,18 @@ def _(q, k, v, extras, spec):
 @torch.library.custom_op("fxfuse::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
                        spec: str) -> list[Tensor]:
-    return reference_backward(_spec(spec), grad_out, q, k, v, extras)
+    # Contiguous whatever the inputs' strides, as the fake implementation promises: the compiled
+    # backward graph plans its views on the fake strides.
+    return [g.contiguous() for g in reference_backward(_spec(spec), grad_out, q, k, v, extras)]
+
+
+def _dense_like(t: Tensor) -> Tensor:
+    return t.new_empty(t.shape) if t.dtype.is_floating_point else t.new_empty(0)
 
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, extras, spec):
-    masks = [torch.empty_like(e) if e.dtype.is_floating_point else e.new_empty(0) for e in extras]
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *masks]
+    return [_dense_like(q), _dense_like(k), _dense_like(v), *(_dense_like(e) for e in extras)]
 
 
 def _setup(ctx, inputs, output):

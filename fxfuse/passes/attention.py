@@ -120,8 +120,10 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
     x = softmax_in
     while True:
         if shape(x) != score_shape:
-            raise Declined(f"a score term changes the scores' shape to {list(shape(x) or ())}; "
-                           f"attention keeps them {list(score_shape)}")
+            if not _near_product(x):
+                raise _NotAttention
+            raise Declined(f"a score term broadcasts the scores from {list(shape(x) or ())} to {list(score_shape)}; "
+                           "attention's score terms keep the scores' shape")
         d = dtype_name(dtype(x))
         a = x.args[0] if isinstance(x, Node) and x.args else None
         if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and is_python_scalar(x.args[1]):
@@ -137,13 +139,25 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
             steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[1])), x.args[0]))
         elif is_op(x, aten.add.Tensor) and x.kwargs.get("alpha", 1) == 1 and all(isinstance(t, Node) for t in x.args[:2]):
             s0, s1 = x.args[:2]
-            a, bias = (s0, s1) if shape(s0) == score_shape else (s1, s0)
+            # The scores are the operand of the score shape; when both are, the one from a product.
+            first = shape(s0) == score_shape and (shape(s1) != score_shape or _near_product(s0))
+            a, bias = (s0, s1) if first else (s1, s0)
             steps.append((x, ScoreStep("add", d), bias))
         elif _plain_cast(x):
             steps.append((x, ScoreStep("cast", d), None))
         else:
             return x, steps[::-1]
         x = a
+
+
+def _near_product(node, depth: int = 8) -> bool:
+    """Whether a bmm is among the nearest ancestors: the softmax may belong to an attention."""
+    frontier = [node]
+    for _ in range(depth):
+        if any(is_op(n, *_BMM) for n in frontier):
+            return True
+        frontier = [a for n in frontier if isinstance(n, Node) for a in n.all_input_nodes]
+    return False
 
 
 def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> None:
@@ -208,6 +222,9 @@ def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
 
     Returns (casts, layout chain, pv bmm); raises Declined for attention-like sites it cannot fuse.
     """
+    for user in softmax.users:
+        if _is_dropout(user):
+            raise Declined("the probabilities are multiplied by a random mask (dropout in training is not fused yet)")
     casts, x = [], softmax
     while len(x.users) == 1 and _plain_cast(next(iter(x.users))):
         x = next(iter(x.users))
@@ -227,9 +244,8 @@ def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
         raise Declined("the probabilities are also used elsewhere (returned or reused); fusing would drop that use")
     user = users[0] if len(users) == 1 else None
     if user is not None and _reaches_bmm(user):
-        what = "multiplied by a random mask (dropout in training is not fused yet)" if _is_dropout(user) else \
-            f"modified by {user.target} after the softmax (a mask, scale or bias must act on the scores)"
-        raise Declined(f"the probabilities are {what}")
+        raise Declined(f"the probabilities are modified by {user.target} after the softmax (a mask, scale or "
+                       "bias must act on the scores)")
     raise _NotAttention
 
 
@@ -264,6 +280,11 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     x, dim = softmax.args[0], softmax.args[1]
     score_shape = shape(x)
     if score_shape is None:
+        raise _NotAttention
+    if not all(isinstance(n, int) for n in score_shape):
+        # Comparing symbolic sizes here would add guards the compiled graph does not check.
+        if _near_product(x):
+            raise Declined("the scores have symbolic (dynamic) sizes; fused attention needs static shapes for now")
         raise _NotAttention
     start, steps = _score_steps(x, score_shape)
     qk, score_chain = _layout_chain_back(start)

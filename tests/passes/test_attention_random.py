@@ -1,0 +1,148 @@
+"""Random combinations of attention styles (hypothesis): layout x scale placement x mask kind x
+GQA x softmax upcast x dtype; every generated model's site is fused and equals eager, and
+generated near-misses are declined. Also the torch.compile path and training-mode dropout."""
+import copy
+import math
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxfuse
+from fxfuse.passes.attention import FuseAttention
+from fxfuse.passes.canonicalize import Canonicalize
+from tests.attention_styles import MultiHeadProjections
+from tests.tolerances import assert_close_to_reference
+
+PASSES = [Canonicalize(), FuseAttention()]
+B, H, L, D = 2, 2, 5, 8
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+LAYOUTS = ["bhld", "blhd_einsum", "flat_bmm"]
+SCALES = ["none", "on_q", "on_k", "mul_scores", "div_sqrt_d"]
+MASKS = ["none", "pad_fill_inf", "pad_where_min", "additive", "causal_tril", "bias_hld"]
+NEAR_MISSES = ["softmax_dim_-2", "mask_after_softmax", "scores_returned", "probs_transposed", "bias_from_v"]
+
+
+class Generated(torch.nn.Module):
+    def __init__(self, layout, scale, mask, gqa, upcast, near_miss=None):
+        super().__init__()
+        self.layout, self.scale, self.mask, self.gqa, self.upcast, self.near_miss = layout, scale, mask, gqa, upcast, near_miss
+        self.bias = torch.nn.Parameter(torch.randn(H, L, L)) if mask == "bias_hld" else None
+
+    def inputs(self, dtype):
+        kv_heads = 1 if self.gqa else H
+        shapes = {"bhld": [(B, H, L, D), (B, kv_heads, L, D)], "blhd_einsum": [(B, L, H, D), (B, L, H, D)],
+                  "flat_bmm": [(B * H, L, D), (B * H, L, D)]}[self.layout]
+        keep = torch.ones(B, L, dtype=torch.bool)
+        keep[1, 3:] = False
+        return [torch.randn(shapes[0], dtype=dtype), torch.randn(shapes[1], dtype=dtype),
+                torch.randn(shapes[1], dtype=dtype), keep]
+
+    def _scores_mask(self, keep, flat):
+        m = keep.repeat_interleave(H, 0)[:, None, :] if flat else keep[:, None, None, :]
+        return m
+
+    def forward(self, q, k, v, keep):
+        flat = self.layout == "flat_bmm"
+        if self.gqa:
+            k, v = k.repeat_interleave(H, dim=1), v.repeat_interleave(H, dim=1)
+        c = q.size(-1) ** -0.5
+        q = q * c if self.scale == "on_q" else q
+        k = k * c if self.scale == "on_k" else k
+        if self.layout == "blhd_einsum":
+            s = torch.einsum("bqhd,bkhd->bhqk", q, k)
+        elif flat:
+            s = torch.bmm(q, k.transpose(1, 2))
+        else:
+            s = q @ k.transpose(-2, -1)
+        s = s * c if self.scale == "mul_scores" else s / math.sqrt(D) if self.scale == "div_sqrt_d" else s
+        keep_s = self._scores_mask(keep, flat)
+        if self.mask == "pad_fill_inf":
+            s = s.masked_fill(~keep_s, float("-inf"))
+        elif self.mask == "pad_where_min":
+            s = torch.where(keep_s, s, torch.finfo(s.dtype).min)
+        elif self.mask == "additive":
+            s = s + (1.0 - keep_s.to(s.dtype)) * -1e4
+        elif self.mask == "causal_tril":
+            s = s.masked_fill(~torch.tril(torch.ones(L, L, dtype=torch.bool)), float("-inf"))
+        elif self.mask == "bias_hld":
+            s = s + (self.bias.reshape(B * H // B * 1, L, L).repeat(B, 1, 1) if flat else self.bias)
+        if self.near_miss == "bias_from_v":
+            s = s + v.sum(-1).unsqueeze(-2)
+        p = (s.float() if self.upcast else s).softmax(-2 if self.near_miss == "softmax_dim_-2" else -1).to(q.dtype)
+        if self.near_miss == "mask_after_softmax":
+            p = p.masked_fill(~keep_s, 0.0)
+        if self.near_miss == "probs_transposed":
+            p = p.transpose(-1, -2)
+        if self.layout == "blhd_einsum":
+            out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+        else:
+            out = torch.bmm(p, v) if flat else p @ v
+        return (out, s) if self.near_miss == "scores_returned" else out
+
+
+def _run(model, inputs):
+    out = model(*inputs)
+    out.float().pow(2).sum().backward()
+    return out, inputs[0].grad
+
+
+def _leaves(inputs, dtype=None):
+    return [(t.to(dtype) if dtype else t.clone()).requires_grad_() if t.is_floating_point() else t for t in inputs]
+
+
+@SETTINGS
+@given(layout=st.sampled_from(LAYOUTS), scale=st.sampled_from(SCALES), mask=st.sampled_from(MASKS),
+       gqa=st.booleans(), upcast=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_generated_attention_is_fused_and_equals_eager(layout, scale, mask, gqa, upcast, dtype):
+    model = Generated(layout, scale, mask, gqa and layout == "bhld", upcast).to(dtype)
+    inputs = model.inputs(dtype)
+    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
+    assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
+    expected, expected_dq = _run(copy.deepcopy(model).double(), _leaves(inputs, torch.float64))
+    eager, eager_dq = _run(model, _leaves(inputs))
+    got, got_dq = _run(res.module, _leaves(inputs))
+    assert_close_to_reference(got, eager, expected, "output")
+    assert_close_to_reference(got_dq, eager_dq, expected_dq, "dq")
+
+
+@SETTINGS
+@given(layout=st.sampled_from(["bhld", "flat_bmm"]), scale=st.sampled_from(SCALES),
+       mask=st.sampled_from(["none", "pad_fill_inf", "additive"]), near_miss=st.sampled_from(NEAR_MISSES))
+def test_generated_near_miss_is_declined(layout, scale, mask, near_miss):
+    model = Generated(layout, scale, mask, False, False, near_miss)
+    inputs = model.inputs(torch.float32)
+    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
+    assert not res.matches and len(res.misses) == 1, res.report()
+    torch.testing.assert_close(res.module(*inputs), model(*inputs), equal_nan=True)
+
+
+def test_torch_compile_backend_fuses_and_trains():
+    torch._dynamo.reset()
+    model = MultiHeadProjections()
+    (x,) = model.inputs(torch.float32)
+    backend = fxfuse.Backend(passes=PASSES)
+    try:
+        compiled = torch.compile(model, backend=backend)
+        got = compiled(x)
+        got.pow(2).sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert [m.kind for m in backend.matches] == ["attention"], backend.report()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x)
+    eager.pow(2).sum().backward()
+    torch.testing.assert_close(got, eager)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_dropout_in_training_is_declined_with_its_reason():
+    def f(q, k, v):
+        p = torch.nn.functional.dropout((q @ k.transpose(-1, -2)).softmax(-1), 0.1, training=True)
+        return p @ v
+
+    res = fxfuse.rewrite(f, tuple(torch.randn(3, B, H, L, D).unbind(0)), passes=PASSES)
+    assert not res.matches and "dropout" in res.misses[0].reason, res.report()
