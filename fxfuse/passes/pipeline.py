@@ -54,9 +54,10 @@ class Pass(Protocol):
 def available_passes() -> dict[str, type]:
     # Imported here, not at module import, so that no pass module registers itself by being imported.
     from fxfuse.passes.canonicalize import Canonicalize
+    from fxfuse.passes.attention import FuseAttention
     from fxfuse.passes.norm import FuseNorm
 
-    return {cls.name: cls for cls in (Canonicalize, FuseNorm)}
+    return {cls.name: cls for cls in (Canonicalize, FuseAttention, FuseNorm)}
 
 
 DEFAULT_PIPELINE = "canonicalize,fuse-norm"
