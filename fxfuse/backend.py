@@ -7,6 +7,7 @@ as ATen ops.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -15,7 +16,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 import fxfuse.ops  # noqa: F401
 from fxfuse import config
 from fxfuse.api import optimize_graph
-from fxfuse.capture import capture_graph
+from fxfuse.capture import CaptureError, capture_graph
 from fxfuse.debug import dump_graph, next_index
 from fxfuse.passes.pipeline import Match, Miss, parse_pipeline
 from fxfuse.report import Report
@@ -69,10 +70,18 @@ class Backend:
         return compile_graph
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        title = f"fxfuse graph {len(self.reports)}"
         with config.patch(**self.options):
             index = next_index()
-            aten_gm = capture_graph(gm, example_inputs)
-            report = optimize_graph(aten_gm, title=f"fxfuse graph {len(self.reports)}", debug_index=index)
+            try:
+                aten_gm = capture_graph(gm, example_inputs)
+            except CaptureError as err:
+                # Dynamo's graph is itself correct: run it as it is, fusing nothing, and say why.
+                reason = str(err).splitlines()[0]
+                warnings.warn(f"{title} runs unfused: {reason}", stacklevel=2)
+                self.reports.append(Report([], [Miss("graph", "<dynamo graph>", reason)], [], 0.0, title))
+                return gm.forward
+            report = optimize_graph(aten_gm, title=title, debug_index=index)
         compiler = aot_autograd(
             fw_compiler=self._compiler("aot_forward", index),
             bw_compiler=self._compiler("aot_backward", index),

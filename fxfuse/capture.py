@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import traceback
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -264,10 +265,24 @@ def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphMo
 
 # ---- entry points ----------------------------------------------------------------------------------
 
+def _warn_about_hooks(module: torch.nn.Module) -> None:
+    """Hooks run once, at capture: what they compute is in the graph, what they do is not."""
+    hooked = [repr(name or type(module).__name__) for name, m in module.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        warnings.warn(
+            f"fxfuse traces the hooks of {', '.join(hooked[:5])}{' ...' if len(hooked) > 5 else ''} into the "
+            "graph: their effect on tensors is kept, but they run only once, at capture, not on each "
+            "call (no logging or collecting of activations), and backward hooks do not run at all.",
+            stacklevel=4)
+
+
 def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, symbolic: bool = False) -> Captured:
     """Capture ``model(*args, **kwargs)``; parameters and buffers become the first graph inputs."""
     kwargs = kwargs or {}
     module = model if isinstance(model, torch.nn.Module) else None
+    if module is not None:
+        _warn_about_hooks(module)
     params = dict(module.named_parameters(remove_duplicate=False)) if module is not None else {}
     buffers = dict(module.named_buffers(remove_duplicate=False)) if module is not None else {}
     leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))

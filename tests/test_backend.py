@@ -200,3 +200,16 @@ def test_debug_dir_option_has_forward_and_backward_graphs(tmp_path):
     backward = next((tmp_path / "graphs").glob("*_aot_backward.txt")).read_text()
     assert "fxfuse.norm_backward" in backward
     assert list((tmp_path / "kernels").glob("fxfuse_rms_norm_*.py"))
+
+
+def test_graph_that_cannot_be_captured_runs_unfused_with_a_warning(monkeypatch):
+    def refuse(gm, example_inputs):
+        raise fxfuse.CaptureError("cannot capture this graph (test)")
+
+    monkeypatch.setattr(fxfuse.backend, "capture_graph", refuse)
+    model, x = Block(), torch.randn(2, 3, 8)
+    be = fxfuse.Backend()
+    with pytest.warns(UserWarning, match="runs unfused: cannot capture this graph"):
+        out = torch.compile(model, backend=be)(x)
+    torch.testing.assert_close(out, model(x))
+    assert be.matches == [] and [m.reason for m in be.misses] == ["cannot capture this graph (test)"]

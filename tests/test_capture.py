@@ -141,3 +141,15 @@ def test_captured_graph_is_functional_and_records_mutations():
     names = captured.param_names + captured.buffer_names
     assert sorted(names[i] for i in captured.mutated) == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var", "running", "steps"]
     assert sorted(names[i] for i in captured.mutated_without_grad) == ["running"]
+
+
+def test_hooks_are_traced_with_a_warning_that_they_run_once():
+    model = nn.Linear(3, 3)
+    seen = []
+    model.register_forward_hook(lambda mod, args, out: seen.append(out.shape) or out * 2)
+    x = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match="run only once, at capture"):
+        res = fxfuse.rewrite(model, (x,))
+    seen.clear()
+    torch.testing.assert_close(res.module(x), model(x))  # the hook's effect on the output is kept
+    assert len(seen) == 1  # only eager ran the hook
