@@ -59,14 +59,22 @@ DECLINED = {
     "product_of_two_tensors": (lambda x: x * torch.rsqrt((x.exp() * x.exp().flip(-1)).mean(-1, keepdim=True) + EPS), (4, D),
                                ["product of two different tensors"]),
     "centering_mean_over_other_axis": (
-        lambda x: (x - x.mean(0, keepdim=True)) * torch.rsqrt(((x - x.mean(0, keepdim=True)) ** 2).mean(-1, keepdim=True) + EPS),
+        lambda x: (x - x.mean(0, keepdim=True))
+        * torch.rsqrt(((x - x.mean(0, keepdim=True)) ** 2).mean(-1, keepdim=True) + EPS),
         (4, D), ["mean subtracted", "dims [0]"]),
     "layer_norm_over_two_dims": (lambda x: F.layer_norm(x, x.shape[-2:]), (2, 3, D), ["last 2 dimensions"]),
     # Statistics of a bf16 copy normalizing the float32 input: the two differ by bf16 rounding.
     "stats_of_a_rounded_copy": (lambda x: x * torch.rsqrt(x.bfloat16().pow(2).mean(-1, keepdim=True) + EPS), (4, D),
                                 ["bfloat16 copy", "differ by rounding"]),
-    "normalizes_a_rounded_copy": (lambda x: x.half() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS), (4, D),
-                                  ["float16 copy", "differ by rounding"]),
+    "normalizes_a_rounded_copy": (
+        lambda x: x.half() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS), (4, D),
+        ["float16 copy", "differ by rounding"]),
+    "statistic_of_a_slice": (lambda x: x * torch.rsqrt(x[:, :4].pow(2).mean(-1, keepdim=True) + EPS), (4, D),
+                             ["not the one the statistic was computed from"]),
+    # Centred in float64 while the statistics are float32: the reference would centre in float32.
+    "centred_in_another_dtype": (
+        lambda x: (x.double() - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, correction=0) + EPS),
+        (4, D), ["not the one the statistic was computed from"]),
     "mean_with_dtype": (
         lambda x: x.float() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True, dtype=torch.float32) + EPS),
         (4, D), ["dtype=torch.float32", "upcast the input"]),
