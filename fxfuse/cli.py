@@ -136,7 +136,19 @@ def call_factory(factory, name: str):
     return model, tuple(args), kwargs
 
 
+def _check_outputs(opts) -> None:
+    """Fail on an unwritable --html/--dump before the model is built, not after the work is done."""
+    if opts.html and not Path(opts.html).resolve().parent.is_dir():
+        raise UsageError(f"--html {opts.html}: the folder {Path(opts.html).resolve().parent} does not exist")
+    if opts.dump:
+        try:
+            Path(opts.dump).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--dump {opts.dump}: cannot create the folder ({err.strerror or err})") from None
+
+
 def cmd_explain(opts) -> int:
+    _check_outputs(opts)
     factory = load_factory(opts.target)
     if opts.passes is not None:
         from fxfuse.passes.pipeline import parse_pipeline

@@ -163,7 +163,10 @@ def test_explain_module_target_passes_and_kwargs(models, capsys):
     (["explain", "no_such_package.mod:make"], "cannot import module 'no_such_package.mod'"),
     (["explain", "{models}:make", "--passes", "canonicalize,fuse-everything"], "unknown fxfuse pass 'fuse-everything'"),
     (["kernels", "/no/such/dir"], "no such directory"),
-], ids=["bad-syntax", "factory-not-found", "not-callable", "no-module", "bad-pass", "no-dir"])
+    (["explain", "{models}:make", "--html", "/no/such/dir/r.html"], "does not exist"),
+    (["explain", "{models}:make", "--dump", "{models}/sub"], "cannot create the folder"),
+], ids=["bad-syntax", "factory-not-found", "not-callable", "no-module", "bad-pass", "no-dir", "html-folder",
+        "dump-folder"])
 def test_usage_errors(models, capsys, args, message):
     code, out, err = in_process(capsys, *[a.format(models=models) for a in args])
     assert code == 2, out + err
