@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import traceback
 import warnings
 from typing import Any, Callable
@@ -68,10 +69,15 @@ class Captured:
 _DATA_DEPENDENT = (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
 
 
+# Frames in these directories are the tracer's, not the user's (by path prefix, not by name: a
+# checkout in a directory called "fxfuse" holds user code too).
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (torch.__file__, __file__))
+
+
 def _user_frame(err: BaseException) -> str:
     """The innermost frame of the user's code in ``err``'s traceback, as ``file:line: code``."""
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "/torch/" not in f.filename and "/fxfuse/" not in f.filename and not f.filename.startswith("<")]
+              if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS) and not f.filename.startswith("<")]
     if not frames:
         return ""
     f = frames[-1]
