@@ -86,3 +86,42 @@ def replace_with(gm: torch.fx.GraphModule, old: Node, target, args: tuple, kwarg
     new.meta.update((meta_from or old).meta)
     old.replace_all_uses_with(new)
     return new
+
+
+# ---- casts --------------------------------------------------------------------------------------
+
+def plain_cast(node) -> bool:
+    """``x.to(dtype)``: a dtype change only (no device/layout change, no copy semantics)."""
+    if not is_op(node, aten._to_copy.default):
+        return False
+    extra = set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}
+    v, src = val(node), val(node.args[0])
+    return not extra and v is not None and src is not None and v.device == src.device and v.dtype.is_floating_point
+
+
+def strip_cast(node: Node) -> Node:
+    return node.args[0] if plain_cast(node) else node
+
+
+# (mantissa bits, exponent bits): a cast is exact when the target has at least as many of both.
+FLOAT_FORMATS = {torch.float64: (53, 11), torch.float32: (24, 8), torch.bfloat16: (8, 8), torch.float16: (11, 5)}
+
+
+def exact_cast(src: torch.dtype | None, dst: torch.dtype | None) -> bool:
+    """Whether every value of ``src`` is representable in ``dst`` (bf16 -> f32 yes, f32 -> bf16 no)."""
+    if src is None or dst is None:
+        return False
+    if src == dst:
+        return True
+    a, b = FLOAT_FORMATS.get(src), FLOAT_FORMATS.get(dst)
+    return a is not None and b is not None and b[0] >= a[0] and b[1] >= a[1]
+
+
+def holds_values_of(node: Node, x: Node) -> bool:
+    """``node`` is x, or x cast exactly (an upcast): it holds x's values unchanged."""
+    return node is x or (strip_cast(node) is x and exact_cast(dtype(x), dtype(node)))
+
+
+def keepdim_of(node: Node, position: int) -> bool:
+    """A reduction's keepdim flag, given positionally at ``position`` or by keyword."""
+    return bool(node.args[position] if len(node.args) > position else node.kwargs.get("keepdim", False))

@@ -15,7 +15,8 @@ import operator
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.graph import depends_on, dtype, is_op, is_python_scalar, last_dim_only, shape, source_of, val
+from fxfuse.passes.graph import (FLOAT_FORMATS, depends_on, dtype, holds_values_of, is_op, is_python_scalar,
+                                 keepdim_of, last_dim_only, plain_cast, shape, source_of, strip_cast, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import NormSpec, ParamPrep, Step, dtype_name
 
@@ -23,7 +24,6 @@ aten = torch.ops.aten
 
 _MEAN = (aten.mean.dim,)
 _ADD = (aten.add.Tensor, aten.add.Scalar)
-_CAST = (aten._to_copy.default,)
 
 
 class Declined(Exception):
@@ -43,47 +43,11 @@ class _Site:
     notes: list[str]  # parts left outside the fused op, with reasons
 
 
-def _plain_cast(node) -> bool:
-    """``x.to(dtype)``: a dtype change only (no device/layout change, no copy semantics)."""
-    if not is_op(node, *_CAST):
-        return False
-    extra = set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}
-    v, src = val(node), val(node.args[0])
-    return not extra and v is not None and src is not None and v.device == src.device and v.dtype.is_floating_point
-
-
-def _strip_cast(node: Node) -> Node:
-    return node.args[0] if _plain_cast(node) else node
-
-
-# (mantissa bits, exponent bits): a cast is exact when the target has at least as many of both.
-_FORMAT = {torch.float64: (53, 11), torch.float32: (24, 8), torch.bfloat16: (8, 8), torch.float16: (11, 5)}
-
-
-def _exact_cast(src: torch.dtype | None, dst: torch.dtype | None) -> bool:
-    """Whether every value of ``src`` is representable in ``dst`` (bf16 -> f32 yes, f32 -> bf16 no)."""
-    if src is None or dst is None:
-        return False
-    if src == dst:
-        return True
-    a, b = _FORMAT.get(src), _FORMAT.get(dst)
-    return a is not None and b is not None and b[0] >= a[0] and b[1] >= a[1]
-
-
-def _holds_x(node: Node, x: Node) -> bool:
-    """``node`` is x, or x cast exactly (an upcast): it holds x's values unchanged."""
-    return node is x or (_strip_cast(node) is x and _exact_cast(dtype(x), dtype(node)))
-
-
 def _dtype_name(node: Node) -> str:
     try:
         return dtype_name(dtype(node))
     except ValueError as err:
         raise Declined(str(err)) from None
-
-
-def _keepdim(node: Node, position: int) -> bool:
-    return bool(node.args[position] if len(node.args) > position else node.kwargs.get("keepdim", False))
 
 
 def _square_of(node) -> Node | None:
@@ -94,7 +58,7 @@ def _square_of(node) -> Node | None:
         if a is b:
             return a
         # x.float() * x.float(): two casts of one tensor to one dtype hold the same values.
-        if _plain_cast(a) and _plain_cast(b) and a.args[0] is b.args[0] and dtype(a) == dtype(b):
+        if plain_cast(a) and plain_cast(b) and a.args[0] is b.args[0] and dtype(a) == dtype(b):
             return a
         if isinstance(a, Node) and isinstance(b, Node):
             raise Declined(f"the statistic is the mean of a product of two different tensors (`{a.name}` * "
@@ -129,18 +93,18 @@ def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
         y = _square_of(sq)
         if y is None:
             return "", stat, None, set()
-        _check_reduction(stat, stat.args[1], _keepdim(stat, 2), sq)
+        _check_reduction(stat, stat.args[1], keepdim_of(stat, 2), sq)
         if is_op(y, aten.sub.Tensor) and y.kwargs.get("alpha", 1) == 1:
             xc, mean = y.args
             if is_op(mean, *_MEAN) and mean.args[0] is xc:
-                _check_reduction(mean, mean.args[1], _keepdim(mean, 2), xc, "the mean subtracted from the input")
+                _check_reduction(mean, mean.args[1], keepdim_of(mean, 2), xc, "the mean subtracted from the input")
                 return "layer_norm", xc, mean, {stat, sq, y, mean}
         return "rms_norm", y, None, {stat, sq}
     if is_op(stat, aten.var.correction, aten.var.dim):
         xc = stat.args[0]
         if stat.target == aten.var.dim:
             correction = 1 if stat.kwargs.get("unbiased", stat.args[2] if len(stat.args) > 2 else True) else 0
-            keepdim = _keepdim(stat, 3)
+            keepdim = keepdim_of(stat, 3)
         else:
             correction = stat.kwargs.get("correction")
             correction = 1 if correction is None else correction  # None is torch.var's default, unbiased
@@ -205,7 +169,7 @@ def _row_param(p: Node, x: Node, n: int, rank: int) -> tuple[Node, ParamPrep]:
             offset, base = float(b), a
         elif is_python_scalar(a) and isinstance(b, Node):
             offset, base = float(a), b
-    base = _strip_cast(base)
+    base = strip_cast(base)
     if not dtype(base).is_floating_point:
         raise Declined(f"the weight has dtype {dtype(base)}; fused norms take floating-point weights")
     return base, ParamPrep(dtype=_dtype_name(p), offset=offset)
@@ -217,7 +181,7 @@ def _epilogue(start: Node, x: Node, site_steps: list, params: list, prepared: li
     n, rank = shape(x)[-1], len(shape(x))
     while len(cur.users) == 1:
         user = next(iter(cur.users))
-        if _plain_cast(user):
+        if plain_cast(user):
             site_steps.append(Step("cast", _dtype_name(user)))
             cur = user
             continue
@@ -252,13 +216,13 @@ def _hand_written(anchor: Node) -> _Site | None:
         if anchor.target == aten.sqrt.default and any(is_op(u, *_ADD) for u in anchor.users):
             raise Declined("eps is added outside the square root (x / (sqrt(var) + eps)); fused norms compute x / sqrt(var + eps)")
         raise Declined("there is no eps inside the square root; fused norms compute rsqrt(var + eps)")
-    x = _strip_cast(xc)
+    x = strip_cast(xc)
 
     def holds_stat_input(op: Node) -> bool:
         """``op`` holds exactly the values the statistic was computed from."""
-        if _holds_x(op, xc) or (_holds_x(op, x) and _holds_x(xc, x)):
+        if holds_values_of(op, xc) or (holds_values_of(op, x) and holds_values_of(xc, x)):
             return True
-        if isinstance(op, Node) and _strip_cast(op) is x:
+        if isinstance(op, Node) and strip_cast(op) is x:
             raise Declined(f"the statistic is computed on a {dtype(xc)} copy of the input but the {dtype(op)} "
                            "copy is normalized; the two differ by rounding, so the site is left as written")
         return False
@@ -288,7 +252,7 @@ def _hand_written(anchor: Node) -> _Site | None:
 def _row_mean_of(m, xc: Node) -> bool:
     """``m`` is ``xc.mean(-1, keepdim=True)`` in xc's own dtype."""
     return (is_op(m, *_MEAN) and m.args[0] is xc and last_dim_only(m.args[1], len(shape(xc) or ()))
-            and _keepdim(m, 2) and m.kwargs.get("dtype") in (None, dtype(xc)))
+            and keepdim_of(m, 2) and m.kwargs.get("dtype") in (None, dtype(xc)))
 
 
 def _dead_casts(interior: set[Node], keep: set[Node]) -> set[Node]:
@@ -297,7 +261,7 @@ def _dead_casts(interior: set[Node], keep: set[Node]) -> set[Node]:
     found, todo = set(), list(interior)
     while todo:
         for a in todo.pop().all_input_nodes:
-            if a in keep or a in found or a in interior or not _plain_cast(a):
+            if a in keep or a in found or a in interior or not plain_cast(a):
                 continue
             if all(u in interior or u in found for u in a.users):
                 found.add(a)
@@ -354,7 +318,7 @@ def _try_residual(site: _Site, order: dict[Node, int]) -> None:
     a, b = s.args
     if not (isinstance(a, Node) and isinstance(b, Node)) or not (shape(a) == shape(b) == shape(s)):
         return
-    if not all(dtype(t) in _FORMAT for t in (a, b, s)):
+    if not all(dtype(t) in FLOAT_FORMATS for t in (a, b, s)):
         return
     outside = [u for u in s.users if u not in site.interior]
     if not outside:
