@@ -260,7 +260,10 @@ def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphMo
         # with torch.compiler.is_compiling() true, as under torch.compile and torch.export, so that
         # libraries take their traceable paths (Hugging Face skips data-dependent checks then).
         with torch.enable_grad(), _compiling():
-            gm = make_fx(fn, tracing_mode=tracing_mode, record_stack_traces=True)(*flat_args)
+            # Tensors the model reaches other than through its inputs, parameters and buffers (a
+            # plain tensor attribute, a global) are kept by reference: in-place changes to them are
+            # seen by later calls; assigning a new tensor to the attribute is not.
+            gm = make_fx(fn, tracing_mode=tracing_mode, record_stack_traces=True, _allow_non_fake_inputs=True)(*flat_args)
     except CaptureError:
         raise
     except Exception as err:  # the tracer's errors are long; say what failed, keep the cause

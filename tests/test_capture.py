@@ -153,3 +153,23 @@ def test_hooks_are_traced_with_a_warning_that_they_run_once():
     seen.clear()
     torch.testing.assert_close(res.module(x), model(x))  # the hook's effect on the output is kept
     assert len(seen) == 1  # only eager ran the hook
+
+
+GLOBAL_SCALE = torch.randn(3)
+
+
+def test_tensors_outside_parameters_and_buffers_are_used_by_reference():
+    class PlainAttribute(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.scale = nn.Linear(3, 3), torch.tensor(2.0)  # not a registered buffer
+
+        def forward(self, x):
+            return self.lin(x) * self.scale * GLOBAL_SCALE
+
+    model, x = PlainAttribute(), torch.randn(2, 3)
+    res = fxfuse.rewrite(model, (x,))
+    torch.testing.assert_close(res.module(x), model(x))
+    model.scale.fill_(5.0)
+    GLOBAL_SCALE.mul_(2)
+    torch.testing.assert_close(res.module(x), model(x))  # in-place updates are seen
