@@ -185,6 +185,8 @@ def _constant_value(node: Node, gm: torch.fx.GraphModule) -> torch.Tensor | None
         seen.add(n)
         if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_CONSTANT_NODES:
             return None  # a graph input (placeholder) takes part: the value is not known here
+        if n.op == "call_function" and not _repeatable(n.target):
+            return None  # random or uninitialised values: one evaluation proves nothing about the next
         order.append(n)
         todo.extend(n.all_input_nodes)
     env: dict[Node, object] = {}
@@ -202,6 +204,12 @@ def _constant_value(node: Node, gm: torch.fx.GraphModule) -> torch.Tensor | None
             return None
     out = env[node]
     return out.cpu() if isinstance(out, torch.Tensor) and out.numel() <= _MAX_CONSTANT_NUMEL else None
+
+
+def _repeatable(target) -> bool:
+    name = getattr(target, "__name__", str(target))
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags and "empty" not in name and "rand" not in name
 
 
 def _position(gm) -> dict[Node, int]:

@@ -71,3 +71,21 @@ def test_near_miss_is_declined_and_left_as_written(style):
     assert style.reason in res.misses[0].reason, res.report()
     assert "fxfuse.attention" not in res.graph.code
     torch.testing.assert_close(res.module(*inputs), model(*inputs))
+
+
+def test_random_mask_is_never_proved_causal():
+    # rand(1, 1) > 2 is all False, the causal pattern of one query and one key, on every draw here;
+    # but a random op proves nothing about the next call, so the mask must stay an input.
+    def f(q, k, v):
+        hidden = torch.rand(q.size(-2), k.size(-2)) > 2.0
+        return (q @ k.transpose(-1, -2)).masked_fill(hidden, float("-inf")).softmax(-1) @ v
+
+    res = fxfuse.rewrite(f, tuple(torch.randn(3, 1, 1, 1, 8).unbind(0)), passes=PASSES)
+    spec = res.matches[0].spec
+    assert not spec.causal and spec.inputs == ("mask",), spec
+
+
+def test_pass_is_available_by_name():
+    model = CausalTrilInForward()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes="canonicalize,fuse-attention")
+    assert [m.kind for m in res.matches] == ["attention"]
