@@ -123,6 +123,16 @@ class CenteredPowLayerNorm(nn.Module):  # ((x - mean)**2).mean, multiplied by rs
         return self.gamma * (xc * torch.rsqrt(sigma2 + 1e-6)) + self.beta
 
 
+class VarMeanLayerNorm(nn.Module):  # torch.var_mean gives both statistics in one call
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, unbiased=False)
+        return (x - mean) * torch.rsqrt(var + 1e-5) * self.weight + self.bias
+
+
 class UpcastLayerNormNoAffine(nn.Module):  # float32 statistics, no weight or bias, cast back
     def forward(self, x):
         h = x.float()
@@ -148,7 +158,7 @@ class PreNormResidualBlock(nn.Module):  # residual add feeding a norm; the sum i
 
 RMS_STYLES = [LlamaStyleRMSNorm, SquareDivSqrtRMSNorm, MulSelfRMSNorm, TwoCastsRMSNorm, GemmaStyleRMSNorm,
               T5StyleRMSNorm, NoWeightRMSNorm, FunctionalRMSNorm]
-LAYER_STYLES = [TorchLayerNorm, VarSqrtLayerNorm, CenteredPowLayerNorm, UpcastLayerNormNoAffine,
+LAYER_STYLES = [TorchLayerNorm, VarSqrtLayerNorm, CenteredPowLayerNorm, VarMeanLayerNorm, UpcastLayerNormNoAffine,
                 FunctionalLayerNormNoAffine]
 
 

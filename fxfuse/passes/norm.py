@@ -100,22 +100,30 @@ def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
                 _check_reduction(mean, mean.args[1], keepdim_of(mean, 2), xc, "the mean subtracted from the input")
                 return "layer_norm", xc, mean, {stat, sq, y, mean}
         return "rms_norm", y, None, {stat, sq}
-    if is_op(stat, aten.var.correction, aten.var.dim):
-        xc = stat.args[0]
-        if stat.target == aten.var.dim:
-            correction = 1 if stat.kwargs.get("unbiased", stat.args[2] if len(stat.args) > 2 else True) else 0
-            keepdim = keepdim_of(stat, 3)
+    pair = None  # torch.var_mean(...): the statistic is item 0 of a (var, mean) pair
+    if (stat.op == "call_function" and stat.target is operator.getitem and stat.args[1] == 0
+            and is_op(stat.args[0], aten.var_mean.correction)):
+        pair = stat.args[0]
+    if pair is not None or is_op(stat, aten.var.correction, aten.var.dim):
+        var = pair if pair is not None else stat
+        xc = var.args[0]
+        if var.target == aten.var.dim:
+            correction = 1 if var.kwargs.get("unbiased", var.args[2] if len(var.args) > 2 else True) else 0
+            keepdim = keepdim_of(var, 3)
         else:
-            correction = stat.kwargs.get("correction")
+            correction = var.kwargs.get("correction")
             correction = 1 if correction is None else correction  # None is torch.var's default, unbiased
-            keepdim = bool(stat.kwargs.get("keepdim", False))
-        _check_reduction(stat, stat.args[1] if len(stat.args) > 1 else None, keepdim, xc)
+            keepdim = bool(var.kwargs.get("keepdim", False))
+        _check_reduction(var, var.args[1] if len(var.args) > 1 else None, keepdim, xc)
         if correction != 0:
             raise Declined(
                 f"the variance is unbiased (correction={correction}, torch.var's default); LayerNorm divides "
                 "by N, not N-1. Write x.var(-1, unbiased=False, keepdim=True) if that was meant"
             )
-        return "layer_norm", xc, None, {stat}
+        if pair is None:
+            return "layer_norm", xc, None, {stat}
+        items = {u.args[1]: u for u in pair.users if u.target is operator.getitem}
+        return "layer_norm", xc, items.get(1), {pair, *items.values()}
     return "", stat, None, set()
 
 

@@ -52,6 +52,8 @@ DECLINED = {
                          ["outside the square root"]),
     "unbiased_var": (lambda x: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + EPS), (4, D),
                      ["unbiased", "unbiased=False"]),
+    "unbiased_var_mean": (lambda x: (x - torch.var_mean(x, -1, keepdim=True)[1])
+                          * torch.rsqrt(torch.var_mean(x, -1, keepdim=True)[0] + EPS), (4, D), ["unbiased"]),
     # A square input makes the non-keepdim statistic broadcast along the wrong axis without an error.
     "mean_without_keepdim": (lambda x: x * torch.rsqrt(x.pow(2).mean(-1) + EPS), (D, D), ["keepdim=True"]),
     "eps_is_a_tensor": (lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.tensor(EPS)), (4, D),
