@@ -223,6 +223,7 @@ def _cut_no_grad(gm: torch.fx.GraphModule) -> None:
         return bool(n.meta.get("custom", {}).get(_NO_GRAD))
 
     detached: dict[torch.fx.Node, torch.fx.Node] = {}
+    last_placeholder = next((n for n in reversed(gm.graph.nodes) if n.op == "placeholder"), None)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not tagged(node):
             continue
@@ -231,7 +232,9 @@ def _cut_no_grad(gm: torch.fx.GraphModule) -> None:
             if tagged(inp) or not isinstance(val, torch.Tensor) or not (val.is_floating_point() or val.is_complex()):
                 continue
             if inp not in detached:
-                with gm.graph.inserting_before(node):
+                # Right where the value is made (after the inputs, for an input), so that a pass
+                # moving its user earlier still finds it defined.
+                with gm.graph.inserting_after(last_placeholder if inp.op == "placeholder" else inp):
                     cut = gm.graph.call_function(aten.detach.default, (inp,))
                 cut.meta.update(val=val, stack_trace=node.meta.get("stack_trace"), custom={_NO_GRAD: True})
                 detached[inp] = cut

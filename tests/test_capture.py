@@ -173,3 +173,22 @@ def test_tensors_outside_parameters_and_buffers_are_used_by_reference():
     model.scale.fill_(5.0)
     GLOBAL_SCALE.mul_(2)
     torch.testing.assert_close(res.module(x), model(x))  # in-place updates are seen
+
+
+def test_norm_inside_a_no_grad_forward_is_still_fused():
+    class InferenceNorm(nn.Module):  # e.g. a module decorated for inference only
+        def __init__(self, d=8):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d))
+
+        @torch.no_grad()
+        def forward(self, x, residual):
+            h = x + residual
+            return self.w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)), h
+
+    model, x, r = InferenceNorm(), torch.randn(2, 8), torch.randn(2, 8)
+    res = fxfuse.rewrite(model, (x, r))
+    assert [m.kind for m in res.matches] == ["rms_norm"] and res.matches[0].spec.residual
+    out = res.module(x.requires_grad_(), r)
+    torch.testing.assert_close(out, model(x, r))
+    assert not out[0].requires_grad  # as in eager: nothing computed under no_grad has a gradient
