@@ -222,3 +222,36 @@ def test_llama_on_interpreted_triton_kernels(models, input_ids, monkeypatch):
     for n, g in grads.items():
         if "norm" in n:
             assert_close_to_reference(g, eager_grads[n], ref_grads[n], f"gradient of {n}")
+
+
+# More architectures, each a different way of writing the norm: Gemma's (1 + w) in float32, Gemma2's
+# pre- and post-norms, Qwen3's RMSNorm over each attention head's q and k, Cohere's hand-written
+# float32 LayerNorm without bias, OLMo's LayerNorm without parameters, Phi's nn.LayerNorm.
+MORE = {
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE))
+def test_more_architectures_every_norm_matched(name, input_ids):
+    config_cls, model_cls, extra = MORE[name]
+    config = getattr(transformers, config_cls)(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_cache=False, attn_implementation="eager",
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config)
+    norm_types = tuple({type(m) for m in model.modules() if "Norm" in type(m).__name__})
+    model = _randomize_norms(model, norm_types)
+    kwargs = {"attention_mask": torch.ones_like(input_ids)}
+    res = fxfuse.rewrite(model, (input_ids,), example_kwargs=kwargs, passes=NORM_PASSES)
+    assert len(res.matches) == _count_norms(model, norm_types) >= 3, res.report()
+    assert not res.misses, res.report()
+    got, eager = res.module(input_ids, **kwargs).logits, model(input_ids, **kwargs).logits
+    reference = copy.deepcopy(model).double()(input_ids, **kwargs).logits
+    assert_close_to_reference(got, eager, reference, f"{name} logits")
