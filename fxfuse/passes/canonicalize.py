@@ -35,7 +35,23 @@ def _inplace_on_temporary(node: Node) -> bool:
         return False
     base = node.args[0]
     return (isinstance(base, Node) and base.op == "call_function" and len(base.users) == 1
-            and not _may_alias(base))
+            and not _may_alias(base) and _keeps_dtype_and_shape(node, base))
+
+
+def _keeps_dtype_and_shape(node: Node, base: Node) -> bool:
+    """Whether the out-of-place op gives a result of base's dtype and shape, as the in-place op
+    does: ``t.mul_(w)`` keeps t's float16 where ``t.mul(w)`` would promote to w's float32."""
+    vb = val(base)
+    if vb is None:
+        return False
+    for arg in [*node.args[1:], *node.kwargs.values()]:
+        if isinstance(arg, Node):
+            va = val(arg)
+            if va is None or va.dtype != vb.dtype or torch.broadcast_shapes(va.shape, vb.shape) != vb.shape:
+                return False
+        elif isinstance(arg, float) and not vb.dtype.is_floating_point:
+            return False
+    return True
 
 
 def _may_alias(node: Node) -> bool:

@@ -175,6 +175,7 @@ def test_canonicalize_keeps_in_place_ops_on_views():
         x = g.placeholder("x")
         y = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
         base = g.call_function(base_op, (y, [-1]) if base_op == torch.ops.aten.view.default else (y, [-1], True))
+        base.meta["val"] = torch.empty(2 * D) if base_op == torch.ops.aten.view.default else torch.empty(2, 1)
         g.call_function(torch.ops.aten.add_.Scalar, (base, 1.0))
         g.output(y)
         return torch.fx.GraphModule(torch.nn.Module(), g)
@@ -188,3 +189,19 @@ def test_canonicalize_keeps_in_place_ops_on_views():
     on_temporary = graph_with(torch.ops.aten.mean.dim)
     assert Canonicalize()(on_temporary).changed == 1
     assert torch.ops.aten.add.Scalar in targets(on_temporary)
+
+
+def test_canonicalize_keeps_in_place_ops_that_would_promote():
+    # t.mul_(w) keeps t's float16; t.mul(w) with a float32 w would give float32.
+    def graph_with(weight_dtype):
+        g = torch.fx.Graph()
+        x, w = g.placeholder("x"), g.placeholder("w")
+        x.meta["val"], w.meta["val"] = torch.empty(2, D, dtype=torch.float16), torch.empty(D, dtype=weight_dtype)
+        t = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+        t.meta["val"] = torch.empty(2, D, dtype=torch.float16)
+        out = g.call_function(torch.ops.aten.mul_.Tensor, (t, w))
+        g.output(out)
+        return torch.fx.GraphModule(torch.nn.Module(), g)
+
+    assert Canonicalize()(graph_with(torch.float32)).changed == 0
+    assert Canonicalize()(graph_with(torch.float16)).changed == 1
