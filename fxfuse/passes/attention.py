@@ -230,9 +230,6 @@ def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
 
     Returns (casts, layout chain, pv bmm); raises Declined for attention-like sites it cannot fuse.
     """
-    for user in softmax.users:
-        if _is_dropout(user):
-            raise Declined("the probabilities are multiplied by a random mask (dropout in training is not fused yet)")
     casts, x = [], softmax
     while len(x.users) == 1 and _plain_cast(next(iter(x.users))):
         x = next(iter(x.users))
@@ -242,6 +239,8 @@ def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
         x = next(iter(x.users))
         chain.append(x)
     users = list(x.users)
+    if any(_is_dropout(u) for n in (softmax, *casts, *chain) for u in n.users):
+        raise Declined("the probabilities are multiplied by a random mask (dropout in training is not fused yet)")
     pv = [u for u in users if is_op(u, *_BMM)]
     if len(users) == 1 and pv and pv[0].args[0] is x:
         return casts, chain, pv[0]

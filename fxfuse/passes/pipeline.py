@@ -60,7 +60,7 @@ def available_passes() -> dict[str, type]:
     return {cls.name: cls for cls in (Canonicalize, FuseAttention, FuseNorm)}
 
 
-DEFAULT_PIPELINE = "canonicalize,fuse-norm"
+DEFAULT_PIPELINE = "canonicalize,fuse-attention,fuse-norm"
 
 
 def parse_pipeline(spec: str | list | tuple | None) -> list:

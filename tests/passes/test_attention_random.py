@@ -144,5 +144,10 @@ def test_dropout_in_training_is_declined_with_its_reason():
         p = torch.nn.functional.dropout((q @ k.transpose(-1, -2)).softmax(-1), 0.1, training=True)
         return p @ v
 
-    res = fxfuse.rewrite(f, tuple(torch.randn(3, B, H, L, D).unbind(0)), passes=PASSES)
-    assert not res.matches and "dropout" in res.misses[0].reason, res.report()
+    def after_cast(q, k, v):  # GPT-2: softmax, cast to v's dtype, then dropout
+        p = (q @ k.transpose(-1, -2)).float().softmax(-1).to(v.dtype)
+        return torch.nn.functional.dropout(p, 0.1, training=True) @ v
+
+    for fn in (f, after_cast):
+        res = fxfuse.rewrite(fn, tuple(torch.randn(3, B, H, L, D, dtype=torch.bfloat16).unbind(0)), passes=PASSES)
+        assert not res.matches and "dropout" in res.misses[0].reason, res.report()
