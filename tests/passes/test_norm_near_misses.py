@@ -2,11 +2,17 @@
 
 Each case asserts three things: the site is not rewritten into a norm (or, where only a trailing
 parameter is wrong, the norm core fuses and that parameter stays outside), a recorded miss says
-why in words a user can act on, and the rewritten module still computes what eager does.
+why in words a user can act on, and the rewritten module still computes what eager does. A
+property test at the end generates norms with one or two parts changed and checks the last of
+these for every one of them.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxfuse
 from fxfuse.passes.canonicalize import Canonicalize
@@ -205,3 +211,77 @@ def test_canonicalize_keeps_in_place_ops_that_would_promote():
 
     assert Canonicalize()(graph_with(torch.float32)).changed == 0
     assert Canonicalize()(graph_with(torch.float16)).changed == 1
+
+
+# ---- property: whatever the recogniser decides, the rewritten module computes what eager does ----
+
+# A valid norm (first option of each field), then up to two fields changed to any option: most
+# examples are norms or near-misses of one, which is where a recogniser can go wrong.
+OPTIONS = {
+    "cast": [None, torch.float64, torch.bfloat16],  # what the statistic is computed on
+    "operand": ["same", "input", "half"],  # what is normalized
+    "centre": [None, -1, 0, "alpha"],
+    "square": ["pow", "mul", "other"],
+    "dims": [-1, 0, (-2, -1)],
+    "keepdim": [True, False],
+    "eps": ["inside", "left", "tensor", "outside", "none"],
+    "inverse": ["rsqrt", "sqrt"],
+    "weight": ["row", None, "(1,D)", "column", "from_x"],
+    "bias": [True, False],
+    "returns_stat": [False, True],
+}
+
+
+@st.composite
+def _variants(draw):
+    v = {k: options[0] for k, options in OPTIONS.items()}
+    v["centre"] = draw(st.sampled_from([None, -1]))  # an RMSNorm or a LayerNorm
+    for field in draw(st.sets(st.sampled_from(sorted(OPTIONS)), max_size=2)):
+        v[field] = draw(st.sampled_from(OPTIONS[field]))
+    return v
+
+
+def _variant(v):
+    def fn(x, w, b, column):
+        xc = x if v["cast"] is None else x.to(v["cast"])
+        if v["centre"] == "alpha":
+            xc = torch.sub(xc, xc.mean(-1, keepdim=True), alpha=0.5)
+        elif v["centre"] is not None:
+            xc = xc - xc.mean(v["centre"], keepdim=True)
+        sq = {"pow": xc.pow(2), "mul": xc * xc, "other": xc * xc.flip(-1).abs()}[v["square"]]
+        stat = sq.mean(v["dims"], keepdim=v["keepdim"])
+        if not v["keepdim"]:
+            stat = stat.unsqueeze(-1) if v["dims"] == -1 else stat
+        inner = {"inside": stat + EPS, "left": EPS + stat, "tensor": stat + torch.tensor(EPS), "outside": stat,
+                 "none": stat}[v["eps"]]
+        operand = {"same": xc, "input": x, "half": x.half()}[v["operand"]]
+        if v["inverse"] == "rsqrt":
+            y = operand * torch.rsqrt(inner)
+        else:
+            root = torch.sqrt(inner)
+            y = operand / (root + EPS if v["eps"] == "outside" else root)
+        if v["weight"] is not None:
+            y = y * {"row": w, "(1,D)": w[None], "column": column, "from_x": x.mean(0)}[v["weight"]]
+        if v["bias"]:
+            y = y + b
+        return (y, stat) if v["returns_stat"] else y
+    return fn
+
+
+# FXFUSE_FUZZ_EXAMPLES=2000 for a longer search (each example is a capture and a rewrite: ~30 ms).
+@settings(max_examples=int(os.environ.get("FXFUSE_FUZZ_EXAMPLES", 120)), deadline=None)
+@given(_variants())
+def test_any_variant_rewrites_to_what_eager_computes(v):
+    inputs = (torch.randn(3, D) + 0.5, torch.randn(D), torch.randn(D), torch.randn(3, 1))
+    fn = _variant(v)
+    try:
+        expected = fn(*inputs)
+    except RuntimeError:
+        return  # shapes that do not broadcast in eager either
+    res = fxfuse.rewrite(fn, inputs)
+    got = res.module(*inputs)
+    got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        rtol, atol = tolerance(e.dtype)
+        torch.testing.assert_close(g, e, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{v}: {m}")
