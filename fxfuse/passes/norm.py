@@ -69,8 +69,9 @@ def _square_of(node) -> Node | None:
 def _check_reduction(node: Node, dims, keepdim: bool, of: Node, what: str = "the statistic") -> None:
     rank = len(shape(of) or ())
     if not last_dim_only(dims, rank):
+        listed = "all" if dims is None else [dims] if isinstance(dims, int) else list(dims)
         raise Declined(
-            f"{what} reduces over dims {list(dims) if dims is not None else 'all'} of a rank-{rank} "
+            f"{what} reduces over dims {listed} of a rank-{rank} "
             "tensor; fused norms reduce over the last dimension only"
         )
     if not keepdim:
