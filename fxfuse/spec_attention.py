@@ -15,8 +15,10 @@ import json
 from fxfuse.spec import _SHORT
 
 # Step kinds on the scores ``s`` (all elementwise, all keep the score shape):
-#   "mul"  s * value            (a Python scalar from the graph)
-#   "div"  s / value            (kept apart from "mul": the reference divides as the user did)
+#   "mul"  s * value            (a Python scalar from the graph), or s * inputs[input] when
+#          input >= 0 (a factor tensor: a per-head temperature, a 0-dim scale tensor)
+#   "div"  s / value            (kept apart from "mul": the reference divides as the user did),
+#          or s / inputs[input]
 #   "fill" s = value where inputs[input] is True (or, with invert, where it is False); input -1
 #          is the causal mask, True where key j is after query i (j > i + Lk - Lq), which the
 #          pass sets only when it proved a constant mask triangular from its values
@@ -42,7 +44,7 @@ class AttentionSpec:
     steps:         score operations in program order (see STEP_OPS).
     prob_dtype:    dtype of the probabilities as they enter the value product (after any cast of
                    the softmax's result; the softmax runs in the dtype of the last step).
-    inputs:        per extra tensor, "mask" (boolean) or "bias" (floating point).
+    inputs:        per extra tensor, "mask" (boolean), "bias" (added) or "factor" (multiplies or divides).
     """
 
     score_dtype: str
@@ -68,9 +70,9 @@ class AttentionSpec:
         """The product of the scalar factors (for reports and kernels that fold them)."""
         s = 1.0
         for step in self.steps:
-            if step.op == "mul":
+            if step.op == "mul" and step.input == -1:
                 s *= step.value
-            elif step.op == "div":
+            elif step.op == "div" and step.input == -1:
                 s /= step.value
         return s
 
@@ -90,7 +92,9 @@ class AttentionSpec:
         parts = [f"scores in {_SHORT[self.score_dtype]}"]
         scale_written = False
         for step in self.steps:
-            if step.op in ("mul", "div"):
+            if step.op in ("mul", "div") and step.input >= 0:
+                parts.append(f"{'*' if step.op == 'mul' else '/'} factor{step.input}")
+            elif step.op in ("mul", "div"):
                 if not scale_written:
                     parts.append(f"scale {self.scale:.6g}")
                     scale_written = True

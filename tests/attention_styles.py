@@ -166,9 +166,30 @@ class ScaledValues(nn.Module):  # a factor on v is part of the value operand: fu
         return (q @ k.transpose(-1, -2)).softmax(-1) @ (v * 0.5)
 
 
+class PerHeadTemperature(nn.Module):  # a learned (1, H, 1, 1) temperature: a score factor indexed by h
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.rand(1, H, 1, 1) + 0.5)
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        return ((q @ k.transpose(-1, -2)) * self.temperature).softmax(-1) @ v
+
+
+class TensorSqrtScale(nn.Module):  # "Attention is all you need" ports: / torch.sqrt(torch.tensor(d_k))
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        scores = q @ k.transpose(-1, -2) / torch.sqrt(torch.tensor(q.size(-1), dtype=q.dtype))
+        return scores.softmax(-1) @ v
+
+
 STYLES = [MatmulTranspose, EinsumUpcastSoftmax, BmmFlatHeadsScaledQuery, ScaleOnScoresMT, CausalTrilBuffer,
           CausalTrilInForward, CausalArangeWhere, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
-          GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues]
+          GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues, PerHeadTemperature, TensorSqrtScale]
 
 
 # ---- near-misses: each must be declined, with the reason in ``reason`` ----------------------------

@@ -38,10 +38,9 @@ def _tile(i: int) -> str:
 def _steps(plan: AttentionPlan) -> list[str]:
     lines = [f"s = {_round('s', plan.score_round)}"] if plan.score_round else []
     for op, value, index, invert, rounding in plan.steps:
-        if op == "mul":
-            expr = f"s * {_lit(value)}"
-        elif op == "div":
-            expr = f"s / {_lit(value)}"
+        if op in ("mul", "div"):
+            factor = _lit(value) if index == -1 else f"tl.load({_tile(index)}, mask=in_bounds, other=1.0).to(tl.float32)"
+            expr = f"s {'*' if op == 'mul' else '/'} {factor}"
         elif op == "fill":
             hidden = ("offs_n[None, :] > offs_m[:, None] + (LK - LQ)" if index == -1
                       else f"tl.load({_tile(index)}, mask=in_bounds, other={int(invert)}) != 0")

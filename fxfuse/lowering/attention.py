@@ -36,7 +36,8 @@ def _can_skip_causal_tiles(spec: AttentionSpec) -> bool:
     if not causal or spec.steps[causal[0]].value != float("-inf") or spec.steps[causal[0]].invert:
         return False
     later = spec.steps[causal[0] + 1:]
-    return all(s.op == "cast" or (s.op in ("mul", "div") and s.value > 0) for s in later)
+    # A factor tensor (input >= 0) may hold non-positive values: no skipping after one.
+    return all(s.op == "cast" or (s.op in ("mul", "div") and s.input == -1 and s.value > 0) for s in later)
 
 
 def lower_attention(spec: AttentionSpec) -> AttentionPlan:

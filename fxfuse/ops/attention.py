@@ -34,15 +34,18 @@ def _mask_of(step, extras: list[Tensor], lq: int, lk: int, device) -> Tensor:
     return ~mask if step.invert else mask
 
 
-def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc: torch.dtype | None = None):
-    """The scores after every step; with ``acc``, computed in that dtype without intermediate rounding."""
+def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc: torch.dtype | None = None,
+            record: list | None = None):
+    """The scores after every step; with ``acc``, computed in that dtype without intermediate rounding.
+    ``record`` receives each step's input (the backward needs them for factor tensors' gradients)."""
     s = torch.matmul(q.to(acc) if acc else q, (k.to(acc) if acc else k).transpose(-1, -2))
     lq, lk = s.shape[-2:]
     for step in spec.steps:
-        if step.op == "mul":
-            s = s * step.value
-        elif step.op == "div":
-            s = s / step.value
+        if record is not None:
+            record.append(s)
+        if step.op in ("mul", "div"):
+            factor = step.value if step.input == -1 else extras[step.input].to(acc) if acc else extras[step.input]
+            s = s * factor if step.op == "mul" else s / factor
         elif step.op == "fill":
             s = s.masked_fill(_mask_of(step, extras, lq, lk, s.device), step.value)
         elif step.op == "add":
@@ -69,7 +72,7 @@ def _sdpa_form(spec: AttentionSpec):
         return None
     scale, mask_step = 1.0, None
     for step in spec.steps:
-        if step.op in ("mul", "div") and mask_step is None:
+        if step.op in ("mul", "div") and step.input == -1 and mask_step is None:
             scale = scale * step.value if step.op == "mul" else scale / step.value
         elif step.op == "add" and mask_step is None:
             mask_step = step
@@ -115,27 +118,35 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
     """[dq, dk, dv, *d_extras] (masks get an empty gradient), recomputing the probabilities.
 
     ``dS = P * (dP - rowsum(dP * P))`` with ``dP = dO @ v^T``, then back through the steps in
-    reverse: factors scale it, fills zero it where they hid the score, adds pass it to their bias.
+    reverse: factors scale it (a factor tensor gets ``dS * s_in``, reduced to its shape), fills zero
+    it where they hid the score, adds pass it to their bias.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    p = torch.softmax(_scores(spec, q, k, extras, acc), dim=-1)
+    step_inputs: list[Tensor] = []
+    p = torch.softmax(_scores(spec, q, k, extras, acc, step_inputs), dim=-1)
     do = grad_out.to(acc)
     dv = torch.matmul(p.to(to_dtype(spec.prob_dtype)).to(acc).transpose(-1, -2), do)
     dp = torch.matmul(do, v.to(acc).transpose(-1, -2))
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     lq, lk = ds.shape[-2:]
     d_extras: list[Tensor | None] = [None] * len(extras)
-    for step in reversed(spec.steps):
-        if step.op == "mul":
+    def accumulate(index: int, grad: Tensor) -> None:
+        d = _sum_to(grad, extras[index].shape)
+        d_extras[index] = d if d_extras[index] is None else d_extras[index] + d
+
+    for step, s_in in zip(reversed(spec.steps), reversed(step_inputs)):
+        if step.op in ("mul", "div") and step.input >= 0:
+            t = extras[step.input].to(acc)
+            accumulate(step.input, ds * s_in if step.op == "mul" else -ds * s_in / (t * t))
+            ds = ds * t if step.op == "mul" else ds / t
+        elif step.op == "mul":
             ds = ds * step.value
         elif step.op == "div":
             ds = ds / step.value
         elif step.op == "fill":
             ds = ds.masked_fill(_mask_of(step, extras, lq, lk, ds.device), 0.0)
         elif step.op == "add":
-            d = _sum_to(ds, extras[step.input].shape)
-            prev = d_extras[step.input]
-            d_extras[step.input] = d if prev is None else prev + d
+            accumulate(step.input, ds)
     dq = torch.matmul(ds, k.to(acc))
     dk = torch.matmul(ds.transpose(-1, -2), q.to(acc))
     out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]

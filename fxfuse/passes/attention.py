@@ -137,12 +137,15 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
         elif is_op(x, aten.where.self) and _scalar_fill(x.args[1]) is not None and isinstance(x.args[2], Node):
             a = x.args[2]  # where(mask, fill, s): fill where the mask is True
             steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[1])), x.args[0]))
-        elif is_op(x, aten.add.Tensor) and x.kwargs.get("alpha", 1) == 1 and all(isinstance(t, Node) for t in x.args[:2]):
+        elif is_op(x, aten.add.Tensor, aten.mul.Tensor) and x.kwargs.get("alpha", 1) == 1 and \
+                all(isinstance(t, Node) for t in x.args[:2]):
             s0, s1 = x.args[:2]
             # The scores are the operand of the score shape; when both are, the one from a product.
             first = shape(s0) == score_shape and (shape(s1) != score_shape or _near_product(s0))
-            a, bias = (s0, s1) if first else (s1, s0)
-            steps.append((x, ScoreStep("add", d), bias))
+            a, other = (s0, s1) if first else (s1, s0)
+            steps.append((x, ScoreStep("add" if x.target == aten.add.Tensor else "mul", d), other))
+        elif is_op(x, aten.div.Tensor) and isinstance(x.args[1], Node) and shape(x.args[0]) == score_shape:
+            steps.append((x, ScoreStep("div", d), x.args[1]))
         elif _plain_cast(x):
             steps.append((x, ScoreStep("cast", d), None))
         else:
@@ -162,14 +165,14 @@ def _near_product(node, depth: int = 8) -> bool:
 
 def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> None:
     s = shape(t)
-    kind = "mask" if step.op == "fill" else "bias"
+    kind = {"fill": "mask", "add": "bias"}.get(step.op, "factor")
     if not _broadcasts_to(s, score_shape):
         raise Declined(f"a {kind} of shape {list(s) if s else '?'} does not broadcast to the scores' shape "
                        f"{list(score_shape)} aligned on the right")
     if step.op == "fill" and dtype(t) != torch.bool:
         raise Declined(f"masked_fill/where takes a {dtype(t)} mask; fused attention reads boolean masks")
-    if step.op == "add" and not dtype(t).is_floating_point:
-        raise Declined(f"an additive score term of dtype {dtype(t)} is not a floating-point mask or bias")
+    if step.op != "fill" and not dtype(t).is_floating_point:
+        raise Declined(f"a score {kind} of dtype {dtype(t)} is not floating point")
     if depends_on(t, v_root):
         raise Declined(f"a score {kind} is computed from the values; attention's score terms depend on "
                        "positions, masks and biases, not on v")
@@ -316,7 +319,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise Declined("the probabilities reach the value product through a layout change (transposed, "
                        "permuted or broadcast), so the product does not contract the key axis")
     v_op = pv.args[1]
-    extras, spec_steps = [], []
+    extras, kinds, spec_steps = [], [], []
     for node, step, extra in steps:
         if extra is not None:
             _check_extra(extra, step, score_shape, _root(v_op))
@@ -326,10 +329,11 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             else:
                 step = dataclasses.replace(step, input=len(extras))
                 extras.append(extra)
+                kinds.append({"fill": "mask", "add": "bias"}.get(step.op, "factor"))
         spec_steps.append(step)
     spec = AttentionSpec(
         score_dtype=dtype_name(dtype(qk)), steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
-        inputs=tuple("mask" if dtype(e) == torch.bool else "bias" for e in extras),
+        inputs=tuple(kinds),
     )
     interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *p_chain, pv}
     lead = (1, n) if rank == 3 else tuple(score_shape[:2])

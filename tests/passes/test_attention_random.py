@@ -84,7 +84,8 @@ class Generated(torch.nn.Module):
 
 def _run(model, inputs):
     out = model(*inputs)
-    out.float().pow(2).sum().backward()
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (out.double() * upstream).sum().backward()  # fixed upstream gradient: see test_attention_styles._run
     return out, inputs[0].grad
 
 

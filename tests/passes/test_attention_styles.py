@@ -17,7 +17,11 @@ PASSES = [Canonicalize(), FuseAttention()]
 
 def _run(model, inputs):
     out = model(*inputs)
-    out.float().pow(2).sum().backward()
+    # A fixed upstream gradient (not one derived from the output, like out.pow(2)): each path's
+    # gradients then differ from the float64 ones by their backward's error alone, not also by
+    # the bf16 roundings of their own forward output.
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
     return out, [t.grad for t in inputs if t.requires_grad] + [p.grad for p in model.parameters()]
 
 
