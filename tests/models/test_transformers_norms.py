@@ -10,11 +10,10 @@ import copy
 
 import pytest
 import torch
+import transformers  # a test dependency (pyproject's [test] extra): a missing install fails, not skips
 
 import fxfuse
 from tests.tolerances import assert_close_to_reference
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB, SEQ = 64, 8
 # The logits test runs the default pipeline (the whole product, attention fusion included); the
