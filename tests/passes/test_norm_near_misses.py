@@ -27,11 +27,19 @@ def _rms(x, dim=-1):
 
 
 def _rewrite(fn, *inputs):
-    """Rewrite ``fn`` and check that the rewritten module returns what eager does."""
+    """Rewrite ``fn`` and check that the rewritten module returns what eager does, and gives the
+    same gradients to its floating-point inputs."""
     res = fxfuse.rewrite(fn, inputs)
-    got, expected = res.module(*inputs), fn(*inputs)
-    got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
-    for g, e in zip(got, expected, strict=True):
+
+    def run(f):
+        leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        out = f(*leaves)
+        out = out if isinstance(out, tuple) else (out,)
+        sum(o.float().pow(2).sum() for o in out if o.requires_grad).backward()
+        return out, [t.grad for t in leaves if t.is_floating_point()]
+
+    (got, got_grads), (expected, expected_grads) = run(res.module), run(fn)
+    for g, e in zip([*got, *got_grads], [*expected, *expected_grads], strict=True):
         rtol, atol = tolerance(e.dtype)
         torch.testing.assert_close(g, e, rtol=rtol, atol=atol)
     return res
