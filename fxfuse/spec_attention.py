@@ -45,12 +45,15 @@ class AttentionSpec:
     prob_dtype:    dtype of the probabilities as they enter the value product (after any cast of
                    the softmax's result; the softmax runs in the dtype of the last step).
     inputs:        per extra tensor, "mask" (boolean), "bias" (added) or "factor" (multiplies or divides).
+    kv_groups:     query heads per key/value head (grouped-query attention): k and v have H / kv_groups
+                   heads and are read in place, query head h using kv head h // kv_groups.
     """
 
     score_dtype: str
     steps: tuple[ScoreStep, ...] = ()
     prob_dtype: str = "float32"
     inputs: tuple[str, ...] = ()
+    kv_groups: int = 1
 
     @property
     def softmax_dtype(self) -> str:
@@ -109,6 +112,8 @@ class AttentionSpec:
                 parts.append(f"cast {_SHORT[step.dtype]}")
         if not scale_written:
             parts.append("no scale")
+        if self.kv_groups > 1:
+            parts.append(f"GQA {self.kv_groups} query heads per kv head")
         parts.append(f"softmax in {_SHORT[self.softmax_dtype]}")
         parts.append(f"-> {_SHORT[self.out_dtype]}")
         return "attention: " + ", ".join(parts)

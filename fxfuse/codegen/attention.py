@@ -71,13 +71,14 @@ import triton.language as tl
 def {name}_forward(Q, K, V, O, LSE, {extras}
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-                   {extra_strides}H, LQ, LK, D, DV,
+                   {extra_strides}H, GROUPS, LQ, LK, D, DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = off_h // GROUPS  # grouped-query attention: kv heads are read in place, never repeated
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -92,7 +93,7 @@ def {name}_forward(Q, K, V, O, LSE, {extras}
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
-        k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+        k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
@@ -107,7 +108,7 @@ def {name}_forward(Q, K, V, O, LSE, {extras}
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
         p_v = p.to(V.dtype.element_ty)  # the probabilities meet v in v's dtype, as in the user's code
         if DOT_F32:
@@ -147,7 +148,7 @@ def forward(spec: AttentionSpec, q, k, v, extras):
     if out.numel():
         kernel[(triton.cdiv(lq, BLOCK_M), b * h)](
             q, k, v, out, lse, *es, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *(s for e in es for s in e.stride()), h, lq, lk, d, dv,
+            *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
             BLOCK_DV=max(16, triton.next_power_of_2(dv)), DOT_F32=not q.is_cuda,
         )

@@ -34,10 +34,22 @@ def _mask_of(step, extras: list[Tensor], lq: int, lk: int, device) -> Tensor:
     return ~mask if step.invert else mask
 
 
+def _heads(kv: Tensor, spec: AttentionSpec) -> Tensor:
+    """Keys or values with one head per query head (grouped-query attention repeats each)."""
+    return kv.repeat_interleave(spec.kv_groups, dim=1) if spec.kv_groups > 1 else kv
+
+
+def _check_heads(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.shape[1] != k.shape[1] * spec.kv_groups or k.shape[1] != v.shape[1]:
+        raise ValueError(f"fxfuse.attention: {q.shape[1]} query heads, {k.shape[1]} key and {v.shape[1]} value "
+                         f"heads do not fit the site's {spec.kv_groups} query heads per key/value head")
+
+
 def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc: torch.dtype | None = None,
             record: list | None = None):
     """The scores after every step; with ``acc``, computed in that dtype without intermediate rounding.
     ``record`` receives each step's input (the backward needs them for factor tensors' gradients)."""
+    k = _heads(k, spec)
     s = torch.matmul(q.to(acc) if acc else q, (k.to(acc) if acc else k).transpose(-1, -2))
     lq, lk = s.shape[-2:]
     for step in spec.steps:
@@ -58,7 +70,7 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
 def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor]) -> Tensor:
     """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code."""
     p = torch.softmax(_scores(spec, q, k, extras), dim=-1)
-    return torch.matmul(p.to(to_dtype(spec.prob_dtype)), v)
+    return torch.matmul(p.to(to_dtype(spec.prob_dtype)), _heads(v, spec))
 
 
 def _sdpa_form(spec: AttentionSpec):
@@ -92,7 +104,7 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     elif step is not None:
         hidden = _mask_of(step, extras, q.shape[-2], k.shape[-2], q.device)
         mask = ~hidden  # SDPA's boolean mask says which positions take part
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=spec.kv_groups > 1)
     if hidden is not None:
         # A row whose every score is -inf is NaN in the user's softmax; SDPA returns zeros there.
         out = out.masked_fill(hidden.all(-1, keepdim=True), float("nan"))
@@ -126,7 +138,7 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
     p = torch.softmax(_scores(spec, q, k, extras, acc, step_inputs), dim=-1)
     do = grad_out.to(acc)
     dv = torch.matmul(p.to(to_dtype(spec.prob_dtype)).to(acc).transpose(-1, -2), do)
-    dp = torch.matmul(do, v.to(acc).transpose(-1, -2))
+    dp = torch.matmul(do, _heads(v, spec).to(acc).transpose(-1, -2))
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     lq, lk = ds.shape[-2:]
     d_extras: list[Tensor | None] = [None] * len(extras)
@@ -147,8 +159,10 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
             ds = ds.masked_fill(_mask_of(step, extras, lq, lk, ds.device), 0.0)
         elif step.op == "add":
             accumulate(step.input, ds)
-    dq = torch.matmul(ds, k.to(acc))
+    dq = torch.matmul(ds, _heads(k, spec).to(acc))
     dk = torch.matmul(ds.transpose(-1, -2), q.to(acc))
+    if spec.kv_groups > 1:  # each kv head's gradient sums over the query heads that read it
+        dk, dv = (g.unflatten(1, (k.shape[1], spec.kv_groups)).sum(2) for g in (dk, dv))
     out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
     for e, d in zip(extras, d_extras):
         if d is None:  # a boolean mask, or a bias no step added (never: the pass adds each once)
@@ -163,6 +177,7 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
 @torch.library.custom_op("fxfuse::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str) -> Tensor:
     s = _spec(spec)
+    _check_heads(s, q, k, v)
     if _use_triton(q, s):
         from fxfuse.codegen import attention as kernels
 

@@ -14,6 +14,7 @@ reads it, and that no removed value (scores, probabilities) is used anywhere els
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -50,6 +51,7 @@ class _Site:
     extras: list[Node]
     spec: AttentionSpec
     interior: set[Node]
+    sources: dict  # "q"/"k"/"v" -> (source, permutation, groups) or None, see _source_operand
 
 
 def _plain_cast(node) -> bool:
@@ -67,21 +69,65 @@ def _concrete(args) -> bool:
     return all(not isinstance(a, (Node, torch.SymInt)) for a in flat)
 
 
-def _is_plain_reshape(chain: list[Node], src_shape: tuple, dst_shape: tuple) -> bool:
-    """Whether ``chain`` (layout ops, first applied first) maps a ``src_shape`` tensor to its
-    row-major reshape: replays the ops on ``arange`` and compares (exact, at these shapes)."""
+def _replay(chain: list[Node], src_shape: tuple) -> torch.Tensor | None:
+    """Where each element of ``chain``'s result comes from: the layout ops (first applied first)
+    replayed on ``arange`` over a ``src_shape`` tensor (exact, at these shapes); None if unknown."""
     numel = math.prod(src_shape)
-    if numel != math.prod(dst_shape) or numel > _MAX_CONSTANT_NUMEL:
-        return False
+    if numel > _MAX_CONSTANT_NUMEL:
+        return None
     idx = torch.arange(numel).reshape(src_shape)
     for node in chain:
         if not _concrete(node.args[1:]):
-            return False
+            return None
         if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
             idx = idx.reshape(node.args[1])  # same values as the view; the strides may differ
         else:
             idx = node.target(idx, *node.args[1:], **{k: v for k, v in node.kwargs.items() if k != "memory_format"})
-    return tuple(idx.shape) == tuple(dst_shape) and torch.equal(idx, torch.arange(numel).reshape(dst_shape))
+    return idx
+
+
+def _is_plain_reshape(chain: list[Node], src_shape: tuple, dst_shape: tuple) -> bool:
+    """Whether ``chain`` maps a ``src_shape`` tensor to its row-major reshape to ``dst_shape``."""
+    if math.prod(src_shape) != math.prod(dst_shape):
+        return False
+    idx = _replay(chain, src_shape)
+    return idx is not None and tuple(idx.shape) == tuple(dst_shape) and \
+        torch.equal(idx, torch.arange(idx.numel()).reshape(dst_shape))
+
+
+def _source_operand(operand: Node, lead: tuple[int, int], transposed: bool, grouped: bool):
+    """The tensor a product's operand was copied, repeated or transposed from, read in place.
+
+    ``operand`` is (B*H, L, D) (or (B*H, D, L) when ``transposed``: the keys of q @ k^T). Walking
+    back through its layout ops, the farthest 4-d tensor R of which it is, element for element, a
+    dims permutation to (B, Hkv, L, D) with each kv head repeated H/Hkv times (``grouped``: keys
+    and values of grouped-query attention) is returned as (R, permutation, H/Hkv); None when there
+    is none (the operand is then used as it is). The replay on index tensors is the proof.
+    """
+    b, h = lead
+    n, rows, cols = shape(operand)
+    l, d = (cols, rows) if transposed else (rows, cols)
+    chain, node = [], operand
+    while is_op(node, *_LAYOUT) and isinstance(node.args[0], Node):
+        chain.insert(0, node)
+        node = node.args[0]
+    candidates = [node] + [c for c in chain[:-1]]  # the farthest first: it saves the most copies
+    for i, root in enumerate(candidates):
+        rs = shape(root)
+        if rs is None or len(rs) != 4 or not all(isinstance(x, int) for x in rs):
+            continue
+        idx = _replay(chain[i:], rs)
+        if idx is None:
+            continue
+        for perm in itertools.permutations(range(4)):
+            hkv = rs[perm[1]]
+            if (rs[perm[0]], rs[perm[2]], rs[perm[3]]) != (b, l, d) or h % hkv or (hkv != h and not grouped):
+                continue
+            base = torch.arange(math.prod(rs)).reshape(rs).permute(perm)
+            want = base.unsqueeze(2).expand(b, hkv, h // hkv, l, d).reshape(n, l, d)
+            if torch.equal(idx, want.transpose(1, 2) if transposed else want):
+                return root, list(perm), h // hkv
+    return None
 
 
 def _layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
@@ -331,13 +377,20 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 extras.append(extra)
                 kinds.append({"fill": "mask", "add": "bias"}.get(step.op, "factor"))
         spec_steps.append(step)
+    lead = (1, n) if rank == 3 else tuple(score_shape[:2])
+    q_op, k_op = qk.args
+    sources = {"q": _source_operand(q_op, lead, False, False), "k": _source_operand(k_op, lead, True, True),
+               "v": _source_operand(v_op, lead, False, True)}
+    k_groups = sources["k"][2] if sources["k"] else 1
+    v_groups = sources["v"][2] if sources["v"] else 1
+    if k_groups != v_groups:  # the operator maps one kv head to a group of query heads for both
+        sources["k"] = sources["v"] = None
     spec = AttentionSpec(
         score_dtype=dtype_name(dtype(qk)), steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
-        inputs=tuple(kinds),
+        inputs=tuple(kinds), kv_groups=k_groups if k_groups == v_groups else 1,
     )
     interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *p_chain, pv}
-    lead = (1, n) if rank == 3 else tuple(score_shape[:2])
-    site = _Site(softmax, qk, pv, lead, extras, spec, interior)
+    site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources)
     _check_no_escape(site, {softmax, *casts, *p_chain})
     return site
 
@@ -362,16 +415,27 @@ def _call(gm, target, args, before: Node) -> Node:
     return node
 
 
+def _operand_4d(gm, operand: Node, site: _Site, role: str) -> Node:
+    """The operand as the operator reads it, (B, H or Hkv, L, D): its source when one is proved
+    (no copy, kv heads not repeated), else a view of the operand itself."""
+    transposed = role == "k"
+    if site.sources[role] is not None:
+        root, perm, _ = site.sources[role]
+        return root if perm == [0, 1, 2, 3] else _call(gm, aten.permute.default, (root, perm), site.pv)
+    b, h = site.lead
+    if transposed:
+        operand = _call(gm, aten.transpose.int, (operand, 1, 2), site.pv)
+    return _call(gm, aten.view.default, (operand, [b, h, *shape(operand)[1:]]), site.pv)
+
+
 def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     q_op, k_op = site.qk.args
     v_op = site.pv.args[1]
     b, h = site.lead
-    lq, d = shape(q_op)[1:]
-    lk, dv = shape(v_op)[1:]
-    q = _call(gm, aten.view.default, (q_op, [b, h, lq, d]), site.pv)
-    k_t = _call(gm, aten.transpose.int, (k_op, 1, 2), site.pv)
-    k = _call(gm, aten.view.default, (k_t, [b, h, lk, d]), site.pv)
-    v = _call(gm, aten.view.default, (v_op, [b, h, lk, dv]), site.pv)
+    lq, dv = shape(q_op)[1], shape(v_op)[2]
+    q = _operand_4d(gm, q_op, site, "q")
+    k = _operand_4d(gm, k_op, site, "k")
+    v = _operand_4d(gm, v_op, site, "v")
     fused = _call(gm, torch.ops.fxfuse.attention.default, (q, k, v, list(site.extras), site.spec.to_json()), site.pv)
     if site.softmax.meta.get("stack_trace"):
         fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]

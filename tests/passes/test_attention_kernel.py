@@ -149,3 +149,29 @@ def test_operator_runs_the_kernel_when_interpreting(monkeypatch):
         got = torch.ops.fxfuse.attention(q, k, v, [], spec)
     assert calls == [1]
     torch.testing.assert_close(got, torch.ops.fxfuse.attention(q, k, v, [], spec))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lq,lk", [(5, 5), (1, 21), (19, 19)])
+def test_kernel_reads_grouped_kv_heads_in_place(lq, lk, dtype):
+    t = getattr(torch, dtype)
+    spec = AttentionSpec(dtype, (ScoreStep("mul", dtype, value=0.3),), dtype, kv_groups=2)
+    q = torch.randn(B, 4, lq, D, dtype=t)
+    k, v = torch.randn(B, 2, lk, D, dtype=t), torch.randn(B, 2, lk, D, dtype=t)
+    out, _ = kernel_forward(spec, q, k, v, [])
+    repeated = AttentionSpec(dtype, spec.steps, dtype)  # the same site with the kv heads materialised
+    k2, v2 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    expected = reference(AttentionSpec("float64", (ScoreStep("mul", "float64", value=0.3),), "float64"),
+                         q.double(), k2.double(), v2.double(), [])
+    assert_close_to_reference(out, reference(repeated, q, k2, v2, []), expected, "grouped kernel output")
+    op = torch.ops.fxfuse.attention(q, k, v, [], spec.to_json())  # the CPU path (SDPA with enable_gqa)
+    assert_close_to_reference(op, reference(repeated, q, k2, v2, []), expected, "grouped CPU output")
+
+
+def test_grouped_backward_sums_over_the_query_heads_of_each_kv_head():
+    spec = AttentionSpec("float64", (ScoreStep("mul", "float64", value=0.3),), "float64", kv_groups=2).to_json()
+    q = torch.randn(1, 4, 3, 4, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda q, k, v: torch.ops.fxfuse.attention(q, k, v, [], spec), (q, k, v))
+    with pytest.raises(ValueError, match="query heads"):
+        torch.ops.fxfuse.attention(q, k[:, :1], v[:, :1], [], spec)

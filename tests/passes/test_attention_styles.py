@@ -9,7 +9,8 @@ import torch
 import fxfuse
 from fxfuse.passes.attention import FuseAttention
 from fxfuse.passes.canonicalize import Canonicalize
-from tests.attention_styles import NEAR_MISSES, STYLES, CausalArangeWhere, CausalTrilInForward
+from tests.attention_styles import (NEAR_MISSES, STYLES, CausalArangeWhere, CausalTrilInForward, EinsumUpcastSoftmax,
+                                     GroupedQueryRepeatInterleave, MultiHeadProjections)
 from tests.tolerances import assert_close_to_reference
 
 PASSES = [Canonicalize(), FuseAttention()]
@@ -93,3 +94,15 @@ def test_pass_is_available_by_name():
     model = CausalTrilInForward()
     res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes="canonicalize,fuse-attention")
     assert [m.kind for m in res.matches] == ["attention"]
+
+
+@pytest.mark.parametrize("style,groups", [(GroupedQueryRepeatInterleave, 2), (EinsumUpcastSoftmax, 1),
+                                          (MultiHeadProjections, 1)], ids=lambda s: getattr(s, "__name__", s))
+def test_operands_are_read_in_place(style, groups):
+    # Repeated kv heads, einsum's permuted copies and head-split transposes: the operator reads the
+    # tensors they were made from (by strides), so no copy of q, k or v is left in the graph.
+    model = style()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    assert res.matches[0].spec.kv_groups == groups
+    before_op = res.graph.code.split("fxfuse.attention")[0]
+    assert "clone" not in before_op and "expand" not in before_op and "_unsafe_view" not in before_op, res.graph.code
