@@ -154,6 +154,18 @@ def load(kernel: Kernel) -> ModuleType:
         return module
 
 
+_memo: dict = {}
+
+
+def memoized(key, make):
+    """A per-process memo for what is derived from loaded kernels (their launch functions), so a
+    launch costs a dict lookup rather than rendering, hashing and checking; ``forget`` clears it."""
+    value = _memo.get(key)
+    if value is None:
+        value = _memo[key] = make()
+    return value
+
+
 def forget() -> None:
     """Forget which files this process has checked and which kernels it has executed.
 
@@ -163,4 +175,5 @@ def forget() -> None:
     with _lock:
         _verified.clear()
         _modules.clear()
+        _memo.clear()
         _warned_dirs.clear()

@@ -8,10 +8,12 @@ summed across programs afterwards.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
-from fxfuse.codegen.cache import Kernel, kernel_name, load, store
+from fxfuse.codegen.cache import Kernel, kernel_name, load, memoized, store
 from fxfuse.lowering.norm import NormPlan, lower_norm
 from fxfuse.spec import NormSpec
 
@@ -137,6 +139,23 @@ def generate(spec: NormSpec) -> Kernel:
     return store(name, _source(name, spec, lower_norm(spec)), spec.describe())
 
 
+def _kernels(spec: NormSpec):
+    """(forward, backward) Triton kernels for a spec, rendered, stored and loaded once per process."""
+
+    def make():
+        kernel = generate(spec)
+        module = load(kernel)
+        return getattr(module, f"{kernel.name}_forward"), getattr(module, f"{kernel.name}_backward")
+
+    return memoized(("norm", spec), make)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_per_device(index: int) -> int:
+    # Enough programs to fill every SM a few times over; each then reduces its rows' weight gradient.
+    return torch.cuda.get_device_properties(index).multi_processor_count * 4
+
+
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     t = t.reshape(-1, n)
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -150,8 +169,7 @@ def _launch_shape(n: int) -> tuple[int, int]:
 
 def forward(spec: NormSpec, x: torch.Tensor, residual, params):
     """Launch the forward kernel; returns (y, sum or None)."""
-    module = load(generate(spec))
-    name = next(k for k in dir(module) if k.endswith("_forward"))
+    kernel = _kernels(spec)[0]
     n = x.shape[-1]
     x2 = _rows(x, n)
     y = torch.empty(x.shape, dtype=getattr(torch, spec.out_dtype), device=x.device)
@@ -163,7 +181,7 @@ def forward(spec: NormSpec, x: torch.Tensor, residual, params):
     block, warps = _launch_shape(n)
     rows = x2.shape[0]
     if rows:
-        getattr(module, name)[(rows,)](
+        kernel[(rows,)](
             x2, r2, s2, y2, *flat_params, rows, n, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
             spec.eps, BLOCK_N=block, num_warps=warps,
         )
@@ -172,8 +190,7 @@ def forward(spec: NormSpec, x: torch.Tensor, residual, params):
 
 def backward(spec: NormSpec, grad_y, grad_sum, src, params):
     """Launch the backward kernel; returns (d_src, [d_param, ...]) with d_src including grad_sum."""
-    module = load(generate(spec))
-    name = next(k for k in dir(module) if k.endswith("_backward"))
+    kernel = _kernels(spec)[1]
     n = src.shape[-1]
     x2, dy2 = _rows(src, n), _rows(grad_y, n)
     ds2 = _rows(grad_sum, n) if grad_sum is not None else dy2
@@ -181,7 +198,7 @@ def backward(spec: NormSpec, grad_y, grad_sum, src, params):
     dx2 = dx.view(-1, n)
     rows = x2.shape[0]
     if src.is_cuda:
-        programs = min(rows, torch.cuda.get_device_properties(src.device).multi_processor_count * 4)
+        programs = min(rows, _programs_per_device(src.device.index if src.device.index is not None else torch.cuda.current_device()))
     else:
         programs = min(rows, 4)
     programs = max(programs, 1)
@@ -191,7 +208,7 @@ def backward(spec: NormSpec, grad_y, grad_sum, src, params):
     flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
     block, warps = _launch_shape(n)
     if rows:
-        getattr(module, name)[(programs,)](
+        kernel[(programs,)](
             dy2, ds2, x2, dx2, *flat_params, *partials, rows, n, dy2.stride(0), ds2.stride(0), x2.stride(0),
             dx2.stride(0), spec.eps, per_program, BLOCK_N=block, num_warps=warps,
         )

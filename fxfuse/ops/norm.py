@@ -7,6 +7,7 @@ Triton's interpreter.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -17,6 +18,7 @@ from fxfuse.lowering.norm import lower_norm
 from fxfuse.spec import NormSpec, to_dtype
 
 
+@functools.lru_cache(maxsize=1024)
 def _spec(text: str) -> NormSpec:
     return NormSpec.from_json(text)
 

@@ -1,6 +1,7 @@
 """Small questions recognition passes ask of an ATen FX graph, answered from ``node.meta``."""
 from __future__ import annotations
 
+import os
 import re
 from typing import Iterable
 
@@ -34,13 +35,21 @@ def is_python_scalar(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(p)) + os.sep for p in (torch.__file__, os.path.dirname(os.path.abspath(__file__)))
+)
+# fxfuse files whose code is a user's model (the demo), so their lines are the user's lines.
+_USER_FACING_FILES = (os.sep + "demo.py",)
+
+
 def source_of(node: Node) -> tuple[str, str]:
     """The user's ``file:line`` and source line for a node, from its recorded stack trace."""
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)', trace)
-    # The last frame outside torch and fxfuse is the user's line.
+    # The last frame outside torch's and fxfuse's own installed files is the user's line (by
+    # prefix: a user's checkout may well live in a folder called fxfuse or torch).
     for path, line, code in reversed(frames):
-        if "/torch/" in path or "/fxfuse/" in path:
+        if os.path.abspath(path).startswith(_LIBRARY_DIRS) and not path.endswith(_USER_FACING_FILES):
             continue
         return f"{path}:{line}", code.strip()
     if frames:

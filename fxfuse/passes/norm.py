@@ -412,7 +412,9 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     y.meta.update(site.output.meta)
     s.meta.update(site.sum_node.meta)
     site.output.replace_all_uses_with(y)
-    site.sum_node.replace_all_uses_with(s)
+    # Only uses outside the site move to the fused sum: the site's own nodes (which read the sum
+    # before the fused op exists) become dead and are removed.
+    site.sum_node.replace_all_uses_with(s, delete_user_cb=lambda user: user not in site.interior)
     return new
 
 

@@ -154,3 +154,39 @@ def test_strided_weight(cpu_path):
     eager.pow(2).sum().backward()
     torch.testing.assert_close(got, eager)
     torch.testing.assert_close(inputs[1].grad, eager_inputs[1].grad)
+
+
+class _ResidualWithLateWeight(torch.nn.Module):
+    """The weight is computed after the norm's statistics: the fused op goes after it, while the
+    site's own nodes still read the unfused sum (a regression: they were redirected too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(D))
+
+    def forward(self, x, r):
+        h = x + r
+        n = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        w = self.w * 2
+        return w * n, h
+
+
+def test_residual_site_with_a_weight_computed_late(cpu_path):
+    model = _ResidualWithLateWeight()
+    x, r = torch.randn(3, D), torch.randn(3, D)
+    res = fxfuse.rewrite(model, (x, r))
+    assert [m.spec.residual for m in res.matches] == [True]
+    for got, want in zip(res.module(x, r), model(x, r)):
+        torch.testing.assert_close(got, want)
+
+
+def test_source_is_the_users_line_even_in_a_folder_named_like_the_library(tmp_path):
+    from fxfuse.passes.graph import source_of
+
+    class FakeNode:
+        meta = {"stack_trace": (
+            f'  File "{tmp_path}/fxfuse/torch/model.py", line 7, in forward\n    return self.norm(x)\n'
+            f'  File "{torch.__file__}", line 3, in helper\n    something()\n'
+        )}
+
+    assert source_of(FakeNode()) == (f"{tmp_path}/fxfuse/torch/model.py:7", "return self.norm(x)")
