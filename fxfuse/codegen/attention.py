@@ -10,6 +10,7 @@ recompute the probabilities from it.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import torch
 import triton
@@ -27,8 +28,14 @@ def _lit(x: float) -> str:
     return f"float('{x}')" if math.isinf(x) or math.isnan(x) else repr(float(x))
 
 
-def _round(expr: str, dtype: str | None) -> str:
-    return f"({expr}).to({_TL[dtype]}).to(tl.float32)" if dtype else expr
+def _round(target: str, expr: str, dtype: str | None) -> list[str]:
+    """``target = expr``, then the user's rounding to ``dtype`` when ROUND is on. The forward rounds
+    as the user's code does; the backward recomputes without (as the torch formula does): the
+    gradients of the unrounded scores are closer to the exact ones than those of rounded ones."""
+    lines = [f"{target} = {expr}"]
+    if dtype:
+        lines += ["if ROUND:", f"    {target} = {target}.to({_TL[dtype]}).to(tl.float32)"]
+    return lines
 
 
 def _tile(i: int) -> str:
@@ -36,21 +43,24 @@ def _tile(i: int) -> str:
 
 
 def _steps(plan: AttentionPlan) -> list[str]:
-    lines = [f"s = {_round('s', plan.score_round)}"] if plan.score_round else []
-    for op, value, index, invert, rounding in plan.steps:
+    """The score steps on a tile ``s``; step k's mask is ``flag{k}`` and factor tile ``fac{k}``
+    (the backward kernels reuse them to take the gradient back through the steps)."""
+    lines = _round("s", "s", plan.score_round) if plan.score_round else []
+    for k, (op, value, index, invert, rounding) in enumerate(plan.steps):
         if op in ("mul", "div"):
-            factor = _lit(value) if index == -1 else f"tl.load({_tile(index)}, mask=in_bounds, other=1.0).to(tl.float32)"
-            expr = f"s {'*' if op == 'mul' else '/'} {factor}"
+            if index != -1:
+                lines.append(f"fac{k} = tl.load({_tile(index)}, mask=in_bounds, other=1.0).to(tl.float32)")
+            expr = f"s {'*' if op == 'mul' else '/'} {_lit(value) if index == -1 else f'fac{k}'}"
         elif op == "fill":
             hidden = ("offs_n[None, :] > offs_m[:, None] + (LK - LQ)" if index == -1
                       else f"tl.load({_tile(index)}, mask=in_bounds, other={int(invert)}) != 0")
-            lines.append(f"flag = {hidden}")  # out-of-bounds rows stay visible: no NaN in unused rows
-            expr = f"tl.where(flag, s, {_lit(value)})" if invert else f"tl.where(flag, {_lit(value)}, s)"
+            lines.append(f"flag{k} = {hidden}")  # out-of-bounds rows stay visible: no NaN in unused rows
+            expr = f"tl.where(flag{k}, s, {_lit(value)})" if invert else f"tl.where(flag{k}, {_lit(value)}, s)"
         elif op == "add":
             expr = f"s + tl.load({_tile(index)}, mask=in_bounds, other=0.0).to(tl.float32)"
         else:
             expr = "s"
-        lines.append(f"s = {_round(expr, rounding)}")
+        lines += _round("s", expr, rounding)
     return lines
 
 
@@ -73,6 +83,7 @@ def {name}_forward(Q, K, V, O, LSE, {extras}
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                    {extra_strides}H, GROUPS, LQ, LK, D, DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   ROUND: tl.constexpr,
                    DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -126,7 +137,8 @@ def {name}_forward(Q, K, V, O, LSE, {extras}
 def generate(spec: AttentionSpec) -> Kernel:
     """Render and store the kernel module for ``spec`` (pure text: needs no GPU)."""
     name = kernel_name("attention", spec.to_json())
-    return store(name, _source(name, spec, lower_attention(spec)), spec.describe())
+    plan = lower_attention(spec)
+    return store(name, _source(name, spec, plan) + backward_source(name, spec, plan), spec.describe())
 
 
 def _extra_4d(e: torch.Tensor, shape4) -> torch.Tensor:
@@ -136,13 +148,16 @@ def _extra_4d(e: torch.Tensor, shape4) -> torch.Tensor:
     return e.reshape((1,) * (4 - e.dim()) + tuple(e.shape)).expand(shape4)
 
 
-def forward(spec: AttentionSpec, q, k, v, extras):
-    """Launch the forward kernel; returns (out (B, H, Lq, Dv), lse (B*H, Lq) float32)."""
+def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None):
+    """Launch the forward kernel; returns (out (B, H, Lq, Dv), lse (B*H, Lq) float32).
+
+    ``out_dtype`` (the backward's float32) also turns the user's roundings of the scores off, so
+    that the log-sum-exp matches the backward's unrounded recomputation."""
     module = load(generate(spec))
     kernel = getattr(module, next(n for n in dir(module) if n.endswith("_forward")))
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
-    out = torch.empty((b, h, lq, dv), dtype=v.dtype, device=q.device)
+    out = torch.empty((b, h, lq, dv), dtype=out_dtype or v.dtype, device=q.device)
     lse = torch.empty((b * h, lq), dtype=torch.float32, device=q.device)
     es = [_extra_4d(e, (b, h, lq, lk)) for e in extras]
     if out.numel():
@@ -150,6 +165,147 @@ def forward(spec: AttentionSpec, q, k, v, extras):
             q, k, v, out, lse, *es, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
-            BLOCK_DV=max(16, triton.next_power_of_2(dv)), DOT_F32=not q.is_cuda,
+            BLOCK_DV=max(16, triton.next_power_of_2(dv)), DOT_F32=not q.is_cuda, ROUND=out_dtype is None,
         )
     return out, lse
+
+
+# ---- backward ------------------------------------------------------------------------------------
+
+def _grad_steps(plan: AttentionPlan) -> list[str]:
+    """dS back through the steps, last first: factors scale it, fills zero it where they hid."""
+    lines = []
+    for k in reversed(range(len(plan.steps))):
+        op, value, index, invert, _ = plan.steps[k]
+        if op in ("mul", "div"):
+            lines.append(f"ds = ds {'*' if op == 'mul' else '/'} {_lit(value) if index == -1 else f'fac{k}'}")
+        elif op == "fill":
+            lines.append(f"ds = tl.where(flag{k}, ds, 0.0)" if invert else f"ds = tl.where(flag{k}, 0.0, ds)")
+    return lines
+
+
+def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
+    """Two kernels recomputing the probabilities from the saved log-sum-exp: one program per key
+    block accumulates dk and dv over the queries, one per query block accumulates dq over the keys
+    (no atomics). dk and dv are per query head; the launcher sums a kv head's group."""
+    extras = "".join(f"E{i}, " for i in range(len(plan.inputs)))
+    extra_strides = "".join(f"se{i}_b, se{i}_h, se{i}_m, se{i}_n, " for i in range(len(plan.inputs)))
+    precision = ', input_precision="ieee"' if plan.fp32_dot else ""
+    body = "\n".join(" " * 8 + line for line in [
+        f"s = tl.dot(q, kT{precision})", *_steps(plan),
+        "s = tl.where(offs_n[None, :] < LK, s, float('-inf'))",
+        "p = tl.exp(s - lse[:, None])",
+        f"dp = tl.dot(do, tl.trans(vt){precision})",
+        "ds = p * (dp - delta[:, None])", *_grad_steps(plan)])
+    lo = "tl.maximum(0, (pid_n * BLOCK_N - (LK - LQ)) // BLOCK_M * BLOCK_M)" if plan.skip_above_diagonal else "0"
+    hi = "tl.minimum(LK, (pid_m + 1) * BLOCK_M + LK - LQ)" if plan.skip_above_diagonal else "LK"
+    args = f'''Q, K, V, DO, LSE, DELTA, {extras}
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+        {extra_strides}H, GROUPS, LQ, LK, D, DV'''
+    consts = ("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, "
+              "DOT_F32: tl.constexpr, ROUND: tl.constexpr")
+    prologue = '''    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = off_h // GROUPS
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)'''
+    load_q = """q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
+do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
+lse = tl.load(LSE + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+if DOT_F32:
+    q = q.to(tl.float32)
+    do = do.to(tl.float32)"""
+    load_kv = """kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+             mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
+vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+             mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
+if DOT_F32:
+    kT = kT.to(tl.float32)
+    vt = vt.to(tl.float32)"""
+
+    def indent(text: str, n: int) -> str:
+        return textwrap.indent(text, " " * n)
+
+    return f'''
+
+@triton.jit
+def {name}_backward_dkdv({args}, DK, DV_OUT, {consts}):
+{prologue}
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+{indent(load_kv, 4)}
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for start_m in range({lo}, LQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+{indent(load_q, 8)}
+{body}
+        p_v = p.to(V.dtype.element_ty)  # as in the forward: the probabilities meet v in v's dtype
+        ds_q = ds.to(Q.dtype.element_ty)
+        if DOT_F32:
+            p_v = p_v.to(tl.float32)
+            ds_q = ds_q.to(tl.float32)
+        dv += tl.dot(tl.trans(p_v), do{precision})
+        dk += tl.dot(tl.trans(ds_q), q{precision})
+    rows = (pid_bh * LK + offs_n)[:, None]
+    tl.store(DK + rows * D + offs_d[None, :], dk, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D))
+    tl.store(DV_OUT + rows * DV + offs_dv[None, :], dv, mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def {name}_backward_dq({args}, DQ, {consts}):
+{prologue}
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+{indent(load_q, 4)}
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, {hi}, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+{indent(load_kv, 8)}
+{body}
+        ds_k = ds.to(K.dtype.element_ty)
+        if DOT_F32:
+            ds_k = ds_k.to(tl.float32)
+        dq += tl.dot(ds_k, tl.trans(kT){precision})
+    rows = (pid_bh * LQ + offs_m)[:, None]
+    tl.store(DQ + rows * D + offs_d[None, :], dq, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D))
+'''
+
+
+def backward(spec: AttentionSpec, grad_out, q, k, v, extras):
+    """Launch the backward kernels; returns (dq, dk, dv) in q's, k's and v's shapes and dtypes.
+
+    The forward kernel runs again for the log-sum-exp and the output (delta = rowsum(dO * O)):
+    the operator does not return them yet, so the backward pays one forward pass.
+    """
+    module = load(generate(spec))
+    # delta = rowsum(dO * O) stands for rowsum(dP * P): with O rounded to bf16 its error is the
+    # same for every key of a row and adds up coherently in dq and dk, so O is kept in float32.
+    out, lse = forward(spec, q, k, v, extras, out_dtype=torch.float32)
+    b, h, lq, d = q.shape
+    hkv, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
+    dq = torch.empty((b, h, lq, d), dtype=torch.float32, device=q.device)
+    dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
+    dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
+    es = [_extra_4d(e, (b, h, lq, lk)) for e in extras]
+    common = (q, k, v, grad_out, lse, delta, *es, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+              *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv_dim)
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                BLOCK_DV=max(16, triton.next_power_of_2(dv_dim)), DOT_F32=not q.is_cuda, ROUND=False)
+    kernels = {n.rsplit("_", 1)[-1]: getattr(module, n) for n in dir(module) if "_backward_" in n}
+    if q.numel() and k.numel():
+        kernels["dkdv"][(triton.cdiv(lk, BLOCK_N), b * h)](*common, dk, dv, **meta)
+        kernels["dq"][(triton.cdiv(lq, BLOCK_M), b * h)](*common, dq, **meta)
+    else:
+        dq.zero_(), dk.zero_(), dv.zero_()
+    if spec.kv_groups > 1:  # a kv head's gradient sums over the query heads that read it
+        dk, dv = (g.unflatten(1, (hkv, spec.kv_groups)).sum(2) for g in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -195,32 +195,44 @@ def _(q, k, v, extras, spec):
 
 @torch.library.custom_op("fxfuse::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
-                       spec: str) -> list[Tensor]:
+                       needs_grad: list[bool], spec: str) -> list[Tensor]:
+    """[dq, dk, dv, *d_extras]; an extra's gradient is computed only where ``needs_grad`` says so
+    (a floating-point bias or factor that requires grad), else it is an empty tensor."""
+    s = _spec(spec)
+    wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, needs_grad)]
+    if _use_triton(q, s) and not any(wanted):
+        # The kernels compute dq, dk, dv; an extra's gradient would need the full dS, not built there.
+        from fxfuse.codegen import attention as kernels
+
+        grads = [*kernels.backward(s, grad_out, q, k, v, extras), *(e.new_empty(0) for e in extras)]
+    else:
+        grads = reference_backward(s, grad_out, q, k, v, extras)
+        grads[3:] = [d if w else e.new_empty(0) for d, e, w in zip(grads[3:], extras, wanted)]
     # Contiguous whatever the inputs' strides, as the fake implementation promises: the compiled
     # backward graph plans its views on the fake strides.
-    return [g.contiguous() for g in reference_backward(_spec(spec), grad_out, q, k, v, extras)]
-
-
-def _dense_like(t: Tensor) -> Tensor:
-    return t.new_empty(t.shape) if t.dtype.is_floating_point else t.new_empty(0)
+    return [g.contiguous() for g in grads]
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, extras, spec):
-    return [_dense_like(q), _dense_like(k), _dense_like(v), *(_dense_like(e) for e in extras)]
+def _(grad_out, q, k, v, extras, needs_grad, spec):
+    d_extras = [e.new_empty(e.shape if need and e.dtype.is_floating_point else 0) for e, need in zip(extras, needs_grad)]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *d_extras]
 
 
 def _setup(ctx, inputs, output):
     q, k, v, extras, spec = inputs
     ctx.save_for_backward(q, k, v, *extras)
     ctx.spec, ctx.interpret = spec, config.current.interpret
+    ctx.needs_grad = [e.requires_grad for e in extras]
 
 
 def _backward(ctx, grad_out):
     q, k, v, *extras = ctx.saved_tensors
     with config.patch(interpret=ctx.interpret):
-        dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(grad_out, q, k, v, extras, ctx.spec)
-    d_extras = [d if e.dtype.is_floating_point else None for d, e in zip(d_extras, extras)]
+        dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(grad_out, q, k, v, extras, ctx.needs_grad,
+                                                                    ctx.spec)
+    d_extras = [d if need and e.dtype.is_floating_point else None
+                for d, e, need in zip(d_extras, extras, ctx.needs_grad)]
     return dq, dk, dv, d_extras, None
 
 

@@ -31,14 +31,18 @@ def _spec(kind, dtype):
                       ScoreStep("cast", d)),
         # A per-head temperature tensor and a 0-dim divisor tensor.
         "factor": (ScoreStep("mul", d, input=0), ScoreStep("div", d, input=1)),
+        # A fill that leaves hidden keys real probability: the backward must zero their dS itself.
+        "fill_zero": (ScoreStep("fill", d, value=0.0, input=0),),
     }[kind]
-    inputs = {"mask_bias": ("mask", "bias"), "factor": ("factor", "factor")}.get(kind, ())
+    inputs = {"mask_bias": ("mask", "bias"), "factor": ("factor", "factor"), "fill_zero": ("mask",)}.get(kind, ())
     return AttentionSpec(score_dtype=d, steps=steps, prob_dtype=d, inputs=inputs)
 
 
 def _extras(kind, lq, lk):
     if kind == "factor":
         return [torch.rand(1, H, 1, 1) + 0.5, torch.tensor(1.7)]
+    if kind == "fill_zero":
+        return [torch.rand(B, H, lq, lk) > 0.5]
     if kind != "mask_bias":
         return []
     keep = torch.rand(B, 1, 1, lk) > 0.3
@@ -47,7 +51,7 @@ def _extras(kind, lq, lk):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero"])
 @pytest.mark.parametrize("lq,lk", [(5, 5), (19, 19), (1, 21), (3, 21), (37, 37)])
 def test_kernel_matches_reference(lq, lk, kind, dtype):
     spec = _spec(kind, dtype)
@@ -175,3 +179,63 @@ def test_grouped_backward_sums_over_the_query_heads_of_each_kv_head():
     assert torch.autograd.gradcheck(lambda q, k, v: torch.ops.fxfuse.attention(q, k, v, [], spec), (q, k, v))
     with pytest.raises(ValueError, match="query heads"):
         torch.ops.fxfuse.attention(q, k[:, :1], v[:, :1], [], spec)
+
+
+def _autograd_grads(spec, q, k, v, extras, upstream):
+    """dq, dk, dv of the spec's torch reference by autograd: the user's code differentiated by eager."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = reference(spec, *leaves, extras)
+    (out.double() * upstream).sum().backward()
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero"])
+@pytest.mark.parametrize("lq,lk", [(5, 5), (1, 21), (19, 19), (37, 37)])
+def test_backward_kernels_match_eager_gradients(lq, lk, kind, dtype):
+    from fxfuse.codegen.attention import backward as kernel_backward
+
+    spec = _spec(kind, dtype)
+    t = getattr(torch, dtype)
+    q, k = torch.randn(B, H, lq, D, dtype=t), torch.randn(B, H, lk, D, dtype=t)
+    v = torch.randn(B, H, lk, D + 4, dtype=t)
+    extras = _extras(kind, lq, lk)
+    upstream = torch.randn(B, H, lq, D + 4, dtype=torch.float64)
+    got = kernel_backward(spec, upstream.to(t), q, k, v, extras)
+    eager = _autograd_grads(spec, q, k, v, extras, upstream)
+    f64 = AttentionSpec("float64", tuple(ScoreStep(s.op, "float64", s.value, s.input, s.invert) for s in spec.steps),
+                        "float64", spec.inputs)
+    wide = [e.double() if e.is_floating_point() else e for e in extras]
+    expected = _autograd_grads(f64, q.double(), k.double(), v.double(), wide, upstream)
+    for name, g, e, r in zip("qkv", got, eager, expected):
+        assert g.dtype == t and g.shape == e.shape
+        assert_close_to_reference(g, e, r, f"d{name}")
+
+
+def test_operator_backward_uses_the_kernels_unless_an_extra_needs_its_gradient(monkeypatch):
+    import fxfuse.codegen.attention as kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "backward", lambda *a, _b=kernels.backward: calls.append(1) or _b(*a))
+    spec = _spec("mask_bias", "float32")
+    q, k, v = (torch.randn(B, H, 5, D, requires_grad=True) for _ in range(3))
+    keep, bias = _extras("mask_bias", 5, 5)
+    with fxfuse.config.patch(interpret=True):
+        torch.ops.fxfuse.attention(q, k, v, [keep, bias], spec.to_json()).sum().backward()
+        assert calls == [1] and bias.grad is None
+        bias.requires_grad_()  # a learned bias: its gradient needs the full dS, from the torch formula
+        torch.ops.fxfuse.attention(q, k, v, [keep, bias], spec.to_json()).sum().backward()
+        assert calls == [1] and bias.grad is not None and bias.grad.shape == bias.shape
+
+
+def test_grouped_backward_kernels_sum_each_kv_heads_group():
+    from fxfuse.codegen.attention import backward as kernel_backward
+    from fxfuse.ops.attention import reference_backward
+
+    spec = AttentionSpec("float32", (ScoreStep("fill", "float32", -math.inf, -1),), "float32", kv_groups=2)
+    q, do = torch.randn(B, 4, 19, D), torch.randn(B, 4, 19, D)
+    k, v = torch.randn(B, 2, 19, D), torch.randn(B, 2, 19, D)
+    got = kernel_backward(spec, do, q, k, v, [])
+    for g, r in zip(got, reference_backward(spec, do, q, k, v, [])):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
