@@ -78,7 +78,7 @@ import triton.language as tl
 
 
 @triton.jit
-def {name}_forward(Q, K, V, O, LSE, {extras}
+def {name}_forward(Q, K, V, O, STATS, {extras}
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                    {extra_strides}H, GROUPS, LQ, LK, D, DV,
@@ -130,7 +130,10 @@ def {name}_forward(Q, K, V, O, LSE, {extras}
     out = acc / l_i[:, None]
     tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV))
-    tl.store(LSE + pid_bh * LQ + offs_m, m_i + tl.log(l_i), mask=offs_m < LQ)
+    # The row max and sum, kept apart: m + log(l) would lose log(l) next to a huge finite fill
+    # (finfo.min), and the backward would then recompute probabilities l times too large.
+    tl.store(STATS + pid_bh * LQ + offs_m, m_i, mask=offs_m < LQ)
+    tl.store(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m, l_i, mask=offs_m < LQ)
 '''
 
 
@@ -149,7 +152,8 @@ def _extra_4d(e: torch.Tensor, shape4) -> torch.Tensor:
 
 
 def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None):
-    """Launch the forward kernel; returns (out (B, H, Lq, Dv), lse (B*H, Lq) float32).
+    """Launch the forward kernel; returns (out (B, H, Lq, Dv), stats (2, B*H, Lq) float32): each
+    query row's running max m and sum l (its log-sum-exp is m + log(l)).
 
     ``out_dtype`` (the backward's float32) also turns the user's roundings of the scores off, so
     that the log-sum-exp matches the backward's unrounded recomputation."""
@@ -158,16 +162,16 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
     out = torch.empty((b, h, lq, dv), dtype=out_dtype or v.dtype, device=q.device)
-    lse = torch.empty((b * h, lq), dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, b * h, lq), dtype=torch.float32, device=q.device)
     es = [_extra_4d(e, (b, h, lq, lk)) for e in extras]
     if out.numel():
         kernel[(triton.cdiv(lq, BLOCK_M), b * h)](
-            q, k, v, out, lse, *es, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            q, k, v, out, stats, *es, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
             BLOCK_DV=max(16, triton.next_power_of_2(dv)), DOT_F32=not q.is_cuda, ROUND=out_dtype is None,
         )
-    return out, lse
+    return out, stats
 
 
 # ---- backward ------------------------------------------------------------------------------------
@@ -194,12 +198,12 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     body = "\n".join(" " * 8 + line for line in [
         f"s = tl.dot(q, kT{precision})", *_steps(plan),
         "s = tl.where(offs_n[None, :] < LK, s, float('-inf'))",
-        "p = tl.exp(s - lse[:, None])",
+        "p = tl.exp(s - row_max[:, None]) / row_sum[:, None]",
         f"dp = tl.dot(do, tl.trans(vt){precision})",
         "ds = p * (dp - delta[:, None])", *_grad_steps(plan)])
     lo = "tl.maximum(0, (pid_n * BLOCK_N - (LK - LQ)) // BLOCK_M * BLOCK_M)" if plan.skip_above_diagonal else "0"
     hi = "tl.minimum(LK, (pid_m + 1) * BLOCK_M + LK - LQ)" if plan.skip_above_diagonal else "LK"
-    args = f'''Q, K, V, DO, LSE, DELTA, {extras}
+    args = f'''Q, K, V, DO, STATS, DELTA, {extras}
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         {extra_strides}H, GROUPS, LQ, LK, D, DV'''
@@ -215,7 +219,8 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
             mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
 do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
-lse = tl.load(LSE + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m, mask=offs_m < LQ, other=1.0)
 delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
 if DOT_F32:
     q = q.to(tl.float32)
@@ -288,7 +293,7 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras):
     module = load(generate(spec))
     # delta = rowsum(dO * O) stands for rowsum(dP * P): with O rounded to bf16 its error is the
     # same for every key of a row and adds up coherently in dq and dk, so O is kept in float32.
-    out, lse = forward(spec, q, k, v, extras, out_dtype=torch.float32)
+    out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32)
     b, h, lq, d = q.shape
     hkv, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
@@ -296,7 +301,7 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras):
     dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
     es = [_extra_4d(e, (b, h, lq, lk)) for e in extras]
-    common = (q, k, v, grad_out, lse, delta, *es, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+    common = (q, k, v, grad_out, stats, delta, *es, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
               *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv_dim)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 BLOCK_DV=max(16, triton.next_power_of_2(dv_dim)), DOT_F32=not q.is_cuda, ROUND=False)

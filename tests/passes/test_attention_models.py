@@ -85,12 +85,27 @@ def test_training_step_gives_eager_gradients(name, models, batch):
         assert any("relative_attention_bias" in n and g.abs().sum() > 0 for n, g in grads.items())
 
 
-def test_gpt2_on_the_interpreted_kernel(models, batch):
-    model, (ids, mask) = models["gpt2"], batch
+def test_gpt2_training_step_on_the_interpreted_kernels(models, batch, monkeypatch):
+    # The generated forward and backward kernels themselves (GPT-2's additive mask needs no
+    # gradient, so the backward runs the kernels, not the torch formula).
+    import fxfuse.codegen.attention as kernels
+
+    launches = {"forward": 0, "backward": 0}
+    for direction in launches:
+        def counted(*args, _launch=getattr(kernels, direction), _direction=direction, **kwargs):
+            launches[_direction] += 1
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(kernels, direction, counted)
+    model = copy.deepcopy(models["gpt2"]).train()
+    ids, mask = batch
+    kwargs = {"attention_mask": mask}
     with fxfuse.config.patch(interpret=True):
-        res = fxfuse.rewrite(model, (ids,), example_kwargs={"attention_mask": mask}, passes=PASSES)
-        got = res.module(ids, attention_mask=mask).logits
+        res = fxfuse.rewrite(model, (ids,), example_kwargs={"labels": ids, **kwargs}, passes=PASSES)
+        grads = _train_step(model, res.module, ids, kwargs)
     assert len(res.matches) == 2
-    eager = model(ids, attention_mask=mask).logits
-    reference = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
-    assert_close_to_reference(got, eager, reference, "gpt2 logits (kernel)")
+    assert launches["backward"] == 2 and launches["forward"] == 4  # 2 forward + 2 recomputed in backward
+    eager = _train_step(model, model, ids, kwargs)
+    ref_model = copy.deepcopy(model).double()
+    ref = _train_step(ref_model, ref_model, ids, kwargs)
+    for n in grads:
+        assert_close_to_reference(grads[n], eager[n], ref[n], f"gradient of {n}")
