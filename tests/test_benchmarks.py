@@ -1,0 +1,66 @@
+"""Smoke tests of the benchmark scripts: each runs end to end at its smallest settings, as a user would
+run it (a subprocess), and writes JSON and CSV with the documented columns. No timing is asserted:
+the numbers depend on the machine; what must not break is the script, the rewrite it exercises and
+the files other people read."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, out: Path, *flags: str) -> tuple[dict, list[dict]]:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the CPU path, as the benchmarks measure it
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--device", "cpu", "--threads", "1",
+                           "--budget", "0.01", "--out", str(out), *flags],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(payload["results"]) > 0
+    return payload, rows
+
+
+def test_bench_norm_smallest(tmp_path):
+    payload, rows = _run("bench_norm.py", tmp_path / "norm.json", "--rows", "64", "--hidden", "32",
+                         "--impls", "eager,fxfuse")
+    assert {"form", "mode", "impl", "ms", "gbps", "speedup_vs_eager", "max_abs_diff_vs_eager", "note"} <= set(rows[0])
+    assert {(r["form"], r["mode"]) for r in rows} == {(f, m) for f in ("rms", "layer", "residual_rms")
+                                                      for m in ("fwd", "fwd+bwd")}
+    for r in rows:  # every form is fused and computes what eager does
+        assert float(r["ms"]) > 0, r
+        assert float(r["max_abs_diff_vs_eager"]) < 1e-4, r
+        if r["impl"] == "fxfuse":
+            assert r["note"] and not r["note"].startswith("failed"), r
+    assert payload["machine"]["torch"] == __import__("torch").__version__
+
+
+def test_bench_attention_smallest(tmp_path):
+    payload, rows = _run("bench_attention.py", tmp_path / "attention.json", "--seq-lens", "48",
+                         "--head-dims", "16")
+    columns = {"variant", "mode", "seq_len", "head_dim", "impl", "ms", "tflops", "peak_mib", "speedup_vs_eager",
+               "speedup_vs_inductor", "speedup_vs_sdpa", "speedup_vs_flex", "fused", "max_abs_diff_vs_eager", "note"}
+    assert columns <= set(rows[0])
+    variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias")
+    by_key = {(r["variant"], r["mode"], r["impl"]): r for r in rows}
+    assert set(by_key) == {(v, m, i) for v in variants for m in ("fwd", "fwd+bwd")
+                           for i in ("eager", "inductor", "sdpa", "flex", "fxfuse")}
+    for v in variants:
+        for m in ("fwd", "fwd+bwd"):
+            fx = by_key[v, m, "fxfuse"]
+            assert float(fx["ms"]) > 0 and float(fx["max_abs_diff_vs_eager"]) < 1e-4, fx
+            # the verdict is stated either way, and agrees with the fused column
+            assert fx["note"].startswith("fused: " if fx["fused"] == "True" else "not fused: "), fx
+            assert payload["fxfuse_sites"][v][f"{m} L=48 D=16"] == fx["note"]
+            # skipped implementations say why instead of leaving a blank
+            for impl in ("inductor", "flex"):
+                assert by_key[v, m, impl]["ms"] == "" and by_key[v, m, impl]["note"].startswith("skipped"), v
+    assert by_key["causal", "fwd", "fxfuse"]["fused"] == "True"
+    assert by_key["softcap", "fwd", "sdpa"]["note"].startswith("SDPA cannot express")
+    assert "not measured on CPU" in payload["peak_memory"]
