@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -371,6 +372,19 @@ def parse_args(argv=None):
     return args
 
 
+def source_state() -> dict:
+    """The checkout the numbers came from: HEAD and the fxfuse files changed since (shared checkouts)."""
+    def git(*cmd):
+        try:
+            done = subprocess.run(["git", *cmd], cwd=RESULTS.parents[1], capture_output=True, text=True)
+        except OSError:  # no git here
+            return ""
+        return done.stdout if done.returncode == 0 else ""  # not a git checkout: nothing to record
+    changed = git("status", "--porcelain", "--", "fxfuse")  # lines "XY path": the status is 2 chars wide
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "fxfuse_files_changed": [line[3:] for line in changed.splitlines() if line.strip()]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -396,7 +410,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "bench_attention.py", "argv": sys.argv[1:] if argv is None else argv,
-        "machine": machine_info(args.device), "seconds": round(time.perf_counter() - started, 1),
+        "machine": machine_info(args.device), "source": source_state(), "seconds": round(time.perf_counter() - started, 1),
         "peak_memory": "torch.cuda.max_memory_allocated during one call minus memory allocated before it"
         if args.device == "cuda" else "not measured on CPU (tracemalloc does not see torch's CPU allocator)",
         "fxfuse_sites": sites, "results": results,

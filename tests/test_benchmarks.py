@@ -64,3 +64,4 @@ def test_bench_attention_smallest(tmp_path):
     assert by_key["causal", "fwd", "fxfuse"]["fused"] == "True"
     assert by_key["softcap", "fwd", "sdpa"]["note"].startswith("SDPA cannot express")
     assert "not measured on CPU" in payload["peak_memory"]
+    assert payload["source"]["commit"]  # the numbers say which checkout made them
