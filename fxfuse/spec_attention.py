@@ -20,8 +20,9 @@ from fxfuse.spec import _SHORT
 #   "div"  s / value            (kept apart from "mul": the reference divides as the user did),
 #          or s / inputs[input]
 #   "fill" s = value where inputs[input] is True (or, with invert, where it is False); input -1
-#          is the causal mask, True where key j is after query i (j > i + Lk - Lq), which the
-#          pass sets only when it proved a constant mask triangular from its values
+#          is the causal mask, True where key j is after query i (j > i + Lk - Lq), with a
+#          ``window`` also where it is window or more keys before (a sliding window), which the
+#          pass sets only when it proved a constant mask of that form from its values
 #   "add"  s + inputs[input]    (additive mask or bias, broadcast to (B, H, Lq, Lk))
 #   "cast" s.to(dtype)
 STEP_OPS = ("mul", "div", "fill", "add", "cast")
@@ -34,6 +35,7 @@ class ScoreStep:
     value: float = 0.0
     input: int = -1
     invert: bool = False  # "fill" only: fill where the mask is False (torch.where(mask, s, value))
+    window: int = 0  # causal "fill" only: also hide key j when j <= i + Lk - Lq - window (sliding window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,8 @@ class AttentionSpec:
                     scale_written = True
             elif step.op == "fill":
                 if step.input == -1:
-                    parts.append(f"causal (fill {step.value:g})")
+                    window = f", window {step.window}" if step.window else ""
+                    parts.append(f"causal{window} (fill {step.value:g})")
                 else:
                     parts.append(f"masked_fill({'~' if step.invert else ''}mask{step.input}, {step.value:g})")
             elif step.op == "add":

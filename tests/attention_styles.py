@@ -99,6 +99,19 @@ class CausalArangeWhere(nn.Module):  # causality from an arange comparison, appl
         return scores.softmax(-1) @ v
 
 
+class SlidingWindowArange(nn.Module):  # Mistral-style: causal and at most WINDOW keys back
+    WINDOW = 3
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        i, j = torch.arange(q.size(-2))[:, None], torch.arange(k.size(-2))[None, :]
+        hidden = (j > i) | (i - j >= self.WINDOW)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))).masked_fill(hidden, float("-inf"))
+        return scores.softmax(-1) @ v
+
+
 class PaddingMaskFill(nn.Module):  # boolean key-padding mask, masked_fill(-inf)
     def inputs(self, dtype):
         return _qkv(dtype) + [_padding(dtype)]
@@ -188,7 +201,7 @@ class TensorSqrtScale(nn.Module):  # "Attention is all you need" ports: / torch.
 
 
 STYLES = [MatmulTranspose, EinsumUpcastSoftmax, BmmFlatHeadsScaledQuery, ScaleOnScoresMT, CausalTrilBuffer,
-          CausalTrilInForward, CausalArangeWhere, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
+          CausalTrilInForward, CausalArangeWhere, SlidingWindowArange, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
           GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues, PerHeadTemperature, TensorSqrtScale]
 
 

@@ -5,7 +5,8 @@ Stages, in order:
    reference instead, see fxfuse.ops.attention);
 2. decide which roundings of the scores the kernel must reproduce: the product's own rounding to
    the score dtype and each step's result dtype, when that dtype is less precise than float32;
-3. decide whether key tiles entirely above the causal diagonal may be skipped: only when the
+3. decide whether key tiles entirely above the causal diagonal (or, with a sliding window,
+   entirely before it) may be skipped: only when the
    causal fill is -inf and nothing after it can turn -inf into a finite value or NaN (a
    non-positive factor), so that a skipped key's probability would have been exactly zero.
 """
@@ -21,9 +22,10 @@ _PRECISION = {"float64": 3, "float32": 2, "bfloat16": 1, "float16": 1}
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
     score_round: str | None  # rounding of q @ k^T, as the user's product rounds it
-    steps: tuple[tuple[str, float, int, bool, str | None], ...]  # (op, value, input, invert, rounding)
+    steps: tuple[tuple[str, float, int, bool, int, str | None], ...]  # (op, value, input, invert, window, rounding)
     inputs: tuple[str, ...]
     skip_above_diagonal: bool
+    window: int  # with skip_above_diagonal: key tiles a whole window before a query tile are skipped too
     fp32_dot: bool  # the operands are float32: ask tl.dot for full precision (no tf32)
 
 
@@ -43,8 +45,9 @@ def _can_skip_causal_tiles(spec: AttentionSpec) -> bool:
 def lower_attention(spec: AttentionSpec) -> AttentionPlan:
     return AttentionPlan(
         score_round=_rounding(spec.score_dtype),
-        steps=tuple((s.op, s.value, s.input, s.invert, _rounding(s.dtype)) for s in spec.steps),
+        steps=tuple((s.op, s.value, s.input, s.invert, s.window, _rounding(s.dtype)) for s in spec.steps),
         inputs=spec.inputs,
         skip_above_diagonal=_can_skip_causal_tiles(spec),
+        window=next((s.window for s in spec.steps if s.op == "fill" and s.input == -1), 0),
         fp32_dot=spec.score_dtype == "float32",
     )

@@ -22,15 +22,16 @@ def _spec(text: str) -> AttentionSpec:
     return AttentionSpec.from_json(text)
 
 
-def causal_mask(lq: int, lk: int, device) -> Tensor:
-    """True where key j comes after query i, aligned bottom-right as the pass proved it."""
-    i = torch.arange(lq, device=device)[:, None]
+def causal_mask(lq: int, lk: int, device, window: int = 0) -> Tensor:
+    """True where key j comes after query i, aligned bottom-right as the pass proved it, and with
+    a ``window`` also where j is ``window`` or more keys before i."""
+    i = torch.arange(lq, device=device)[:, None] + (lk - lq)
     j = torch.arange(lk, device=device)[None, :]
-    return j > i + (lk - lq)
+    return (j > i) | (j <= i - window) if window else j > i
 
 
 def _mask_of(step, extras: list[Tensor], lq: int, lk: int, device) -> Tensor:
-    mask = causal_mask(lq, lk, device) if step.input == -1 else extras[step.input]
+    mask = causal_mask(lq, lk, device, step.window) if step.input == -1 else extras[step.input]
     return ~mask if step.invert else mask
 
 

@@ -265,13 +265,20 @@ def _position(gm) -> dict[Node, int]:
     return {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
-def _is_causal(mask: torch.Tensor, lq: int, lk: int) -> bool:
-    """Whether a boolean mask, broadcast to (…, Lq, Lk), is True exactly where key j > i + Lk - Lq."""
+def _causal_window(mask: torch.Tensor, lq: int, lk: int) -> int | None:
+    """For a boolean mask (broadcast to (…, Lq, Lk)) that hides exactly the keys after each query,
+    0; that also hides those ``w`` or more keys before it (a sliding window), ``w``; else None."""
     from fxfuse.ops.attention import causal_mask
 
     if mask.dtype != torch.bool or any(n != 1 for n in mask.shape[:-2]):
-        return False
-    return torch.equal(mask.reshape(mask.shape[-2:]).expand(lq, lk), causal_mask(lq, lk, mask.device))
+        return None
+    hidden = mask.reshape(mask.shape[-2:]).expand(lq, lk)
+    if torch.equal(hidden, causal_mask(lq, lk, mask.device)):
+        return 0
+    window = int((~hidden).sum(-1).max())  # the widest row sees exactly the window
+    if 0 < window < lk and torch.equal(hidden, causal_mask(lq, lk, mask.device, window)):
+        return window
+    return None
 
 
 def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
@@ -370,8 +377,9 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         if extra is not None:
             _check_extra(extra, step, score_shape, _root(v_op))
             mask = _constant_value(extra, gm) if step.op == "fill" else None
-            if mask is not None and _is_causal(~mask if step.invert else mask, lq, lk):
-                step = dataclasses.replace(step, input=-1, invert=False)
+            window = _causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
+            if window is not None:
+                step = dataclasses.replace(step, input=-1, invert=False, window=window)
             else:
                 step = dataclasses.replace(step, input=len(extras))
                 extras.append(extra)

@@ -3,6 +3,7 @@ interpreter) against the torch reference of the spec, at lengths that are not mu
 tile, for decoding (one query), with causal tile skipping, masks, biases and low-precision
 roundings; the log-sum-exp it saves; the exact CPU path (SDPA where it is exact); the backward
 formula (gradcheck); and the spec's JSON form."""
+import dataclasses
 import math
 
 import pytest
@@ -33,6 +34,8 @@ def _spec(kind, dtype):
         "factor": (ScoreStep("mul", d, input=0), ScoreStep("div", d, input=1)),
         # A fill that leaves hidden keys real probability: the backward must zero their dS itself.
         "fill_zero": (ScoreStep("fill", d, value=0.0, input=0),),
+        # Each query sees itself and the 4 keys before it: tiles on both sides are skipped.
+        "window": (ScoreStep("mul", d, value=0.5), ScoreStep("fill", d, value=-math.inf, input=-1, window=5)),
     }[kind]
     inputs = {"mask_bias": ("mask", "bias"), "factor": ("factor", "factor"), "fill_zero": ("mask",)}.get(kind, ())
     return AttentionSpec(score_dtype=d, steps=steps, prob_dtype=d, inputs=inputs)
@@ -51,7 +54,7 @@ def _extras(kind, lq, lk):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero", "window"])
 @pytest.mark.parametrize("lq,lk", [(5, 5), (19, 19), (1, 21), (3, 21), (37, 37)])
 def test_kernel_matches_reference(lq, lk, kind, dtype):
     spec = _spec(kind, dtype)
@@ -62,7 +65,7 @@ def test_kernel_matches_reference(lq, lk, kind, dtype):
     out, stats = kernel_forward(spec, q, k, v, extras)
     lse = stats[0] + stats[1].log()
     f64 = AttentionSpec(score_dtype="float64", prob_dtype="float64", inputs=spec.inputs, steps=tuple(
-        ScoreStep(s.op, "float64", s.value, s.input, s.invert) for s in spec.steps))
+        dataclasses.replace(s, dtype="float64") for s in spec.steps))
     wide = [e.double() if e.is_floating_point() else e for e in extras]
     expected = reference(f64, q.double(), k.double(), v.double(), wide)
     assert_close_to_reference(out, reference(spec, q, k, v, extras), expected, "kernel output")
@@ -78,6 +81,8 @@ def test_kernel_matches_reference(lq, lk, kind, dtype):
 def test_causal_tiles_are_skipped_only_when_exact():
     assert lower_attention(_spec("causal", "float32")).skip_above_diagonal
     assert "tl.minimum(LK" in generate(_spec("causal", "float32")).source
+    window = generate(_spec("window", "float32")).source  # and the tiles a whole window back
+    assert "tl.maximum(0, (pid_m * BLOCK_M + LK - LQ - 5 + 1)" in window and "+ 5)" in window
     # A finite fill gives hidden keys a tiny but nonzero weight in a row's softmax (and a
     # uniform one in a fully hidden row): skipping them would change the result.
     assert not lower_attention(_spec("causal_finite", "float32")).skip_above_diagonal
@@ -119,7 +124,7 @@ def test_source_is_deterministic_and_uses_no_libdevice():
 @pytest.mark.parametrize("kind", ["plain", "causal", "mask_bias", "factor"])
 def test_backward_formula_passes_gradcheck(kind):
     spec = _spec(kind, "float64")
-    spec = AttentionSpec("float64", tuple(ScoreStep(s.op, "float64", s.value, s.input, s.invert) for s in spec.steps),
+    spec = AttentionSpec("float64", tuple(dataclasses.replace(s, dtype="float64") for s in spec.steps),
                          "float64", spec.inputs)
     q, k, v = (torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     extras = [e.double().requires_grad_() if e.is_floating_point() else e for e in _extras(kind, 3, 3)]
@@ -191,7 +196,7 @@ def _autograd_grads(spec, q, k, v, extras, upstream):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero", "window"])
 # (21, 3): causal with more queries than keys hides every key from the first rows; with a finite
 # fill their probabilities are uniform, which the saved row statistics must reproduce.
 @pytest.mark.parametrize("lq,lk", [(5, 5), (1, 21), (21, 3), (37, 37)])
@@ -206,7 +211,7 @@ def test_backward_kernels_match_eager_gradients(lq, lk, kind, dtype):
     upstream = torch.randn(B, H, lq, D + 4, dtype=torch.float64)
     got = kernel_backward(spec, upstream.to(t), q, k, v, extras)
     eager = _autograd_grads(spec, q, k, v, extras, upstream)
-    f64 = AttentionSpec("float64", tuple(ScoreStep(s.op, "float64", s.value, s.input, s.invert) for s in spec.steps),
+    f64 = AttentionSpec("float64", tuple(dataclasses.replace(s, dtype="float64") for s in spec.steps),
                         "float64", spec.inputs)
     wide = [e.double() if e.is_floating_point() else e for e in extras]
     expected = _autograd_grads(f64, q.double(), k.double(), v.double(), wide, upstream)

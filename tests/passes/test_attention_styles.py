@@ -10,7 +10,7 @@ import fxfuse
 from fxfuse.passes.attention import FuseAttention
 from fxfuse.passes.canonicalize import Canonicalize
 from tests.attention_styles import (NEAR_MISSES, STYLES, CausalArangeWhere, CausalTrilInForward, EinsumUpcastSoftmax,
-                                     GroupedQueryRepeatInterleave, MultiHeadProjections)
+                                     GroupedQueryRepeatInterleave, MultiHeadProjections, SlidingWindowArange)
 from tests.tolerances import assert_close_to_reference
 
 PASSES = [Canonicalize(), FuseAttention()]
@@ -76,6 +76,14 @@ def test_near_miss_is_declined_and_left_as_written(style):
     assert style.reason in res.misses[0].reason, res.report()
     assert "fxfuse.attention" not in res.graph.code
     torch.testing.assert_close(res.module(*inputs), model(*inputs))
+
+
+def test_sliding_window_is_proved_from_the_mask_values():
+    model = SlidingWindowArange()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    spec = res.matches[0].spec
+    assert spec.causal and spec.inputs == () and [s.window for s in spec.steps if s.op == "fill"] == [3], spec
+    assert "causal, window 3 (fill -inf)" in res.report()
 
 
 def test_random_mask_is_never_proved_causal():
