@@ -1,11 +1,15 @@
 """``torch.ops.fxfuse.attention``: ``softmax(steps(q @ k^T)) @ v`` as one operator.
 
-q, k, v are ``(B, H, L, D)`` (any strides); the extra tensors (boolean masks, additive masks and
-biases) broadcast to the scores' ``(B, H, Lq, Lk)`` the way they did in the user's code (aligned
-on the right). The CPU implementation is ``F.scaled_dot_product_attention`` where SDPA computes
-exactly the spec (a scale and at most one additive or -inf boolean mask, no casts), otherwise the
-plain torch reference of the spec. The backward is an explicit formula through a backward operator
-of its own (autograd is off inside custom operators), recomputing the probabilities.
+q, k, v are ``(B, H, L, D)`` (any strides; k and v may have H / kv_groups heads); the extra
+tensors (boolean masks, additive masks and biases, factor tensors) broadcast to the scores'
+``(B, H, Lq, Lk)`` the way they did in the user's code (aligned on the right). On CUDA, or on CPU
+when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
+implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
+scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
+user's softmax gives NaN are set to NaN), else the plain torch reference of the spec. The backward
+is a backward operator of its own (autograd is off inside custom operators): the Triton backward
+kernels when no extra tensor needs a gradient, else an explicit torch formula; both recompute the
+probabilities.
 """
 from __future__ import annotations
 

@@ -1,15 +1,21 @@
 """Attention fusion: ``softmax(score terms(q @ k^T)) @ v``, written any way, becomes one operator.
 
-Recognition anchors on ``aten._softmax`` and walks back through the score terms (scalar factors,
-boolean fills, additive masks and biases, casts) and a layout-only chain (views, permutes,
-expands) to the ``bmm`` of queries and keys, then forward through casts and a layout-only chain to
-the ``bmm`` with the values. Whatever the user's code did to build q, k and v (head splits,
-transposes, einsum's permutes, scaled queries) stays in the graph: the fused operator takes the
-two products' operands as they are, so those parts cannot be misread. What must be proved is
-listed in ``_check``: that the layout chains between the products and the softmax only rename
-the product's elements (shown by replaying them on an index tensor), that the softmax runs over
-the key axis, that every score term keeps the scores' shape and broadcasts the way the operator
-reads it, and that no removed value (scores, probabilities) is used anywhere else.
+Recognition anchors on ``aten._softmax`` and walks back through the score terms (scalar and
+tensor factors, boolean fills, additive masks and biases, casts) and a layout-only chain (views,
+permutes, expands) to the ``bmm`` of queries and keys, then forward through casts and a
+layout-only chain to the ``bmm`` with the values. The operator computes on the products' own
+operands, so whatever built q, k and v (head splits, einsum's permutes, a scaled query) cannot be
+misread; where an operand is a copy, permutation or head-repeat of an earlier tensor, that tensor
+is read in place instead (grouped-query attention's kv heads are never materialised).
+
+What is proved, from ``meta`` and by replaying layout chains on index tensors (exact at the
+graph's static shapes): the chains between the products and the softmax only rename elements (a
+plain reshape of q @ k^T, and of the probabilities into the value product), so the softmax runs
+over the key axis and the value product contracts it; every score term keeps the scores' shape,
+broadcasts the way the operator reads it (aligned on the right) and is not computed from v; no
+removed value (scores, probabilities) is used anywhere else; a mask is replaced by the causal
+(or sliding-window) rule only when its values, computed by a small deterministic constant
+subgraph, are exactly that rule. Anything unproven is a miss with its reason.
 """
 from __future__ import annotations
 
