@@ -25,7 +25,8 @@ from fxfuse.spec import _SHORT
 #          pass sets only when it proved a constant mask of that form from its values
 #   "add"  s + inputs[input]    (additive mask or bias, broadcast to (B, H, Lq, Lk))
 #   "cast" s.to(dtype)
-STEP_OPS = ("mul", "div", "fill", "add", "cast")
+#   "tanh" torch.tanh(s)        (with a "div" before and a "mul" after: logit soft-capping)
+STEP_OPS = ("mul", "div", "fill", "add", "cast", "tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,8 @@ class AttentionSpec:
                     parts.append(f"masked_fill({'~' if step.invert else ''}mask{step.input}, {step.value:g})")
             elif step.op == "add":
                 parts.append(f"+ {self.inputs[step.input]}{step.input}")
+            elif step.op == "tanh":
+                parts.append("tanh")
             else:
                 parts.append(f"cast {_SHORT[step.dtype]}")
         if not scale_written:

@@ -112,6 +112,20 @@ class SlidingWindowArange(nn.Module):  # Mistral-style: causal and at most WINDO
         return scores.softmax(-1) @ v
 
 
+class SoftcapGemma2(nn.Module):  # Gemma 2: logits soft-capped, c * tanh(s / c), before the causal mask
+    CAP = 5.0
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+        scores = torch.tanh(scores / self.CAP) * self.CAP
+        n = q.size(-2)
+        scores = scores.masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf"))
+        return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class PaddingMaskFill(nn.Module):  # boolean key-padding mask, masked_fill(-inf)
     def inputs(self, dtype):
         return _qkv(dtype) + [_padding(dtype)]
@@ -201,7 +215,7 @@ class TensorSqrtScale(nn.Module):  # "Attention is all you need" ports: / torch.
 
 
 STYLES = [MatmulTranspose, EinsumUpcastSoftmax, BmmFlatHeadsScaledQuery, ScaleOnScoresMT, CausalTrilBuffer,
-          CausalTrilInForward, CausalArangeWhere, SlidingWindowArange, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
+          CausalTrilInForward, CausalArangeWhere, SlidingWindowArange, SoftcapGemma2, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
           GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues, PerHeadTemperature, TensorSqrtScale]
 
 

@@ -60,6 +60,12 @@ def _steps(plan: AttentionPlan) -> list[str]:
             expr = f"tl.where(flag{k}, s, {_lit(value)})" if invert else f"tl.where(flag{k}, {_lit(value)}, s)"
         elif op == "add":
             expr = f"s + tl.load({_tile(index)}, mask=in_bounds, other=0.0).to(tl.float32)"
+        elif op == "tanh":
+            # tanh from tl.exp (no libdevice): sign(s) (1 - e^-2|s|) / (1 + e^-2|s|), which cannot
+            # overflow; its value is kept as tanh{k} for the backward's 1 - tanh^2.
+            lines.append(f"e{k} = tl.exp(-2.0 * tl.abs(s))")
+            lines.append(f"tanh{k} = tl.where(s < 0, -1.0, 1.0) * (1.0 - e{k}) / (1.0 + e{k})")
+            expr = f"tanh{k}"
         else:
             expr = "s"
         lines += _round("s", expr, rounding)
@@ -199,6 +205,8 @@ def _grad_steps(plan: AttentionPlan) -> list[str]:
             lines.append(f"ds = ds {'*' if op == 'mul' else '/'} {_lit(value) if index == -1 else f'fac{k}'}")
         elif op == "fill":
             lines.append(f"ds = tl.where(flag{k}, ds, 0.0)" if invert else f"ds = tl.where(flag{k}, 0.0, ds)")
+        elif op == "tanh":
+            lines.append(f"ds = ds * (1.0 - tanh{k} * tanh{k})")
     return lines
 
 

@@ -67,6 +67,8 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
             s = s.masked_fill(_mask_of(step, extras, lq, lk, s.device), step.value)
         elif step.op == "add":
             s = s + (extras[step.input].to(acc) if acc else extras[step.input])
+        elif step.op == "tanh":
+            s = torch.tanh(s)
         if acc is None:
             s = s.to(to_dtype(step.dtype))
     return s
@@ -164,6 +166,8 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
             ds = ds.masked_fill(_mask_of(step, extras, lq, lk, ds.device), 0.0)
         elif step.op == "add":
             accumulate(step.input, ds)
+        elif step.op == "tanh":
+            ds = ds * (1 - torch.tanh(s_in) ** 2)
     dq = torch.matmul(ds, _heads(k, spec).to(acc))
     dk = torch.matmul(ds.transpose(-1, -2), q.to(acc))
     if spec.kv_groups > 1:  # each kv head's gradient sums over the query heads that read it

@@ -200,6 +200,8 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
             steps.append((x, ScoreStep("div", d), x.args[1]))
         elif _plain_cast(x):
             steps.append((x, ScoreStep("cast", d), None))
+        elif is_op(x, aten.tanh.default):
+            steps.append((x, ScoreStep("tanh", d), None))
         else:
             return x, steps[::-1]
         x = a

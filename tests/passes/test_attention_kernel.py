@@ -34,6 +34,9 @@ def _spec(kind, dtype):
         "factor": (ScoreStep("mul", d, input=0), ScoreStep("div", d, input=1)),
         # A fill that leaves hidden keys real probability: the backward must zero their dS itself.
         "fill_zero": (ScoreStep("fill", d, value=0.0, input=0),),
+        # Soft-capping after the scale, then a causal mask (Gemma 2's order).
+        "softcap": (ScoreStep("div", d, value=2.0), ScoreStep("tanh", d), ScoreStep("mul", d, value=2.0),
+                    ScoreStep("fill", d, value=-math.inf, input=-1)),
         # Each query sees itself and the 4 keys before it: tiles on both sides are skipped.
         "window": (ScoreStep("mul", d, value=0.5), ScoreStep("fill", d, value=-math.inf, input=-1, window=5)),
     }[kind]
@@ -54,7 +57,7 @@ def _extras(kind, lq, lk):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero", "window"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero", "window", "softcap"])
 @pytest.mark.parametrize("lq,lk", [(5, 5), (19, 19), (1, 21), (3, 21), (37, 37)])
 def test_kernel_matches_reference(lq, lk, kind, dtype):
     spec = _spec(kind, dtype)
@@ -88,6 +91,9 @@ def test_causal_tiles_are_skipped_only_when_exact():
     assert not lower_attention(_spec("causal_finite", "float32")).skip_above_diagonal
     negated = AttentionSpec("float32", (ScoreStep("fill", "float32", -math.inf, -1), ScoreStep("mul", "float32", -1.0)))
     assert not lower_attention(negated).skip_above_diagonal  # -inf * -1 = +inf: the hidden keys would win
+    capped = AttentionSpec("float32", (ScoreStep("fill", "float32", -math.inf, -1), ScoreStep("tanh", "float32")))
+    assert not lower_attention(capped).skip_above_diagonal  # tanh(-inf) = -1: hidden keys get weight again
+    assert lower_attention(_spec("softcap", "float32")).skip_above_diagonal  # capped before the mask: fine
 
 
 def test_fully_hidden_rows_are_nan_as_in_eager():
@@ -121,7 +127,7 @@ def test_source_is_deterministic_and_uses_no_libdevice():
         assert "libdevice" not in src and "tl.math" not in src
 
 
-@pytest.mark.parametrize("kind", ["plain", "causal", "mask_bias", "factor"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "mask_bias", "factor", "softcap"])
 def test_backward_formula_passes_gradcheck(kind):
     spec = _spec(kind, "float64")
     spec = AttentionSpec("float64", tuple(dataclasses.replace(s, dtype="float64") for s in spec.steps),
@@ -196,7 +202,7 @@ def _autograd_grads(spec, q, k, v, extras, upstream):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero", "window"])
+@pytest.mark.parametrize("kind", ["plain", "causal", "causal_finite", "mask_bias", "factor", "fill_zero", "window", "softcap"])
 # (21, 3): causal with more queries than keys hides every key from the first rows; with a finite
 # fill their probabilities are uniform, which the saved row statistics must reproduce.
 @pytest.mark.parametrize("lq,lk", [(5, 5), (1, 21), (21, 3), (37, 37)])
