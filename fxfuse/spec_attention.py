@@ -71,14 +71,24 @@ class AttentionSpec:
         # The value product multiplies the probabilities by v, which must share their dtype.
         return self.prob_dtype
 
+    def _softcap_steps(self) -> set[int]:
+        """Indices of the steps that form ``c * tanh(s / c)`` triples (logit soft-capping)."""
+        found = set()
+        for k in range(1, len(self.steps) - 1):
+            before, tanh, after = self.steps[k - 1:k + 2]
+            if tanh.op == "tanh" and before.op == "div" and after.op == "mul" and before.input == after.input == -1 \
+                    and before.value == after.value:
+                found |= {k - 1, k, k + 1}
+        return found
+
     @property
     def scale(self) -> float:
-        """The product of the scalar factors (for reports and kernels that fold them)."""
-        s = 1.0
-        for step in self.steps:
-            if step.op == "mul" and step.input == -1:
+        """The product of the scalar factors outside soft-capping (for reports)."""
+        s, capped = 1.0, self._softcap_steps()
+        for k, step in enumerate(self.steps):
+            if step.op == "mul" and step.input == -1 and k not in capped:
                 s *= step.value
-            elif step.op == "div" and step.input == -1:
+            elif step.op == "div" and step.input == -1 and k not in capped:
                 s /= step.value
         return s
 
@@ -96,9 +106,12 @@ class AttentionSpec:
     def describe(self) -> str:
         """The spec in words: ``attention: scale 0.5, masked_fill(-inf), + bias, softmax in f32 -> bf16``."""
         parts = [f"scores in {_SHORT[self.score_dtype]}"]
-        scale_written = False
-        for step in self.steps:
-            if step.op in ("mul", "div") and step.input >= 0:
+        scale_written, capped = False, self._softcap_steps()
+        for k, step in enumerate(self.steps):
+            if k in capped:
+                if step.op == "tanh":
+                    parts.append(f"softcap {self.steps[k + 1].value:g}")
+            elif step.op in ("mul", "div") and step.input >= 0:
                 parts.append(f"{'*' if step.op == 'mul' else '/'} factor{step.input}")
             elif step.op in ("mul", "div"):
                 if not scale_written:

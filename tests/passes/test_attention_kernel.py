@@ -152,6 +152,8 @@ def test_spec_round_trips_through_json_and_reads_in_words():
     words = spec.describe()
     assert "masked_fill(~mask0, -inf)" in words and "+ bias1" in words and "softmax in bf16" in words
     assert "scale 0.5" in causal.describe() and "causal (fill -inf)" in causal.describe()
+    capped = _spec("softcap", "float32").describe()
+    assert "softcap 2" in capped and "scale" not in capped.replace("no scale", ""), capped
 
 
 def test_operator_runs_the_kernel_when_interpreting(monkeypatch):
