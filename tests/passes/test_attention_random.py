@@ -1,5 +1,5 @@
-"""Random combinations of attention styles (hypothesis): layout x scale placement x mask kind x
-GQA x softmax upcast x dtype; every generated model's site is fused and equals eager, and
+"""Random combinations of attention styles (hypothesis): layout x scale placement (or soft-capping)
+x mask kind x GQA x softmax upcast x dtype; every generated model's site is fused and equals eager, and
 generated near-misses are declined. Also the torch.compile path and training-mode dropout."""
 import copy
 import math
@@ -19,8 +19,8 @@ B, H, L, D = 2, 2, 5, 8
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 LAYOUTS = ["bhld", "blhd_einsum", "flat_bmm"]
-SCALES = ["none", "on_q", "on_k", "mul_scores", "div_sqrt_d"]
-MASKS = ["none", "pad_fill_inf", "pad_where_min", "additive", "causal_tril", "bias_hld"]
+SCALES = ["none", "on_q", "on_k", "mul_scores", "div_sqrt_d", "softcap"]
+MASKS = ["none", "pad_fill_inf", "pad_where_min", "additive", "causal_tril", "sliding_window", "bias_hld"]
 NEAR_MISSES = ["softmax_dim_-2", "mask_after_softmax", "scores_returned", "probs_transposed", "bias_from_v"]
 
 
@@ -57,6 +57,7 @@ class Generated(torch.nn.Module):
         else:
             s = q @ k.transpose(-2, -1)
         s = s * c if self.scale == "mul_scores" else s / math.sqrt(D) if self.scale == "div_sqrt_d" else s
+        s = torch.tanh(s / 4.0) * 4.0 if self.scale == "softcap" else s
         keep_s = self._scores_mask(keep, flat)
         if self.mask == "pad_fill_inf":
             s = s.masked_fill(~keep_s, float("-inf"))
@@ -66,6 +67,9 @@ class Generated(torch.nn.Module):
             s = s + (1.0 - keep_s.to(s.dtype)) * -1e4
         elif self.mask == "causal_tril":
             s = s.masked_fill(~torch.tril(torch.ones(L, L, dtype=torch.bool)), float("-inf"))
+        elif self.mask == "sliding_window":
+            i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+            s = s.masked_fill((j > i) | (i - j >= 2), float("-inf"))
         elif self.mask == "bias_hld":
             s = s + (self.bias.reshape(B * H // B * 1, L, L).repeat(B, 1, 1) if flat else self.bias)
         if self.near_miss == "bias_from_v":
