@@ -43,3 +43,11 @@ def test_transformers_llama():
     assert out.count("rms_norm at ") == 5
     assert "modeling_llama.py" in out  # sites point at transformers' own source lines
     assert "logits equal eager" in out
+
+
+def test_custom_attention():
+    out = run_example("custom_attention.py")
+    assert "1 fused (1 attention)" in out.splitlines()[0]
+    assert "softcap 30" in out and "scale 0.25" in out  # the site's spec in words
+    assert "@triton.jit" in out  # the generated kernel is printed
+    assert "rewritten output equals eager" in out
