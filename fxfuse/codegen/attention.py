@@ -32,7 +32,7 @@ def _round(target: str, expr: str, dtype: str | None) -> list[str]:
     """``target = expr``, then the user's rounding to ``dtype`` when ROUND is on. The forward rounds
     as the user's code does; the backward recomputes without (as the torch formula does): the
     gradients of the unrounded scores are closer to the exact ones than those of rounded ones."""
-    lines = [f"{target} = {expr}"]
+    lines = [f"{target} = {expr}"] if expr != target else []
     if dtype:
         lines += ["if ROUND:", f"    {target} = {target}.to({_TL[dtype]}).to(tl.float32)"]
     return lines
@@ -97,7 +97,7 @@ import triton.language as tl
 
 
 @triton.jit
-def {name}_forward(Q, K, V, O, STATS, {extras}
+def {name}_forward({("Q, K, V, O, STATS, " + extras).rstrip()}
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                    {extra_strides}H, GROUPS, LQ, LK, D, DV,
@@ -228,7 +228,7 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     if plan.skip_above_diagonal and plan.window:  # later queries' windows have moved past this key tile
         hi_m = f"tl.minimum(LQ, (pid_n + 1) * BLOCK_N - (LK - LQ) + {plan.window})"
     lo, hi = _key_range(plan)
-    args = f'''Q, K, V, DO, STATS, DELTA, {extras}
+    args = f'''{("Q, K, V, DO, STATS, DELTA, " + extras).rstrip()}
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         {extra_strides}H, GROUPS, LQ, LK, D, DV'''
