@@ -15,17 +15,19 @@ over the key axis and the value product contracts it; every score term keeps the
 broadcasts the way the operator reads it (aligned on the right) and is not computed from v; no
 removed value (scores, probabilities) is used anywhere else; a mask is replaced by the causal
 (or sliding-window) rule only when its values, computed by a small deterministic constant
-subgraph, are exactly that rule. Anything unproven is a miss with its reason.
+subgraph, are exactly that rule (those replays and evaluations live in ``attention_layout.py``).
+Anything unproven is a miss with its reason.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 import torch
 from torch.fx import Node
 
+from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, is_plain_reshape, layout_chain_back,
+                                           source_operand)
 from fxfuse.passes.graph import depends_on, dtype, is_op, is_python_scalar, shape, source_of, val
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
@@ -33,15 +35,8 @@ from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
 aten = torch.ops.aten
 
-# Ops that only rename elements (no arithmetic): a chain of them between a product and the
-# softmax is allowed when replaying it on an index tensor shows it is a plain reshape.
-_LAYOUT = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-           aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim,
-           aten.clone.default, aten.alias.default, aten.t.default)
 _BMM = (aten.bmm.default,)
 _CAST = (aten._to_copy.default,)
-_MAX_CONSTANT_NODES = 40  # constant mask subgraphs evaluated to prove causality stay this small
-_MAX_CONSTANT_NUMEL = 1 << 22
 
 
 class Declined(Exception):
@@ -57,7 +52,7 @@ class _Site:
     extras: list[Node]
     spec: AttentionSpec
     interior: set[Node]
-    sources: dict  # "q"/"k"/"v" -> (source, permutation, groups) or None, see _source_operand
+    sources: dict  # "q"/"k"/"v" -> (source, permutation, groups) or None, see source_operand
 
 
 def _plain_cast(node) -> bool:
@@ -66,83 +61,6 @@ def _plain_cast(node) -> bool:
     extra = set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}
     v, src = val(node), val(node.args[0])
     return not extra and v is not None and src is not None and v.device == src.device and v.dtype.is_floating_point
-
-
-def _concrete(args) -> bool:
-    flat = []
-    for a in args:
-        flat.extend(a if isinstance(a, (list, tuple)) else [a])
-    return all(not isinstance(a, (Node, torch.SymInt)) for a in flat)
-
-
-def _replay(chain: list[Node], src_shape: tuple) -> torch.Tensor | None:
-    """Where each element of ``chain``'s result comes from: the layout ops (first applied first)
-    replayed on ``arange`` over a ``src_shape`` tensor (exact, at these shapes); None if unknown."""
-    numel = math.prod(src_shape)
-    if numel > _MAX_CONSTANT_NUMEL:
-        return None
-    idx = torch.arange(numel).reshape(src_shape)
-    for node in chain:
-        if not _concrete(node.args[1:]):
-            return None
-        if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
-            idx = idx.reshape(node.args[1])  # same values as the view; the strides may differ
-        else:
-            idx = node.target(idx, *node.args[1:], **{k: v for k, v in node.kwargs.items() if k != "memory_format"})
-    return idx
-
-
-def _is_plain_reshape(chain: list[Node], src_shape: tuple, dst_shape: tuple) -> bool:
-    """Whether ``chain`` maps a ``src_shape`` tensor to its row-major reshape to ``dst_shape``."""
-    if math.prod(src_shape) != math.prod(dst_shape):
-        return False
-    idx = _replay(chain, src_shape)
-    return idx is not None and tuple(idx.shape) == tuple(dst_shape) and \
-        torch.equal(idx, torch.arange(idx.numel()).reshape(dst_shape))
-
-
-def _source_operand(operand: Node, lead: tuple[int, int], transposed: bool, grouped: bool):
-    """The tensor a product's operand was copied, repeated or transposed from, read in place.
-
-    ``operand`` is (B*H, L, D) (or (B*H, D, L) when ``transposed``: the keys of q @ k^T). Walking
-    back through its layout ops, the farthest 4-d tensor R of which it is, element for element, a
-    dims permutation to (B, Hkv, L, D) with each kv head repeated H/Hkv times (``grouped``: keys
-    and values of grouped-query attention) is returned as (R, permutation, H/Hkv); None when there
-    is none (the operand is then used as it is). The replay on index tensors is the proof.
-    """
-    b, h = lead
-    n, rows, cols = shape(operand)
-    l, d = (cols, rows) if transposed else (rows, cols)
-    chain, node = [], operand
-    while is_op(node, *_LAYOUT) and isinstance(node.args[0], Node):
-        chain.insert(0, node)
-        node = node.args[0]
-    candidates = [node] + [c for c in chain[:-1]]  # the farthest first: it saves the most copies
-    for i, root in enumerate(candidates):
-        rs = shape(root)
-        if rs is None or len(rs) != 4 or not all(isinstance(x, int) for x in rs):
-            continue
-        idx = _replay(chain[i:], rs)
-        if idx is None:
-            continue
-        for perm in itertools.permutations(range(4)):
-            hkv = rs[perm[1]]
-            if (rs[perm[0]], rs[perm[2]], rs[perm[3]]) != (b, l, d) or h % hkv or (hkv != h and not grouped):
-                continue
-            base = torch.arange(math.prod(rs)).reshape(rs).permute(perm)
-            want = base.unsqueeze(2).expand(b, hkv, h // hkv, l, d).reshape(n, l, d)
-            if torch.equal(idx, want.transpose(1, 2) if transposed else want):
-                return root, list(perm), h // hkv
-    return None
-
-
-def _layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
-    """Walk back from ``node`` through layout ops: (first non-layout node, chain in program order)."""
-    chain = []
-    while is_op(node, *_LAYOUT) and isinstance(node.args[0], Node):
-        chain.append(node)
-        node = node.args[0]
-    return node, chain[::-1]
 
 
 def _scalar_fill(node) -> float | None:
@@ -232,63 +150,6 @@ def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> 
                        "positions, masks and biases, not on v")
 
 
-def _constant_value(node: Node, gm: torch.fx.GraphModule) -> torch.Tensor | None:
-    """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange)."""
-    order, todo, seen = [], [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_CONSTANT_NODES:
-            return None  # a graph input (placeholder) takes part: the value is not known here
-        if n.op == "call_function" and not _repeatable(n.target):
-            return None  # random or uninitialised values: one evaluation proves nothing about the next
-        order.append(n)
-        todo.extend(n.all_input_nodes)
-    env: dict[Node, object] = {}
-    for n in sorted(order, key=_position(gm).__getitem__):
-        try:
-            if n.op == "get_attr":
-                env[n] = getattr(gm, n.target)
-                continue
-            args = torch.fx.node.map_arg(n.args, env.__getitem__)
-            kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
-            if "device" in kwargs:
-                kwargs = {**kwargs, "device": torch.device("cpu")}
-            env[n] = n.target(*args, **kwargs)
-        except Exception:
-            return None
-    out = env[node]
-    return out.cpu() if isinstance(out, torch.Tensor) and out.numel() <= _MAX_CONSTANT_NUMEL else None
-
-
-def _repeatable(target) -> bool:
-    name = getattr(target, "__name__", str(target))
-    tags = getattr(target, "tags", ())
-    return torch.Tag.nondeterministic_seeded not in tags and "empty" not in name and "rand" not in name
-
-
-def _position(gm) -> dict[Node, int]:
-    return {n: i for i, n in enumerate(gm.graph.nodes)}
-
-
-def _causal_window(mask: torch.Tensor, lq: int, lk: int) -> int | None:
-    """For a boolean mask (broadcast to (…, Lq, Lk)) that hides exactly the keys after each query,
-    0; that also hides those ``w`` or more keys before it (a sliding window), ``w``; else None."""
-    from fxfuse.ops.attention import causal_mask
-
-    if mask.dtype != torch.bool or any(n != 1 for n in mask.shape[:-2]):
-        return None
-    hidden = mask.reshape(mask.shape[-2:]).expand(lq, lk)
-    if torch.equal(hidden, causal_mask(lq, lk, mask.device)):
-        return 0
-    window = int((~hidden).sum(-1).max())  # the widest row sees exactly the window
-    if 0 < window < lk and torch.equal(hidden, causal_mask(lq, lk, mask.device, window)):
-        return window
-    return None
-
-
 def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
     """Walk forward from the softmax through casts and a layout chain to the value product.
 
@@ -299,7 +160,7 @@ def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
         x = next(iter(x.users))
         casts.append(x)
     chain = []
-    while len(x.users) == 1 and is_op(next(iter(x.users)), *_LAYOUT):
+    while len(x.users) == 1 and is_op(next(iter(x.users)), *LAYOUT):
         x = next(iter(x.users))
         chain.append(x)
     users = list(x.users)
@@ -342,7 +203,7 @@ def _is_dropout(node: Node) -> bool:
 
 def _root(node: Node) -> Node:
     """The tensor an operand is a view/copy of (for the "computed from the values" check)."""
-    while is_op(node, *_LAYOUT, aten.repeat_interleave.self_int) and isinstance(node.args[0], Node):
+    while is_op(node, *LAYOUT, aten.repeat_interleave.self_int) and isinstance(node.args[0], Node):
         node = node.args[0]
     return node
 
@@ -358,7 +219,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             raise Declined("the scores have symbolic (dynamic) sizes; fused attention needs static shapes for now")
         raise _NotAttention
     start, steps = _score_steps(x, score_shape)
-    qk, score_chain = _layout_chain_back(start)
+    qk, score_chain = layout_chain_back(start)
     if not is_op(qk, *_BMM):
         raise _NotAttention
     rank = len(score_shape)
@@ -372,11 +233,11 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise Declined(f"the scores have rank {rank}; fused attention reads (B*H, L, L) or (B, H, L, L) scores")
     n, lq, lk = shape(qk)
     if math.prod(score_shape[:-2]) != n or tuple(score_shape[-2:]) != (lq, lk) or not \
-            _is_plain_reshape(score_chain, (n, lq, lk), score_shape):
+            is_plain_reshape(score_chain, (n, lq, lk), score_shape):
         raise Declined("the scores reach the softmax through a layout change that is not a plain reshape of "
                        "q @ k^T (transposed or permuted), so the softmax does not run over the key axis")
     p_node = casts[-1] if casts else softmax
-    if shape(pv.args[0]) != (n, lq, lk) or not _is_plain_reshape(p_chain, tuple(shape(p_node)), (n, lq, lk)):
+    if shape(pv.args[0]) != (n, lq, lk) or not is_plain_reshape(p_chain, tuple(shape(p_node)), (n, lq, lk)):
         raise Declined("the probabilities reach the value product through a layout change (transposed, "
                        "permuted or broadcast), so the product does not contract the key axis")
     v_op = pv.args[1]
@@ -384,8 +245,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     for node, step, extra in steps:
         if extra is not None:
             _check_extra(extra, step, score_shape, _root(v_op))
-            mask = _constant_value(extra, gm) if step.op == "fill" else None
-            window = _causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
+            mask = constant_value(extra, gm) if step.op == "fill" else None
+            window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
             if window is not None:
                 step = dataclasses.replace(step, input=-1, invert=False, window=window)
             else:
@@ -395,8 +256,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         spec_steps.append(step)
     lead = (1, n) if rank == 3 else tuple(score_shape[:2])
     q_op, k_op = qk.args
-    sources = {"q": _source_operand(q_op, lead, False, False), "k": _source_operand(k_op, lead, True, True),
-               "v": _source_operand(v_op, lead, False, True)}
+    sources = {"q": source_operand(q_op, lead, False, False), "k": source_operand(k_op, lead, True, True),
+               "v": source_operand(v_op, lead, False, True)}
     k_groups = sources["k"][2] if sources["k"] else 1
     v_groups = sources["v"][2] if sources["v"] else 1
     if k_groups != v_groups:  # the operator maps one kv head to a group of query heads for both

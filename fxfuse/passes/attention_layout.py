@@ -1,0 +1,171 @@
+"""Proofs for the attention pass that rest on evaluating the graph, not on reading its ops.
+
+Two kinds of fact are proved here, both exactly at the graph's static shapes:
+
+* Layout: a chain of element-renaming ops (views, permutes, expands, copies) is replayed on an
+  ``arange`` index tensor, so the result says where every element comes from. That proves a
+  chain is a plain row-major reshape (the softmax still runs over the key axis, the value product
+  still contracts it), and finds the tensor a product's operand is a permutation or head-repeat
+  of, so the fused operator can read q, k and v in place (grouped-query kv heads unrepeated).
+* Constant masks: a boolean mask built by a small deterministic subgraph that reads no graph
+  input is evaluated, and replaced by the causal (or sliding-window) rule only when its values
+  are exactly that rule.
+
+They live apart from recognition (``fxfuse/passes/attention.py``) because they are the pass's
+soundness argument: each answers "is this rewrite exact?" and returns None/False when unsure.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch.fx import Node
+
+from fxfuse.passes.graph import is_op, shape
+
+aten = torch.ops.aten
+
+# Ops that only rename elements (no arithmetic): a chain of them between a product and the
+# softmax is allowed when replaying it on an index tensor shows it is a plain reshape.
+LAYOUT = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+          aten.permute.default, aten.transpose.int, aten.unsqueeze.default, aten.squeeze.dim,
+          aten.clone.default, aten.alias.default, aten.t.default)
+
+_MAX_CONSTANT_NODES = 40  # constant mask subgraphs evaluated to prove causality stay this small
+_MAX_CONSTANT_NUMEL = 1 << 22
+
+
+def _concrete(args) -> bool:
+    flat = []
+    for a in args:
+        flat.extend(a if isinstance(a, (list, tuple)) else [a])
+    return all(not isinstance(a, (Node, torch.SymInt)) for a in flat)
+
+
+def _replay(chain: list[Node], src_shape: tuple) -> torch.Tensor | None:
+    """Where each element of ``chain``'s result comes from: the layout ops (first applied first)
+    replayed on ``arange`` over a ``src_shape`` tensor (exact, at these shapes); None if unknown."""
+    numel = math.prod(src_shape)
+    if numel > _MAX_CONSTANT_NUMEL:
+        return None
+    idx = torch.arange(numel).reshape(src_shape)
+    for node in chain:
+        if not _concrete(node.args[1:]):
+            return None
+        if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+            idx = idx.reshape(node.args[1])  # same values as the view; the strides may differ
+        else:
+            idx = node.target(idx, *node.args[1:], **{k: v for k, v in node.kwargs.items() if k != "memory_format"})
+    return idx
+
+
+def is_plain_reshape(chain: list[Node], src_shape: tuple, dst_shape: tuple) -> bool:
+    """Whether ``chain`` maps a ``src_shape`` tensor to its row-major reshape to ``dst_shape``."""
+    if math.prod(src_shape) != math.prod(dst_shape):
+        return False
+    idx = _replay(chain, src_shape)
+    return idx is not None and tuple(idx.shape) == tuple(dst_shape) and \
+        torch.equal(idx, torch.arange(idx.numel()).reshape(dst_shape))
+
+
+def source_operand(operand: Node, lead: tuple[int, int], transposed: bool, grouped: bool):
+    """The tensor a product's operand was copied, repeated or transposed from, read in place.
+
+    ``operand`` is (B*H, L, D) (or (B*H, D, L) when ``transposed``: the keys of q @ k^T). Walking
+    back through its layout ops, the farthest 4-d tensor R of which it is, element for element, a
+    dims permutation to (B, Hkv, L, D) with each kv head repeated H/Hkv times (``grouped``: keys
+    and values of grouped-query attention) is returned as (R, permutation, H/Hkv); None when there
+    is none (the operand is then used as it is). The replay on index tensors is the proof.
+    """
+    b, h = lead
+    n, rows, cols = shape(operand)
+    l, d = (cols, rows) if transposed else (rows, cols)
+    chain, node = [], operand
+    while is_op(node, *LAYOUT) and isinstance(node.args[0], Node):
+        chain.insert(0, node)
+        node = node.args[0]
+    candidates = [node] + [c for c in chain[:-1]]  # the farthest first: it saves the most copies
+    for i, root in enumerate(candidates):
+        rs = shape(root)
+        if rs is None or len(rs) != 4 or not all(isinstance(x, int) for x in rs):
+            continue
+        idx = _replay(chain[i:], rs)
+        if idx is None:
+            continue
+        for perm in itertools.permutations(range(4)):
+            hkv = rs[perm[1]]
+            if (rs[perm[0]], rs[perm[2]], rs[perm[3]]) != (b, l, d) or h % hkv or (hkv != h and not grouped):
+                continue
+            base = torch.arange(math.prod(rs)).reshape(rs).permute(perm)
+            want = base.unsqueeze(2).expand(b, hkv, h // hkv, l, d).reshape(n, l, d)
+            if torch.equal(idx, want.transpose(1, 2) if transposed else want):
+                return root, list(perm), h // hkv
+    return None
+
+
+def layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
+    """Walk back from ``node`` through layout ops: (first non-layout node, chain in program order)."""
+    chain = []
+    while is_op(node, *LAYOUT) and isinstance(node.args[0], Node):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+
+def constant_value(node: Node, gm: torch.fx.GraphModule) -> torch.Tensor | None:
+    """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange)."""
+    order, todo, seen = [], [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_CONSTANT_NODES:
+            return None  # a graph input (placeholder) takes part: the value is not known here
+        if n.op == "call_function" and not _repeatable(n.target):
+            return None  # random or uninitialised values: one evaluation proves nothing about the next
+        order.append(n)
+        todo.extend(n.all_input_nodes)
+    env: dict[Node, object] = {}
+    for n in sorted(order, key=_position(gm).__getitem__):
+        try:
+            if n.op == "get_attr":
+                env[n] = getattr(gm, n.target)
+                continue
+            args = torch.fx.node.map_arg(n.args, env.__getitem__)
+            kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
+            if "device" in kwargs:
+                kwargs = {**kwargs, "device": torch.device("cpu")}
+            env[n] = n.target(*args, **kwargs)
+        except Exception:
+            return None
+    out = env[node]
+    return out.cpu() if isinstance(out, torch.Tensor) and out.numel() <= _MAX_CONSTANT_NUMEL else None
+
+
+def _repeatable(target) -> bool:
+    name = getattr(target, "__name__", str(target))
+    tags = getattr(target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags and "empty" not in name and "rand" not in name
+
+
+def _position(gm) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def causal_window(mask: torch.Tensor, lq: int, lk: int) -> int | None:
+    """For a boolean mask (broadcast to (…, Lq, Lk)) that hides exactly the keys after each query,
+    0; that also hides those ``w`` or more keys before it (a sliding window), ``w``; else None."""
+    from fxfuse.ops.attention import causal_mask
+
+    if mask.dtype != torch.bool or any(n != 1 for n in mask.shape[:-2]):
+        return None
+    hidden = mask.reshape(mask.shape[-2:]).expand(lq, lk)
+    if torch.equal(hidden, causal_mask(lq, lk, mask.device)):
+        return 0
+    window = int((~hidden).sum(-1).max())  # the widest row sees exactly the window
+    if 0 < window < lk and torch.equal(hidden, causal_mask(lq, lk, mask.device, window)):
+        return window
+    return None
