@@ -1,0 +1,133 @@
+"""Golden files for generated attention kernel source: the text fxfuse generates for a handful
+of representative AttentionSpecs must match ``tests/codegen/golden/attention_<case>.py`` byte for
+byte (the same mechanism as ``test_golden.py``, which covers the norm kernels).
+
+A change to the attention template shows up here as a diff a reviewer can read. When the change is
+intended, regenerate the files and commit them with the template change:
+
+    FXFUSE_UPDATE_GOLDEN=1 python -m pytest -q tests/codegen/test_golden_attention.py
+
+If the change alters what an already-cached kernel computes, also bump ``CODEGEN_VERSION`` in
+``fxfuse/codegen/cache.py``; the kernel names in the golden files change with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from fxfuse.codegen.attention import _source, backward_source, generate
+from fxfuse.codegen.cache import load
+from fxfuse.lowering.attention import lower_attention
+from fxfuse.spec_attention import AttentionSpec, ScoreStep
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+PREFIX = "attention_"
+UPDATE = os.environ.get("FXFUSE_UPDATE_GOLDEN", "") == "1"
+F32, BF16 = "float32", "bfloat16"
+NEG_INF = -math.inf
+
+# Specs of the kind the attention pass produces, written out so these tests depend on codegen alone.
+SPECS = {
+    # softmax(q @ k^T * d**-0.5) @ v in float32.
+    "plain_f32": AttentionSpec(F32, (ScoreStep("mul", F32, value=0.125),), F32),
+    # Decoder self-attention: the scale as a division, then a causal mask proved from its values.
+    "causal_f32": AttentionSpec(F32, (ScoreStep("div", F32, value=8.0), ScoreStep("fill", F32, value=NEG_INF)), F32),
+    # Mistral-style sliding window: causal, and keys 4 or more positions back hidden too.
+    "causal_window_f32": AttentionSpec(
+        F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("fill", F32, value=NEG_INF, window=4)), F32),
+    # Encoder with a boolean padding mask (torch.where(keep, s, -inf)) and an additive position bias.
+    "padding_mask_bias_f32": AttentionSpec(
+        F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("fill", F32, value=NEG_INF, input=0, invert=True),
+              ScoreStep("add", F32, input=1)),
+        F32, inputs=("mask", "bias")),
+    # Gemma 2 logit soft-capping 50 * tanh(s / 50), then causal.
+    "softcap_causal_f32": AttentionSpec(
+        F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("div", F32, value=50.0), ScoreStep("tanh", F32),
+              ScoreStep("mul", F32, value=50.0), ScoreStep("fill", F32, value=NEG_INF)), F32),
+    # Grouped-query attention: two query heads per kv head, kv read in place.
+    "gqa2_causal_f32": AttentionSpec(
+        F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("fill", F32, value=NEG_INF)), F32, kv_groups=2),
+    # Hugging Face eager: bf16 scores, softmax(dtype=float32), probabilities cast back to bf16.
+    "bf16_scores_f32_softmax": AttentionSpec(
+        BF16, (ScoreStep("mul", BF16, value=0.125), ScoreStep("add", BF16, input=0), ScoreStep("cast", F32)),
+        BF16, inputs=("bias",)),
+}
+KERNEL_FUNCTIONS = ("_forward", "_backward_dkdv", "_backward_dq")
+
+
+def _golden(case: str) -> Path:
+    return GOLDEN_DIR / f"{PREFIX}{case}.py"
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_generated_attention_source_matches_golden_file(case):
+    kernel = generate(SPECS[case])
+    golden = _golden(case)
+    if UPDATE:
+        golden.write_bytes(kernel.source.encode())
+    assert golden.exists(), f"no golden file {golden}; create it with FXFUSE_UPDATE_GOLDEN=1 (see module docstring)"
+    expected = golden.read_bytes().decode()
+    assert kernel.source == expected, (
+        f"generated source for {case} differs from {golden}; if the template change is intended, "
+        "rerun with FXFUSE_UPDATE_GOLDEN=1 and commit the new file"
+    )
+    module = load(kernel)  # the golden text is loadable Triton, not just a string that happens to match
+    assert {kernel.name + f for f in KERNEL_FUNCTIONS} <= set(vars(module))
+
+
+def test_attention_golden_files_have_a_spec_each():
+    """A golden file whose spec was removed would otherwise never be compared again."""
+    on_disk = {p.stem[len(PREFIX):] for p in GOLDEN_DIR.glob(f"{PREFIX}*.py")}
+    assert on_disk == set(SPECS)
+
+
+def test_attention_golden_sources_differ_where_the_specs_do():
+    """Guards the golden files themselves: each records a different kernel."""
+    sources = [generate(spec).source for spec in SPECS.values()]
+    assert len(set(sources)) == len(sources)
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_same_attention_spec_gives_same_bytes_and_name(case):
+    spec = SPECS[case]
+    again = AttentionSpec.from_json(spec.to_json())  # an equal spec built independently
+    first, second = generate(spec), generate(again)
+    assert first.name == second.name
+    assert first.source.encode() == second.source.encode()
+    plan = lower_attention(again)
+    assert _source(first.name, again, plan) + backward_source(first.name, again, plan) == first.source
+
+
+def test_attention_kernel_name_changes_with_scale_and_with_any_field():
+    base = SPECS["causal_f32"]
+    scale, causal = base.steps
+    names = {generate(base).name}
+    for changed in (
+        dataclasses.replace(base, steps=(dataclasses.replace(scale, value=4.0), causal)),
+        dataclasses.replace(base, steps=(dataclasses.replace(scale, value=8.0 * (1 + 2**-40)), causal)),  # last bits
+        dataclasses.replace(base, steps=(scale, dataclasses.replace(causal, window=4))),
+        dataclasses.replace(base, steps=(scale, dataclasses.replace(causal, value=-1e9))),
+        dataclasses.replace(base, kv_groups=2),
+        dataclasses.replace(base, prob_dtype=BF16),
+    ):
+        kernel = generate(changed)
+        assert kernel.name not in names, changed
+        assert kernel.name in kernel.source  # the kernel functions carry the name
+        names.add(kernel.name)
+
+
+def test_window_kernel_hides_old_keys_and_bf16_kernel_rounds_only_before_the_f32_cast():
+    window = generate(SPECS["causal_window_f32"]).source
+    # Key j is hidden after query i (causal) and also 4 or more keys before it (the window).
+    assert "(offs_n[None, :] > offs_m[:, None] + (LK - LQ)) | (offs_n[None, :] <= offs_m[:, None] + (LK - LQ) - 4)" \
+        in window
+    bf16 = generate(SPECS["bf16_scores_f32_softmax"]).source
+    forward = bf16[:bf16.index("_backward_dkdv(")]
+    # The product, the scale and the bias each round to bf16 as in the user's graph; after the
+    # cast to float32 the softmax sees unrounded float32 scores.
+    assert forward.count("s = s.to(tl.bfloat16).to(tl.float32)") == 3
+    assert "p = tl.exp(s - m_safe[:, None])" in forward
