@@ -1,11 +1,11 @@
-"""Attention kernels: a flash-attention forward generated from an AttentionSpec, and its launcher.
+"""Attention kernels generated from an AttentionSpec: flash-attention forward and backward, and
+their launchers.
 
-One program owns BLOCK_M queries of one (batch, head) and streams the keys and values past them
-in BLOCK_N tiles, keeping a running max and sum (the online softmax), so the (Lq, Lk) scores never
-exist in memory. The site's score steps are inlined between the product and the softmax, in the
-user's order, with the user's roundings. The log-sum-exp of every query row is written too: the
-backward kernels (not generated yet; the backward runs the torch formula of fxfuse.ops.attention)
-recompute the probabilities from it.
+One forward program owns BLOCK_M queries of one (batch, head) and streams the keys and values past
+them in BLOCK_N tiles, keeping a running max and sum (the online softmax), so the (Lq, Lk) scores
+never exist in memory. The site's score steps are inlined between the product and the softmax, in
+the user's order, with the user's roundings. Every query row's max and sum are written too; the
+backward kernels (dK/dV per key block, dQ per query block) recompute the probabilities from them.
 """
 from __future__ import annotations
 

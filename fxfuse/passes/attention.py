@@ -221,6 +221,11 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     start, steps = _score_steps(x, score_shape)
     qk, score_chain = layout_chain_back(start)
     if not is_op(qk, *_BMM):
+        if _near_product(start):
+            _probabilities_to_pv(softmax)  # not attention at all (no value product): stays silent
+            raise Declined(f"the scores pass through {getattr(start.target, '__name__', start.target)} between "
+                           "q @ k^T and the softmax; fused attention takes scales, masks, biases, casts and "
+                           "tanh soft-capping there")
         raise _NotAttention
     rank = len(score_shape)
     casts, p_chain, pv = _probabilities_to_pv(softmax)

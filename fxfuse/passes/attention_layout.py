@@ -34,6 +34,9 @@ LAYOUT = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, at
 
 _MAX_CONSTANT_NODES = 40  # constant mask subgraphs evaluated to prove causality stay this small
 _MAX_CONSTANT_NUMEL = 1 << 22
+# Boolean masks may be larger: a 16k x 16k causal mask is 256 MiB once, at capture, and proving it
+# causal is what lets the kernel skip hidden tiles and keep memory linear in the length.
+_MAX_MASK_NUMEL = 1 << 28
 
 
 def _concrete(args) -> bool:
@@ -60,10 +63,29 @@ def _replay(chain: list[Node], src_shape: tuple) -> torch.Tensor | None:
     return idx
 
 
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_COPIES = (aten.clone.default, aten.alias.default)
+
+
+def _keeps_row_major_order(chain: list[Node]) -> bool:
+    """Every op of ``chain`` keeps the elements in row-major order: reshapes (views are defined on
+    row-major order whatever the strides), copies, and expands to the input's own shape. Such a
+    chain is a plain reshape at any size, so it needs no replay."""
+    for node in chain:
+        if node.target in _RESHAPES or node.target in _COPIES:
+            continue
+        if node.target == aten.expand.default and shape(node) == shape(node.args[0]):
+            continue
+        return False
+    return True
+
+
 def is_plain_reshape(chain: list[Node], src_shape: tuple, dst_shape: tuple) -> bool:
     """Whether ``chain`` maps a ``src_shape`` tensor to its row-major reshape to ``dst_shape``."""
     if math.prod(src_shape) != math.prod(dst_shape):
         return False
+    if _keeps_row_major_order(chain):
+        return tuple(shape(chain[-1]) if chain else src_shape) == tuple(dst_shape)
     idx = _replay(chain, src_shape)
     return idx is not None and tuple(idx.shape) == tuple(dst_shape) and \
         torch.equal(idx, torch.arange(idx.numel()).reshape(dst_shape))
@@ -142,7 +164,10 @@ def constant_value(node: Node, gm: torch.fx.GraphModule) -> torch.Tensor | None:
         except Exception:
             return None
     out = env[node]
-    return out.cpu() if isinstance(out, torch.Tensor) and out.numel() <= _MAX_CONSTANT_NUMEL else None
+    if not isinstance(out, torch.Tensor):
+        return None
+    limit = _MAX_MASK_NUMEL if out.dtype == torch.bool else _MAX_CONSTANT_NUMEL
+    return out.cpu() if out.numel() <= limit else None
 
 
 def _repeatable(target) -> bool:

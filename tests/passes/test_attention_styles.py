@@ -114,3 +114,33 @@ def test_operands_are_read_in_place(style, groups):
     assert res.matches[0].spec.kv_groups == groups
     before_op = res.graph.code.split("fxfuse.attention")[0]
     assert "clone" not in before_op and "expand" not in before_op and "_unsafe_view" not in before_op, res.graph.code
+
+
+def test_large_sites_are_fused_and_their_causal_masks_proved():
+    # Past the size at which layout chains could be replayed on index tensors (2^22 scores): the
+    # reshape-only chains of q @ k^T are proved without a replay, and a causal mask built in forward
+    # is still evaluated and proved (it was declined as "not a plain reshape" before).
+    lq = 2304
+
+    def causal_attention(q, k, v):
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        i = torch.arange(lq)
+        scores = scores.masked_fill(i[None, :] > i[:, None], float("-inf"))
+        return scores.softmax(-1) @ v
+
+    q, k, v = (torch.randn(1, 2, lq, 8) for _ in range(3))
+    res = fxfuse.rewrite(causal_attention, (q, k, v))
+    assert [m.kind for m in res.matches] == ["attention"], res.report()
+    assert res.matches[0].spec.causal and not res.matches[0].spec.inputs  # an index rule, no mask tensor
+    torch.testing.assert_close(res.module(q, k, v), causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_op_on_the_scores_is_declined_with_its_name():
+    def sine_attention(q, k, v):
+        return torch.sin(q @ k.transpose(-2, -1)).softmax(-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    res = fxfuse.rewrite(sine_attention, (q, k, v))
+    assert not res.matches
+    assert len(res.misses) == 1 and "sin" in res.misses[0].reason, res.report()
+    torch.testing.assert_close(res.module(q, k, v), sine_attention(q, k, v))
