@@ -15,7 +15,6 @@ Results go to benchmarks/results/attention_<machine>.json and .csv. See benchmar
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -33,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_norm's measuring helpers
-from bench_norm import first_tensor, machine_info, machine_slug, time_ms  # noqa: E402
+from bench_norm import device_parser, first_tensor, machine_info, machine_slug, time_ms  # noqa: E402
 
 import fxfuse  # noqa: E402  (bench_norm put the checkout on sys.path)
 
@@ -336,11 +335,7 @@ def print_row(row):
 
 
 def parse_args(argv=None):
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on cuda, float32 on cpu")
+    p = device_parser(__doc__.split("\n\n")[0])
     p.add_argument("--seq-lens", default=None, help="comma-separated sequence lengths")
     p.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
     p.add_argument("--batch", type=int, default=None, help="default: 2 on cuda, 1 on cpu")

@@ -283,12 +283,17 @@ def print_row(row: dict, peak: float | None) -> None:
     print("  ".join(parts))
 
 
-def parse_args(argv=None):
-    cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
+def device_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark shares: which device and dtype to measure on."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
+    return p
+
+
+def parse_args(argv=None):
+    p = device_parser(__doc__.split("\n\n")[0])
     p.add_argument("--rows", default=None, help="comma-separated row counts (flattened batch x sequence)")
     p.add_argument("--hidden", default=None, help="comma-separated hidden sizes")
     p.add_argument("--forms", default=",".join(FORMS), help=f"subset of {','.join(FORMS)}")
