@@ -40,26 +40,77 @@ def optimize_graph(gm: torch.fx.GraphModule, passes=None, title: str = "fxfuse",
     return Report(matches, misses, list(kernels.values()), time.perf_counter() - start, title)
 
 
+# Positional arguments of these exact types are pytree leaves; a call made only of them (the
+# common ``module(x)``) skips pytree flattening, which costs more than the rest of the lookup.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _flatten_call(args: tuple, kwargs: dict) -> tuple[list, Any]:
+    """The call's leaves and a hashable key of its structure (argument positions, keywords)."""
+    if not kwargs and all(type(a) in _PLAIN_TENSOR_TYPES for a in args):
+        return list(args), len(args)  # an int: never equal to the str of a pytree spec below
+    leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    return leaves, str(in_spec)
+
+
 def _leaf_key(leaf: Any) -> tuple:
     if isinstance(leaf, torch.Tensor):
         # Strides too: code may branch on is_contiguous(), and a traced view() needs them.
-        return ("T", tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, leaf.device, leaf.requires_grad)
+        # (torch.Size is a tuple: equal and hashing equal to the plain tuple of the sizes.)
+        return (leaf.shape, leaf.stride(), leaf.dtype, leaf.device, leaf.requires_grad)
     # Non-tensor arguments are baked into the graph as constants; repr tells values apart (and
     # objects without a value repr apart by identity).
     return ("C", type(leaf).__qualname__, repr(leaf))
 
 
-def _signature(model: Callable, in_spec, leaves: list) -> tuple:
+@dataclasses.dataclass
+class _ModuleState:
+    """One walk over a module: its parameters and buffers as capture_module orders them (the order
+    of ``named_parameters``/``named_buffers(remove_duplicate=False)``) and every module's mode."""
+
+    params: list[tuple[str, torch.Tensor]]
+    buffers: list[tuple[str, torch.Tensor]]
+    training: tuple[bool, ...]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for _, t in self.params] + [t for _, t in self.buffers]
+
+
+_NO_STATE = _ModuleState([], [], ())
+
+
+def _module_state(model: Callable) -> _ModuleState:
+    if not isinstance(model, torch.nn.Module):
+        return _NO_STATE
+    cls = type(model)
+    if cls.named_parameters is torch.nn.Module.named_parameters and cls.named_buffers is torch.nn.Module.named_buffers \
+            and cls._named_members is torch.nn.Module._named_members:
+        # What those two methods do, in one walk instead of three (they and modules() each walk).
+        params, buffers, training = [], [], []
+        for prefix, m in model.named_modules(remove_duplicate=False):
+            training.append(m.training)
+            dot = prefix + "." if prefix else ""
+            params.extend((dot + n, p) for n, p in m._parameters.items() if p is not None)
+            buffers.extend((dot + n, b) for n, b in m._buffers.items() if b is not None)
+        return _ModuleState(params, buffers, tuple(training))
+    return _ModuleState(list(model.named_parameters(remove_duplicate=False)),
+                        list(model.named_buffers(remove_duplicate=False)),
+                        tuple(m.training for m in model.modules()))
+
+
+def _autocast_state() -> tuple:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES)
+
+
+def _signature(structure: Any, leaves: list, state: _ModuleState, autocast: tuple) -> tuple:
     """Everything a captured graph was specialised on, so that a call differing in any of it is
     captured again: the inputs' structure, tensor metadata and constant values; the module's
     parameters and buffers (names, metadata); every submodule's train/eval mode; autocast."""
-    key: list = [str(in_spec), tuple(_leaf_key(leaf) for leaf in leaves)]
-    if isinstance(model, torch.nn.Module):
-        key.append(tuple((n, *_leaf_key(t)) for n, t in model.named_parameters(remove_duplicate=False)))
-        key.append(tuple((n, *_leaf_key(t)) for n, t in model.named_buffers(remove_duplicate=False)))
-        key.append(tuple(m.training for m in model.modules()))
-    key.append(tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES))
-    return tuple(key)
+    return (structure, tuple(_leaf_key(leaf) for leaf in leaves),
+            tuple((n, *_leaf_key(t)) for n, t in state.params),
+            tuple((n, *_leaf_key(t)) for n, t in state.buffers),
+            state.training, autocast)
 
 
 @contextlib.contextmanager
@@ -73,6 +124,16 @@ def _autocast_off():
         yield
 
 
+@dataclasses.dataclass
+class _Graph:
+    """A captured graph with what each call needs precomputed once."""
+
+    captured: Captured
+    report: Report
+    state_order: list[int] | None  # graph state input i is state.tensors[state_order[i]]; None: same order
+    plain_outputs: bool  # every output leaf is a graph output: no constants, no input passed through
+
+
 class RewrittenModule(torch.nn.Module):
     """Calls the rewritten graph with the original model's parameters and buffers.
 
@@ -82,6 +143,9 @@ class RewrittenModule(torch.nn.Module):
     A call whose inputs differ from the captured ones in structure, shape, strides, dtype, device
     or constant arguments, or after ``train()``/``eval()``, ``.to()`` or under another autocast
     state, is captured and rewritten again for those inputs.
+
+    Each call costs some Python (a lookup of the graph for these inputs, then the graph's own ops);
+    on a GPU, for small ops, wrap it in ``torch.compile`` or CUDA graphs.
     """
 
     def __init__(self, model: Callable, passes, options: dict):
@@ -91,7 +155,7 @@ class RewrittenModule(torch.nn.Module):
         else:
             self._callable = model
         self._passes, self._options = passes, dict(options)
-        self._graphs: dict[tuple, tuple[Captured, Report]] = {}
+        self._graphs: dict[tuple, _Graph] = {}
 
     @property
     def _model(self):
@@ -99,46 +163,69 @@ class RewrittenModule(torch.nn.Module):
 
     def prepare(self, args: tuple, kwargs: dict) -> tuple[Captured, Report]:
         """The captured and rewritten graph for this call's inputs (capturing it if new)."""
-        leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        key = _signature(self._model, in_spec, leaves)
-        if key not in self._graphs:
-            if len(self._graphs) == RECAPTURE_WARNING:
-                warnings.warn(
-                    f"fxfuse has captured {type(self._model).__name__} {RECAPTURE_WARNING} times, once per "
-                    "distinct input shape/constant; if shapes keep changing, torch.compile(model, "
-                    "backend='fxfuse', dynamic=True) compiles one graph for all of them.", stacklevel=3)
-            with config.patch(**self._options):
-                captured = capture_module(self._model, args, kwargs)
-                report = optimize_graph(captured.gm, self._passes, title=f"fxfuse.rewrite({type(self._model).__name__})")
-            self._graphs[key] = (captured, report)
-        return self._graphs[key]
+        leaves, structure = _flatten_call(args, kwargs)
+        graph = self._graph(args, kwargs, leaves, structure, _module_state(self._model), _autocast_state())
+        return graph.captured, graph.report
+
+    def _graph(self, args, kwargs, leaves, structure, state: _ModuleState, autocast: tuple) -> _Graph:
+        key = _signature(structure, leaves, state, autocast)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        if len(self._graphs) == RECAPTURE_WARNING:
+            warnings.warn(
+                f"fxfuse has captured {type(self._model).__name__} {RECAPTURE_WARNING} times, once per "
+                "distinct input shape/constant; if shapes keep changing, torch.compile(model, "
+                "backend='fxfuse', dynamic=True) compiles one graph for all of them.", stacklevel=4)
+        with config.patch(**self._options):
+            captured = capture_module(self._model, args, kwargs)
+            report = optimize_graph(captured.gm, self._passes, title=f"fxfuse.rewrite({type(self._model).__name__})")
+        names = [n for n, _ in state.params] + [n for n, _ in state.buffers]
+        wanted = captured.param_names + captured.buffer_names
+        order = None if names == wanted else [names.index(n) for n in wanted]
+        plain = not captured.out_constants and not captured.output_is_input
+        graph = self._graphs[key] = _Graph(captured, report, order, plain)
+        return graph
 
     def forward(self, *args, **kwargs):
-        captured, _ = self.prepare(args, kwargs)
-        leaves, _ = pytree.tree_flatten((tuple(args), dict(kwargs)))
-        model = self._model
-        state = []
-        if isinstance(model, torch.nn.Module):
-            named_p = dict(model.named_parameters(remove_duplicate=False))
-            named_b = dict(model.named_buffers(remove_duplicate=False))
-            state = [named_p[n] for n in captured.param_names] + [named_b[n] for n in captured.buffer_names]
-        inputs = [*state, *(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))]
+        leaves, structure = _flatten_call(args, kwargs)
+        state, autocast = _module_state(self._model), _autocast_state()
+        graph = self._graph(args, kwargs, leaves, structure, state, autocast)
+        captured = graph.captured
+        state_tensors = state.tensors
+        if graph.state_order is not None:
+            state_tensors = [state_tensors[i] for i in graph.state_order]
+        inputs = [*state_tensors, *(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))]
         graph_inputs = inputs
         if captured.mutated and torch.is_grad_enabled():
             # Autograd may save an input the model then updates (batch norm saves its running
             # stats); the graph gets a copy, so the write-back below does not invalidate it.
             graph_inputs = [t.clone() if i in captured.mutated else t for i, t in enumerate(inputs)]
-        with config.patch(**self._options), _autocast_off():
-            flat_out = captured.gm(*graph_inputs)
+        # The context managers cost microseconds a call: entered only when they change something.
+        # (gm.forward, not gm(): the module call machinery adds its own microseconds.)
+        if not self._options and not any(enabled for enabled, _ in autocast):
+            flat_out = captured.gm.forward(*graph_inputs)
+        else:
+            with contextlib.ExitStack() as stack:
+                if self._options:
+                    stack.enter_context(config.patch(**self._options))
+                stack.enter_context(_autocast_off())
+                flat_out = captured.gm.forward(*graph_inputs)
         n_out = len(flat_out) - len(captured.mutated)
-        self._write_back(captured, inputs, flat_out[n_out:])
-        out_leaves, it = [], iter(flat_out[:n_out])
-        for i in range(captured.out_spec.num_leaves):
-            if i in captured.out_constants:
-                out_leaves.append(captured.out_constants[i])
-            else:
-                value = next(it)
-                out_leaves.append(inputs[captured.output_is_input[i]] if i in captured.output_is_input else value)
+        if captured.mutated:
+            self._write_back(captured, inputs, flat_out[n_out:])
+        if graph.plain_outputs:
+            out_leaves = flat_out[:n_out] if captured.mutated else flat_out
+        else:
+            out_leaves, it = [], iter(flat_out[:n_out])
+            for i in range(captured.out_spec.num_leaves):
+                if i in captured.out_constants:
+                    out_leaves.append(captured.out_constants[i])
+                else:
+                    value = next(it)
+                    out_leaves.append(inputs[captured.output_is_input[i]] if i in captured.output_is_input else value)
+        if captured.out_spec.is_leaf():
+            return out_leaves[0]
         return pytree.tree_unflatten(out_leaves, captured.out_spec)
 
     @staticmethod

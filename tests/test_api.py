@@ -117,6 +117,58 @@ def test_same_tensors_in_other_argument_slots_are_recaptured():
     _assert_same(res.module(x, shift=t), x + t)
 
 
+def test_identical_calls_reuse_the_graph_and_state_changes_recapture():
+    model, res, x = _eager_and_rewritten()
+    for _ in range(3):
+        _assert_same(res.module(x), model(x))
+    _assert_same(res.module(x=x), model(x=x))  # the same tensor as a keyword: another call structure
+    assert len(res.module._graphs) == 2
+    changes = [
+        lambda: model.half(),  # same Parameter objects, new dtype
+        lambda: model.float(),  # back to the first graph's signature: no new capture
+        lambda: setattr(model.lin, "weight", nn.Parameter(torch.randn(8, 8).t())),  # other strides
+        lambda: setattr(model.norm, "weight", nn.Parameter(torch.randn(1))),  # other shape (broadcasts)
+        lambda: model.norm.weight.requires_grad_(False),
+        lambda: model.register_buffer("unused", torch.zeros(2)),
+    ]
+    expected_graphs = [3, 3, 4, 5, 6, 7]
+    for change, n_graphs in zip(changes, expected_graphs):
+        change()
+        xs = x.half() if model.lin.weight.dtype == torch.float16 else x
+        _assert_same(res.module(xs), model(xs))
+        _assert_same(res.module(xs), model(xs))  # the second identical call captures nothing
+        assert len(res.module._graphs) == n_graphs
+
+
+def test_a_replaced_parameter_of_the_same_shape_is_read_on_the_next_call():
+    model, res, x = _eager_and_rewritten()
+    model.norm.weight = nn.Parameter(torch.randn(8))  # same signature: no new capture, new values
+    model.lin.weight.data.mul_(2)
+    _assert_same(res.module(x), model(x))
+    assert len(res.module._graphs) == 1
+
+
+def test_tied_parameters_get_the_gradient_of_both_uses():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+            self.b.weight = self.a.weight
+            self.norm = RMSNorm(8)
+
+        def forward(self, x):
+            return self.b(self.norm(self.a(x)))
+
+    model, x = Tied(), torch.randn(3, 8)
+    ref = copy.deepcopy(model)
+    res = fxfuse.rewrite(model, (x,))
+    res.module(x).sum().backward()
+    ref(x).sum().backward()
+    assert model.a.weight is model.b.weight
+    _assert_same(model.a.weight.grad, ref.a.weight.grad)
+    _assert_same(model.norm.weight.grad, ref.norm.weight.grad)
+
+
 def test_train_and_eval_are_captured_separately_and_dropout_follows():
     model, res, x = _eager_and_rewritten()
     evaluated = res.module(x)["out"].hidden
