@@ -56,11 +56,12 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.canonicalize import Canonicalize
     from fxfuse.passes.attention import FuseAttention
     from fxfuse.passes.norm import FuseNorm
+    from fxfuse.passes.sdpa import ClaimSDPA
 
-    return {cls.name: cls for cls in (Canonicalize, FuseAttention, FuseNorm)}
+    return {cls.name: cls for cls in (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm)}
 
 
-DEFAULT_PIPELINE = "canonicalize,fuse-attention,fuse-norm"
+DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-attention,fuse-norm"
 
 
 def parse_pipeline(spec: str | list | tuple | None) -> list:

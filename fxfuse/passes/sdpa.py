@@ -1,0 +1,267 @@
+"""Claim ``F.scaled_dot_product_attention`` calls already in the graph as ``fxfuse.attention``.
+
+SDPA reaches the captured ATen graph as one of its backend operators, chosen at trace time from
+the device and arguments: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU,
+``_scaled_dot_product_flash_attention`` / ``_efficient_attention`` / ``_cudnn_attention`` on CUDA
+(or the composite ``scaled_dot_product_attention`` where no decomposition ran). A boolean
+``attn_mask`` arrives already converted by SDPA into ``where(mask, 0, -inf)``; it is read back as
+the boolean mask (a fill of -inf where it is False), a constant one proved causal becomes the
+causal rule. Where SDPA falls back to its math decomposition (dropout, a mask that requires
+grad), the graph holds ``_safe_softmax`` and plain products instead, which this pass does not
+claim; dropout there is reported as a miss.
+
+What the spec must reproduce, and how:
+
+- the scale (default ``1/sqrt(E)``, E = q's last dim) multiplies the scores;
+- ``is_causal`` hides key j from query i when j > i (top-left aligned). The spec's causal rule is
+  aligned bottom-right (j > i + Lk - Lq): equal only when Lq == Lk, so other lengths are declined;
+- SDPA returns 0 (and zero gradients) for a query row whose every key is masked, where the fused
+  operator follows a user-written softmax and gives NaN. Unless the mask is a constant proved to
+  leave every row a key, the pass guards it: such rows see every key inside the operator (so
+  nothing is NaN, in the forward or the backward) and their output is then set to 0;
+- in half precision SDPA accumulates q @ k^T in float32 and runs the softmax in float32: the spec
+  casts the scores to float32 first and the probabilities back to the inputs' dtype for the
+  value product.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import torch
+from torch.fx import Node
+
+from fxfuse.passes.attention_layout import causal_window, constant_value
+from fxfuse.passes.graph import dtype, is_op, is_python_scalar, shape, source_of
+from fxfuse.passes.pipeline import Match, Miss, PassResult
+from fxfuse.spec import dtype_name
+from fxfuse.spec_attention import AttentionSpec, ScoreStep
+
+aten = torch.ops.aten
+_NEG_INF = float("-inf")
+
+
+def _sdpa_ops() -> dict:
+    """Operator -> how to read (dropout_p, is_causal, attn_mask) from its args and kwargs."""
+    ops = {}
+
+    def add(name, mask_pos, dropout_pos, causal_pos):
+        op = getattr(aten, name, None)
+        if op is not None:
+            ops[op.default] = (mask_pos, dropout_pos, causal_pos)
+
+    add("scaled_dot_product_attention", 3, 4, 5)
+    add("_scaled_dot_product_flash_attention_for_cpu", "attn_mask", 3, 4)
+    add("_scaled_dot_product_flash_attention", None, 3, 4)
+    add("_scaled_dot_product_efficient_attention", 3, 5, 6)
+    add("_scaled_dot_product_cudnn_attention", 3, 5, 6)
+    return ops
+
+
+_OPS = _sdpa_ops()
+
+
+_MATH_DROPOUT = "scaled_dot_product_attention with dropout_p > 0 (dropout in training is not fused yet)"
+_MATH = ("scaled_dot_product_attention fell back to its math decomposition (inputs that are not 4-d, or an "
+         "attn_mask that requires grad); fused attention does not claim that form yet")
+
+
+class Declined(Exception):
+    """Raised with the reason an SDPA call is left as written."""
+
+
+def _arg(node: Node, where, default, names=()):
+    """Positional ``where`` (or keyword ``where`` when it is a string), else a keyword of ``names``."""
+    if isinstance(where, str):
+        return node.kwargs.get(where, default)
+    if where is None:
+        return default
+    if len(node.args) > where:
+        return node.args[where]
+    for name in names:
+        if name in node.kwargs:
+            return node.kwargs[name]
+    return default
+
+
+def _scalar(node) -> float | None:
+    if is_python_scalar(node):
+        return float(node)
+    if is_op(node, aten.scalar_tensor.default, aten.full.default):
+        value = node.args[0] if node.target == aten.scalar_tensor.default else node.args[1]
+        if node.target == aten.full.default and list(node.args[0]):
+            return None
+        return float(value) if is_python_scalar(value) else None
+    return None
+
+
+def _boolean_source(mask: Node) -> Node | None:
+    """``m`` when the float mask is SDPA's conversion ``where(m, 0, -inf)`` of a boolean mask."""
+    if is_op(mask, aten.where.self) and dtype(mask.args[0]) == torch.bool and _scalar(mask.args[1]) == 0.0 \
+            and _scalar(mask.args[2]) == _NEG_INF:
+        return mask.args[0]
+    return None
+
+
+def _broadcasts_to(s, target) -> bool:
+    return s is not None and len(s) <= len(target) and all(a == 1 or a == b for a, b in zip(reversed(s), reversed(target)))
+
+
+@dataclasses.dataclass
+class _Claim:
+    spec: AttentionSpec
+    mask: Node | None  # the extra tensor (boolean: True takes part; or additive), None when absent or causal
+    boolean: bool
+    guard: bool  # rows may have every key masked: SDPA gives 0 there
+
+
+def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
+    mask_pos, dropout_pos, causal_pos = _OPS[node.target]
+    q, k, v = node.args[:3]
+    dropout = _arg(node, dropout_pos, 0.0, ("dropout_p",))
+    if not is_python_scalar(dropout) or dropout != 0.0:
+        raise Declined(f"scaled_dot_product_attention with dropout_p={dropout} (dropout in training is not "
+                       "fused yet)")
+    causal = _arg(node, causal_pos, False, ("is_causal",))
+    mask = _arg(node, mask_pos, None, ("attn_mask", "attn_bias"))
+    scale = node.kwargs.get("scale")
+    shapes = [shape(t) for t in (q, k, v)]
+    if any(s is None or len(s) != 4 or not all(isinstance(n, int) for n in s) for s in shapes):
+        raise Declined("scaled_dot_product_attention on inputs that are not static (B, H, L, D) tensors; fused "
+                       "attention reads 4-d q, k, v of static shape")
+    (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
+    if bk != b or bv != b or hk != hv or lv != lk or h % hk:
+        raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
+                       "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)")
+    if not (dtype(q) == dtype(k) == dtype(v)) or not dtype(q).is_floating_point:
+        raise Declined(f"q, k, v of dtypes {dtype(q)}, {dtype(k)}, {dtype(v)}; fused attention reads one float dtype")
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users) and \
+            node.target != aten.scaled_dot_product_attention.default:
+        raise Declined("an SDPA result other than the output (its logsumexp or seeds) is used; the fused "
+                       "operator returns only the output")
+    if scale is None:
+        scale = 1.0 / math.sqrt(e)
+    if not is_python_scalar(scale):
+        raise Declined("scaled_dot_product_attention with a scale that is not a constant")
+    in_dtype = dtype_name(dtype(q))
+    wide = "float64" if in_dtype == "float64" else "float32"
+    steps = [] if wide == in_dtype else [ScoreStep("cast", wide)]
+    steps.append(ScoreStep("mul", wide, value=float(scale)))
+    score_shape = (b, h, lq, lk)
+    inputs, claimed_mask, boolean, guard = (), None, False, False
+    if causal:
+        if mask is not None:
+            raise Declined("scaled_dot_product_attention with both attn_mask and is_causal")
+        if lq != lk:
+            raise Declined(f"is_causal with {lq} queries and {lk} keys: SDPA aligns the causal mask top-left, "
+                           "fused attention bottom-right; they agree only for equal lengths")
+        steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1))
+    elif mask is not None:
+        # A boolean mask: as SDPA converted it (where(m, 0, -inf)), or as given to the composite op.
+        source = mask if isinstance(mask, Node) and dtype(mask) == torch.bool else _boolean_source(mask)
+        boolean = source is not None
+        claimed_mask = source if boolean else mask
+        if not isinstance(claimed_mask, Node) or not _broadcasts_to(shape(claimed_mask), score_shape):
+            got = list(shape(claimed_mask)) if isinstance(claimed_mask, Node) and shape(claimed_mask) else "?"
+            raise Declined(f"an attn_mask of shape {got} does not broadcast to the scores' shape "
+                           f"{list(score_shape)} aligned on the right; fused attention cannot read it")
+        if not boolean and not dtype(mask).is_floating_point:
+            raise Declined(f"an attn_mask of dtype {dtype(mask)}; fused attention adds float masks")
+        constant = constant_value(claimed_mask, gm)
+        window = causal_window(~constant, lq, lk) if boolean and constant is not None else None
+        if window is not None:  # the mask's values are the causal (or sliding-window) rule
+            steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1, window=window))
+            claimed_mask = None
+        else:
+            steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True) if boolean
+                         else ScoreStep("add", wide, input=0))
+            inputs = ("mask" if boolean else "bias",)
+            if constant is not None:
+                visible = constant if boolean else constant != _NEG_INF
+                guard = not bool(visible.any(-1).all())
+            else:
+                guard = True
+    spec = AttentionSpec(score_dtype=in_dtype, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
+                         kv_groups=h // hk)
+    return _Claim(spec, claimed_mask, boolean, guard)
+
+
+def _call(gm, target, args, before: Node) -> Node:
+    """Insert ``target(*args)`` before ``before``, its meta computed from the arguments' fake values."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, args)
+    fake_args = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
+    fake = next(a for a in torch.utils._pytree.tree_leaves(fake_args) if isinstance(a, torch.Tensor))
+    with fake.fake_mode:
+        node.meta["val"] = target(*fake_args)
+    return node
+
+
+def _replace(gm, node: Node, claim: _Claim) -> Node:
+    q, k, v = node.args[:3]
+    extras, alive = [], None
+    if claim.mask is not None:
+        mask = claim.mask
+        if claim.guard:
+            # alive: whether a query row has any key left. Dead rows see every key in the operator
+            # (finite output and gradients) and are zeroed afterwards, as SDPA returns them.
+            seen = mask if claim.boolean else _call(gm, aten.ne.Scalar, (mask, _NEG_INF), node)
+            alive = _call(gm, aten.any.dim, (seen, -1, True), node)
+            dead = _call(gm, aten.logical_not.default, (alive,), node)
+            mask = _call(gm, aten.logical_or.default, (mask, dead), node) if claim.boolean else \
+                _call(gm, aten.where.ScalarOther, (alive, mask, 0.0), node)
+        extras.append(mask)
+    fused = _call(gm, torch.ops.fxfuse.attention.default, (q, k, v, extras, claim.spec.to_json()), node)
+    if node.meta.get("stack_trace"):
+        fused.meta["stack_trace"] = node.meta["stack_trace"]
+    out = fused if alive is None else _call(gm, aten.where.ScalarOther, (alive, fused, 0.0), node)
+    if node.target == aten.scaled_dot_product_attention.default:
+        node.replace_all_uses_with(out)
+    else:
+        for user in list(node.users):
+            user.replace_all_uses_with(out)
+            gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    return fused
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimSDPA:
+    name: str = "claim-sdpa"
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        import fxfuse.ops  # noqa: F401  (the rewritten graph calls torch.ops.fxfuse.attention)
+
+        result = PassResult(self.name)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            source, code = source_of(node)
+            if is_op(node, aten._safe_softmax.default):  # only SDPA's math decomposition emits it
+                result.misses.append(Miss("attention", source, _MATH_DROPOUT if _dropped_out(node) else _MATH, code))
+                continue
+            if node.target not in _OPS:
+                continue
+            try:
+                claim = _recognise(node, gm)
+            except Declined as why:
+                result.misses.append(Miss("attention", source, str(why), code))
+                continue
+            fused = _replace(gm, node, claim)
+            result.matches.append(Match("attention", source, claim.spec, fused.name, code))
+            result.changed += 1
+        return result
+
+
+def _dropped_out(softmax: Node) -> bool:
+    """SDPA's math decomposition with dropout: the probabilities times a mask drawn by bernoulli."""
+    for user in softmax.users:
+        if is_op(user, aten.mul.Tensor):
+            other = [a for a in user.args if a is not softmax]
+            frontier = list(other)
+            for _ in range(4):
+                if any(is_op(n, aten.bernoulli.p, aten.native_dropout.default, aten.rand.default) for n in frontier):
+                    return True
+                frontier = [a for n in frontier if isinstance(n, Node) for a in n.all_input_nodes]
+    return False

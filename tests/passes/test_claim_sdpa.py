@@ -1,0 +1,170 @@
+"""``F.scaled_dot_product_attention`` calls in the graph are claimed as ``fxfuse.attention``: each
+argument combination becomes one fused operator whose outputs and gradients equal eager SDPA
+(against a float64 reference), on the torch reference and on the interpreted Triton kernels; the
+calls the operator cannot reproduce are declined with their reason."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxfuse
+from fxfuse.ops.attention import reference
+from fxfuse.passes.canonicalize import Canonicalize
+from fxfuse.passes.sdpa import ClaimSDPA
+from tests.tolerances import assert_close_to_reference
+
+PASSES = [Canonicalize(), ClaimSDPA()]
+B, H, L, D = 1, 2, 4, 8
+
+
+def _qkv(lq=L, kv_heads=H, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, lq, D, generator=g), torch.randn(B, kv_heads, L, D, generator=g),
+            torch.randn(B, kv_heads, L, D, generator=g)]
+
+
+def _padding_mask():
+    """A runtime boolean mask (True takes part) whose second query row sees no key at all."""
+    mask = torch.tensor([[True, False, True, True], [False] * 4, [True, True, False, True], [True] * 4])
+    return mask.view(1, 1, L, L)
+
+
+def _bias():
+    """A runtime additive mask with a -inf entry and a row of -inf (SDPA gives 0 there)."""
+    bias = torch.randn(L, L, generator=torch.Generator().manual_seed(5))
+    bias[0, 2] = float("-inf")
+    bias[1] = float("-inf")
+    return bias
+
+
+def _tril(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(L, L, dtype=torch.bool).tril())
+
+
+# name -> (function, extra inputs, words the spec must show)
+CASES = {
+    "plain": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [], "scale 0.353553"),
+    "scale": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.7), [], "scale 0.7"),
+    "causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [], "causal (fill -inf)"),
+    "constant_tril_mask": (_tril, [], "causal (fill -inf)"),
+    "bool_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [_padding_mask()],
+                  "masked_fill(~mask0, -inf)"),
+    "key_padding_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                         [torch.tensor([True, True, False, True]).view(1, 1, 1, L)], "masked_fill(~mask0, -inf)"),
+    "float_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [_bias()], "+ bias0"),
+    "gqa_causal_scale": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5,
+                                                                         enable_gqa=True), [],
+                         "GQA 2 query heads per kv head"),
+}
+
+
+def _run(fn, qkv, extras):
+    out = fn(*qkv, *extras)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
+    return out, [t.grad for t in qkv]
+
+
+def _leaves(tensors, dtype):
+    return [t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+def _extras(extras, dtype):
+    return [e.to(dtype) if e.is_floating_point() else e for e in extras]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_sdpa_is_claimed_and_exact(name, dtype, cpu_path):
+    fn, extras, words = CASES[name]
+    qkv = _qkv(kv_heads=1 if name.startswith("gqa") else H)
+    res = fxfuse.rewrite(fn, (*_leaves(qkv, dtype), *_extras(extras, dtype)), passes=PASSES)
+    assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
+    assert words in res.matches[0].describe(), res.report()
+    assert "scaled_dot_product" not in res.graph.code and "fxfuse.attention" in res.graph.code, res.graph.code
+
+    expected, expected_grads = _run(fn, _leaves(qkv, torch.float64), _extras(extras, torch.float64))
+    eager, eager_grads = _run(fn, _leaves(qkv, dtype), _extras(extras, dtype))
+    got, got_grads = _run(res.module, _leaves(qkv, dtype), _extras(extras, dtype))
+    assert got.dtype == eager.dtype and got.shape == eager.shape
+    assert not got.isnan().any() and not any(g.isnan().any() for g in got_grads)
+    assert_close_to_reference(got, eager, expected, "output")
+    for what, g, e, r in zip("qkv", got_grads, eager_grads, expected_grads):
+        assert_close_to_reference(g, e, r, f"gradient of {what}")
+
+
+def test_fully_masked_rows_are_zero_as_in_sdpa():
+    # The user-written softmax gives NaN on a row with no key; SDPA gives 0, and so must the claim.
+    fn, extras, _ = CASES["bool_mask"]
+    qkv = _qkv()
+    res = fxfuse.rewrite(fn, (*qkv, *extras), passes=PASSES)
+    out = res.module(*qkv, *extras)
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    assert torch.equal(fn(*qkv, *extras)[:, :, 1], out[:, :, 1])
+
+
+def test_constant_mask_with_every_row_alive_needs_no_guard():
+    res = fxfuse.rewrite(_tril, tuple(_qkv()), passes=PASSES)
+    code = res.graph.code
+    assert "fxfuse.attention" in code and "logical_or" not in code and "aten.where" not in code, code
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bf16_spec_softmax_runs_in_f32(dtype):
+    # SDPA accumulates q @ k^T and runs the softmax in float32 for half inputs: the spec's
+    # reference, in those dtypes, lands as close to float64 as eager SDPA does.
+    res = fxfuse.rewrite(CASES["plain"][0], tuple(t.to(dtype) for t in _qkv()), passes=PASSES)
+    spec = res.matches[0].spec
+    assert spec.softmax_dtype == "float32" and spec.prob_dtype == str(dtype).removeprefix("torch.")
+    qkv = [t.to(dtype) for t in _qkv(seed=3)]
+    got = reference(spec, *qkv, [])
+    expected = F.scaled_dot_product_attention(*(t.double() for t in qkv))
+    assert_close_to_reference(got, F.scaled_dot_product_attention(*qkv), expected, "reference")
+
+
+def _misses(fn, inputs):
+    res = fxfuse.rewrite(fn, inputs, passes=PASSES)
+    assert not res.matches, res.report()
+    assert "fxfuse.attention" not in res.graph.code
+    return [m.reason for m in res.misses]
+
+
+def test_dropout_is_declined():
+    reasons = _misses(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.25), tuple(_qkv()))
+    assert len(reasons) == 1 and "dropout" in reasons[0]
+
+
+def test_causal_with_fewer_queries_than_keys_is_declined():
+    reasons = _misses(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), tuple(_qkv(lq=2)))
+    assert len(reasons) == 1 and "top-left" in reasons[0] and "2 queries and 4 keys" in reasons[0]
+
+
+def test_causal_with_fewer_queries_than_keys_declined_module_still_exact():
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    qkv = tuple(_qkv(lq=2))
+    res = fxfuse.rewrite(fn, qkv, passes=PASSES)
+    assert torch.allclose(res.module(*qkv), fn(*qkv))
+
+
+def test_mask_requiring_grad_falls_back_to_math_and_is_declined():
+    # SDPA decomposes into plain ops when the mask needs a gradient: no fused call to claim.
+    bias = torch.zeros(L, L, requires_grad=True)
+    reasons = _misses(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (*_qkv(), bias))
+    assert len(reasons) == 1 and "math decomposition" in reasons[0]
+
+
+def test_three_dimensional_inputs_fall_back_to_math_and_are_declined():
+    q, k, v = (t[0] for t in _qkv())
+    reasons = _misses(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v))
+    assert len(reasons) == 1 and "not 4-d" in reasons[0]
+
+
+def test_unreadable_mask_shape_is_declined():
+    # A mask SDPA reads but the operator cannot (it does not broadcast aligned on the right): made
+    # by editing the traced mask's shape, as no valid eager call builds one on CPU.
+    fn, extras, _ = CASES["float_mask"]
+    gm = fxfuse.rewrite(fn, (*_qkv(), *extras), passes=[Canonicalize()]).graph
+    mask = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.meta["val"].shape == (L, L))
+    mask.meta["val"] = mask.meta["val"].new_empty(3, L)
+    result = ClaimSDPA()(gm)
+    assert not result.matches and len(result.misses) == 1
+    assert "does not broadcast" in result.misses[0].reason and "[3, 4]" in result.misses[0].reason
