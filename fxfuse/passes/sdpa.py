@@ -169,7 +169,14 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         if not boolean and not dtype(mask).is_floating_point:
             raise Declined(f"an attn_mask of dtype {dtype(mask)}; fused attention adds float masks")
         constant = constant_value(claimed_mask, gm)
-        window = causal_window(~constant, lq, lk) if boolean and constant is not None else None
+        if constant is not None:
+            visible = constant if boolean else constant != _NEG_INF
+            guard = not bool(visible.any(-1).all())
+        else:
+            guard = True
+        # The causal rule only where every row keeps a key (bottom-right with Lq > Lk hides whole
+        # rows, which SDPA returns as 0 and the rule alone would leave NaN).
+        window = causal_window(~constant, lq, lk) if boolean and constant is not None and not guard else None
         if window is not None:  # the mask's values are the causal (or sliding-window) rule
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1, window=window))
             claimed_mask = None
@@ -177,11 +184,6 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True) if boolean
                          else ScoreStep("add", wide, input=0))
             inputs = ("mask" if boolean else "bias",)
-            if constant is not None:
-                visible = constant if boolean else constant != _NEG_INF
-                guard = not bool(visible.any(-1).all())
-            else:
-                guard = True
     spec = AttentionSpec(score_dtype=in_dtype, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
                          kv_groups=h // hk)
     return _Claim(spec, claimed_mask, boolean, guard)

@@ -2,6 +2,8 @@
 argument combination becomes one fused operator whose outputs and gradients equal eager SDPA
 (against a float64 reference), on the torch reference and on the interpreted Triton kernels; the
 calls the operator cannot reproduce are declined with their reason."""
+import operator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,19 @@ def test_constant_mask_with_every_row_alive_needs_no_guard():
     assert "fxfuse.attention" in code and "logical_or" not in code and "aten.where" not in code, code
 
 
+def test_constant_causal_mask_hiding_whole_rows_is_guarded_not_causal():
+    # Six queries, four keys, aligned bottom-right: the first two queries see no key. SDPA gives 0
+    # there; the spec's causal rule alone would give NaN, so the mask stays an input, guarded.
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(6, L, dtype=torch.bool).tril(-2))
+
+    qkv = tuple(_qkv(lq=6))
+    res = fxfuse.rewrite(fn, qkv, passes=PASSES)
+    assert len(res.matches) == 1 and "causal" not in res.matches[0].describe(), res.report()
+    got = res.module(*qkv)
+    assert not got.isnan().any() and torch.allclose(got, fn(*qkv), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_bf16_spec_softmax_runs_in_f32(dtype):
     # SDPA accumulates q @ k^T and runs the softmax in float32 for half inputs: the spec's
@@ -168,3 +183,62 @@ def test_unreadable_mask_shape_is_declined():
     result = ClaimSDPA()(gm)
     assert not result.matches and len(result.misses) == 1
     assert "does not broadcast" in result.misses[0].reason and "[3, 4]" in result.misses[0].reason
+
+
+def _graph_calling(target, args, kwargs, inputs):
+    """A graph ``target(*args, **kwargs)[0]`` over placeholders for ``inputs`` (names q, k, v, m)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph, mode = torch.fx.Graph(), FakeTensorMode()
+    nodes = {}
+    for name, t in zip("qkvm", inputs):
+        nodes[name] = graph.placeholder(name)
+        nodes[name].meta["val"] = mode.from_tensor(t)
+    resolve = lambda a: nodes[a] if isinstance(a, str) else a  # noqa: E731
+    call = graph.call_function(target, tuple(resolve(a) for a in args), {k: resolve(a) for k, a in kwargs.items()})
+    graph.output(graph.call_function(operator.getitem, (call, 0)))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+aten = torch.ops.aten
+# The operators SDPA becomes on CUDA (and the composite one), written by hand: this machine's
+# trace only ever picks the CPU flash kernel. name -> (target, args, kwargs, eager equivalent)
+GPU_FORMS = {
+    "efficient_bias_scale": (aten._scaled_dot_product_efficient_attention.default, ("q", "k", "v", "m", False, 0.0, False),
+                             {"scale": 0.5}, lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m, scale=0.5)),
+    "flash_causal": (aten._scaled_dot_product_flash_attention.default, ("q", "k", "v", 0.0, True), {},
+                     lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+    "cudnn_bias": (aten._scaled_dot_product_cudnn_attention.default, ("q", "k", "v", "m", False), {},
+                   lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m)),
+    "composite_bool_mask": (aten.scaled_dot_product_attention.default, ("q", "k", "v", "m"), {},
+                            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m)),
+}
+
+
+@pytest.mark.parametrize("name", list(GPU_FORMS))
+def test_gpu_operator_forms_are_claimed_and_exact(name):
+    target, args, kwargs, eager = GPU_FORMS[name]
+    inputs = [*_qkv(), _padding_mask() if name == "composite_bool_mask" else _bias()]
+    gm = _graph_calling(target, args, kwargs, inputs)
+    result = ClaimSDPA()(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert [x.kind for x in result.matches] == ["attention"] and not result.misses, result.misses
+    assert "scaled_dot_product" not in gm.code
+    got = gm(*inputs)
+    assert not got.isnan().any()
+    assert torch.allclose(got, eager(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_forms_with_dropout_or_used_logsumexp_are_declined():
+    inputs = _qkv()
+    gm = _graph_calling(aten._scaled_dot_product_flash_attention.default, ("q", "k", "v", 0.1, False), {}, inputs)
+    assert "dropout_p=0.1" in ClaimSDPA()(gm).misses[0].reason
+    gm = _graph_calling(aten._scaled_dot_product_flash_attention.default, ("q", "k", "v"), {}, inputs)
+    call = next(n for n in gm.graph.nodes if n.target == aten._scaled_dot_product_flash_attention.default)
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    with gm.graph.inserting_before(out):
+        lse = gm.graph.call_function(operator.getitem, (call, 1))
+    out.args = ((out.args[0], lse),)
+    result = ClaimSDPA()(gm)
+    assert not result.matches and "logsumexp" in result.misses[0].reason
