@@ -66,11 +66,12 @@ def _leaf_key(leaf: Any) -> tuple:
 @dataclasses.dataclass
 class _ModuleState:
     """One walk over a module: its parameters and buffers as capture_module orders them (the order
-    of ``named_parameters``/``named_buffers(remove_duplicate=False)``) and every module's mode."""
+    of ``named_parameters``/``named_buffers(remove_duplicate=False)``) and every module's mode and
+    plain attributes (``_mode``)."""
 
     params: list[tuple[str, torch.Tensor]]
     buffers: list[tuple[str, torch.Tensor]]
-    training: tuple[bool, ...]
+    training: tuple[tuple, ...]
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -78,6 +79,13 @@ class _ModuleState:
 
 
 _NO_STATE = _ModuleState([], [], ())
+_PLAIN = (bool, int, float, str)
+
+
+def _mode(m: torch.nn.Module) -> tuple:
+    """A module's train/eval mode and its plain Python attributes (eps, scaling, flags): capture
+    baked them into the graph as constants, so changing one must capture again."""
+    return m.training, tuple((k, v) for k, v in m.__dict__.items() if type(v) in _PLAIN)
 
 
 def _module_state(model: Callable) -> _ModuleState:
@@ -89,14 +97,14 @@ def _module_state(model: Callable) -> _ModuleState:
         # What those two methods do, in one walk instead of three (they and modules() each walk).
         params, buffers, training = [], [], []
         for prefix, m in model.named_modules(remove_duplicate=False):
-            training.append(m.training)
+            training.append(_mode(m))
             dot = prefix + "." if prefix else ""
             params.extend((dot + n, p) for n, p in m._parameters.items() if p is not None)
             buffers.extend((dot + n, b) for n, b in m._buffers.items() if b is not None)
         return _ModuleState(params, buffers, tuple(training))
     return _ModuleState(list(model.named_parameters(remove_duplicate=False)),
                         list(model.named_buffers(remove_duplicate=False)),
-                        tuple(m.training for m in model.modules()))
+                        tuple(_mode(m) for m in model.modules()))
 
 
 def _autocast_state() -> tuple:

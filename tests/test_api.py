@@ -330,3 +330,18 @@ def test_debug_dir_receives_graphs_and_kernels(tmp_path):
     assert "fxfuse.norm" in rewritten and "aten.rsqrt" not in rewritten
     kernel = res.kernels[0]
     assert (tmp_path / "kernels" / f"{kernel.name}.py").read_text() == kernel.source
+
+
+def test_changing_a_plain_attribute_captures_again():
+    # eps is read as a constant at capture; a later change must not leave the old value in use.
+    from tests.norm_styles import LlamaStyleRMSNorm
+
+    model = LlamaStyleRMSNorm(16)
+    x = torch.randn(2, 16) * 1e-2  # small values so eps matters
+    res = fxfuse.rewrite(model, (x,))
+    model.eps = 0.5
+    torch.testing.assert_close(res.module(x), model(x))
+    assert res.module._graphs and len(res.module._graphs) == 2
+    model.eps = 1e-6
+    torch.testing.assert_close(res.module(x), model(x))
+    assert len(res.module._graphs) == 2  # back to the first graph
