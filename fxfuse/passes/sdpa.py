@@ -14,7 +14,9 @@ What the spec must reproduce, and how:
 
 - the scale (default ``1/sqrt(E)``, E = q's last dim) multiplies the scores;
 - ``is_causal`` hides key j from query i when j > i (top-left aligned). The spec's causal rule is
-  aligned bottom-right (j > i + Lk - Lq): equal only when Lq == Lk, so other lengths are declined;
+  aligned bottom-right (j > i + Lk - Lq): equal only when Lq == Lk; for other lengths the pass
+  builds SDPA's mask, ``tril(ones(Lq, Lk))``, as a constant boolean mask input (every row keeps
+  key 0, so it needs no guard);
 - SDPA returns 0 (and zero gradients) for a query row whose every key is masked, where the fused
   operator follows a user-written softmax and gives NaN. Unless the mask is a constant proved to
   leave every row a key, the pass guards it: such rows see every key inside the operator (so
@@ -33,7 +35,7 @@ import torch
 from torch.fx import Node
 
 from fxfuse.passes.attention_layout import causal_window, constant_value
-from fxfuse.passes.graph import dtype, is_op, is_python_scalar, shape, source_of
+from fxfuse.passes.graph import dtype, is_op, is_python_scalar, shape, source_of, val
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -114,6 +116,7 @@ class _Claim:
     mask: Node | None  # the extra tensor (boolean: True takes part; or additive), None when absent or causal
     boolean: bool
     guard: bool  # rows may have every key masked: SDPA gives 0 there
+    top_left: tuple[int, int] | None = None  # (Lq, Lk): build SDPA's causal mask as the boolean mask
 
 
 def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
@@ -149,14 +152,15 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     steps = [] if wide == in_dtype else [ScoreStep("cast", wide)]
     steps.append(ScoreStep("mul", wide, value=float(scale)))
     score_shape = (b, h, lq, lk)
-    inputs, claimed_mask, boolean, guard = (), None, False, False
+    inputs, claimed_mask, boolean, guard, top_left = (), None, False, False, None
     if causal:
         if mask is not None:
             raise Declined("scaled_dot_product_attention with both attn_mask and is_causal")
-        if lq != lk:
-            raise Declined(f"is_causal with {lq} queries and {lk} keys: SDPA aligns the causal mask top-left, "
-                           "fused attention bottom-right; they agree only for equal lengths")
-        steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1))
+        if lq == lk:
+            steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1))
+        else:  # top-left, unlike the spec's rule: the mask itself, True where key j <= query i
+            steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True))
+            inputs, boolean, top_left = ("mask",), True, (lq, lk)
     elif mask is not None:
         # A boolean mask: as SDPA converted it (where(m, 0, -inf)), or as given to the composite op.
         source = mask if isinstance(mask, Node) and dtype(mask) == torch.bool else _boolean_source(mask)
@@ -186,7 +190,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
             inputs = ("mask" if boolean else "bias",)
     spec = AttentionSpec(score_dtype=in_dtype, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
                          kv_groups=h // hk)
-    return _Claim(spec, claimed_mask, boolean, guard)
+    return _Claim(spec, claimed_mask, boolean, guard, top_left)
 
 
 def _call(gm, target, args, before: Node) -> Node:
@@ -200,9 +204,23 @@ def _call(gm, target, args, before: Node) -> Node:
     return node
 
 
+def _top_left_causal(gm, q: Node, lengths: tuple[int, int], before: Node) -> Node:
+    """``tril(ones(Lq, Lk, bool))``: SDPA's is_causal mask, True where key j <= query i."""
+    fake = val(q)
+    with gm.graph.inserting_before(before):
+        ones = gm.graph.call_function(aten.ones.default, (list(lengths),), {"dtype": torch.bool, "device": fake.device})
+        tril = gm.graph.call_function(aten.tril.default, (ones,))
+    with fake.fake_mode:
+        ones.meta["val"] = torch.ones(lengths, dtype=torch.bool, device=fake.device)
+        tril.meta["val"] = torch.tril(ones.meta["val"])
+    return tril
+
+
 def _replace(gm, node: Node, claim: _Claim) -> Node:
     q, k, v = node.args[:3]
     extras, alive = [], None
+    if claim.top_left is not None:
+        extras.append(_top_left_causal(gm, q, claim.top_left, node))
     if claim.mask is not None:
         mask = claim.mask
         if claim.guard:
