@@ -28,7 +28,8 @@ from torch.fx import Node
 
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, is_plain_reshape, layout_chain_back,
                                            source_operand)
-from fxfuse.passes.graph import depends_on, dtype, is_op, is_python_scalar, shape, source_of, val
+from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, is_op, is_python_scalar, shape,
+                                  source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -73,12 +74,6 @@ def _scalar_fill(node) -> float | None:
         return float(node.args[1])
     return None
 
-
-def _broadcasts_to(s, target) -> bool:
-    """Whether shape ``s`` broadcasts to ``target`` aligned on the right, as the operator reads it."""
-    if s is None or len(s) > len(target):
-        return False
-    return all(a == 1 or a == b for a, b in zip(reversed(s), reversed(target)))
 
 
 def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple[Node, ScoreStep, Node | None]]]:
@@ -138,7 +133,7 @@ def _near_product(node, depth: int = 8) -> bool:
 def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> None:
     s = shape(t)
     kind = {"fill": "mask", "add": "bias"}.get(step.op, "factor")
-    if not _broadcasts_to(s, score_shape):
+    if not broadcasts_to(s, score_shape):
         raise Declined(f"a {kind} of shape {list(s) if s else '?'} does not broadcast to the scores' shape "
                        f"{list(score_shape)} aligned on the right")
     if step.op == "fill" and dtype(t) != torch.bool:
@@ -286,16 +281,6 @@ def _check_no_escape(site: _Site, probabilities: set[Node]) -> None:
                            "reused); fusing would drop that use")
 
 
-def _call(gm, target, args, before: Node) -> Node:
-    """Insert ``target(*args)`` before ``before``, its meta computed from the arguments' fake values."""
-    with gm.graph.inserting_before(before):
-        node = gm.graph.call_function(target, args)
-    fake_args = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
-    fake = next(a for a in torch.utils._pytree.tree_leaves(fake_args) if isinstance(a, torch.Tensor))
-    with fake.fake_mode:
-        node.meta["val"] = target(*fake_args)
-    return node
-
 
 def _operand_4d(gm, operand: Node, site: _Site, role: str) -> Node:
     """The operand as the operator reads it, (B, H or Hkv, L, D): its source when one is proved
@@ -303,11 +288,11 @@ def _operand_4d(gm, operand: Node, site: _Site, role: str) -> Node:
     transposed = role == "k"
     if site.sources[role] is not None:
         root, perm, _ = site.sources[role]
-        return root if perm == [0, 1, 2, 3] else _call(gm, aten.permute.default, (root, perm), site.pv)
+        return root if perm == [0, 1, 2, 3] else insert_call(gm, aten.permute.default, (root, perm), site.pv)
     b, h = site.lead
     if transposed:
-        operand = _call(gm, aten.transpose.int, (operand, 1, 2), site.pv)
-    return _call(gm, aten.view.default, (operand, [b, h, *shape(operand)[1:]]), site.pv)
+        operand = insert_call(gm, aten.transpose.int, (operand, 1, 2), site.pv)
+    return insert_call(gm, aten.view.default, (operand, [b, h, *shape(operand)[1:]]), site.pv)
 
 
 def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
@@ -318,10 +303,10 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     q = _operand_4d(gm, q_op, site, "q")
     k = _operand_4d(gm, k_op, site, "k")
     v = _operand_4d(gm, v_op, site, "v")
-    fused = _call(gm, torch.ops.fxfuse.attention.default, (q, k, v, list(site.extras), site.spec.to_json()), site.pv)
+    fused = insert_call(gm, torch.ops.fxfuse.attention.default, (q, k, v, list(site.extras), site.spec.to_json()), site.pv)
     if site.softmax.meta.get("stack_trace"):
         fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]
-    out = _call(gm, aten.view.default, (fused, [b * h, lq, dv]), site.pv)
+    out = insert_call(gm, aten.view.default, (fused, [b * h, lq, dv]), site.pv)
     site.pv.replace_all_uses_with(out)
     return fused
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable
 
 import torch
 from torch.fx import Node
@@ -58,12 +57,7 @@ def source_of(node: Node) -> tuple[str, str]:
     return "<unknown>", ""
 
 
-def users_outside(nodes: Iterable[Node], allowed: set[Node]) -> list[tuple[Node, Node]]:
-    """Pairs (node, user) where a node of ``nodes`` is used by something outside ``allowed``."""
-    return [(n, u) for n in nodes for u in n.users if u not in allowed]
-
-
-def depends_on(node, target: Node, stop: set[Node] | None = None) -> bool:
+def depends_on(node, target: Node) -> bool:
     """Whether ``node`` is computed (transitively) from ``target``."""
     if not isinstance(node, Node):
         return False
@@ -75,7 +69,7 @@ def depends_on(node, target: Node, stop: set[Node] | None = None) -> bool:
         if n in seen or n.op == "placeholder":
             continue
         seen.add(n)
-        todo.extend(a for a in n.all_input_nodes)
+        todo.extend(n.all_input_nodes)
     return False
 
 
@@ -85,16 +79,6 @@ def last_dim_only(dims, rank: int) -> bool:
         return rank == 1
     dims = [dims] if isinstance(dims, int) else list(dims)
     return len(dims) == 1 and dims[0] % max(rank, 1) == rank - 1
-
-
-def replace_with(gm: torch.fx.GraphModule, old: Node, target, args: tuple, kwargs: dict | None = None,
-                 meta_from: Node | None = None) -> Node:
-    """Insert ``target(*args)`` just before ``old`` and redirect ``old``'s users to it."""
-    with gm.graph.inserting_before(old):
-        new = gm.graph.call_function(target, args, kwargs or {})
-    new.meta.update((meta_from or old).meta)
-    old.replace_all_uses_with(new)
-    return new
 
 
 # ---- casts --------------------------------------------------------------------------------------
@@ -134,3 +118,21 @@ def holds_values_of(node: Node, x: Node) -> bool:
 def keepdim_of(node: Node, position: int) -> bool:
     """A reduction's keepdim flag, given positionally at ``position`` or by keyword."""
     return bool(node.args[position] if len(node.args) > position else node.kwargs.get("keepdim", False))
+
+
+def broadcasts_to(s, target) -> bool:
+    """Whether shape ``s`` broadcasts to ``target`` aligned on the right, as a fused operator reads it."""
+    if s is None or len(s) > len(target):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(s), reversed(target)))
+
+
+def insert_call(gm: torch.fx.GraphModule, target, args, before: Node) -> Node:
+    """Insert ``target(*args)`` before ``before``, its meta computed from the arguments' fake values."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, args)
+    fake_args = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
+    fake = next(a for a in torch.utils._pytree.tree_leaves(fake_args) if isinstance(a, torch.Tensor))
+    with fake.fake_mode:
+        node.meta["val"] = target(*fake_args)
+    return node

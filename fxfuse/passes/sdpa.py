@@ -35,7 +35,7 @@ import torch
 from torch.fx import Node
 
 from fxfuse.passes.attention_layout import causal_window, constant_value
-from fxfuse.passes.graph import dtype, is_op, is_python_scalar, shape, source_of, val
+from fxfuse.passes.graph import broadcasts_to, dtype, insert_call, is_op, is_python_scalar, shape, source_of, val
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -106,9 +106,6 @@ def _boolean_source(mask: Node) -> Node | None:
     return None
 
 
-def _broadcasts_to(s, target) -> bool:
-    return s is not None and len(s) <= len(target) and all(a == 1 or a == b for a, b in zip(reversed(s), reversed(target)))
-
 
 @dataclasses.dataclass
 class _Claim:
@@ -166,7 +163,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         source = mask if isinstance(mask, Node) and dtype(mask) == torch.bool else _boolean_source(mask)
         boolean = source is not None
         claimed_mask = source if boolean else mask
-        if not isinstance(claimed_mask, Node) or not _broadcasts_to(shape(claimed_mask), score_shape):
+        if not isinstance(claimed_mask, Node) or not broadcasts_to(shape(claimed_mask), score_shape):
             got = list(shape(claimed_mask)) if isinstance(claimed_mask, Node) and shape(claimed_mask) else "?"
             raise Declined(f"an attn_mask of shape {got} does not broadcast to the scores' shape "
                            f"{list(score_shape)} aligned on the right; fused attention cannot read it")
@@ -193,16 +190,6 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     return _Claim(spec, claimed_mask, boolean, guard, top_left)
 
 
-def _call(gm, target, args, before: Node) -> Node:
-    """Insert ``target(*args)`` before ``before``, its meta computed from the arguments' fake values."""
-    with gm.graph.inserting_before(before):
-        node = gm.graph.call_function(target, args)
-    fake_args = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
-    fake = next(a for a in torch.utils._pytree.tree_leaves(fake_args) if isinstance(a, torch.Tensor))
-    with fake.fake_mode:
-        node.meta["val"] = target(*fake_args)
-    return node
-
 
 def _top_left_causal(gm, q: Node, lengths: tuple[int, int], before: Node) -> Node:
     """``tril(ones(Lq, Lk, bool))``: SDPA's is_causal mask, True where key j <= query i."""
@@ -226,16 +213,16 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
         if claim.guard:
             # alive: whether a query row has any key left. Dead rows see every key in the operator
             # (finite output and gradients) and are zeroed afterwards, as SDPA returns them.
-            seen = mask if claim.boolean else _call(gm, aten.ne.Scalar, (mask, _NEG_INF), node)
-            alive = _call(gm, aten.any.dim, (seen, -1, True), node)
-            dead = _call(gm, aten.logical_not.default, (alive,), node)
-            mask = _call(gm, aten.logical_or.default, (mask, dead), node) if claim.boolean else \
-                _call(gm, aten.where.ScalarOther, (alive, mask, 0.0), node)
+            seen = mask if claim.boolean else insert_call(gm, aten.ne.Scalar, (mask, _NEG_INF), node)
+            alive = insert_call(gm, aten.any.dim, (seen, -1, True), node)
+            dead = insert_call(gm, aten.logical_not.default, (alive,), node)
+            mask = insert_call(gm, aten.logical_or.default, (mask, dead), node) if claim.boolean else \
+                insert_call(gm, aten.where.ScalarOther, (alive, mask, 0.0), node)
         extras.append(mask)
-    fused = _call(gm, torch.ops.fxfuse.attention.default, (q, k, v, extras, claim.spec.to_json()), node)
+    fused = insert_call(gm, torch.ops.fxfuse.attention.default, (q, k, v, extras, claim.spec.to_json()), node)
     if node.meta.get("stack_trace"):
         fused.meta["stack_trace"] = node.meta["stack_trace"]
-    out = fused if alive is None else _call(gm, aten.where.ScalarOther, (alive, fused, 0.0), node)
+    out = fused if alive is None else insert_call(gm, aten.where.ScalarOther, (alive, fused, 0.0), node)
     if node.target == aten.scaled_dot_product_attention.default:
         node.replace_all_uses_with(out)
     else:
