@@ -196,12 +196,19 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
 
 # ---- backward ------------------------------------------------------------------------------------
 
-def _grad_steps(plan: AttentionPlan) -> list[str]:
-    """dS back through the steps, last first: factors scale it, fills zero it where they hid."""
+def _grad_steps(plan: AttentionPlan, store_bias: bool = False) -> list[str]:
+    """dS back through the steps, last first: factors scale it, fills zero it where they hid.
+    With ``store_bias``, an add step writes the dS it sees (the gradient of the scores it produced,
+    so through every later step) to its (B, H, Lq, Lk) float32 buffer ``DB{k}`` when BIAS_GRAD is
+    on; the launcher reduces that to the bias's shape."""
     lines = []
     for k in reversed(range(len(plan.steps))):
         op, value, index, invert, _, _ = plan.steps[k]
-        if op in ("mul", "div"):
+        if op == "add" and store_bias:
+            lines += ["if BIAS_GRAD:",
+                      f"    tl.store(DB{k} + (pid_bh * LQ + offs_m[:, None]).to(tl.int64) * LK + offs_n[None, :], ds, "
+                      "mask=in_bounds)"]
+        elif op in ("mul", "div"):
             lines.append(f"ds = ds {'*' if op == 'mul' else '/'} {_lit(value) if index == -1 else f'fac{k}'}")
         elif op == "fill":
             lines.append(f"ds = tl.where(flag{k}, ds, 0.0)" if invert else f"ds = tl.where(flag{k}, 0.0, ds)")
@@ -217,12 +224,17 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     extras = "".join(f"E{i}, " for i in range(len(plan.inputs)))
     extra_strides = "".join(f"se{i}_b, se{i}_h, se{i}_m, se{i}_n, " for i in range(len(plan.inputs)))
     precision = ', input_precision="ieee"' if plan.fp32_dot else ""
-    body = "\n".join(" " * 8 + line for line in [
-        f"s = tl.dot(q, kT{precision})", *_steps(plan),
-        "s = tl.where(offs_n[None, :] < LK, s, float('-inf'))",
-        "p = tl.exp(s - row_max[:, None]) / row_sum[:, None]",
-        f"dp = tl.dot(do, tl.trans(vt){precision})",
-        "ds = p * (dp - delta[:, None])", *_grad_steps(plan)])
+    def body(store_bias: bool) -> str:
+        return "\n".join(" " * 8 + line for line in [
+            f"s = tl.dot(q, kT{precision})", *_steps(plan),
+            "s = tl.where(offs_n[None, :] < LK, s, float('-inf'))",
+            "p = tl.exp(s - row_max[:, None]) / row_sum[:, None]",
+            f"dp = tl.dot(do, tl.trans(vt){precision})",
+            "ds = p * (dp - delta[:, None])", *_grad_steps(plan, store_bias)])
+
+    # The dq kernel visits every (query, key) tile of its rows once: it writes the biases' dS.
+    adds = [k for k, step in enumerate(plan.steps) if step[0] == "add"]
+    bias_args = "".join(f"DB{k}, " for k in adds) + ("BIAS_GRAD: tl.constexpr, " if adds else "")
     lo_m = "tl.maximum(0, (pid_n * BLOCK_N - (LK - LQ)) // BLOCK_M * BLOCK_M)" if plan.skip_above_diagonal else "0"
     hi_m = "LQ"
     if plan.skip_above_diagonal and plan.window:  # later queries' windows have moved past this key tile
@@ -275,7 +287,7 @@ def {name}_backward_dkdv({args}, DK, DV_OUT, {consts}):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
 {indent(load_q, 8)}
-{body}
+{body(False)}
         p_v = p.to(V.dtype.element_ty)  # as in the forward: the probabilities meet v in v's dtype
         ds_q = ds.to(Q.dtype.element_ty)
         if DOT_F32:
@@ -289,7 +301,7 @@ def {name}_backward_dkdv({args}, DK, DV_OUT, {consts}):
 
 
 @triton.jit
-def {name}_backward_dq({args}, DQ, {consts}):
+def {name}_backward_dq({args}, DQ, {bias_args}{consts}):
 {prologue}
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -299,7 +311,7 @@ def {name}_backward_dq({args}, DQ, {consts}):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
 {indent(load_kv, 8)}
-{body}
+{body(True)}
         ds_k = ds.to(K.dtype.element_ty)
         if DOT_F32:
             ds_k = ds_k.to(tl.float32)
@@ -309,8 +321,11 @@ def {name}_backward_dq({args}, DQ, {consts}):
 '''
 
 
-def backward(spec: AttentionSpec, grad_out, q, k, v, extras):
-    """Launch the backward kernels; returns (dq, dk, dv) in q's, k's and v's shapes and dtypes.
+def backward(spec: AttentionSpec, grad_out, q, k, v, extras, bias_grads: list[bool] | None = None):
+    """Launch the backward kernels; returns [dq, dk, dv] in q's, k's and v's shapes and dtypes,
+    then one entry per extra: with ``bias_grads`` (one flag per extra), the gradient of each
+    flagged bias ("add" steps) in its shape and dtype, else None. Factor tensors' gradients are
+    not computed here (the operator uses the torch formula for them).
 
     The forward kernel runs again for the log-sum-exp and the output (delta = rowsum(dO * O)):
     the operator does not return them yet, so the backward pays one forward pass.
@@ -331,11 +346,27 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras):
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 BLOCK_DV=max(16, triton.next_power_of_2(dv_dim)), DOT_F32=not q.is_cuda, ROUND=False)
     kernels = {n.rsplit("_", 1)[-1]: getattr(module, n) for n in dir(module) if "_backward_" in n}
+    bias_grads = list(bias_grads or [False] * len(extras))
+    adds = [(n, step.input) for n, step in enumerate(spec.steps) if step.op == "add"]  # (step, extra)
+    wanted = any(bias_grads[i] for _, i in adds)
+    # dS of each add step for the full scores, zeros where the kernel skips a tile (exactly zero
+    # probability there); only allocated when a bias needs its gradient (dq stands in otherwise:
+    # BIAS_GRAD off, nothing is stored). One flag for all adds: each gets a buffer of its own.
+    d_scores = {n: torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device) for n, _ in adds if wanted}
+    dq_meta = dict(meta, BIAS_GRAD=wanted) if adds else meta
     if q.numel() and k.numel():
         kernels["dkdv"][(triton.cdiv(lk, BLOCK_N), b * h)](*common, dk, dv, **meta)
-        kernels["dq"][(triton.cdiv(lq, BLOCK_M), b * h)](*common, dq, **meta)
+        kernels["dq"][(triton.cdiv(lq, BLOCK_M), b * h)](*common, dq, *(d_scores.get(n, dq) for n, _ in adds),
+                                                         **dq_meta)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     if spec.kv_groups > 1:  # a kv head's gradient sums over the query heads that read it
         dk, dv = (g.unflatten(1, (hkv, spec.kv_groups)).sum(2) for g in (dk, dv))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    d_extras: list[torch.Tensor | None] = [None] * len(extras)
+    for n, i in adds:
+        if bias_grads[i]:  # summed over the dims the bias broadcasts along, as autograd would
+            shape4 = (1,) * (4 - extras[i].dim()) + tuple(extras[i].shape)
+            d = d_scores[n].sum_to_size(shape4).reshape(extras[i].shape)
+            d_extras[i] = d if d_extras[i] is None else d_extras[i] + d
+    return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            *(d if d is None else d.to(e.dtype) for d, e in zip(d_extras, extras))]

@@ -8,8 +8,8 @@ implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
 user's softmax gives NaN are set to NaN), else the plain torch reference of the spec. The backward
 is a backward operator of its own (autograd is off inside custom operators): the Triton backward
-kernels when no extra tensor needs a gradient, else an explicit torch formula; both recompute the
-probabilities.
+kernels (which also give the gradients of additive biases) unless a factor tensor needs a
+gradient, else an explicit torch formula; both recompute the probabilities.
 """
 from __future__ import annotations
 
@@ -202,6 +202,12 @@ def _(q, k, v, extras, spec):
     return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=to_dtype(_spec(spec).out_dtype))
 
 
+def _only_added(spec: AttentionSpec, index: int) -> bool:
+    """Whether extra ``index`` is a bias: used by "add" steps and nothing else."""
+    uses = [step.op for step in spec.steps if step.input == index]
+    return bool(uses) and all(op == "add" for op in uses)
+
+
 @torch.library.custom_op("fxfuse::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
                        needs_grad: list[bool], spec: str) -> list[Tensor]:
@@ -209,11 +215,14 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras
     (a floating-point bias or factor that requires grad), else it is an empty tensor."""
     s = _spec(spec)
     wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, needs_grad)]
-    if _use_triton(q, s) and not any(wanted):
-        # The kernels compute dq, dk, dv; an extra's gradient would need the full dS, not built there.
+    if _use_triton(q, s) and all(_only_added(s, i) for i, w in enumerate(wanted) if w):
+        # The kernels compute dq, dk, dv and the biases' gradients (from the dS the dq kernel
+        # writes); a factor tensor's gradient also needs each step's input, so it keeps the
+        # torch formula.
         from fxfuse.codegen import attention as kernels
 
-        grads = [*kernels.backward(s, grad_out, q, k, v, extras), *(e.new_empty(0) for e in extras)]
+        dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted)
+        grads = [dq, dk, dv, *(d if w else e.new_empty(0) for d, e, w in zip(d_extras, extras, wanted))]
     else:
         grads = reference_backward(s, grad_out, q, k, v, extras)
         grads[3:] = [d if w else e.new_empty(0) for d, e, w in zip(grads[3:], extras, wanted)]

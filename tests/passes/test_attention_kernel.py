@@ -2,7 +2,7 @@
 interpreter) against the torch reference of the spec, at lengths that are not multiples of the
 tile, for decoding (one query), with causal tile skipping, masks, biases and low-precision
 roundings; the log-sum-exp it saves; the exact CPU path (SDPA where it is exact); the backward
-formula (gradcheck); and the spec's JSON form."""
+formula (gradcheck); the backward kernels, learned biases' gradients included; and the spec's JSON form."""
 import dataclasses
 import math
 
@@ -230,20 +230,80 @@ def test_backward_kernels_match_eager_gradients(lq, lk, kind, dtype):
         assert_close_to_reference(g.masked_fill(nan, 0), e.masked_fill(nan, 0), r.masked_fill(nan, 0), f"d{name}")
 
 
-def test_operator_backward_uses_the_kernels_unless_an_extra_needs_its_gradient(monkeypatch):
-    import fxfuse.codegen.attention as kernels
+def _bias_spec(kind, dtype):
+    """Sites whose bias (extra 0) is learned: T5's position bias before a causal mask, a bias under
+    Gemma-style soft-capping (the gradient goes back through tanh and the scales), and a float
+    padding mask (B, 1, 1, Lk) added after the scale."""
+    d = dtype
+    steps = {
+        "bias_causal": (ScoreStep("add", d, input=0), ScoreStep("fill", d, value=-math.inf, input=-1)),
+        "bias_softcap": (ScoreStep("mul", d, value=0.5), ScoreStep("add", d, input=0), ScoreStep("div", d, value=2.0),
+                         ScoreStep("tanh", d), ScoreStep("mul", d, value=2.0),
+                         ScoreStep("fill", d, value=-math.inf, input=-1)),
+        "float_mask": (ScoreStep("mul", d, value=0.35), ScoreStep("add", d, input=0)),
+    }[kind]
+    return AttentionSpec(score_dtype=d, steps=steps, prob_dtype=d, inputs=("bias",))
 
-    calls = []
+
+def _bias(kind, batch, lq, lk, t):
+    if kind != "float_mask":
+        return torch.randn(1, H, lq, lk, dtype=t)
+    keep = torch.rand(batch, 1, 1, lk) > 0.3
+    keep[..., 0] = True
+    return torch.where(keep, torch.randn(batch, 1, 1, lk) * 0.1, -1e4).to(t)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["bias_causal", "bias_softcap", "float_mask"])
+@pytest.mark.parametrize("lq,lk", [(5, 5), (19, 21)])
+def test_backward_kernels_give_the_bias_gradient(lq, lk, kind, dtype, monkeypatch):
+    import fxfuse.ops.attention as ops
+
+    formula_calls = []
+    real_formula = ops.reference_backward
+    monkeypatch.setattr(ops, "reference_backward", lambda *a: formula_calls.append(1) or real_formula(*a))
+    spec, t, batch = _bias_spec(kind, dtype), getattr(torch, dtype), 2
+    q, k = torch.randn(batch, H, lq, D, dtype=t), torch.randn(batch, H, lk, D, dtype=t)
+    v = torch.randn(batch, H, lk, D + 4, dtype=t)
+    bias = _bias(kind, batch, lq, lk, t).requires_grad_()
+    upstream = torch.randn(batch, H, lq, D + 4, dtype=torch.float64)
+    with fxfuse.config.patch(interpret=True):
+        torch.ops.fxfuse.attention(q, k, v, [bias], spec.to_json()).backward(upstream.to(t))
+    assert formula_calls == [], "the bias gradient came from the torch formula, not the kernels"
+    got = bias.grad
+    formula = real_formula(spec, upstream.to(t), q, k, v, [bias.detach()])[3]
+    eager_bias = bias.detach().clone().requires_grad_()
+    (reference(spec, q, k, v, [eager_bias]).double() * upstream).sum().backward()
+    f64 = AttentionSpec("float64", tuple(dataclasses.replace(s, dtype="float64") for s in spec.steps),
+                        "float64", spec.inputs)
+    exact_bias = bias.detach().double().requires_grad_()
+    (reference(f64, q.double(), k.double(), v.double(), [exact_bias]) * upstream).sum().backward()
+    assert got.dtype == t and got.shape == bias.shape
+    assert_close_to_reference(got, eager_bias.grad, exact_bias.grad, "d bias vs eager")
+    assert_close_to_reference(got, formula, exact_bias.grad, "d bias vs torch formula")
+
+
+def test_operator_backward_uses_the_kernels_unless_a_factor_needs_its_gradient(monkeypatch):
+    import fxfuse.codegen.attention as kernels
+    import fxfuse.ops.attention as ops
+
+    calls, formula_calls = [], []
     monkeypatch.setattr(kernels, "backward", lambda *a, _b=kernels.backward: calls.append(1) or _b(*a))
+    real_formula = ops.reference_backward
+    monkeypatch.setattr(ops, "reference_backward", lambda *a: formula_calls.append(1) or real_formula(*a))
     spec = _spec("mask_bias", "float32")
     q, k, v = (torch.randn(B, H, 5, D, requires_grad=True) for _ in range(3))
     keep, bias = _extras("mask_bias", 5, 5)
     with fxfuse.config.patch(interpret=True):
         torch.ops.fxfuse.attention(q, k, v, [keep, bias], spec.to_json()).sum().backward()
         assert calls == [1] and bias.grad is None
-        bias.requires_grad_()  # a learned bias: its gradient needs the full dS, from the torch formula
+        bias.requires_grad_()  # a learned bias: the dq kernel writes its dS
         torch.ops.fxfuse.attention(q, k, v, [keep, bias], spec.to_json()).sum().backward()
-        assert calls == [1] and bias.grad is not None and bias.grad.shape == bias.shape
+        assert calls == [1, 1] and formula_calls == [] and bias.grad is not None and bias.grad.shape == bias.shape
+        # A factor tensor's gradient needs each step's input: the torch formula gives it.
+        scale, divisor = (e.requires_grad_() for e in _extras("factor", 5, 5))
+        torch.ops.fxfuse.attention(q, k, v, [scale, divisor], _spec("factor", "float32").to_json()).sum().backward()
+        assert calls == [1, 1] and formula_calls == [1] and scale.grad is not None and divisor.grad is not None
 
 
 def test_grouped_backward_kernels_sum_each_kv_heads_group():

@@ -137,7 +137,7 @@ def fxfuse_attention_15e898f2fad8_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0,
 def fxfuse_attention_15e898f2fad8_backward_dq(Q, K, V, DO, STATS, DELTA, E0,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-        se0_b, se0_h, se0_m, se0_n, H, GROUPS, LQ, LK, D, DV, DQ, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
+        se0_b, se0_h, se0_m, se0_n, H, GROUPS, LQ, LK, D, DV, DQ, DB1, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
@@ -180,6 +180,8 @@ def fxfuse_attention_15e898f2fad8_backward_dq(Q, K, V, DO, STATS, DELTA, E0,
         p = tl.exp(s - row_max[:, None]) / row_sum[:, None]
         dp = tl.dot(do, tl.trans(vt))
         ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(DB1 + (pid_bh * LQ + offs_m[:, None]).to(tl.int64) * LK + offs_n[None, :], ds, mask=in_bounds)
         ds = ds * 0.125
         ds_k = ds.to(K.dtype.element_ty)
         if DOT_F32:

@@ -130,7 +130,7 @@ def fxfuse_attention_7a1ec3bfe4a2_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, E
 def fxfuse_attention_7a1ec3bfe4a2_backward_dq(Q, K, V, DO, STATS, DELTA, E0, E1,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
-        se0_b, se0_h, se0_m, se0_n, se1_b, se1_h, se1_m, se1_n, H, GROUPS, LQ, LK, D, DV, DQ, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
+        se0_b, se0_h, se0_m, se0_n, se1_b, se1_h, se1_m, se1_n, H, GROUPS, LQ, LK, D, DV, DQ, DB2, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
@@ -169,6 +169,8 @@ def fxfuse_attention_7a1ec3bfe4a2_backward_dq(Q, K, V, DO, STATS, DELTA, E0, E1,
         p = tl.exp(s - row_max[:, None]) / row_sum[:, None]
         dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
         ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(DB2 + (pid_bh * LQ + offs_m[:, None]).to(tl.int64) * LK + offs_n[None, :], ds, mask=in_bounds)
         ds = tl.where(flag1, ds, 0.0)
         ds = ds * 0.125
         ds_k = ds.to(K.dtype.element_ty)
