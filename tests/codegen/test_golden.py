@@ -62,20 +62,24 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(SPECS))
-def test_generated_source_matches_golden_file(case):
-    kernel = generate(SPECS[case])
-    golden = GOLDEN_DIR / f"{case}.py"
+def assert_matches_golden(kernel, golden: Path, functions: tuple[str, ...]) -> None:
+    """``kernel``'s source equals the golden file byte for byte (rewritten first under
+    FXFUSE_UPDATE_GOLDEN=1) and loads as Triton defining ``kernel.name + f`` for each suffix."""
     if UPDATE:
         golden.write_bytes(kernel.source.encode())
     assert golden.exists(), f"no golden file {golden}; create it with FXFUSE_UPDATE_GOLDEN=1 (see module docstring)"
     expected = golden.read_bytes().decode()
     assert kernel.source == expected, (
-        f"generated source for {case} differs from {golden}; if the template change is intended, "
+        f"generated source for {golden.stem} differs from {golden}; if the template change is intended, "
         "rerun with FXFUSE_UPDATE_GOLDEN=1 and commit the new file"
     )
     module = load(kernel)  # the golden text is loadable Triton, not just a string that happens to match
-    assert {f"{kernel.name}_forward", f"{kernel.name}_backward"} <= set(vars(module))
+    assert {kernel.name + f for f in functions} <= set(vars(module))
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_generated_source_matches_golden_file(case):
+    assert_matches_golden(generate(SPECS[case]), GOLDEN_DIR / f"{case}.py", ("_forward", "_backward"))
 
 
 def test_golden_files_have_a_spec_each():

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 
 import pytest
 
 from fxfuse.codegen.attention import _source, backward_source, generate
-from fxfuse.codegen.cache import load
 from fxfuse.lowering.attention import lower_attention
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
+from tests.codegen.test_golden import GOLDEN_DIR, assert_matches_golden
 
-GOLDEN_DIR = Path(__file__).parent / "golden"
 PREFIX = "attention_"
-UPDATE = os.environ.get("FXFUSE_UPDATE_GOLDEN", "") == "1"
 F32, BF16 = "float32", "bfloat16"
 NEG_INF = -math.inf
 
@@ -65,18 +62,7 @@ def _golden(case: str) -> Path:
 
 @pytest.mark.parametrize("case", sorted(SPECS))
 def test_generated_attention_source_matches_golden_file(case):
-    kernel = generate(SPECS[case])
-    golden = _golden(case)
-    if UPDATE:
-        golden.write_bytes(kernel.source.encode())
-    assert golden.exists(), f"no golden file {golden}; create it with FXFUSE_UPDATE_GOLDEN=1 (see module docstring)"
-    expected = golden.read_bytes().decode()
-    assert kernel.source == expected, (
-        f"generated source for {case} differs from {golden}; if the template change is intended, "
-        "rerun with FXFUSE_UPDATE_GOLDEN=1 and commit the new file"
-    )
-    module = load(kernel)  # the golden text is loadable Triton, not just a string that happens to match
-    assert {kernel.name + f for f in KERNEL_FUNCTIONS} <= set(vars(module))
+    assert_matches_golden(generate(SPECS[case]), _golden(case), KERNEL_FUNCTIONS)
 
 
 def test_attention_golden_files_have_a_spec_each():
