@@ -13,31 +13,31 @@ import torch.utils._pytree as pytree
 import fxfuse.ops  # noqa: F401  (the rewritten graphs call torch.ops.fxfuse.*)
 from fxfuse import config
 from fxfuse.capture import Captured, capture_module
-from fxfuse.codegen import generate_kernel
+from fxfuse.codegen import prepare_kernels
 from fxfuse.codegen.cache import Kernel
 from fxfuse.debug import dump_graph
 from fxfuse.passes.pipeline import Match, Miss, parse_pipeline, run_pipeline
-from fxfuse.report import Report
+from fxfuse.report import Report, snapshot_graph
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 RECAPTURE_WARNING = 8  # captures of one module before we suggest torch.compile(dynamic=True)
 
 
-def optimize_graph(gm: torch.fx.GraphModule, passes=None, title: str = "fxfuse", debug_index: int | None = None) -> Report:
-    """Run the pass pipeline on a captured graph in place and generate a kernel per fused site.
+def optimize_graph(gm: torch.fx.GraphModule, passes=None, title: str = "fxfuse", debug_index: int | None = None,
+                   started: float | None = None) -> Report:
+    """Run the pass pipeline on a captured graph in place and prepare a kernel per fused site.
 
-    ``debug_index`` numbers the graph's files in the debug directory (a new number if None)."""
-    start = time.perf_counter()
+    ``debug_index`` numbers the graph's files in the debug directory (a new number if None);
+    ``started`` is when the capture began (``time.perf_counter()``), so the report's time covers it."""
+    start = time.perf_counter() if started is None else started
     index = dump_graph(gm, "captured", debug_index)
+    before = snapshot_graph(gm)
     results = run_pipeline(gm, passes if passes is not None else config.current.passes)
     dump_graph(gm, "rewritten", index)
     matches = [m for r in results for m in r.matches]
     misses = [m for r in results for m in r.misses]
-    kernels: dict[str, Kernel] = {}
-    for m in matches:
-        kernel = generate_kernel(m.spec)
-        kernels.setdefault(kernel.name, kernel)
-    return Report(matches, misses, list(kernels.values()), time.perf_counter() - start, title)
+    kernels = prepare_kernels([m.spec for m in matches])
+    return Report(matches, misses, kernels, time.perf_counter() - start, title, before=before, after=gm)
 
 
 # Positional arguments of these exact types are pytree leaves; a call made only of them (the
@@ -186,8 +186,10 @@ class RewrittenModule(torch.nn.Module):
                 "distinct input shape/constant; if shapes keep changing, torch.compile(model, "
                 "backend='fxfuse', dynamic=True) compiles one graph for all of them.", stacklevel=4)
         with config.patch(**self._options):
+            started = time.perf_counter()
             captured = capture_module(self._model, args, kwargs)
-            report = optimize_graph(captured.gm, self._passes, title=f"fxfuse.rewrite({type(self._model).__name__})")
+            report = optimize_graph(captured.gm, self._passes, title=f"fxfuse.rewrite({type(self._model).__name__})",
+                                    started=started)
         names = [n for n, _ in state.params] + [n for n, _ in state.buffers]
         wanted = captured.param_names + captured.buffer_names
         order = None if names == wanted else [names.index(n) for n in wanted]

@@ -7,7 +7,9 @@ as ATen ops.
 from __future__ import annotations
 
 import functools
+import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -23,7 +25,8 @@ from fxfuse.report import Report
 
 
 class Backend:
-    """A torch.compile backend that keeps what it did: ``be.reports`` has one report per graph.
+    """A torch.compile backend that keeps what it did: ``be.reports`` has one report per graph,
+    ``be.report()`` prints them and ``be.html("report.html")`` draws them all on one page.
 
     ``Backend(passes="canonicalize,fuse-norm", interpret=True)`` — any fxfuse option
     (``fxfuse.config.Options``) is accepted as a keyword.
@@ -50,6 +53,18 @@ class Backend:
         """The reports of every graph compiled so far, one after the other."""
         return "\n\n".join(r.text() for r in self.reports) or "fxfuse: no graph compiled yet"
 
+    def html(self, path: str | Path | None = None, renderer: str = "auto") -> str:
+        """One self-contained HTML page for every graph compiled so far (a graph break gives
+        several): for each, the sections of a single report and its graph before and after the
+        passes. Written to ``path`` when given; returned either way."""
+        from fxfuse.report_html import render_many
+
+        n = len(self.reports)
+        page = render_many(self.reports, f"fxfuse: {n} graph{'' if n == 1 else 's'} compiled by torch.compile", renderer)
+        if path is not None:
+            Path(path).write_text(page, encoding="utf-8")
+        return page
+
     def _run_with_options(self, fn):
         options = self.options
 
@@ -73,6 +88,7 @@ class Backend:
         title = f"fxfuse graph {len(self.reports)}"
         with config.patch(**self.options):
             index = next_index()
+            started = time.perf_counter()
             try:
                 aten_gm = capture_graph(gm, example_inputs)
             except CaptureError as err:
@@ -81,7 +97,7 @@ class Backend:
                 warnings.warn(f"{title} runs unfused: {reason}", stacklevel=2)
                 self.reports.append(Report([], [Miss("graph", "<dynamo graph>", reason)], [], 0.0, title))
                 return gm.forward
-            report = optimize_graph(aten_gm, title=title, debug_index=index)
+            report = optimize_graph(aten_gm, title=title, debug_index=index, started=started)
         compiler = aot_autograd(
             fw_compiler=self._compiler("aot_forward", index),
             bw_compiler=self._compiler("aot_backward", index),

@@ -18,6 +18,10 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _env_off(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"0", "false", "no", "off"}
+
+
 # Triton decides at import whether its own library functions (tl.sum, tl.max, ...) are compiled or
 # interpreted, so interpretation is a property of the process: it must be on before triton loads.
 if _env_flag("FXFUSE_INTERPRET") and "triton" not in sys.modules:
@@ -48,6 +52,9 @@ class Options:
     )
     # The pass pipeline: None for the default, or a comma-separated string / list of pass names.
     passes: str | list | None = None
+    # A progress bar on stderr while a graph's kernels are generated and loaded, when there are many
+    # (fxfuse/progress.py) and stderr is a terminal; FXFUSE_PROGRESS=0 turns it off.
+    progress: bool = dataclasses.field(default_factory=lambda: not _env_off("FXFUSE_PROGRESS"))
 
     def replace(self, **changes) -> "Options":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -68,6 +75,7 @@ _OPTION_TYPES = {
     "interpret": (bool, "True or False"),
     "debug_dir": ((str, os.PathLike, type(None)), "a directory path or None"),
     "cache_dir": ((str, os.PathLike), "a directory path"),
+    "progress": (bool, "True or False"),
     "passes": ((str, list, tuple, type(None)), 'a pipeline such as "canonicalize,fuse-norm", a list of pass names, or None'),
 }
 

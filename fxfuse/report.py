@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import Optional
+
+import torch
 
 from fxfuse.codegen.cache import Kernel
 from fxfuse.log import get_logger
@@ -25,6 +28,9 @@ class Report:
     kernels: list[Kernel]
     seconds: float = 0.0
     title: str = "fxfuse"
+    # The graph before the passes (a copy) and after them, drawn by ``html()``; None when unknown.
+    before: Optional[torch.fx.Graph] = dataclasses.field(default=None, repr=False, compare=False)
+    after: Optional[torch.fx.Graph] = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # Reports are built once per captured graph, so this is the one place every entry point
@@ -46,7 +52,7 @@ class Report:
         return (
             f"{self.title}: {len(self.matches) + len(self.misses)} candidate site(s), "
             f"{len(self.matches)} fused ({fused}), {len(self.misses)} declined, "
-            f"{len(self.kernels)} kernel(s), {self.seconds:.2f}s"
+            f"{len(self.kernels)} kernel(s), compile time {self.seconds:.2f}s"
         )
 
     def text(self) -> str:
@@ -70,12 +76,23 @@ class Report:
     __str__ = text
 
     def html(self, before=None, after=None, renderer: str = "auto") -> str:
-        """One self-contained HTML page; ``before``/``after`` are the graphs to draw (optional).
+        """One self-contained HTML page, with the graph before and after the passes drawn.
 
-        ``after`` is ``Rewrite.graph``; ``before`` is a capture of the same model and inputs
-        without the passes (``fxfuse.capture.capture_module(model, args).gm``). ``renderer`` is
-        "auto" (Graphviz ``dot`` when installed, else networkx), "dot" or "networkx".
+        The graphs are the report's own (kept by ``fxfuse.rewrite`` and ``fxfuse.Backend``) unless
+        ``before`` or ``after`` is given (a ``GraphModule`` or ``Graph``): then only those are drawn.
+        ``renderer`` is "auto" (Graphviz ``dot`` when installed, else networkx), "dot" or "networkx".
         """
         from fxfuse.report_html import render
 
+        if before is None and after is None:
+            before, after = self.before, self.after
         return render(self, before=before, after=after, renderer=renderer)
+
+
+def snapshot_graph(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    """A copy of ``gm``'s graph for the report's pictures, taken before the passes change it in
+    place. Node names and ``meta`` (shapes, source lines) are kept; tensors are shared, not copied."""
+    graph = torch.fx.Graph()
+    value, _ = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(value)
+    return graph

@@ -78,26 +78,32 @@ def _is_fused_op(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target.namespace == "fxfuse"
 
 
-def mark_nodes(before: torch.fx.GraphModule | None, after: torch.fx.GraphModule | None, fused_names=()):
+def mark_nodes(before, after, fused_names=()):
     """Which nodes to highlight: in ``after`` the fused operators (and the items read from their
     outputs); in ``before`` the nodes the passes removed or replaced (absent from ``after``)."""
     after_marks: dict[str, str] = {}
     if after is not None:
-        for node in after.graph.nodes:
+        for node in _graph_nodes(after):
             if node.name in fused_names or _is_fused_op(node):
                 after_marks[node.name] = FUSED
             elif node.target is operator.getitem and node.args[0].name in after_marks:
                 after_marks[node.name] = FUSED
     before_marks: dict[str, str] = {}
     if before is not None and after is not None:
-        kept = {n.name for n in after.graph.nodes}
-        before_marks = {n.name: REPLACED for n in before.graph.nodes if n.name not in kept}
+        kept = {n.name for n in _graph_nodes(after)}
+        before_marks = {n.name: REPLACED for n in _graph_nodes(before) if n.name not in kept}
     return before_marks, after_marks
 
 
-def _drawn_nodes(gm: torch.fx.GraphModule, marks: dict[str, str]) -> tuple[list[DrawnNode], list[tuple[str, str]], str]:
+def _graph_nodes(g) -> list[torch.fx.Node]:
+    """The nodes of a ``GraphModule`` or of a bare ``Graph`` (what a report keeps of the graph
+    before the passes)."""
+    return list(g.graph.nodes if isinstance(g, torch.fx.GraphModule) else g.nodes)
+
+
+def _drawn_nodes(gm, marks: dict[str, str]) -> tuple[list[DrawnNode], list[tuple[str, str]], str]:
     """The nodes and edges to draw, cut down around the marked nodes when the graph is large."""
-    nodes = list(gm.graph.nodes)
+    nodes = _graph_nodes(gm)
     keep = {n.name for n in nodes}
     note = ""
     if len(nodes) > MAX_NODES:
@@ -130,7 +136,7 @@ def _dot_quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _svg_with_dot(nodes: list[DrawnNode], edges: list[tuple[str, str]]) -> str | None:
+def _svg_with_dot(nodes: list[DrawnNode], edges: list[tuple[str, str]], uid: str) -> str | None:
     dot = shutil.which("dot")
     if dot is None:
         return None
@@ -149,10 +155,13 @@ def _svg_with_dot(nodes: list[DrawnNode], edges: list[tuple[str, str]]) -> str |
         log.warning("graphviz dot failed (%s); drawing with networkx instead", err)
         return None
     svg = done.stdout
-    return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: the SVG is inlined in HTML
+    svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: the SVG is inlined in HTML
+    # dot names its elements graph0, node1, edge1...: the same in every picture, and inline SVG ids
+    # share the page's namespace, so each picture's ids get their own prefix.
+    return svg.replace(' id="', f' id="{uid}')
 
 
-def _svg_with_networkx(nodes: list[DrawnNode], edges: list[tuple[str, str]]) -> str:
+def _svg_with_networkx(nodes: list[DrawnNode], edges: list[tuple[str, str]], uid: str) -> str:
     import networkx as nx
 
     graph = nx.DiGraph()
@@ -181,12 +190,12 @@ def _svg_with_networkx(nodes: list[DrawnNode], edges: list[tuple[str, str]]) -> 
           for name, p in pos.items()}
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, sans-serif" font-size="10">',
-           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
+           f'<defs><marker id="{uid}arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
            'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#777"/></marker></defs>']
     for a, b in edges:
         (xa, ya), (xb, yb) = at[a], at[b]
         out.append(f'<line x1="{xa:.1f}" y1="{ya + size[a][1] / 2:.1f}" x2="{xb:.1f}" y2="{yb - size[b][1] / 2:.1f}" '
-                   'stroke="#999" stroke-width="1" marker-end="url(#arrow)"/>')
+                   f'stroke="#999" stroke-width="1" marker-end="url(#{uid}arrow)"/>')
     for n in nodes:
         (x, y), (w, h) = at[n.name], size[n.name]
         out.append(f'<g class="node"><title>{html.escape(n.tooltip)}</title>'
@@ -200,15 +209,16 @@ def _svg_with_networkx(nodes: list[DrawnNode], edges: list[tuple[str, str]]) -> 
     return "\n".join(out)
 
 
-def graph_svg(gm: torch.fx.GraphModule, marks: dict[str, str], renderer: str = "auto") -> tuple[str, str]:
-    """``(svg, caption note)``; ``renderer`` is "auto" (dot if installed), "dot" or "networkx"."""
+def graph_svg(gm, marks: dict[str, str], renderer: str = "auto", uid: str = "g-") -> tuple[str, str]:
+    """``(svg, caption note)``; ``renderer`` is "auto" (dot if installed), "dot" or "networkx";
+    ``uid`` prefixes the picture's element ids, which must be unique on the page."""
     nodes, edges, note = _drawn_nodes(gm, marks)
     if not nodes:
         return "", "empty graph"
-    svg = _svg_with_dot(nodes, edges) if renderer in ("auto", "dot") else None
+    svg = _svg_with_dot(nodes, edges, uid) if renderer in ("auto", "dot") else None
     drawn_by = "graphviz dot"
     if svg is None:
-        svg, drawn_by = _svg_with_networkx(nodes, edges), "networkx layout"
+        svg, drawn_by = _svg_with_networkx(nodes, edges, uid), "networkx layout"
     return svg, "; ".join(filter(None, [note, f"drawn with {drawn_by}"]))
 
 
@@ -234,44 +244,69 @@ def _where(source: str, code: str) -> str:
     return f"<code>{html.escape(source)}</code>" + (f"<br><code>{html.escape(code)}</code>" if code else "")
 
 
-def render(report, before: torch.fx.GraphModule | None = None, after: torch.fx.GraphModule | None = None,
-           renderer: str = "auto") -> str:
-    """The whole page for one ``Report``; the graph section is left out when no graph is given."""
+def _body(report, before, after, renderer: str, prefix: str = "", level: int = 2) -> list[str]:
+    """One report's sections. ``prefix`` keeps ids unique when a page holds several reports;
+    ``level`` is the heading level of the sections (kernels one below)."""
     e = html.escape
+    h, h_kernel = f"h{level}", f"h{level + 1}"
     match_rows = []
     for m in report.matches:
         kernel = report.kernel_for(m)
-        link = f'<a href="#kernel-{e(kernel.name)}"><code>{e(kernel.name)}</code></a>' if kernel else ""
+        link = f'<a href="#{prefix}kernel-{e(kernel.name)}"><code>{e(kernel.name)}</code></a>' if kernel else ""
         match_rows.append([e(m.kind), _where(m.source, m.code), e(m.describe()), link])
     miss_rows = [[e(m.kind), _where(m.source, m.code), e(m.reason)] for m in report.misses]
     parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{e(report.title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{e(report.title)}</h1>",
-        f'<section id="summary"><h2>Summary</h2><p>{e(report.summary())}</p></section>',
-        '<section id="matches"><h2>Fused sites</h2>',
+        f'<section id="{prefix}summary"><{h}>Summary</{h}><p>{e(report.summary())}</p></section>',
+        f'<section id="{prefix}matches"><{h}>Fused sites</{h}>',
         _table(["kind", "source", "spec", "kernel"], match_rows, "No site was fused."), "</section>",
-        '<section id="misses"><h2>Declined sites</h2>',
+        f'<section id="{prefix}misses"><{h}>Declined sites</{h}>',
         _table(["kind", "source", "reason"], miss_rows, "No candidate was declined."), "</section>",
-        '<section id="kernels"><h2>Generated kernels</h2>',
+        f'<section id="{prefix}kernels"><{h}>Generated kernels</{h}>',
     ]
     if not report.kernels:
         parts.append('<p class="none">No kernel was generated.</p>')
     for k in report.kernels:
-        parts.append(f'<h3 id="kernel-{e(k.name)}"><code>{e(k.name)}</code></h3>'
+        parts.append(f'<{h_kernel} id="{prefix}kernel-{e(k.name)}"><code>{e(k.name)}</code></{h_kernel}>'
                      f"<p>{e(k.spec)}<br><code>{e(k.path)}</code></p>{_highlight(k.source)}")
     parts.append("</section>")
     if before is not None or after is not None:
         fused_names = {m.node for m in report.matches}
         before_marks, after_marks = mark_nodes(before, after, fused_names)
-        parts += ['<section id="graphs"><h2>Graphs</h2><p class="legend">'
+        parts += [f'<section id="{prefix}graphs"><{h}>Graphs</{h}><p class="legend">'
                   f'<span style="background:{FILL[REPLACED]}">removed or replaced by the passes</span>'
                   f'<span style="background:{FILL[FUSED]}">fused operator</span></p>']
-        for title, gm, marks in (("before the passes", before, before_marks), ("after the passes", after, after_marks)):
+        for when, gm, marks in (("before", before, before_marks), ("after", after, after_marks)):
             if gm is None:
                 continue
-            svg, note = graph_svg(gm, marks, renderer)
-            parts.append(f'<figure class="graph"><figcaption>Graph {title} ({e(note)})</figcaption>{svg}</figure>')
+            svg, note = graph_svg(gm, marks, renderer, uid=f"{prefix}{when}-")
+            parts.append(f'<figure class="graph"><figcaption>Graph {when} the passes ({e(note)})</figcaption>{svg}</figure>')
         parts.append("</section>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
+
+
+def _page(title: str, body: list[str]) -> str:
+    e = html.escape
+    return "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+                      f"<title>{e(title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(title)}</h1>",
+                      *body, "</body></html>"])
+
+
+def render(report, before=None, after=None, renderer: str = "auto") -> str:
+    """The whole page for one ``Report``; the graph section is left out when no graph is given.
+    ``before``/``after`` are ``torch.fx.GraphModule``s or ``torch.fx.Graph``s."""
+    return _page(report.title, _body(report, before, after, renderer))
+
+
+def render_many(reports, title: str, renderer: str = "auto") -> str:
+    """One page for several reports (every graph a ``fxfuse.Backend`` compiled): a list of them,
+    then each one's sections and pictures, drawn from the graphs the reports keep."""
+    e = html.escape
+    if not reports:
+        return _page(title, ['<p class="none">No graph was compiled.</p>'])
+    overview = "".join(f'<li><a href="#graph{i}">{e(r.title)}</a>: {e(r.summary())}</li>' for i, r in enumerate(reports))
+    body = [f'<section id="overview"><h2>Graphs compiled</h2><ul>{overview}</ul></section>']
+    for i, report in enumerate(reports):
+        body.append(f'<section id="graph{i}" class="compiled-graph"><h2>{e(report.title)}</h2>')
+        body += _body(report, report.before, report.after, renderer, prefix=f"graph{i}-", level=3)
+        body.append("</section>")
+    return _page(title, body)
