@@ -66,10 +66,13 @@ def main():
     torch.testing.assert_close(res.module(x), model(x))
     print("the rewritten module's output equals eager")
 
-    # The same report as one HTML page, with the graph after the passes drawn and fused nodes marked.
+    # The same report as one HTML page, with the graph before and after the passes drawn, the
+    # replaced nodes and the fused ones marked.
+    before = res.report_data.before  # a copy of the captured graph, taken before the passes ran
+    print(f"graph before the passes: {len(before.nodes)} nodes, after: {len(res.graph.graph.nodes)}")
     path = os.path.join(tempfile.mkdtemp(prefix="fxfuse-"), "report.html")
-    with open(path, "w") as f:
-        f.write(res.report_data.html(after=res.graph))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(res.report_data.html())
     print(f"HTML report: {path}")
 
 

@@ -2,8 +2,12 @@
 ``attn_implementation="eager"``, its hand-written attention) are found in the graph Dynamo captures.
 
 A small Llama is built from a config (random weights, nothing downloaded), so this runs on CPU in
-seconds. ``fxfuse.Backend()`` keeps one report per compiled graph.
+seconds. ``fxfuse.Backend()`` keeps one report per compiled graph, and ``backend.html(path)`` draws
+them all on one page (a graph break gives several graphs).
 """
+import os
+import tempfile
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -35,6 +39,10 @@ def main():
 
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     print(f"logits equal eager (max abs difference {(logits - expected).abs().max().item():.2e})")
+
+    path = os.path.join(tempfile.mkdtemp(prefix="fxfuse-"), "llama.html")
+    backend.html(path)  # every compiled graph: its sites, kernels and pictures, one self-contained file
+    print(f"HTML report: {path}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the many variants of each are run in-process through ``main(argv)``, the same co
 seconds a fresh ``import torch`` costs."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -188,3 +189,28 @@ def test_runtime_failures(models, capsys, factory, message, traceback_line):
         assert "Traceback" in err and traceback_line in err and "fxfuse/cli.py" not in err
     else:
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("compile_works", [True, False], ids=["compiles", "compile-fails"])
+def test_demo_compares_with_torch_compile(capsys, monkeypatch, compile_works):
+    """The torch.compile comparison's flow and wording, with torch.compile stubbed out: Inductor
+    itself takes tens of seconds to compile on a CPU (the subprocess test above skips it)."""
+    import torch
+
+    def fake_compile(model, *args, **kwargs):
+        if not compile_works:
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return model  # "compiled" = eager: the ratios are then eager's
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    code, out, err = in_process(capsys, "demo", "--no-kernel")
+    assert code == 0, err
+    assert "output check: rewritten == eager" in out
+    if compile_works:
+        assert "x Inductor's speed" in out
+        # The stub is eager, so the memory compared with "Inductor" is eager's, ratio and all.
+        eager = re.search(r"eager (\d+) KiB, fxfuse (\d+) KiB, ([\d.]+)x eager's", out).groups()
+        assert f"Inductor {eager[0]} KiB, fxfuse {eager[1]} KiB, {eager[2]}x Inductor's" in out
+    else:
+        assert "torch.compile (Inductor) comparison skipped: it failed on this machine " \
+               "(RuntimeError: no C++ compiler found)" in out

@@ -16,6 +16,15 @@ def run_example(name: str) -> str:
     return done.stdout
 
 
+def test_no_example_shadows_a_standard_module():
+    """``python examples/x.py`` puts examples/ first on sys.path: a file there named like a standard
+    module (inspect.py, the issue's name for inspect_rewrite.py) is what ``import torch`` would
+    import instead, and every example would fail with a circular import."""
+    names = {p.stem for p in (REPO / "examples").glob("*.py")}
+    assert "inspect_rewrite" in names
+    assert not names & set(sys.stdlib_module_names)
+
+
 def test_quickstart():
     out = run_example("quickstart.py")
     summary = out.splitlines()[0]  # other families (attention) may be fused too: count the norms
@@ -34,7 +43,8 @@ def test_inspect_rewrite():
     assert "the rewritten module's output equals eager" in out
     html_path = out.strip().splitlines()[-1].removeprefix("HTML report: ")
     page = Path(html_path).read_text()
-    assert page.count("<svg") == 1 and 'id="kernels"' in page  # only the graph after the passes
+    assert "graph before the passes:" in out
+    assert page.count("<svg") == 2 and 'id="kernels"' in page  # the graph before and after the passes
 
 
 def test_transformers_llama():
@@ -43,6 +53,8 @@ def test_transformers_llama():
     assert out.count("rms_norm at ") == 5
     assert "modeling_llama.py" in out  # sites point at transformers' own source lines
     assert "logits equal eager" in out
+    page = Path(out.strip().splitlines()[-1].removeprefix("HTML report: ")).read_text()
+    assert 'id="graph0-matches"' in page and "modeling_llama.py" in page and page.count("<svg") >= 2
 
 
 def test_custom_attention():
