@@ -1,5 +1,7 @@
 """The HTML report: one self-contained page (no scripts, no network) with the summary, the fused
-sites, the declined ones, every kernel's source and the graph before and after the passes.
+sites, the declined ones, every kernel's source (highlighted by Pygments) and the graph before and
+after the passes; ``render_many`` puts several reports (every graph a ``Backend`` compiled) on one
+page, each in its own section.
 
 Graphs are drawn by Graphviz's ``dot`` when it is installed (best layout); otherwise networkx lays
 the graph out in layers (its topological generations) and the picture is written as inline SVG.
