@@ -3,6 +3,7 @@
     fxfuse demo                          a naive transformer rewritten, checked and measured
     fxfuse explain FILE.py:FACTORY       what fxfuse does to your model (``--html``, ``--dump``)
     fxfuse explain pkg.module:FACTORY
+    fxfuse explain --compile ...         through torch.compile: one report per graph (graph breaks)
     fxfuse kernels DIR                   the kernels in a --dump directory or kernel cache
 
 A factory is a callable with no required arguments returning ``(model, example_inputs)`` or
@@ -162,19 +163,52 @@ def cmd_explain(opts) -> int:
     import fxfuse
 
     options = {"debug_dir": str(Path(opts.dump).resolve())} if opts.dump else {}
-    try:
-        res = fxfuse.rewrite(model, args, passes=opts.passes, options=options, example_kwargs=kwargs)
-    except fxfuse.CaptureError as err:
-        raise RunError(str(err).replace("\n", " ")) from None
-    text = res.report()
+    if opts.compile:
+        text, page = _explain_compiled(model, args, kwargs, opts.passes, options, opts.html)
+    else:
+        try:
+            res = fxfuse.rewrite(model, args, passes=opts.passes, options=options, example_kwargs=kwargs)
+        except fxfuse.CaptureError as err:
+            raise RunError(str(err).replace("\n", " ")) from None
+        text = res.report()
+        page = res.report_data.html() if opts.html else None  # draws the graph before and after
     print(text)
     if opts.dump:
         (Path(opts.dump) / "report.txt").write_text(text + "\n")
         print(f"graphs and kernels written to {opts.dump}")
     if opts.html:
-        Path(opts.html).write_text(res.report_data.html(), encoding="utf-8")  # draws the graph before and after
+        Path(opts.html).write_text(page, encoding="utf-8")
         print(f"HTML report written to {opts.html}")
     return 0
+
+
+def _explain_compiled(model, args, kwargs, passes, options, html: bool):
+    """``explain --compile``: one call through ``torch.compile(backend=fxfuse.Backend())``, which
+    splits the model around code a single capture cannot take (graph breaks); one report per graph."""
+    import torch
+
+    import fxfuse
+
+    backend = fxfuse.Backend(passes=passes, **options)
+    torch._dynamo.reset()  # a model compiled before in this process would not reach the new backend
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed:
+        raise  # fxfuse's own failure: main() keeps the whole traceback for the bug report
+    except Exception as err:
+        sys.stderr.write(_user_traceback(err, 1))
+        cause = err
+        while cause.__cause__ is not None:  # Dynamo wraps the model's own error: name that one
+            cause = cause.__cause__
+        lines = f"{type(cause).__name__}: {cause}".splitlines()
+        text = lines[0]
+        # Dynamo's messages put the cause on an "Explanation:" line below a generic first line.
+        explanation = next((line.strip() for line in lines if line.strip().startswith("Explanation:")), "")
+        if explanation:
+            text += f" ({explanation.removeprefix('Explanation:').strip()})"
+        raise RunError(f"running the model under torch.compile raised {text}") from None
+    return backend.report(), (backend.html() if html else None)
 
 
 def read_kernel_header(path: Path) -> dict | None:
@@ -246,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--passes", help="pass pipeline, e.g. canonicalize,fuse-norm (default: all)")
     explain.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with graph pictures")
     explain.add_argument("--dump", metavar="DIR", help="write the graphs (before/after) and kernels to DIR")
+    explain.add_argument("--compile", action="store_true",
+                         help="go through torch.compile(model, backend=fxfuse.Backend()) instead of fxfuse.rewrite: "
+                         "Dynamo splits the model around code one capture cannot take (graph breaks), one report "
+                         "per graph, all of them in the --html page")
     explain.set_defaults(run=cmd_explain)
 
     kernels = sub.add_parser("kernels", help="list the fxfuse kernels in a directory, with their specs")

@@ -52,11 +52,19 @@ MODELS = textwrap.dedent('''
         return 42, (torch.randn(2),)
 
     class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(3)
+
         def forward(self, x):
-            return x if x.sum() > 0 else -x
+            x = self.ln(x)
+            return x * 2 if x.sum() > 0 else -x
 
     def data_dependent():
         return Branchy(), (torch.randn(3),)
+
+    def fails_when_run():
+        return (lambda x: x.reshape(5)), (torch.randn(3),)
 
     NOT_CALLABLE = 3
 ''')
@@ -155,6 +163,23 @@ def test_explain_module_target_passes_and_kwargs(models, capsys):
     assert code == 0 and "0 fused" in out  # without fuse-norm nothing is fused: --passes is used
     code, out, _ = in_process(capsys, "explain", f"{models}:make_with_kwargs")
     assert code == 0 and "1 fused (1 rms_norm)" in out
+
+
+def test_explain_compile_reports_each_graph(models, capsys, tmp_path):
+    """A model one capture cannot take (a branch on a tensor's value) goes through torch.compile:
+    Dynamo breaks the graph at the branch, and each graph gets its report and its block on the page."""
+    html = tmp_path / "report.html"
+    code, out, err = in_process(capsys, "explain", f"{models}:data_dependent", "--compile", "--html", html)
+    assert code == 0, err
+    assert "fxfuse graph 0: 1 candidate site(s), 1 fused (1 layer_norm)" in out and "models.py:" in out
+    assert "fxfuse graph 1:" in out  # the code after the branch
+    page = html.read_text()
+    assert 'id="graph0-matches"' in page and 'id="graph1-summary"' in page and page.count("<svg") == 4
+    code, out, err = in_process(capsys, "explain", f"{models}:fails_when_run", "--compile")
+    assert code == 1 and "Traceback" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fxfuse: error: running the model under torch.compile raised ")
+    assert "shape '[5]' is invalid for input of size 3" in last  # the model's own error, not just Dynamo's
 
 
 @pytest.mark.parametrize("args, message", [
