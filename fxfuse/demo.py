@@ -175,7 +175,7 @@ def run(show_kernel: bool = True, inductor: bool = True, html: str | None = None
     print(f"memory (activations saved for backward): eager {eager_b / 1024:.0f} KiB, fxfuse {fused_b / 1024:.0f} KiB, "
           f"{fused_b / eager_b:.2f}x eager's")
 
-    if inductor is False:
+    if not inductor:
         print("torch.compile (Inductor) comparison skipped: --no-inductor was given")
         return 0
     try:
