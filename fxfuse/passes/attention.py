@@ -335,7 +335,7 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     v = _operand_4d(gm, v_op, site, "v")
     args = (q, k, v, list(site.extras), site.spec.to_json())
     if site.dropout:  # a fresh seed each call; autograd saves it, so the backward redraws the same mask
-        args += (insert_seed(gm, site.pv),)
+        args += (insert_seed(gm, site.pv, site.pv),)
     fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, site.pv)
     if site.softmax.meta.get("stack_trace"):
         fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]

@@ -147,10 +147,10 @@ def depends_on_random(node) -> bool:
     return False
 
 
-def insert_seed(gm: torch.fx.GraphModule, before: Node) -> Node:
-    """A fresh random int64 seed, a 0-dim tensor on ``before``'s device, drawn each time the graph
+def insert_seed(gm: torch.fx.GraphModule, like: Node, before: Node) -> Node:
+    """A fresh random int64 seed, a 0-dim tensor on ``like``'s device, drawn each time the graph
     runs (a random op of the graph, so make_fx, AOTAutograd and the rewritten module all keep it)."""
-    fake = val(before)
+    fake = val(like)
     kwargs = {"dtype": torch.int64, "device": fake.device}
     args = (0, 2**62, [])
     with gm.graph.inserting_before(before):

@@ -8,7 +8,9 @@ the device and arguments: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU
 the boolean mask (a fill of -inf where it is False), a constant one proved causal becomes the
 causal rule. Where SDPA falls back to its math decomposition (dropout, a mask that requires
 grad), the graph holds ``_safe_softmax`` and plain products instead, which this pass does not
-claim; dropout there is reported as a miss.
+claim; dropout there is reported as a miss. Dropout in the operators themselves (``dropout_p``,
+as CUDA's flash and efficient kernels take it) is the spec's dropout: the fused call draws its own
+seed (the mask has SDPA's distribution, not its stream).
 
 What the spec must reproduce, and how:
 
@@ -35,7 +37,8 @@ import torch
 from torch.fx import Node
 
 from fxfuse.passes.attention_layout import causal_window, constant_value
-from fxfuse.passes.graph import broadcasts_to, dtype, insert_call, is_op, is_python_scalar, shape, source_of, val
+from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
+                                  source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -64,7 +67,8 @@ def _sdpa_ops() -> dict:
 _OPS = _sdpa_ops()
 
 
-_MATH_DROPOUT = "scaled_dot_product_attention with dropout_p > 0 (dropout in training is not fused yet)"
+_MATH_DROPOUT = ("scaled_dot_product_attention with dropout_p > 0 fell back to its math decomposition (as it does "
+                 "on CPU); fused attention does not claim that form yet (write the attention out, or run on CUDA)")
 _MATH = ("scaled_dot_product_attention fell back to its math decomposition (inputs that are not 4-d, or an "
          "attn_mask that requires grad); fused attention does not claim that form yet")
 
@@ -120,9 +124,9 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     mask_pos, dropout_pos, causal_pos = _OPS[node.target]
     q, k, v = node.args[:3]
     dropout = _arg(node, dropout_pos, 0.0, ("dropout_p",))
-    if not is_python_scalar(dropout) or dropout != 0.0:
-        raise Declined(f"scaled_dot_product_attention with dropout_p={dropout} (dropout in training is not "
-                       "fused yet)")
+    if not is_python_scalar(dropout) or not 0.0 <= dropout < 1.0:
+        raise Declined(f"scaled_dot_product_attention with dropout_p={dropout}; fused attention takes a constant "
+                       "dropout rate in [0, 1)")
     causal = _arg(node, causal_pos, False, ("is_causal",))
     mask = _arg(node, mask_pos, None, ("attn_mask", "attn_bias"))
     scale = node.kwargs.get("scale")
@@ -186,7 +190,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
                          else ScoreStep("add", wide, input=0))
             inputs = ("mask" if boolean else "bias",)
     spec = AttentionSpec(score_dtype=in_dtype, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
-                         kv_groups=h // hk)
+                         kv_groups=h // hk, dropout=float(dropout))
     return _Claim(spec, claimed_mask, boolean, guard, top_left)
 
 
@@ -219,7 +223,10 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
             mask = insert_call(gm, aten.logical_or.default, (mask, dead), node) if claim.boolean else \
                 insert_call(gm, aten.where.ScalarOther, (alive, mask, 0.0), node)
         extras.append(mask)
-    fused = insert_call(gm, torch.ops.fxfuse.attention.default, (q, k, v, extras, claim.spec.to_json()), node)
+    args = (q, k, v, extras, claim.spec.to_json())
+    if claim.spec.dropout:  # a fresh seed each call, saved by autograd for the backward
+        args += (insert_seed(gm, q, node),)
+    fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, node)
     if node.meta.get("stack_trace"):
         fused.meta["stack_trace"] = node.meta["stack_trace"]
     out = fused if alive is None else insert_call(gm, aten.where.ScalarOther, (alive, fused, 0.0), node)

@@ -225,10 +225,37 @@ def test_gpu_operator_forms_are_claimed_and_exact(name):
     assert torch.allclose(got, eager(*inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_gpu_forms_with_dropout_or_used_logsumexp_are_declined():
+@pytest.mark.parametrize("target,args", [
+    (aten._scaled_dot_product_flash_attention.default, ("q", "k", "v", 0.25, True)),
+    (aten._scaled_dot_product_efficient_attention.default, ("q", "k", "v", None, False, 0.25, True)),
+])
+def test_gpu_forms_with_dropout_are_claimed_with_the_operators_own_mask(target, args, cpu_path):
+    # SDPA's dropout_p is the spec's dropout; the fused call draws a seed of its own in the graph,
+    # so the result is SDPA's math with the mask that seed gives (replayed from torch's generator).
+    from fxfuse.ops.attention import keep_mask
+
     inputs = _qkv()
-    gm = _graph_calling(aten._scaled_dot_product_flash_attention.default, ("q", "k", "v", 0.1, False), {}, inputs)
-    assert "dropout_p=0.1" in ClaimSDPA()(gm).misses[0].reason
+    gm = _graph_calling(target, args, {}, inputs)
+    result = ClaimSDPA()(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert [m.spec.dropout for m in result.matches] == [0.25] and not result.misses
+    assert "dropout 0.25" in result.matches[0].describe() and "aten.randint.low(" in gm.code
+    torch.manual_seed(4)
+    got = gm(*inputs)
+    torch.manual_seed(4)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    keep = keep_mask(result.matches[0].spec, seed, (B, H, L, L), "cpu", triton=cpu_path == "interpret")
+    q, k, v = (t.double() for t in inputs)
+    scores = (q @ k.mT / D ** 0.5).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (scores.softmax(-1) * keep / 0.75) @ v
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_forms_with_unusable_dropout_or_used_logsumexp_are_declined():
+    inputs = _qkv()
+    gm = _graph_calling(aten._scaled_dot_product_flash_attention.default, ("q", "k", "v", 1.0, False), {}, inputs)
+    assert "dropout_p=1.0" in ClaimSDPA()(gm).misses[0].reason
     gm = _graph_calling(aten._scaled_dot_product_flash_attention.default, ("q", "k", "v"), {}, inputs)
     call = next(n for n in gm.graph.nodes if n.target == aten._scaled_dot_product_flash_attention.default)
     out = next(iter(gm.graph.find_nodes(op="output")))
