@@ -1,8 +1,9 @@
 """Dropout on attention probabilities in training code: recognised where it is exactly dropout,
-declined with its reason where it is not, and a training step of Hugging Face GPT-2 with attention
-dropout through ``fxfuse.rewrite`` and ``torch.compile(backend="fxfuse")``: every attention layer
-fused, and the loss and gradients equal to eager's with the fused operator's own masks put in
-place of eager's dropout (the streams differ: the masks are drawn from the operator's seeds)."""
+declined with its reason where it is not, and a training step with attention dropout of Hugging
+Face GPT-2 (through ``fxfuse.rewrite`` and ``torch.compile(backend="fxfuse")``) and BERT: every
+attention layer fused, and the loss and gradients equal to eager's with the fused operator's own
+masks put in place of eager's dropout (the streams differ: the masks are drawn from the operator's
+seeds)."""
 import copy
 import math
 
@@ -93,20 +94,31 @@ def test_random_multiplies_that_are_not_dropout_are_declined(name):
     assert not res.matches and len(res.misses) == 1 and words in res.misses[0].reason, res.report()
 
 
-# ---- GPT-2 ------------------------------------------------------------------------------------
+# ---- GPT-2 and BERT ---------------------------------------------------------------------------
 
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def gpt2():
+def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.25,
+                                      use_cache=False, attn_implementation="eager"))
+
+
+def _bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    return BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.25, attn_implementation="eager"))
+
+
+@pytest.fixture(scope="module")
+def models():
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.25, use_cache=False,
-                        attn_implementation="eager")
-    return GPT2LMHeadModel(config).train()
+    return {"gpt2": _gpt2().train(), "bert": _bert().train()}
 
 
 def _masks_of_fused_step(spec, seed, shape, layers):
@@ -118,7 +130,7 @@ def _masks_of_fused_step(spec, seed, shape, layers):
 
 
 def _step_with_masks(model, ids, masks):
-    """Eager GPT-2 whose attention dropout multiplies by the given masks instead of drawing."""
+    """The eager model, its attention dropout multiplying by the given masks instead of drawing."""
     masks, original = list(masks), F.dropout
 
     def dropout(x, p=0.5, training=True, inplace=False):
@@ -138,9 +150,9 @@ def _step(model, run, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("entry", ["rewrite", "compile"])
-def test_gpt2_training_step_with_attention_dropout(gpt2, entry):
-    model = copy.deepcopy(gpt2)
+@pytest.mark.parametrize("name,entry", [("gpt2", "rewrite"), ("gpt2", "compile"), ("bert", "rewrite")])
+def test_training_step_with_attention_dropout(models, name, entry):
+    model = copy.deepcopy(models[name])
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     if entry == "rewrite":
         res = fxfuse.rewrite(model, (ids,), example_kwargs={"labels": ids})
