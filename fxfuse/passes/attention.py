@@ -213,6 +213,21 @@ class _NotAttention(Exception):
     """The softmax is not an attention's (its result never meets a product): no miss is recorded."""
 
 
+def recognise(softmax: Node, gm: torch.fx.GraphModule):
+    """The attention site around ``softmax`` (``_softmax``, or SDPA's ``_safe_softmax`` for a caller
+    that proved it equal here), or None when it is no attention; raises Declined with the reason
+    an attention site is not fused."""
+    try:
+        return _recognise(softmax, gm)
+    except _NotAttention:
+        return None
+
+
+def replace(gm: torch.fx.GraphModule, site) -> Node:
+    """Replace a recognised site with the fused operator; returns the fused node."""
+    return _replace(gm, site)
+
+
 def _reaches_bmm(node: Node, depth: int = 6) -> bool:
     for _ in range(depth):
         if is_op(node, *_BMM):
@@ -255,7 +270,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     if dim % rank != rank - 1:
         raise Declined(f"the softmax runs over dim {dim} (the query axis) of the {rank}-d scores; attention "
                        "normalizes each query's scores over the keys (the last dim)")
-    if softmax.args[2]:
+    if len(softmax.args) > 2 and softmax.args[2]:  # _softmax's half_to_float (_safe_softmax's dtype)
         raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
     if rank not in (3, 4):
         raise Declined(f"the scores have rank {rank}; fused attention reads (B*H, L, L) or (B, H, L, L) scores")

@@ -150,9 +150,42 @@ def _misses(fn, inputs):
     return [m.reason for m in res.misses]
 
 
-def test_dropout_is_declined():
-    reasons = _misses(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.25), tuple(_qkv()))
-    assert len(reasons) == 1 and "dropout" in reasons[0]
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_fallback_with_dropout_is_claimed_where_every_row_keeps_a_key(causal, cpu_path):
+    # On CPU SDPA with dropout_p decomposes into plain ops with _safe_softmax: fused as the
+    # attention it is (no row can lose every key here), with a mask the operator draws.
+    from fxfuse.ops.attention import keep_mask
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=causal)
+
+    qkv = _leaves(_qkv(), torch.float32)
+    res = fxfuse.rewrite(fn, tuple(qkv))
+    assert [m.spec.dropout for m in res.matches] == [0.25] and not res.misses, res.report()
+    assert "_safe_softmax" not in res.graph.code and "bernoulli" not in res.graph.code
+    torch.manual_seed(4)
+    got, grads = _run(res.module, qkv, [])
+    torch.manual_seed(4)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    keep = keep_mask(res.matches[0].spec, seed, (B, H, L, L), "cpu", triton=cpu_path == "interpret")
+
+    def expected(q, k, v):
+        scores = q @ k.mT / D ** 0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        return (scores.softmax(-1) * keep / 0.75) @ v
+
+    ref, ref_grads = _run(expected, _leaves(qkv, torch.float64), [])
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_math_fallback_with_dropout_and_a_runtime_mask_is_declined():
+    # A runtime mask may hide a whole row, where SDPA's _safe_softmax gives 0 and a softmax NaN.
+    reasons = _misses(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.25),
+                      (*_qkv(), _padding_mask()))
+    assert len(reasons) == 1 and "dropout" in reasons[0] and "may hide whole rows" in reasons[0]
 
 
 def test_mask_requiring_grad_falls_back_to_math_and_is_declined():
