@@ -99,12 +99,12 @@ def test_random_multiplies_that_are_not_dropout_are_declined(name):
 pytest.importorskip("transformers")
 
 
-def _gpt2():
+def _gpt2(attention="eager"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0,
                                       eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.25,
-                                      use_cache=False, attn_implementation="eager"))
+                                      use_cache=False, attn_implementation=attention))
 
 
 def _bert():
@@ -118,7 +118,8 @@ def _bert():
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    return {"gpt2": _gpt2().train(), "bert": _bert().train()}
+    # gpt2_sdpa: F.scaled_dot_product_attention(dropout_p=0.25), its math fallback on CPU.
+    return {"gpt2": _gpt2().train(), "bert": _bert().train(), "gpt2_sdpa": _gpt2("sdpa").train()}
 
 
 def _masks_of_fused_step(spec, seed, shape, layers):
@@ -138,8 +139,17 @@ def _step_with_masks(model, ids, masks):
             return x * (masks.pop(0).to(x.dtype) / (1 - p))
         return original(x, p, training, inplace)
 
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        s = q @ k.transpose(-1, -2) * (q.size(-1) ** -0.5 if scale is None else scale)
+        if is_causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+        return dropout(s.softmax(-1), dropout_p) @ v
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(F, "dropout", dropout)
+        mp.setattr(F, "scaled_dot_product_attention", sdpa)
         return _step(model, model, ids)
 
 
@@ -150,7 +160,8 @@ def _step(model, run, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name,entry", [("gpt2", "rewrite"), ("gpt2", "compile"), ("bert", "rewrite")])
+@pytest.mark.parametrize("name,entry", [("gpt2", "rewrite"), ("gpt2", "compile"), ("bert", "rewrite"),
+                                        ("gpt2_sdpa", "rewrite")])
 def test_training_step_with_attention_dropout(models, name, entry):
     model = copy.deepcopy(models[name])
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
