@@ -28,9 +28,9 @@ from torch.fx import Node
 
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, is_plain_reshape, layout_chain_back,
                                            source_operand)
-from fxfuse.passes.attention_dropout import Dropout, NotDropout, dropout_of, metadata_only
-from fxfuse.passes.graph import (broadcasts_to, depends_on, depends_on_random, dtype, insert_call, insert_seed, is_op,
-                                  is_python_scalar, shape, source_of, val)
+from fxfuse.passes.attention_dropout import Dropout, NotDropout, drawn_nearby, dropout_of, metadata_only
+from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
+                                  shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -145,7 +145,7 @@ def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> 
     if depends_on(t, v_root):
         raise Declined(f"a score {kind} is computed from the values; attention's score terms depend on "
                        "positions, masks and biases, not on v")
-    if kind == "factor" and depends_on_random(t):
+    if kind == "factor" and drawn_nearby(t):
         raise Declined("the scores are multiplied by a random tensor (dropout on the scores, before the softmax); "
                        "fused attention applies dropout to the probabilities, after the softmax")
 

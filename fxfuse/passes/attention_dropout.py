@@ -22,7 +22,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.graph import depends_on_random, dtype, is_op, is_python_scalar, shape
+from fxfuse.passes.graph import dtype, is_op, is_python_scalar, is_random, plain_cast, shape
 
 aten = torch.ops.aten
 
@@ -54,12 +54,23 @@ def dropout_of(p: Node, user: Node) -> Dropout | None:
     Raises NotDropout when ``user`` multiplies ``p`` by something random that is not dropout."""
     if is_op(user, aten.native_dropout.default) and user.args[0] is p:
         return _native(p, user)
-    if not is_op(user, aten.mul.Tensor) or not any(depends_on_random(a) for a in user.args):
-        return None
-    others = [a for a in user.args if a is not p]
-    if len(others) != 1 or not isinstance(others[0], Node):
+    others = [a for a in user.args if a is not p] if is_op(user, aten.mul.Tensor) else []
+    if len(others) != 1 or not drawn_nearby(others[0]):
         return None
     return _bernoulli(p, user, others[0])
+
+
+def drawn_nearby(node, depth: int = 3) -> bool:
+    """Whether ``node`` is a random draw, or one scaled or cast a few times (a dropout mask): not
+    merely computed from something random far upstream (an activation after another dropout)."""
+    for _ in range(depth + 1):
+        if is_random(node):
+            return True
+        if not (plain_cast(node) or (is_op(node, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+                                     and is_python_scalar(node.args[1]))):
+            return False
+        node = node.args[0]
+    return False
 
 
 def _check_shape(p: Node, mask: Node) -> None:

@@ -133,20 +133,6 @@ def is_random(node) -> bool:
         torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
 
 
-def depends_on_random(node) -> bool:
-    """Whether ``node`` is computed (transitively) from a random draw."""
-    seen, todo = set(), [node] if isinstance(node, Node) else []
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        if is_random(n):
-            return True
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return False
-
-
 def insert_seed(gm: torch.fx.GraphModule, like: Node, before: Node) -> Node:
     """A fresh random int64 seed, a 0-dim tensor on ``like``'s device, drawn each time the graph
     runs (a random op of the graph, so make_fx, AOTAutograd and the rewritten module all keep it)."""

@@ -42,6 +42,8 @@ FUSED = {
     "nn_dropout": NnDropout,
     "functional_after_cast": FunctionalAfterCast,
     "native_dropout": lambda: lambda q, k, v: torch.native_dropout(_scores(q, k).softmax(-1), 0.1, True)[0] @ v,
+    # Another dropout upstream (on q) is left as written and does not make the scores "random".
+    "dropout_upstream_too": lambda: lambda q, k, v: F.dropout(_scores(F.dropout(q, 0.2), k).softmax(-1), 0.1) @ v,
 }
 
 
@@ -73,7 +75,8 @@ def test_dropout_on_the_probabilities_is_fused(name):
     assert len(res.matches) == 1 and not res.misses, res.report()
     assert "dropout 0.1" in res.report()
     code = res.graph.code
-    assert "bernoulli" not in code and "native_dropout" not in code and "_softmax" not in code
+    assert code.count("aten.bernoulli.p(") == (name == "dropout_upstream_too") and "native_dropout" not in code
+    assert "_softmax" not in code
     assert code.count("aten.randint.low(") == 1  # the operator's seed, drawn afresh each call
 
 
