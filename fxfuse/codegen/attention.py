@@ -110,8 +110,7 @@ def dropout_mask(SEED, KEEP, LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = dropout_keep(tl.load(SEED), pid_bh, offs_m, offs_n, LQ, LK)
     tl.store(KEEP + (pid_bh.to(tl.int64) * LQ + offs_m[:, None]) * LK + offs_n[None, :], keep.to(tl.uint8),
-             mask=(offs_m[:, None] < LQ) & (offs_n[None, :] < LK))
-'''
+             mask=(offs_m[:, None] < LQ) & (offs_n[None, :] < LK))'''
 
 
 def _dropped(spec: AttentionSpec, p: str) -> str:
@@ -410,8 +409,8 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, bias_grads: list[bo
     dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
     es = [_extra_4d(e, (b, h, lq, lk)) for e in extras]
-    common = (q, k, v, grad_out, stats, delta, *es, *_seed(spec, seed), *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-              *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv_dim)
+    common = (q, k, v, grad_out, stats, delta, *es, *_seed(spec, seed), *q.stride(), *k.stride(), *v.stride(),
+              *grad_out.stride(), *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv_dim)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 BLOCK_DV=max(16, triton.next_power_of_2(dv_dim)), DOT_F32=not q.is_cuda, ROUND=False)
     kernels = {n.rsplit("_", 1)[-1]: getattr(module, n) for n in dir(module) if "_backward_" in n}

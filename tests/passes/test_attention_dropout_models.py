@@ -54,8 +54,8 @@ def _bernoulli_mask(p, keep=0.9):
 NEAR_MISSES = {  # name -> (function, words of the reason)
     "dropout_on_scores": (lambda q, k, v: F.dropout(_scores(q, k), 0.1).softmax(-1) @ v, "dropout on the scores"),
     "per_head_dropout2d": (lambda q, k, v: F.dropout2d(_scores(q, k).softmax(-1), 0.1) @ v, "shape [1, 2, 1, 1]"),
-    "dropped_probabilities_returned": (lambda q, k, v: (lambda d: (d @ v, d))(F.dropout(_scores(q, k).softmax(-1), 0.1)),
-                                       "also used"),
+    "dropped_probabilities_returned": (
+        lambda q, k, v: (lambda d: (d @ v, d))(F.dropout(_scores(q, k).softmax(-1), 0.1)), "also used"),
     "mask_returned": (lambda q, k, v: (lambda p, m: ((p * (m / 0.9)) @ v, m))(
         _scores(q, k).softmax(-1), _bernoulli_mask(torch.empty(B, H, L, L))), "dropout mask (bernoulli) is also used"),
     "wrong_rescale": (lambda q, k, v: (lambda p: (p * (_bernoulli_mask(p) / 0.8)) @ v)(_scores(q, k).softmax(-1)),
