@@ -125,12 +125,13 @@ def models():
     return {"gpt2": _gpt2().train(), "bert": _bert().train(), "gpt2_sdpa": _gpt2("sdpa").train()}
 
 
-def _masks_of_fused_step(spec, seed, shape, layers):
+def _masks_of_fused_step(spec, seed, shape, layers, triton):
     """The masks the fused step drew: its graph draws one seed per layer, in order, from torch's
-    generator; replaying those draws gives the seeds, and the seeds the masks."""
+    generator; replaying those draws gives the seeds, and the seeds the masks (the kernels' own
+    with ``triton``, else the torch path's)."""
     torch.manual_seed(seed)
     seeds = [torch.randint(0, 2**62, (), dtype=torch.int64) for _ in range(layers)]
-    return [keep_mask(spec, s, shape, "cpu", triton=False) for s in seeds]
+    return [keep_mask(spec, s, shape, "cpu", triton=triton) for s in seeds]
 
 
 def _step_with_masks(model, ids, masks):
@@ -164,12 +165,13 @@ def _step(model, run, ids):
 
 
 @pytest.mark.parametrize("name,entry", [("gpt2", "rewrite"), ("gpt2", "compile"), ("bert", "rewrite"),
-                                        ("gpt2_sdpa", "rewrite")])
+                                        ("gpt2_sdpa", "rewrite"), ("gpt2", "rewrite_interpret")])
 def test_training_step_with_attention_dropout(models, name, entry):
-    model = copy.deepcopy(models[name])
+    # rewrite_interpret: the generated forward and backward kernels themselves, interpreted.
+    model, interpret = copy.deepcopy(models[name]), entry == "rewrite_interpret"
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    if entry == "rewrite":
-        res = fxfuse.rewrite(model, (ids,), example_kwargs={"labels": ids})
+    if entry.startswith("rewrite"):
+        res = fxfuse.rewrite(model, (ids,), example_kwargs={"labels": ids}, options={"interpret": interpret})
         matches, run = res.matches, res.module
     else:
         backend = Backend()
@@ -181,7 +183,7 @@ def test_training_step_with_attention_dropout(models, name, entry):
     torch.manual_seed(11)
     loss, grads = _step(model, run, ids)
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
-    masks = _masks_of_fused_step(attention[0].spec, 11, (2, 2, 7, 7), layers=2)
+    masks = _masks_of_fused_step(attention[0].spec, 11, (2, 2, 7, 7), layers=2, triton=interpret)
     dropped = sum(1 - m.float().mean().item() for m in masks) / 2
     assert abs(dropped - 0.25) < 5 * math.sqrt(0.25 * 0.75 / masks[0].numel())
     eager_loss, eager = _step_with_masks(model, ids, masks)
