@@ -2,8 +2,9 @@
 
 Recognition anchors on ``aten._softmax`` and walks back through the score terms (scalar and
 tensor factors, boolean fills, additive masks and biases, casts) and a layout-only chain (views,
-permutes, expands) to the ``bmm`` of queries and keys, then forward through casts and a
-layout-only chain to the ``bmm`` with the values. The operator computes on the products' own
+permutes, expands) to the ``bmm`` of queries and keys, then forward through casts, at most one
+dropout (training; what counts as dropout is in ``attention_dropout.py``) and a layout-only chain
+to the ``bmm`` with the values. The operator computes on the products' own
 operands, so whatever built q, k and v (head splits, einsum's permutes, a scaled query) cannot be
 misread; where an operand is a copy, permutation or head-repeat of an earlier tensor, that tensor
 is read in place instead (grouped-query attention's kv heads are never materialised).

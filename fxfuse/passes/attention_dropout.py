@@ -86,13 +86,14 @@ def _bernoulli(p: Node, mul: Node, noise: Node) -> Dropout:
     if not is_op(noise, aten.div.Scalar, aten.div.Tensor) or not is_python_scalar(noise.args[1]):
         _decline(not_dropout)
     draw = noise.args[0]
-    if not is_op(draw, aten.bernoulli.p) or not is_python_scalar(draw.args[1] if len(draw.args) > 1 else None):
+    keep = (draw.args[1] if len(draw.args) > 1 else draw.kwargs.get("p")) if is_op(draw, aten.bernoulli.p) else None
+    if not is_python_scalar(keep):
         _decline(not_dropout)
     if draw.kwargs.get("generator") is not None:
         _decline("the dropout mask is drawn from a generator of the model's own; the fused operator draws "
                  "from its own seed")
     _check_shape(p, draw)
-    keep = float(draw.args[1])
+    keep = float(keep)
     if not 0.0 < keep < 1.0:
         _decline(f"dropout keeps each probability with probability {keep:g}; fused attention takes a rate in (0, 1)")
     if float(noise.args[1]) != keep:
