@@ -50,6 +50,10 @@ class AttentionSpec:
     inputs:        per extra tensor, "mask" (boolean), "bias" (added) or "factor" (multiplies or divides).
     kv_groups:     query heads per key/value head (grouped-query attention): k and v have H / kv_groups
                    heads and are read in place, query head h using kv head h // kv_groups.
+    dropout:       the rate of dropout on the probabilities (training): each probability, independently,
+                   is kept with probability 1 - dropout and then divided by 1 - dropout, else zeroed;
+                   the softmax's max and sum are those of the undropped scores. The operator draws
+                   the mask from a seed tensor it is given (see fxfuse.ops.attention).
     """
 
     score_dtype: str
@@ -57,6 +61,7 @@ class AttentionSpec:
     prob_dtype: str = "float32"
     inputs: tuple[str, ...] = ()
     kv_groups: int = 1
+    dropout: float = 0.0
 
     @property
     def softmax_dtype(self) -> str:
@@ -94,7 +99,10 @@ class AttentionSpec:
 
     def to_json(self) -> str:
         # json writes inf as Infinity, which json.loads reads back: fill values may be -inf.
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = dataclasses.asdict(self)
+        if not self.dropout:  # left out at its default: sites without dropout keep their JSON and kernel names
+            del fields["dropout"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
     def from_json(text: str) -> "AttentionSpec":
@@ -134,5 +142,7 @@ class AttentionSpec:
         if self.kv_groups > 1:
             parts.append(f"GQA {self.kv_groups} query heads per kv head")
         parts.append(f"softmax in {_SHORT[self.softmax_dtype]}")
+        if self.dropout:
+            parts.append(f"dropout {self.dropout:g}")
         parts.append(f"-> {_SHORT[self.out_dtype]}")
         return "attention: " + ", ".join(parts)

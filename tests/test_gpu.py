@@ -70,3 +70,48 @@ def test_backend_on_cuda_trains_like_eager():
     reference(x, delta).pow(2).sum().backward()
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+
+
+class _DroppedAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.2)
+
+    def forward(self, q, k, v):
+        return self.drop((q @ k.transpose(-1, -2) * 0.3).softmax(-1)) @ v
+
+
+def test_attention_dropout_on_cuda():
+    # On CUDA F.dropout traces as native_dropout; the compiled kernels draw the mask with Philox.
+    # The mask for the step's seed (replayed from torch's generator) makes it exact: forward and
+    # backward equal eager's dropout with that mask.
+    import dataclasses
+
+    from fxfuse.ops.attention import keep_mask, reference
+
+    q, k, v = (torch.randn(2, 3, 37, 16, device="cuda") for _ in range(3))
+    res = fxfuse.rewrite(_DroppedAttention().train(), (q, k, v))
+    spec = res.matches[0].spec
+    assert spec.dropout == 0.2, res.report()
+    upstream = torch.randn(2, 3, 37, 16, device="cuda", dtype=torch.float64)
+
+    def run(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        (out.double() * upstream).sum().backward()
+        return out, [t.grad for t in leaves]
+
+    torch.manual_seed(5)
+    got, got_grads = run(res.module, (q, k, v))
+    torch.manual_seed(5)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cuda")
+    keep = keep_mask(spec, seed, (2, 3, 37, 37), "cuda", triton=True)
+    n = keep.numel()
+    assert abs(keep.sum().item() - 0.8 * n) < 5 * (n * 0.2 * 0.8) ** 0.5
+    wide = dataclasses.replace(spec, score_dtype="float64", prob_dtype="float64",
+                               steps=tuple(dataclasses.replace(s, dtype="float64") for s in spec.steps))
+    eager, eager_grads = run(lambda q, k, v: reference(spec, q, k, v, [], keep), (q, k, v))
+    ref, ref_grads = run(lambda q, k, v: reference(wide, q, k, v, [], keep), (q.double(), k.double(), v.double()))
+    assert_close_to_reference(got, eager, ref, "output")
+    for g, e, r in zip(got_grads, eager_grads, ref_grads):
+        assert_close_to_reference(g, e, r, "gradient")

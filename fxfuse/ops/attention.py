@@ -10,6 +10,12 @@ user's softmax gives NaN are set to NaN), else the plain torch reference of the 
 is a backward operator of its own (autograd is off inside custom operators): the Triton backward
 kernels (which also give the gradients of additive biases) unless a factor tensor needs a
 gradient, else an explicit torch formula; both recompute the probabilities.
+
+Dropout on the probabilities (a spec with ``dropout``) takes a ``seed``: a 0-dim int64 tensor that
+the graph draws afresh for each call (see fxfuse.passes.attention) and autograd saves for the
+backward. The mask is a function of the seed alone: the Triton kernels draw it with Philox
+(``dropout_keep`` in the generated source), the torch path with a ``torch.Generator`` seeded by it
+(SDPA cannot take a mask); the backward redraws the forward's mask the same way.
 """
 from __future__ import annotations
 
@@ -74,10 +80,36 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
     return s
 
 
-def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor]) -> Tensor:
-    """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code."""
+def keep_mask(spec: AttentionSpec, seed: Tensor | None, shape4, device, triton: bool) -> Tensor | None:
+    """The dropout keep mask (B, H, Lq, Lk) bool the operator draws for ``seed``: the kernels' own
+    (``triton``), else the torch path's; None for a spec without dropout."""
+    if not spec.dropout:
+        return None
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"fxfuse.attention with dropout {spec.dropout:g} needs a one-element int64 seed tensor, "
+                         f"got {seed!r}")
+    if triton:
+        from fxfuse.codegen import attention as kernels
+
+        return kernels.dropout_mask(spec, seed, shape4, device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed.item()) & (2**64 - 1))  # manual_seed takes an unsigned 64-bit value
+    return torch.rand(tuple(shape4), generator=generator, device=device) >= spec.dropout
+
+
+def _drop(spec: AttentionSpec, p: Tensor, keep: Tensor | None) -> Tensor:
+    """Dropout as ``F.dropout`` computes it: ``p * (keep / (1 - rate))`` in p's dtype."""
+    return p if keep is None else p * (keep.to(p.dtype) / (1.0 - spec.dropout))
+
+
+def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
+              keep: Tensor | None = None) -> Tensor:
+    """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code;
+    with dropout, ``keep`` is the mask (see ``keep_mask``)."""
+    if spec.dropout and keep is None:
+        raise ValueError("the reference of attention with dropout needs the keep mask")
     p = torch.softmax(_scores(spec, q, k, extras), dim=-1)
-    return torch.matmul(p.to(to_dtype(spec.prob_dtype)), _heads(v, spec))
+    return torch.matmul(_drop(spec, p.to(to_dtype(spec.prob_dtype)), keep), _heads(v, spec))
 
 
 def _sdpa_form(spec: AttentionSpec):
@@ -87,7 +119,7 @@ def _sdpa_form(spec: AttentionSpec):
     factors first, then at most one additive mask or one -inf boolean fill, and no cast.
     """
     dtypes = {spec.score_dtype, spec.prob_dtype, *(s.dtype for s in spec.steps)}
-    if len(dtypes) != 1:
+    if len(dtypes) != 1 or spec.dropout:  # SDPA draws its dropout mask from its own generator
         return None
     scale, mask_step = 1.0, None
     for step in spec.steps:
@@ -133,10 +165,11 @@ def _sum_to(t: Tensor, shape) -> Tensor:
 
 
 def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                       extras: list[Tensor]) -> list[Tensor]:
+                       extras: list[Tensor], keep: Tensor | None = None) -> list[Tensor]:
     """[dq, dk, dv, *d_extras] (masks get an empty gradient), recomputing the probabilities.
 
-    ``dS = P * (dP - rowsum(dP * P))`` with ``dP = dO @ v^T``, then back through the steps in
+    ``dS = P * (dP - rowsum(dP * P))`` with ``dP = dO @ v^T`` (with dropout, masked and rescaled by
+    the forward's ``keep``, and dV from the dropped probabilities), then back through the steps in
     reverse: factors scale it (a factor tensor gets ``dS * s_in``, reduced to its shape), fills zero
     it where they hid the score, adds pass it to their bias.
     """
@@ -144,8 +177,8 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
     step_inputs: list[Tensor] = []
     p = torch.softmax(_scores(spec, q, k, extras, acc, step_inputs), dim=-1)
     do = grad_out.to(acc)
-    dv = torch.matmul(p.to(to_dtype(spec.prob_dtype)).to(acc).transpose(-1, -2), do)
-    dp = torch.matmul(do, _heads(v, spec).to(acc).transpose(-1, -2))
+    dv = torch.matmul(_drop(spec, p.to(to_dtype(spec.prob_dtype)).to(acc), keep).transpose(-1, -2), do)
+    dp = _drop(spec, torch.matmul(do, _heads(v, spec).to(acc).transpose(-1, -2)), keep)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     lq, lk = ds.shape[-2:]
     d_extras: list[Tensor | None] = [None] * len(extras)
@@ -183,22 +216,27 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
 
 # ---- operators -----------------------------------------------------------------------------------
 
+def _shape4(q: Tensor, k: Tensor) -> tuple:
+    return (*q.shape[:-1], k.shape[-2])
+
+
 @torch.library.custom_op("fxfuse::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, seed: Tensor | None = None) -> Tensor:
     s = _spec(spec)
     _check_heads(s, q, k, v)
     if _use_triton(q, s):
         from fxfuse.codegen import attention as kernels
 
-        return kernels.forward(s, q, k, v, extras)[0]
+        return kernels.forward(s, q, k, v, extras, seed=seed)[0]
     form = _sdpa_form(s)
-    out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras)
+    keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
+    out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras, keep)
     # Contiguous, as the fake implementation promises (SDPA's CPU kernel returns (B, L, H, D) strides).
     return out.contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, extras, spec):
+def _(q, k, v, extras, spec, seed=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=to_dtype(_spec(spec).out_dtype))
 
 
@@ -210,9 +248,10 @@ def _only_added(spec: AttentionSpec, index: int) -> bool:
 
 @torch.library.custom_op("fxfuse::attention_backward", mutates_args=())
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
-                       needs_grad: list[bool], spec: str) -> list[Tensor]:
+                       needs_grad: list[bool], spec: str, seed: Tensor | None = None) -> list[Tensor]:
     """[dq, dk, dv, *d_extras]; an extra's gradient is computed only where ``needs_grad`` says so
-    (a floating-point bias or factor that requires grad), else it is an empty tensor."""
+    (a floating-point bias or factor that requires grad), else it is an empty tensor. ``seed`` is
+    the forward's: the dropout mask is redrawn from it, by the path the forward took."""
     s = _spec(spec)
     wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, needs_grad)]
     if _use_triton(q, s) and all(_only_added(s, i) for i, w in enumerate(wanted) if w):
@@ -221,10 +260,11 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras
         # torch formula.
         from fxfuse.codegen import attention as kernels
 
-        dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted)
+        dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted, seed=seed)
         grads = [dq, dk, dv, *(d if w else e.new_empty(0) for d, e, w in zip(d_extras, extras, wanted))]
     else:
-        grads = reference_backward(s, grad_out, q, k, v, extras)
+        keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=_use_triton(q, s))
+        grads = reference_backward(s, grad_out, q, k, v, extras, keep)
         grads[3:] = [d if w else e.new_empty(0) for d, e, w in zip(grads[3:], extras, wanted)]
     # Contiguous whatever the inputs' strides, as the fake implementation promises: the compiled
     # backward graph plans its views on the fake strides.
@@ -232,26 +272,27 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, extras, needs_grad, spec):
+def _(grad_out, q, k, v, extras, needs_grad, spec, seed=None):
     d_extras = [e.new_empty(e.shape if need and e.dtype.is_floating_point else 0) for e, need in zip(extras, needs_grad)]
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *d_extras]
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, extras, spec = inputs
-    ctx.save_for_backward(q, k, v, *extras)
+    q, k, v, extras, spec, seed = inputs
+    ctx.save_for_backward(q, k, v, seed, *extras)
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.needs_grad = [e.requires_grad for e in extras]
 
 
 def _backward(ctx, grad_out):
-    q, k, v, *extras = ctx.saved_tensors
+    q, k, v, seed, *extras = ctx.saved_tensors
     with config.patch(interpret=ctx.interpret):
         dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(grad_out, q, k, v, extras, ctx.needs_grad,
-                                                                    ctx.spec)
+                                                                    ctx.spec, seed)
     d_extras = [d if need and e.dtype.is_floating_point else None
                 for d, e, need in zip(d_extras, extras, ctx.needs_grad)]
-    return dq, dk, dv, d_extras, None
+    # One gradient per argument the call passed (a call without a seed passed five).
+    return (dq, dk, dv, d_extras, None, None)[:len(ctx.needs_input_grad)]
 
 
 attention.register_autograd(_backward, setup_context=_setup)

@@ -2,8 +2,9 @@
 
 Recognition anchors on ``aten._softmax`` and walks back through the score terms (scalar and
 tensor factors, boolean fills, additive masks and biases, casts) and a layout-only chain (views,
-permutes, expands) to the ``bmm`` of queries and keys, then forward through casts and a
-layout-only chain to the ``bmm`` with the values. The operator computes on the products' own
+permutes, expands) to the ``bmm`` of queries and keys, then forward through casts, at most one
+dropout (training; what counts as dropout is in ``attention_dropout.py``) and a layout-only chain
+to the ``bmm`` with the values. The operator computes on the products' own
 operands, so whatever built q, k and v (head splits, einsum's permutes, a scaled query) cannot be
 misread; where an operand is a copy, permutation or head-repeat of an earlier tensor, that tensor
 is read in place instead (grouped-query attention's kv heads are never materialised).
@@ -28,8 +29,9 @@ from torch.fx import Node
 
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, is_plain_reshape, layout_chain_back,
                                            source_operand)
-from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, is_op, is_python_scalar, shape,
-                                  source_of, val)
+from fxfuse.passes.attention_dropout import Dropout, NotDropout, drawn_nearby, dropout_of, metadata_only
+from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
+                                  shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -54,6 +56,7 @@ class _Site:
     spec: AttentionSpec
     interior: set[Node]
     sources: dict  # "q"/"k"/"v" -> (source, permutation, groups) or None, see source_operand
+    dropout: Dropout | None = None
 
 
 def _plain_cast(node) -> bool:
@@ -143,27 +146,58 @@ def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> 
     if depends_on(t, v_root):
         raise Declined(f"a score {kind} is computed from the values; attention's score terms depend on "
                        "positions, masks and biases, not on v")
+    if kind == "factor" and drawn_nearby(t):
+        raise Declined("the scores are multiplied by a random tensor (dropout on the scores, before the softmax); "
+                       "fused attention applies dropout to the probabilities, after the softmax")
 
 
-def _probabilities_to_pv(softmax: Node) -> tuple[list[Node], list[Node], Node]:
-    """Walk forward from the softmax through casts and a layout chain to the value product.
+@dataclasses.dataclass
+class _Probabilities:
+    """The path from the softmax to the value product."""
 
-    Returns (casts, layout chain, pv bmm); raises Declined for attention-like sites it cannot fuse.
-    """
-    casts, x = [], softmax
-    while len(x.users) == 1 and _plain_cast(next(iter(x.users))):
-        x = next(iter(x.users))
-        casts.append(x)
-    chain = []
+    casts: list[Node]
+    dropout: Dropout | None
+    node: Node  # the probabilities as they enter the layout chain (after casts and dropout)
+    chain: list[Node]
+    pv: Node
+
+
+def _probabilities_to_pv(softmax: Node) -> _Probabilities:
+    """Walk forward from the softmax through casts and at most one dropout, then a layout chain,
+    to the value product; raises Declined for attention-like sites it cannot fuse."""
+    try:
+        return _walk_probabilities(softmax)
+    except NotDropout as why:
+        raise Declined(str(why)) from None
+
+
+def _walk_probabilities(softmax: Node) -> _Probabilities:
+    casts, dropout, x = [], None, softmax
+    while True:
+        users = [u for u in x.users if not metadata_only(x, u)]
+        if len(users) != 1:
+            break
+        user = users[0]
+        if _plain_cast(user) and len(x.users) == 1:
+            casts.append(user)
+            x = user
+        elif dropout is None and (found := dropout_of(x, user)) is not None:
+            dropout = found
+            x = found.out
+        else:
+            break
+    p_node, chain = x, []
     while len(x.users) == 1 and is_op(next(iter(x.users)), *LAYOUT):
         x = next(iter(x.users))
         chain.append(x)
     users = list(x.users)
-    if any(_is_dropout(u) for n in (softmax, *casts, *chain) for u in n.users):
-        raise Declined("the probabilities are multiplied by a random mask (dropout in training is not fused yet)")
+    if dropout is None:
+        for n in (softmax, *casts, *chain):
+            for u in n.users:
+                dropout_of(n, u)  # a random factor that is not dropout says why
     pv = [u for u in users if is_op(u, *_BMM)]
     if len(users) == 1 and pv and pv[0].args[0] is x:
-        return casts, chain, pv[0]
+        return _Probabilities(casts, dropout, p_node, chain, pv[0])
     if pv and pv[0].args[1] is x:
         raise Declined("the probabilities are the right operand of the product (p^T-like: it contracts the "
                        "query axis); attention contracts the key axis with the values")
@@ -180,6 +214,21 @@ class _NotAttention(Exception):
     """The softmax is not an attention's (its result never meets a product): no miss is recorded."""
 
 
+def recognise(softmax: Node, gm: torch.fx.GraphModule):
+    """The attention site around ``softmax`` (``_softmax``, or SDPA's ``_safe_softmax`` for a caller
+    that proved it equal here), or None when it is no attention; raises Declined with the reason
+    an attention site is not fused."""
+    try:
+        return _recognise(softmax, gm)
+    except _NotAttention:
+        return None
+
+
+def replace(gm: torch.fx.GraphModule, site) -> Node:
+    """Replace a recognised site with the fused operator; returns the fused node."""
+    return _replace(gm, site)
+
+
 def _reaches_bmm(node: Node, depth: int = 6) -> bool:
     for _ in range(depth):
         if is_op(node, *_BMM):
@@ -188,12 +237,6 @@ def _reaches_bmm(node: Node, depth: int = 6) -> bool:
             return any(is_op(u, *_BMM) for u in node.users)
         node = next(iter(node.users))
     return False
-
-
-def _is_dropout(node: Node) -> bool:
-    """``p * mask`` where the mask comes from a random draw (how dropout is traced in training)."""
-    random = [n for n in node.graph.nodes if is_op(n, aten.bernoulli.p, aten.rand.default, aten.native_dropout.default)]
-    return is_op(node, aten.mul.Tensor) and any(depends_on(a, r) for a in node.args for r in random)
 
 
 def _root(node: Node) -> Node:
@@ -223,11 +266,12 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                            "tanh soft-capping there")
         raise _NotAttention
     rank = len(score_shape)
-    casts, p_chain, pv = _probabilities_to_pv(softmax)
+    probs = _probabilities_to_pv(softmax)
+    casts, p_chain, pv, p_node = probs.casts, probs.chain, probs.pv, probs.node
     if dim % rank != rank - 1:
         raise Declined(f"the softmax runs over dim {dim} (the query axis) of the {rank}-d scores; attention "
                        "normalizes each query's scores over the keys (the last dim)")
-    if softmax.args[2]:
+    if len(softmax.args) > 2 and softmax.args[2]:  # _softmax's half_to_float (_safe_softmax's dtype)
         raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
     if rank not in (3, 4):
         raise Declined(f"the scores have rank {rank}; fused attention reads (B*H, L, L) or (B, H, L, L) scores")
@@ -236,7 +280,6 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             is_plain_reshape(score_chain, (n, lq, lk), score_shape):
         raise Declined("the scores reach the softmax through a layout change that is not a plain reshape of "
                        "q @ k^T (transposed or permuted), so the softmax does not run over the key axis")
-    p_node = casts[-1] if casts else softmax
     if shape(pv.args[0]) != (n, lq, lk) or not is_plain_reshape(p_chain, tuple(shape(p_node)), (n, lq, lk)):
         raise Declined("the probabilities reach the value product through a layout change (transposed, "
                        "permuted or broadcast), so the product does not contract the key axis")
@@ -265,10 +308,12 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     spec = AttentionSpec(
         score_dtype=dtype_name(dtype(qk)), steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
         inputs=tuple(kinds), kv_groups=k_groups if k_groups == v_groups else 1,
+        dropout=probs.dropout.rate if probs.dropout else 0.0,
     )
-    interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *p_chain, pv}
-    site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources)
-    _check_no_escape(site, {softmax, *casts, *p_chain})
+    dropped = probs.dropout.nodes if probs.dropout else []
+    interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *dropped, *p_chain, pv}
+    site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout)
+    _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else [])})
     return site
 
 
@@ -276,7 +321,8 @@ def _check_no_escape(site: _Site, probabilities: set[Node]) -> None:
     for node in site.interior - {site.pv}:
         outside = [u for u in node.users if u not in site.interior]
         if outside:
-            what = "probabilities" if node in probabilities else "scores"
+            what = "probabilities" if node in probabilities else \
+                "dropout mask" if site.dropout and node in site.dropout.nodes else "scores"
             raise Declined(f"the attention {what} ({node.name}) are also used by {outside[0].name} (returned or "
                            "reused); fusing would drop that use")
 
@@ -303,11 +349,21 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     q = _operand_4d(gm, q_op, site, "q")
     k = _operand_4d(gm, k_op, site, "k")
     v = _operand_4d(gm, v_op, site, "v")
-    fused = insert_call(gm, torch.ops.fxfuse.attention.default, (q, k, v, list(site.extras), site.spec.to_json()), site.pv)
+    args = (q, k, v, list(site.extras), site.spec.to_json())
+    if site.dropout:  # a fresh seed each call; autograd saves it, so the backward redraws the same mask
+        args += (insert_seed(gm, site.pv, site.pv),)
+    fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, site.pv)
     if site.softmax.meta.get("stack_trace"):
         fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]
     out = insert_call(gm, aten.view.default, (fused, [b * h, lq, dv]), site.pv)
     site.pv.replace_all_uses_with(out)
+    if site.dropout:
+        # Random draws are never dead code to the graph (they advance the generator): the
+        # replaced site's are removed here, last user first.
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for node in sorted(site.interior, key=order.__getitem__, reverse=True):
+            if not node.users:
+                gm.graph.erase_node(node)
     return fused
 
 

@@ -127,6 +127,25 @@ def broadcasts_to(s, target) -> bool:
     return all(a == 1 or a == b for a, b in zip(reversed(s), reversed(target)))
 
 
+def is_random(node) -> bool:
+    """Whether a node draws random numbers (bernoulli, rand, native_dropout, ...)."""
+    return isinstance(node, Node) and node.op == "call_function" and \
+        torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
+def insert_seed(gm: torch.fx.GraphModule, like: Node, before: Node) -> Node:
+    """A fresh random int64 seed, a 0-dim tensor on ``like``'s device, drawn each time the graph
+    runs (a random op of the graph, so make_fx, AOTAutograd and the rewritten module all keep it)."""
+    fake = val(like)
+    kwargs = {"dtype": torch.int64, "device": fake.device}
+    args = (0, 2**62, [])
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(aten.randint.low, args, kwargs)
+    with fake.fake_mode:
+        node.meta["val"] = aten.randint.low(*args, **kwargs)
+    return node
+
+
 def insert_call(gm: torch.fx.GraphModule, target, args, before: Node) -> Node:
     """Insert ``target(*args)`` before ``before``, its meta computed from the arguments' fake values."""
     with gm.graph.inserting_before(before):

@@ -7,8 +7,13 @@ the device and arguments: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU
 ``attn_mask`` arrives already converted by SDPA into ``where(mask, 0, -inf)``; it is read back as
 the boolean mask (a fill of -inf where it is False), a constant one proved causal becomes the
 causal rule. Where SDPA falls back to its math decomposition (dropout, a mask that requires
-grad), the graph holds ``_safe_softmax`` and plain products instead, which this pass does not
-claim; dropout there is reported as a miss.
+grad), the graph holds ``_safe_softmax`` and plain products instead. With dropout (SDPA's form
+in training on CPU) that is the attention fuse-attention reads, with a ``_safe_softmax``: it gives
+0 where a row's every score is -inf, where the fused operator's softmax gives NaN; the site is
+claimed as attention when its masks are constants proved to leave every row a key, else declined.
+Other math fallbacks are declined. Dropout in the operators themselves (``dropout_p``, as CUDA's
+flash and efficient kernels take it) is the spec's dropout: the fused call draws its own seed (the
+mask has SDPA's distribution, not its stream).
 
 What the spec must reproduce, and how:
 
@@ -35,7 +40,8 @@ import torch
 from torch.fx import Node
 
 from fxfuse.passes.attention_layout import causal_window, constant_value
-from fxfuse.passes.graph import broadcasts_to, dtype, insert_call, is_op, is_python_scalar, shape, source_of, val
+from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
+                                  source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -64,7 +70,7 @@ def _sdpa_ops() -> dict:
 _OPS = _sdpa_ops()
 
 
-_MATH_DROPOUT = "scaled_dot_product_attention with dropout_p > 0 (dropout in training is not fused yet)"
+_MATH_DROPOUT = "scaled_dot_product_attention with dropout_p > 0 fell back to its math decomposition (as on CPU)"
 _MATH = ("scaled_dot_product_attention fell back to its math decomposition (inputs that are not 4-d, or an "
          "attn_mask that requires grad); fused attention does not claim that form yet")
 
@@ -120,9 +126,9 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     mask_pos, dropout_pos, causal_pos = _OPS[node.target]
     q, k, v = node.args[:3]
     dropout = _arg(node, dropout_pos, 0.0, ("dropout_p",))
-    if not is_python_scalar(dropout) or dropout != 0.0:
-        raise Declined(f"scaled_dot_product_attention with dropout_p={dropout} (dropout in training is not "
-                       "fused yet)")
+    if not is_python_scalar(dropout) or not 0.0 <= dropout < 1.0:
+        raise Declined(f"scaled_dot_product_attention with dropout_p={dropout}; fused attention takes a constant "
+                       "dropout rate in [0, 1)")
     causal = _arg(node, causal_pos, False, ("is_causal",))
     mask = _arg(node, mask_pos, None, ("attn_mask", "attn_bias"))
     scale = node.kwargs.get("scale")
@@ -186,7 +192,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
                          else ScoreStep("add", wide, input=0))
             inputs = ("mask" if boolean else "bias",)
     spec = AttentionSpec(score_dtype=in_dtype, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
-                         kv_groups=h // hk)
+                         kv_groups=h // hk, dropout=float(dropout))
     return _Claim(spec, claimed_mask, boolean, guard, top_left)
 
 
@@ -219,7 +225,10 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
             mask = insert_call(gm, aten.logical_or.default, (mask, dead), node) if claim.boolean else \
                 insert_call(gm, aten.where.ScalarOther, (alive, mask, 0.0), node)
         extras.append(mask)
-    fused = insert_call(gm, torch.ops.fxfuse.attention.default, (q, k, v, extras, claim.spec.to_json()), node)
+    args = (q, k, v, extras, claim.spec.to_json())
+    if claim.spec.dropout:  # a fresh seed each call, saved by autograd for the backward
+        args += (insert_seed(gm, q, node),)
+    fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, node)
     if node.meta.get("stack_trace"):
         fused.meta["stack_trace"] = node.meta["stack_trace"]
     out = fused if alive is None else insert_call(gm, aten.where.ScalarOther, (alive, fused, 0.0), node)
@@ -246,7 +255,16 @@ class ClaimSDPA:
                 continue
             source, code = source_of(node)
             if is_op(node, aten._safe_softmax.default):  # only SDPA's math decomposition emits it
-                result.misses.append(Miss("attention", source, _MATH_DROPOUT if _dropped_out(node) else _MATH, code))
+                if not _dropped_out(node):
+                    result.misses.append(Miss("attention", source, _MATH, code))
+                    continue
+                try:
+                    fused, spec = _claim_math_with_dropout(gm, node)
+                except Declined as why:
+                    result.misses.append(Miss("attention", source, str(why), code))
+                    continue
+                result.matches.append(Match("attention", source, spec, fused.name, code))
+                result.changed += 1
                 continue
             if node.target not in _OPS:
                 continue
@@ -259,6 +277,51 @@ class ClaimSDPA:
             result.matches.append(Match("attention", source, claim.spec, fused.name, code))
             result.changed += 1
         return result
+
+
+def _claim_math_with_dropout(gm, softmax: Node):
+    """SDPA's math decomposition with dropout, fused as the attention it is written as, where its
+    ``_safe_softmax`` provably equals a softmax (no row loses every key)."""
+    from fxfuse.passes import attention
+
+    try:
+        site = attention.recognise(softmax, gm)
+    except attention.Declined as why:
+        raise Declined(f"{_MATH_DROPOUT}: {why}") from None
+    if site is None or site.dropout is None:
+        raise Declined(f"{_MATH_DROPOUT}, in a form fused attention does not read")
+    why = _may_hide_whole_rows(site, gm)
+    if why:
+        raise Declined(f"{_MATH_DROPOUT}: {why}; SDPA returns 0 for a query row with no key left, the fused "
+                       "softmax NaN, so it is claimed only where every row provably keeps a key")
+    return attention.replace(gm, site), site.spec
+
+
+def _may_hide_whole_rows(site, gm) -> str | None:
+    """Why some query row might have every score at -inf, or None when none can (from the masks'
+    constant values; finite q and k give finite products)."""
+    from fxfuse.ops.attention import causal_mask
+
+    _, lq, lk = shape(site.qk)
+    hidden = torch.zeros(lq, lk, dtype=torch.bool)
+    for step in site.spec.steps:
+        if step.op == "cast" or (step.op in ("mul", "div") and step.input == -1 and step.value > 0):
+            continue  # keep -inf as -inf and finite as finite
+        if step.op == "fill" and step.input == -1:
+            hidden = hidden | causal_mask(lq, lk, "cpu", step.window)
+        elif step.op in ("fill", "add"):
+            values = constant_value(site.extras[step.input], gm)
+            if values is None:
+                return "a mask computed at run time may hide whole rows"
+            if step.op == "add":
+                hidden = hidden | (values == _NEG_INF)
+            elif step.value == _NEG_INF:
+                hidden = hidden | (~values if step.invert else values)
+        else:
+            return f"a score step ({step.op}) whose effect on -inf scores is not tracked"
+    if hidden.all(-1).any():
+        return "a constant mask hides every key of some query row"
+    return None
 
 
 def _dropped_out(softmax: Node) -> bool:

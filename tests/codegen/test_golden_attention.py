@@ -52,6 +52,9 @@ SPECS = {
     "bf16_scores_f32_softmax": AttentionSpec(
         BF16, (ScoreStep("mul", BF16, value=0.125), ScoreStep("add", BF16, input=0), ScoreStep("cast", F32)),
         BF16, inputs=("bias",)),
+    # Training: causal, dropout 0.1 on the probabilities (a Philox draw shared by all three kernels).
+    "dropout_causal_f32": AttentionSpec(
+        F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("fill", F32, value=NEG_INF)), F32, dropout=0.1),
 }
 KERNEL_FUNCTIONS = ("_forward", "_backward_dkdv", "_backward_dq")
 
@@ -99,6 +102,7 @@ def test_attention_kernel_name_changes_with_scale_and_with_any_field():
         dataclasses.replace(base, steps=(scale, dataclasses.replace(causal, value=-1e9))),
         dataclasses.replace(base, kv_groups=2),
         dataclasses.replace(base, prob_dtype=BF16),
+        dataclasses.replace(base, dropout=0.1),
     ):
         kernel = generate(changed)
         assert kernel.name not in names, changed

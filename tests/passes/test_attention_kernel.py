@@ -160,7 +160,7 @@ def test_operator_runs_the_kernel_when_interpreting(monkeypatch):
     import fxfuse.codegen.attention as kernels
 
     calls = []
-    monkeypatch.setattr(kernels, "forward", lambda *a: calls.append(1) or kernel_forward(*a))
+    monkeypatch.setattr(kernels, "forward", lambda *a, **kw: calls.append(1) or kernel_forward(*a, **kw))
     spec = _spec("plain", "float32").to_json()
     q, k, v = torch.randn(3, 1, 2, 5, D).unbind(0)
     with fxfuse.config.patch(interpret=True):
@@ -288,7 +288,7 @@ def test_operator_backward_uses_the_kernels_unless_a_factor_needs_its_gradient(m
     import fxfuse.ops.attention as ops
 
     calls, formula_calls = [], []
-    monkeypatch.setattr(kernels, "backward", lambda *a, _b=kernels.backward: calls.append(1) or _b(*a))
+    monkeypatch.setattr(kernels, "backward", lambda *a, _b=kernels.backward, **kw: calls.append(1) or _b(*a, **kw))
     real_formula = ops.reference_backward
     monkeypatch.setattr(ops, "reference_backward", lambda *a: formula_calls.append(1) or real_formula(*a))
     spec = _spec("mask_bias", "float32")

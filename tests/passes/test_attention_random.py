@@ -1,6 +1,6 @@
 """Random combinations of attention styles (hypothesis): layout x scale placement (or soft-capping)
 x mask kind x GQA x softmax upcast x dtype; every generated model's site is fused and equals eager, and
-generated near-misses are declined. Also the torch.compile path and training-mode dropout."""
+generated near-misses are declined. Also the torch.compile path (dropout: test_attention_dropout*.py)."""
 import copy
 import math
 
@@ -142,17 +142,3 @@ def test_torch_compile_backend_fuses_and_trains():
     torch.testing.assert_close(got, eager)
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
-
-
-def test_dropout_in_training_is_declined_with_its_reason():
-    def f(q, k, v):
-        p = torch.nn.functional.dropout((q @ k.transpose(-1, -2)).softmax(-1), 0.1, training=True)
-        return p @ v
-
-    def after_cast(q, k, v):  # GPT-2: softmax, cast to v's dtype, then dropout
-        p = (q @ k.transpose(-1, -2)).float().softmax(-1).to(v.dtype)
-        return torch.nn.functional.dropout(p, 0.1, training=True) @ v
-
-    for fn in (f, after_cast):
-        res = fxfuse.rewrite(fn, tuple(torch.randn(3, B, H, L, D, dtype=torch.bfloat16).unbind(0)), passes=PASSES)
-        assert not res.matches and "dropout" in res.misses[0].reason, res.report()

@@ -150,9 +150,42 @@ def _misses(fn, inputs):
     return [m.reason for m in res.misses]
 
 
-def test_dropout_is_declined():
-    reasons = _misses(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.25), tuple(_qkv()))
-    assert len(reasons) == 1 and "dropout" in reasons[0]
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_fallback_with_dropout_is_claimed_where_every_row_keeps_a_key(causal, cpu_path):
+    # On CPU SDPA with dropout_p decomposes into plain ops with _safe_softmax: fused as the
+    # attention it is (no row can lose every key here), with a mask the operator draws.
+    from fxfuse.ops.attention import keep_mask
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, is_causal=causal)
+
+    qkv = _leaves(_qkv(), torch.float32)
+    res = fxfuse.rewrite(fn, tuple(qkv))
+    assert [m.spec.dropout for m in res.matches] == [0.25] and not res.misses, res.report()
+    assert "_safe_softmax" not in res.graph.code and "bernoulli" not in res.graph.code
+    torch.manual_seed(4)
+    got, grads = _run(res.module, qkv, [])
+    torch.manual_seed(4)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    keep = keep_mask(res.matches[0].spec, seed, (B, H, L, L), "cpu", triton=cpu_path == "interpret")
+
+    def expected(q, k, v):
+        scores = q @ k.mT / D ** 0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        return (scores.softmax(-1) * keep / 0.75) @ v
+
+    ref, ref_grads = _run(expected, _leaves(qkv, torch.float64), [])
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_math_fallback_with_dropout_and_a_runtime_mask_is_declined():
+    # A runtime mask may hide a whole row, where SDPA's _safe_softmax gives 0 and a softmax NaN.
+    reasons = _misses(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.25),
+                      (*_qkv(), _padding_mask()))
+    assert len(reasons) == 1 and "dropout" in reasons[0] and "may hide whole rows" in reasons[0]
 
 
 def test_mask_requiring_grad_falls_back_to_math_and_is_declined():
@@ -225,10 +258,37 @@ def test_gpu_operator_forms_are_claimed_and_exact(name):
     assert torch.allclose(got, eager(*inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_gpu_forms_with_dropout_or_used_logsumexp_are_declined():
+@pytest.mark.parametrize("target,args", [
+    (aten._scaled_dot_product_flash_attention.default, ("q", "k", "v", 0.25, True)),
+    (aten._scaled_dot_product_efficient_attention.default, ("q", "k", "v", None, False, 0.25, True)),
+])
+def test_gpu_forms_with_dropout_are_claimed_with_the_operators_own_mask(target, args, cpu_path):
+    # SDPA's dropout_p is the spec's dropout; the fused call draws a seed of its own in the graph,
+    # so the result is SDPA's math with the mask that seed gives (replayed from torch's generator).
+    from fxfuse.ops.attention import keep_mask
+
     inputs = _qkv()
-    gm = _graph_calling(aten._scaled_dot_product_flash_attention.default, ("q", "k", "v", 0.1, False), {}, inputs)
-    assert "dropout_p=0.1" in ClaimSDPA()(gm).misses[0].reason
+    gm = _graph_calling(target, args, {}, inputs)
+    result = ClaimSDPA()(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert [m.spec.dropout for m in result.matches] == [0.25] and not result.misses
+    assert "dropout 0.25" in result.matches[0].describe() and "aten.randint.low(" in gm.code
+    torch.manual_seed(4)
+    got = gm(*inputs)
+    torch.manual_seed(4)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    keep = keep_mask(result.matches[0].spec, seed, (B, H, L, L), "cpu", triton=cpu_path == "interpret")
+    q, k, v = (t.double() for t in inputs)
+    scores = (q @ k.mT / D ** 0.5).masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (scores.softmax(-1) * keep / 0.75) @ v
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_forms_with_unusable_dropout_or_used_logsumexp_are_declined():
+    inputs = _qkv()
+    gm = _graph_calling(aten._scaled_dot_product_flash_attention.default, ("q", "k", "v", 1.0, False), {}, inputs)
+    assert "dropout_p=1.0" in ClaimSDPA()(gm).misses[0].reason
     gm = _graph_calling(aten._scaled_dot_product_flash_attention.default, ("q", "k", "v"), {}, inputs)
     call = next(n for n in gm.graph.nodes if n.target == aten._scaled_dot_product_flash_attention.default)
     out = next(iter(gm.graph.find_nodes(op="output")))
