@@ -55,7 +55,10 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
     """The scores after every step; with ``acc``, computed in that dtype without intermediate rounding.
     ``record`` receives each step's input (the backward needs them for factor tensors' gradients)."""
     k = _heads(k, spec)
-    s = torch.matmul(q.to(acc) if acc else q, (k.to(acc) if acc else k).transpose(-1, -2))
+    # The product in the spec's score dtype: q's own, or float32 for a 16-bit baddbmm (whose
+    # product is rounded only after its scale and bias, see the attention pass).
+    acc_or_score = acc or to_dtype(spec.score_dtype)
+    s = torch.matmul(q.to(acc_or_score), k.to(acc_or_score).transpose(-1, -2))
     lq, lk = s.shape[-2:]
     for step in spec.steps:
         if record is not None:
@@ -111,6 +114,8 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     elif step is not None:
         hidden = _mask_of(step, extras, q.shape[-2], k.shape[-2], q.device)
         mask = ~hidden  # SDPA's boolean mask says which positions take part
+    if mask is not None and mask.dim() < 2:  # SDPA's CPU kernel wants a mask of at least 2 dims
+        mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=spec.kv_groups > 1)
     if hidden is not None:
         # A row whose every score is -inf is NaN in the user's softmax; SDPA returns zeros there.

@@ -127,12 +127,13 @@ def broadcasts_to(s, target) -> bool:
     return all(a == 1 or a == b for a, b in zip(reversed(s), reversed(target)))
 
 
-def insert_call(gm: torch.fx.GraphModule, target, args, before: Node) -> Node:
-    """Insert ``target(*args)`` before ``before``, its meta computed from the arguments' fake values."""
+def insert_call(gm: torch.fx.GraphModule, target, args, before: Node, kwargs: dict | None = None) -> Node:
+    """Insert ``target(*args, **kwargs)`` before ``before``, its meta computed from the arguments' fake values."""
+    kwargs = kwargs or {}
     with gm.graph.inserting_before(before):
-        node = gm.graph.call_function(target, args)
+        node = gm.graph.call_function(target, args, kwargs)
     fake_args = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
     fake = next(a for a in torch.utils._pytree.tree_leaves(fake_args) if isinstance(a, torch.Tensor))
     with fake.fake_mode:
-        node.meta["val"] = target(*fake_args)
+        node.meta["val"] = target(*fake_args, **kwargs)
     return node
