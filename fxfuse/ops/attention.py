@@ -236,23 +236,43 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
 
 # ---- operators -----------------------------------------------------------------------------------
 
+def output_buffer(shape4, dtype: torch.dtype, device, merge_heads: bool) -> Tensor:
+    """An empty (B, H, Lq, Dv) output: contiguous, or with ``merge_heads`` laid out in
+    (B, Lq, H, Dv) memory order (a permuted view), so that ``out.transpose(1, 2).reshape(B, Lq,
+    H * Dv)`` -- the usual head merge -- is a view, not a copy."""
+    b, h, lq, dv = shape4
+    if merge_heads:
+        return torch.empty((b, lq, h, dv), dtype=dtype, device=device).permute(0, 2, 1, 3)
+    return torch.empty((b, h, lq, dv), dtype=dtype, device=device)
+
+
+def _laid_out(out: Tensor, merge_heads: bool) -> Tensor:
+    """``out`` with exactly the strides the fake implementation promises (AOTAutograd plans its
+    views on them): as it is when it has them (SDPA's CPU kernel returns (B, L, H, D) strides),
+    else copied into such a buffer."""
+    want = output_buffer(out.shape, out.dtype, "meta", merge_heads).stride()
+    if out.stride() == want:
+        return out
+    return output_buffer(out.shape, out.dtype, out.device, merge_heads).copy_(out)
+
+
 @torch.library.custom_op("fxfuse::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, merge_heads: bool = False) -> Tensor:
     s = _spec(spec)
     _check_heads(s, q, k, v)
     if _use_triton(q, s):
         from fxfuse.codegen import attention as kernels
 
-        return kernels.forward(s, q, k, v, extras)[0]
+        return kernels.forward(s, q, k, v, extras, merge_heads=merge_heads)[0]
     form = _sdpa_form(s)
     out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras)
-    # Contiguous, as the fake implementation promises (SDPA's CPU kernel returns (B, L, H, D) strides).
-    return out.contiguous()
+    return _laid_out(out, merge_heads)
 
 
 @attention.register_fake
-def _(q, k, v, extras, spec):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=to_dtype(_spec(spec).out_dtype))
+def _(q, k, v, extras, spec, merge_heads=False):
+    shape4 = (*q.shape[:-1], v.shape[-1])
+    return output_buffer(shape4, to_dtype(_spec(spec).out_dtype), q.device, merge_heads)
 
 
 def _only_added(spec: AttentionSpec, index: int) -> bool:
@@ -291,7 +311,11 @@ def _(grad_out, q, k, v, extras, needs_grad, spec):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, extras, spec = inputs
+    q, k, v, extras, spec = inputs[:5]
+    # The dispatcher drops arguments equal to their default before autograd sees them (setup_context
+    # gets them back filled in): the backward returns one None for spec, and one for merge_heads
+    # only when it was passed as True.
+    ctx.non_tensor_inputs = 1 + bool(inputs[5] if len(inputs) > 5 else False)
     ctx.save_for_backward(q, k, v, *extras)
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.needs_grad = [e.requires_grad for e in extras]
@@ -304,7 +328,7 @@ def _backward(ctx, grad_out):
                                                                     ctx.spec)
     d_extras = [d if need and e.dtype.is_floating_point else None
                 for d, e, need in zip(d_extras, extras, ctx.needs_grad)]
-    return dq, dk, dv, d_extras, None
+    return dq, dk, dv, d_extras, *[None] * ctx.non_tensor_inputs
 
 
 attention.register_autograd(_backward, setup_context=_setup)

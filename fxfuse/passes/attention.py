@@ -26,8 +26,8 @@ import math
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, is_plain_reshape, layout_chain_back,
-                                           source_operand)
+from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
+                                           layout_chain_back, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, is_op, is_python_scalar, shape,
                                   source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
@@ -390,11 +390,20 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     k = _operand_4d(gm, k_op, site, "k")
     v = _operand_4d(gm, v_op, site, "v")
     extras = [_product_bias(gm, site, i) if i in site.product_bias else e for i, e in enumerate(site.extras)]
-    fused = insert_call(gm, torch.ops.fxfuse.attention.default, (q, k, v, extras, site.spec.to_json()), site.pv)
+    # When the output only reaches the rest of the graph through a head merge (transpose(1, 2)
+    # then reshape to (B, Lq, H * Dv)), the operator writes it in that order and the merge is a view.
+    merge = head_merge_chain(site.pv, site.lead)
+    args = (q, k, v, extras, site.spec.to_json()) + ((True,) if merge is not None else ())
+    fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, site.pv)
     if site.softmax.meta.get("stack_trace"):
         fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]
-    out = insert_call(gm, aten.view.default, (fused, list(shape(site.pv))), site.pv)
-    site.pv.replace_all_uses_with(out)
+    if merge is None:
+        out = insert_call(gm, aten.view.default, (fused, list(shape(site.pv))), site.pv)
+        site.pv.replace_all_uses_with(out)
+        return fused
+    heads_last = insert_call(gm, aten.permute.default, (fused, [0, 2, 1, 3]), site.pv)  # contiguous
+    out = insert_call(gm, aten.view.default, (heads_last, list(shape(merge))), site.pv)
+    merge.replace_all_uses_with(out)
     return fused
 
 
