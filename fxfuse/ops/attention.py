@@ -6,7 +6,10 @@ tensors (boolean masks, additive masks and biases, factor tensors) broadcast to 
 when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
 implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
-user's softmax gives NaN are set to NaN), else the plain torch reference of the spec. The backward
+user's softmax gives NaN are set to NaN), else the plain torch reference of the spec, which
+computes the scores a bounded chunk of query rows at a time. With ``merge_heads`` the
+``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on every path (the pass
+asks for it when a head merge is all that reads it, which then is a view). The backward
 is a backward operator of its own (autograd is off inside custom operators): the Triton backward
 kernels (which also give the gradients of additive biases) unless a factor tensor needs a
 gradient, else an explicit torch formula; both recompute the probabilities.

@@ -160,7 +160,7 @@ def test_operator_runs_the_kernel_when_interpreting(monkeypatch):
     import fxfuse.codegen.attention as kernels
 
     calls = []
-    monkeypatch.setattr(kernels, "forward", lambda *a: calls.append(1) or kernel_forward(*a))
+    monkeypatch.setattr(kernels, "forward", lambda *a, **kw: calls.append(1) or kernel_forward(*a, **kw))
     spec = _spec("plain", "float32").to_json()
     q, k, v = torch.randn(3, 1, 2, 5, D).unbind(0)
     with fxfuse.config.patch(interpret=True):
