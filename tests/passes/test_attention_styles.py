@@ -158,3 +158,18 @@ def test_low_precision_baddbmm_rounds_once():
     spec = res.matches[0].spec
     assert spec.score_dtype == "float32", spec
     assert [(s.op, s.dtype) for s in spec.steps][:3] == [("mul", "float32"), ("add", "float32"), ("cast", "bfloat16")]
+
+
+def test_baddbmm_with_beta_zero_never_reads_its_input():
+    # beta=0: eager ignores the input tensor, NaN and inf included; so does the fused site (a NaN
+    # read as a bias would make every output NaN).
+    def nan_input(q, k, v):
+        scores = torch.baddbmm(torch.full((4, 5, 5), float("nan")), q, k.transpose(1, 2), beta=0.0, alpha=0.5)
+        return scores.softmax(-1) @ v
+
+    q, k, v = (torch.randn(4, 5, 8) for _ in range(3))
+    res = fxfuse.rewrite(nan_input, (q, k, v), passes=PASSES)
+    assert [m.kind for m in res.matches] == ["attention"] and res.matches[0].spec.inputs == (), res.report()
+    out = res.module(q, k, v)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, nan_input(q, k, v), rtol=1e-5, atol=1e-5)
