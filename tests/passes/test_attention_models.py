@@ -81,6 +81,10 @@ def test_every_attention_layer_is_fused_and_logits_equal_eager(name, models, bat
     assert [m.kind for m in res.matches] == ["attention"] * ATTENTION_LAYERS[name], res.report()
     assert not res.misses, res.report()
     assert "_softmax" not in res.graph.code
+    # Each model merges the heads right after attention: the operator writes that layout, so the
+    # merge is a view (tests/passes/test_attention_head_merge.py), and the logits below still agree.
+    fused = [n for n in res.graph.graph.nodes if n.target == torch.ops.fxfuse.attention.default]
+    assert all(n.args[5:] == (True,) for n in fused), res.graph.code
     if name == "llama":  # 4 query heads share 2 kv heads: repeat_kv's copies are read in place instead
         assert all(m.spec.kv_groups == 2 for m in res.matches), res.report()
     if name == "bloom":  # baddbmm: its alpha and its ALiBi bias are the first steps, then the mask
