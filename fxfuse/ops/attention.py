@@ -110,7 +110,7 @@ def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list
     """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code,
     a chunk of query rows at a time (SCORE_CHUNK_ELEMENTS)."""
     lq, lk = q.shape[-2], k.shape[-2]
-    k, v = _heads(k, spec), _heads(v, spec)
+    k, v = _heads(k, spec).to(to_dtype(spec.score_dtype)), _heads(v, spec)  # once, not per chunk
     outs = []
     for r in _row_chunks(q, lk):
         chunk = [_rows(e, lq, r) for e in extras]
