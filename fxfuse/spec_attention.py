@@ -43,7 +43,9 @@ class ScoreStep:
 class AttentionSpec:
     """One attention site.
 
-    score_dtype:   dtype of ``q @ k^T`` (q's and k's dtype).
+    score_dtype:   dtype ``q @ k^T`` is rounded to: q's and k's dtype, or float32 for a 16-bit
+                   ``baddbmm``/``addmm`` site, whose product is accumulated in float32 and rounded
+                   once, after its scale and bias steps (a "cast" step then follows them).
     steps:         score operations in program order (see STEP_OPS).
     prob_dtype:    dtype of the probabilities as they enter the value product (after any cast of
                    the softmax's result; the softmax runs in the dtype of the last step).

@@ -214,9 +214,55 @@ class TensorSqrtScale(nn.Module):  # "Attention is all you need" ports: / torch.
         return scores.softmax(-1) @ v
 
 
+class BaddbmmAlibiBloom(nn.Module):  # BLOOM: alibi.baddbmm(q, k^T, beta=1, alpha=1/sqrt(d)), viewed to heads
+    def inputs(self, dtype):
+        slopes = torch.tensor([0.5, 0.25]).repeat(B)  # one ALiBi slope per (batch, head)
+        return _qkv(dtype, (B * H, L, D)) + [(slopes[:, None, None] * torch.arange(L)).to(dtype)]
+
+    def forward(self, q, k, v, alibi):
+        scores = alibi.baddbmm(batch1=q, batch2=k.transpose(-1, -2), beta=1.0, alpha=1.0 / math.sqrt(D))
+        probs = F.softmax(scores.view(B, H, L, L), dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs.view(B * H, L, L), v)
+
+
+class BaddbmmScaledBias(nn.Module):  # baddbmm with beta != 1: the operator is given beta * bias
+    def inputs(self, dtype):
+        return _qkv(dtype, (B * H, L, D)) + [torch.randn(1, L, L, dtype=dtype)]
+
+    def forward(self, q, k, v, bias):
+        return torch.baddbmm(bias, q, k.transpose(1, 2), beta=0.5, alpha=0.3).softmax(-1) @ v
+
+
+class BaddbmmEmptyBetaZero(nn.Module):  # old GPT-2 (_upcast_and_reordered_attn): torch.empty, beta=0
+    def inputs(self, dtype):
+        return _qkv(dtype, (B * H, L, D))
+
+    def forward(self, q, k, v):
+        out = torch.empty(B * H, L, L, dtype=q.dtype)  # never read: beta=0 ignores its NaN and inf
+        scores = torch.baddbmm(out, q, k.transpose(-1, -2), beta=0, alpha=1.0 / math.sqrt(D))
+        return scores.softmax(-1) @ v
+
+
+class SingleHead2D(nn.Module):  # single-head code on (L, D) tensors: q @ k.T is an aten.mm
+    def inputs(self, dtype):
+        return _qkv(dtype, (L, D))
+
+    def forward(self, q, k, v):
+        return (q @ k.T / math.sqrt(D)).softmax(-1) @ v
+
+
+class AddmmSingleHead2D(nn.Module):  # torch.addmm(bias, q, k.T): a 2-D product with its bias
+    def inputs(self, dtype):
+        return _qkv(dtype, (L, D)) + [torch.randn(L, L, dtype=dtype)]
+
+    def forward(self, q, k, v, bias):
+        return torch.addmm(bias, q, k.T, alpha=0.5).softmax(-1) @ v
+
+
 STYLES = [MatmulTranspose, EinsumUpcastSoftmax, BmmFlatHeadsScaledQuery, ScaleOnScoresMT, CausalTrilBuffer,
           CausalTrilInForward, CausalArangeWhere, SlidingWindowArange, SoftcapGemma2, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
-          GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues, PerHeadTemperature, TensorSqrtScale]
+          GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues, PerHeadTemperature, TensorSqrtScale,
+          BaddbmmAlibiBloom, BaddbmmScaledBias, BaddbmmEmptyBetaZero, SingleHead2D, AddmmSingleHead2D]
 
 
 # ---- near-misses: each must be declined, with the reason in ``reason`` ----------------------------
@@ -305,5 +351,46 @@ class TransposedScores(nn.Module):  # softmax over what were the queries, after 
         return (q @ k.transpose(-1, -2)).transpose(-1, -2).softmax(-1) @ v
 
 
+class BaddbmmBiasFromValues(nn.Module):
+    reason = "computed from the values"
+
+    def inputs(self, dtype):
+        return _qkv(dtype, (B * H, L, D))
+
+    def forward(self, q, k, v):
+        return torch.baddbmm(v.sum(-1)[:, None, :], q, k.transpose(1, 2)).softmax(-1) @ v
+
+
+class BaddbmmBetaZeroOnInput(nn.Module):  # the ignored tensor is a graph input: eager gives it a zero gradient
+    reason = "beta=0"
+
+    def inputs(self, dtype):
+        return _qkv(dtype, (B * H, L, D)) + [torch.randn(B * H, L, L, dtype=dtype)]
+
+    def forward(self, q, k, v, bias):
+        return torch.baddbmm(bias, q, k.transpose(1, 2), beta=0.0).softmax(-1) @ v
+
+
+class BaddbmmAlphaZero(nn.Module):  # the scores are the bias alone
+    reason = "alpha=0"
+
+    def inputs(self, dtype):
+        return _qkv(dtype, (B * H, L, D)) + [torch.randn(B * H, L, L, dtype=dtype)]
+
+    def forward(self, q, k, v, bias):
+        return torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.0).softmax(-1) @ v
+
+
+class BaddbmmValueProduct(nn.Module):  # a tensor added to p @ v inside the value product
+    reason = "adds a tensor"
+
+    def inputs(self, dtype):
+        return _qkv(dtype, (B * H, L, D))
+
+    def forward(self, q, k, v):
+        return torch.baddbmm(q, (q @ k.transpose(1, 2)).softmax(-1), v)
+
+
 NEAR_MISSES = [SoftmaxOverQueries, MaskAfterSoftmax, ScaleOnProbabilities, ScoresAlsoReturned,
-               ProbabilitiesAlsoReturned, ProductOverQueryAxis, ScoreTermFromValues, TransposedScores]
+               ProbabilitiesAlsoReturned, ProductOverQueryAxis, ScoreTermFromValues, TransposedScores,
+               BaddbmmBiasFromValues, BaddbmmBetaZeroOnInput, BaddbmmAlphaZero, BaddbmmValueProduct]

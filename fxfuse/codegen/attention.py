@@ -232,18 +232,22 @@ def dropout_mask(spec: AttentionSpec, seed: torch.Tensor, shape4, device) -> tor
     return keep.bool()
 
 
-def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None, seed=None):
+def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None, seed=None,
+            merge_heads: bool = False):
     """Launch the forward kernel; returns (out (B, H, Lq, Dv), stats (2, B*H, Lq) float32): each
     query row's running max m and sum l (its log-sum-exp is m + log(l)), of the undropped scores.
 
     ``out_dtype`` (the backward's float32) also turns the user's roundings of the scores off, so
     that the log-sum-exp matches the backward's unrounded recomputation. ``seed`` draws the
-    dropout mask of a spec with dropout (see ``dropout_mask``)."""
+    dropout mask of a spec with dropout (see ``dropout_mask``). With ``merge_heads`` the output is
+    written in (B, Lq, H, Dv) memory order (the kernel stores through its strides)."""
+    from fxfuse.ops.attention import output_buffer
+
     module = load(generate(spec))
     kernel = getattr(module, next(n for n in dir(module) if n.endswith("_forward")))
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
-    out = torch.empty((b, h, lq, dv), dtype=out_dtype or v.dtype, device=q.device)
+    out = output_buffer((b, h, lq, dv), out_dtype or v.dtype, q.device, merge_heads)
     stats = torch.empty((2, b * h, lq), dtype=torch.float32, device=q.device)
     es = [_extra_4d(e, (b, h, lq, lk)) for e in extras]
     if out.numel():

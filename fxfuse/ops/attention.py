@@ -6,7 +6,10 @@ tensors (boolean masks, additive masks and biases, factor tensors) broadcast to 
 when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
 implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
-user's softmax gives NaN are set to NaN), else the plain torch reference of the spec. The backward
+user's softmax gives NaN are set to NaN), else the plain torch reference of the spec, which
+computes the scores a bounded chunk of query rows at a time. With ``merge_heads`` the
+``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on every path (the pass
+asks for it when a head merge is all that reads it, which then is a view). The backward
 is a backward operator of its own (autograd is off inside custom operators): the Triton backward
 kernels (which also give the gradients of additive biases) unless a factor tensor needs a
 gradient, else an explicit torch formula; both recompute the probabilities.
@@ -32,16 +35,18 @@ def _spec(text: str) -> AttentionSpec:
     return AttentionSpec.from_json(text)
 
 
-def causal_mask(lq: int, lk: int, device, window: int = 0) -> Tensor:
+def causal_mask(lq: int, lk: int, device, window: int = 0, rows: tuple[int, int] | None = None) -> Tensor:
     """True where key j comes after query i, aligned bottom-right as the pass proved it, and with
-    a ``window`` also where j is ``window`` or more keys before i."""
-    i = torch.arange(lq, device=device)[:, None] + (lk - lq)
+    a ``window`` also where j is ``window`` or more keys before i. ``rows`` (first, end) gives
+    only those query rows."""
+    first, end = rows or (0, lq)
+    i = torch.arange(first, end, device=device)[:, None] + (lk - lq)
     j = torch.arange(lk, device=device)[None, :]
     return (j > i) | (j <= i - window) if window else j > i
 
 
-def _mask_of(step, extras: list[Tensor], lq: int, lk: int, device) -> Tensor:
-    mask = causal_mask(lq, lk, device, step.window) if step.input == -1 else extras[step.input]
+def _mask_of(step, extras: list[Tensor], lq: int, lk: int, device, rows: tuple[int, int] | None = None) -> Tensor:
+    mask = causal_mask(lq, lk, device, step.window, rows) if step.input == -1 else extras[step.input]
     return ~mask if step.invert else mask
 
 
@@ -56,13 +61,40 @@ def _check_heads(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"heads do not fit the site's {spec.kv_groups} query heads per key/value head")
 
 
+# The torch reference computes the (B, H, Lq, Lk) scores a chunk of query rows at a time, each
+# chunk at most this many elements (one row per chunk at the least): a CPU site's memory stays
+# bounded whatever its length. Rows are independent in the forward, so chunking changes no step
+# or rounding there; the backward sums dk, dv and the biases' gradients over the chunks.
+SCORE_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(q: Tensor, lk: int) -> list[tuple[int, int]]:
+    b, h, lq = q.shape[:3]
+    rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, b * h * lk))
+    return [(i, min(i + rows, lq)) for i in range(0, lq, rows)] or [(0, lq)]
+
+
+def _rows(t: Tensor, lq: int, rows: tuple[int, int]) -> Tensor:
+    """The query rows ``rows`` of an extra tensor broadcast to (…, Lq, Lk) (all of it along a
+    broadcast query dim)."""
+    if t.dim() < 2 or t.shape[-2] == 1 or rows == (0, lq):
+        return t
+    return t[..., rows[0]:rows[1], :]
+
+
 def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc: torch.dtype | None = None,
-            record: list | None = None):
+            record: list | None = None, rows: tuple[int, int, int] | None = None, headed: bool = False):
     """The scores after every step; with ``acc``, computed in that dtype without intermediate rounding.
-    ``record`` receives each step's input (the backward needs them for factor tensors' gradients)."""
-    k = _heads(k, spec)
-    s = torch.matmul(q.to(acc) if acc else q, (k.to(acc) if acc else k).transpose(-1, -2))
-    lq, lk = s.shape[-2:]
+    ``record`` receives each step's input (the backward needs them for factor tensors' gradients).
+    For a chunk, ``q`` and ``extras`` hold its rows and ``rows`` is (first, end, Lq) (the causal
+    rule needs the rows' positions); ``headed``: k already has one head per query head."""
+    k = k if headed else _heads(k, spec)
+    # The product in the spec's score dtype: q's own, or float32 for a 16-bit baddbmm (whose
+    # product is rounded only after its scale and bias, see the attention pass).
+    acc_or_score = acc or to_dtype(spec.score_dtype)
+    s = torch.matmul(q.to(acc_or_score), k.to(acc_or_score).transpose(-1, -2))
+    lk = s.shape[-1]
+    lq, span = (rows[2], rows[:2]) if rows else (s.shape[-2], None)
     for step in spec.steps:
         if record is not None:
             record.append(s)
@@ -70,7 +102,7 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
             factor = step.value if step.input == -1 else extras[step.input].to(acc) if acc else extras[step.input]
             s = s * factor if step.op == "mul" else s / factor
         elif step.op == "fill":
-            s = s.masked_fill(_mask_of(step, extras, lq, lk, s.device), step.value)
+            s = s.masked_fill(_mask_of(step, extras, lq, lk, s.device, span), step.value)
         elif step.op == "add":
             s = s + (extras[step.input].to(acc) if acc else extras[step.input])
         elif step.op == "tanh":
@@ -104,12 +136,20 @@ def _drop(spec: AttentionSpec, p: Tensor, keep: Tensor | None) -> Tensor:
 
 def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
               keep: Tensor | None = None) -> Tensor:
-    """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code;
-    with dropout, ``keep`` is the mask (see ``keep_mask``)."""
+    """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code,
+    a chunk of query rows at a time (SCORE_CHUNK_ELEMENTS); with dropout, ``keep`` is the mask
+    (see ``keep_mask``; a boolean (B, H, Lq, Lk) tensor, sliced per chunk)."""
     if spec.dropout and keep is None:
         raise ValueError("the reference of attention with dropout needs the keep mask")
-    p = torch.softmax(_scores(spec, q, k, extras), dim=-1)
-    return torch.matmul(_drop(spec, p.to(to_dtype(spec.prob_dtype)), keep), _heads(v, spec))
+    lq, lk = q.shape[-2], k.shape[-2]
+    k, v = _heads(k, spec).to(to_dtype(spec.score_dtype)), _heads(v, spec)  # once, not per chunk
+    outs = []
+    for r in _row_chunks(q, lk):
+        chunk = [_rows(e, lq, r) for e in extras]
+        p = torch.softmax(_scores(spec, q[..., r[0]:r[1], :], k, chunk, rows=(*r, lq), headed=True), dim=-1)
+        p = _drop(spec, p.to(to_dtype(spec.prob_dtype)), None if keep is None else keep[..., r[0]:r[1], :])
+        outs.append(torch.matmul(p, v))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
 
 
 def _sdpa_form(spec: AttentionSpec):
@@ -143,6 +183,8 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     elif step is not None:
         hidden = _mask_of(step, extras, q.shape[-2], k.shape[-2], q.device)
         mask = ~hidden  # SDPA's boolean mask says which positions take part
+    if mask is not None and mask.dim() < 2:  # SDPA's CPU kernel wants a mask of at least 2 dims
+        mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=spec.kv_groups > 1)
     if hidden is not None:
         # A row whose every score is -inf is NaN in the user's softmax; SDPA returns zeros there.
@@ -171,38 +213,54 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
     ``dS = P * (dP - rowsum(dP * P))`` with ``dP = dO @ v^T`` (with dropout, masked and rescaled by
     the forward's ``keep``, and dV from the dropped probabilities), then back through the steps in
     reverse: factors scale it (a factor tensor gets ``dS * s_in``, reduced to its shape), fills zero
-    it where they hid the score, adds pass it to their bias.
+    it where they hid the score, adds pass it to their bias. A chunk of query rows at a time
+    (SCORE_CHUNK_ELEMENTS): dq and the rows of a bias with a query dim are each chunk's own; dk,
+    dv and the gradients summed over the query dim add up over the chunks.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    step_inputs: list[Tensor] = []
-    p = torch.softmax(_scores(spec, q, k, extras, acc, step_inputs), dim=-1)
-    do = grad_out.to(acc)
-    dv = torch.matmul(_drop(spec, p.to(to_dtype(spec.prob_dtype)).to(acc), keep).transpose(-1, -2), do)
-    dp = _drop(spec, torch.matmul(do, _heads(v, spec).to(acc).transpose(-1, -2)), keep)
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    lq, lk = ds.shape[-2:]
+    lq, lk = q.shape[-2], k.shape[-2]
+    kh, vh = _heads(k, spec).to(acc), _heads(v, spec).to(acc)
+    b, h = q.shape[:2]
+    dk = torch.zeros((b, h, lk, k.shape[-1]), dtype=acc, device=q.device)
+    dv = torch.zeros((b, h, lk, v.shape[-1]), dtype=acc, device=q.device)
+    dqs: list[Tensor] = []
     d_extras: list[Tensor | None] = [None] * len(extras)
-    def accumulate(index: int, grad: Tensor) -> None:
-        d = _sum_to(grad, extras[index].shape)
-        d_extras[index] = d if d_extras[index] is None else d_extras[index] + d
+    for r in _row_chunks(q, lk):
+        qc = q[..., r[0]:r[1], :].to(acc)
+        chunk = [_rows(e, lq, r) for e in extras]
 
-    for step, s_in in zip(reversed(spec.steps), reversed(step_inputs)):
-        if step.op in ("mul", "div") and step.input >= 0:
-            t = extras[step.input].to(acc)
-            accumulate(step.input, ds * s_in if step.op == "mul" else -ds * s_in / (t * t))
-            ds = ds * t if step.op == "mul" else ds / t
-        elif step.op == "mul":
-            ds = ds * step.value
-        elif step.op == "div":
-            ds = ds / step.value
-        elif step.op == "fill":
-            ds = ds.masked_fill(_mask_of(step, extras, lq, lk, ds.device), 0.0)
-        elif step.op == "add":
-            accumulate(step.input, ds)
-        elif step.op == "tanh":
-            ds = ds * (1 - torch.tanh(s_in) ** 2)
-    dq = torch.matmul(ds, _heads(k, spec).to(acc))
-    dk = torch.matmul(ds.transpose(-1, -2), q.to(acc))
+        def accumulate(index: int, grad: Tensor) -> None:
+            d = _sum_to(grad, chunk[index].shape).reshape(chunk[index].shape)
+            if d_extras[index] is None:
+                d_extras[index] = torch.zeros(extras[index].shape, dtype=acc, device=q.device)
+            target = _rows(d_extras[index], lq, r)  # a view: the chunk's rows, or all of a broadcast dim
+            target += d
+
+        step_inputs: list[Tensor] = []
+        p = torch.softmax(_scores(spec, qc, kh, chunk, acc, step_inputs, rows=(*r, lq), headed=True), dim=-1)
+        do = grad_out[..., r[0]:r[1], :].to(acc)
+        kc = None if keep is None else keep[..., r[0]:r[1], :]
+        dv += torch.matmul(_drop(spec, p.to(to_dtype(spec.prob_dtype)).to(acc), kc).transpose(-1, -2), do)
+        dp = _drop(spec, torch.matmul(do, vh.transpose(-1, -2)), kc)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        for step, s_in in zip(reversed(spec.steps), reversed(step_inputs)):
+            if step.op in ("mul", "div") and step.input >= 0:
+                t = chunk[step.input].to(acc)
+                accumulate(step.input, ds * s_in if step.op == "mul" else -ds * s_in / (t * t))
+                ds = ds * t if step.op == "mul" else ds / t
+            elif step.op == "mul":
+                ds = ds * step.value
+            elif step.op == "div":
+                ds = ds / step.value
+            elif step.op == "fill":
+                ds = ds.masked_fill(_mask_of(step, chunk, lq, lk, ds.device, r), 0.0)
+            elif step.op == "add":
+                accumulate(step.input, ds)
+            elif step.op == "tanh":
+                ds = ds * (1 - torch.tanh(s_in) ** 2)
+        dqs.append(torch.matmul(ds, kh))
+        dk += torch.matmul(ds.transpose(-1, -2), qc)
+    dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=-2)
     if spec.kv_groups > 1:  # each kv head's gradient sums over the query heads that read it
         dk, dv = (g.unflatten(1, (k.shape[1], spec.kv_groups)).sum(2) for g in (dk, dv))
     out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
@@ -210,7 +268,7 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
         if d is None:  # a boolean mask, or a bias no step added (never: the pass adds each once)
             out.append(torch.zeros_like(e) if e.dtype.is_floating_point else e.new_empty(0))
         else:
-            out.append(d.reshape(e.shape).to(e.dtype))
+            out.append(d.to(e.dtype))
     return out
 
 
@@ -220,24 +278,45 @@ def _shape4(q: Tensor, k: Tensor) -> tuple:
     return (*q.shape[:-1], k.shape[-2])
 
 
+def output_buffer(shape4, dtype: torch.dtype, device, merge_heads: bool) -> Tensor:
+    """An empty (B, H, Lq, Dv) output: contiguous, or with ``merge_heads`` laid out in
+    (B, Lq, H, Dv) memory order (a permuted view), so that ``out.transpose(1, 2).reshape(B, Lq,
+    H * Dv)`` -- the usual head merge -- is a view, not a copy."""
+    b, h, lq, dv = shape4
+    if merge_heads:
+        return torch.empty((b, lq, h, dv), dtype=dtype, device=device).permute(0, 2, 1, 3)
+    return torch.empty((b, h, lq, dv), dtype=dtype, device=device)
+
+
+def _laid_out(out: Tensor, merge_heads: bool) -> Tensor:
+    """``out`` with exactly the strides the fake implementation promises (AOTAutograd plans its
+    views on them): as it is when it has them (SDPA's CPU kernel returns (B, L, H, D) strides),
+    else copied into such a buffer."""
+    want = output_buffer(out.shape, out.dtype, "meta", merge_heads).stride()
+    if out.stride() == want:
+        return out
+    return output_buffer(out.shape, out.dtype, out.device, merge_heads).copy_(out)
+
+
 @torch.library.custom_op("fxfuse::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, seed: Tensor | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, seed: Tensor | None = None,
+              merge_heads: bool = False) -> Tensor:
     s = _spec(spec)
     _check_heads(s, q, k, v)
     if _use_triton(q, s):
         from fxfuse.codegen import attention as kernels
 
-        return kernels.forward(s, q, k, v, extras, seed=seed)[0]
+        return kernels.forward(s, q, k, v, extras, seed=seed, merge_heads=merge_heads)[0]
     form = _sdpa_form(s)
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
     out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras, keep)
-    # Contiguous, as the fake implementation promises (SDPA's CPU kernel returns (B, L, H, D) strides).
-    return out.contiguous()
+    return _laid_out(out, merge_heads)
 
 
 @attention.register_fake
-def _(q, k, v, extras, spec, seed=None):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=to_dtype(_spec(spec).out_dtype))
+def _(q, k, v, extras, spec, seed=None, merge_heads=False):
+    shape4 = (*q.shape[:-1], v.shape[-1])
+    return output_buffer(shape4, to_dtype(_spec(spec).out_dtype), q.device, merge_heads)
 
 
 def _only_added(spec: AttentionSpec, index: int) -> bool:
@@ -278,7 +357,7 @@ def _(grad_out, q, k, v, extras, needs_grad, spec, seed=None):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, extras, spec, seed = inputs
+    q, k, v, extras, spec, seed = inputs[:6]
     ctx.save_for_backward(q, k, v, seed, *extras)
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.needs_grad = [e.requires_grad for e in extras]
@@ -291,8 +370,9 @@ def _backward(ctx, grad_out):
                                                                     ctx.spec, seed)
     d_extras = [d if need and e.dtype.is_floating_point else None
                 for d, e, need in zip(d_extras, extras, ctx.needs_grad)]
-    # One gradient per argument the call passed (a call without a seed passed five).
-    return (dq, dk, dv, d_extras, None, None)[:len(ctx.needs_input_grad)]
+    # One gradient per argument the call passed: the dispatcher drops trailing arguments equal to
+    # their default (seed None, merge_heads False) before autograd counts them.
+    return (dq, dk, dv, d_extras, None, None, None)[:len(ctx.needs_input_grad)]
 
 
 attention.register_autograd(_backward, setup_context=_setup)

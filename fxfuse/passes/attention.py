@@ -2,9 +2,12 @@
 
 Recognition anchors on ``aten._softmax`` and walks back through the score terms (scalar and
 tensor factors, boolean fills, additive masks and biases, casts) and a layout-only chain (views,
-permutes, expands) to the ``bmm`` of queries and keys, then forward through casts, at most one
-dropout (training; what counts as dropout is in ``attention_dropout.py``) and a layout-only chain
-to the ``bmm`` with the values. The operator computes on the products' own
+permutes, expands) to the product of queries and keys (``bmm``, ``mm`` for 2-D single-head code,
+or ``baddbmm``/``addmm``, whose scale and bias become the first score steps), then forward through
+casts, at most one dropout (training; what counts as dropout is in ``attention_dropout.py``) and a
+layout-only chain to the ``bmm`` (or ``mm``) with the values. When the output is read only through
+a head merge, the operator is asked to write it in that order (the merge is a view). The operator
+computes on the products' own
 operands, so whatever built q, k and v (head splits, einsum's permutes, a scaled query) cannot be
 misread; where an operand is a copy, permutation or head-repeat of an earlier tensor, that tensor
 is read in place instead (grouped-query attention's kv heads are never materialised).
@@ -27,18 +30,24 @@ import math
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, is_plain_reshape, layout_chain_back,
-                                           source_operand)
 from fxfuse.passes.attention_dropout import Dropout, NotDropout, drawn_nearby, dropout_of, metadata_only
+from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
+                                           layout_chain_back, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
-from fxfuse.spec import dtype_name
+from fxfuse.spec import dtype_name, to_dtype
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
 aten = torch.ops.aten
 
-_BMM = (aten.bmm.default,)
+# The products: batched, and 2-D for single-head code (``q @ k.T`` on (L, D) tensors).
+_BMM = (aten.bmm.default, aten.mm.default)
+# ``beta * bias + alpha * (q @ k^T)`` in one op (BLOOM's ALiBi): recognised as the score product
+# followed by a scale and a bias step (see _added_product).
+_ADDED = (aten.baddbmm.default, aten.addmm.default)
+_PRODUCTS = _BMM + _ADDED
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _CAST = (aten._to_copy.default,)
 
 
@@ -49,14 +58,15 @@ class Declined(Exception):
 @dataclasses.dataclass
 class _Site:
     softmax: Node
-    qk: Node  # bmm(q_op (N, Lq, D), k_op (N, D, Lk))
-    pv: Node  # bmm(p (N, Lq, Lk), v_op (N, Lk, Dv))
-    lead: tuple[int, int]  # (B, H): the scores' leading dims, a rank-3 site's N as (1, N)
+    qk: Node  # bmm(q_op (N, Lq, D), k_op (N, D, Lk)), or mm of 2-D operands, or baddbmm/addmm
+    pv: Node  # bmm(p (N, Lq, Lk), v_op (N, Lk, Dv)), or mm
+    lead: tuple[int, int]  # (B, H): the scores' leading dims, a rank-3 site's N as (1, N), rank 2 (1, 1)
     extras: list[Node]
     spec: AttentionSpec
     interior: set[Node]
     sources: dict  # "q"/"k"/"v" -> (source, permutation, groups) or None, see source_operand
     dropout: Dropout | None = None
+    product_bias: dict = dataclasses.field(default_factory=dict)  # extra index -> beta: a baddbmm's bias
 
 
 def _plain_cast(node) -> bool:
@@ -127,7 +137,7 @@ def _near_product(node, depth: int = 8) -> bool:
     """Whether a bmm is among the nearest ancestors: the softmax may belong to an attention."""
     frontier = [node]
     for _ in range(depth):
-        if any(is_op(n, *_BMM) for n in frontier):
+        if any(is_op(n, *_PRODUCTS) for n in frontier):
             return True
         frontier = [a for n in frontier if isinstance(n, Node) for a in n.all_input_nodes]
     return False
@@ -198,6 +208,9 @@ def _walk_probabilities(softmax: Node) -> _Probabilities:
     pv = [u for u in users if is_op(u, *_BMM)]
     if len(users) == 1 and pv and pv[0].args[0] is x:
         return _Probabilities(casts, dropout, p_node, chain, pv[0])
+    if len(users) == 1 and is_op(users[0], *_ADDED) and users[0].args[1] is x:
+        raise Declined(f"the value product is {users[0].target.__name__.split('.')[0]}, which adds a tensor to "
+                       "p @ v; fused attention ends with the plain product (add the tensor after it)")
     if pv and pv[0].args[1] is x:
         raise Declined("the probabilities are the right operand of the product (p^T-like: it contracts the "
                        "query axis); attention contracts the key axis with the values")
@@ -231,10 +244,10 @@ def replace(gm: torch.fx.GraphModule, site) -> Node:
 
 def _reaches_bmm(node: Node, depth: int = 6) -> bool:
     for _ in range(depth):
-        if is_op(node, *_BMM):
+        if is_op(node, *_PRODUCTS):
             return True
         if len(node.users) != 1:
-            return any(is_op(u, *_BMM) for u in node.users)
+            return any(is_op(u, *_PRODUCTS) for u in node.users)
         node = next(iter(node.users))
     return False
 
@@ -244,6 +257,53 @@ def _root(node: Node) -> Node:
     while is_op(node, *LAYOUT, aten.repeat_interleave.self_int) and isinstance(node.args[0], Node):
         node = node.args[0]
     return node
+
+
+def _added_product(qk: Node, v_root: Node) -> tuple[str, list[tuple[ScoreStep, Node | None]], float]:
+    """``baddbmm(bias, q, k^T, beta=b, alpha=a)`` (or ``addmm``) as (score dtype, steps, beta).
+
+    The op computes ``b * bias + a * (q @ k^T)`` with one rounding: in bfloat16/float16 the
+    product is accumulated in float32 and rounded only after alpha and the bias are applied (on
+    CPU and in cuBLAS alike). So the steps are, in the float32 scores: ``* a``, ``+ bias`` (the
+    operator is given ``b * bias``, computed in float32 before the call), then one cast back;
+    in float32/float64 the same steps in that dtype. ``beta=0`` reads no bias (its NaN and inf are
+    ignored, as in eager); alpha=0 is declined.
+    """
+    bias, beta, alpha = qk.args[0], qk.kwargs.get("beta", 1), qk.kwargs.get("alpha", 1)
+    name = qk.target.__name__.split(".")[0]
+    if not (is_python_scalar(beta) and is_python_scalar(alpha)):
+        raise Declined(f"{name}'s beta or alpha is not a constant; fused attention takes them from the graph")
+    if alpha == 0:
+        raise Declined(f"{name} with alpha=0 ignores q @ k^T: the scores are the bias alone, not attention")
+    if beta == 0 and any(n.op == "placeholder" for n in _ancestors(bias)):
+        # Eager gives such an input a zero gradient through baddbmm; the fused operator would not
+        # read it at all, and its gradient would be missing instead (None), which optimizers treat
+        # differently (no weight decay, no momentum step).
+        raise Declined(f"{name} with beta=0 ignores its input tensor, which is computed from a graph input "
+                       "(it may need eager's zero gradient); pass a tensor built in forward (torch.empty) instead")
+    d = dtype(qk)
+    acc = torch.float32 if d in _LOW_PRECISION else d
+    steps: list[tuple[ScoreStep, Node | None]] = []
+    if alpha != 1:
+        steps.append((ScoreStep("mul", dtype_name(acc), value=float(alpha)), None))
+    if beta != 0:
+        _check_extra(bias, ScoreStep("add", dtype_name(acc)), shape(qk), v_root)
+        steps.append((ScoreStep("add", dtype_name(acc)), bias))
+    if not steps:  # a plain product: one rounding of q @ k^T, as a bmm
+        return dtype_name(d), [], beta
+    if acc != d:
+        steps.append((ScoreStep("cast", dtype_name(d)), None))
+    return dtype_name(acc), steps, beta
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, Node) and n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
 
 
 def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
@@ -258,7 +318,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise _NotAttention
     start, steps = _score_steps(x, score_shape)
     qk, score_chain = layout_chain_back(start)
-    if not is_op(qk, *_BMM):
+    if not is_op(qk, *_PRODUCTS):
         if _near_product(start):
             _probabilities_to_pv(softmax)  # not attention at all (no value product): stays silent
             raise Declined(f"the scores pass through {getattr(start.target, '__name__', start.target)} between "
@@ -273,18 +333,30 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                        "normalizes each query's scores over the keys (the last dim)")
     if len(softmax.args) > 2 and softmax.args[2]:  # _softmax's half_to_float (_safe_softmax's dtype)
         raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
-    if rank not in (3, 4):
-        raise Declined(f"the scores have rank {rank}; fused attention reads (B*H, L, L) or (B, H, L, L) scores")
-    n, lq, lk = shape(qk)
+    if rank not in (2, 3, 4):
+        raise Declined(f"the scores have rank {rank}; fused attention reads (L, L), (B*H, L, L) or (B, H, L, L) "
+                       "scores")
+    product_shape = tuple(shape(qk))  # (N, Lq, Lk) of a batched product, (Lq, Lk) of a 2-D one
+    n, (lq, lk) = math.prod(product_shape[:-2]), product_shape[-2:]
     if math.prod(score_shape[:-2]) != n or tuple(score_shape[-2:]) != (lq, lk) or not \
-            is_plain_reshape(score_chain, (n, lq, lk), score_shape):
+            is_plain_reshape(score_chain, product_shape, score_shape):
         raise Declined("the scores reach the softmax through a layout change that is not a plain reshape of "
                        "q @ k^T (transposed or permuted), so the softmax does not run over the key axis")
-    if shape(pv.args[0]) != (n, lq, lk) or not is_plain_reshape(p_chain, tuple(shape(p_node)), (n, lq, lk)):
+    if shape(pv.args[0]) != product_shape or not is_plain_reshape(p_chain, tuple(shape(p_node)), product_shape):
         raise Declined("the probabilities reach the value product through a layout change (transposed, "
                        "permuted or broadcast), so the product does not contract the key axis")
     v_op = pv.args[1]
-    extras, kinds, spec_steps = [], [], []
+    score_dtype, head, beta = dtype_name(dtype(qk)), [], 1
+    if is_op(qk, *_ADDED):
+        score_dtype, head, beta = _added_product(qk, _root(v_op))
+    extras, kinds, spec_steps, product_bias = [], [], [], None
+    for step, extra in head:  # the added product's own steps: its bias has the product's shape
+        if extra is not None:
+            step = dataclasses.replace(step, input=len(extras))
+            product_bias = len(extras)
+            extras.append(extra)
+            kinds.append("bias")
+        spec_steps.append(step)
     for node, step, extra in steps:
         if extra is not None:
             _check_extra(extra, step, score_shape, _root(v_op))
@@ -297,22 +369,24 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 extras.append(extra)
                 kinds.append({"fill": "mask", "add": "bias"}.get(step.op, "factor"))
         spec_steps.append(step)
-    lead = (1, n) if rank == 3 else tuple(score_shape[:2])
-    q_op, k_op = qk.args
+    lead = tuple(score_shape[:2]) if rank == 4 else (1, n)
+    q_op, k_op = qk.args[-2:]
     sources = {"q": source_operand(q_op, lead, False, False), "k": source_operand(k_op, lead, True, True),
-               "v": source_operand(v_op, lead, False, True)}
+               "v": source_operand(v_op, lead, False, True)} if len(product_shape) == 3 else \
+        {"q": None, "k": None, "v": None}
     k_groups = sources["k"][2] if sources["k"] else 1
     v_groups = sources["v"][2] if sources["v"] else 1
     if k_groups != v_groups:  # the operator maps one kv head to a group of query heads for both
         sources["k"] = sources["v"] = None
     spec = AttentionSpec(
-        score_dtype=dtype_name(dtype(qk)), steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
+        score_dtype=score_dtype, steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
         inputs=tuple(kinds), kv_groups=k_groups if k_groups == v_groups else 1,
         dropout=probs.dropout.rate if probs.dropout else 0.0,
     )
     dropped = probs.dropout.nodes if probs.dropout else []
     interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *dropped, *p_chain, pv}
-    site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout)
+    site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout,
+                 {product_bias: beta} if product_bias is not None else {})
     _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else [])})
     return site
 
@@ -337,31 +411,63 @@ def _operand_4d(gm, operand: Node, site: _Site, role: str) -> Node:
         return root if perm == [0, 1, 2, 3] else insert_call(gm, aten.permute.default, (root, perm), site.pv)
     b, h = site.lead
     if transposed:
-        operand = insert_call(gm, aten.transpose.int, (operand, 1, 2), site.pv)
-    return insert_call(gm, aten.view.default, (operand, [b, h, *shape(operand)[1:]]), site.pv)
+        operand = insert_call(gm, aten.transpose.int, (operand, -2, -1), site.pv)
+    # Splitting the batch dim (or adding unit dims to a 2-D operand) is a view at any strides.
+    return insert_call(gm, aten.view.default, (operand, [b, h, *shape(operand)[-2:]]), site.pv)
+
+
+def _product_bias(gm, site: _Site, index: int) -> Node:
+    """A baddbmm's bias as the operator reads it: ``beta * bias`` (in float32 for a 16-bit site,
+    whose steps run in float32), its batch dim split into (B, H) to align with the scores."""
+    bias, beta = site.extras[index], site.product_bias[index]
+    acc = to_dtype(site.spec.score_dtype)  # the dtype of the product's steps (see _added_product)
+    if beta != 1:
+        if dtype(bias) != acc:
+            bias = insert_call(gm, aten._to_copy.default, (bias,), site.pv, {"dtype": acc})
+        bias = insert_call(gm, aten.mul.Tensor, (bias, beta), site.pv)
+    s = shape(bias)
+    b, h = site.lead
+    if len(s) == 3 and s[0] != 1 and b != 1:  # (B*H, x, y) -> (B, H, x, y): aligned on the right
+        bias = insert_call(gm, aten.view.default, (bias, [b, h, *s[1:]]), site.pv)
+    return bias
 
 
 def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
-    q_op, k_op = site.qk.args
+    q_op, k_op = site.qk.args[-2:]
     v_op = site.pv.args[1]
-    b, h = site.lead
-    lq, dv = shape(q_op)[1], shape(v_op)[2]
     q = _operand_4d(gm, q_op, site, "q")
     k = _operand_4d(gm, k_op, site, "k")
     v = _operand_4d(gm, v_op, site, "v")
-    args = (q, k, v, list(site.extras), site.spec.to_json())
+    extras = [_product_bias(gm, site, i) if i in site.product_bias else e for i, e in enumerate(site.extras)]
+    # When the output only reaches the rest of the graph through a head merge (transpose(1, 2)
+    # then reshape to (B, Lq, H * Dv)), the operator writes it in that order and the merge is a view.
+    merge = head_merge_chain(site.pv, site.lead)
+    seed = None
     if site.dropout:  # a fresh seed each call; autograd saves it, so the backward redraws the same mask
-        args += (insert_seed(gm, site.pv, site.pv),)
+        seed = insert_seed(gm, site.pv, site.pv)
+    args = (q, k, v, extras, site.spec.to_json())
+    if seed is not None or merge is not None:
+        args += (seed,) + ((True,) if merge is not None else ())
     fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, site.pv)
     if site.softmax.meta.get("stack_trace"):
         fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]
-    out = insert_call(gm, aten.view.default, (fused, [b * h, lq, dv]), site.pv)
-    site.pv.replace_all_uses_with(out)
+    replaced = set(site.interior)
+    if merge is None:
+        out = insert_call(gm, aten.view.default, (fused, list(shape(site.pv))), site.pv)
+        site.pv.replace_all_uses_with(out)
+    else:
+        heads_last = insert_call(gm, aten.permute.default, (fused, [0, 2, 1, 3]), site.pv)  # contiguous
+        out = insert_call(gm, aten.view.default, (heads_last, list(shape(merge))), site.pv)
+        merge.replace_all_uses_with(out)
+        node = merge
+        while node is not site.pv:  # the merge chain, now unused
+            replaced.add(node)
+            node = node.args[0]
     if site.dropout:
         # Random draws are never dead code to the graph (they advance the generator): the
         # replaced site's are removed here, last user first.
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        for node in sorted(site.interior, key=order.__getitem__, reverse=True):
+        for node in sorted(replaced, key=order.__getitem__, reverse=True):
             if not node.users:
                 gm.graph.erase_node(node)
     return fused

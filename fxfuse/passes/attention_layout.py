@@ -194,3 +194,51 @@ def causal_window(mask: torch.Tensor, lq: int, lk: int) -> int | None:
     if 0 < window < lk and torch.equal(hidden, causal_mask(lq, lk, mask.device, window)):
         return window
     return None
+
+
+def _swap_perm(node: Node) -> list[int] | None:
+    """The dims permutation a permute/transpose node applies (None for other ops)."""
+    rank = len(shape(node))
+    if node.target == aten.permute.default:
+        return [d % rank for d in node.args[1]]
+    if node.target == aten.transpose.int:
+        a, b = (d % rank for d in node.args[1:3])
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if node.target == aten.t.default and rank == 2:
+        return [1, 0]
+    return None
+
+
+def head_merge_chain(pv: Node, lead: tuple[int, int]) -> Node | None:
+    """The last node of the layout chain after the value product that merges the heads, or None.
+
+    The product ``pv`` holds the output ``(B, H, Lq, Dv)`` (lead = (B, H)) in row-major order
+    (reshaped to (B*H, Lq, Dv) or (Lq, Dv)). The chain is proved, op by op, to be its row-major
+    reshapes and copies, one swap of the head and query dims (``transpose(1, 2)`` of the
+    (B, H, Lq, Dv) view, or ``transpose(0, 1)`` of (H, Lq, Dv) when B is 1: fairseq's layout),
+    then row-major reshapes and copies again: its result holds the elements in (B, Lq, H, Dv)
+    order, which is what the operator writes when asked to (the merge is then a view). Every node
+    of the chain must have the next as its only user, so nothing else reads the (B, H, Lq, Dv)
+    order. The longest such chain is returned; None when there is no swap.
+    """
+    b, h = lead
+    lq, dv = shape(pv)[-2:]
+    node, swapped, end = pv, False, None
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not is_op(user, *LAYOUT) or user.args[0] is not node:
+            break
+        if _keeps_row_major_order([user]):
+            pass
+        elif not swapped and _swap_perm(user) is not None and (
+                (tuple(shape(node)) == (b, h, lq, dv) and _swap_perm(user) == [0, 2, 1, 3]) or
+                (b == 1 and tuple(shape(node)) == (h, lq, dv) and _swap_perm(user) == [1, 0, 2])):
+            swapped = True
+        else:
+            break
+        node = user
+        if swapped:
+            end = node
+    return end

@@ -146,12 +146,13 @@ def insert_seed(gm: torch.fx.GraphModule, like: Node, before: Node) -> Node:
     return node
 
 
-def insert_call(gm: torch.fx.GraphModule, target, args, before: Node) -> Node:
-    """Insert ``target(*args)`` before ``before``, its meta computed from the arguments' fake values."""
+def insert_call(gm: torch.fx.GraphModule, target, args, before: Node, kwargs: dict | None = None) -> Node:
+    """Insert ``target(*args, **kwargs)`` before ``before``, its meta computed from the arguments' fake values."""
+    kwargs = kwargs or {}
     with gm.graph.inserting_before(before):
-        node = gm.graph.call_function(target, args)
+        node = gm.graph.call_function(target, args, kwargs)
     fake_args = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
     fake = next(a for a in torch.utils._pytree.tree_leaves(fake_args) if isinstance(a, torch.Tensor))
     with fake.fake_mode:
-        node.meta["val"] = target(*fake_args)
+        node.meta["val"] = target(*fake_args, **kwargs)
     return node

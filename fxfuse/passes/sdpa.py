@@ -39,7 +39,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.attention_layout import causal_window, constant_value
+from fxfuse.passes.attention_layout import causal_window, constant_value, head_merge_chain
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
                                   source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
@@ -239,6 +239,14 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
             user.replace_all_uses_with(out)
             gm.graph.erase_node(user)
     gm.graph.erase_node(node)
+    merge = head_merge_chain(fused, tuple(shape(fused)[:2])) if out is fused else None
+    if merge is not None:  # only a head merge reads the output: write it in that order (see attention.py)
+        seed = fused.args[5] if len(fused.args) > 5 else None
+        merged = insert_call(gm, torch.ops.fxfuse.attention.default, (*fused.args[:5], seed, True), merge)
+        merged.meta["stack_trace"] = fused.meta.get("stack_trace")
+        heads_last = insert_call(gm, aten.permute.default, (merged, [0, 2, 1, 3]), merge)
+        merge.replace_all_uses_with(insert_call(gm, aten.view.default, (heads_last, list(shape(merge))), merge))
+        return merged
     return fused
 
 

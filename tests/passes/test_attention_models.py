@@ -1,6 +1,7 @@
 """Attention in real model code nobody here wrote: the eager attention of Hugging Face
 ``transformers``' GPT-2 (causal + padding as one additive mask), Llama (GQA through repeat_kv,
-causal mask), BERT (no mask: see _kwargs) and T5 (relative position bias, no scale), from tiny
+causal mask), BERT (no mask: see _kwargs), T5 (relative position bias, no scale) and BLOOM
+(``alibi.baddbmm(q, k^T, alpha=1/sqrt(d))``, then causal + padding mask), from tiny
 configs with random weights. Every attention layer must be fused, and logits and a training step's
 gradients must equal eager (by distance to a float64 copy)."""
 import copy
@@ -17,13 +18,36 @@ pytest.importorskip("transformers")
 from tests.models.test_transformers_norms import BUILDERS, VOCAB  # noqa: E402  (the same tiny configs)
 
 PASSES = [Canonicalize(), FuseAttention()]
-ATTENTION_LAYERS = {"gpt2": 2, "llama": 2, "bert": 2, "t5": 6}  # T5: 2 encoder, 2 decoder self, 2 cross
+# T5: 2 encoder, 2 decoder self, 2 cross
+ATTENTION_LAYERS = {"gpt2": 2, "llama": 2, "bert": 2, "t5": 6, "bloom": 2}
+
+
+class _PlainBloomGelu(torch.nn.Module):
+    """BLOOM's GeLU without its torch.autograd.Function: the capture traces such a Function's
+    forward with grad mode off and cuts the gradient there (the MLP weights would get none), a
+    capture limitation that has nothing to do with attention; the values are the same ops."""
+
+    def forward(self, x):
+        from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
+
+        return bloom_gelu_forward(x)
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
+                         attention_dropout=0.0, use_cache=False, attn_implementation="eager")
+    model = BloomForCausalLM(config)
+    for block in model.transformer.h:
+        block.mlp.gelu_impl = _PlainBloomGelu()
+    return model, torch.nn.LayerNorm, "layer_norm"
 
 
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    return {name: build()[0].eval() for name, build in BUILDERS.items()}
+    return {name: build()[0].eval() for name, build in {**BUILDERS, "bloom": _bloom}.items()}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +63,11 @@ def _kwargs(name, ids, mask):
         return {"decoder_input_ids": ids}
     if name == "gpt2":
         return {"attention_mask": mask}
+    if name == "bloom":
+        # Right padding: BLOOM's float64 copy (the reference) fills hidden scores with float64's
+        # min, which its float32 softmax turns into -inf, so a left-padded row that hides every
+        # key is NaN there; with right padding every query still sees key 0.
+        return {"attention_mask": mask.flip(-1)}
     # Llama's and BERT's mask builders branch on the mask's values (`padding_mask.all()`), which
     # cannot be captured whole; an all-ones mask (Llama) or none (BERT) is what they can take here.
     return {"attention_mask": torch.ones_like(ids)} if name == "llama" else {}
@@ -52,8 +81,15 @@ def test_every_attention_layer_is_fused_and_logits_equal_eager(name, models, bat
     assert [m.kind for m in res.matches] == ["attention"] * ATTENTION_LAYERS[name], res.report()
     assert not res.misses, res.report()
     assert "_softmax" not in res.graph.code
+    # Each model merges the heads right after attention: the operator writes that layout, so the
+    # merge is a view (tests/passes/test_attention_head_merge.py), and the logits below still agree.
+    fused = [n for n in res.graph.graph.nodes if n.target == torch.ops.fxfuse.attention.default]
+    assert all(n.args[5:] == (None, True) for n in fused), res.graph.code
     if name == "llama":  # 4 query heads share 2 kv heads: repeat_kv's copies are read in place instead
         assert all(m.spec.kv_groups == 2 for m in res.matches), res.report()
+    if name == "bloom":  # baddbmm: its alpha and its ALiBi bias are the first steps, then the mask
+        assert "baddbmm" not in res.graph.code
+        assert all([s.op for s in m.spec.steps] == ["mul", "add", "add"] for m in res.matches), res.report()
     got = res.module(ids, **kwargs).logits
     eager = model(ids, **kwargs).logits
     reference = copy.deepcopy(model).double()(ids, **kwargs).logits
@@ -66,7 +102,7 @@ def _train_step(model, run, ids, kwargs):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "t5"])
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bloom"])
 def test_training_step_gives_eager_gradients(name, models, batch):
     # T5's relative position bias is a parameter: its gradient flows through the fused operator.
     model = copy.deepcopy(models[name]).train()

@@ -1,6 +1,7 @@
-"""Random combinations of attention styles (hypothesis): layout x scale placement (or soft-capping)
-x mask kind x GQA x softmax upcast x dtype; every generated model's site is fused and equals eager, and
-generated near-misses are declined. Also the torch.compile path (dropout: test_attention_dropout*.py)."""
+"""Random combinations of attention styles (hypothesis): layout (baddbmm with an ALiBi-like bias
+among them) x scale placement (or soft-capping) x mask kind x GQA x softmax upcast x head merge x
+dtype; every generated model's site is fused and equals eager, and generated near-misses are
+declined. Also the torch.compile path (dropout: test_attention_dropout*.py)."""
 import copy
 import math
 
@@ -18,22 +19,24 @@ PASSES = [Canonicalize(), FuseAttention()]
 B, H, L, D = 2, 2, 5, 8
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
-LAYOUTS = ["bhld", "blhd_einsum", "flat_bmm"]
+LAYOUTS = ["bhld", "blhd_einsum", "flat_bmm", "flat_baddbmm"]
 SCALES = ["none", "on_q", "on_k", "mul_scores", "div_sqrt_d", "softcap"]
 MASKS = ["none", "pad_fill_inf", "pad_where_min", "additive", "causal_tril", "sliding_window", "bias_hld"]
 NEAR_MISSES = ["softmax_dim_-2", "mask_after_softmax", "scores_returned", "probs_transposed", "bias_from_v"]
 
 
 class Generated(torch.nn.Module):
-    def __init__(self, layout, scale, mask, gqa, upcast, near_miss=None):
+    def __init__(self, layout, scale, mask, gqa, upcast, near_miss=None, merge=False):
         super().__init__()
         self.layout, self.scale, self.mask, self.gqa, self.upcast, self.near_miss = layout, scale, mask, gqa, upcast, near_miss
+        self.merge = merge  # (B, H, L, D) output merged to (B, L, H * D): the operator writes that layout
         self.bias = torch.nn.Parameter(torch.randn(H, L, L)) if mask == "bias_hld" else None
+        self.register_buffer("alibi", torch.tensor([0.5, 0.25]).repeat(B)[:, None, None] * torch.arange(L))
 
     def inputs(self, dtype):
         kv_heads = 1 if self.gqa else H
         shapes = {"bhld": [(B, H, L, D), (B, kv_heads, L, D)], "blhd_einsum": [(B, L, H, D), (B, L, H, D)],
-                  "flat_bmm": [(B * H, L, D), (B * H, L, D)]}[self.layout]
+                  "flat_bmm": [(B * H, L, D), (B * H, L, D)], "flat_baddbmm": [(B * H, L, D), (B * H, L, D)]}[self.layout]
         keep = torch.ones(B, L, dtype=torch.bool)
         keep[1, 3:] = False
         return [torch.randn(shapes[0], dtype=dtype), torch.randn(shapes[1], dtype=dtype),
@@ -44,7 +47,7 @@ class Generated(torch.nn.Module):
         return m
 
     def forward(self, q, k, v, keep):
-        flat = self.layout == "flat_bmm"
+        flat = self.layout.startswith("flat")
         if self.gqa:
             k, v = k.repeat_interleave(H, dim=1), v.repeat_interleave(H, dim=1)
         c = q.size(-1) ** -0.5
@@ -52,6 +55,8 @@ class Generated(torch.nn.Module):
         k = k * c if self.scale == "on_k" else k
         if self.layout == "blhd_einsum":
             s = torch.einsum("bqhd,bkhd->bhqk", q, k)
+        elif self.layout == "flat_baddbmm":
+            s = torch.baddbmm(self.alibi.to(q.dtype), q, k.transpose(1, 2), beta=0.5, alpha=0.7)
         elif flat:
             s = torch.bmm(q, k.transpose(1, 2))
         else:
@@ -83,6 +88,8 @@ class Generated(torch.nn.Module):
             out = torch.einsum("bhqk,bkhd->bqhd", p, v)
         else:
             out = torch.bmm(p, v) if flat else p @ v
+        if self.merge:
+            out = out.transpose(1, 2).reshape(B, L, H * D)
         return (out, s) if self.near_miss == "scores_returned" else out
 
 
@@ -99,12 +106,14 @@ def _leaves(inputs, dtype=None):
 
 @SETTINGS
 @given(layout=st.sampled_from(LAYOUTS), scale=st.sampled_from(SCALES), mask=st.sampled_from(MASKS),
-       gqa=st.booleans(), upcast=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_generated_attention_is_fused_and_equals_eager(layout, scale, mask, gqa, upcast, dtype):
-    model = Generated(layout, scale, mask, gqa and layout == "bhld", upcast).to(dtype)
+       gqa=st.booleans(), upcast=st.booleans(), merge=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_generated_attention_is_fused_and_equals_eager(layout, scale, mask, gqa, upcast, merge, dtype):
+    model = Generated(layout, scale, mask, gqa and layout == "bhld", upcast, merge=merge and layout == "bhld").to(dtype)
     inputs = model.inputs(dtype)
     res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
     assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
+    (fused,) = [n for n in res.graph.graph.nodes if n.target == torch.ops.fxfuse.attention.default]
+    assert fused.args[5:] == ((None, True) if model.merge else ()), res.graph.code
     expected, expected_dq = _run(copy.deepcopy(model).double(), _leaves(inputs, torch.float64))
     eager, eager_dq = _run(model, _leaves(inputs))
     got, got_dq = _run(res.module, _leaves(inputs))
@@ -113,7 +122,7 @@ def test_generated_attention_is_fused_and_equals_eager(layout, scale, mask, gqa,
 
 
 @SETTINGS
-@given(layout=st.sampled_from(["bhld", "flat_bmm"]), scale=st.sampled_from(SCALES),
+@given(layout=st.sampled_from(["bhld", "flat_bmm", "flat_baddbmm"]), scale=st.sampled_from(SCALES),
        mask=st.sampled_from(["none", "pad_fill_inf", "additive"]), near_miss=st.sampled_from(NEAR_MISSES))
 def test_generated_near_miss_is_declined(layout, scale, mask, near_miss):
     model = Generated(layout, scale, mask, False, False, near_miss)

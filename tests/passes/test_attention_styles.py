@@ -55,6 +55,7 @@ def test_style_is_fused_and_exact(style, dtype, cpu_path):
     assert not res.misses, res.report()
     code = res.graph.code
     assert "fxfuse.attention" in code and "_softmax" not in code and code.count("aten.bmm") == 0, code
+    assert "baddbmm" not in code and "aten.mm" not in code, code  # the 2-D and added products are fused too
 
 
 @pytest.mark.parametrize("style", [CausalTrilInForward, CausalArangeWhere], ids=lambda s: s.__name__)
@@ -144,3 +145,31 @@ def test_an_unknown_op_on_the_scores_is_declined_with_its_name():
     assert not res.matches
     assert len(res.misses) == 1 and "sin" in res.misses[0].reason, res.report()
     torch.testing.assert_close(res.module(q, k, v), sine_attention(q, k, v))
+
+
+def test_low_precision_baddbmm_rounds_once():
+    # bf16 baddbmm accumulates q @ k^T in float32 and rounds once, after alpha and the bias: the
+    # spec keeps the product and both steps in float32 and casts after them (three bf16 roundings
+    # would differ from eager's single one).
+    from tests.attention_styles import BaddbmmAlibiBloom
+
+    model = BaddbmmAlibiBloom()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.bfloat16)), passes=PASSES)
+    spec = res.matches[0].spec
+    assert spec.score_dtype == "float32", spec
+    assert [(s.op, s.dtype) for s in spec.steps][:3] == [("mul", "float32"), ("add", "float32"), ("cast", "bfloat16")]
+
+
+def test_baddbmm_with_beta_zero_never_reads_its_input():
+    # beta=0: eager ignores the input tensor, NaN and inf included; so does the fused site (a NaN
+    # read as a bias would make every output NaN).
+    def nan_input(q, k, v):
+        scores = torch.baddbmm(torch.full((4, 5, 5), float("nan")), q, k.transpose(1, 2), beta=0.0, alpha=0.5)
+        return scores.softmax(-1) @ v
+
+    q, k, v = (torch.randn(4, 5, 8) for _ in range(3))
+    res = fxfuse.rewrite(nan_input, (q, k, v), passes=PASSES)
+    assert [m.kind for m in res.matches] == ["attention"] and res.matches[0].spec.inputs == (), res.report()
+    out = res.module(q, k, v)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, nan_input(q, k, v), rtol=1e-5, atol=1e-5)
