@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxfuse import config
+from fxfuse import config, index_expr
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 
@@ -34,9 +34,18 @@ def causal_mask(lq: int, lk: int, device, window: int = 0) -> Tensor:
     return (j > i) | (j <= i - window) if window else j > i
 
 
-def _mask_of(step, extras: list[Tensor], lq: int, lk: int, device) -> Tensor:
-    mask = causal_mask(lq, lk, device, step.window) if step.input == -1 else extras[step.input]
+def _mask_of(step, extras: list[Tensor], shape4, device) -> Tensor:
+    if step.expr is not None:
+        return index_expr.evaluate(step.expr, index_expr.grids(shape4, device), extras)
+    mask = causal_mask(*shape4[-2:], device, step.window) if step.input == -1 else extras[step.input]
     return ~mask if step.invert else mask
+
+
+def _addend(step, extras: list[Tensor], shape4, device) -> Tensor:
+    """What an "add" step adds: its bias tensor, or its index expression's values (in its dtype)."""
+    if step.expr is not None:
+        return index_expr.evaluate(step.expr, index_expr.grids(shape4, device), extras)
+    return extras[step.input]
 
 
 def _heads(kv: Tensor, spec: AttentionSpec) -> Tensor:
@@ -56,7 +65,6 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
     ``record`` receives each step's input (the backward needs them for factor tensors' gradients)."""
     k = _heads(k, spec)
     s = torch.matmul(q.to(acc) if acc else q, (k.to(acc) if acc else k).transpose(-1, -2))
-    lq, lk = s.shape[-2:]
     for step in spec.steps:
         if record is not None:
             record.append(s)
@@ -64,9 +72,10 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
             factor = step.value if step.input == -1 else extras[step.input].to(acc) if acc else extras[step.input]
             s = s * factor if step.op == "mul" else s / factor
         elif step.op == "fill":
-            s = s.masked_fill(_mask_of(step, extras, lq, lk, s.device), step.value)
+            s = s.masked_fill(_mask_of(step, extras, s.shape, s.device), step.value)
         elif step.op == "add":
-            s = s + (extras[step.input].to(acc) if acc else extras[step.input])
+            bias = _addend(step, extras, s.shape, s.device)
+            s = s + (bias.to(acc) if acc else bias)
         elif step.op == "tanh":
             s = torch.tanh(s)
         if acc is None:
@@ -106,10 +115,11 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     scale, step = form
     mask, hidden = None, None
     if step is not None and step.op == "add":
-        mask = extras[step.input].to(q.dtype)  # exact: a wider bias would have widened the scores
+        shape4 = (*q.shape[:2], q.shape[-2], k.shape[-2])
+        mask = _addend(step, extras, shape4, q.device).to(q.dtype)  # exact: a wider bias would have widened the scores
         hidden = mask == float("-inf")
     elif step is not None:
-        hidden = _mask_of(step, extras, q.shape[-2], k.shape[-2], q.device)
+        hidden = _mask_of(step, extras, (*q.shape[:2], q.shape[-2], k.shape[-2]), q.device)
         mask = ~hidden  # SDPA's boolean mask says which positions take part
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=spec.kv_groups > 1)
     if hidden is not None:
@@ -147,7 +157,6 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
     dv = torch.matmul(p.to(to_dtype(spec.prob_dtype)).to(acc).transpose(-1, -2), do)
     dp = torch.matmul(do, _heads(v, spec).to(acc).transpose(-1, -2))
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    lq, lk = ds.shape[-2:]
     d_extras: list[Tensor | None] = [None] * len(extras)
     def accumulate(index: int, grad: Tensor) -> None:
         d = _sum_to(grad, extras[index].shape)
@@ -163,8 +172,8 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
         elif step.op == "div":
             ds = ds / step.value
         elif step.op == "fill":
-            ds = ds.masked_fill(_mask_of(step, extras, lq, lk, ds.device), 0.0)
-        elif step.op == "add":
+            ds = ds.masked_fill(_mask_of(step, extras, ds.shape, ds.device), 0.0)
+        elif step.op == "add" and step.input >= 0:
             accumulate(step.input, ds)
         elif step.op == "tanh":
             ds = ds * (1 - torch.tanh(s_in) ** 2)
@@ -174,7 +183,7 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
         dk, dv = (g.unflatten(1, (k.shape[1], spec.kv_groups)).sum(2) for g in (dk, dv))
     out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
     for e, d in zip(extras, d_extras):
-        if d is None:  # a boolean mask, or a bias no step added (never: the pass adds each once)
+        if d is None:  # a boolean mask, or a per-head input of an expression (a constant: no gradient)
             out.append(torch.zeros_like(e) if e.dtype.is_floating_point else e.new_empty(0))
         else:
             out.append(d.reshape(e.shape).to(e.dtype))

@@ -26,6 +26,8 @@ import math
 import torch
 from torch.fx import Node
 
+from fxfuse import index_expr
+from fxfuse.passes.attention_index import Derived, NotIndex, derive, reads_graph_input
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, is_plain_reshape, layout_chain_back,
                                            source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, is_op, is_python_scalar, shape,
@@ -54,6 +56,7 @@ class _Site:
     spec: AttentionSpec
     interior: set[Node]
     sources: dict  # "q"/"k"/"v" -> (source, permutation, groups) or None, see source_operand
+    notes: tuple = ()  # why a constant mask or bias stayed a tensor input
 
 
 def _plain_cast(node) -> bool:
@@ -241,14 +244,25 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise Declined("the probabilities reach the value product through a layout change (transposed, "
                        "permuted or broadcast), so the product does not contract the key axis")
     v_op = pv.args[1]
-    extras, kinds, spec_steps = [], [], []
+    extras, kinds, spec_steps, notes = [], [], [], []
     for node, step, extra in steps:
         if extra is not None:
             _check_extra(extra, step, score_shape, _root(v_op))
             mask = constant_value(extra, gm) if step.op == "fill" else None
             window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
+            derived = None
+            if window is None and step.op in ("fill", "add"):
+                derived = _index_form(extra, step, score_shape, gm, mask, notes)
             if window is not None:
                 step = dataclasses.replace(step, input=-1, invert=False, window=window)
+            elif derived is not None:
+                # The per-head inputs it loads, numbered as extras.
+                expr = index_expr.relabel_loads(derived.expr, {k: len(extras) + k for k in range(len(derived.heads))})
+                extras += derived.heads
+                kinds += ["head"] * len(derived.heads)
+                if step.op == "fill" and step.invert:
+                    expr = index_expr.negate(expr)
+                step = dataclasses.replace(step, input=-1, invert=False, expr=expr)
             else:
                 step = dataclasses.replace(step, input=len(extras))
                 extras.append(extra)
@@ -267,9 +281,22 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         inputs=tuple(kinds), kv_groups=k_groups if k_groups == v_groups else 1,
     )
     interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *p_chain, pv}
-    site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources)
+    site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, tuple(notes))
     _check_no_escape(site, {softmax, *casts, *p_chain})
     return site
+
+
+def _index_form(extra: Node, step: ScoreStep, score_shape, gm, value, notes: list) -> Derived | None:
+    """The proved index expression of a mask or bias, or None (it stays a tensor input). A mask or
+    bias that reads no graph input but is not derived or not proved gets a note saying why."""
+    kind = "mask" if step.op == "fill" else "bias"
+    try:
+        # A mask's expression loads nothing: the tile lists are made from the spec alone.
+        return derive(extra, score_shape, gm, allow_heads=step.op == "add", value=value)
+    except NotIndex as why:
+        if not reads_graph_input(extra):
+            notes.append(f"the {kind} {extra.name} stays a tensor input: {why}")
+        return None
 
 
 def _check_no_escape(site: _Site, probabilities: set[Node]) -> None:
@@ -303,7 +330,10 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     q = _operand_4d(gm, q_op, site, "q")
     k = _operand_4d(gm, k_op, site, "k")
     v = _operand_4d(gm, v_op, site, "v")
-    fused = insert_call(gm, torch.ops.fxfuse.attention.default, (q, k, v, list(site.extras), site.spec.to_json()), site.pv)
+    # A per-head input of an index expression is read as its (1|B, 1|H, 1, 1) view.
+    extras = [insert_call(gm, aten.reshape.default, (e[0], list(e[1])), site.pv) if isinstance(e, tuple) else e
+              for e in site.extras]
+    fused = insert_call(gm, torch.ops.fxfuse.attention.default, (q, k, v, extras, site.spec.to_json()), site.pv)
     if site.softmax.meta.get("stack_trace"):
         fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]
     out = insert_call(gm, aten.view.default, (fused, [b * h, lq, dv]), site.pv)
@@ -331,6 +361,6 @@ class FuseAttention:
                 result.misses.append(Miss("attention", source, str(why), code))
                 continue
             fused = _replace(gm, site)
-            result.matches.append(Match("attention", source, site.spec, fused.name, code))
+            result.matches.append(Match("attention", source, site.spec, fused.name, code, site.notes))
             result.changed += 1
         return result
