@@ -34,9 +34,15 @@ def causal_mask(lq: int, lk: int, device, window: int = 0) -> Tensor:
     return (j > i) | (j <= i - window) if window else j > i
 
 
+def _expr_values(expr, extras: list[Tensor], shape4, device) -> Tensor:
+    """An index expression's values, 4-d (1 along the axes it does not vary on)."""
+    r = index_expr.evaluate(expr, index_expr.grids(shape4, device), extras)
+    return r.reshape((1,) * (4 - r.dim()) + tuple(r.shape))
+
+
 def _mask_of(step, extras: list[Tensor], shape4, device) -> Tensor:
     if step.expr is not None:
-        return index_expr.evaluate(step.expr, index_expr.grids(shape4, device), extras)
+        return _expr_values(step.expr, extras, shape4, device)
     mask = causal_mask(*shape4[-2:], device, step.window) if step.input == -1 else extras[step.input]
     return ~mask if step.invert else mask
 
@@ -44,7 +50,7 @@ def _mask_of(step, extras: list[Tensor], shape4, device) -> Tensor:
 def _addend(step, extras: list[Tensor], shape4, device) -> Tensor:
     """What an "add" step adds: its bias tensor, or its index expression's values (in its dtype)."""
     if step.expr is not None:
-        return index_expr.evaluate(step.expr, index_expr.grids(shape4, device), extras)
+        return _expr_values(step.expr, extras, shape4, device)
     return extras[step.input]
 
 

@@ -70,7 +70,12 @@ def derive(node: Node, score_shape: tuple, gm: torch.fx.GraphModule, allow_heads
     mapping = {f"d{k}": ix.var(names[k + offset]) for k in range(len(sym.shape)) if sym.shape[k] != 1}
     expr = _subst(sym.expr, mapping)
     heads: list = []
-    expr = _bind_leaves(expr, heads, score_shape)
+    try:
+        expr = _bind_leaves(expr, heads, score_shape)
+    except NotIndex as why:  # say first what made the tensor a leaf
+        leaf = int(str(why))
+        raise NotIndex(f"{deriver.leaves[leaf][2]}; as a tensor it varies along the query or key axis (the kernel "
+                       "loads only per-batch or per-head values)") from None
     _prove(node, expr, heads, gm, sym, deriver.leaves, value)
     return Derived(expr, [(deriver.leaves[leaf][0], shape4) for leaf, shape4 in heads])
 
@@ -144,7 +149,7 @@ class _Deriver:
     def __init__(self, gm, allow_heads: bool):
         self.gm, self.allow_heads = gm, allow_heads
         self.memo: dict[Node, _Sym] = {}
-        self.leaves: list[tuple[Node, torch.Tensor]] = []
+        self.leaves: list[tuple[Node, torch.Tensor, str]] = []  # (node, its values, why no rule covers it)
 
     def sym(self, node) -> _Sym:
         if node not in self.memo:
@@ -167,7 +172,7 @@ class _Deriver:
         if value.numel() == 1:
             return _Sym(tuple(v.shape), dt, ix.const(value.item(), dt))
         idx = tuple(ix.var(f"d{k}") if n != 1 else ix.const(0, "int64") for k, n in enumerate(v.shape))
-        self.leaves.append((node, value))
+        self.leaves.append((node, value, str(why)))
         return _Sym(tuple(v.shape), dt, ("leaf", dt, len(self.leaves) - 1, *idx))
 
     def _operand(self, x, compute: str, rank: int) -> tuple:
@@ -245,7 +250,7 @@ class _Deriver:
         if t in _ARITH and node.kwargs.get("alpha", 1) == 1 and (len(args) < 3 or args[2] == 1):
             if dt == "bool":
                 raise NotIndex("arithmetic on booleans")
-            return _Sym(shape, dt, (_ARITH[t], dt, *(self._operand(a, dt, len(shape)) for a in args[:2])))
+            return _Sym(shape, dt, _arith(_ARITH[t], dt, *(self._operand(a, dt, len(shape)) for a in args[:2])))
         if t == aten.rsub.Scalar and len(args) == 2 and dt != "bool":
             return _Sym(shape, dt, ("sub", dt, self._operand(args[1], dt, len(shape)), self._operand(args[0], dt, len(shape))))
         if t in (aten.div.Tensor, aten.div.Scalar) and is_python_scalar(args[1]) and dt in ix.FLOATS:
@@ -338,6 +343,15 @@ class _Deriver:
         return _Sym(shape, dt, _where(keep, s.expr, zero, dt))
 
 
+def _arith(op, dt, a, b) -> tuple:
+    """a op b, dropping an integer + 0 or - 0 (exact; a float's -0.0 + 0 is not -0.0)."""
+    if dt in ix.INTS and op in ("add", "sub") and b == ix.const(0, dt):
+        return a
+    if dt in ix.INTS and op == "add" and a == ix.const(0, dt):
+        return b
+    return (op, dt, a, b)
+
+
 def _where(c, a, b, dt) -> tuple:
     """where(c, a, b), folding boolean constants: where(c, True, False) is c."""
     if dt == "bool" and a[0] == b[0] == "const":
@@ -369,8 +383,7 @@ def _bind_leaves(expr, heads: list, score_shape) -> tuple:
     axes = [a[2] for a in idx if a[0] != "const"]
     if any(a[0] not in ("var", "const") or (a[0] == "const" and a[2] != 0) for a in idx) or \
             not set(axes) <= {"b", "h"} or axes != sorted(axes, key="bh".index) or len(set(axes)) != len(axes):
-        raise NotIndex("a tensor in the expression varies along the query or key axis (only per-batch or "
-                       "per-head values are loaded by the kernel)")
+        raise NotIndex(str(leaf))
     rank4 = (1,) * (4 - len(score_shape)) + tuple(score_shape)
     shape4 = (rank4[0] if "b" in axes else 1, rank4[1] if "h" in axes else 1, 1, 1)
     key = (leaf, shape4)

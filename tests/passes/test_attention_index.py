@@ -1,0 +1,195 @@
+"""Masks and biases computed from positions become index expressions the kernel computes: the
+mask or bias is no longer an operator input (only ALiBi's per-head slopes are, as (1, H, 1, 1)),
+the tile plan skips hidden tiles and skips the mask on unmasked ones, and outputs and gradients
+equal the float64 reference. Near-misses keep the tensor, and say why when it was a constant."""
+import math
+
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.codegen.attention import generate
+from fxfuse.lowering.attention_tiles import tile_plan
+from fxfuse.spec_attention import AttentionSpec
+from tests.attention_styles import INDEX_STYLES
+from tests.tolerances import assert_close_to_reference, tolerance
+
+L = 37  # three 16-wide tiles, the last one partly past the end
+H = 2
+
+
+def _fused_node(res):
+    return next(n for n in res.graph.graph.nodes if "fxfuse.attention" in str(n.target))
+
+
+@pytest.mark.parametrize("style", INDEX_STYLES, ids=lambda s: s.__name__)
+def test_index_mask_or_bias_is_no_operator_input(style):
+    model = style()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)))
+    spec = res.matches[0].spec
+    assert set(spec.inputs) <= {"head"}, spec
+    assert any(s.expr is not None or s.causal for s in spec.steps), spec
+    for extra in _fused_node(res).args[3]:  # per-head values only: nothing of size Lq x Lk
+        assert tuple(extra.meta["val"].shape[-2:]) == (1, 1), res.graph.code
+
+
+# ---- tile plans and kernels at several tiles ------------------------------------------------------
+
+def _positions(q, k):
+    return torch.arange(q.size(-2))[:, None], torch.arange(k.size(-2))[None, :]
+
+
+def chunk16(q, k, v):
+    i, j = _positions(q, k)
+    return (q @ k.transpose(-1, -2)).masked_fill(i // 16 != j // 16, float("-inf")).softmax(-1) @ v
+
+
+def chunk8(q, k, v):
+    i, j = _positions(q, k)
+    return (q @ k.transpose(-1, -2) * 0.3).masked_fill(i // 8 != j // 8, float("-inf")).softmax(-1) @ v
+
+
+def prefix16(q, k, v):
+    i, j = _positions(q, k)
+    return (q @ k.transpose(-1, -2)).masked_fill(~((j < 16) | (j <= i)), float("-inf")).softmax(-1) @ v
+
+
+def prefix16_finite(q, k, v):  # a finite fill gives hidden keys a (tiny) weight: no tile is skipped
+    i, j = _positions(q, k)
+    s = q @ k.transpose(-1, -2)
+    return torch.where((j < 16) | (j <= i), s, torch.finfo(s.dtype).min).softmax(-1) @ v
+
+
+def dilated(q, k, v):
+    i, j = _positions(q, k)
+    keep = ((i - j) % 2 == 0) & (j <= i)
+    return (q @ k.transpose(-1, -2)).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def alibi(q, k, v):  # ALiBi: the slopes are the only input; the causal rule hides the future
+    i, j = _positions(q, k)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, q.size(1) + 1) / q.size(1))
+    s = q @ k.transpose(-1, -2) * q.size(-1) ** -0.5 + (slopes[:, None, None] * (j - i)).to(q.dtype)
+    return s.masked_fill(j > i, float("-inf")).softmax(-1) @ v
+
+
+# (empty, full, partial) of the 3 x 3 tiles (chunk8: the last tile, rows and keys 32-36, is one chunk)
+PLANS = {chunk16: (6, 3, 0), chunk8: (6, 1, 2), prefix16: (3, 4, 2), prefix16_finite: (0, 4, 5), dilated: (3, 0, 6)}
+
+
+def _grads(f, inputs, upstream):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = f(*leaves)
+    (out.double() * upstream).sum().backward()
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("f", [*PLANS, alibi], ids=lambda f: f.__name__)
+def test_kernel_equals_reference_and_plan_skips_tiles(f, dtype):
+    q, k, v = torch.randn(3, 1, H, L, 8, dtype=dtype).unbind(0)
+    res = fxfuse.rewrite(f, (q, k, v))
+    spec = res.matches[0].spec
+    assert set(spec.inputs) <= {"head"} and not res.matches[0].notes, res.report()
+    if f in PLANS:
+        counts = tile_plan(spec, (1, H, L, L), 16, 16).counts
+        assert (counts["empty"], counts["full"], counts["partial"]) == PLANS[f], counts
+        source = generate(spec).source
+        assert "KV_PARTIAL" in source and "Q_PARTIAL" in source and "if partial:" in source
+    upstream = torch.randn(1, H, L, 8, dtype=torch.float64)
+    expected, expected_grads = _grads(f, [t.double() for t in (q, k, v)], upstream)
+    eager, eager_grads = _grads(f, (q, k, v), upstream)
+    with fxfuse.config.patch(interpret=True):
+        got, got_grads = _grads(res.module, (q, k, v), upstream)
+    assert_close_to_reference(got, eager, expected, "output")
+    for name, g, e, r in zip("qkv", got_grads, eager_grads, expected_grads):
+        assert_close_to_reference(g, e, r, f"d{name}")
+
+
+def test_tile_lists_list_the_visited_tiles_both_ways():
+    q = torch.randn(1, H, L, 8)
+    spec = fxfuse.rewrite(prefix16, (q, q, q)).matches[0].spec
+    plan = tile_plan(spec, (1, H, L, L), 16, 16)
+    num, idx, partial = plan.lists()
+    assert num.tolist() == [1, 2, 3]  # query tile 0 sees key tile 0 only; tile 2 sees all
+    assert idx[2].tolist() == [0, 1, 2] and partial[2].tolist() == [0, 0, 1]
+    q_num, q_idx, _ = plan.lists(transposed=True)
+    assert q_num.tolist() == [3, 2, 1] and q_idx[2, :1].tolist() == [2]  # key tile 2: query tile 2 only
+
+
+def test_alibi_slopes_are_loaded_once_per_program():
+    q = torch.randn(1, H, L, 8)
+    res = fxfuse.rewrite(alibi, (q, q, q))
+    spec = res.matches[0].spec
+    assert spec.inputs == ("head",) and "+ bias (head0 * f32(j - i))" in spec.describe(), spec.describe()
+    assert tuple(_fused_node(res).args[3][0].meta["val"].shape) == (1, H, 1, 1)
+    source = generate(spec).source
+    for kernel in source.split("@triton.jit")[1:]:  # forward, dK/dV, dQ: before the tile loop
+        assert kernel.count("hv0 = tl.load(") == 1 and kernel.index("hv0 = tl.load(") < kernel.index("    for ")
+
+
+def test_expression_spec_round_trips_and_names_its_kernel():
+    q = torch.randn(1, H, L, 8)
+    specs = [fxfuse.rewrite(f, (q, q, q)).matches[0].spec for f in (chunk16, chunk8)]
+    for spec in specs:
+        assert AttentionSpec.from_json(spec.to_json()) == spec
+    assert "masked_fill(i // 16 != j // 16, -inf)" in specs[0].describe()
+    assert generate(specs[0]).name != generate(specs[1]).name  # the expression is part of the name
+    causal = fxfuse.rewrite(alibi, (q, q, q)).matches[0].spec
+    assert '"expr"' in causal.to_json()  # the bias; the causal step has none
+    assert causal.to_json().count('"expr"') == 1
+
+
+# ---- near-misses -----------------------------------------------------------------------------------
+
+def test_mask_reading_an_input_stays_a_tensor_and_is_still_fused():
+    def padded_causal(q, k, v, keep):
+        i, j = _positions(q, k)
+        visible = (j <= i) & keep[:, None, None, :]
+        return (q @ k.transpose(-1, -2)).masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+    q = torch.randn(2, H, 5, 8)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 3:] = False
+    res = fxfuse.rewrite(padded_causal, (q, q, q, keep))
+    match = res.matches[0]
+    assert match.spec.inputs == ("mask",) and not match.notes, res.report()
+    torch.testing.assert_close(res.module(q, q, q, keep), padded_causal(q, q, q, keep))
+
+
+def zero_dim_scale(q, k, v):  # torch keeps a 0-dim tensor at float32 in a bf16 op; the kernel rounds it
+    i, j = _positions(q, k)
+    return (q @ k.transpose(-1, -2) + (j - i).to(q.dtype) * torch.tensor(0.1)).softmax(-1) @ v
+
+
+def overflowing(q, k, v):  # i * 70000 * j * 70000 does not fit the kernel's 32-bit integers
+    i, j = _positions(q, k)
+    return (q @ k.transpose(-1, -2)).masked_fill((i * 70000) * (j * 70000) % 7 == 1, -1e4).softmax(-1) @ v
+
+
+def divided_by_three(q, k, v):  # a float division is approximate on GPUs: not computed in the kernel
+    i, j = _positions(q, k)
+    return (q @ k.transpose(-1, -2) + (j - i) / 3.0).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("f,dtype,reason", [
+    (zero_dim_scale, torch.bfloat16, "does not reproduce the values"),
+    (overflowing, torch.float32, "past 32 bits"),
+    (divided_by_three, torch.float32, "a float division by 3"),
+], ids=["zero_dim_bf16", "overflow", "division"])
+def test_constant_not_proved_stays_a_tensor_with_its_reason(f, dtype, reason):
+    q = torch.randn(1, H, L, 8, dtype=dtype)
+    res = fxfuse.rewrite(f, (q, q, q))
+    match = res.matches[0]
+    assert len(match.spec.inputs) == 1 and match.spec.inputs[0] in ("mask", "bias"), match.spec
+    assert len(match.notes) == 1 and reason in match.notes[0], match.notes
+    assert reason in res.report()
+    rtol, atol = tolerance(dtype)
+    torch.testing.assert_close(res.module(q, q, q), f(q, q, q), rtol=rtol, atol=atol)
+
+
+def test_zero_dim_scale_is_proved_in_float32():
+    q = torch.randn(1, H, 5, 8)
+    spec = fxfuse.rewrite(zero_dim_scale, (q, q, q)).matches[0].spec
+    assert spec.inputs == () and "f32(j - i) * 0.1" in spec.describe(), spec.describe()
+    assert math.isclose(next(s.expr for s in spec.steps if s.expr)[3][2], 0.1, rel_tol=1e-7)
