@@ -73,6 +73,15 @@ def alibi(q, k, v):  # ALiBi: the slopes are the only input; the causal rule hid
     return s.masked_fill(j > i, float("-inf")).softmax(-1) @ v
 
 
+def alibi_flat(q, k, v):  # fairseq-style (B*H, L, D) scores: the slopes are indexed by the flat head axis
+    b, h, n, d = q.shape
+    i, j = _positions(q, k)
+    slopes = (2.0 ** (-8.0 * torch.arange(1, h + 1) / h)).repeat(b)
+    s = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2))
+    s = s + (slopes[:, None, None] * (j - i)).to(q.dtype)
+    return torch.bmm(s.softmax(-1), v.reshape(b * h, n, d)).view(b, h, n, d)
+
+
 # (empty, full, partial) of the 3 x 3 tiles (chunk8: the last tile, rows and keys 32-36, is one chunk)
 PLANS = {chunk16: (6, 3, 0), chunk8: (6, 1, 2), prefix16: (3, 4, 2), prefix16_finite: (0, 4, 5), dilated: (3, 0, 6)}
 
@@ -85,7 +94,7 @@ def _grads(f, inputs, upstream):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("f", [*PLANS, alibi], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("f", [*PLANS, alibi, alibi_flat], ids=lambda f: f.__name__)
 def test_kernel_equals_reference_and_plan_skips_tiles(f, dtype):
     q, k, v = torch.randn(3, 1, H, L, 8, dtype=dtype).unbind(0)
     res = fxfuse.rewrite(f, (q, k, v))
@@ -193,3 +202,55 @@ def test_zero_dim_scale_is_proved_in_float32():
     spec = fxfuse.rewrite(zero_dim_scale, (q, q, q)).matches[0].spec
     assert spec.inputs == () and "f32(j - i) * 0.1" in spec.describe(), spec.describe()
     assert math.isclose(next(s.expr for s in spec.steps if s.expr)[3][2], 0.1, rel_tol=1e-7)
+
+
+# ---- integer division as compiled Triton does it --------------------------------------------------
+
+class _CInt:
+    """An integer tile whose ``//`` and ``%`` truncate toward zero, as compiled Triton's do (the
+    interpreter floors like numpy, so the kernel tests above cannot tell the two apart)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __getitem__(self, index):
+        return _CInt(self.t[index])
+
+    def _bin(self, other, fn, swap=False):
+        o = other.t if isinstance(other, _CInt) else other
+        r = fn(o, self.t) if swap else fn(self.t, o)
+        return _CInt(r) if r.dtype == torch.int64 else r
+
+    __add__ = lambda s, o: s._bin(o, torch.add)  # noqa: E731
+    __radd__ = lambda s, o: s._bin(o, torch.add, True)  # noqa: E731
+    __sub__ = lambda s, o: s._bin(o, torch.sub)  # noqa: E731
+    __rsub__ = lambda s, o: s._bin(o, lambda a, b: a - b, True)  # noqa: E731
+    __mul__ = lambda s, o: s._bin(o, torch.mul)  # noqa: E731
+    __floordiv__ = lambda s, o: s._bin(o, lambda a, b: torch.div(a, b, rounding_mode="trunc"))  # noqa: E731
+    __mod__ = lambda s, o: s._bin(o, torch.fmod)  # noqa: E731
+    __ge__ = lambda s, o: s._bin(o, torch.ge)  # noqa: E731
+    __eq__ = lambda s, o: s._bin(o, torch.eq)  # noqa: E731
+    __neg__ = lambda s: _CInt(-s.t)  # noqa: E731
+
+
+class _TL:
+    @staticmethod
+    def where(c, a, b):
+        return _CInt(torch.where(c, *(x.t if isinstance(x, _CInt) else x for x in (a, b))))
+
+
+@pytest.mark.parametrize("op", ["floordiv", "mod", "truncdiv"])
+def test_emitted_integer_division_rounds_as_torch_whatever_triton_rounds(op):
+    from fxfuse import index_expr as ix
+    from fxfuse.codegen.attention_index import emit
+
+    diff = ("sub", "int64", ix.var("i"), ix.var("j"))  # negative above the diagonal
+    expr = (op, "int64", diff, ix.const(3, "int64"))
+    scope = {"offs_m": _CInt(torch.arange(9)), "offs_n": _CInt(torch.arange(9)), "tl": _TL}
+    exec("\n".join(emit(expr, "out")), scope)
+    want = ix.evaluate(expr, {"i": torch.arange(9)[:, None], "j": torch.arange(9)[None, :]}, [])
+    d = torch.arange(9)[:, None] - torch.arange(9)
+    naive = torch.fmod(d, 3) if op == "mod" else torch.div(d, 3, rounding_mode="trunc")
+    assert op == "truncdiv" or not torch.equal(want, naive)  # C's // and % would be wrong here
+    got = scope["out"]
+    assert torch.equal(got.t if isinstance(got, _CInt) else got, want)
