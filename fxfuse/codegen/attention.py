@@ -57,8 +57,10 @@ def _steps(plan: AttentionPlan) -> list[str]:
                       *("    " + line for line in hide)]
             expr = f"tl.where(flag{k}, {_lit(value)}, s)"
         elif op == "add" and index_expr is not None:
+            # Zero outside the scores: past the end an expression may be huge (exp would overflow
+            # in an unused row, and the backward multiplies that row's dS, inf * 0, into dK).
             lines += emit(index_expr, f"bias{k}")
-            expr = f"s + bias{k}"
+            expr = f"s + tl.where(in_bounds, bias{k}, 0.0)"
         elif op in ("mul", "div"):
             if index != -1:
                 lines.append(f"fac{k} = tl.load({_tile(index)}, mask=in_bounds, other=1.0).to(tl.float32)")

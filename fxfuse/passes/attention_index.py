@@ -34,6 +34,9 @@ from fxfuse.passes.graph import is_python_scalar, val
 aten = torch.ops.aten
 
 _MAX_HEAD_NUMEL = 1 << 16  # a per-head input is loaded once per program: it stays small
+# The proof evaluates the user's bias at its full broadcast shape once, at capture: (H, L, L) for
+# ALiBi, so 16 heads up to L = 2048; a larger one stays a tensor input (with a note).
+_MAX_PROOF_NUMEL = 1 << 26
 _DTYPES = {torch.bool: "bool", torch.int32: "int32", torch.int64: "int64", torch.float32: "float32",
            torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -395,7 +398,7 @@ def _bind_leaves(expr, heads: list, score_shape) -> tuple:
 def _prove(node, expr, heads, gm, sym: _Sym, leaves, actual) -> None:
     """Evaluate the expression as the kernel would on the node's whole index grid and compare it
     with the values the node's subgraph computes, bit for bit."""
-    actual = constant_value(node, gm) if actual is None else actual
+    actual = constant_value(node, gm, _MAX_PROOF_NUMEL) if actual is None else actual
     if actual is None:
         raise NotIndex("its values could not be computed at capture to prove the expression (too large, or "
                        "it reads a graph input)")

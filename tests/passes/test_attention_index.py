@@ -82,6 +82,11 @@ def alibi_flat(q, k, v):  # fairseq-style (B*H, L, D) scores: the slopes are ind
     return torch.bmm(s.softmax(-1), v.reshape(b * h, n, d)).view(b, h, n, d)
 
 
+def row_bias(q, k, v):  # large past the last query: the kernel's unused rows must not reach dK
+    i, j = _positions(q, k)
+    return (q @ k.transpose(-1, -2) + (i * 50.0).to(q.dtype)).softmax(-1) @ v
+
+
 # (empty, full, partial) of the 3 x 3 tiles (chunk8: the last tile, rows and keys 32-36, is one chunk)
 PLANS = {chunk16: (6, 3, 0), chunk8: (6, 1, 2), prefix16: (3, 4, 2), prefix16_finite: (0, 4, 5), dilated: (3, 0, 6)}
 
@@ -94,7 +99,7 @@ def _grads(f, inputs, upstream):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("f", [*PLANS, alibi, alibi_flat], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("f", [*PLANS, alibi, alibi_flat, row_bias], ids=lambda f: f.__name__)
 def test_kernel_equals_reference_and_plan_skips_tiles(f, dtype):
     q, k, v = torch.randn(3, 1, H, L, 8, dtype=dtype).unbind(0)
     res = fxfuse.rewrite(f, (q, k, v))

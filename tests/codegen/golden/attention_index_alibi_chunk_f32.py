@@ -41,7 +41,7 @@ def fxfuse_attention_4188545a4e0e_forward(Q, K, V, O, STATS, E0, KV_NUM, KV_IDX,
         s = tl.dot(q, k, input_precision="ieee")
         s = s * 0.125
         bias1 = (hv0.to(tl.float32) * ((offs_n[None, :] - offs_m[:, None])).to(tl.float32))
-        s = s + bias1
+        s = s + tl.where(in_bounds, bias1, 0.0)
         flag2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int1)
         if partial:
             hide2_t0 = offs_m[:, None]
@@ -118,7 +118,7 @@ def fxfuse_attention_4188545a4e0e_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, K
         s = tl.dot(q, kT, input_precision="ieee")
         s = s * 0.125
         bias1 = (hv0.to(tl.float32) * ((offs_n[None, :] - offs_m[:, None])).to(tl.float32))
-        s = s + bias1
+        s = s + tl.where(in_bounds, bias1, 0.0)
         flag2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int1)
         if partial:
             hide2_t0 = offs_m[:, None]
@@ -186,7 +186,7 @@ def fxfuse_attention_4188545a4e0e_backward_dq(Q, K, V, DO, STATS, DELTA, E0, KV_
         s = tl.dot(q, kT, input_precision="ieee")
         s = s * 0.125
         bias1 = (hv0.to(tl.float32) * ((offs_n[None, :] - offs_m[:, None])).to(tl.float32))
-        s = s + bias1
+        s = s + tl.where(in_bounds, bias1, 0.0)
         flag2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int1)
         if partial:
             hide2_t0 = offs_m[:, None]
