@@ -56,7 +56,8 @@ class AttentionSpec:
     steps:         score operations in program order (see STEP_OPS).
     prob_dtype:    dtype of the probabilities as they enter the value product (after any cast of
                    the softmax's result; the softmax runs in the dtype of the last step).
-    inputs:        per extra tensor, "mask" (boolean), "bias" (added) or "factor" (multiplies or divides).
+    inputs:        per extra tensor, "mask" (boolean), "bias" (added), "factor" (multiplies or divides)
+                   or "head" (a (1|B, 1|H, 1, 1) tensor an index expression loads, e.g. ALiBi's slopes).
     kv_groups:     query heads per key/value head (grouped-query attention): k and v have H / kv_groups
                    heads and are read in place, query head h using kv head h // kv_groups.
     """

@@ -2,7 +2,9 @@
 
 q, k, v are ``(B, H, L, D)`` (any strides; k and v may have H / kv_groups heads); the extra
 tensors (boolean masks, additive masks and biases, factor tensors) broadcast to the scores'
-``(B, H, Lq, Lk)`` the way they did in the user's code (aligned on the right). On CUDA, or on CPU
+``(B, H, Lq, Lk)`` the way they did in the user's code (aligned on the right); masks and biases
+given as index expressions are evaluated (``fxfuse.index_expr``), with per-head inputs among the
+extras. On CUDA, or on CPU
 when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
 implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the

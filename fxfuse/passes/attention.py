@@ -15,7 +15,10 @@ over the key axis and the value product contracts it; every score term keeps the
 broadcasts the way the operator reads it (aligned on the right) and is not computed from v; no
 removed value (scores, probabilities) is used anywhere else; a mask is replaced by the causal
 (or sliding-window) rule only when its values, computed by a small deterministic constant
-subgraph, are exactly that rule (those replays and evaluations live in ``attention_layout.py``).
+subgraph, are exactly that rule (those replays and evaluations live in ``attention_layout.py``);
+any other mask or bias computed from positions becomes an index expression the kernel computes
+only when it is derived from the ops and its evaluation equals the subgraph's values bit for bit
+(``attention_index.py``), else it stays a tensor input, with a note when it was a constant.
 Anything unproven is a miss with its reason.
 """
 from __future__ import annotations

@@ -45,6 +45,14 @@ class NotIndex(Exception):
     """The subgraph is not an index expression the kernel can compute; the message says why."""
 
 
+class _NotPerHead(NotIndex):
+    """A tensor leaf of the expression maps onto the query or key axis."""
+
+    def __init__(self, leaf: int):
+        super().__init__(leaf)
+        self.leaf = leaf
+
+
 @dataclasses.dataclass(frozen=True)
 class _Sym:
     shape: tuple
@@ -75,10 +83,9 @@ def derive(node: Node, score_shape: tuple, gm: torch.fx.GraphModule, allow_heads
     heads: list = []
     try:
         expr = _bind_leaves(expr, heads, score_shape)
-    except NotIndex as why:  # say first what made the tensor a leaf
-        leaf = int(str(why))
-        raise NotIndex(f"{deriver.leaves[leaf][2]}; as a tensor it varies along the query or key axis (the kernel "
-                       "loads only per-batch or per-head values)") from None
+    except _NotPerHead as bad:  # say first what made the tensor a leaf
+        raise NotIndex(f"{deriver.leaves[bad.leaf][2]}; as a tensor it varies along the query or key axis (the "
+                       "kernel loads only per-batch or per-head values)") from None
     _prove(node, expr, heads, gm, sym, deriver.leaves, value)
     return Derived(expr, [(deriver.leaves[leaf][0], shape4) for leaf, shape4 in heads])
 
@@ -386,7 +393,7 @@ def _bind_leaves(expr, heads: list, score_shape) -> tuple:
     axes = [a[2] for a in idx if a[0] != "const"]
     if any(a[0] not in ("var", "const") or (a[0] == "const" and a[2] != 0) for a in idx) or \
             not set(axes) <= {"b", "h"} or axes != sorted(axes, key="bh".index) or len(set(axes)) != len(axes):
-        raise NotIndex(str(leaf))
+        raise _NotPerHead(leaf)
     rank4 = (1,) * (4 - len(score_shape)) + tuple(score_shape)
     shape4 = (rank4[0] if "b" in axes else 1, rank4[1] if "h" in axes else 1, 1, 1)
     key = (leaf, shape4)

@@ -263,3 +263,38 @@ def test_emitted_integer_division_rounds_as_torch_whatever_triton_rounds(op):
     assert op == "truncdiv" or not torch.equal(want, naive)  # C's // and % would be wrong here
     got = scope["out"]
     assert torch.equal(got.t if isinstance(got, _CInt) else got, want)
+
+
+# ---- the ops an index expression is read from -------------------------------------------------------
+
+def _hidden_by(n):
+    """Masks (True: hidden) written with each op the deriver reads; none is the causal rule."""
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    sliced = torch.arange(32)
+    grid = torch.arange(n)[None, :].expand(3, n)
+    return {
+        "triu": torch.triu(torch.ones(n, n, dtype=torch.bool), 2),
+        "tril_float_eq_0": torch.tril(torch.ones(n, n), 1) == 0,
+        "slices": (sliced[:n][None, :] + 1) > sliced[2:2 + n][:, None],
+        "select_expand": grid[1][None, :] > i + 1,
+        "transpose": (i.T - i).t() < -1,
+        "abs": (i - j).abs() > 2,
+        "clamp": torch.clamp(j - i, min=0) > 1,
+        "min_max": torch.maximum(i, j) - torch.minimum(i, j) > 2,
+        "trunc_div": torch.div(i - j, 3, rounding_mode="trunc") != 0,
+        "rsub": (5 - j) < (5 - i) - 1,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_hidden_by(4)))
+def test_each_index_op_is_derived_and_computed_as_written(name):
+    def f(q, k, v):
+        return (q @ k.transpose(-1, -2)).masked_fill(_hidden_by(q.size(-2))[name], float("-inf")).softmax(-1) @ v
+
+    q, k, v = torch.randn(3, 1, H, 6, 8).unbind(0)
+    res = fxfuse.rewrite(f, (q, k, v))
+    spec = res.matches[0].spec
+    assert spec.inputs == () and not spec.causal and not res.matches[0].notes, res.report()
+    torch.testing.assert_close(res.module(q, k, v), f(q, k, v))  # the torch reference
+    with fxfuse.config.patch(interpret=True):
+        torch.testing.assert_close(res.module(q, k, v), f(q, k, v))  # the kernel
