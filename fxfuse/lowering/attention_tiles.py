@@ -74,7 +74,9 @@ def _plan(spec_json: str, shape4: tuple, block_m: int, block_n: int) -> TilePlan
     n_m, n_n = -(-lq // block_m), -(-lk // block_n)
     empty = torch.zeros(n_m, n_n, dtype=torch.bool)
     full = torch.zeros(n_m, n_n, dtype=torch.bool)
-    tiles_per_chunk = max(1, _CHUNK // (block_m * max(lk, 1) * b * h))
+    if not empty.numel():  # no queries or no keys: nothing to visit
+        return TilePlan(empty, full)
+    tiles_per_chunk = max(1, _CHUNK // (block_m * lk * b * h))
     for m0 in range(0, n_m, tiles_per_chunk):
         rows = range(m0 * block_m, min(lq, (m0 + tiles_per_chunk) * block_m))
         pad_rows, pad_cols = -len(rows) % block_m, n_n * block_n - lk

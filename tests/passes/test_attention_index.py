@@ -10,7 +10,7 @@ import torch
 import fxfuse
 from fxfuse.codegen.attention import generate
 from fxfuse.lowering.attention_tiles import tile_plan
-from fxfuse.spec_attention import AttentionSpec
+from fxfuse.spec_attention import AttentionSpec, ScoreStep
 from tests.attention_styles import INDEX_STYLES
 from tests.tolerances import assert_close_to_reference, tolerance
 
@@ -133,6 +133,14 @@ def test_tile_lists_list_the_visited_tiles_both_ways():
     assert idx[2].tolist() == [0, 1, 2] and partial[2].tolist() == [0, 0, 1]
     q_num, q_idx, _ = plan.lists(transposed=True)
     assert q_num.tolist() == [3, 2, 1] and q_idx[2, :1].tolist() == [2]  # key tile 2: query tile 2 only
+
+
+def test_a_tile_is_empty_or_full_only_for_every_head():
+    hidden = ("and", "bool", ("eq", "bool", ("var", "int64", "h"), ("const", "int64", 0)),
+              ("gt", "bool", ("var", "int64", "j"), ("var", "int64", "i")))  # causal on head 0 only
+    spec = AttentionSpec("float32", (ScoreStep("fill", "float32", value=-math.inf, expr=hidden),))
+    counts = tile_plan(spec, (1, H, L, L), 16, 16).counts
+    assert counts == {"empty": 0, "full": 3, "partial": 6}, counts  # head 1 sees every tile
 
 
 def test_alibi_slopes_are_loaded_once_per_program():
@@ -283,6 +291,7 @@ def _hidden_by(n):
         "min_max": torch.maximum(i, j) - torch.minimum(i, j) > 2,
         "trunc_div": torch.div(i - j, 3, rounding_mode="trunc") != 0,
         "rsub": (5 - j) < (5 - i) - 1,
+        "per_head": (torch.arange(H)[:, None, None] == 0) & (j > i + 1),  # (H, L, L): head 0 only
     }
 
 
