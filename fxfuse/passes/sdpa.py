@@ -14,9 +14,10 @@ What the spec must reproduce, and how:
 
 - the scale (default ``1/sqrt(E)``, E = q's last dim) multiplies the scores;
 - ``is_causal`` hides key j from query i when j > i (top-left aligned). The spec's causal rule is
-  aligned bottom-right (j > i + Lk - Lq): equal only when Lq == Lk; for other lengths the pass
-  builds SDPA's mask, ``tril(ones(Lq, Lk))``, as a constant boolean mask input (every row keeps
-  key 0, so it needs no guard);
+  aligned bottom-right (j > i + Lk - Lq): equal only when Lq == Lk; for other lengths the spec
+  hides ``j > i`` as an index expression (every row keeps key 0, so it needs no guard); a constant
+  ``attn_mask`` computed from positions becomes an index expression too, when no row needs a
+  guard (``attention_index.py`` derives and proves it);
 - SDPA returns 0 (and zero gradients) for a query row whose every key is masked, where the fused
   operator follows a user-written softmax and gives NaN. Unless the mask is a constant proved to
   leave every row a key, the pass guards it: such rows see every key inside the operator (so
