@@ -242,7 +242,8 @@ def render(report, before: torch.fx.GraphModule | None = None, after: torch.fx.G
     for m in report.matches:
         kernel = report.kernel_for(m)
         link = f'<a href="#kernel-{e(kernel.name)}"><code>{e(kernel.name)}</code></a>' if kernel else ""
-        match_rows.append([e(m.kind), _where(m.source, m.code), e(m.describe()), link])
+        notes = "".join(f"<br><small>note: {e(note)}</small>" for note in m.notes)
+        match_rows.append([e(m.kind), _where(m.source, m.code), e(m.describe()) + notes, link])
     miss_rows = [[e(m.kind), _where(m.source, m.code), e(m.reason)] for m in report.misses]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
