@@ -1,7 +1,7 @@
 """Which (query tile, key tile) pairs an attention with index-expression masks must compute.
 
-Shapes are static, so each tile's class is computed once per (spec, shape, block sizes), when a
-kernel is first launched, by evaluating the site's index masks (expressions and the causal rule)
+Shapes are static, so each tile's class is computed once per (spec, shape, block sizes, device),
+when a kernel is first launched (on the launch device), by evaluating the site's index masks (expressions and the causal rule)
 on the whole index grid, a chunk of query rows at a time, and then cached:
 
 * empty: every in-bounds score of the tile is hidden by a fill whose hidden scores have exactly
@@ -47,7 +47,7 @@ class TilePlan:
         return num.to(torch.int32).contiguous(), order.to(torch.int32).contiguous(), partial.to(torch.int32).contiguous()
 
 
-def _hidden(spec: AttentionSpec, steps: list[int], shape4, rows: range) -> torch.Tensor | None:
+def _hidden(spec: AttentionSpec, steps: list[int], shape4, rows: range, device) -> torch.Tensor | None:
     """Whether any of ``steps`` hides each score of query rows ``rows`` (broadcast over b, h)."""
     from fxfuse.ops.attention import causal_mask
 
@@ -56,9 +56,9 @@ def _hidden(spec: AttentionSpec, steps: list[int], shape4, rows: range) -> torch
     for k in steps:
         step = spec.steps[k]
         if step.expr is None:  # the causal rule
-            hidden = causal_mask(lq, lk, "cpu", step.window)[rows.start:rows.stop][None, None]
+            hidden = causal_mask(lq, lk, device, step.window)[rows.start:rows.stop][None, None]
         else:
-            grids = index_expr.grids((b, h, len(rows), lk))
+            grids = index_expr.grids((b, h, len(rows), lk), device)
             grids["i"] = grids["i"] + rows.start
             hidden = index_expr.evaluate(step.expr, grids, [])
         out = hidden if out is None else out | hidden
@@ -66,14 +66,14 @@ def _hidden(spec: AttentionSpec, steps: list[int], shape4, rows: range) -> torch
 
 
 @functools.lru_cache(maxsize=64)
-def _plan(spec_json: str, shape4: tuple, block_m: int, block_n: int) -> TilePlan:
+def _plan(spec_json: str, shape4: tuple, block_m: int, block_n: int, device: str) -> TilePlan:
     spec = AttentionSpec.from_json(spec_json)
     b, h, lq, lk = shape4
     index_fills = [k for k, s in enumerate(spec.steps) if s.op == "fill" and s.input == -1]
     skippable = [k for k in index_fills if skippable_fill(spec, k)]
     n_m, n_n = -(-lq // block_m), -(-lk // block_n)
-    empty = torch.zeros(n_m, n_n, dtype=torch.bool)
-    full = torch.zeros(n_m, n_n, dtype=torch.bool)
+    empty = torch.zeros(n_m, n_n, dtype=torch.bool, device=device)
+    full = torch.zeros(n_m, n_n, dtype=torch.bool, device=device)
     if not empty.numel():  # no queries or no keys: nothing to visit
         return TilePlan(empty, full)
     tiles_per_chunk = max(1, _CHUNK // (block_m * lk * b * h))
@@ -81,7 +81,7 @@ def _plan(spec_json: str, shape4: tuple, block_m: int, block_n: int) -> TilePlan
         rows = range(m0 * block_m, min(lq, (m0 + tiles_per_chunk) * block_m))
         pad_rows, pad_cols = -len(rows) % block_m, n_n * block_n - lk
         for target, steps, hidden_means_true in ((empty, skippable, True), (full, index_fills, False)):
-            hidden = _hidden(spec, steps, shape4, rows)
+            hidden = _hidden(spec, steps, shape4, rows, device)
             if hidden is None:  # no skippable fill: no tile is empty
                 continue
             # Empty: hidden for every batch and head; full: visible for every batch and head.
@@ -93,15 +93,16 @@ def _plan(spec_json: str, shape4: tuple, block_m: int, block_n: int) -> TilePlan
     return TilePlan(empty, full)
 
 
-def tile_plan(spec: AttentionSpec, shape4, block_m: int, block_n: int) -> TilePlan:
-    """The tile classes of ``spec`` at scores of shape ``shape4`` = (B, H, Lq, Lk)."""
-    return _plan(spec.to_json(), tuple(int(n) for n in shape4), block_m, block_n)
+def tile_plan(spec: AttentionSpec, shape4, block_m: int, block_n: int, device="cpu") -> TilePlan:
+    """The tile classes of ``spec`` at scores of shape ``shape4`` = (B, H, Lq, Lk), evaluated on
+    ``device`` (the GPU's, at launch: a 16k x 16k grid takes seconds on a CPU)."""
+    return _plan(spec.to_json(), tuple(int(n) for n in shape4), block_m, block_n, str(device))
 
 
 @functools.lru_cache(maxsize=64)
 def _device_lists(spec_json: str, shape4: tuple, block_m: int, block_n: int, device: str):
-    plan = _plan(spec_json, shape4, block_m, block_n)
-    return tuple(t.to(device) for t in (*plan.lists(), *plan.lists(transposed=True)))
+    plan = _plan(spec_json, shape4, block_m, block_n, device)
+    return (*plan.lists(), *plan.lists(transposed=True))
 
 
 def tile_lists(spec: AttentionSpec, shape4, block_m: int, block_n: int, device) -> tuple[torch.Tensor, ...]:
