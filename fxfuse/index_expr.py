@@ -23,6 +23,8 @@ is approximate) and no fused multiply-add in the evaluation.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOATS = ("float32", "bfloat16", "float16")
@@ -40,12 +42,6 @@ def var(name: str) -> tuple:
 
 def const(value, dtype: str) -> tuple:
     return ("const", dtype, value)
-
-
-def variables(expr) -> set[str]:
-    if expr[0] == "var":
-        return {expr[2]}
-    return set().union(*(variables(a) for a in expr[2:] if isinstance(a, tuple)))
 
 
 def loads(expr) -> set[int]:
@@ -79,6 +75,32 @@ def negate(expr) -> tuple:
     if op in NEGATED and all(a[1] not in FLOATS for a in expr[2:]):
         return (NEGATED[op], "bool", *expr[2:])
     return ("not", "bool", expr)
+
+
+def arith(op, dt, a, b) -> tuple:
+    """a op b, dropping an integer + 0 or - 0 (exact; a float's -0.0 + 0 is not -0.0)."""
+    if dt in INTS and op in ("add", "sub") and b == const(0, dt):
+        return a
+    if dt in INTS and op == "add" and a == const(0, dt):
+        return b
+    return (op, dt, a, b)
+
+
+def where(c, a, b, dt) -> tuple:
+    """where(c, a, b), folding boolean constants: where(c, True, False) is c."""
+    if dt == "bool" and a[0] == b[0] == "const":
+        if a[2] == b[2]:
+            return a
+        return c if a[2] else negate(c)
+    return ("where", dt, c, a, b)
+
+
+def compare(op, a, b) -> tuple:
+    """a op b, folding a comparison of a two-constant where: (where(c, 1., 0.) == 0) is ~c."""
+    if a[0] == "where" and a[3][0] == a[4][0] == "const" and b[0] == "const":
+        cmp = getattr(operator, op)
+        return where(a[2], const(bool(cmp(a[3][2], b[2])), "bool"), const(bool(cmp(a[4][2], b[2])), "bool"), "bool")
+    return (op, "bool", a, b)
 
 
 # ---- text -------------------------------------------------------------------------------------------

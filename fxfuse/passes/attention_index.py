@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 
 import torch
 from torch.fx import Node
@@ -256,11 +255,11 @@ class _Deriver:
             compute = _DTYPES.get(torch.result_type(*(val(a) if isinstance(a, Node) else a for a in args[:2])))
             if compute is None:
                 raise NotIndex("a comparison in an unsupported dtype")
-            return _Sym(shape, dt, _compare(_COMPARE[t], *(self._operand(a, compute, len(shape)) for a in args[:2])))
+            return _Sym(shape, dt, ix.compare(_COMPARE[t], *(self._operand(a, compute, len(shape)) for a in args[:2])))
         if t in _ARITH and node.kwargs.get("alpha", 1) == 1 and (len(args) < 3 or args[2] == 1):
             if dt == "bool":
                 raise NotIndex("arithmetic on booleans")
-            return _Sym(shape, dt, _arith(_ARITH[t], dt, *(self._operand(a, dt, len(shape)) for a in args[:2])))
+            return _Sym(shape, dt, ix.arith(_ARITH[t], dt, *(self._operand(a, dt, len(shape)) for a in args[:2])))
         if t == aten.rsub.Scalar and len(args) == 2 and dt != "bool":
             return _Sym(shape, dt, ("sub", dt, self._operand(args[1], dt, len(shape)), self._operand(args[0], dt, len(shape))))
         if t in (aten.div.Tensor, aten.div.Scalar) and is_python_scalar(args[1]) and dt in ix.FLOATS:
@@ -278,7 +277,7 @@ class _Deriver:
             c, a, b = args if t == aten.where.self else (args[1], args[2], args[0])
             if _dtype(c) != "bool":
                 raise NotIndex("a where() whose condition is not boolean")
-            return _Sym(shape, dt, _where(self._operand(c, "bool", len(shape)), self._operand(a, dt, len(shape)),
+            return _Sym(shape, dt, ix.where(self._operand(c, "bool", len(shape)), self._operand(a, dt, len(shape)),
                                           self._operand(b, dt, len(shape)), dt))
         if t in (aten.triu.default, aten.tril.default):
             return self._triangle(node, shape, dt)
@@ -347,37 +346,10 @@ class _Deriver:
             raise NotIndex("triu/tril of a vector")
         row = ix.var(f"d{rank - 2}") if shape[-2] != 1 else ix.const(0, "int64")
         col = ix.var(f"d{rank - 1}") if shape[-1] != 1 else ix.const(0, "int64")
-        keep = _compare("ge" if node.target == aten.triu.default else "le", ("sub", "int64", col, row),
+        keep = ix.compare("ge" if node.target == aten.triu.default else "le", ("sub", "int64", col, row),
                         ix.const(diagonal, "int64"))
         zero = ix.const(False if dt == "bool" else 0.0 if dt in ix.FLOATS else 0, dt)
-        return _Sym(shape, dt, _where(keep, s.expr, zero, dt))
-
-
-def _arith(op, dt, a, b) -> tuple:
-    """a op b, dropping an integer + 0 or - 0 (exact; a float's -0.0 + 0 is not -0.0)."""
-    if dt in ix.INTS and op in ("add", "sub") and b == ix.const(0, dt):
-        return a
-    if dt in ix.INTS and op == "add" and a == ix.const(0, dt):
-        return b
-    return (op, dt, a, b)
-
-
-def _where(c, a, b, dt) -> tuple:
-    """where(c, a, b), folding boolean constants: where(c, True, False) is c."""
-    if dt == "bool" and a[0] == b[0] == "const":
-        if a[2] == b[2]:
-            return a
-        return c if a[2] else ix.negate(c)
-    return ("where", dt, c, a, b)
-
-
-def _compare(op, a, b) -> tuple:
-    """a op b, folding a comparison of a two-constant where: (where(c, 1., 0.) == 0) is ~c."""
-    if a[0] == "where" and a[3][0] == a[4][0] == "const" and b[0] == "const":
-        cmp = getattr(operator, op)
-        return _where(a[2], ix.const(bool(cmp(a[3][2], b[2])), "bool"), ix.const(bool(cmp(a[4][2], b[2])), "bool"),
-                      "bool")
-    return (op, "bool", a, b)
+        return _Sym(shape, dt, ix.where(keep, s.expr, zero, dt))
 
 
 # ---- binding and proof ----------------------------------------------------------------------------
