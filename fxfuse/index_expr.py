@@ -78,12 +78,26 @@ def negate(expr) -> tuple:
 
 
 def arith(op, dt, a, b) -> tuple:
-    """a op b, dropping an integer + 0 or - 0 (exact; a float's -0.0 + 0 is not -0.0)."""
-    if dt in INTS and op in ("add", "sub") and b == const(0, dt):
+    """a op b, with integer constants folded: x + 0 is x, (x + c1) - c2 is x + (c1 - c2). Exact for
+    integers (the proof evaluates the folded form: a 32-bit wrap in the user's code would show);
+    not done for floats (-0.0 + 0 is not -0.0, and each float op rounds)."""
+    if dt not in INTS or op not in ("add", "sub"):
+        return (op, dt, a, b)
+    if b[0] == "const" and a[0] == "add" and a[3][0] == "const":
+        offset = a[3][2] + (b[2] if op == "add" else -b[2])
+        return arith("add", dt, a[2], const(offset, dt))
+    if b == const(0, dt):
         return a
-    if dt in INTS and op == "add" and a == const(0, dt):
+    if op == "add" and a == const(0, dt):
         return b
     return (op, dt, a, b)
+
+
+def cast(dt, x) -> tuple:
+    """x.to(dt), folding a boolean cast of a two-constant where: bool(where(c, 0., -inf)) is ~c."""
+    if dt == "bool" and x[0] == "where" and x[3][0] == x[4][0] == "const":
+        return where(x[2], const(bool(x[3][2]), "bool"), const(bool(x[4][2]), "bool"), "bool")
+    return ("cast", dt, x)
 
 
 def where(c, a, b, dt) -> tuple:
@@ -101,6 +115,24 @@ def compare(op, a, b) -> tuple:
         cmp = getattr(operator, op)
         return where(a[2], const(bool(cmp(a[3][2], b[2])), "bool"), const(bool(cmp(a[4][2], b[2])), "bool"), "bool")
     return (op, "bool", a, b)
+
+
+def simplify(expr) -> tuple:
+    """The expression rebuilt bottom-up through the folding constructors (after substitutions,
+    e.g. a slice's start put into an arange's ``d + start``)."""
+    op, dt, *args = expr
+    if op in ("var", "const", "load", "leaf"):
+        return expr
+    args = [simplify(a) if isinstance(a, tuple) else a for a in args]
+    if op in ("add", "sub"):
+        return arith(op, dt, *args)
+    if op == "cast":
+        return cast(dt, args[0])
+    if op == "where":
+        return where(*args, dt)
+    if op in COMPARE:
+        return compare(op, *args)
+    return (op, dt, *args)
 
 
 # ---- text -------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def derive(node: Node, score_shape: tuple, gm: torch.fx.GraphModule, allow_heads
     names = "bhij" if rank == 4 else "hij"
     offset = rank - len(sym.shape)
     mapping = {f"d{k}": ix.var(names[k + offset]) for k in range(len(sym.shape)) if sym.shape[k] != 1}
-    expr = _subst(sym.expr, mapping)
+    expr = ix.simplify(_subst(sym.expr, mapping))
     heads: list = []
     try:
         expr = _bind_leaves(expr, heads, score_shape)
@@ -129,7 +129,7 @@ def _affine(start: int, step: int, name: str) -> tuple:
     e = ix.var(name)
     if step != 1:
         e = ("mul", "int64", e, ix.const(step, "int64"))
-    return ("add", "int64", e, ix.const(start, "int64")) if start else e
+    return ix.arith("add", "int64", e, ix.const(start, "int64"))
 
 
 # ---- derivation -----------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class _Deriver:
             return ix.const(float(x) if dt in ix.FLOATS else bool(x) if dt == "bool" else int(x), dt)
         s = self.sym(x)
         e = _shift(s.expr, 0, rank - len(s.shape))
-        return e if s.dtype == compute else ("cast", compute, e)
+        return e if s.dtype == compute else ix.cast(compute, e)
 
     def _rule(self, node) -> _Sym:
         if not isinstance(node, Node) or node.op != "call_function":
@@ -209,7 +209,7 @@ class _Deriver:
                 raise NotIndex("a floating-point arange (its values depend on how torch rounds each step)")
             start, step = (0, 1) if t == aten.arange.default else (args[0], args[2] if len(args) > 2 else 1)
             expr = _affine(start, step, "d0") if shape[0] != 1 else ix.const(start, dt)
-            return _Sym(shape, dt, expr if dt == "int64" else ("cast", dt, expr))
+            return _Sym(shape, dt, expr if dt == "int64" else ix.cast(dt, expr))
         if t in (aten.ones.default, aten.zeros.default, aten.full.default, aten.ones_like.default,
                  aten.zeros_like.default, aten.full_like.default, aten.scalar_tensor.default):
             fixed = {aten.ones.default: 1, aten.ones_like.default: 1, aten.zeros.default: 0, aten.zeros_like.default: 0}
@@ -225,7 +225,7 @@ class _Deriver:
             s = self.sym(args[0])
             if set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}:
                 raise NotIndex("a copy with options other than a dtype")
-            return _Sym(shape, dt, s.expr if s.dtype == dt else ("cast", dt, s.expr))
+            return _Sym(shape, dt, s.expr if s.dtype == dt else ix.cast(dt, s.expr))
         if t in (aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default) or t in _RESHAPES:
             return self._reshape(node, shape, dt)
         if t == aten.expand.default:

@@ -2,6 +2,7 @@
 mask or bias is no longer an operator input (only ALiBi's per-head slopes are, as (1, H, 1, 1)),
 the tile plan skips hidden tiles and skips the mask on unmasked ones, and outputs and gradients
 equal the float64 reference. Near-misses keep the tensor, and say why when it was a constant."""
+import copy
 import math
 
 import pytest
@@ -307,3 +308,36 @@ def test_each_index_op_is_derived_and_computed_as_written(name):
     torch.testing.assert_close(res.module(q, k, v), f(q, k, v))  # the torch reference
     with fxfuse.config.patch(interpret=True):
         torch.testing.assert_close(res.module(q, k, v), f(q, k, v))  # the kernel
+
+
+# ---- real model code: transformers' MPT builds ALiBi and its causal mask from positions --------------
+
+def test_mpt_alibi_and_causal_mask_are_computed_in_the_kernels():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MptConfig(d_model=32, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64,
+                                    vocab_size=64)
+    model = transformers.MptForCausalLM(config).train()  # no dropout configured: train mode is deterministic
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    res = fxfuse.rewrite(model, (ids,), example_kwargs={"labels": ids})
+    attention = [m for m in res.matches if m.kind == "attention"]
+    assert len(attention) == 2 and not res.misses, res.report()
+    for match in attention:  # the slopes are the only input: no (L, L) bias or mask tensor
+        assert match.spec.inputs == ("head",), match.describe()
+        assert "+ bias (f32(i32(j + -6)) * head0)" in match.describe() and "masked_fill(j > i" in match.describe()
+
+    def step(run, m):
+        m.zero_grad()
+        out = run(ids, labels=ids)
+        out.loss.backward()
+        return out.logits, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    with fxfuse.config.patch(interpret=True):
+        got, got_grads = step(res.module, model)
+    eager, eager_grads = step(model, model)
+    wide = copy.deepcopy(model).double()
+    reference, reference_grads = step(wide, wide)
+    assert_close_to_reference(got, eager, reference, "logits")
+    assert set(got_grads) == set(eager_grads)
+    for n in got_grads:
+        assert_close_to_reference(got_grads[n], eager_grads[n], reference_grads[n], f"gradient of {n}")
