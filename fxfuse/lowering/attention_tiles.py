@@ -49,14 +49,14 @@ class TilePlan:
 
 def _hidden(spec: AttentionSpec, steps: list[int], shape4, rows: range, device) -> torch.Tensor | None:
     """Whether any of ``steps`` hides each score of query rows ``rows`` (broadcast over b, h)."""
-    from fxfuse.ops.attention import causal_mask
-
     b, h, lq, lk = shape4
     out = None
     for k in steps:
         step = spec.steps[k]
-        if step.expr is None:  # the causal rule
-            hidden = causal_mask(lq, lk, device, step.window)[rows.start:rows.stop][None, None]
+        if step.expr is None:  # the causal rule (aligned bottom-right), for these rows only
+            i = torch.arange(rows.start, rows.stop, device=device)[:, None] + (lk - lq)
+            j = torch.arange(lk, device=device)[None, :]
+            hidden = ((j > i) | (j <= i - step.window) if step.window else j > i)[None, None]
         else:
             grids = index_expr.grids((b, h, len(rows), lk), device)
             grids["i"] = grids["i"] + rows.start

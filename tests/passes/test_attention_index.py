@@ -341,3 +341,20 @@ def test_mpt_alibi_and_causal_mask_are_computed_in_the_kernels():
     assert set(got_grads) == set(eager_grads)
     for n in got_grads:
         assert_close_to_reference(got_grads[n], eager_grads[n], reference_grads[n], f"gradient of {n}")
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("lq,lk", [(37, 37), (5, 40), (40, 21)])
+def test_tile_plan_with_the_causal_rule_equals_a_tile_by_tile_count(lq, lk, window):
+    from fxfuse.ops.attention import causal_mask
+
+    i, j = ("var", "int64", "i"), ("var", "int64", "j")
+    chunk = ("ne", "bool", ("floordiv", "int64", i, ("const", "int64", 8)), ("floordiv", "int64", j, ("const", "int64", 8)))
+    spec = AttentionSpec("float32", (ScoreStep("fill", "float32", -math.inf, window=window),
+                                     ScoreStep("fill", "float32", -math.inf, expr=chunk)))
+    plan = tile_plan(spec, (1, H, lq, lk), 16, 16)
+    hidden = causal_mask(lq, lk, "cpu", window) | (torch.arange(lq)[:, None] // 8 != torch.arange(lk)[None, :] // 8)
+    for m in range(plan.empty.shape[0]):
+        for n in range(plan.empty.shape[1]):
+            tile = hidden[m * 16:(m + 1) * 16, n * 16:(n + 1) * 16]
+            assert plan.empty[m, n] == tile.all() and plan.full[m, n] == (~tile).all(), (m, n)
