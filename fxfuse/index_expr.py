@@ -44,6 +44,12 @@ def const(value, dtype: str) -> tuple:
     return ("const", dtype, value)
 
 
+def variables(expr) -> set[str]:
+    if expr[0] == "var":
+        return {expr[2]}
+    return set().union(*(variables(a) for a in expr[2:] if isinstance(a, tuple)))
+
+
 def loads(expr) -> set[int]:
     if expr[0] == "load":
         return {expr[2]}

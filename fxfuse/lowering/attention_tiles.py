@@ -76,7 +76,10 @@ def _plan(spec_json: str, shape4: tuple, block_m: int, block_n: int, device: str
     full = torch.zeros(n_m, n_n, dtype=torch.bool, device=device)
     if not empty.numel():  # no queries or no keys: nothing to visit
         return TilePlan(empty, full)
-    tiles_per_chunk = max(1, _CHUNK // (block_m * lk * b * h))
+    # The batch and head axes widen the evaluated grid only where an expression reads them.
+    read = set().union(*(index_expr.variables(s.expr) for s in spec.steps if s.expr is not None))
+    spread = (b if "b" in read else 1) * (h if "h" in read else 1)
+    tiles_per_chunk = max(1, _CHUNK // (block_m * lk * spread))
     for m0 in range(0, n_m, tiles_per_chunk):
         rows = range(m0 * block_m, min(lq, (m0 + tiles_per_chunk) * block_m))
         pad_rows, pad_cols = -len(rows) % block_m, n_n * block_n - lk
