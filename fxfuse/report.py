@@ -65,6 +65,7 @@ class Report:
                 lines.append(f"  {m.kind} at {m.source} -- {m.describe()}{arrow}")
                 if m.code:
                     lines.append(f"      {m.code}")
+                lines += [f"      note: {note}" for note in m.notes]
         if self.misses:
             lines.append("declined:")
             for m in self.misses:

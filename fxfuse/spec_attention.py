@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from fxfuse.index_expr import text, tupled
 from fxfuse.spec import _SHORT
 
 # Step kinds on the scores ``s`` (all elementwise, all keep the score shape):
@@ -22,8 +23,11 @@ from fxfuse.spec import _SHORT
 #   "fill" s = value where inputs[input] is True (or, with invert, where it is False); input -1
 #          is the causal mask, True where key j is after query i (j > i + Lk - Lq), with a
 #          ``window`` also where it is window or more keys before (a sliding window), which the
-#          pass sets only when it proved a constant mask of that form from its values
-#   "add"  s + inputs[input]    (additive mask or bias, broadcast to (B, H, Lq, Lk))
+#          pass sets only when it proved a constant mask of that form from its values; with an
+#          ``expr`` (input -1), s = value where that index expression over (b, h, i, j) is True
+#   "add"  s + inputs[input]    (additive mask or bias, broadcast to (B, H, Lq, Lk)), or with an
+#          ``expr`` (input -1), s + that index expression (see fxfuse.index_expr; it may load
+#          inputs of kind "head": (1|B, 1|H, 1, 1) tensors read once per program)
 #   "cast" s.to(dtype)
 #   "tanh" torch.tanh(s)        (with a "div" before and a "mul" after: logit soft-capping)
 STEP_OPS = ("mul", "div", "fill", "add", "cast", "tanh")
@@ -37,6 +41,11 @@ class ScoreStep:
     input: int = -1
     invert: bool = False  # "fill" only: fill where the mask is False (torch.where(mask, s, value))
     window: int = 0  # causal "fill" only: also hide key j when j <= i + Lk - Lq - window (sliding window)
+    expr: tuple | None = None  # "fill"/"add" with input -1: an index expression (fxfuse.index_expr)
+
+    @property
+    def causal(self) -> bool:
+        return self.op == "fill" and self.input == -1 and self.expr is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +58,8 @@ class AttentionSpec:
     steps:         score operations in program order (see STEP_OPS).
     prob_dtype:    dtype of the probabilities as they enter the value product (after any cast of
                    the softmax's result; the softmax runs in the dtype of the last step).
-    inputs:        per extra tensor, "mask" (boolean), "bias" (added) or "factor" (multiplies or divides).
+    inputs:        per extra tensor, "mask" (boolean), "bias" (added), "factor" (multiplies or divides)
+                   or "head" (a (1|B, 1|H, 1, 1) tensor an index expression loads, e.g. ALiBi's slopes).
     kv_groups:     query heads per key/value head (grouped-query attention): k and v have H / kv_groups
                    heads and are read in place, query head h using kv head h // kv_groups.
     dropout:       the rate of dropout on the probabilities (training): each probability, independently,
@@ -71,7 +81,7 @@ class AttentionSpec:
 
     @property
     def causal(self) -> bool:
-        return any(step.op == "fill" and step.input == -1 for step in self.steps)
+        return any(step.causal for step in self.steps)
 
     @property
     def out_dtype(self) -> str:
@@ -101,15 +111,18 @@ class AttentionSpec:
 
     def to_json(self) -> str:
         # json writes inf as Infinity, which json.loads reads back: fill values may be -inf.
-        fields = dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
         if not self.dropout:  # left out at its default: sites without dropout keep their JSON and kernel names
-            del fields["dropout"]
-        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
+            del raw["dropout"]
+        for step in raw["steps"]:
+            if step["expr"] is None:  # specs without expressions keep their JSON (and kernel names)
+                del step["expr"]
+        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
     def from_json(text: str) -> "AttentionSpec":
         raw = json.loads(text)
-        raw["steps"] = tuple(ScoreStep(**s) for s in raw["steps"])
+        raw["steps"] = tuple(ScoreStep(**{**s, "expr": tupled(s.get("expr"))}) for s in raw["steps"])
         raw["inputs"] = tuple(raw["inputs"])
         return AttentionSpec(**raw)
 
@@ -127,6 +140,9 @@ class AttentionSpec:
                 if not scale_written:
                     parts.append(f"scale {self.scale:.6g}")
                     scale_written = True
+            elif step.expr is not None:
+                parts.append(f"masked_fill({text(step.expr)}, {step.value:g})" if step.op == "fill"
+                             else f"+ bias ({text(step.expr)})")
             elif step.op == "fill":
                 if step.input == -1:
                     window = f", window {step.window}" if step.window else ""

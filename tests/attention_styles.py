@@ -259,10 +259,102 @@ class AddmmSingleHead2D(nn.Module):  # torch.addmm(bias, q, k.T): a 2-D product 
         return torch.addmm(bias, q, k.T, alpha=0.5).softmax(-1) @ v
 
 
+class ChunkedLocalMask(nn.Module):  # chunked/local attention (Llama 4-style chunks): i // C == j // C
+    CHUNK = 2
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        i, j = torch.arange(q.size(-2)), torch.arange(k.size(-2))
+        same_chunk = (i[:, None] // self.CHUNK) == (j[None, :] // self.CHUNK)
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+        return scores.masked_fill(~same_chunk, float("-inf")).softmax(-1) @ v
+
+
+class PrefixLMWhere(nn.Module):  # prefix-LM (T5/PaliGemma): the prefix is seen by all, the rest causally
+    PREFIX = 2
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.size(-2)).view(-1, 1)
+        j = torch.arange(k.size(-2)).view(1, -1)
+        visible = (j < self.PREFIX) | (j <= i)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+        return torch.where(visible, scores, torch.finfo(scores.dtype).min).softmax(-1) @ v
+
+
+class DilatedCausal(nn.Module):  # strided/dilated (Sparse Transformer): every 2nd key back, causally
+    STRIDE = 2
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        i, j = torch.arange(q.size(-2))[:, None], torch.arange(k.size(-2))[None, :]
+        keep = ((i - j) % self.STRIDE == 0) & (j <= i)
+        return (q @ k.transpose(-1, -2)).masked_fill(keep.logical_not(), float("-inf")).softmax(-1) @ v
+
+
+class CausalTriuOnes(nn.Module):  # torch.triu(ones, 1) as the hidden part: proved causal
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        hidden = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+        return (q @ k.transpose(-1, -2) * 0.3).masked_fill(hidden, float("-inf")).softmax(-1) @ v
+
+
+class OffsetPositionsMask(nn.Module):  # positions offset by a cache length: each query sees one key ahead
+    OFFSET = 7
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        i = torch.arange(self.OFFSET, self.OFFSET + q.size(-2))[:, None]
+        j = torch.arange(k.size(-2))[None, :] + self.OFFSET
+        return (q @ k.transpose(-1, -2)).masked_fill(j > i + 1, float("-inf")).softmax(-1) @ v
+
+
+class AlibiSlopes(nn.Module):  # ALiBi (Press et al.; BLOOM's slopes): slopes[:, None, None] * (j - i), causal
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        heads, n = q.size(1), q.size(-2)
+        slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+        i = torch.arange(n)
+        bias = (slopes[:, None, None] * (i[None, :] - i[:, None])).to(q.dtype)
+        scores = q @ k.transpose(-1, -2) * q.size(-1) ** -0.5 + bias
+        return scores.masked_fill(i[None, :] > i[:, None], float("-inf")).softmax(-1) @ v
+
+
+class AlibiMPT(nn.Module):  # MPT's build_alibi_bias: int32 arange(1 - L, 1) * (1, H, 1, 1) slopes
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        heads, n = q.size(1), k.size(-2)
+        alibi = torch.arange(1 - n, 1, dtype=torch.int32).view(1, 1, 1, n)
+        base = torch.arange(1, heads + 1, dtype=torch.int64).float() * (8 / heads)
+        slopes = (1.0 / torch.pow(2, base)).view(1, heads, 1, 1)
+        bias = (alibi * slopes).squeeze(0)  # (H, 1, L)
+        scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5 + bias.to(q.dtype)
+        return scores.softmax(-1) @ v
+
+
 STYLES = [MatmulTranspose, EinsumUpcastSoftmax, BmmFlatHeadsScaledQuery, ScaleOnScoresMT, CausalTrilBuffer,
           CausalTrilInForward, CausalArangeWhere, SlidingWindowArange, SoftcapGemma2, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
           GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues, PerHeadTemperature, TensorSqrtScale,
-          BaddbmmAlibiBloom, BaddbmmScaledBias, BaddbmmEmptyBetaZero, SingleHead2D, AddmmSingleHead2D]
+          BaddbmmAlibiBloom, BaddbmmScaledBias, BaddbmmEmptyBetaZero, SingleHead2D, AddmmSingleHead2D,
+          ChunkedLocalMask, PrefixLMWhere, DilatedCausal, CausalTriuOnes, OffsetPositionsMask, AlibiSlopes, AlibiMPT]
+# Masks and biases computed from positions: the kernel computes them (no mask or bias tensor).
+INDEX_STYLES = [ChunkedLocalMask, PrefixLMWhere, DilatedCausal, CausalTriuOnes, OffsetPositionsMask, AlibiSlopes,
+                AlibiMPT]
 
 
 # ---- near-misses: each must be declined, with the reason in ``reason`` ----------------------------

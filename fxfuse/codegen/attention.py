@@ -19,8 +19,10 @@ import textwrap
 import torch
 import triton
 
+from fxfuse.codegen.attention_index import emit, prologue
 from fxfuse.codegen.cache import Kernel, kernel_name, load, store
 from fxfuse.lowering.attention import AttentionPlan, lower_attention
+from fxfuse.lowering.attention_tiles import tile_lists
 from fxfuse.spec_attention import AttentionSpec
 
 _TL = {"float32": "tl.float32", "bfloat16": "tl.bfloat16", "float16": "tl.float16"}
@@ -50,8 +52,20 @@ def _steps(plan: AttentionPlan) -> list[str]:
     """The score steps on a tile ``s``; step k's mask is ``flag{k}`` and factor tile ``fac{k}``
     (the backward kernels reuse them to take the gradient back through the steps)."""
     lines = _round("s", "s", plan.score_round) if plan.score_round else []
-    for k, (op, value, index, invert, window, rounding) in enumerate(plan.steps):
-        if op in ("mul", "div"):
+    for k, (op, value, index, invert, window, rounding, index_expr) in enumerate(plan.steps):
+        if op == "fill" and index_expr is not None:
+            # Out-of-bounds rows stay visible (no NaN in unused rows); tiles no index mask touches
+            # (``partial`` false, see lowering.attention_tiles) skip evaluating the expression.
+            hide = emit(index_expr, f"hide{k}") + [f"flag{k} = in_bounds & hide{k}"]
+            lines += [f"flag{k} = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int1)", "if partial:",
+                      *("    " + line for line in hide)]
+            expr = f"tl.where(flag{k}, {_lit(value)}, s)"
+        elif op == "add" and index_expr is not None:
+            # Zero outside the scores: past the end an expression may be huge (exp would overflow
+            # in an unused row, and the backward multiplies that row's dS, inf * 0, into dK).
+            lines += emit(index_expr, f"bias{k}")
+            expr = f"s + tl.where(in_bounds, bias{k}, 0.0)"
+        elif op in ("mul", "div"):
             if index != -1:
                 lines.append(f"fac{k} = tl.load({_tile(index)}, mask=in_bounds, other=1.0).to(tl.float32)")
             expr = f"s {'*' if op == 'mul' else '/'} {_lit(value) if index == -1 else f'fac{k}'}"
@@ -118,11 +132,39 @@ def _dropped(spec: AttentionSpec, p: str) -> str:
     return f"tl.where(keep, {p} * {_lit(1.0 / (1.0 - spec.dropout))}, 0.0)" if spec.dropout else p
 
 
+def _tile_loop(plan: AttentionPlan, over: str, lo: str, hi: str) -> str:
+    """The loop header over key tiles ("n": forward, dq) or query tiles ("m": dK/dV), at 4 spaces:
+    a range, or with tile lists the listed tiles of this program's query (key) tile."""
+    block, length, pid = ("BLOCK_N", "LK", "pid_m") if over == "n" else ("BLOCK_M", "LQ", "pid_n")
+    start, offs = f"start_{over}", f"offs_{over}"
+    if not plan.tile_lists:
+        return (f"    for {start} in range({lo}, {hi}, {block}):\n"
+                f"        {offs} = {start} + tl.arange(0, {block})")
+    lists = "KV" if over == "n" else "Q"
+    row = f"{pid} * tl.cdiv({length}, {block}) + t"
+    return (f"    for t in range(0, tl.load({lists}_NUM + {pid})):\n"
+            f"        {start} = tl.load({lists}_IDX + {row}) * {block}\n"
+            f"        partial = tl.load({lists}_PARTIAL + {row}) != 0  # an index mask hides part of this tile\n"
+            f"        {offs} = {start} + tl.arange(0, {block})")
+
+
+def _tile_args(plan: AttentionPlan, backward: bool) -> str:
+    if not plan.tile_lists:
+        return ""
+    return "KV_NUM, KV_IDX, KV_PARTIAL, " + ("Q_NUM, Q_IDX, Q_PARTIAL, " if backward else "")
+
+
+def _head_loads(plan: AttentionPlan) -> str:
+    return "".join("\n    " + line for line in prologue(plan.loads))
+
+
 def _source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
-    extras = "".join(f"E{i}, " for i in range(len(plan.inputs))) + ("SEED, " if spec.dropout else "")
+    extras = "".join(f"E{i}, " for i in range(len(plan.inputs))) + _tile_args(plan, False) + \
+        ("SEED, " if spec.dropout else "")
     extra_strides = "".join(f"se{i}_b, se{i}_h, se{i}_m, se{i}_n, " for i in range(len(plan.inputs)))
     precision = ', input_precision="ieee"' if plan.fp32_dot else ""
     lo, hi = _key_range(plan)
+    loop = (f"    lo = {lo}\n    hi = {hi}\n" if not plan.tile_lists else "") + _tile_loop(plan, "n", "lo", "hi")
     steps = "\n".join(" " * 8 + line for line in _steps(plan))
     seed = "\n    seed = tl.load(SEED)" if spec.dropout else ""
     to_v = "p_v = p.to(V.dtype.element_ty)  # the probabilities meet v in v's dtype, as in the user's code"
@@ -158,11 +200,8 @@ def {name}_forward({("Q, K, V, O, STATS, " + extras).rstrip()}
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32){seed}
-    lo = {lo}
-    hi = {hi}
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32){seed}{_head_loads(plan)}
+{loop}
         in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                     mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
@@ -232,6 +271,13 @@ def dropout_mask(spec: AttentionSpec, seed: torch.Tensor, shape4, device) -> tor
     return keep.bool()
 
 
+def _tiles(spec: AttentionSpec, shape4, device) -> tuple:
+    """The tile lists the kernels read when the spec has index-expression masks, else ()."""
+    if not any(s.op == "fill" and s.expr is not None for s in spec.steps):
+        return ()
+    return tile_lists(spec, shape4, BLOCK_M, BLOCK_N, device)
+
+
 def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None, seed=None,
             merge_heads: bool = False):
     """Launch the forward kernel; returns (out (B, H, Lq, Dv), stats (2, B*H, Lq) float32): each
@@ -250,9 +296,10 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
     out = output_buffer((b, h, lq, dv), out_dtype or v.dtype, q.device, merge_heads)
     stats = torch.empty((2, b * h, lq), dtype=torch.float32, device=q.device)
     es = [_extra_4d(e, (b, h, lq, lk)) for e in extras]
+    tiles = _tiles(spec, (b, h, lq, lk), q.device)[:3]
     if out.numel():
         kernel[(triton.cdiv(lq, BLOCK_M), b * h)](
-            q, k, v, out, stats, *es, *_seed(spec, seed), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            q, k, v, out, stats, *es, *tiles, *_seed(spec, seed), *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
             BLOCK_DV=max(16, triton.next_power_of_2(dv)), DOT_F32=not q.is_cuda, ROUND=out_dtype is None,
@@ -269,8 +316,8 @@ def _grad_steps(plan: AttentionPlan, store_bias: bool = False) -> list[str]:
     on; the launcher reduces that to the bias's shape."""
     lines = []
     for k in reversed(range(len(plan.steps))):
-        op, value, index, invert, _, _ = plan.steps[k]
-        if op == "add" and store_bias:
+        op, value, index, invert, _, _, _ = plan.steps[k]
+        if op == "add" and index >= 0 and store_bias:
             lines += ["if BIAS_GRAD:",
                       f"    tl.store(DB{k} + (pid_bh * LQ + offs_m[:, None]).to(tl.int64) * LK + offs_n[None, :], ds, "
                       "mask=in_bounds)"]
@@ -287,7 +334,8 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     """Two kernels recomputing the probabilities from the saved log-sum-exp: one program per key
     block accumulates dk and dv over the queries, one per query block accumulates dq over the keys
     (no atomics). dk and dv are per query head; the launcher sums a kv head's group."""
-    extras = "".join(f"E{i}, " for i in range(len(plan.inputs))) + ("SEED, " if spec.dropout else "")
+    extras = "".join(f"E{i}, " for i in range(len(plan.inputs))) + _tile_args(plan, True) + \
+        ("SEED, " if spec.dropout else "")
     extra_strides = "".join(f"se{i}_b, se{i}_h, se{i}_m, se{i}_n, " for i in range(len(plan.inputs)))
     precision = ', input_precision="ieee"' if plan.fp32_dot else ""
     # With dropout, dO @ v^T is the gradient of the dropped probabilities: masked and rescaled, it
@@ -304,7 +352,7 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
             "ds = p * (dp - delta[:, None])", *_grad_steps(plan, store_bias)])
 
     # The dq kernel visits every (query, key) tile of its rows once: it writes the biases' dS.
-    adds = [k for k, step in enumerate(plan.steps) if step[0] == "add"]
+    adds = [k for k, step in enumerate(plan.steps) if step[0] == "add" and step[2] >= 0]
     bias_args = "".join(f"DB{k}, " for k in adds) + ("BIAS_GRAD: tl.constexpr, " if adds else "")
     lo_m = "tl.maximum(0, (pid_n * BLOCK_N - (LK - LQ)) // BLOCK_M * BLOCK_M)" if plan.skip_above_diagonal else "0"
     hi_m = "LQ"
@@ -322,7 +370,7 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     off_h = (pid_bh % H).to(tl.int64)
     off_hkv = off_h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)''' + ("\n    seed = tl.load(SEED)" if spec.dropout else "")
+    offs_dv = tl.arange(0, BLOCK_DV)''' + ("\n    seed = tl.load(SEED)" if spec.dropout else "") + _head_loads(plan)
     load_q = """q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
 do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
@@ -354,8 +402,7 @@ def {name}_backward_dkdv({args}, DK, DV_OUT, {consts}):
 {indent(load_kv, 4)}
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for start_m in range({lo_m}, {hi_m}, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+{_tile_loop(plan, "m", lo_m, hi_m)}
         in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
 {indent(load_q, 8)}
 {body(False)}
@@ -378,8 +425,7 @@ def {name}_backward_dq({args}, DQ, {bias_args}{consts}):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 {indent(load_q, 4)}
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range({lo}, {hi}, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+{_tile_loop(plan, "n", lo, hi)}
         in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
 {indent(load_kv, 8)}
 {body(True)}
@@ -413,13 +459,14 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, bias_grads: list[bo
     dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
     es = [_extra_4d(e, (b, h, lq, lk)) for e in extras]
-    common = (q, k, v, grad_out, stats, delta, *es, *_seed(spec, seed), *q.stride(), *k.stride(), *v.stride(),
-              *grad_out.stride(), *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv_dim)
+    common = (q, k, v, grad_out, stats, delta, *es, *_tiles(spec, (b, h, lq, lk), q.device), *_seed(spec, seed),
+              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(s for e in es for s in e.stride()), h,
+              spec.kv_groups, lq, lk, d, dv_dim)
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 BLOCK_DV=max(16, triton.next_power_of_2(dv_dim)), DOT_F32=not q.is_cuda, ROUND=False)
     kernels = {n.rsplit("_", 1)[-1]: getattr(module, n) for n in dir(module) if "_backward_" in n}
     bias_grads = list(bias_grads or [False] * len(extras))
-    adds = [(n, step.input) for n, step in enumerate(spec.steps) if step.op == "add"]  # (step, extra)
+    adds = [(n, step.input) for n, step in enumerate(spec.steps) if step.op == "add" and step.input >= 0]  # (step, extra)
     wanted = any(bias_grads[i] for _, i in adds)
     # dS of each add step for the full scores, zeros where the kernel skips a tile (exactly zero
     # probability there); only allocated when a bias needs its gradient (dq stands in otherwise:

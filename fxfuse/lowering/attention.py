@@ -8,12 +8,16 @@ Stages, in order:
 3. decide whether key tiles entirely above the causal diagonal (or, with a sliding window,
    entirely before it) may be skipped: only when the
    causal fill is -inf and nothing after it can turn -inf into a finite value or NaN (a
-   non-positive factor), so that a skipped key's probability would have been exactly zero.
+   non-positive factor), so that a skipped key's probability would have been exactly zero;
+4. with index-expression masks, the kernels visit key (query) tiles from per-tile lists computed
+   at launch (``attention_tiles``): tiles every skippable fill hides (the rule of stage 3) are left
+   out, and tiles no index mask touches skip evaluating the expressions.
 """
 from __future__ import annotations
 
 import dataclasses
 
+from fxfuse.index_expr import loads
 from fxfuse.spec_attention import AttentionSpec
 
 _PRECISION = {"float64": 3, "float32": 2, "bfloat16": 1, "float16": 1}
@@ -22,32 +26,45 @@ _PRECISION = {"float64": 3, "float32": 2, "bfloat16": 1, "float16": 1}
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
     score_round: str | None  # rounding of q @ k^T, as the user's product rounds it
-    steps: tuple[tuple[str, float, int, bool, int, str | None], ...]  # (op, value, input, invert, window, rounding)
+    # (op, value, input, invert, window, rounding, index expression or None)
+    steps: tuple[tuple[str, float, int, bool, int, str | None, tuple | None], ...]
     inputs: tuple[str, ...]
     skip_above_diagonal: bool
     window: int  # with skip_above_diagonal: key tiles a whole window before a query tile are skipped too
     fp32_dot: bool  # the operands are float32: ask tl.dot for full precision (no tf32)
+    tile_lists: bool = False  # an index-expression mask: tiles come from lists made at launch
+    loads: tuple[int, ...] = ()  # inputs of kind "head" the expressions load once per program
 
 
 def _rounding(name: str) -> str | None:
     return name if _PRECISION[name] < _PRECISION["float32"] else None
 
 
-def _can_skip_causal_tiles(spec: AttentionSpec) -> bool:
-    causal = [i for i, s in enumerate(spec.steps) if s.op == "fill" and s.input == -1]
-    if not causal or spec.steps[causal[0]].value != float("-inf") or spec.steps[causal[0]].invert:
+def skippable_fill(spec: AttentionSpec, k: int) -> bool:
+    """Whether the scores fill step ``k`` hides have probability exactly zero: it fills -inf, and
+    nothing after it can turn -inf into a finite value or NaN (a later fill of a finite value, a
+    bias, tanh, a non-positive factor)."""
+    step = spec.steps[k]
+    if step.op != "fill" or step.value != float("-inf") or step.invert:
         return False
-    later = spec.steps[causal[0] + 1:]
     # A factor tensor (input >= 0) may hold non-positive values: no skipping after one.
-    return all(s.op == "cast" or (s.op in ("mul", "div") and s.input == -1 and s.value > 0) for s in later)
+    return all(s.op == "cast" or (s.op in ("mul", "div") and s.input == -1 and s.value > 0) or
+               (s.op == "fill" and s.value == float("-inf")) for s in spec.steps[k + 1:])
+
+
+def _can_skip_causal_tiles(spec: AttentionSpec) -> bool:
+    causal = [i for i, s in enumerate(spec.steps) if s.causal]
+    return bool(causal) and skippable_fill(spec, causal[0])
 
 
 def lower_attention(spec: AttentionSpec) -> AttentionPlan:
     return AttentionPlan(
         score_round=_rounding(spec.score_dtype),
-        steps=tuple((s.op, s.value, s.input, s.invert, s.window, _rounding(s.dtype)) for s in spec.steps),
+        steps=tuple((s.op, s.value, s.input, s.invert, s.window, _rounding(s.dtype), s.expr) for s in spec.steps),
         inputs=spec.inputs,
         skip_above_diagonal=_can_skip_causal_tiles(spec),
-        window=next((s.window for s in spec.steps if s.op == "fill" and s.input == -1), 0),
+        window=next((s.window for s in spec.steps if s.causal), 0),
         fp32_dot=spec.score_dtype == "float32",
+        tile_lists=any(s.op == "fill" and s.expr is not None for s in spec.steps),
+        loads=tuple(sorted(set().union(*(loads(s.expr) for s in spec.steps if s.expr is not None)))),
     )

@@ -2,7 +2,9 @@
 
 q, k, v are ``(B, H, L, D)`` (any strides; k and v may have H / kv_groups heads); the extra
 tensors (boolean masks, additive masks and biases, factor tensors) broadcast to the scores'
-``(B, H, Lq, Lk)`` the way they did in the user's code (aligned on the right). On CUDA, or on CPU
+``(B, H, Lq, Lk)`` the way they did in the user's code (aligned on the right); masks and biases
+given as index expressions are evaluated (``fxfuse.index_expr``), with per-head inputs among the
+extras. On CUDA, or on CPU
 when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
 implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxfuse import config
+from fxfuse import config, index_expr
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 
@@ -45,9 +47,25 @@ def causal_mask(lq: int, lk: int, device, window: int = 0, rows: tuple[int, int]
     return (j > i) | (j <= i - window) if window else j > i
 
 
-def _mask_of(step, extras: list[Tensor], lq: int, lk: int, device, rows: tuple[int, int] | None = None) -> Tensor:
-    mask = causal_mask(lq, lk, device, step.window, rows) if step.input == -1 else extras[step.input]
+def _expr_values(expr, extras: list[Tensor], shape4, device, rows: tuple[int, int] | None = None) -> Tensor:
+    """An index expression's values, 4-d (1 along the axes it does not vary on); ``rows`` (first,
+    end) gives only those query rows."""
+    r = index_expr.evaluate(expr, index_expr.grids(shape4, device, rows), extras)
+    return r.reshape((1,) * (4 - r.dim()) + tuple(r.shape))
+
+
+def _mask_of(step, extras: list[Tensor], shape4, device, rows: tuple[int, int] | None = None) -> Tensor:
+    if step.expr is not None:
+        return _expr_values(step.expr, extras, shape4, device, rows)
+    mask = causal_mask(*shape4[-2:], device, step.window, rows) if step.input == -1 else extras[step.input]
     return ~mask if step.invert else mask
+
+
+def _addend(step, extras: list[Tensor], shape4, device, rows: tuple[int, int] | None = None) -> Tensor:
+    """What an "add" step adds: its bias tensor, or its index expression's values (in its dtype)."""
+    if step.expr is not None:
+        return _expr_values(step.expr, extras, shape4, device, rows)
+    return extras[step.input]
 
 
 def _heads(kv: Tensor, spec: AttentionSpec) -> Tensor:
@@ -95,6 +113,7 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
     s = torch.matmul(q.to(acc_or_score), k.to(acc_or_score).transpose(-1, -2))
     lk = s.shape[-1]
     lq, span = (rows[2], rows[:2]) if rows else (s.shape[-2], None)
+    shape4 = (*s.shape[:-2], lq, lk)  # the whole scores' shape (the chunk's rows are ``span``)
     for step in spec.steps:
         if record is not None:
             record.append(s)
@@ -102,9 +121,10 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
             factor = step.value if step.input == -1 else extras[step.input].to(acc) if acc else extras[step.input]
             s = s * factor if step.op == "mul" else s / factor
         elif step.op == "fill":
-            s = s.masked_fill(_mask_of(step, extras, lq, lk, s.device, span), step.value)
+            s = s.masked_fill(_mask_of(step, extras, shape4, s.device, span), step.value)
         elif step.op == "add":
-            s = s + (extras[step.input].to(acc) if acc else extras[step.input])
+            bias = _addend(step, extras, shape4, s.device, span)
+            s = s + (bias.to(acc) if acc else bias)
         elif step.op == "tanh":
             s = torch.tanh(s)
         if acc is None:
@@ -178,10 +198,11 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     scale, step = form
     mask, hidden = None, None
     if step is not None and step.op == "add":
-        mask = extras[step.input].to(q.dtype)  # exact: a wider bias would have widened the scores
+        shape4 = (*q.shape[:2], q.shape[-2], k.shape[-2])
+        mask = _addend(step, extras, shape4, q.device).to(q.dtype)  # exact: a wider bias would have widened the scores
         hidden = mask == float("-inf")
     elif step is not None:
-        hidden = _mask_of(step, extras, q.shape[-2], k.shape[-2], q.device)
+        hidden = _mask_of(step, extras, (*q.shape[:2], q.shape[-2], k.shape[-2]), q.device)
         mask = ~hidden  # SDPA's boolean mask says which positions take part
     if mask is not None and mask.dim() < 2:  # SDPA's CPU kernel wants a mask of at least 2 dims
         mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
@@ -253,8 +274,8 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
             elif step.op == "div":
                 ds = ds / step.value
             elif step.op == "fill":
-                ds = ds.masked_fill(_mask_of(step, chunk, lq, lk, ds.device, r), 0.0)
-            elif step.op == "add":
+                ds = ds.masked_fill(_mask_of(step, chunk, (*ds.shape[:-2], lq, lk), ds.device, r), 0.0)
+            elif step.op == "add" and step.input >= 0:
                 accumulate(step.input, ds)
             elif step.op == "tanh":
                 ds = ds * (1 - torch.tanh(s_in) ** 2)
@@ -265,7 +286,7 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
         dk, dv = (g.unflatten(1, (k.shape[1], spec.kv_groups)).sum(2) for g in (dk, dv))
     out = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)]
     for e, d in zip(extras, d_extras):
-        if d is None:  # a boolean mask, or a bias no step added (never: the pass adds each once)
+        if d is None:  # a boolean mask, or a per-head input of an expression (a constant: no gradient)
             out.append(torch.zeros_like(e) if e.dtype.is_floating_point else e.new_empty(0))
         else:
             out.append(d.to(e.dtype))

@@ -19,7 +19,10 @@ over the key axis and the value product contracts it; every score term keeps the
 broadcasts the way the operator reads it (aligned on the right) and is not computed from v; no
 removed value (scores, probabilities) is used anywhere else; a mask is replaced by the causal
 (or sliding-window) rule only when its values, computed by a small deterministic constant
-subgraph, are exactly that rule (those replays and evaluations live in ``attention_layout.py``).
+subgraph, are exactly that rule (those replays and evaluations live in ``attention_layout.py``);
+any other mask or bias computed from positions becomes an index expression the kernel computes
+only when it is derived from the ops and its evaluation equals the subgraph's values bit for bit
+(``attention_index.py``), else it stays a tensor input, with a note when it was a constant.
 Anything unproven is a miss with its reason.
 """
 from __future__ import annotations
@@ -30,7 +33,9 @@ import math
 import torch
 from torch.fx import Node
 
+from fxfuse import index_expr
 from fxfuse.passes.attention_dropout import Dropout, NotDropout, drawn_nearby, dropout_of, metadata_only
+from fxfuse.passes.attention_index import Derived, NotIndex, derive, reads_graph_input
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
                                            layout_chain_back, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
@@ -67,6 +72,7 @@ class _Site:
     sources: dict  # "q"/"k"/"v" -> (source, permutation, groups) or None, see source_operand
     dropout: Dropout | None = None
     product_bias: dict = dataclasses.field(default_factory=dict)  # extra index -> beta: a baddbmm's bias
+    notes: tuple = ()  # why a constant mask or bias stayed a tensor input
 
 
 def _plain_cast(node) -> bool:
@@ -349,7 +355,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     score_dtype, head, beta = dtype_name(dtype(qk)), [], 1
     if is_op(qk, *_ADDED):
         score_dtype, head, beta = _added_product(qk, _root(v_op))
-    extras, kinds, spec_steps, product_bias = [], [], [], None
+    extras, kinds, spec_steps, product_bias, notes = [], [], [], None, []
     for step, extra in head:  # the added product's own steps: its bias has the product's shape
         if extra is not None:
             step = dataclasses.replace(step, input=len(extras))
@@ -362,8 +368,19 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             _check_extra(extra, step, score_shape, _root(v_op))
             mask = constant_value(extra, gm) if step.op == "fill" else None
             window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
+            derived = None
+            if window is None and step.op in ("fill", "add"):
+                derived = _index_form(extra, step, score_shape, gm, mask, notes)
             if window is not None:
                 step = dataclasses.replace(step, input=-1, invert=False, window=window)
+            elif derived is not None:
+                # The per-head inputs it loads, numbered as extras.
+                expr = index_expr.relabel_loads(derived.expr, {k: len(extras) + k for k in range(len(derived.heads))})
+                extras += derived.heads
+                kinds += ["head"] * len(derived.heads)
+                if step.op == "fill" and step.invert:
+                    expr = index_expr.negate(expr)
+                step = dataclasses.replace(step, input=-1, invert=False, expr=expr)
             else:
                 step = dataclasses.replace(step, input=len(extras))
                 extras.append(extra)
@@ -386,9 +403,22 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     dropped = probs.dropout.nodes if probs.dropout else []
     interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *dropped, *p_chain, pv}
     site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout,
-                 {product_bias: beta} if product_bias is not None else {})
+                 {product_bias: beta} if product_bias is not None else {}, tuple(notes))
     _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else [])})
     return site
+
+
+def _index_form(extra: Node, step: ScoreStep, score_shape, gm, value, notes: list) -> Derived | None:
+    """The proved index expression of a mask or bias, or None (it stays a tensor input). A mask or
+    bias that reads no graph input but is not derived or not proved gets a note saying why."""
+    kind = "mask" if step.op == "fill" else "bias"
+    try:
+        # A mask's expression loads nothing: the tile lists are made from the spec alone.
+        return derive(extra, score_shape, gm, allow_heads=step.op == "add", value=value)
+    except NotIndex as why:
+        if not reads_graph_input(extra):
+            notes.append(f"the {kind} {extra.name} stays a tensor input: {why}")
+        return None
 
 
 def _check_no_escape(site: _Site, probabilities: set[Node]) -> None:
@@ -438,7 +468,10 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     q = _operand_4d(gm, q_op, site, "q")
     k = _operand_4d(gm, k_op, site, "k")
     v = _operand_4d(gm, v_op, site, "v")
-    extras = [_product_bias(gm, site, i) if i in site.product_bias else e for i, e in enumerate(site.extras)]
+    # A per-head input of an index expression is read as its (1|B, 1|H, 1, 1) view; a baddbmm's
+    # bias is scaled by its beta.
+    extras = [insert_call(gm, aten.reshape.default, (e[0], list(e[1])), site.pv) if isinstance(e, tuple) else
+              _product_bias(gm, site, i) if i in site.product_bias else e for i, e in enumerate(site.extras)]
     # When the output only reaches the rest of the graph through a head merge (transpose(1, 2)
     # then reshape to (B, Lq, H * Dv)), the operator writes it in that order and the merge is a view.
     merge = head_merge_chain(site.pv, site.lead)
@@ -493,6 +526,6 @@ class FuseAttention:
                 result.misses.append(Miss("attention", source, str(why), code))
                 continue
             fused = _replace(gm, site)
-            result.matches.append(Match("attention", source, site.spec, fused.name, code))
+            result.matches.append(Match("attention", source, site.spec, fused.name, code, site.notes))
             result.changed += 1
         return result

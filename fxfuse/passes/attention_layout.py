@@ -136,8 +136,10 @@ def layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
 
 
 
-def constant_value(node: Node, gm: torch.fx.GraphModule) -> torch.Tensor | None:
-    """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange)."""
+def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = None) -> torch.Tensor | None:
+    """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange);
+    None when it reads one, or its result has more than ``limit`` elements (by default 2^28 for
+    boolean masks, 2^22 for other tensors)."""
     order, todo, seen = [], [node], set()
     while todo:
         n = todo.pop()
@@ -166,7 +168,7 @@ def constant_value(node: Node, gm: torch.fx.GraphModule) -> torch.Tensor | None:
     out = env[node]
     if not isinstance(out, torch.Tensor):
         return None
-    limit = _MAX_MASK_NUMEL if out.dtype == torch.bool else _MAX_CONSTANT_NUMEL
+    limit = limit or (_MAX_MASK_NUMEL if out.dtype == torch.bool else _MAX_CONSTANT_NUMEL)
     return out.cpu() if out.numel() <= limit else None
 
 

@@ -22,6 +22,7 @@ class Match:
     spec: Any  # the spec dataclass (fxfuse.spec)
     node: str  # name of the fused node in the rewritten graph
     code: str = ""  # the user's source line, when known
+    notes: tuple[str, ...] = ()  # what was left as written inside the site, and why
 
     def describe(self) -> str:
         return self.spec.describe() if hasattr(self.spec, "describe") else str(self.spec)

@@ -19,9 +19,10 @@ What the spec must reproduce, and how:
 
 - the scale (default ``1/sqrt(E)``, E = q's last dim) multiplies the scores;
 - ``is_causal`` hides key j from query i when j > i (top-left aligned). The spec's causal rule is
-  aligned bottom-right (j > i + Lk - Lq): equal only when Lq == Lk; for other lengths the pass
-  builds SDPA's mask, ``tril(ones(Lq, Lk))``, as a constant boolean mask input (every row keeps
-  key 0, so it needs no guard);
+  aligned bottom-right (j > i + Lk - Lq): equal only when Lq == Lk; for other lengths the spec
+  hides ``j > i`` as an index expression (every row keeps key 0, so it needs no guard); a constant
+  ``attn_mask`` computed from positions becomes an index expression too, when no row needs a
+  guard (``attention_index.py`` derives and proves it);
 - SDPA returns 0 (and zero gradients) for a query row whose every key is masked, where the fused
   operator follows a user-written softmax and gives NaN. Unless the mask is a constant proved to
   leave every row a key, the pass guards it: such rows see every key inside the operator (so
@@ -39,9 +40,11 @@ import operator
 import torch
 from torch.fx import Node
 
+from fxfuse import index_expr
+from fxfuse.passes.attention_index import NotIndex, derive
 from fxfuse.passes.attention_layout import causal_window, constant_value, head_merge_chain
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
-                                  source_of, val)
+                                  source_of)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -119,7 +122,6 @@ class _Claim:
     mask: Node | None  # the extra tensor (boolean: True takes part; or additive), None when absent or causal
     boolean: bool
     guard: bool  # rows may have every key masked: SDPA gives 0 there
-    top_left: tuple[int, int] | None = None  # (Lq, Lk): build SDPA's causal mask as the boolean mask
 
 
 def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
@@ -155,15 +157,15 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     steps = [] if wide == in_dtype else [ScoreStep("cast", wide)]
     steps.append(ScoreStep("mul", wide, value=float(scale)))
     score_shape = (b, h, lq, lk)
-    inputs, claimed_mask, boolean, guard, top_left = (), None, False, False, None
+    inputs, claimed_mask, boolean, guard = (), None, False, False
     if causal:
         if mask is not None:
             raise Declined("scaled_dot_product_attention with both attn_mask and is_causal")
         if lq == lk:
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1))
-        else:  # top-left, unlike the spec's rule: the mask itself, True where key j <= query i
-            steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True))
-            inputs, boolean, top_left = ("mask",), True, (lq, lk)
+        else:  # top-left, unlike the spec's rule: key j is hidden after query i, as an index expression
+            steps.append(ScoreStep("fill", wide, value=_NEG_INF, expr=("gt", "bool", index_expr.var("j"),
+                                                                         index_expr.var("i"))))
     elif mask is not None:
         # A boolean mask: as SDPA converted it (where(m, 0, -inf)), or as given to the composite op.
         source = mask if isinstance(mask, Node) and dtype(mask) == torch.bool else _boolean_source(mask)
@@ -187,33 +189,35 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         if window is not None:  # the mask's values are the causal (or sliding-window) rule
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1, window=window))
             claimed_mask = None
+        elif (derived := _index_form(claimed_mask, boolean, score_shape, gm, constant, guard)) is not None:
+            # Computed from positions: the kernel computes it (a mask's expression loads nothing).
+            expr = index_expr.negate(derived.expr) if boolean else derived.expr
+            steps.append(ScoreStep("fill" if boolean else "add", wide, value=_NEG_INF if boolean else 0.0, expr=expr))
+            claimed_mask = None
         else:
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True) if boolean
                          else ScoreStep("add", wide, input=0))
             inputs = ("mask" if boolean else "bias",)
     spec = AttentionSpec(score_dtype=in_dtype, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
                          kv_groups=h // hk, dropout=float(dropout))
-    return _Claim(spec, claimed_mask, boolean, guard, top_left)
+    return _Claim(spec, claimed_mask, boolean, guard)
 
 
 
-def _top_left_causal(gm, q: Node, lengths: tuple[int, int], before: Node) -> Node:
-    """``tril(ones(Lq, Lk, bool))``: SDPA's is_causal mask, True where key j <= query i."""
-    fake = val(q)
-    with gm.graph.inserting_before(before):
-        ones = gm.graph.call_function(aten.ones.default, (list(lengths),), {"dtype": torch.bool, "device": fake.device})
-        tril = gm.graph.call_function(aten.tril.default, (ones,))
-    with fake.fake_mode:
-        ones.meta["val"] = torch.ones(lengths, dtype=torch.bool, device=fake.device)
-        tril.meta["val"] = torch.tril(ones.meta["val"])
-    return tril
+def _index_form(mask: Node, boolean: bool, score_shape, gm, constant, guard: bool):
+    """The proved index expression of a constant attn_mask, or None. Not with a guard (rows with
+    no visible key need the mask itself) nor with per-head inputs (kept simple: one tensor or none)."""
+    if constant is None or guard:
+        return None
+    try:
+        return derive(mask, score_shape, gm, allow_heads=False, value=constant)
+    except NotIndex:
+        return None
 
 
 def _replace(gm, node: Node, claim: _Claim) -> Node:
     q, k, v = node.args[:3]
     extras, alive = [], None
-    if claim.top_left is not None:
-        extras.append(_top_left_causal(gm, q, claim.top_left, node))
     if claim.mask is not None:
         mask = claim.mask
         if claim.guard:
@@ -315,7 +319,17 @@ def _may_hide_whole_rows(site, gm) -> str | None:
     for step in site.spec.steps:
         if step.op == "cast" or (step.op in ("mul", "div") and step.input == -1 and step.value > 0):
             continue  # keep -inf as -inf and finite as finite
-        if step.op == "fill" and step.input == -1:
+        if step.expr is not None:  # an index expression (see attention_index.py)
+            heads = [constant_value(e[0] if isinstance(e, tuple) else e, gm) for e in site.extras]
+            if any(h is None for h in heads):
+                return "a bias computed at run time may hide whole rows"
+            heads = [h.reshape(e[1]) if isinstance(e, tuple) else h for h, e in zip(heads, site.extras)]
+            values = index_expr.evaluate(step.expr, index_expr.grids((*site.lead, lq, lk)), heads)
+            if step.op == "add":
+                hidden = hidden | (values == _NEG_INF)
+            elif step.value == _NEG_INF:
+                hidden = hidden | values.bool()
+        elif step.op == "fill" and step.input == -1:
             hidden = hidden | causal_mask(lq, lk, "cpu", step.window)
         elif step.op in ("fill", "add"):
             values = constant_value(site.extras[step.input], gm)

@@ -56,6 +56,13 @@ SPECS = {
     "dropout_causal_f32": AttentionSpec(
         F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("fill", F32, value=NEG_INF)), F32, dropout=0.1),
 }
+# Index expressions (see fxfuse.index_expr): ALiBi's slopes[h] * (j - i), then a 64-key chunk mask.
+_I, _J = ("var", "int64", "i"), ("var", "int64", "j")
+_ALIBI = ("mul", F32, ("load", F32, 0), ("cast", F32, ("sub", "int64", _J, _I)))
+_CHUNK = ("ne", "bool", ("floordiv", "int64", _I, ("const", "int64", 64)), ("floordiv", "int64", _J, ("const", "int64", 64)))
+SPECS["index_alibi_chunk_f32"] = AttentionSpec(
+    F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("add", F32, expr=_ALIBI),
+          ScoreStep("fill", F32, value=NEG_INF, expr=_CHUNK)), F32, inputs=("head",))
 KERNEL_FUNCTIONS = ("_forward", "_backward_dkdv", "_backward_dq")
 
 

@@ -15,18 +15,24 @@ import pytest
 import torch
 
 import fxfuse
+from fxfuse import index_expr
 from fxfuse.ops.attention import keep_mask, reference
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 from tests.tolerances import assert_close_to_reference
 
 B, H, L, D = 1, 2, 19, 8  # 19: not a multiple of the 16-wide tiles
+_CHUNKED = index_expr.compare("ne", index_expr.arith("floordiv", "int64", index_expr.var("i"), index_expr.const(8, "int64")),
+                              index_expr.arith("floordiv", "int64", index_expr.var("j"), index_expr.const(8, "int64")))
 
 
 def _spec(dtype, kind="causal", rate=0.25):
     steps = {"causal": (ScoreStep("mul", dtype, value=0.35), ScoreStep("fill", dtype, value=-math.inf, input=-1)),
              # A factor tensor needing a gradient: the backward takes the torch formula, which must
              # redraw the Triton forward's mask, not its own.
-             "factor": (ScoreStep("mul", dtype, input=0),)}[kind]
+             "factor": (ScoreStep("mul", dtype, input=0),),
+             # An index-expression mask (chunks of 8: the kernels skip tiles) with the merged output
+             # layout: dropout's counters must not depend on which tiles are visited.
+             "chunked": (ScoreStep("fill", dtype, value=-math.inf, expr=_CHUNKED),)}[kind]
     return AttentionSpec(dtype, steps, dtype, ("factor",) if kind == "factor" else (), dropout=rate)
 
 
@@ -46,7 +52,8 @@ def _outputs_and_grads(run, inputs, upstream):
     return out, [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("dtype,kind", [("float32", "causal"), ("bfloat16", "causal"), ("float32", "factor")])
+@pytest.mark.parametrize("dtype,kind", [("float32", "causal"), ("bfloat16", "causal"), ("float32", "factor"),
+                                        ("float32", "chunked")])
 def test_operator_equals_the_reference_with_its_mask(dtype, kind, cpu_path):
     spec, t = _spec(dtype, kind), getattr(torch, dtype)
     q, k, v = (torch.randn(B, H, L, D).to(t) for _ in range(3))
@@ -57,7 +64,8 @@ def test_operator_equals_the_reference_with_its_mask(dtype, kind, cpu_path):
     upstream = torch.randn(B, H, L, D, dtype=torch.float64)
     inputs = (q, k, v, *factor)
     got, got_grads = _outputs_and_grads(
-        lambda q, k, v, *f: torch.ops.fxfuse.attention(q, k, v, list(f), spec.to_json(), seed), inputs, upstream)
+        lambda q, k, v, *f: torch.ops.fxfuse.attention(q, k, v, list(f), spec.to_json(), seed,
+                                                       merge_heads=kind == "chunked"), inputs, upstream)
     eager, eager_grads = _outputs_and_grads(lambda q, k, v, *f: reference(spec, q, k, v, list(f), keep), inputs,
                                             upstream)
     wide, ref_grads = _outputs_and_grads(lambda q, k, v, *f: reference(_wide(spec), q, k, v, list(f), keep),

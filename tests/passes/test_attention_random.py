@@ -21,7 +21,9 @@ SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, suppress_h
 
 LAYOUTS = ["bhld", "blhd_einsum", "flat_bmm", "flat_baddbmm"]
 SCALES = ["none", "on_q", "on_k", "mul_scores", "div_sqrt_d", "softcap"]
-MASKS = ["none", "pad_fill_inf", "pad_where_min", "additive", "causal_tril", "sliding_window", "bias_hld"]
+MASKS = ["none", "pad_fill_inf", "pad_where_min", "additive", "causal_tril", "sliding_window", "bias_hld", "chunked",
+         "alibi"]
+INDEX_MASKS = ("causal_tril", "sliding_window", "chunked", "alibi")  # computed in the kernel: no mask tensor
 NEAR_MISSES = ["softmax_dim_-2", "mask_after_softmax", "scores_returned", "probs_transposed", "bias_from_v"]
 
 
@@ -75,6 +77,14 @@ class Generated(torch.nn.Module):
         elif self.mask == "sliding_window":
             i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
             s = s.masked_fill((j > i) | (i - j >= 2), float("-inf"))
+        elif self.mask == "chunked":
+            i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+            s = s.masked_fill(i // 2 != j // 2, float("-inf"))
+        elif self.mask == "alibi":
+            i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+            slopes = 2.0 ** (-torch.arange(1, H + 1) / H)
+            slopes = slopes.repeat(B) if flat else slopes  # (B*H,) for flat scores
+            s = s + (slopes[:, None, None] * (j - i)).to(s.dtype)
         elif self.mask == "bias_hld":
             s = s + (self.bias.reshape(B * H // B * 1, L, L).repeat(B, 1, 1) if flat else self.bias)
         if self.near_miss == "bias_from_v":
@@ -114,6 +124,9 @@ def test_generated_attention_is_fused_and_equals_eager(layout, scale, mask, gqa,
     assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
     (fused,) = [n for n in res.graph.graph.nodes if n.target == torch.ops.fxfuse.attention.default]
     assert fused.args[5:] == ((None, True) if model.merge else ()), res.graph.code
+    if mask in INDEX_MASKS:
+        product_bias = {"bias"} if layout == "flat_baddbmm" else set()  # the baddbmm's own (ALiBi-like) input
+        assert set(res.matches[0].spec.inputs) <= {"head"} | product_bias, res.report()
     expected, expected_dq = _run(copy.deepcopy(model).double(), _leaves(inputs, torch.float64))
     eager, eager_dq = _run(model, _leaves(inputs))
     got, got_dq = _run(res.module, _leaves(inputs))

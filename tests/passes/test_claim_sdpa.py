@@ -54,11 +54,16 @@ CASES = {
     "key_padding_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
                          [torch.tensor([True, True, False, True]).view(1, 1, 1, L)], "masked_fill(~mask0, -inf)"),
     "float_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), [_bias()], "+ bias0"),
-    # SDPA's causal mask is top-left aligned: with Lq != Lk it is not the spec's rule.
+    # SDPA's causal mask is top-left aligned: with Lq != Lk it is not the spec's rule but an
+    # index expression (no mask tensor).
     "causal_fewer_queries": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [],
-                             "masked_fill(~mask0, -inf)"),
+                             "masked_fill(j > i, -inf)"),
     "causal_more_queries": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [],
-                            "masked_fill(~mask0, -inf)"),
+                            "masked_fill(j > i, -inf)"),
+    # A constant mask computed from positions (a 2-key chunk) becomes an index expression too.
+    "chunk_mask": (lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.arange(L)[:, None] // 2 == torch.arange(L)[None, :] // 2), [],
+        "masked_fill(i // 2 != j // 2, -inf)"),
     "gqa_causal_scale": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5,
                                                                          enable_gqa=True), [],
                          "GQA 2 query heads per kv head"),
