@@ -2,7 +2,8 @@
 
 Every attention style fxfuse's tests exercise (tests/attention_styles.py), the near-misses there
 (which must not be fused), Inductor's own patterns re-written as modules (tests/inductor_patterns.py;
-in fp32, the cast patterns in bf16 too, the dropout patterns in training too) and the eager attention
+in fp32, the cast patterns in bf16 too, three of them on grouped-query keys and values, the dropout
+patterns in training too) and the eager attention
 of four Hugging Face transformers models (GPT-2, Llama, BERT, T5 from tiny configs) go through
   (a) fxfuse.rewrite: a site is fused when the report lists an attention match for it;
   (b) torch.compile with Inductor on CPU: a site is fused when Inductor's pattern pass replaced it
@@ -86,6 +87,10 @@ def cases() -> list[dict]:
         out.append(_module_case("Inductor sfdp patterns", c, torch.float32, "eval", 1))
         if c.CASTS:
             out.append(_module_case("Inductor sfdp patterns", c, torch.bfloat16, "eval", 1))
+    for c in inductor_patterns.GQA_VARIANTS:
+        out.append(_module_case("sfdp on repeated k/v (GQA)", c, torch.float32, "eval", 1))
+        if c.CASTS:
+            out.append(_module_case("sfdp on repeated k/v (GQA)", c, torch.bfloat16, "eval", 1))
     out += [_module_case("sfdp dropout in training", c, torch.float32, "train", 1)
             for c in inductor_patterns.PATTERNS if c.DROPOUT]
     out += [_model_case(name) for name in MODEL_SITES]

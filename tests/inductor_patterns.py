@@ -488,3 +488,58 @@ PATTERNS = [DivByScalar, MulByScalar, DivDropout, MulDropout, AdditiveCausalMask
             DistilBertScaledQueryDropout, T5Bias, T5BiasReturnsKV, T5NoBiasReturnsKV, MBartFlatHeadsMask,
             T5BiasDropout, T5BiasDropoutReturnsKV, T5NoBiasDropoutReturnsKV, NonContiguousMulDropout,
             SplitScaleMask, SplitScale, ProbabilitiesCloned]
+
+
+# ---- grouped-query variants: Inductor's list has none; these are its patterns on repeated k/v heads --
+
+KV_HEADS = 1  # H query heads share one key/value head
+
+
+def _grouped(dtype):
+    return [torch.randn(B, H, L, D, dtype=dtype)] + [torch.randn(B, KV_HEADS, L, D, dtype=dtype) for _ in range(2)]
+
+
+def _repeat_kv(t, n):  # Llama's repeat_kv: a broadcast view, then a reshape that copies it
+    b, g, s, d = t.shape
+    return t[:, :, None].expand(b, g, n, s, d).reshape(b, g * n, s, d)
+
+
+class DivByScalarRepeatKV(_Pattern):  # 1 on keys and values repeated by expand + reshape (Llama)
+    SFDP = (1,)
+
+    def inputs(self, dtype):
+        return _grouped(dtype)
+
+    def forward(self, q, k, v):
+        k, v = _repeat_kv(k, H // KV_HEADS), _repeat_kv(v, H // KV_HEADS)
+        return torch.matmul(q, k.transpose(-2, -1)).div(math.sqrt(k.size(-1))).softmax(dim=-1).matmul(v)
+
+
+class AdditiveMaskRepeatInterleave(_Pattern):  # 5 on keys and values repeated by repeat_interleave
+    SFDP = (5,)
+
+    def inputs(self, dtype):
+        return _grouped(dtype)
+
+    def forward(self, q, k, v):
+        k, v = k.repeat_interleave(H // KV_HEADS, dim=1), v.repeat_interleave(H // KV_HEADS, dim=1)
+        mask = _causal_additive(q.size(-2), q.dtype)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + mask, dim=-1) @ v
+
+
+class UpcastSoftmaxRepeatKV(_Pattern):  # 8 on repeated heads: permuted inputs, upcast softmax cast back
+    SFDP = (8,)
+    CASTS = True
+
+    def inputs(self, dtype):
+        return [torch.randn(B, L, H, D, dtype=dtype)] + [torch.randn(B, L, KV_HEADS, D, dtype=dtype) for _ in range(2)]
+
+    def forward(self, query, key, value):
+        q, k, v = _to_heads(query, key, value)
+        k, v = _repeat_kv(k, H // KV_HEADS), _repeat_kv(v, H // KV_HEADS)
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).to(torch.float32)
+        probs = torch.softmax(scores, dim=-1).to(query.dtype)
+        return probs @ v.to(probs.dtype)
+
+
+GQA_VARIANTS = [DivByScalarRepeatKV, AdditiveMaskRepeatInterleave, UpcastSoftmaxRepeatKV]

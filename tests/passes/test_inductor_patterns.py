@@ -3,7 +3,8 @@ torch/_inductor/fx_passes/fuse_attention.py), each re-written as a module in tes
 
 Every pattern fxfuse fuses is checked like the styles of test_attention_styles.py: one attention
 match and no miss, and the rewritten module's output and gradients (inputs and parameters, under a
-fixed upstream gradient) within the tolerance table of a float64 reference. Dropout patterns run in
+fixed upstream gradient) within the tolerance table of a float64 reference; so are three of them on
+grouped-query keys and values (Inductor's list has no such pattern). Dropout patterns run in
 eval mode, where dropout is the identity and the site is the pattern's inference form. The patterns
 fxfuse does not fuse are listed in KNOWN_MISSES with the reason it gives (docs/comparison.md says
 why), and checked to be declined with that reason and left computing what eager computes.
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 import fxfuse
-from tests.inductor_patterns import PATTERNS, DistilBertMaskFill, Gpt2WhereCausalAndMask, T5Bias
+from tests.inductor_patterns import (GQA_VARIANTS, H, KV_HEADS, PATTERNS, DistilBertMaskFill, Gpt2WhereCausalAndMask,
+                                     T5Bias)
 from tests.tolerances import assert_close_to_reference
 
 PASSES = "canonicalize,claim-sdpa,fuse-attention"  # the default pipeline less the norms
@@ -26,7 +28,7 @@ KNOWN_MISSES = {
     "SplitScaleMask": "fell back to its math decomposition",
     "SplitScale": "fell back to its math decomposition",
 }
-FUSED = [p for p in PATTERNS if p.__name__ not in KNOWN_MISSES]
+FUSED = [p for p in PATTERNS + GQA_VARIANTS if p.__name__ not in KNOWN_MISSES]
 CASES = [(p, torch.float32) for p in FUSED] + [(p, torch.bfloat16) for p in FUSED if p.CASTS]
 
 
@@ -115,3 +117,14 @@ def test_mask_forms_on_the_generated_kernel(pattern):
     eager = _outputs(model(*inputs))[0]
     expected = _outputs(copy.deepcopy(model).double()(*[t.double() if t.is_floating_point() else t for t in inputs]))[0]
     assert_close_to_reference(got, eager, expected, "output")
+
+
+@pytest.mark.parametrize("pattern", GQA_VARIANTS, ids=lambda p: p.__name__)
+def test_repeated_kv_heads_are_read_in_place(pattern):
+    # Inductor's patterns on keys and values repeated for grouped-query attention: fxfuse folds the
+    # repeat into the operator (kv_groups) instead of keeping the repeated copies.
+    model = pattern().eval()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    assert res.matches[0].spec.kv_groups == H // KV_HEADS, res.report()
+    before_op = res.graph.code.split("fxfuse.attention")[0]
+    assert "expand" not in before_op and "repeat_interleave" not in before_op, res.graph.code
