@@ -21,7 +21,6 @@ Writes benchmarks/results/pattern_coverage_cpu.json and .md (the table, with tot
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

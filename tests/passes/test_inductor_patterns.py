@@ -128,3 +128,22 @@ def test_repeated_kv_heads_are_read_in_place(pattern):
     assert res.matches[0].spec.kv_groups == H // KV_HEADS, res.report()
     before_op = res.graph.code.split("fxfuse.attention")[0]
     assert "expand" not in before_op and "repeat_interleave" not in before_op, res.graph.code
+
+
+# Inductor registers these patterns a second time for batch size 1, whose graph differs (a reshape
+# that needs no copy); fxfuse reads shapes, so the same modules must fuse at B=1 as well.
+BATCH_ONE = [p for p in PATTERNS if set(p.SFDP) & {16, 18, 21, 22, 23, 25, 26, 27, 29, 30}
+             and p.__name__ not in KNOWN_MISSES]
+
+
+@pytest.mark.parametrize("pattern", BATCH_ONE, ids=lambda p: p.__name__)
+def test_batch_of_one_is_fused_and_exact(pattern):
+    model = pattern().eval()
+    inputs = [t[:1] for t in model.inputs(torch.float32)]  # every input leads with the batch (or a 1)
+    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
+    assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
+    got, eager = _outputs(res.module(*inputs)), _outputs(model(*inputs))
+    expected = _outputs(copy.deepcopy(model).double()(*[t.double() if t.is_floating_point() else t for t in inputs]))
+    for i, (g, e, r) in enumerate(zip(got, eager, expected)):
+        assert g.shape[0] == 1
+        assert_close_to_reference(g, e, r, f"output {i}")
