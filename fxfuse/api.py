@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 import fxfuse.ops  # noqa: F401  (the rewritten graphs call torch.ops.fxfuse.*)
 from fxfuse import config
-from fxfuse.capture import Captured, capture_module
+from fxfuse.capture import CaptureError, Captured, capture_module
 from fxfuse.codegen import prepare_kernels
 from fxfuse.codegen.cache import Kernel
 from fxfuse.debug import dump_graph
@@ -207,6 +207,13 @@ class RewrittenModule(torch.nn.Module):
             state_tensors = [state_tensors[i] for i in graph.state_order]
         inputs = [*state_tensors, *(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))]
         graph_inputs = inputs
+        if captured.custom_functions and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            raise CaptureError(
+                f"the model calls custom torch.autograd.Function {captured.custom_functions[0]}: the captured "
+                "graph holds its forward only (make_fx records below autograd), so fxfuse.rewrite cannot give "
+                "its gradients. Call the rewritten module under torch.no_grad() for inference; to train, use "
+                "torch.compile(model, backend=\"fxfuse\"), which runs a graph holding such a Function as "
+                "Dynamo traced it (correct gradients, that graph unfused).")
         if captured.mutated and torch.is_grad_enabled():
             # Autograd may save an input the model then updates (batch norm saves its running
             # stats); the graph gets a copy, so the write-back below does not invalidate it.

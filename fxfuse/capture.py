@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import traceback
 import warnings
 from typing import Any, Callable
@@ -62,6 +63,9 @@ class Captured:
     # Output leaves that ARE an input tensor (``return x``, or a buffer updated in place and
     # returned): output leaf position -> graph input position, so the caller returns that tensor.
     output_is_input: dict[int, int] = dataclasses.field(default_factory=dict)
+    # Custom torch.autograd.Functions the forward calls ("Name at file:line"): the graph holds their
+    # forward only, so it must not be differentiated (see fxfuse.api).
+    custom_functions: list[str] = dataclasses.field(default_factory=list)
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -144,13 +148,38 @@ def _opaque_error(what: str, obj: Any) -> CaptureError:
 
 # ---- tracing ---------------------------------------------------------------------------------------
 
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+
+
+def _custom_function_call() -> str | None:
+    """``Name at file:line`` when the current torch call runs inside a custom
+    ``torch.autograd.Function``'s forward (autograd runs it with grad mode off), else None."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_APPLY:
+            cls, caller = frame.f_locals.get("cls"), frame.f_back
+            where = f" at {caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else ""
+            return f"{getattr(cls, '__qualname__', 'autograd.Function')}{where}"
+        frame = frame.f_back
+    return None
+
+
 class _TagNoGrad(TorchFunctionMode):
-    """Tags the nodes of every torch call made while grad mode is off (see ``_cut_no_grad``)."""
+    """Tags the nodes of every torch call made while grad mode is off (see ``_cut_no_grad``), and
+    records the custom autograd Functions whose forward runs: make_fx records below autograd, so
+    their own backward is not in the graph (the rewritten module refuses to differentiate them)."""
+
+    def __init__(self, custom_functions: list[str]):
+        super().__init__()
+        self.custom_functions = custom_functions
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.is_grad_enabled():
             return func(*args, **kwargs)
+        call = _custom_function_call()
+        if call is not None and call not in self.custom_functions:
+            self.custom_functions.append(call)
         meta = fx_traceback.get_current_meta()
         saved = meta.get("custom")
         meta["custom"] = {**(saved or {}), _NO_GRAD: True}
@@ -181,7 +210,7 @@ def _functionalized(fn: Callable, info: dict, write_back: bool, originals: list 
         no_outer = torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize))
         with no_outer, FunctionalTensorMode():
             f_flat = [to_fun(a) for a in flat]
-            with fx_traceback.preserve_node_meta(), _TagNoGrad():
+            with fx_traceback.preserve_node_meta(), _TagNoGrad(info.setdefault("custom_functions", [])):
                 outs = fn(*f_flat)
             out_leaves, out_spec = pytree.tree_flatten(outs)
             info["output_is_input"] = {k: i for k, o in enumerate(out_leaves) for i, fa in enumerate(f_flat)
@@ -340,6 +369,7 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
         mutated=info["mutated"],
         mutated_without_grad=info["mutated_without_grad"],
         output_is_input={positions[k]: i for k, i in info["output_is_input"].items()},
+        custom_functions=info.get("custom_functions", []),
     )
 
 
@@ -368,6 +398,17 @@ def capture_graph(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.Gr
     Dynamo's own fake mode, keeps the sizes symbolic and the graph valid for every shape Dynamo's
     guards admit. Inputs the graph mutates are written back with ``copy_`` at its end.
     """
+    functions = [n for n in gm.graph.nodes if n.op == "call_function" and
+                 getattr(n.target, "__name__", "") == "autograd_function_apply"]
+    if functions and torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+        # Retracing below autograd would keep the Function's forward and lose its backward.
+        where = functions[0].meta.get("stack_trace", "").strip().splitlines()
+        raise CaptureError(
+            "the graph calls a custom torch.autograd.Function (" + (where[-2].strip() if len(where) > 1 else
+                                                                    functions[0].name) +
+            "), whose own backward fxfuse's capture cannot keep; the graph runs as Dynamo traced it")
+
     def run(*args):
         # Interpreting node by node under preserve_node_meta carries each Dynamo node's
         # stack_trace (the user's source line) onto the ATen nodes it decomposes into.

@@ -192,3 +192,49 @@ def test_norm_inside_a_no_grad_forward_is_still_fused():
     out = res.module(x.requires_grad_(), r)
     torch.testing.assert_close(out, model(x, r))
     assert not out[0].requires_grad  # as in eager: nothing computed under no_grad has a gradient
+
+
+class _StraightThroughClamp(torch.autograd.Function):  # clamps, but passes the gradient on unchanged
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(-0.1, 0.1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _CustomFunctionNorm(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = _StraightThroughClamp.apply(self.lin(x))
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_custom_autograd_function_is_never_differentiated_through_its_forward():
+    # make_fx records below autograd: the graph holds the Function's forward only, whose own
+    # gradient (zero outside the clamp) is not the Function's (one). Inference is exact; a call
+    # that needs gradients is refused, saying what to do.
+    model, x = _CustomFunctionNorm(), torch.randn(4, 8) * 3
+    res = fxfuse.rewrite(model, (x,))
+    assert [m.kind for m in res.matches] == ["rms_norm"]
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x))
+    with pytest.raises(fxfuse.CaptureError, match=r"_StraightThroughClamp at .*test_capture.py.*torch.no_grad"):
+        res.module(x)
+
+
+def test_custom_autograd_function_under_torch_compile_keeps_its_backward():
+    model, x = _CustomFunctionNorm(), torch.randn(4, 8) * 3
+    backend = fxfuse.Backend()
+    with pytest.warns(UserWarning, match="custom torch.autograd.Function"):
+        torch.compile(model, backend=backend)(x).sum().backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for got, want in zip(compiled_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want)
+    assert [m.kind for m in backend.misses] == ["graph"] and "autograd.Function" in backend.misses[0].reason
