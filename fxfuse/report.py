@@ -62,7 +62,8 @@ class Report:
             for m in self.matches:
                 kernel = self.kernel_for(m)
                 arrow = f" -> kernel {kernel.name}" if kernel else ""
-                lines.append(f"  {m.kind} at {m.source} -- {m.describe()}{arrow}")
+                shape = f" ({m.shape})" if m.shape else ""
+                lines.append(f"  {m.kind} at {m.source} -- {m.describe()}{shape}{arrow}")
                 if m.code:
                     lines.append(f"      {m.code}")
                 lines += [f"      note: {note}" for note in m.notes]

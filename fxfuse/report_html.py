@@ -256,7 +256,8 @@ def _body(report, before, after, renderer: str, prefix: str = "", level: int = 2
         kernel = report.kernel_for(m)
         link = f'<a href="#{prefix}kernel-{e(kernel.name)}"><code>{e(kernel.name)}</code></a>' if kernel else ""
         notes = "".join(f"<br><small>note: {e(note)}</small>" for note in m.notes)
-        match_rows.append([e(m.kind), _where(m.source, m.code), e(m.describe()) + notes, link])
+        shape = f"<br><small>{e(m.shape)}</small>" if m.shape else ""
+        match_rows.append([e(m.kind), _where(m.source, m.code), e(m.describe()) + shape + notes, link])
     miss_rows = [[e(m.kind), _where(m.source, m.code), e(m.reason)] for m in report.misses]
     parts = [
         f'<section id="{prefix}summary"><{h}>Summary</{h}><p>{e(report.summary())}</p></section>',

@@ -506,6 +506,17 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     return fused
 
 
+def site_shape(fused: Node) -> str:
+    """The sizes a fused attention call reads, in words: ``B 2, H 8, GQA 8→2, Lq 128, Lk 128, D 64``."""
+    q, k, v = (val(a) for a in fused.args[:3])
+    b, h, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    heads = f"H {h}" + (f", GQA {h}→{hkv}" if hkv != h else "")
+    lengths = f"L {lq}" if lq == lk else f"Lq {lq}, Lk {lk}"
+    dims = f"D {d}" if d == dv else f"D {d}, Dv {dv}"
+    return f"B {b}, {heads}, {lengths}, {dims}"
+
+
 @dataclasses.dataclass(frozen=True)
 class FuseAttention:
     name: str = "fuse-attention"
@@ -526,6 +537,6 @@ class FuseAttention:
                 result.misses.append(Miss("attention", source, str(why), code))
                 continue
             fused = _replace(gm, site)
-            result.matches.append(Match("attention", source, site.spec, fused.name, code, site.notes))
+            result.matches.append(Match("attention", source, site.spec, fused.name, code, site.notes, site_shape(fused)))
             result.changed += 1
         return result

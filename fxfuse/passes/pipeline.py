@@ -23,6 +23,7 @@ class Match:
     node: str  # name of the fused node in the rewritten graph
     code: str = ""  # the user's source line, when known
     notes: tuple[str, ...] = ()  # what was left as written inside the site, and why
+    shape: str = ""  # the sizes the site was captured at, in words ("B 2, H 8, GQA 8→2, ...")
 
     def describe(self) -> str:
         return self.spec.describe() if hasattr(self.spec, "describe") else str(self.spec)

@@ -41,6 +41,7 @@ import torch
 from torch.fx import Node
 
 from fxfuse import index_expr
+from fxfuse.passes.attention import site_shape
 from fxfuse.passes.attention_index import NotIndex, derive
 from fxfuse.passes.attention_layout import causal_window, constant_value, head_merge_chain
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
@@ -275,7 +276,7 @@ class ClaimSDPA:
                 except Declined as why:
                     result.misses.append(Miss("attention", source, str(why), code))
                     continue
-                result.matches.append(Match("attention", source, spec, fused.name, code))
+                result.matches.append(Match("attention", source, spec, fused.name, code, shape=site_shape(fused)))
                 result.changed += 1
                 continue
             if node.target not in _OPS:
@@ -286,7 +287,7 @@ class ClaimSDPA:
                 result.misses.append(Miss("attention", source, str(why), code))
                 continue
             fused = _replace(gm, node, claim)
-            result.matches.append(Match("attention", source, claim.spec, fused.name, code))
+            result.matches.append(Match("attention", source, claim.spec, fused.name, code, shape=site_shape(fused)))
             result.changed += 1
         return result
 

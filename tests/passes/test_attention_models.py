@@ -87,6 +87,9 @@ def test_every_attention_layer_is_fused_and_logits_equal_eager(name, models, bat
     assert all(n.args[5:] == (None, True) for n in fused), res.graph.code
     if name == "llama":  # 4 query heads share 2 kv heads: repeat_kv's copies are read in place instead
         assert all(m.spec.kv_groups == 2 for m in res.matches), res.report()
+        # The report gives each site's sizes, the head grouping as query heads → kv heads.
+        assert all(m.shape == "B 2, H 4, GQA 4→2, L 7, D 8" for m in res.matches), res.report()
+        assert "(B 2, H 4, GQA 4→2, L 7, D 8) -> kernel fxfuse_attention_" in res.report()
     if name == "bloom":  # baddbmm: its alpha and its ALiBi bias are the first steps, then the mask
         assert "baddbmm" not in res.graph.code
         assert all([s.op for s in m.spec.steps] == ["mul", "add", "add"] for m in res.matches), res.report()
