@@ -347,11 +347,25 @@ class AlibiMPT(nn.Module):  # MPT's build_alibi_bias: int32 arange(1 - L, 1) * (
         return scores.softmax(-1) @ v
 
 
+class ViewsBetweenScoreSteps(nn.Module):  # MBart-like: flat (B*H, L, L) scores viewed to heads and back between steps
+    def inputs(self, dtype):
+        mask = torch.where(_padding(dtype), 0.0, -1e4).to(dtype)[:, None, None, :]  # (B, 1, 1, L): per batch
+        return _qkv(dtype, (B * H, L, D)) + [mask, torch.randn(B * H, L, L, dtype=dtype)]
+
+    def forward(self, q, k, v, mask, bias):
+        n, lq, lk = q.size(0), q.size(1), k.size(1)
+        scores = torch.bmm(q, k.transpose(1, 2)) * q.size(-1) ** -0.5  # a scale on the 3-d scores
+        scores = scores.view(n // H, H, lq, lk) + mask  # a 4-d mask, per batch: needs the (B, H) split
+        scores = scores.reshape(n, lq, lk) + bias  # a 3-d (B*H, L, L) bias: read as (B, H, L, L)
+        return torch.bmm(scores.softmax(-1), v)
+
+
 STYLES = [MatmulTranspose, EinsumUpcastSoftmax, BmmFlatHeadsScaledQuery, ScaleOnScoresMT, CausalTrilBuffer,
           CausalTrilInForward, CausalArangeWhere, SlidingWindowArange, SoftcapGemma2, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
           GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues, PerHeadTemperature, TensorSqrtScale,
           BaddbmmAlibiBloom, BaddbmmScaledBias, BaddbmmEmptyBetaZero, SingleHead2D, AddmmSingleHead2D,
-          ChunkedLocalMask, PrefixLMWhere, DilatedCausal, CausalTriuOnes, OffsetPositionsMask, AlibiSlopes, AlibiMPT]
+          ChunkedLocalMask, PrefixLMWhere, DilatedCausal, CausalTriuOnes, OffsetPositionsMask, AlibiSlopes, AlibiMPT,
+          ViewsBetweenScoreSteps]
 # Masks and biases computed from positions: the kernel computes them (no mask or bias tensor).
 INDEX_STYLES = [ChunkedLocalMask, PrefixLMWhere, DilatedCausal, CausalTriuOnes, OffsetPositionsMask, AlibiSlopes,
                 AlibiMPT]
@@ -483,6 +497,30 @@ class BaddbmmValueProduct(nn.Module):  # a tensor added to p @ v inside the valu
         return torch.baddbmm(q, (q @ k.transpose(1, 2)).softmax(-1), v)
 
 
+class HeadsSwappedBetweenScoreSteps(nn.Module):  # scaled, viewed as (B, H), then swapped to (H, B) before the bias
+    reason = "reorders them"
+
+    def inputs(self, dtype):
+        return _qkv(dtype, (B * H, L, D)) + [torch.randn(L, L, dtype=dtype)]
+
+    def forward(self, q, k, v, bias):
+        scores = (torch.bmm(q, k.transpose(1, 2)) * 0.5).view(B, H, L, L).transpose(0, 1) + bias
+        return torch.bmm(scores.reshape(B * H, L, L).softmax(-1), v)  # each row meets another head's v
+
+
+class KeyAxisSplitBetweenScoreSteps(nn.Module):  # the key axis viewed as (2, Lk / 2) for a per-half factor
+    reason = "splits or merges the query or key axis"
+
+    def inputs(self, dtype):
+        return [torch.randn(B * H, 4, D, dtype=dtype) for _ in range(3)] + [torch.rand(2, 1, dtype=dtype) + 0.5]
+
+    def forward(self, q, k, v, halves):
+        scores = torch.bmm(q, k.transpose(1, 2))
+        scores = scores.view(B * H, 4, 2, 2) * halves
+        return torch.bmm(scores.view(B * H, 4, 4).softmax(-1), v)
+
+
 NEAR_MISSES = [SoftmaxOverQueries, MaskAfterSoftmax, ScaleOnProbabilities, ScoresAlsoReturned,
                ProbabilitiesAlsoReturned, ProductOverQueryAxis, ScoreTermFromValues, TransposedScores,
-               BaddbmmBiasFromValues, BaddbmmBetaZeroOnInput, BaddbmmAlphaZero, BaddbmmValueProduct]
+               BaddbmmBiasFromValues, BaddbmmBetaZeroOnInput, BaddbmmAlphaZero, BaddbmmValueProduct,
+               HeadsSwappedBetweenScoreSteps, KeyAxisSplitBetweenScoreSteps]

@@ -1,8 +1,9 @@
 """Attention fusion: ``softmax(score terms(q @ k^T)) @ v``, written any way, becomes one operator.
 
 Recognition anchors on ``aten._softmax`` and walks back through the score terms (scalar and
-tensor factors, boolean fills, additive masks and biases, casts) and a layout-only chain (views,
-permutes, expands) to the product of queries and keys (``bmm``, ``mm`` for 2-D single-head code,
+tensor factors, boolean fills, additive masks and biases, casts; between them, views that only
+split or merge the scores' leading dims, as MBart's) and a layout-only chain (views, permutes,
+expands) to the product of queries and keys (``bmm``, ``mm`` for 2-D single-head code,
 or ``baddbmm``/``addmm``, whose scale and bias become the first score steps), then forward through
 casts, at most one dropout (training; what counts as dropout is in ``attention_dropout.py``) and a
 layout-only chain to the ``bmm`` (or ``mm``) with the values. When the output is read only through
@@ -73,6 +74,7 @@ class _Site:
     dropout: Dropout | None = None
     product_bias: dict = dataclasses.field(default_factory=dict)  # extra index -> beta: a baddbmm's bias
     notes: tuple = ()  # why a constant mask or bias stayed a tensor input
+    split_lead: frozenset = frozenset()  # extras added on flat (B*H, Lq, Lk) scores: viewed as (B, H, …)
 
 
 def _plain_cast(node) -> bool:
@@ -95,48 +97,80 @@ def _scalar_fill(node) -> float | None:
 
 
 
-def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple[Node, ScoreStep, Node | None]]]:
+class _ScoreLayout(Exception):
+    """A layout change between score steps that is not a plain reshape of the leading dims (the
+    reason); the caller turns it into a miss once the softmax is known to be an attention's."""
+
+
+def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple[Node, ScoreStep, Node | None, tuple]],
+                                                                  list[Node]]:
     """Walk back from the softmax's input through the score terms to the first non-term node.
 
-    Returns (that node, [(node, step, extra tensor or None)] in program order).
+    Between two steps the scores may be viewed with their leading dims split or merged (MBart
+    adds its mask on a (B, H, Lq, Lk) view of the (B*H, Lq, Lk) scores); each such layout chain is
+    proved a row-major reshape that keeps (Lq, Lk), so no element moves between queries or keys.
+    Returns (that node, [(node, step, extra tensor or None, the scores' shape at that step)] in
+    program order, the layout nodes walked through).
     """
-    steps = []
-    x = softmax_in
+    steps, views = [], []
+    x, here = softmax_in, score_shape
     while True:
-        if shape(x) != score_shape:
+        if shape(x) != here:
             if not _near_product(x):
                 raise _NotAttention
-            raise Declined(f"a score term broadcasts the scores from {list(shape(x) or ())} to {list(score_shape)}; "
+            raise Declined(f"a score term broadcasts the scores from {list(shape(x) or ())} to {list(here)}; "
                            "attention's score terms keep the scores' shape")
         d = dtype_name(dtype(x))
         a = x.args[0] if isinstance(x, Node) and x.args else None
         if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and is_python_scalar(x.args[1]):
             op = "mul" if x.target in (aten.mul.Tensor, aten.mul.Scalar) else "div"
-            steps.append((x, ScoreStep(op, d, value=float(x.args[1])), None))
+            steps.append((x, ScoreStep(op, d, value=float(x.args[1])), None, here))
         elif is_op(x, aten.masked_fill.Scalar, aten.masked_fill.Tensor) and _scalar_fill(x.args[2]) is not None:
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2])), x.args[1]))
+            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2])), x.args[1], here))
         elif is_op(x, aten.where.self) and _scalar_fill(x.args[2]) is not None and isinstance(x.args[1], Node):
             a = x.args[1]  # where(mask, s, fill): fill where the mask is False
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2]), invert=True), x.args[0]))
+            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2]), invert=True), x.args[0], here))
         elif is_op(x, aten.where.self) and _scalar_fill(x.args[1]) is not None and isinstance(x.args[2], Node):
             a = x.args[2]  # where(mask, fill, s): fill where the mask is True
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[1])), x.args[0]))
+            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[1])), x.args[0], here))
         elif is_op(x, aten.add.Tensor, aten.mul.Tensor) and x.kwargs.get("alpha", 1) == 1 and \
                 all(isinstance(t, Node) for t in x.args[:2]):
             s0, s1 = x.args[:2]
             # The scores are the operand of the score shape; when both are, the one from a product.
-            first = shape(s0) == score_shape and (shape(s1) != score_shape or _near_product(s0))
+            first = shape(s0) == here and (shape(s1) != here or _near_product(s0))
             a, other = (s0, s1) if first else (s1, s0)
-            steps.append((x, ScoreStep("add" if x.target == aten.add.Tensor else "mul", d), other))
-        elif is_op(x, aten.div.Tensor) and isinstance(x.args[1], Node) and shape(x.args[0]) == score_shape:
-            steps.append((x, ScoreStep("div", d), x.args[1]))
+            steps.append((x, ScoreStep("add" if x.target == aten.add.Tensor else "mul", d), other, here))
+        elif is_op(x, aten.div.Tensor) and isinstance(x.args[1], Node) and shape(x.args[0]) == here:
+            steps.append((x, ScoreStep("div", d), x.args[1], here))
         elif _plain_cast(x):
-            steps.append((x, ScoreStep("cast", d), None))
+            steps.append((x, ScoreStep("cast", d), None, here))
         elif is_op(x, aten.tanh.default):
-            steps.append((x, ScoreStep("tanh", d), None))
+            steps.append((x, ScoreStep("tanh", d), None, here))
+        elif is_op(x, *LAYOUT) and not is_op(layout_chain_back(x)[0], *_PRODUCTS):
+            # A layout chain between score steps, or between the last one and the softmax (the chain
+            # next to the product is the caller's: it may be any proved plain reshape).
+            a, chain = layout_chain_back(x)
+            _check_lead_reshape(chain, shape(a), here)
+            views += chain
+            here = shape(a)
         else:
-            return x, steps[::-1]
+            return x, steps[::-1], views
         x = a
+
+
+def _check_lead_reshape(chain: list[Node], src: tuple | None, dst: tuple) -> None:
+    """Raise _ScoreLayout unless ``chain`` is a row-major reshape of (…, Lq, Lk) scores to (…, Lq, Lk)
+    that only splits or merges the leading dims."""
+    ops = ", ".join(dict.fromkeys(getattr(n.target, "__name__", str(n.target)) for n in chain))
+    if src is None or not all(isinstance(n, int) for n in src) or len(src) not in (2, 3, 4) or \
+            tuple(src[-2:]) != tuple(dst[-2:]):
+        raise _ScoreLayout(f"the scores are reshaped from {list(src or ())} to {list(dst)} ({ops}) between score "
+                           "steps, which splits or merges the query or key axis; fused attention takes views "
+                           "that only split or merge the leading (batch, head) dims there")
+    if not is_plain_reshape(chain, tuple(src), tuple(dst)):
+        raise _ScoreLayout(f"the scores pass through a layout change ({ops}) between score steps that reorders "
+                           f"them ({list(src)} to {list(dst)}, not a plain reshape of the leading dims); fused "
+                           "attention takes views that only split or merge the leading (batch, head) dims there")
 
 
 def _near_product(node, depth: int = 8) -> bool:
@@ -322,7 +356,13 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         if _near_product(x):
             raise Declined("the scores have symbolic (dynamic) sizes; fused attention needs static shapes for now")
         raise _NotAttention
-    start, steps = _score_steps(x, score_shape)
+    try:
+        start, steps, views = _score_steps(x, score_shape)
+    except _ScoreLayout as why:
+        if not _near_product(x, 16):
+            raise _NotAttention from None
+        _probabilities_to_pv(softmax)  # not attention at all (no value product): stays silent
+        raise Declined(str(why)) from None
     qk, score_chain = layout_chain_back(start)
     if not is_op(qk, *_PRODUCTS):
         if _near_product(start):
@@ -339,13 +379,16 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                        "normalizes each query's scores over the keys (the last dim)")
     if len(softmax.args) > 2 and softmax.args[2]:  # _softmax's half_to_float (_safe_softmax's dtype)
         raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
-    if rank not in (2, 3, 4):
-        raise Declined(f"the scores have rank {rank}; fused attention reads (L, L), (B*H, L, L) or (B, H, L, L) "
+    start_shape = tuple(shape(start))  # the scores as the first step (or the softmax) reads them
+    shapes = [tuple(score_shape), start_shape, *(tuple(here) for *_, here in steps)]
+    if any(len(s) not in (2, 3, 4) for s in shapes):
+        bad = next(len(s) for s in shapes if len(s) not in (2, 3, 4))
+        raise Declined(f"the scores have rank {bad}; fused attention reads (L, L), (B*H, L, L) or (B, H, L, L) "
                        "scores")
     product_shape = tuple(shape(qk))  # (N, Lq, Lk) of a batched product, (Lq, Lk) of a 2-D one
     n, (lq, lk) = math.prod(product_shape[:-2]), product_shape[-2:]
-    if math.prod(score_shape[:-2]) != n or tuple(score_shape[-2:]) != (lq, lk) or not \
-            is_plain_reshape(score_chain, product_shape, score_shape):
+    if math.prod(start_shape[:-2]) != n or start_shape[-2:] != (lq, lk) or not \
+            is_plain_reshape(score_chain, product_shape, start_shape):
         raise Declined("the scores reach the softmax through a layout change that is not a plain reshape of "
                        "q @ k^T (transposed or permuted), so the softmax does not run over the key axis")
     if shape(pv.args[0]) != product_shape or not is_plain_reshape(p_chain, tuple(shape(p_node)), product_shape):
@@ -355,7 +398,15 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     score_dtype, head, beta = dtype_name(dtype(qk)), [], 1
     if is_op(qk, *_ADDED):
         score_dtype, head, beta = _added_product(qk, _root(v_op))
-    extras, kinds, spec_steps, product_bias, notes = [], [], [], None, []
+    # (B, H): the split of every 4-d view of the scores (one split only: a step's tensor is read
+    # aligned on the right of (B, H, Lq, Lk), so two splits would read it two ways).
+    splits = {s[:2] for s in shapes if len(s) == 4}
+    if len(splits) > 1:
+        raise Declined(f"the scores are viewed with two different (batch, head) splits {sorted(splits)} between "
+                       "q @ k^T and the softmax; fused attention reads one (B, H) split")
+    lead = splits.pop() if splits else (1, n)
+    op_shape = (*lead, lq, lk)  # the scores as the operator reads them
+    extras, kinds, spec_steps, product_bias, notes, split_lead = [], [], [], None, [], set()
     for step, extra in head:  # the added product's own steps: its bias has the product's shape
         if extra is not None:
             step = dataclasses.replace(step, input=len(extras))
@@ -363,14 +414,19 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             extras.append(extra)
             kinds.append("bias")
         spec_steps.append(step)
-    for node, step, extra in steps:
+    for node, step, extra, here in steps:
         if extra is not None:
-            _check_extra(extra, step, score_shape, _root(v_op))
+            _check_extra(extra, step, here, _root(v_op))
+            # Read aligned on the right, the tensor meets the same scores in (B, H, Lq, Lk) as in
+            # this step's shape, except on flat (B*H, Lq, Lk) scores with B > 1: its own B*H dim
+            # is then split into (B, H) for the operator (a view).
+            aligned = tuple(here) == op_shape[4 - len(here):]
+            flat = not aligned and len(shape(extra)) == 3 and shape(extra)[0] != 1
             mask = constant_value(extra, gm) if step.op == "fill" else None
             window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
             derived = None
-            if window is None and step.op in ("fill", "add"):
-                derived = _index_form(extra, step, score_shape, gm, mask, notes)
+            if window is None and step.op in ("fill", "add") and aligned:
+                derived = _index_form(extra, step, here, gm, mask, notes)
             if window is not None:
                 step = dataclasses.replace(step, input=-1, invert=False, window=window)
             elif derived is not None:
@@ -383,10 +439,11 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 step = dataclasses.replace(step, input=-1, invert=False, expr=expr)
             else:
                 step = dataclasses.replace(step, input=len(extras))
+                if flat:
+                    split_lead.add(len(extras))
                 extras.append(extra)
                 kinds.append({"fill": "mask", "add": "bias"}.get(step.op, "factor"))
         spec_steps.append(step)
-    lead = tuple(score_shape[:2]) if rank == 4 else (1, n)
     q_op, k_op = qk.args[-2:]
     sources = {"q": source_operand(q_op, lead, False, False), "k": source_operand(k_op, lead, True, True),
                "v": source_operand(v_op, lead, False, True)} if len(product_shape) == 3 else \
@@ -401,9 +458,9 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         dropout=probs.dropout.rate if probs.dropout else 0.0,
     )
     dropped = probs.dropout.nodes if probs.dropout else []
-    interior = {qk, *score_chain, *(s[0] for s in steps), softmax, *casts, *dropped, *p_chain, pv}
+    interior = {qk, *score_chain, *(s[0] for s in steps), *views, softmax, *casts, *dropped, *p_chain, pv}
     site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout,
-                 {product_bias: beta} if product_bias is not None else {}, tuple(notes))
+                 {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead))
     _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else [])})
     return site
 
@@ -471,7 +528,9 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     # A per-head input of an index expression is read as its (1|B, 1|H, 1, 1) view; a baddbmm's
     # bias is scaled by its beta.
     extras = [insert_call(gm, aten.reshape.default, (e[0], list(e[1])), site.pv) if isinstance(e, tuple) else
-              _product_bias(gm, site, i) if i in site.product_bias else e for i, e in enumerate(site.extras)]
+              _product_bias(gm, site, i) if i in site.product_bias else
+              insert_call(gm, aten.view.default, (e, [*site.lead, *shape(e)[1:]]), site.pv) if i in site.split_lead
+              else e for i, e in enumerate(site.extras)]
     # When the output only reaches the rest of the graph through a head merge (transpose(1, 2)
     # then reshape to (B, Lq, H * Dv)), the operator writes it in that order and the merge is a view.
     merge = head_merge_chain(site.pv, site.lead)

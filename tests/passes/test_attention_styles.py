@@ -10,7 +10,8 @@ import fxfuse
 from fxfuse.passes.attention import FuseAttention
 from fxfuse.passes.canonicalize import Canonicalize
 from tests.attention_styles import (NEAR_MISSES, STYLES, CausalArangeWhere, CausalTrilInForward, EinsumUpcastSoftmax,
-                                     GroupedQueryRepeatInterleave, MultiHeadProjections, SlidingWindowArange)
+                                     GroupedQueryRepeatInterleave, MultiHeadProjections, SlidingWindowArange,
+                                     ViewsBetweenScoreSteps)
 from tests.tolerances import assert_close_to_reference
 
 PASSES = [Canonicalize(), FuseAttention()]
@@ -145,6 +146,31 @@ def test_an_unknown_op_on_the_scores_is_declined_with_its_name():
     assert not res.matches
     assert len(res.misses) == 1 and "sin" in res.misses[0].reason, res.report()
     torch.testing.assert_close(res.module(q, k, v), sine_attention(q, k, v))
+
+
+def test_two_head_splits_of_the_scores_are_declined():
+    # A tensor added on a (1, 4, L, L) view and one added on a (2, 2, L, L) view would be read
+    # against different (B, H) by the operator: only one split of the flat scores is taken.
+    def two_splits(q, k, v, m1, m2):
+        scores = torch.bmm(q, k.transpose(1, 2)).view(2, 2, 5, 5) + m1
+        scores = scores.view(1, 4, 5, 5) + m2
+        return torch.bmm(scores.view(4, 5, 5).softmax(-1), v)
+
+    inputs = [torch.randn(4, 5, 8) for _ in range(3)] + [torch.randn(2, 1, 1, 5), torch.randn(1, 4, 1, 5)]
+    res = fxfuse.rewrite(two_splits, tuple(inputs), passes=PASSES)
+    assert not res.matches and len(res.misses) == 1, res.report()
+    assert "two different (batch, head) splits" in res.misses[0].reason, res.report()
+    torch.testing.assert_close(res.module(*inputs), two_splits(*inputs))
+
+
+def test_a_view_between_score_steps_is_never_left_in_the_rewritten_graph():
+    # The flat scores viewed to heads and back (MBart): the views belong to the site, and the
+    # 3-d bias added on the flat scores reaches the operator viewed as (B, H, L, L).
+    model = ViewsBetweenScoreSteps()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    code = res.graph.code
+    assert [m.kind for m in res.matches] == ["attention"] and "_softmax" not in code, res.report()
+    assert "[2, 2, 5, 5]" in code.split("fxfuse.attention")[0], code
 
 
 def test_low_precision_baddbmm_rounds_once():

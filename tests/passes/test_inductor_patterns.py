@@ -24,7 +24,6 @@ PASSES = "canonicalize,claim-sdpa,fuse-attention"  # the default pipeline less t
 # pattern -> the words fxfuse's miss gives. Changing fxfuse so that one of these is fused fails
 # test_known_miss_is_declined_and_left_as_written: move the pattern to the fused list then.
 KNOWN_MISSES = {
-    "MBartFlatHeadsMask": "pass through view.default between q @ k^T and the softmax",
     "SplitScaleMask": "fell back to its math decomposition",
     "SplitScale": "fell back to its math decomposition",
 }
