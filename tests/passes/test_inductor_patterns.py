@@ -16,7 +16,7 @@ import torch
 
 import fxfuse
 from tests.inductor_patterns import (GQA_VARIANTS, H, KV_HEADS, PATTERNS, DistilBertMaskFill, Gpt2WhereCausalAndMask,
-                                     T5Bias)
+                                     SplitScaleMask, T5Bias)
 from tests.tolerances import assert_close_to_reference
 
 PASSES = "canonicalize,claim-sdpa,fuse-attention"  # the default pipeline less the norms
@@ -101,11 +101,12 @@ def test_dropout_in_training_is_never_rewritten_away(pattern):
     assert not torch.allclose(trained, without_dropout), "dropout disappeared from the training graph"
 
 
-@pytest.mark.parametrize("pattern", [DistilBertMaskFill, Gpt2WhereCausalAndMask, T5Bias], ids=lambda p: p.__name__)
+@pytest.mark.parametrize("pattern", [DistilBertMaskFill, Gpt2WhereCausalAndMask, T5Bias, SplitScaleMask],
+                         ids=lambda p: p.__name__)
 def test_mask_forms_on_the_generated_kernel(pattern):
-    # The three mask forms Inductor's list adds over plain scaled attention (a 2-d padding mask
-    # compared, viewed and expanded; where(causal, s, finfo.min) plus an additive mask; a float32
-    # bias on the T5 scores) through the Triton kernel, run by the interpreter.
+    # The mask forms Inductor's list adds over plain scaled attention (a 2-d padding mask compared,
+    # viewed and expanded; where(causal, s, finfo.min) plus an additive mask; a float32 bias on the
+    # T5 scores; SDPA's math form with _safe_softmax) through the Triton kernel, run by the interpreter.
     model = pattern().eval()
     inputs = model.inputs(torch.float32)
     with fxfuse.config.patch(interpret=True):
