@@ -1,19 +1,18 @@
 """``torch.ops.fxfuse.attention``: ``softmax(steps(q @ k^T)) @ v`` as one operator.
 
-q, k, v are ``(B, H, L, D)`` (any strides; k and v may have H / kv_groups heads); the extra
-tensors (boolean masks, additive masks and biases, factor tensors) broadcast to the scores'
-``(B, H, Lq, Lk)`` the way they did in the user's code (aligned on the right); masks and biases
-given as index expressions are evaluated (``fxfuse.index_expr``), with per-head inputs among the
-extras. On CUDA, or on CPU
-when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
+q, k, v are ``(B, H, L, D)`` (any strides; k and v may have H / kv_groups heads); the extra tensors
+(boolean masks, additive masks and biases, factor tensors) broadcast to the scores' ``(B, H, Lq,
+Lk)`` the way they did in the user's code (aligned on the right); masks and biases given as index
+expressions are evaluated (``fxfuse.index_expr``), with per-head inputs among the extras. On CUDA,
+or on CPU when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
 implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
-user's softmax gives NaN are set to NaN, unless the spec's softmax is a safe one), else the plain torch reference of the spec, which
-computes the scores a bounded chunk of query rows at a time. With ``merge_heads`` the
-``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on every path (the pass
-asks for it when a head merge is all that reads it, which then is a view). The backward
-is a backward operator of its own (autograd is off inside custom operators): the Triton backward
-kernels (which also give the gradients of additive biases) unless a factor tensor needs a
+user's softmax gives NaN are set to NaN, unless the spec's softmax is a safe one), else the plain
+torch reference of the spec, which computes the scores a bounded chunk of query rows at a time. With
+``merge_heads`` the ``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on
+every path (the pass asks for it when a head merge is all that reads it, which then is a view). The
+backward is a backward operator of its own (autograd is off inside custom operators): the Triton
+backward kernels (which also give the gradients of additive biases) unless a factor tensor needs a
 gradient, else an explicit torch formula; both recompute the probabilities.
 
 Dropout on the probabilities (a spec with ``dropout``) takes a ``seed``: a 0-dim int64 tensor that

@@ -1,17 +1,17 @@
 """Attention fusion: ``softmax(score terms(q @ k^T)) @ v``, written any way, becomes one operator.
 
-Recognition anchors on ``aten._softmax``, or ``aten._safe_softmax`` (SDPA's math decomposition
-emits it: a row whose every score is -inf gives 0, not NaN; the spec's ``safe_softmax``), and walks back through the score terms (scalar and
-tensor factors, boolean fills, additive masks and biases, casts) and a layout-only chain (views,
-permutes, expands) to the product of queries and keys (``bmm``, ``mm`` for 2-D single-head code,
-or ``baddbmm``/``addmm``, whose scale and bias become the first score steps), then forward through
-casts, at most one dropout (training; what counts as dropout is in ``attention_dropout.py``) and a
-layout-only chain to the ``bmm`` (or ``mm``) with the values. When the output is read only through
-a head merge, the operator is asked to write it in that order (the merge is a view). The operator
-computes on the products' own
-operands, so whatever built q, k and v (head splits, einsum's permutes, a scaled query) cannot be
-misread; where an operand is a copy, permutation or head-repeat of an earlier tensor, that tensor
-is read in place instead (grouped-query attention's kv heads are never materialised).
+Recognition anchors on ``aten._softmax``, or ``aten._safe_softmax`` (SDPA's math decomposition emits
+it: a row whose every score is -inf gives 0, not NaN; the spec's ``safe_softmax``), and walks back
+through the score terms (scalar and tensor factors, boolean fills, additive masks and biases, casts)
+and a layout-only chain (views, permutes, expands) to the product of queries and keys (``bmm``,
+``mm`` for 2-D single-head code, or ``baddbmm``/``addmm``, whose scale and bias become the first
+score steps), then forward through casts, at most one dropout (training; what counts as dropout is
+in ``attention_dropout.py``) and a layout-only chain to the ``bmm`` (or ``mm``) with the values.
+When the output is read only through a head merge, the operator is asked to write it in that order
+(the merge is a view). The operator computes on the products' own operands, so whatever built q, k
+and v (head splits, einsum's permutes, a scaled query) cannot be misread; where an operand is a
+copy, permutation or head-repeat of an earlier tensor, that tensor is read in place instead
+(grouped-query attention's kv heads are never materialised).
 
 What is proved, from ``meta`` and by replaying layout chains on index tensors (exact at the
 graph's static shapes): the chains between the products and the softmax only rename elements (a

@@ -1,17 +1,17 @@
 """Claim ``F.scaled_dot_product_attention`` calls already in the graph as ``fxfuse.attention``.
 
-SDPA reaches the captured ATen graph as one of its backend operators, chosen at trace time from
-the device and arguments: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU,
+SDPA reaches the captured ATen graph as one of its backend operators, chosen at trace time from the
+device and arguments: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU,
 ``_scaled_dot_product_flash_attention`` / ``_efficient_attention`` / ``_cudnn_attention`` on CUDA
 (or the composite ``scaled_dot_product_attention`` where no decomposition ran). A boolean
 ``attn_mask`` arrives already converted by SDPA into ``where(mask, 0, -inf)``; it is read back as
-the boolean mask (a fill of -inf where it is False), a constant one proved causal becomes the
-causal rule. Where SDPA falls back to its math decomposition (dropout on CPU, a mask that requires
-grad, inputs that are not 4-d), the graph holds plain products and a ``_safe_softmax`` instead, with
-no SDPA call left to claim: fuse-attention reads that as the attention it is written as (a spec
-with ``safe_softmax``, which gives 0 for a row with every key masked, as SDPA does). Dropout in the operators themselves (``dropout_p``, as CUDA's
-flash and efficient kernels take it) is the spec's dropout: the fused call draws its own seed (the
-mask has SDPA's distribution, not its stream).
+the boolean mask (a fill of -inf where it is False), a constant one proved causal becomes the causal
+rule. Where SDPA falls back to its math decomposition (dropout on CPU, a mask that requires grad,
+inputs that are not 4-d), the graph holds plain products and a ``_safe_softmax`` instead, with no
+SDPA call left to claim: fuse-attention reads that as the attention it is written as (a spec with
+``safe_softmax``, which gives 0 for a row with every key masked, as SDPA does). Dropout in the
+operators themselves (``dropout_p``, as CUDA's flash and efficient kernels take it) is the spec's
+dropout: the fused call draws its own seed (the mask has SDPA's distribution, not its stream).
 
 What the spec must reproduce, and how:
 

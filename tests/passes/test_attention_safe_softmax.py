@@ -24,7 +24,8 @@ def _case(kind, lq, lk):
     keep[..., 1, :] = False  # query 1 sees no key
     scale = ScoreStep("mul", "float32", value=0.5)
     if kind == "mask":  # one -inf boolean fill: the torch path is SDPA
-        steps, inputs, extras = (scale, ScoreStep("fill", "float32", value=-INF, input=0, invert=True)), ("mask",), [keep]
+        steps = (scale, ScoreStep("fill", "float32", value=-INF, input=0, invert=True))
+        inputs, extras = ("mask",), [keep]
     elif kind == "mask_causal":  # two fills: the torch path is the reference; lq > lk hides the first rows too
         steps = (scale, ScoreStep("fill", "float32", value=-INF, input=0, invert=True),
                  ScoreStep("fill", "float32", value=-INF, input=-1))
