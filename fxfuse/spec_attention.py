@@ -66,6 +66,9 @@ class AttentionSpec:
                    is kept with probability 1 - dropout and then divided by 1 - dropout, else zeroed;
                    the softmax's max and sum are those of the undropped scores. The operator draws
                    the mask from a seed tensor it is given (see fxfuse.ops.attention).
+    safe_softmax:  the softmax is ``aten._safe_softmax`` (SDPA's math decomposition, Inductor's
+                   patterns 29/30): a query row whose every score is -inf gives probabilities 0
+                   (so output 0 and gradients 0) where a plain softmax gives NaN.
     """
 
     score_dtype: str
@@ -74,6 +77,7 @@ class AttentionSpec:
     inputs: tuple[str, ...] = ()
     kv_groups: int = 1
     dropout: float = 0.0
+    safe_softmax: bool = False
 
     @property
     def softmax_dtype(self) -> str:
@@ -114,6 +118,8 @@ class AttentionSpec:
         raw = dataclasses.asdict(self)
         if not self.dropout:  # left out at its default: sites without dropout keep their JSON and kernel names
             del raw["dropout"]
+        if not self.safe_softmax:  # likewise: only safe-softmax sites name it
+            del raw["safe_softmax"]
         for step in raw["steps"]:
             if step["expr"] is None:  # specs without expressions keep their JSON (and kernel names)
                 del step["expr"]
@@ -160,6 +166,8 @@ class AttentionSpec:
         if self.kv_groups > 1:
             parts.append(f"GQA {self.kv_groups} query heads per kv head")
         parts.append(f"softmax in {_SHORT[self.softmax_dtype]}")
+        if self.safe_softmax:
+            parts.append("safe softmax (fully masked rows give 0)")
         if self.dropout:
             parts.append(f"dropout {self.dropout:g}")
         parts.append(f"-> {_SHORT[self.out_dtype]}")

@@ -360,12 +360,23 @@ class ViewsBetweenScoreSteps(nn.Module):  # MBart-like: flat (B*H, L, L) scores 
         return torch.bmm(scores.softmax(-1), v)
 
 
+class SafeSoftmaxPaddedQueries(nn.Module):  # SDPA's math form written out: padded queries see no key, _safe_softmax
+    # gives them 0 (a plain softmax would give NaN); its dtype argument upcasts half scores to float32.
+    def inputs(self, dtype):
+        return _qkv(dtype) + [_padding(dtype)]
+
+    def forward(self, q, k, v, keep):
+        pairs = keep[:, None, :, None] & keep[:, None, None, :]  # padded queries' rows are all False
+        scores = (q @ k.transpose(-1, -2) * 0.3).masked_fill(~pairs, float("-inf"))
+        return torch._safe_softmax(scores, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
 STYLES = [MatmulTranspose, EinsumUpcastSoftmax, BmmFlatHeadsScaledQuery, ScaleOnScoresMT, CausalTrilBuffer,
           CausalTrilInForward, CausalArangeWhere, SlidingWindowArange, SoftcapGemma2, PaddingMaskFill, AdditiveMaskBert, RelativeBias,
           GroupedQueryRepeatInterleave, MultiHeadProjections, ScaledValues, PerHeadTemperature, TensorSqrtScale,
           BaddbmmAlibiBloom, BaddbmmScaledBias, BaddbmmEmptyBetaZero, SingleHead2D, AddmmSingleHead2D,
           ChunkedLocalMask, PrefixLMWhere, DilatedCausal, CausalTriuOnes, OffsetPositionsMask, AlibiSlopes, AlibiMPT,
-          ViewsBetweenScoreSteps]
+          ViewsBetweenScoreSteps, SafeSoftmaxPaddedQueries]
 # Masks and biases computed from positions: the kernel computes them (no mask or bias tensor).
 INDEX_STYLES = [ChunkedLocalMask, PrefixLMWhere, DilatedCausal, CausalTriuOnes, OffsetPositionsMask, AlibiSlopes,
                 AlibiMPT]
@@ -520,7 +531,17 @@ class KeyAxisSplitBetweenScoreSteps(nn.Module):  # the key axis viewed as (2, Lk
         return torch.bmm(scores.view(B * H, 4, 4).softmax(-1), v)
 
 
+class SafeSoftmaxNarrowingDtype(nn.Module):  # _safe_softmax(f32 scores, dtype=bf16): a score may become -inf
+    reason = "only a cast from 16 bits to float32"  # after it checked for -inf rows, so it is not taken
+
+    def inputs(self, dtype):
+        return _qkv(dtype)
+
+    def forward(self, q, k, v):
+        return torch._safe_softmax(q @ k.transpose(-1, -2), -1, dtype=torch.bfloat16).to(v.dtype) @ v
+
+
 NEAR_MISSES = [SoftmaxOverQueries, MaskAfterSoftmax, ScaleOnProbabilities, ScoresAlsoReturned,
                ProbabilitiesAlsoReturned, ProductOverQueryAxis, ScoreTermFromValues, TransposedScores,
                BaddbmmBiasFromValues, BaddbmmBetaZeroOnInput, BaddbmmAlphaZero, BaddbmmValueProduct,
-               HeadsSwappedBetweenScoreSteps, KeyAxisSplitBetweenScoreSteps]
+               HeadsSwappedBetweenScoreSteps, KeyAxisSplitBetweenScoreSteps, SafeSoftmaxNarrowingDtype]

@@ -14,9 +14,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pattern_coverage.
 
 def test_pattern_coverage_on_a_subset(tmp_path):
     out = tmp_path / "coverage.json"
-    # Inductor's pattern 1 (both fuse it), its pattern 30 (SDPA's math form, which fxfuse declines), a
-    # boolean padding mask (fxfuse fuses it, Inductor has no pattern for it), a near-miss (neither).
-    only = "DivByScalar,SplitScale,PaddingMaskFill,SoftmaxOverQueries"
+    # Inductor's pattern 1 and its pattern 24 (MBart's flat heads; both fuse them), a boolean padding
+    # mask (fxfuse fuses it, Inductor has no pattern for it), a near-miss (neither).
+    only = "DivByScalar,MBartFlatHeadsMask,PaddingMaskFill,SoftmaxOverQueries"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, str(SCRIPT), "--only", only, "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -24,16 +24,17 @@ def test_pattern_coverage_on_a_subset(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["inductor_calibration"] == {"sfdp_pattern_1": 1, "no_attention": 0}
     rows = {(r["style"], r["dtype"]): r for r in payload["results"]}
-    assert set(rows) == {(s, "float32") for s in only.split(",")}
+    # MBart's pattern is about casts: it runs in bf16 as well.
+    assert set(rows) == {(s, "float32") for s in only.split(",")} | {("MBartFlatHeadsMask", "bfloat16")}
     outcome = {k: (r["fxfuse_fused"], r["inductor_fused"]) for k, r in rows.items()}
     assert outcome[("DivByScalar", "float32")] == (1, 1)
-    assert outcome[("SplitScale", "float32")] == (0, 1)
+    assert outcome[("MBartFlatHeadsMask", "float32")] == outcome[("MBartFlatHeadsMask", "bfloat16")] == (1, 1)
     assert outcome[("PaddingMaskFill", "float32")] == (1, 0)
     assert outcome[("SoftmaxOverQueries", "float32")] == (0, 0)
-    assert "math decomposition" in rows[("SplitScale", "float32")]["fxfuse_note"]  # fxfuse's reason is recorded
-    assert payload["totals"]["Inductor sfdp patterns"] == {"cases": 2, "sites": 2, "fxfuse": 1, "inductor": 2,
-                                                           "fxfuse_all": 1, "inductor_all": 2}
+    assert "query axis" in rows[("SoftmaxOverQueries", "float32")]["fxfuse_note"]  # fxfuse's reason is recorded
+    assert payload["totals"]["Inductor sfdp patterns"] == {"cases": 3, "sites": 3, "fxfuse": 3, "inductor": 3,
+                                                           "fxfuse_all": 3, "inductor_all": 3}
     md = out.with_suffix(".md").read_text()
-    assert "| **all attention sites** | | **3** | **2** | **2** |" in md
+    assert "| **all attention sites** | | **4** | **4** | **3** |" in md
     table = [line for line in md.splitlines() if line.startswith("| ") and line.count("|") == 10]
     assert len(table) == 2 + len(rows)  # the header and its rule, then one row per case

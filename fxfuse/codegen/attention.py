@@ -167,6 +167,8 @@ def _source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     loop = (f"    lo = {lo}\n    hi = {hi}\n" if not plan.tile_lists else "") + _tile_loop(plan, "n", "lo", "hi")
     steps = "\n".join(" " * 8 + line for line in _steps(plan))
     seed = "\n    seed = tl.load(SEED)" if spec.dropout else ""
+    # A safe softmax's row with no finite score (l_i == 0, acc == 0) gives 0, not 0/0.
+    safe_note = "  # safe softmax: a row with every score -inf gives 0" if spec.safe_softmax else ""
     to_v = "p_v = p.to(V.dtype.element_ty)  # the probabilities meet v in v's dtype, as in the user's code"
     if spec.dropout:  # after the row max and sum, which are the undropped softmax's
         to_v = ("keep = dropout_keep(seed, pid_bh, offs_m, offs_n, LQ, LK)\n"
@@ -226,7 +228,7 @@ def {name}_forward({("Q, K, V, O, STATS, " + extras).rstrip()}
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p_v, v{precision})
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / {"tl.where(l_i == 0.0, 1.0, l_i)" if spec.safe_softmax else "l_i"}[:, None]{safe_note}
     tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV))
     # The row max and sum, kept apart: m + log(l) would lose log(l) next to a huge finite fill
@@ -371,13 +373,17 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     off_hkv = off_h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)''' + ("\n    seed = tl.load(SEED)" if spec.dropout else "") + _head_loads(plan)
-    load_q = """q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    # A safe softmax's row with every score -inf (max -inf, sum 0) recomputes p = exp(-inf) / 1 = 0,
+    # so dS and every gradient of that row are 0 (not exp(-inf + inf) / 0 = NaN).
+    safe_stats = "\nrow_max = tl.where(row_sum == 0.0, 0.0, row_max)  # safe softmax: p = 0 in a row with no " \
+        "finite score\nrow_sum = tl.where(row_sum == 0.0, 1.0, row_sum)" if spec.safe_softmax else ""
+    load_q = f"""q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
 do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
 row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
 row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m, mask=offs_m < LQ, other=1.0)
-delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0){safe_stats}
 if DOT_F32:
     q = q.to(tl.float32)
     do = do.to(tl.float32)"""

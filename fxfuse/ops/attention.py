@@ -1,19 +1,18 @@
 """``torch.ops.fxfuse.attention``: ``softmax(steps(q @ k^T)) @ v`` as one operator.
 
-q, k, v are ``(B, H, L, D)`` (any strides; k and v may have H / kv_groups heads); the extra
-tensors (boolean masks, additive masks and biases, factor tensors) broadcast to the scores'
-``(B, H, Lq, Lk)`` the way they did in the user's code (aligned on the right); masks and biases
-given as index expressions are evaluated (``fxfuse.index_expr``), with per-head inputs among the
-extras. On CUDA, or on CPU
-when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
+q, k, v are ``(B, H, L, D)`` (any strides; k and v may have H / kv_groups heads); the extra tensors
+(boolean masks, additive masks and biases, factor tensors) broadcast to the scores' ``(B, H, Lq,
+Lk)`` the way they did in the user's code (aligned on the right); masks and biases given as index
+expressions are evaluated (``fxfuse.index_expr``), with per-head inputs among the extras. On CUDA,
+or on CPU when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
 implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
-user's softmax gives NaN are set to NaN), else the plain torch reference of the spec, which
-computes the scores a bounded chunk of query rows at a time. With ``merge_heads`` the
-``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on every path (the pass
-asks for it when a head merge is all that reads it, which then is a view). The backward
-is a backward operator of its own (autograd is off inside custom operators): the Triton backward
-kernels (which also give the gradients of additive biases) unless a factor tensor needs a
+user's softmax gives NaN are set to NaN, unless the spec's softmax is a safe one), else the plain
+torch reference of the spec, which computes the scores a bounded chunk of query rows at a time. With
+``merge_heads`` the ``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on
+every path (the pass asks for it when a head merge is all that reads it, which then is a view). The
+backward is a backward operator of its own (autograd is off inside custom operators): the Triton
+backward kernels (which also give the gradients of additive biases) unless a factor tensor needs a
 gradient, else an explicit torch formula; both recompute the probabilities.
 
 Dropout on the probabilities (a spec with ``dropout``) takes a ``seed``: a 0-dim int64 tensor that
@@ -154,6 +153,15 @@ def _drop(spec: AttentionSpec, p: Tensor, keep: Tensor | None) -> Tensor:
     return p if keep is None else p * (keep.to(p.dtype) / (1.0 - spec.dropout))
 
 
+def softmax(spec: AttentionSpec, s: Tensor) -> Tensor:
+    """The site's softmax over the keys; a safe one (``aten._safe_softmax``) gives 0, not NaN, in a
+    row whose every score is -inf."""
+    p = torch.softmax(s, dim=-1)
+    if spec.safe_softmax:
+        p = p.masked_fill((s == float("-inf")).all(-1, keepdim=True), 0.0)
+    return p
+
+
 def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
               keep: Tensor | None = None) -> Tensor:
     """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code,
@@ -166,7 +174,7 @@ def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list
     outs = []
     for r in _row_chunks(q, lk):
         chunk = [_rows(e, lq, r) for e in extras]
-        p = torch.softmax(_scores(spec, q[..., r[0]:r[1], :], k, chunk, rows=(*r, lq), headed=True), dim=-1)
+        p = softmax(spec, _scores(spec, q[..., r[0]:r[1], :], k, chunk, rows=(*r, lq), headed=True))
         p = _drop(spec, p.to(to_dtype(spec.prob_dtype)), None if keep is None else keep[..., r[0]:r[1], :])
         outs.append(torch.matmul(p, v))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
@@ -207,7 +215,7 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     if mask is not None and mask.dim() < 2:  # SDPA's CPU kernel wants a mask of at least 2 dims
         mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=spec.kv_groups > 1)
-    if hidden is not None:
+    if hidden is not None and not spec.safe_softmax:  # a safe softmax gives 0 there, as SDPA does
         # A row whose every score is -inf is NaN in the user's softmax; SDPA returns zeros there.
         out = out.masked_fill(hidden.all(-1, keepdim=True), float("nan"))
     return out
@@ -258,7 +266,8 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
             target += d
 
         step_inputs: list[Tensor] = []
-        p = torch.softmax(_scores(spec, qc, kh, chunk, acc, step_inputs, rows=(*r, lq), headed=True), dim=-1)
+        # A safe softmax's fully masked rows have p = 0, so dS and every gradient there is 0.
+        p = softmax(spec, _scores(spec, qc, kh, chunk, acc, step_inputs, rows=(*r, lq), headed=True))
         do = grad_out[..., r[0]:r[1], :].to(acc)
         kc = None if keep is None else keep[..., r[0]:r[1], :]
         dv += torch.matmul(_drop(spec, p.to(to_dtype(spec.prob_dtype)).to(acc), kc).transpose(-1, -2), do)

@@ -1,17 +1,18 @@
 """Attention fusion: ``softmax(score terms(q @ k^T)) @ v``, written any way, becomes one operator.
 
-Recognition anchors on ``aten._softmax`` and walks back through the score terms (scalar and
-tensor factors, boolean fills, additive masks and biases, casts; between them, views that only
-split or merge the scores' leading dims, as MBart's) and a layout-only chain (views, permutes,
-expands) to the product of queries and keys (``bmm``, ``mm`` for 2-D single-head code,
-or ``baddbmm``/``addmm``, whose scale and bias become the first score steps), then forward through
-casts, at most one dropout (training; what counts as dropout is in ``attention_dropout.py``) and a
-layout-only chain to the ``bmm`` (or ``mm``) with the values. When the output is read only through
-a head merge, the operator is asked to write it in that order (the merge is a view). The operator
-computes on the products' own
-operands, so whatever built q, k and v (head splits, einsum's permutes, a scaled query) cannot be
-misread; where an operand is a copy, permutation or head-repeat of an earlier tensor, that tensor
-is read in place instead (grouped-query attention's kv heads are never materialised).
+Recognition anchors on ``aten._softmax``, or ``aten._safe_softmax`` (SDPA's math decomposition emits
+it: a row whose every score is -inf gives 0, not NaN; the spec's ``safe_softmax``), and walks back
+through the score terms (scalar and tensor factors, boolean fills, additive masks and biases, casts;
+between them, views that only split or merge the scores' leading dims, as MBart's) and a layout-only
+chain (views, permutes, expands) to the product of queries and keys (``bmm``, ``mm`` for 2-D
+single-head code, or ``baddbmm``/``addmm``, whose scale and bias become the first score steps), then
+forward through casts, at most one dropout (training; what counts as dropout is in
+``attention_dropout.py``) and a layout-only chain to the ``bmm`` (or ``mm``) with the values.
+When the output is read only through a head merge, the operator is asked to write it in that order
+(the merge is a view). The operator computes on the products' own operands, so whatever built q, k
+and v (head splits, einsum's permutes, a scaled query) cannot be misread; where an operand is a
+copy, permutation or head-repeat of an earlier tensor, that tensor is read in place instead
+(grouped-query attention's kv heads are never materialised).
 
 What is proved, from ``meta`` and by replaying layout chains on index tensors (exact at the
 graph's static shapes): the chains between the products and the softmax only rename elements (a
@@ -267,21 +268,6 @@ class _NotAttention(Exception):
     """The softmax is not an attention's (its result never meets a product): no miss is recorded."""
 
 
-def recognise(softmax: Node, gm: torch.fx.GraphModule):
-    """The attention site around ``softmax`` (``_softmax``, or SDPA's ``_safe_softmax`` for a caller
-    that proved it equal here), or None when it is no attention; raises Declined with the reason
-    an attention site is not fused."""
-    try:
-        return _recognise(softmax, gm)
-    except _NotAttention:
-        return None
-
-
-def replace(gm: torch.fx.GraphModule, site) -> Node:
-    """Replace a recognised site with the fused operator; returns the fused node."""
-    return _replace(gm, site)
-
-
 def _reaches_bmm(node: Node, depth: int = 6) -> bool:
     for _ in range(depth):
         if is_op(node, *_PRODUCTS):
@@ -377,7 +363,9 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     if dim % rank != rank - 1:
         raise Declined(f"the softmax runs over dim {dim} (the query axis) of the {rank}-d scores; attention "
                        "normalizes each query's scores over the keys (the last dim)")
-    if len(softmax.args) > 2 and softmax.args[2]:  # _softmax's half_to_float (_safe_softmax's dtype)
+    safe = softmax.target == aten._safe_softmax.default
+    upcast = _safe_softmax_dtype(softmax, x) if safe else None
+    if not safe and len(softmax.args) > 2 and softmax.args[2]:  # _softmax's half_to_float
         raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
     start_shape = tuple(shape(start))  # the scores as the first step (or the softmax) reads them
     shapes = [tuple(score_shape), start_shape, *(tuple(here) for *_, here in steps)]
@@ -444,6 +432,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 extras.append(extra)
                 kinds.append({"fill": "mask", "add": "bias"}.get(step.op, "factor"))
         spec_steps.append(step)
+    if upcast is not None:  # _safe_softmax(s, dtype=...) is the softmax of s.to(dtype)
+        spec_steps.append(ScoreStep("cast", dtype_name(upcast)))
     q_op, k_op = qk.args[-2:]
     sources = {"q": source_operand(q_op, lead, False, False), "k": source_operand(k_op, lead, True, True),
                "v": source_operand(v_op, lead, False, True)} if len(product_shape) == 3 else \
@@ -455,7 +445,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     spec = AttentionSpec(
         score_dtype=score_dtype, steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
         inputs=tuple(kinds), kv_groups=k_groups if k_groups == v_groups else 1,
-        dropout=probs.dropout.rate if probs.dropout else 0.0,
+        dropout=probs.dropout.rate if probs.dropout else 0.0, safe_softmax=safe,
     )
     dropped = probs.dropout.nodes if probs.dropout else []
     interior = {qk, *score_chain, *(s[0] for s in steps), *views, softmax, *casts, *dropped, *p_chain, pv}
@@ -463,6 +453,21 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                  {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead))
     _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else [])})
     return site
+
+
+def _safe_softmax_dtype(softmax: Node, scores: Node) -> torch.dtype | None:
+    """The dtype ``_safe_softmax(s, dim, dtype)`` casts the scores to first, or None when it casts
+    nothing. Only a cast from 16 bits to float32 is taken (a "cast" step before the softmax): a narrowing one could
+    turn a finite score into -inf after ``_safe_softmax`` has checked the uncast scores for -inf, so
+    a row it leaves NaN would be one the fused softmax zeroes."""
+    want = softmax.args[2] if len(softmax.args) > 2 else softmax.kwargs.get("dtype")
+    have = dtype(scores)
+    if want is None or want == have:
+        return None
+    if want == torch.float32 and have in _LOW_PRECISION:
+        return want
+    raise Declined(f"the safe softmax casts the {dtype_name(have)} scores to {want} first; fused attention takes "
+                   "only a cast from 16 bits to float32 there")
 
 
 def _index_form(extra: Node, step: ScoreStep, score_shape, gm, value, notes: list) -> Derived | None:
@@ -585,7 +590,7 @@ class FuseAttention:
 
         result = PassResult(self.name)
         for node in list(gm.graph.nodes):
-            if not is_op(node, aten._softmax.default) or node.graph is not gm.graph:
+            if not is_op(node, aten._softmax.default, aten._safe_softmax.default) or node.graph is not gm.graph:
                 continue
             source, code = source_of(node)
             try:

@@ -1,19 +1,17 @@
 """Claim ``F.scaled_dot_product_attention`` calls already in the graph as ``fxfuse.attention``.
 
-SDPA reaches the captured ATen graph as one of its backend operators, chosen at trace time from
-the device and arguments: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU,
+SDPA reaches the captured ATen graph as one of its backend operators, chosen at trace time from the
+device and arguments: ``_scaled_dot_product_flash_attention_for_cpu`` on CPU,
 ``_scaled_dot_product_flash_attention`` / ``_efficient_attention`` / ``_cudnn_attention`` on CUDA
 (or the composite ``scaled_dot_product_attention`` where no decomposition ran). A boolean
 ``attn_mask`` arrives already converted by SDPA into ``where(mask, 0, -inf)``; it is read back as
-the boolean mask (a fill of -inf where it is False), a constant one proved causal becomes the
-causal rule. Where SDPA falls back to its math decomposition (dropout, a mask that requires
-grad), the graph holds ``_safe_softmax`` and plain products instead. With dropout (SDPA's form
-in training on CPU) that is the attention fuse-attention reads, with a ``_safe_softmax``: it gives
-0 where a row's every score is -inf, where the fused operator's softmax gives NaN; the site is
-claimed as attention when its masks are constants proved to leave every row a key, else declined.
-Other math fallbacks are declined. Dropout in the operators themselves (``dropout_p``, as CUDA's
-flash and efficient kernels take it) is the spec's dropout: the fused call draws its own seed (the
-mask has SDPA's distribution, not its stream).
+the boolean mask (a fill of -inf where it is False), a constant one proved causal becomes the causal
+rule. Where SDPA falls back to its math decomposition (dropout on CPU, a mask that requires grad,
+inputs that are not 4-d), the graph holds plain products and a ``_safe_softmax`` instead, with no
+SDPA call left to claim: fuse-attention reads that as the attention it is written as (a spec with
+``safe_softmax``, which gives 0 for a row with every key masked, as SDPA does). Dropout in the
+operators themselves (``dropout_p``, as CUDA's flash and efficient kernels take it) is the spec's
+dropout: the fused call draws its own seed (the mask has SDPA's distribution, not its stream).
 
 What the spec must reproduce, and how:
 
@@ -72,11 +70,6 @@ def _sdpa_ops() -> dict:
 
 
 _OPS = _sdpa_ops()
-
-
-_MATH_DROPOUT = "scaled_dot_product_attention with dropout_p > 0 fell back to its math decomposition (as on CPU)"
-_MATH = ("scaled_dot_product_attention fell back to its math decomposition (inputs that are not 4-d, or an "
-         "attn_mask that requires grad); fused attention does not claim that form yet")
 
 
 class Declined(Exception):
@@ -266,21 +259,9 @@ class ClaimSDPA:
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
-            source, code = source_of(node)
-            if is_op(node, aten._safe_softmax.default):  # only SDPA's math decomposition emits it
-                if not _dropped_out(node):
-                    result.misses.append(Miss("attention", source, _MATH, code))
-                    continue
-                try:
-                    fused, spec = _claim_math_with_dropout(gm, node)
-                except Declined as why:
-                    result.misses.append(Miss("attention", source, str(why), code))
-                    continue
-                result.matches.append(Match("attention", source, spec, fused.name, code, shape=site_shape(fused)))
-                result.changed += 1
-                continue
             if node.target not in _OPS:
                 continue
+            source, code = source_of(node)
             try:
                 claim = _recognise(node, gm)
             except Declined as why:
@@ -290,71 +271,3 @@ class ClaimSDPA:
             result.matches.append(Match("attention", source, claim.spec, fused.name, code, shape=site_shape(fused)))
             result.changed += 1
         return result
-
-
-def _claim_math_with_dropout(gm, softmax: Node):
-    """SDPA's math decomposition with dropout, fused as the attention it is written as, where its
-    ``_safe_softmax`` provably equals a softmax (no row loses every key)."""
-    from fxfuse.passes import attention
-
-    try:
-        site = attention.recognise(softmax, gm)
-    except attention.Declined as why:
-        raise Declined(f"{_MATH_DROPOUT}: {why}") from None
-    if site is None or site.dropout is None:
-        raise Declined(f"{_MATH_DROPOUT}, in a form fused attention does not read")
-    why = _may_hide_whole_rows(site, gm)
-    if why:
-        raise Declined(f"{_MATH_DROPOUT}: {why}; SDPA returns 0 for a query row with no key left, the fused "
-                       "softmax NaN, so it is claimed only where every row provably keeps a key")
-    return attention.replace(gm, site), site.spec
-
-
-def _may_hide_whole_rows(site, gm) -> str | None:
-    """Why some query row might have every score at -inf, or None when none can (from the masks'
-    constant values; finite q and k give finite products)."""
-    from fxfuse.ops.attention import causal_mask
-
-    _, lq, lk = shape(site.qk)
-    hidden = torch.zeros(lq, lk, dtype=torch.bool)
-    for step in site.spec.steps:
-        if step.op == "cast" or (step.op in ("mul", "div") and step.input == -1 and step.value > 0):
-            continue  # keep -inf as -inf and finite as finite
-        if step.expr is not None:  # an index expression (see attention_index.py)
-            heads = [constant_value(e[0] if isinstance(e, tuple) else e, gm) for e in site.extras]
-            if any(h is None for h in heads):
-                return "a bias computed at run time may hide whole rows"
-            heads = [h.reshape(e[1]) if isinstance(e, tuple) else h for h, e in zip(heads, site.extras)]
-            values = index_expr.evaluate(step.expr, index_expr.grids((*site.lead, lq, lk)), heads)
-            if step.op == "add":
-                hidden = hidden | (values == _NEG_INF)
-            elif step.value == _NEG_INF:
-                hidden = hidden | values.bool()
-        elif step.op == "fill" and step.input == -1:
-            hidden = hidden | causal_mask(lq, lk, "cpu", step.window)
-        elif step.op in ("fill", "add"):
-            values = constant_value(site.extras[step.input], gm)
-            if values is None:
-                return "a mask computed at run time may hide whole rows"
-            if step.op == "add":
-                hidden = hidden | (values == _NEG_INF)
-            elif step.value == _NEG_INF:
-                hidden = hidden | (~values if step.invert else values)
-        else:
-            return f"a score step ({step.op}) whose effect on -inf scores is not tracked"
-    if hidden.all(-1).any():
-        return "a constant mask hides every key of some query row"
-    return None
-
-
-def _dropped_out(softmax: Node) -> bool:
-    """SDPA's math decomposition with dropout: the probabilities times a mask drawn by bernoulli."""
-    for user in softmax.users:
-        if is_op(user, aten.mul.Tensor):
-            other = [a for a in user.args if a is not softmax]
-            frontier = list(other)
-            for _ in range(4):
-                if any(is_op(n, aten.bernoulli.p, aten.native_dropout.default, aten.rand.default) for n in frontier):
-                    return True
-                frontier = [a for n in frontier if isinstance(n, Node) for a in n.all_input_nodes]
-    return False

@@ -55,6 +55,11 @@ SPECS = {
     # Training: causal, dropout 0.1 on the probabilities (a Philox draw shared by all three kernels).
     "dropout_causal_f32": AttentionSpec(
         F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("fill", F32, value=NEG_INF)), F32, dropout=0.1),
+    # SDPA's math decomposition: a padding mask and aten._safe_softmax (a row with every key hidden
+    # gives 0: the forward divides by 1 where the row's sum is 0, the backward recomputes p = 0).
+    "safe_padding_mask_f32": AttentionSpec(
+        F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("fill", F32, value=NEG_INF, input=0, invert=True)),
+        F32, inputs=("mask",), safe_softmax=True),
 }
 # Index expressions (see fxfuse.index_expr): ALiBi's slopes[h] * (j - i), then a 64-key chunk mask.
 _I, _J = ("var", "int64", "i"), ("var", "int64", "j")

@@ -167,7 +167,7 @@ def test_math_fallback_with_dropout_is_claimed_where_every_row_keeps_a_key(causa
     qkv = _leaves(_qkv(), torch.float32)
     res = fxfuse.rewrite(fn, tuple(qkv))
     assert [m.spec.dropout for m in res.matches] == [0.25] and not res.misses, res.report()
-    assert "_safe_softmax" not in res.graph.code and "bernoulli" not in res.graph.code
+    assert "aten._safe_softmax" not in res.graph.code and "bernoulli" not in res.graph.code
     torch.manual_seed(4)
     got, grads = _run(res.module, qkv, [])
     torch.manual_seed(4)
@@ -186,24 +186,77 @@ def test_math_fallback_with_dropout_is_claimed_where_every_row_keeps_a_key(causa
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
 
 
-def test_math_fallback_with_dropout_and_a_runtime_mask_is_declined():
-    # A runtime mask may hide a whole row, where SDPA's _safe_softmax gives 0 and a softmax NaN.
-    reasons = _misses(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.25),
-                      (*_qkv(), _padding_mask()))
-    assert len(reasons) == 1 and "dropout" in reasons[0] and "may hide whole rows" in reasons[0]
+def test_math_fallback_with_dropout_and_a_runtime_mask_is_fused_with_a_safe_softmax(cpu_path):
+    # A runtime mask may hide a whole row (here the second), where SDPA's _safe_softmax gives 0 and
+    # a plain softmax NaN: fuse-attention reads the decomposition with a safe softmax, so that row
+    # is 0 in the output and in every gradient, as in eager.
+    from fxfuse.ops.attention import keep_mask
+
+    def fn(q, k, v, m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.25)
+
+    mask = _padding_mask()
+    qkv = _leaves(_qkv(), torch.float32)
+    res = fxfuse.rewrite(fn, (*qkv, mask))
+    assert len(res.matches) == 1 and not res.misses, res.report()
+    spec = res.matches[0].spec
+    assert spec.dropout == 0.25 and spec.safe_softmax and "aten._safe_softmax" not in res.graph.code
+    torch.manual_seed(4)
+    got, grads = _run(res.module, qkv, [mask])
+    torch.manual_seed(4)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    keep = keep_mask(spec, seed, (B, H, L, L), "cpu", triton=cpu_path == "interpret")
+
+    def expected(q, k, v):
+        scores = (q @ k.mT / D ** 0.5).masked_fill(~mask, float("-inf"))
+        return (torch.ops.aten._safe_softmax(scores, -1) * keep / 0.75) @ v
+
+    ref, ref_grads = _run(expected, _leaves(qkv, torch.float64), [])
+    assert not got.isnan().any() and not any(g.isnan().any() for g in grads)
+    assert torch.equal(got[:, :, 1], torch.zeros_like(got[:, :, 1])) and torch.equal(grads[0][:, :, 1],
+                                                                                    torch.zeros_like(grads[0][:, :, 1]))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
 
 
-def test_mask_requiring_grad_falls_back_to_math_and_is_declined():
-    # SDPA decomposes into plain ops when the mask needs a gradient: no fused call to claim.
-    bias = torch.zeros(L, L, requires_grad=True)
-    reasons = _misses(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), (*_qkv(), bias))
-    assert len(reasons) == 1 and "math decomposition" in reasons[0]
+def _eager_and_fused(fn, inputs):
+    """(fused, eager, float64 eager) outputs and gradients of every floating input."""
+    res = fxfuse.rewrite(fn, tuple(t.detach().requires_grad_(t.is_floating_point()) for t in inputs))
+    runs = []
+    for module, dtype in ((res.module, None), (fn, None), (fn, torch.float64)):
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_(t.is_floating_point()) for t in inputs]
+        out = module(*leaves)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        (out.double() * upstream).sum().backward()
+        runs.append((out, [t.grad for t in leaves if t.requires_grad]))
+    return res, runs
 
 
-def test_three_dimensional_inputs_fall_back_to_math_and_are_declined():
+def test_mask_requiring_grad_falls_back_to_math_and_is_fused_with_its_gradient():
+    # SDPA decomposes into plain ops when the mask needs a gradient (no call left to claim):
+    # fuse-attention reads it, with a safe softmax (the bias's last row is all -inf: 0 there, as
+    # SDPA gives), and the mask gets its gradient.
+    res, runs = _eager_and_fused(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                                 [*_qkv(), _bias()])
+    assert len(res.matches) == 1 and not res.misses, res.report()
+    assert res.matches[0].spec.safe_softmax and "+ bias0" in res.matches[0].describe(), res.report()
+    (got, got_grads), (eager, eager_grads), (ref, ref_grads) = runs
+    assert not got.isnan().any() and not any(g.isnan().any() for g in got_grads)
+    assert_close_to_reference(got, eager, ref, "output")
+    assert len(got_grads) == 4
+    for what, g, e, r in zip(["q", "k", "v", "mask"], got_grads, eager_grads, ref_grads):
+        assert_close_to_reference(g, e, r, f"gradient of {what}")
+
+
+def test_three_dimensional_inputs_fall_back_to_math_and_are_fused():
     q, k, v = (t[0] for t in _qkv())
-    reasons = _misses(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), (q, k, v))
-    assert len(reasons) == 1 and "not 4-d" in reasons[0]
+    res, runs = _eager_and_fused(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), [q, k, v])
+    assert len(res.matches) == 1 and not res.misses, res.report()
+    (got, got_grads), (eager, eager_grads), (ref, ref_grads) = runs
+    assert_close_to_reference(got, eager, ref, "output")
+    for what, g, e, r in zip("qkv", got_grads, eager_grads, ref_grads):
+        assert_close_to_reference(g, e, r, f"gradient of {what}")
 
 
 def test_unreadable_mask_shape_is_declined():

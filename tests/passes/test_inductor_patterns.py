@@ -5,9 +5,9 @@ Every pattern fxfuse fuses is checked like the styles of test_attention_styles.p
 match and no miss, and the rewritten module's output and gradients (inputs and parameters, under a
 fixed upstream gradient) within the tolerance table of a float64 reference; so are three of them on
 grouped-query keys and values (Inductor's list has no such pattern). Dropout patterns run in
-eval mode, where dropout is the identity and the site is the pattern's inference form. The patterns
-fxfuse does not fuse are listed in KNOWN_MISSES with the reason it gives (docs/comparison.md says
-why), and checked to be declined with that reason and left computing what eager computes.
+eval mode, where dropout is the identity and the site is the pattern's inference form; in training
+they are fused with the kernel's own dropout (the output is not the dropout-free one). Every pattern
+is fused: a change that makes fxfuse decline one fails here (docs/comparison.md keeps the count).
 """
 import copy
 
@@ -16,18 +16,12 @@ import torch
 
 import fxfuse
 from tests.inductor_patterns import (GQA_VARIANTS, H, KV_HEADS, PATTERNS, DistilBertMaskFill, Gpt2WhereCausalAndMask,
-                                     T5Bias)
+                                     SplitScaleMask, T5Bias)
 from tests.tolerances import assert_close_to_reference
 
 PASSES = "canonicalize,claim-sdpa,fuse-attention"  # the default pipeline less the norms
 
-# pattern -> the words fxfuse's miss gives. Changing fxfuse so that one of these is fused fails
-# test_known_miss_is_declined_and_left_as_written: move the pattern to the fused list then.
-KNOWN_MISSES = {
-    "SplitScaleMask": "fell back to its math decomposition",
-    "SplitScale": "fell back to its math decomposition",
-}
-FUSED = [p for p in PATTERNS + GQA_VARIANTS if p.__name__ not in KNOWN_MISSES]
+FUSED = PATTERNS + GQA_VARIANTS
 CASES = [(p, torch.float32) for p in FUSED] + [(p, torch.bfloat16) for p in FUSED if p.CASTS]
 
 
@@ -56,7 +50,7 @@ def test_pattern_is_fused_and_exact(pattern, dtype):
     res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
     assert [m.kind for m in res.matches] == ["attention"], res.report()
     assert not res.misses, res.report()
-    assert "fxfuse.attention" in res.graph.code and "_softmax" not in res.graph.code, res.graph.code
+    assert "fxfuse.attention" in res.graph.code and "softmax.default" not in res.graph.code, res.graph.code
 
     expected, expected_grads = _run(copy.deepcopy(model).double(), _leaves(inputs, torch.float64))
     eager, eager_grads = _run(copy.deepcopy(model), _leaves(inputs))
@@ -75,38 +69,27 @@ def test_pattern_is_fused_and_exact(pattern, dtype):
         assert_close_to_reference(g.to(dtype), e.to(dtype), r, f"gradient {i}")
 
 
-@pytest.mark.parametrize("pattern", [p for p in PATTERNS if p.__name__ in KNOWN_MISSES], ids=lambda p: p.__name__)
-def test_known_miss_is_declined_and_left_as_written(pattern):
-    model = pattern().eval()
-    inputs = model.inputs(torch.float32)
-    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
-    assert not res.matches, res.report()
-    assert [m.kind for m in res.misses] == ["attention"], res.report()
-    assert KNOWN_MISSES[pattern.__name__] in res.misses[0].reason, res.report()
-    assert "fxfuse.attention" not in res.graph.code
-    torch.testing.assert_close(res.module(*inputs), model(*inputs), rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("pattern", [p for p in PATTERNS if p.DROPOUT], ids=lambda p: p.__name__)
 def test_dropout_in_training_is_never_rewritten_away(pattern):
-    # In training the probabilities are dropped at random. Whether fxfuse fuses that or declines
-    # it, the rewritten module must still apply dropout: its output is not the dropout-free one.
-    # (Today it declines, saying dropout; a dropout-aware kernel would fuse these instead.)
+    # In training the probabilities are dropped at random: the site is fused with the kernel's
+    # dropout at the pattern's rate, and the rewritten module still drops (its output is not the
+    # dropout-free one). (Exactness given the mask: tests/passes/test_attention_dropout*.py.)
     model = pattern().train()
     inputs = model.inputs(torch.float32)
     res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
-    if not res.matches:
-        assert [m.kind for m in res.misses] == ["attention"] and "dropout" in res.misses[0].reason, res.report()
+    assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
+    assert res.matches[0].spec.dropout > 0, res.report()
     trained = _outputs(res.module(*inputs))[0]
     without_dropout = _outputs(copy.deepcopy(model).eval()(*inputs))[0]
     assert not torch.allclose(trained, without_dropout), "dropout disappeared from the training graph"
 
 
-@pytest.mark.parametrize("pattern", [DistilBertMaskFill, Gpt2WhereCausalAndMask, T5Bias], ids=lambda p: p.__name__)
+@pytest.mark.parametrize("pattern", [DistilBertMaskFill, Gpt2WhereCausalAndMask, T5Bias, SplitScaleMask],
+                         ids=lambda p: p.__name__)
 def test_mask_forms_on_the_generated_kernel(pattern):
-    # The three mask forms Inductor's list adds over plain scaled attention (a 2-d padding mask
-    # compared, viewed and expanded; where(causal, s, finfo.min) plus an additive mask; a float32
-    # bias on the T5 scores) through the Triton kernel, run by the interpreter.
+    # The mask forms Inductor's list adds over plain scaled attention (a 2-d padding mask compared,
+    # viewed and expanded; where(causal, s, finfo.min) plus an additive mask; a float32 bias on the
+    # T5 scores; SDPA's math form with _safe_softmax) through the Triton kernel, run by the interpreter.
     model = pattern().eval()
     inputs = model.inputs(torch.float32)
     with fxfuse.config.patch(interpret=True):
@@ -131,8 +114,7 @@ def test_repeated_kv_heads_are_read_in_place(pattern):
 
 # Inductor registers these patterns a second time for batch size 1, whose graph differs (a reshape
 # that needs no copy); fxfuse reads shapes, so the same modules must fuse at B=1 as well.
-BATCH_ONE = [p for p in PATTERNS if set(p.SFDP) & {16, 18, 21, 22, 23, 25, 26, 27, 29, 30}
-             and p.__name__ not in KNOWN_MISSES]
+BATCH_ONE = [p for p in PATTERNS if set(p.SFDP) & {16, 18, 21, 22, 23, 25, 26, 27, 29, 30}]
 
 
 @pytest.mark.parametrize("pattern", BATCH_ONE, ids=lambda p: p.__name__)
