@@ -48,9 +48,11 @@ def _tile(i: int) -> str:
     return (f"E{i} + off_b * se{i}_b + off_h * se{i}_h + offs_m[:, None] * se{i}_m + offs_n[None, :] * se{i}_n")
 
 
-def _steps(plan: AttentionPlan) -> list[str]:
+def _steps(plan: AttentionPlan, factor_inputs: bool = False) -> list[str]:
     """The score steps on a tile ``s``; step k's mask is ``flag{k}`` and factor tile ``fac{k}``
-    (the backward kernels reuse them to take the gradient back through the steps)."""
+    (the backward kernels reuse them to take the gradient back through the steps). With
+    ``factor_inputs`` a factor tensor's step also keeps its input scores as ``s_in{k}`` (the dq
+    kernel's factor gradient is dS times them)."""
     lines = _round("s", "s", plan.score_round) if plan.score_round else []
     for k, (op, value, index, invert, window, rounding, index_expr) in enumerate(plan.steps):
         if op == "fill" and index_expr is not None:
@@ -68,6 +70,8 @@ def _steps(plan: AttentionPlan) -> list[str]:
         elif op in ("mul", "div"):
             if index != -1:
                 lines.append(f"fac{k} = tl.load({_tile(index)}, mask=in_bounds, other=1.0).to(tl.float32)")
+                if factor_inputs:
+                    lines.append(f"s_in{k} = s")
             expr = f"s {'*' if op == 'mul' else '/'} {_lit(value) if index == -1 else f'fac{k}'}"
         elif op == "fill":
             hidden = ("offs_n[None, :] > offs_m[:, None] + (LK - LQ)" if index == -1
@@ -315,15 +319,20 @@ def _grad_steps(plan: AttentionPlan, store_bias: bool = False) -> list[str]:
     """dS back through the steps, last first: factors scale it, fills zero it where they hid.
     With ``store_bias``, an add step writes the dS it sees (the gradient of the scores it produced,
     so through every later step) to its (B, H, Lq, Lk) float32 buffer ``DB{k}`` when BIAS_GRAD is
-    on; the launcher reduces that to the bias's shape."""
+    on, and a factor tensor's step its gradient per score (``dS * s_in`` for a product, ``-dS * s_in
+    / t^2`` for a quotient, with dS its output's gradient and s_in its input, ``s_in{k}`` from
+    ``_steps``) to ``DF{k}`` when FACTOR_GRAD is on; the launcher reduces each to the tensor's shape."""
     lines = []
+    scores = "(pid_bh * LQ + offs_m[:, None]).to(tl.int64) * LK + offs_n[None, :]"
     for k in reversed(range(len(plan.steps))):
         op, value, index, invert, _, _, _ = plan.steps[k]
         if op == "add" and index >= 0 and store_bias:
             lines += ["if BIAS_GRAD:",
-                      f"    tl.store(DB{k} + (pid_bh * LQ + offs_m[:, None]).to(tl.int64) * LK + offs_n[None, :], ds, "
-                      "mask=in_bounds)"]
+                      f"    tl.store(DB{k} + {scores}, ds, mask=in_bounds)"]
         elif op in ("mul", "div"):
+            if index >= 0 and store_bias:
+                grad = f"ds * s_in{k}" if op == "mul" else f"-ds * s_in{k} / (fac{k} * fac{k})"
+                lines += ["if FACTOR_GRAD:", f"    tl.store(DF{k} + {scores}, {grad}, mask=in_bounds)"]
             lines.append(f"ds = ds {'*' if op == 'mul' else '/'} {_lit(value) if index == -1 else f'fac{k}'}")
         elif op == "fill":
             lines.append(f"ds = tl.where(flag{k}, ds, 0.0)" if invert else f"ds = tl.where(flag{k}, 0.0, ds)")
@@ -347,15 +356,18 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
 
     def body(store_bias: bool) -> str:
         return "\n".join(" " * 8 + line for line in [
-            f"s = tl.dot(q, kT{precision})", *_steps(plan),
+            f"s = tl.dot(q, kT{precision})", *_steps(plan, factor_inputs=store_bias),
             "s = tl.where(offs_n[None, :] < LK, s, float('-inf'))",
             "p = tl.exp(s - row_max[:, None]) / row_sum[:, None]",
             f"dp = tl.dot(do, tl.trans(vt){precision})", *dropout,
             "ds = p * (dp - delta[:, None])", *_grad_steps(plan, store_bias)])
 
-    # The dq kernel visits every (query, key) tile of its rows once: it writes the biases' dS.
+    # The dq kernel visits every (query, key) tile of its rows once: it writes the biases' dS and
+    # the factor tensors' gradients per score.
     adds = [k for k, step in enumerate(plan.steps) if step[0] == "add" and step[2] >= 0]
-    bias_args = "".join(f"DB{k}, " for k in adds) + ("BIAS_GRAD: tl.constexpr, " if adds else "")
+    factors = [k for k, step in enumerate(plan.steps) if step[0] in ("mul", "div") and step[2] >= 0]
+    bias_args = "".join(f"DB{k}, " for k in adds) + ("BIAS_GRAD: tl.constexpr, " if adds else "") + \
+        "".join(f"DF{k}, " for k in factors) + ("FACTOR_GRAD: tl.constexpr, " if factors else "")
     lo_m = "tl.maximum(0, (pid_n * BLOCK_N - (LK - LQ)) // BLOCK_M * BLOCK_M)" if plan.skip_above_diagonal else "0"
     hi_m = "LQ"
     if plan.skip_above_diagonal and plan.window:  # later queries' windows have moved past this key tile
@@ -444,12 +456,11 @@ def {name}_backward_dq({args}, DQ, {bias_args}{consts}):
 '''
 
 
-def backward(spec: AttentionSpec, grad_out, q, k, v, extras, bias_grads: list[bool] | None = None, seed=None):
+def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[bool] | None = None, seed=None):
     """Launch the backward kernels; returns [dq, dk, dv] in q's, k's and v's shapes and dtypes,
-    then one entry per extra: with ``bias_grads`` (one flag per extra), the gradient of each
-    flagged bias ("add" steps) in its shape and dtype, else None. Factor tensors' gradients are
-    not computed here (the operator uses the torch formula for them). ``seed`` is the forward's:
-    the kernels redraw its dropout mask.
+    then one entry per extra: with ``extra_grads`` (one flag per extra), the gradient of each
+    flagged bias ("add" steps) or factor tensor ("mul"/"div" steps) in its shape and dtype, else
+    None. ``seed`` is the forward's: the kernels redraw its dropout mask.
 
     The forward kernel runs again for the log-sum-exp and the output (delta = rowsum(dO * O)):
     the operator does not return them yet, so the backward pays one forward pass.
@@ -471,27 +482,33 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, bias_grads: list[bo
     meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 BLOCK_DV=max(16, triton.next_power_of_2(dv_dim)), DOT_F32=not q.is_cuda, ROUND=False)
     kernels = {n.rsplit("_", 1)[-1]: getattr(module, n) for n in dir(module) if "_backward_" in n}
-    bias_grads = list(bias_grads or [False] * len(extras))
-    adds = [(n, step.input) for n, step in enumerate(spec.steps) if step.op == "add" and step.input >= 0]  # (step, extra)
-    wanted = any(bias_grads[i] for _, i in adds)
-    # dS of each add step for the full scores, zeros where the kernel skips a tile (exactly zero
-    # probability there); only allocated when a bias needs its gradient (dq stands in otherwise:
-    # BIAS_GRAD off, nothing is stored). One flag for all adds: each gets a buffer of its own.
-    d_scores = {n: torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device) for n, _ in adds if wanted}
-    dq_meta = dict(meta, BIAS_GRAD=wanted) if adds else meta
+    extra_grads = list(extra_grads or [False] * len(extras))
+    # (step, extra) of the biases' and the factor tensors' steps
+    adds = [(n, step.input) for n, step in enumerate(spec.steps) if step.op == "add" and step.input >= 0]
+    factors = [(n, step.input) for n, step in enumerate(spec.steps) if step.op in ("mul", "div") and step.input >= 0]
+    want_bias, want_factor = (any(extra_grads[i] for _, i in steps) for steps in (adds, factors))
+    # Per score, each add step's dS and each factor step's gradient, zeros where the kernel skips a
+    # tile (exactly zero probability there; no factor tensor follows the fill that hides it, see
+    # lowering.skippable_fill, so dS is 0 there too); only allocated when a tensor of that kind
+    # needs its gradient (dq stands in otherwise: the flag is off, nothing is stored). One flag
+    # per kind, a buffer per step.
+    per_score = {n: torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device)
+                 for steps, want in ((adds, want_bias), (factors, want_factor)) if want for n, _ in steps}
+    dq_meta = dict(meta, **({"BIAS_GRAD": want_bias} if adds else {}),
+                   **({"FACTOR_GRAD": want_factor} if factors else {}))
     if q.numel() and k.numel():
         kernels["dkdv"][(triton.cdiv(lk, BLOCK_N), b * h)](*common, dk, dv, **meta)
-        kernels["dq"][(triton.cdiv(lq, BLOCK_M), b * h)](*common, dq, *(d_scores.get(n, dq) for n, _ in adds),
-                                                         **dq_meta)
+        kernels["dq"][(triton.cdiv(lq, BLOCK_M), b * h)](
+            *common, dq, *(per_score.get(n, dq) for n, _ in adds + factors), **dq_meta)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     if spec.kv_groups > 1:  # a kv head's gradient sums over the query heads that read it
         dk, dv = (g.unflatten(1, (hkv, spec.kv_groups)).sum(2) for g in (dk, dv))
     d_extras: list[torch.Tensor | None] = [None] * len(extras)
-    for n, i in adds:
-        if bias_grads[i]:  # summed over the dims the bias broadcasts along, as autograd would
+    for n, i in adds + factors:
+        if extra_grads[i]:  # summed over the dims the tensor broadcasts along, as autograd would
             shape4 = (1,) * (4 - extras[i].dim()) + tuple(extras[i].shape)
-            d = d_scores[n].sum_to_size(shape4).reshape(extras[i].shape)
+            d = per_score[n].sum_to_size(shape4).reshape(extras[i].shape)
             d_extras[i] = d if d_extras[i] is None else d_extras[i] + d
     return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             *(d if d is None else d.to(e.dtype) for d, e in zip(d_extras, extras))]

@@ -12,8 +12,8 @@ torch reference of the spec, which computes the scores a bounded chunk of query 
 ``merge_heads`` the ``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on
 every path (the pass asks for it when a head merge is all that reads it, which then is a view). The
 backward is a backward operator of its own (autograd is off inside custom operators): the Triton
-backward kernels (which also give the gradients of additive biases) unless a factor tensor needs a
-gradient, else an explicit torch formula; both recompute the probabilities.
+backward kernels (which also give the gradients of additive biases and factor tensors) where the
+forward would run them, else an explicit torch formula; both recompute the probabilities.
 
 Dropout on the probabilities (a spec with ``dropout``) takes a ``seed``: a 0-dim int64 tensor that
 the graph draws afresh for each call (see fxfuse.passes.attention) and autograd saves for the
@@ -349,10 +349,11 @@ def _(q, k, v, extras, spec, seed=None, merge_heads=False):
     return output_buffer(shape4, to_dtype(_spec(spec).out_dtype), q.device, merge_heads)
 
 
-def _only_added(spec: AttentionSpec, index: int) -> bool:
-    """Whether extra ``index`` is a bias: used by "add" steps and nothing else."""
+def _kernel_grad(spec: AttentionSpec, index: int) -> bool:
+    """Whether the backward kernels give extra ``index``'s gradient: it is a bias or a factor
+    tensor, used by "add", "mul" and "div" steps and nothing else."""
     uses = [step.op for step in spec.steps if step.input == index]
-    return bool(uses) and all(op == "add" for op in uses)
+    return bool(uses) and all(op in ("add", "mul", "div") for op in uses)
 
 
 @torch.library.custom_op("fxfuse::attention_backward", mutates_args=())
@@ -363,10 +364,10 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras
     the forward's: the dropout mask is redrawn from it, by the path the forward took."""
     s = _spec(spec)
     wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, needs_grad)]
-    if _use_triton(q, s) and all(_only_added(s, i) for i, w in enumerate(wanted) if w):
-        # The kernels compute dq, dk, dv and the biases' gradients (from the dS the dq kernel
-        # writes); a factor tensor's gradient also needs each step's input, so it keeps the
-        # torch formula.
+    if _use_triton(q, s) and all(_kernel_grad(s, i) for i, w in enumerate(wanted) if w):
+        # The kernels compute dq, dk, dv and the biases' and factor tensors' gradients (from what
+        # the dq kernel writes per score); a float tensor that only an index expression reads
+        # (a constant to it) keeps the torch formula, which gives it zeros.
         from fxfuse.codegen import attention as kernels
 
         dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted, seed=seed)

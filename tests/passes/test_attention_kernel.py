@@ -2,7 +2,8 @@
 interpreter) against the torch reference of the spec, at lengths that are not multiples of the
 tile, for decoding (one query), with causal tile skipping, masks, biases and low-precision
 roundings; the log-sum-exp it saves; the exact CPU path (SDPA where it is exact); the backward
-formula (gradcheck); the backward kernels, learned biases' gradients included; and the spec's JSON form."""
+formula (gradcheck); the backward kernels, learned biases' and factor tensors' gradients included; and
+the spec's JSON form."""
 import dataclasses
 import math
 
@@ -283,7 +284,47 @@ def test_backward_kernels_give_the_bias_gradient(lq, lk, kind, dtype, monkeypatc
     assert_close_to_reference(got, formula, exact_bias.grad, "d bias vs torch formula")
 
 
-def test_operator_backward_uses_the_kernels_unless_a_factor_needs_its_gradient(monkeypatch):
+def _factor_spec(ops, dtype):
+    """A learned per-head temperature (extra 0, (1, H, 1, 1)) and a learned 0-dim scale (extra 1),
+    each a product or a quotient (``ops``), then Gemma-style soft-capping and a causal mask: the
+    factors' gradients go back through tanh, the scalar scales and the mask."""
+    d = dtype
+    steps = (ScoreStep(ops[0], d, input=0), ScoreStep(ops[1], d, input=1), ScoreStep("div", d, value=2.0),
+             ScoreStep("tanh", d), ScoreStep("mul", d, value=2.0), ScoreStep("fill", d, value=-math.inf, input=-1))
+    return AttentionSpec(score_dtype=d, steps=steps, prob_dtype=d, inputs=("factor", "factor"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("ops", [("mul", "div"), ("div", "mul")])
+@pytest.mark.parametrize("lq,lk", [(5, 5), (19, 21)])
+def test_backward_kernels_give_the_factor_gradient(lq, lk, ops, dtype, monkeypatch):
+    import fxfuse.codegen.attention as kernels
+    import fxfuse.ops.attention as ops_module
+
+    kernel_calls, formula_calls = [], []
+    real_kernels, real_formula = kernels.backward, ops_module.reference_backward
+    monkeypatch.setattr(kernels, "backward", lambda *a, **kw: kernel_calls.append(1) or real_kernels(*a, **kw))
+    monkeypatch.setattr(ops_module, "reference_backward", lambda *a: formula_calls.append(1) or real_formula(*a))
+    spec, t, batch = _factor_spec(ops, dtype), getattr(torch, dtype), 2
+    q, k = torch.randn(batch, H, lq, D, dtype=t), torch.randn(batch, H, lk, D, dtype=t)
+    v = torch.randn(batch, H, lk, D + 4, dtype=t)
+    factors = [(torch.rand(1, H, 1, 1) + 0.5).to(t).requires_grad_(), torch.tensor(1.7, dtype=t, requires_grad=True)]
+    upstream = torch.randn(batch, H, lq, D + 4, dtype=torch.float64)
+    with fxfuse.config.patch(interpret=True):
+        torch.ops.fxfuse.attention(q, k, v, factors, spec.to_json()).backward(upstream.to(t))
+    assert kernel_calls == [1] and formula_calls == [], "the factor gradients came from the torch formula"
+    eager = [f.detach().clone().requires_grad_() for f in factors]
+    (reference(spec, q, k, v, eager).double() * upstream).sum().backward()
+    f64 = AttentionSpec("float64", tuple(dataclasses.replace(s, dtype="float64") for s in spec.steps),
+                        "float64", spec.inputs)
+    exact = [f.detach().double().requires_grad_() for f in factors]
+    (reference(f64, q.double(), k.double(), v.double(), exact) * upstream).sum().backward()
+    for name, got, e, x in zip(("temperature", "0-dim scale"), factors, eager, exact):
+        assert got.grad.dtype == t and got.grad.shape == got.shape, name
+        assert_close_to_reference(got.grad, e.grad, x.grad, f"d {name} ({ops})")
+
+
+def test_operator_backward_uses_the_kernels_for_biases_and_factors(monkeypatch):
     import fxfuse.codegen.attention as kernels
     import fxfuse.ops.attention as ops
 
@@ -300,10 +341,11 @@ def test_operator_backward_uses_the_kernels_unless_a_factor_needs_its_gradient(m
         bias.requires_grad_()  # a learned bias: the dq kernel writes its dS
         torch.ops.fxfuse.attention(q, k, v, [keep, bias], spec.to_json()).sum().backward()
         assert calls == [1, 1] and formula_calls == [] and bias.grad is not None and bias.grad.shape == bias.shape
-        # A factor tensor's gradient needs each step's input: the torch formula gives it.
+        # Factor tensors' gradients: the dq kernel writes them per score too.
         scale, divisor = (e.requires_grad_() for e in _extras("factor", 5, 5))
         torch.ops.fxfuse.attention(q, k, v, [scale, divisor], _spec("factor", "float32").to_json()).sum().backward()
-        assert calls == [1, 1] and formula_calls == [1] and scale.grad is not None and divisor.grad is not None
+        assert calls == [1, 1, 1] and formula_calls == []
+        assert scale.grad.shape == scale.shape and divisor.grad.shape == divisor.shape
 
 
 def test_grouped_backward_kernels_sum_each_kv_heads_group():
