@@ -1,7 +1,8 @@
 """Random combinations of attention styles (hypothesis): layout (baddbmm with an ALiBi-like bias
 among them) x scale placement (or soft-capping) x mask kind x GQA x softmax upcast x head merge x
 dtype; every generated model's site is fused and equals eager, and generated near-misses are
-declined. Also the torch.compile path (dropout: test_attention_dropout*.py)."""
+declined. The generated models also run through the interpreted Triton kernels (12 examples).
+Also the torch.compile path (dropout: test_attention_dropout*.py)."""
 import copy
 import math
 
@@ -118,9 +119,22 @@ def _leaves(inputs, dtype=None):
 @given(layout=st.sampled_from(LAYOUTS), scale=st.sampled_from(SCALES), mask=st.sampled_from(MASKS),
        gqa=st.booleans(), upcast=st.booleans(), merge=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_generated_attention_is_fused_and_equals_eager(layout, scale, mask, gqa, upcast, merge, dtype):
+    _check_generated(layout, scale, mask, gqa, upcast, merge, dtype, {})
+
+
+# The same generated models through the generated Triton kernels (Triton's interpreter: slower, so
+# fewer examples; the combinations meet the kernels' tile lists, merged output layout and GQA).
+@settings(SETTINGS, max_examples=12)
+@given(layout=st.sampled_from(LAYOUTS), scale=st.sampled_from(SCALES), mask=st.sampled_from(MASKS),
+       gqa=st.booleans(), upcast=st.booleans(), merge=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_generated_attention_on_the_kernels_equals_eager(layout, scale, mask, gqa, upcast, merge, dtype):
+    _check_generated(layout, scale, mask, gqa, upcast, merge, dtype, {"interpret": True})
+
+
+def _check_generated(layout, scale, mask, gqa, upcast, merge, dtype, options):
     model = Generated(layout, scale, mask, gqa and layout == "bhld", upcast, merge=merge and layout == "bhld").to(dtype)
     inputs = model.inputs(dtype)
-    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
+    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES, options=options)
     assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
     (fused,) = [n for n in res.graph.graph.nodes if n.target == torch.ops.fxfuse.attention.default]
     assert fused.args[5:] == ((None, True) if model.merge else ()), res.graph.code
