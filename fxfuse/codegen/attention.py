@@ -258,10 +258,11 @@ def _extra_4d(e: torch.Tensor, shape4) -> torch.Tensor:
 
 def _seed(spec: AttentionSpec, seed) -> list:
     """The seed argument of a kernel with dropout (a 0-dim int64 tensor on the inputs' device)."""
+    from fxfuse.ops.attention import check_seed
+
     if not spec.dropout:
         return []
-    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"fxfuse attention with dropout needs a one-element int64 seed tensor, got {seed!r}")
+    check_seed(spec, seed)
     return [seed]
 
 

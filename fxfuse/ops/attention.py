@@ -131,14 +131,19 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
     return s
 
 
+def check_seed(spec: AttentionSpec, seed: Tensor | None) -> None:
+    """A spec with dropout draws its mask from a one-element int64 seed tensor (both paths)."""
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"fxfuse.attention with dropout {spec.dropout:g} needs a one-element int64 seed tensor, "
+                         f"got {seed!r}")
+
+
 def keep_mask(spec: AttentionSpec, seed: Tensor | None, shape4, device, triton: bool) -> Tensor | None:
     """The dropout keep mask (B, H, Lq, Lk) bool the operator draws for ``seed``: the kernels' own
     (``triton``), else the torch path's; None for a spec without dropout."""
     if not spec.dropout:
         return None
-    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"fxfuse.attention with dropout {spec.dropout:g} needs a one-element int64 seed tensor, "
-                         f"got {seed!r}")
+    check_seed(spec, seed)
     if triton:
         from fxfuse.codegen import attention as kernels
 
