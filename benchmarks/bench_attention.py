@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_norm's measuring helpers
-from bench_norm import device_parser, first_tensor, machine_info, machine_slug, time_ms  # noqa: E402
+from bench_norm import device_parser, first_call, machine_info, machine_slug, time_ms  # noqa: E402
 
 import fxfuse  # noqa: E402  (bench_norm put the checkout on sys.path)
 
@@ -292,13 +292,7 @@ def bench_one(name, b, h, length, d, dtype, device, backward, impls, budget, cpu
             if module is None:
                 continue
             fn = step_fn(module, inputs, backward)
-            result = fn()  # the first call compiles (Inductor, Flex) or captures (fxfuse)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            row["setup_s"] = round(time.perf_counter() - setup, 2)
-            out = first_tensor(result).float()
-            reference = out if reference is None else reference
-            row["max_abs_diff_vs_eager"] = float((out - reference).abs().max())
+            reference = first_call(fn, device, row, setup, reference)  # compiles Inductor, Flex; captures fxfuse
             row["peak_mib"] = peak_extra_mib(fn, device)
             fns[impl] = fn
         except Exception as e:  # one failing implementation must not hide the others' numbers

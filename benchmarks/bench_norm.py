@@ -231,6 +231,20 @@ def build(impl, base, form, d, dtype, device, inputs, row):
     return module
 
 
+def first_call(fn, device, row: dict, setup_started: float, reference):
+    """Run ``fn`` once (the first call compiles, or captures for fxfuse), record the setup time and
+    the max |difference| of its output from ``reference`` (the first implementation's: eager's) in
+    ``row``; returns the reference for the next implementation."""
+    result = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    row["setup_s"] = round(time.perf_counter() - setup_started, 2)
+    out = first_tensor(result).float()
+    reference = out if reference is None else reference
+    row["max_abs_diff_vs_eager"] = float((out - reference).abs().max())
+    return reference
+
+
 def bench_one(form, rows, d, dtype, device, backward, impls, budget_s) -> list[dict]:
     torch.manual_seed(0)
     base = FORMS[form](d).to(device=device, dtype=dtype)
@@ -247,13 +261,7 @@ def bench_one(form, rows, d, dtype, device, backward, impls, budget_s) -> list[d
             if module is None:
                 continue
             fn = step_fn(module, inputs, backward)
-            result = fn()  # the first call compiles (Inductor) or captures (fxfuse)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            row["setup_s"] = round(time.perf_counter() - setup, 2)
-            out = first_tensor(result).float()
-            reference = out if reference is None else reference
-            row["max_abs_diff_vs_eager"] = float((out - reference).abs().max())
+            reference = first_call(fn, device, row, setup, reference)
             fns[impl] = fn
         except Exception as e:  # one failing implementation must not hide the others' numbers
             row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
