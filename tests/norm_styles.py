@@ -2,9 +2,25 @@
 comment names where the style comes from. Shared by the recognition, numerics and CLI tests."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class SourceMarkedRMSNorm(nn.Module):  # the plain form; the API and backend tests check its source line
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.randn(d)), eps
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))  # NORM_LINE
+
+
+# Where a report must place SourceMarkedRMSNorm's site: this file, the line marked NORM_LINE.
+NORM_LINE = next(i for i, line in enumerate(Path(__file__).read_text().splitlines(), 1) if line.endswith("# NORM_LINE"))
+NORM_SOURCE = f"{__file__}:{NORM_LINE}"
 
 
 class LlamaStyleRMSNorm(nn.Module):  # upcast, pow(2).mean, rsqrt, cast back, weight last

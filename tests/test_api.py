@@ -11,18 +11,7 @@ import torch
 import torch.nn as nn
 
 import fxfuse
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d, eps=1e-6):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.randn(d)), eps
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))  # NORM_LINE
-
-
-NORM_LINE = next(i for i, line in enumerate(Path(__file__).read_text().splitlines(), 1) if line.endswith("# NORM_LINE"))
+from tests.norm_styles import NORM_SOURCE, SourceMarkedRMSNorm
 
 
 @dataclasses.dataclass
@@ -39,7 +28,7 @@ class Block(nn.Module):
 
     def __init__(self, d=8):
         super().__init__()
-        self.norm, self.lin, self.drop = RMSNorm(d), nn.Linear(d, d), nn.Dropout(0.5)
+        self.norm, self.lin, self.drop = SourceMarkedRMSNorm(d), nn.Linear(d, d), nn.Dropout(0.5)
 
     def forward(self, x, bias=None, *, scale=1.0, mask=None):
         h = self.drop(self.lin(self.norm(x))) * scale
@@ -77,7 +66,7 @@ def test_output_structure_and_values_equal_eager():
         assert isinstance(got["out"], Output) and got["pair"][1] == "tag" and got["out"].extras["n"] == 8
         _assert_same(got, want)
     assert [m.kind for m in res.matches] == ["rms_norm"]
-    assert res.matches[0].source == f"{__file__}:{NORM_LINE}"
+    assert res.matches[0].source == NORM_SOURCE
 
 
 def test_example_kwargs_are_captured():
@@ -154,7 +143,7 @@ def test_tied_parameters_get_the_gradient_of_both_uses():
             super().__init__()
             self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
             self.b.weight = self.a.weight
-            self.norm = RMSNorm(8)
+            self.norm = SourceMarkedRMSNorm(8)
 
         def forward(self, x):
             return self.b(self.norm(self.a(x)))
@@ -317,7 +306,7 @@ def test_explain_prints_the_report(capsys):
     res = fxfuse.explain(model, x, scale=2.0)
     printed = capsys.readouterr().out
     assert printed.strip() == res.report().strip()
-    assert "1 fused (1 rms_norm)" in printed and f"{Path(__file__).name}:{NORM_LINE}" in printed
+    assert "1 fused (1 rms_norm)" in printed and f"{Path(NORM_SOURCE).name}" in printed
 
 
 def test_debug_dir_receives_graphs_and_kernels(tmp_path):

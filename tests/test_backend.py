@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,24 +13,13 @@ import torch.nn as nn
 
 import fxfuse
 import fxfuse.codegen.norm
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d, eps=1e-6):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.randn(d)), eps
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))  # NORM_LINE
-
-
-NORM_LINE = next(i for i, line in enumerate(Path(__file__).read_text().splitlines(), 1) if line.endswith("# NORM_LINE"))
+from tests.norm_styles import NORM_SOURCE, SourceMarkedRMSNorm
 
 
 class Block(nn.Module):
     def __init__(self, d=8):
         super().__init__()
-        self.norm, self.lin = RMSNorm(d), nn.Linear(d, d)
+        self.norm, self.lin = SourceMarkedRMSNorm(d), nn.Linear(d, d)
 
     def forward(self, x):
         return self.lin(self.norm(x))
@@ -101,7 +89,7 @@ def test_backend_object_reports_one_per_graph_with_user_source():
     torch.testing.assert_close(torch.compile(model, backend=be)(x), model(x))
     assert len(be.reports) >= 2
     assert all([m.kind for m in r.matches] == ["rms_norm"] for r in be.reports[:2])
-    assert {m.source for m in be.matches} == {f"{__file__}:{NORM_LINE}"}
+    assert {m.source for m in be.matches} == {NORM_SOURCE}
     assert be.report().count("1 fused (1 rms_norm)") >= 2
 
 
