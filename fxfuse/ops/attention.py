@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import make_contiguous_strides_for
 
 from fxfuse import config, index_expr
 from fxfuse.spec import to_dtype
@@ -327,7 +328,12 @@ def _laid_out(out: Tensor, merge_heads: bool) -> Tensor:
     """``out`` with exactly the strides the fake implementation promises (AOTAutograd plans its
     views on them): as it is when it has them (SDPA's CPU kernel returns (B, L, H, D) strides),
     else copied into such a buffer."""
-    want = output_buffer(out.shape, out.dtype, "meta", merge_heads).stride()
+    b, h, lq, dv = out.shape
+    if merge_heads:  # the strides output_buffer gives, computed without allocating (every call)
+        sb, sl, sh, sd = make_contiguous_strides_for((b, lq, h, dv))
+        want = (sb, sh, sl, sd)
+    else:
+        want = tuple(make_contiguous_strides_for((b, h, lq, dv)))
     if out.stride() == want:
         return out
     return output_buffer(out.shape, out.dtype, out.device, merge_heads).copy_(out)
