@@ -1,8 +1,14 @@
 """The torch.compile backend: ``torch.compile(model, backend="fxfuse", options={...})``.
 
-Dynamo graph → capture (ATen, functional) → passes → AOTAutograd, whose forward and backward
-graphs then contain the fused operators and their backward operators. What no pass claimed runs
-as ATen ops.
+Dynamo graph → capture (ATen, functional) → passes → Inductor (``torch._inductor.compile_fx``),
+which differentiates the rewritten graph with AOTAutograd and generates code for everything no pass
+claimed; the fused operators stay calls of fxfuse's kernels (on CPU, the exact fast forms of
+fxfuse.inductor). ``options={"inner": "eager"}`` runs AOTAutograd's forward and backward graphs op
+by op instead (for debugging: the graphs are exactly what the passes produced).
+
+Inductor's mode and options: ``torch.compile(model, backend="fxfuse", mode="max-autotune")`` (Dynamo
+passes ``mode`` to the backend when ``options`` is not given), or within the options,
+``options={"mode": "max-autotune", "inductor": {"coordinate_descent_tuning": False}}``.
 """
 from __future__ import annotations
 
@@ -76,6 +82,9 @@ class Backend:
         run._boxed_call = getattr(fn, "_boxed_call", False)
         return run
 
+    def _runtime_options(self) -> dict:
+        return {k: v for k, v in self.options.items() if k not in config.COMPILE_ONLY}
+
     def _compiler(self, stage: str, index: int | None):
         def compile_graph(gm: torch.fx.GraphModule, example_inputs):
             with config.patch(**self.options):
@@ -98,18 +107,55 @@ class Backend:
                 self.reports.append(Report([], [Miss("graph", "<dynamo graph>", reason)], [], 0.0, title))
                 return gm.forward
             report = optimize_graph(aten_gm, title=title, debug_index=index, started=started)
-        compiler = aot_autograd(
-            fw_compiler=self._compiler("aot_forward", index),
-            bw_compiler=self._compiler("aot_backward", index),
-            keep_inference_input_mutations=True,
-        )
-        compiled = compiler(aten_gm, example_inputs)
+            inner = config.current.inner
+            if inner == "inductor":
+                compiled = self._inductor(aten_gm, example_inputs, index)
+        if inner == "eager":
+            compiler = aot_autograd(
+                fw_compiler=self._compiler("aot_forward", index),
+                bw_compiler=self._compiler("aot_backward", index),
+                keep_inference_input_mutations=True,
+            )
+            compiled = compiler(aten_gm, example_inputs)
         # Only now: Dynamo may abandon this attempt (it restarts analysis when a float it passed
         # as a tensor had to be specialised), and then this graph is never run.
         self.reports.append(report)
         return compiled
 
+    def _inductor(self, aten_gm: torch.fx.GraphModule, example_inputs, index: int | None):
+        """The rewritten graph compiled by Inductor (under the options: they are in force)."""
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-def fxfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
-    """Entry point of ``backend="fxfuse"``; ``options`` comes from ``torch.compile(options=...)``."""
-    return Backend(**(options or {}))(gm, example_inputs)
+        from fxfuse.inductor import inductor_config, lower_cpu_sites
+
+        patches = inductor_config(config.current.mode, config.current.inductor)
+        lower_cpu_sites(aten_gm)
+        options, runtime = self.options, self._runtime_options()
+
+        def inner_compile(gm, inputs, **kwargs):
+            backward = kwargs.get("is_backward", False)
+            with config.patch(**options):
+                dump_graph(gm, "aot_backward" if backward else "aot_forward", index)
+            compiled = compile_fx_inner(gm, inputs, **kwargs)
+            # The backward runs when autograd calls it, outside the forward's options (below).
+            return self._run_with_options(compiled) if backward and runtime else compiled
+
+        compiled = compile_fx(aten_gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+        if not runtime:
+            return compiled
+
+        @functools.wraps(compiled)
+        def run(*args):
+            with config.patch(**runtime):
+                return compiled(*args)
+
+        return run
+
+
+def fxfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """Entry point of ``backend="fxfuse"``; ``options`` comes from ``torch.compile(options=...)``,
+    ``mode`` from ``torch.compile(mode=...)`` (Inductor's mode; torch.compile takes one or the other)."""
+    options = dict(options or {})
+    if mode is not None:
+        options.setdefault("mode", mode)
+    return Backend(**options)(gm, example_inputs)

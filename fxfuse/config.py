@@ -55,6 +55,14 @@ class Options:
     # A progress bar on stderr while a graph's kernels are generated and loaded, when there are many
     # (fxfuse/progress.py) and stderr is a terminal; FXFUSE_PROGRESS=0 turns it off.
     progress: bool = dataclasses.field(default_factory=lambda: not _env_off("FXFUSE_PROGRESS"))
+    # torch.compile backend only. What compiles the rewritten graph: "inductor" (the default:
+    # Inductor generates code for everything no pass fused and calls the fused operators) or "eager"
+    # (AOTAutograd's graphs run op by op; for debugging). FXFUSE_INNER sets the default.
+    inner: str = dataclasses.field(default_factory=lambda: os.environ.get("FXFUSE_INNER") or "inductor")
+    # Inductor's mode ("max-autotune", "reduce-overhead", ...), as torch.compile(mode=...) names it,
+    # and Inductor config options of its own (``{"max_autotune_gemm_backends": "ATEN"}``), under inner="inductor".
+    mode: str | None = None
+    inductor: dict | None = None
 
     def replace(self, **changes) -> "Options":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -65,6 +73,8 @@ class Options:
             types, what = _OPTION_TYPES[name]
             if not isinstance(value, types):
                 raise TypeError(f"fxfuse option {name!r} must be {what}, got {value!r}")
+            if name == "inner" and value not in INNERS:
+                raise ValueError(f"fxfuse option 'inner' must be one of {', '.join(map(repr, INNERS))}, got {value!r}")
             if isinstance(value, os.PathLike):
                 changes[name] = os.fspath(value)
         return dataclasses.replace(self, **changes)
@@ -77,7 +87,13 @@ _OPTION_TYPES = {
     "cache_dir": ((str, os.PathLike), "a directory path"),
     "progress": (bool, "True or False"),
     "passes": ((str, list, tuple, type(None)), 'a pipeline such as "canonicalize,fuse-norm", a list of pass names, or None'),
+    "inner": (str, '"inductor" or "eager"'),
+    "mode": ((str, type(None)), 'an Inductor mode such as "max-autotune", or None'),
+    "inductor": ((dict, type(None)), "a dict of Inductor config options, or None"),
 }
+INNERS = ("inductor", "eager")
+# Options that only choose how a graph is compiled: the compiled code does not need them at run time.
+COMPILE_ONLY = frozenset({"passes", "inner", "mode", "inductor"})
 
 
 # The options in force. A module-level object rather than a thread-local: autograd runs backward

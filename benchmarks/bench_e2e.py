@@ -1,0 +1,263 @@
+"""End-to-end benchmark: whole models through eager, Inductor and the fxfuse backend.
+
+Five models whose attention and norms are written by hand (the demo's naive transformer, and
+transformers' GPT-2, Llama, BERT and T5 with ``attn_implementation="eager"``, random weights from
+small configs: no downloads), each run four ways:
+
+| impl | what runs |
+| --- | --- |
+| ``eager`` | the model as written |
+| ``inductor`` | ``torch.compile(model)`` (Inductor) |
+| ``fxfuse`` | ``torch.compile(model, backend="fxfuse")``: fxfuse's passes, then Inductor |
+| ``fxfuse_eager`` | ``torch.compile(model, backend="fxfuse", options={"inner": "eager"})`` |
+
+in inference (``no_grad``) and one training step (forward, a loss, backward). Per row: the median
+time of the timed calls (interleaved rounds, so that load hits every implementation alike), the
+first call's time (the compile), the activation memory a training forward saves for the backward
+(CPU; bytes of the tensors autograd keeps), the peak memory on CUDA, and the largest difference
+from eager's output.
+
+    python benchmarks/bench_e2e.py                       # CPU, 1 thread, a few minutes on 2 cores
+    python benchmarks/bench_e2e.py --models llama --modes train --rounds 5
+    python benchmarks/bench_e2e.py --device cuda
+
+Results: benchmarks/results/e2e_<machine>.json and .csv (see benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch._inductor.config
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_norm import machine_info, machine_slug  # noqa: E402
+
+import fxfuse  # noqa: E402  (bench_norm put the checkout on sys.path)
+from fxfuse.demo import NaiveTransformer, saved_activation_bytes  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPLS = ("eager", "inductor", "fxfuse", "fxfuse_eager")
+VOCAB = 512
+
+
+# ---- the models ----------------------------------------------------------------------------------
+
+class _Hidden(nn.Module):
+    """A model's last hidden state as one tensor (transformers return an output object)."""
+
+    def __init__(self, model: nn.Module, decoder: bool = False):
+        super().__init__()
+        self.model, self.decoder = model, decoder
+
+    def forward(self, ids):
+        if self.decoder:  # T5: the decoder reads the same ids (teacher forcing)
+            return self.model(input_ids=ids, decoder_input_ids=ids).last_hidden_state
+        return self.model(input_ids=ids).last_hidden_state
+
+
+def _demo(d, layers, length):
+    return NaiveTransformer(dim=d, heads=4, layers=layers), "embeddings"
+
+
+def _gpt2(d, layers, length):
+    from transformers import GPT2Config, GPT2Model
+
+    return _Hidden(GPT2Model(GPT2Config(vocab_size=VOCAB, n_embd=d, n_layer=layers, n_head=4, n_positions=length,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                                        attn_implementation="eager"))), "ids"
+
+
+def _llama(d, layers, length):
+    from transformers import LlamaConfig, LlamaModel
+
+    return _Hidden(LlamaModel(LlamaConfig(vocab_size=VOCAB, hidden_size=d, intermediate_size=4 * d,
+                                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=length, use_cache=False,
+                                          attn_implementation="eager"))), "ids"
+
+
+def _bert(d, layers, length):
+    from transformers import BertConfig, BertModel
+
+    return _Hidden(BertModel(BertConfig(vocab_size=VOCAB, hidden_size=d, num_hidden_layers=layers,
+                                        num_attention_heads=4, intermediate_size=4 * d, max_position_embeddings=length,
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                        attn_implementation="eager"), add_pooling_layer=False)), "ids"
+
+
+def _t5(d, layers, length):
+    from transformers import T5Config, T5Model
+
+    return _Hidden(T5Model(T5Config(vocab_size=VOCAB, d_model=d, d_kv=d // 4, d_ff=4 * d, num_layers=layers,
+                                    num_heads=4, dropout_rate=0.0, use_cache=False, attn_implementation="eager")),
+                   decoder=True), "ids"
+
+
+MODELS = {"demo": _demo, "gpt2": _gpt2, "llama": _llama, "bert": _bert, "t5": _t5}
+
+
+def make_model(name, d, layers, batch, length, device):
+    torch.manual_seed(0)
+    model, kind = MODELS[name](d, layers, length)
+    model = model.to(device)
+    if kind == "ids":
+        x = torch.randint(0, VOCAB, (batch, length), device=device)
+    else:
+        x = torch.randn(batch, length, d, device=device)
+    return model, x
+
+
+# ---- implementations -------------------------------------------------------------------------------
+
+def compiled(impl: str, model: nn.Module):
+    torch._dynamo.reset()
+    if impl == "eager":
+        return model, None
+    if impl == "inductor":
+        return torch.compile(model), None
+    backend = fxfuse.Backend(inner="eager" if impl == "fxfuse_eager" else "inductor")
+    return torch.compile(model, backend=backend), backend
+
+
+def step(fn, model, x, train: bool):
+    """One call: inference under no_grad, or forward + loss + backward (gradients zeroed first)."""
+    if not train:
+        with torch.no_grad():
+            return fn(x)
+    for p in model.parameters():
+        p.grad = None
+    out = fn(x)
+    out.float().pow(2).mean().backward()
+    return out.detach()
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(name, args, device) -> list[dict]:
+    rows = []
+    for mode in args.modes:
+        model, x = make_model(name, args.hidden, args.layers, args.batch, args.seq_len, device)
+        model.train(False)  # no dropout: every implementation computes the same function
+        train = mode == "train"
+        fns, reference = {}, None
+        for impl in args.impls:
+            row = {"model": name, "mode": mode, "impl": impl, "batch": args.batch, "seq_len": args.seq_len,
+                   "hidden": args.hidden, "layers": args.layers, "ms": None, "compile_s": None,
+                   "saved_mib": None, "peak_mib": None, "max_abs_diff_vs_eager": None, "note": ""}
+            rows.append(row)
+            try:
+                fn, backend = compiled(impl, model)
+                start = time.perf_counter()
+                out = step(fn, model, x, train)
+                _sync(device)
+                row["compile_s"] = round(time.perf_counter() - start, 2)
+                reference = out.float() if reference is None else reference
+                row["max_abs_diff_vs_eager"] = float((out.float() - reference).abs().max())
+                if backend is not None:
+                    row["note"] = "; ".join(r.text().splitlines()[0].split(": ", 1)[1].split(", 0 declined")[0]
+                                            for r in backend.reports)
+                if train and device == "cpu":
+                    row["saved_mib"] = round(saved_activation_bytes(fn, model, x) / 2**20, 2)
+                fns[impl] = (fn, row)
+            except Exception as err:  # one failure must not lose the other rows
+                row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                traceback.print_exc()
+        times = {impl: [] for impl in fns}
+        for _ in range(args.warmup):
+            for fn, _row in fns.values():
+                step(fn, model, x, train)
+        for _ in range(args.rounds):  # interleaved: a, b, c, a, b, c, ...
+            for impl, (fn, _row) in fns.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                step(fn, model, x, train)
+                _sync(device)
+                times[impl].append(time.perf_counter() - t0)
+        for impl, (fn, row) in fns.items():
+            row["ms"] = round(statistics.median(times[impl]) * 1e3, 3)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                step(fn, model, x, train)
+                row["peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        by_impl = {r["impl"]: r for r in rows if r["model"] == name and r["mode"] == mode}
+        for r in by_impl.values():
+            for base in ("eager", "inductor"):
+                ok = r["ms"] and base in by_impl and by_impl[base]["ms"]
+                r[f"speedup_vs_{base}"] = round(by_impl[base]["ms"] / r["ms"], 3) if ok else None
+            inductor_compile = by_impl.get("inductor", {}).get("compile_s")
+            r["compile_vs_inductor"] = round(r["compile_s"] / inductor_compile, 2) \
+                if r["compile_s"] and inductor_compile and r["impl"] != "eager" else None
+        print(f"{name} {mode}: " + ", ".join(f"{r['impl']} {r['ms']} ms (compile {r['compile_s']} s)"
+                                           for r in by_impl.values()), flush=True)
+    return rows
+
+
+def source_info() -> dict:
+    def git(*a):
+        done = subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--modes", default="inference,train")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7, help="timed calls per implementation (the median is kept)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse-compile-cache", action="store_true",
+                   help="let Inductor use its on-disk caches (by default a fresh one: compile_s is a cold compile)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    args.models, args.impls, args.modes = (s.split(",") for s in (args.models, args.impls, args.modes))
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    if not args.reuse_compile_cache:
+        torch._inductor.config.fx_graph_cache = False
+        torch._inductor.config.autotune_local_cache = False
+        import os
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxfuse-e2e-inductor-")
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args, args.device)
+    out = Path(args.out) if args.out else RESULTS / f"e2e_{machine_slug(args.device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine_info(args.device), "source": source_info(), "command": sys.argv,
+               "timing": f"median of {args.rounds} interleaved calls after {args.warmup} warm-up calls",
+               "memory": "saved_mib: activations a training forward saves for backward (CPU); peak_mib: CUDA only",
+               "results": rows}
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+    columns = list(rows[0])
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out} and {out.with_suffix('.csv')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Handing the rewritten graph to Inductor (the backend's default ``inner="inductor"``).
+
+Inductor compiles everything no pass claimed (pointwise chains, reductions, matmul epilogues) and
+keeps each fused operator as a call: custom operators are opaque to it, their autograd formulas are
+traced by AOTAutograd into a call of the backward operator, and their fake implementations give it
+the outputs' shapes and strides.
+
+On CPU a fused operator would otherwise run its torch path op by op, between kernels that Inductor
+fused; so before Inductor sees the graph, each CPU site (unless the Triton kernels are to be
+interpreted) is replaced by the fastest exact form Inductor can compile, and autograd differentiates
+that form instead of calling the backward operator:
+
+- attention that ATen's fused CPU attention computes exactly (``ops.attention._sdpa_form``):
+  ``F.scaled_dot_product_attention`` -- its flash CPU kernel forward and backward;
+- other attention, with static sizes and no dropout: the spec's torch reference, which Inductor
+  fuses as it would have fused the user's code (dropout keeps the operator: its mask is drawn from a
+  seeded generator, which tracing cannot carry; symbolic sizes keep it too, since the reference
+  chooses its chunks of rows from the sizes);
+- norms: the spec's torch reference, which Inductor turns into one loop per row, forward and
+  backward.
+
+Each form computes the spec in the user's dtypes, as the operator's own CPU path does; tests compare
+both to the float64 reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fxfuse.ops  # noqa: F401
+from fxfuse import config
+from fxfuse.ops import attention as attention_op
+from fxfuse.ops import norm as norm_op
+
+_fx = torch.ops.fxfuse
+
+# Inductor's own modes, by the name torch.compile(mode=...) takes (its list_mode_options).
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def inductor_config(mode: str | None, options: dict | None) -> dict:
+    """Inductor's config patches for a mode and the user's own Inductor options (these win)."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown Inductor mode {mode!r}; the modes are: {', '.join(MODES)}")
+    from torch._inductor import list_mode_options
+
+    return {**(list_mode_options(mode) if mode not in (None, "default") else {}), **(options or {})}
+
+
+def _static(*tensors) -> bool:
+    return all(isinstance(n, int) for t in tensors for n in t.shape)
+
+
+def _laid_out(out, merge_heads: bool):
+    """The operator's promised layout, which the graph's views after it rely on: (B, Lq, H, Dv)
+    memory order with ``merge_heads`` (SDPA's CPU kernel gives it already), else contiguous."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2) if merge_heads else out.contiguous()
+
+
+def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False):
+    s = attention_op._spec(spec)
+    form = attention_op._sdpa_form(s)
+    if form is not None:
+        return lambda q, k, v, *extras: _laid_out(attention_op._sdpa(s, form, q, k, v, list(extras)), merge_heads)
+    if s.dropout or not _static(q, k, v, *extras):
+        return None
+    return lambda q, k, v, *extras: _laid_out(attention_op.reference(s, q, k, v, list(extras)), merge_heads)
+
+
+def _norm_form(x, params, spec):
+    s = norm_op._spec(spec)
+    return lambda x, *params: norm_op.reference(s, x, list(params))
+
+
+def _add_norm_form(x, residual, params, spec):
+    s = norm_op._spec(spec)
+
+    def form(x, residual, *params):
+        total = (x + residual).to(norm_op.to_dtype(s.sum_dtype))
+        return norm_op.reference(s, total, list(params)), total
+
+    return form
+
+
+# operator -> (the form for these arguments or None, the tensor arguments it takes, in order)
+_FORMS = {
+    _fx.attention.default: (_attention_form, lambda q, k, v, extras, *rest, **kw: [q, k, v, *extras]),
+    _fx.norm.default: (_norm_form, lambda x, params, spec: [x, *params]),
+    _fx.add_norm.default: (_add_norm_form, lambda x, residual, params, spec: [x, residual, *params]),
+}
+
+
+def _fake(a):
+    return a.meta["val"] if isinstance(a, torch.fx.Node) else [_fake(x) for x in a] if isinstance(a, (list, tuple)) else a
+
+
+def lower_cpu_sites(gm: torch.fx.GraphModule) -> int:
+    """Replace the graph's CPU fused sites by the forms above, in place; returns how many."""
+    if config.interpret_on_cpu():
+        return 0  # the Triton kernels were asked for: they run through the operators
+    lowered = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _FORMS:
+            continue
+        choose, tensor_args = _FORMS[node.target]
+        fakes = _fake(node.args)
+        inputs = tensor_args(*fakes, **_fake(node.kwargs))
+        if inputs[0].device.type != "cpu":
+            continue
+        form = choose(*fakes, **_fake(node.kwargs))
+        if form is None:
+            continue
+        # Traced on Dynamo's fake tensors, in their mode: sizes stay symbolic, and tensors the form
+        # makes (a causal mask) are ops of the graph, not constants.
+        with detect_fake_mode(inputs) or contextlib.nullcontext():
+            sub = make_fx(form)(*inputs)
+        _inline(gm, node, sub, tensor_args(*node.args, **node.kwargs))
+        lowered += 1
+    if lowered:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return lowered
+
+
+def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, sub: torch.fx.GraphModule, args: list) -> None:
+    """Put ``sub``'s nodes in place of ``node`` (the user's source line stays on each)."""
+    env: dict[torch.fx.Node, object] = {}
+    placeholders = iter(args)
+    with gm.graph.inserting_before(node):
+        for n in sub.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = next(placeholders)
+            elif n.op == "get_attr":  # a constant the form made (a mask built from sizes)
+                name = gm.graph._target_to_str(f"_fxfuse_const_{n.target}")
+                setattr(gm, name, getattr(sub, n.target))
+                env[n] = gm.graph.get_attr(name)
+                env[n].meta.update(n.meta)
+            elif n.op == "output":
+                result = n.args[0]
+            else:
+                copy = gm.graph.node_copy(n, lambda a: env[a])
+                if "stack_trace" in node.meta:
+                    copy.meta["stack_trace"] = node.meta["stack_trace"]
+                env[n] = copy
+    out = torch.fx.node.map_arg(result, lambda a: env[a])
+    if isinstance(out, (list, tuple)):  # add_norm: its users index the pair
+        for user in list(node.users):
+            assert user.target is operator.getitem, user
+            user.replace_all_uses_with(out[user.args[1]])
+            gm.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
