@@ -75,6 +75,8 @@ class Options:
                 raise TypeError(f"fxfuse option {name!r} must be {what}, got {value!r}")
             if name == "inner" and value not in INNERS:
                 raise ValueError(f"fxfuse option 'inner' must be one of {', '.join(map(repr, INNERS))}, got {value!r}")
+            if name == "mode" and value is not None and value not in MODES:
+                raise ValueError(f"unknown Inductor mode {value!r} (fxfuse option 'mode'); the modes are: {', '.join(MODES)}")
             if isinstance(value, os.PathLike):
                 changes[name] = os.fspath(value)
         return dataclasses.replace(self, **changes)
@@ -92,6 +94,8 @@ _OPTION_TYPES = {
     "inductor": ((dict, type(None)), "a dict of Inductor config options, or None"),
 }
 INNERS = ("inductor", "eager")
+# Inductor's modes, as torch.compile(mode=...) names them (torch._inductor.list_mode_options).
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Options that only choose how a graph is compiled: the compiled code does not need them at run time.
 COMPILE_ONLY = frozenset({"passes", "inner", "mode", "inductor"})
 

@@ -38,14 +38,9 @@ from fxfuse.ops import norm as norm_op
 
 _fx = torch.ops.fxfuse
 
-# Inductor's own modes, by the name torch.compile(mode=...) takes (its list_mode_options).
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def inductor_config(mode: str | None, options: dict | None) -> dict:
-    """Inductor's config patches for a mode and the user's own Inductor options (these win)."""
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"unknown Inductor mode {mode!r}; the modes are: {', '.join(MODES)}")
+    """Inductor's config patches for a mode (config.MODES) and the user's own Inductor options
+    (these win)."""
     from torch._inductor import list_mode_options
 
     return {**(list_mode_options(mode) if mode not in (None, "default") else {}), **(options or {})}

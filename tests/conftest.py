@@ -16,6 +16,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _inner_compiler(request):
+    """The backend composes with Inductor by default, and Inductor's C++ compiles cost seconds on
+    a CPU: tests about the backend's own behaviour (reports, options, capture, training) run its
+    graphs op by op (inner="eager", the same graphs Inductor would get); the tests marked
+    ``inductor`` (tests/test_backend_inductor.py) run the default composition. A test's own
+    ``options={"inner": ...}`` wins either way."""
+    if "inductor" in request.keywords:
+        yield
+        return
+    with fxfuse.config.patch(inner="eager"):
+        yield
+
+
 @pytest.fixture(params=["reference", "interpret"])
 def cpu_path(request):
     """Run a test once on the exact torch reference and once on the Triton kernels (interpreted)."""

@@ -1,0 +1,127 @@
+"""The backend composed with Inductor (its default): outputs and gradients equal eager's within the
+float64-referenced tolerances, the graphs Inductor compiles hold SDPA's fused CPU attention (CPU
+sites are lowered to their fast exact forms) or, when the Triton kernels are asked for, fxfuse's
+operators themselves; Inductor's mode and options reach it; a rewritten graph exports.
+
+Marked ``inductor`` (tests/conftest.py runs every other test with ``inner="eager"``): each test here
+pays Inductor's C++ compile, so there are few of them, on tiny shapes."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxfuse
+import fxfuse.ops.attention
+from fxfuse.demo import NaiveTransformer
+from tests.attention_styles import SoftcapGemma2
+from tests.tolerances import assert_close_to_reference
+
+pytestmark = pytest.mark.inductor
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _train(model, fn, *inputs):
+    """Output and the gradients of every input and parameter after ``out.pow(2).sum().backward()``."""
+    model.zero_grad()
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    out.pow(2).sum().backward()
+    return [out.detach(), *(t.grad for t in inputs), *(p.grad.clone() for p in model.parameters())]
+
+
+def _check_training(model, compiled, *inputs):
+    got = _train(model, compiled, *inputs)
+    eager = _train(model, model, *inputs)
+    reference = copy.deepcopy(model).double()
+    want = _train(reference, reference, *(t.double() for t in inputs))
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+
+
+def _graphs(root, stage):
+    return "\n".join(p.read_text() for p in sorted((root / "graphs").glob(f"*_{stage}.txt")))
+
+
+def test_default_composition_trains_like_eager_with_sdpa_and_fused_norms_in_the_inductor_graphs(tmp_path):
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
+    be = fxfuse.Backend(debug_dir=str(tmp_path))
+    _check_training(model, torch.compile(model, backend=be), x)
+    assert sorted(m.kind for m in be.matches) == ["attention", "layer_norm", "rms_norm", "rms_norm"], be.report()
+    forward, backward = _graphs(tmp_path, "aot_forward"), _graphs(tmp_path, "aot_backward")
+    # On CPU the causal site is SDPA's fused CPU kernel, forward and backward, and the norms are
+    # their references, which Inductor fuses: no per-site Python operator call is left.
+    assert "_scaled_dot_product_flash_attention_for_cpu" in forward
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward" in backward
+    assert "fxfuse" not in forward + backward
+
+
+def test_attention_sdpa_cannot_compute_is_lowered_to_its_reference_and_trains():
+    model = SoftcapGemma2()
+    q, k, v = model.inputs(torch.float32)
+    be = fxfuse.Backend()
+    _check_training(model, torch.compile(model, backend=be), q, k, v)
+    assert [m.kind for m in be.matches] == ["attention"], be.report()
+    assert fxfuse.ops.attention._sdpa_form(be.matches[0].spec) is None  # the reference path, not SDPA's
+
+
+def test_with_interpret_inductor_calls_the_fused_operators_and_their_kernels_forward_and_backward(tmp_path, monkeypatch):
+    seen = []
+    use_triton = fxfuse.ops.attention._use_triton
+    monkeypatch.setattr(fxfuse.ops.attention, "_use_triton", lambda q, s: seen.append(use_triton(q, s)) or seen[-1])
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
+    be = fxfuse.Backend(interpret=True, debug_dir=str(tmp_path))
+    _check_training(model, torch.compile(model, backend=be), x)
+    forward, backward = _graphs(tmp_path, "aot_forward"), _graphs(tmp_path, "aot_backward")
+    assert "torch.ops.fxfuse.attention.default" in forward and "torch.ops.fxfuse.norm.default" in forward
+    assert "torch.ops.fxfuse.attention_backward.default" in backward and "fxfuse.norm_backward" in backward
+    # The forward and the backward (which autograd runs after the compiled forward has returned)
+    # both ran the Triton kernels: the backend's options reached them.
+    assert len(seen) >= 2 and all(seen), seen
+
+
+def test_mode_and_inductor_options_reach_inductor(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx
+
+    patches = []
+    real = compile_fx.compile_fx
+
+    def recording(gm, inputs, **kwargs):
+        if kwargs.get("config_patches") is not None:  # compile_fx calls itself again without them
+            patches.append(kwargs["config_patches"])
+        return real(gm, inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx", recording)
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="fxfuse", mode="reduce-overhead")(x), model(x))
+    torch._dynamo.reset()
+    options = {"mode": "max-autotune-no-cudagraphs", "inductor": {"coordinate_descent_tuning": False}}
+    monkeypatch.setattr(compile_fx, "compile_fx", lambda gm, inputs, **kw: patches.append(kw["config_patches"]) or gm)
+    torch.compile(model, backend="fxfuse", options=options)(x)
+    assert patches == [{"triton.cudagraphs": True}, {"max_autotune": True, "coordinate_descent_tuning": False}]
+
+
+def test_unknown_inner_compiler_or_mode_fails_when_the_backend_is_made():
+    with pytest.raises(ValueError, match="'inner' must be one of 'inductor', 'eager'"):
+        fxfuse.Backend(inner="tvm")
+    with pytest.raises(ValueError, match="unknown Inductor mode 'fast'.*max-autotune"):
+        fxfuse.Backend(mode="fast")
+
+
+def test_rewritten_graph_exports_with_its_fused_operators():
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1).eval(), torch.randn(2, 8, 16)
+    res = fxfuse.rewrite(model, (x,))
+    args = (*model.parameters(), *model.buffers(), x)
+    exported = torch.export.export(res.graph, args)
+    fused = {str(n.target) for n in exported.graph.nodes if "fxfuse" in str(n.target)}
+    assert fused == {"fxfuse.attention.default", "fxfuse.norm.default", "fxfuse.add_norm.default"}
+    (out,) = exported.module()(*args)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
