@@ -372,22 +372,24 @@ def _kernel_grad(spec: AttentionSpec, index: int) -> bool:
 
 
 def _sdpa_backward(spec: AttentionSpec, grad_out, q, k, v, extras, wanted) -> list[Tensor] | None:
-    """[dq, dk, dv, *empty] through SDPA's own backward (its fused CPU kernel; about 3x the explicit
-    formula's speed on CPU), recomputing the forward, where SDPA computes the spec and no extra
-    needs a gradient; None otherwise, and where the output has a NaN (the user's softmax spreads it
-    into the gradients; SDPA's backward of the NaN rows would not): the reference formula then."""
+    """[dq, dk, dv, *empty] by ATen's fused CPU attention backward (about 3x the explicit formula's
+    speed on CPU), recomputing its forward, for the sites whose every row sees a key: scalar scales
+    and no mask, or causal with Lq == Lk (``_sdpa`` runs those as is_causal). None otherwise: the
+    formula then. (Autograd is off inside an operator, so the ATen backward is called directly.)"""
     form = _sdpa_form(spec)
-    if form is None or any(wanted):
+    if form is None or any(wanted) or q.device.type != "cpu":
         return None
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = _sdpa(spec, form, *leaves, extras)
-        # Autograd is off in the call of a compiled backward graph (AOTAutograd runs it below the
-        # autograd keys): there the formula is the way.
-        if not out.requires_grad or bool(torch.isnan(out).any()):
-            return None
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    return [*grads, *(e.new_empty(0) for e in extras)]
+    scale, step = form
+    causal = step is not None and step.causal and not step.window and not step.invert and q.shape[-2] == k.shape[-2]
+    if step is not None and not causal:
+        return None
+    kh, vh = _heads(k, spec), _heads(v, spec)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kh, vh, 0.0, causal, scale=scale)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out.to(out.dtype), q, kh, vh, out, lse, 0.0, causal, scale=scale)
+    if spec.kv_groups > 1:  # each kv head's gradient sums over the query heads that read it
+        dk, dv = (g.unflatten(1, (k.shape[1], spec.kv_groups)).sum(2) for g in (dk, dv))
+    return [dq, dk, dv, *(e.new_empty(0) for e in extras)]
 
 
 @torch.library.custom_op("fxfuse::attention_backward", mutates_args=())

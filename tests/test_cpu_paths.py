@@ -1,0 +1,59 @@
+"""The fused attention operator's fast CPU paths (no Triton, no Inductor): a causal site with as many
+queries as keys runs SDPA with ``is_causal`` (its kernel skips hidden tiles), and its backward goes
+through SDPA's own backward instead of the explicit formula; results stay within the tolerance
+table of the float64 reference. A row that sees no key keeps the formula (NaN as in eager)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fxfuse
+import fxfuse.ops.attention as attention_op
+from tests.attention_styles import CausalArangeWhere, PaddingMaskFill
+from tests.tolerances import assert_close_to_reference
+
+
+def _grads(model, dtype, inputs):
+    inputs = [t.detach().to(dtype).clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    out = model(*inputs)
+    out.pow(2).sum().backward()
+    return [out.detach(), *(t.grad for t in inputs if t.is_floating_point())]
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(attention_op, name)
+    monkeypatch.setattr(attention_op, name, lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+def test_causal_site_runs_sdpa_is_causal_forward_and_its_backward(monkeypatch):
+    model = CausalArangeWhere()
+    inputs = model.inputs(torch.float32)
+    res = fxfuse.rewrite(model, inputs)
+    assert [m.kind for m in res.matches] == ["attention"]
+    sdpa_calls = []
+    real_sdpa = attention_op.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_op.F, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_calls.append(k) or real_sdpa(*a, **k))
+    formula = _spy(monkeypatch, "reference_backward")
+    got = _grads(res.module, torch.float32, inputs)
+    assert sdpa_calls and all(k.get("is_causal") and k.get("attn_mask") is None for k in sdpa_calls), sdpa_calls
+    assert len(sdpa_calls) == 1 and not formula  # the forward; the backward is ATen's flash backward
+    eager = _grads(model, torch.float32, inputs)
+    want = _grads(model, torch.float64, inputs)
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+
+
+def test_a_row_that_sees_no_key_keeps_the_formula_and_eagers_nan(monkeypatch):
+    model = PaddingMaskFill()
+    q, k, v, keep = model.inputs(torch.float32)
+    keep[0] = False  # the first sequence hides every key: its rows are NaN in eager
+    res = fxfuse.rewrite(model, (q, k, v, keep))
+    formula = _spy(monkeypatch, "reference_backward")
+    got = _grads(res.module, torch.float32, (q, k, v, keep))
+    want = _grads(model, torch.float32, (q, k, v, keep))
+    assert formula, "SDPA's backward would have zeroed the NaN rows' gradients"
+    for g, w in zip(got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(w))
+        torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-5, atol=1e-5)
