@@ -367,8 +367,10 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     # the factor tensors' gradients per score.
     adds = [k for k, step in enumerate(plan.steps) if step[0] == "add" and step[2] >= 0]
     factors = [k for k, step in enumerate(plan.steps) if step[0] in ("mul", "div") and step[2] >= 0]
-    bias_args = "".join(f"DB{k}, " for k in adds) + ("BIAS_GRAD: tl.constexpr, " if adds else "") + \
-        "".join(f"DF{k}, " for k in factors) + ("FACTOR_GRAD: tl.constexpr, " if factors else "")
+    # Every per-score buffer comes before the flags: the launcher passes the buffers in this order
+    # as positional arguments, the flags by name.
+    bias_args = "".join(f"DB{k}, " for k in adds) + "".join(f"DF{k}, " for k in factors) + \
+        ("BIAS_GRAD: tl.constexpr, " if adds else "") + ("FACTOR_GRAD: tl.constexpr, " if factors else "")
     lo_m = "tl.maximum(0, (pid_n * BLOCK_N - (LK - LQ)) // BLOCK_M * BLOCK_M)" if plan.skip_above_diagonal else "0"
     hi_m = "LQ"
     if plan.skip_above_diagonal and plan.window:  # later queries' windows have moved past this key tile
