@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse.codegen.attention import forward as kernel_forward
+from fxfuse.runtime.attention import forward as kernel_forward
 from fxfuse.codegen.attention import generate
 from fxfuse.lowering.attention import lower_attention
 from fxfuse.ops.attention import _sdpa_form, reference
@@ -158,7 +158,7 @@ def test_spec_round_trips_through_json_and_reads_in_words():
 
 
 def test_operator_runs_the_kernel_when_interpreting(monkeypatch):
-    import fxfuse.codegen.attention as kernels
+    import fxfuse.runtime.attention as kernels
 
     calls = []
     monkeypatch.setattr(kernels, "forward", lambda *a, **kw: calls.append(1) or kernel_forward(*a, **kw))
@@ -210,7 +210,7 @@ def _autograd_grads(spec, q, k, v, extras, upstream):
 # fill their probabilities are uniform, which the saved row statistics must reproduce.
 @pytest.mark.parametrize("lq,lk", [(5, 5), (1, 21), (21, 3), (37, 37)])
 def test_backward_kernels_match_eager_gradients(lq, lk, kind, dtype):
-    from fxfuse.codegen.attention import backward as kernel_backward
+    from fxfuse.runtime.attention import backward as kernel_backward
 
     spec = _spec(kind, dtype)
     t = getattr(torch, dtype)
@@ -298,7 +298,7 @@ def _factor_spec(ops, dtype):
 @pytest.mark.parametrize("ops", [("mul", "div"), ("div", "mul")])
 @pytest.mark.parametrize("lq,lk", [(5, 5), (19, 21)])
 def test_backward_kernels_give_the_factor_gradient(lq, lk, ops, dtype, monkeypatch):
-    import fxfuse.codegen.attention as kernels
+    import fxfuse.runtime.attention as kernels
     import fxfuse.ops.attention as ops_module
 
     kernel_calls, formula_calls = [], []
@@ -325,7 +325,7 @@ def test_backward_kernels_give_the_factor_gradient(lq, lk, ops, dtype, monkeypat
 
 
 def test_operator_backward_uses_the_kernels_for_biases_and_factors(monkeypatch):
-    import fxfuse.codegen.attention as kernels
+    import fxfuse.runtime.attention as kernels
     import fxfuse.ops.attention as ops
 
     calls, formula_calls = [], []
@@ -349,7 +349,7 @@ def test_operator_backward_uses_the_kernels_for_biases_and_factors(monkeypatch):
 
 
 def test_grouped_backward_kernels_sum_each_kv_heads_group():
-    from fxfuse.codegen.attention import backward as kernel_backward
+    from fxfuse.runtime.attention import backward as kernel_backward
     from fxfuse.ops.attention import reference_backward
 
     spec = AttentionSpec("float32", (ScoreStep("fill", "float32", -math.inf, -1),), "float32", kv_groups=2)
