@@ -242,7 +242,8 @@ def main(argv=None) -> int:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxfuse-e2e-inductor-")
     # One throwaway compile first: Inductor's one-time start-up (imports, C++ toolchain probes)
     # would otherwise be charged to whichever implementation compiles first.
-    torch.compile(lambda t: (t * 2).sum())(torch.randn(4))
+    if {"inductor", "fxfuse"} & set(args.impls):
+        torch.compile(lambda t: (t * 2).sum())(torch.randn(4))
     rows = []
     for name in args.models:
         rows += bench_model(name, args, args.device)
