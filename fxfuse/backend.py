@@ -129,7 +129,7 @@ class Backend:
         from fxfuse.inductor import inductor_config, lower_cpu_sites
 
         patches = inductor_config(config.current.mode, config.current.inductor)
-        lower_cpu_sites(aten_gm)
+        lower_cpu_sites(aten_gm, example_inputs)
         options, runtime = self.options, self._runtime_options()
 
         def inner_compile(gm, inputs, **kwargs):

@@ -56,10 +56,12 @@ def _laid_out(out, merge_heads: bool):
     return out.transpose(1, 2).contiguous().transpose(1, 2) if merge_heads else out.contiguous()
 
 
-def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False):
+def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False, *, grads=()):
     s = attention_op._spec(spec)
     form = attention_op._sdpa_form(s)
-    if form is not None:
+    # SDPA's CPU kernel gives no gradient for its mask: a bias that needs one (T5's learned
+    # position bias) takes the reference, which autograd differentiates.
+    if form is not None and not any(step.op == "add" and step.input >= 0 and grads[step.input] for step in s.steps):
         return lambda q, k, v, *extras: _laid_out(attention_op._sdpa(s, form, q, k, v, list(extras)), merge_heads)
     if s.dropout or not _static(q, k, v, *extras):
         return None
@@ -93,10 +95,25 @@ def _fake(a):
     return a.meta["val"] if isinstance(a, torch.fx.Node) else [_fake(x) for x in a] if isinstance(a, (list, tuple)) else a
 
 
-def lower_cpu_sites(gm: torch.fx.GraphModule) -> int:
+def _needing_grad(gm: torch.fx.GraphModule, example_inputs) -> set:
+    """The nodes whose value may need a gradient: those computed from an input that requires grad
+    (parameters included) while grad mode is on, except through a detach (over-approximated)."""
+    if not torch.is_grad_enabled():
+        return set()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {p for p, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is not torch.ops.aten.detach.default \
+                and any(a in found for a in n.all_input_nodes):
+            found.add(n)
+    return found
+
+
+def lower_cpu_sites(gm: torch.fx.GraphModule, example_inputs=()) -> int:
     """Replace the graph's CPU fused sites by the forms above, in place; returns how many."""
     if config.interpret_on_cpu():
         return 0  # the Triton kernels were asked for: they run through the operators
+    needing_grad = _needing_grad(gm, example_inputs)
     lowered = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _FORMS:
@@ -106,7 +123,11 @@ def lower_cpu_sites(gm: torch.fx.GraphModule) -> int:
         inputs = tensor_args(*fakes, **_fake(node.kwargs))
         if inputs[0].device.type != "cpu":
             continue
-        form = choose(*fakes, **_fake(node.kwargs))
+        if node.target is _fx.attention.default:
+            grads = [a in needing_grad for a in node.args[3]]
+            form = choose(*fakes, **_fake(node.kwargs), grads=grads)
+        else:
+            form = choose(*fakes, **_fake(node.kwargs))
         if form is None:
             continue
         # Traced on Dynamo's fake tensors, in their mode: sizes stay symbolic, and tensors the form

@@ -14,7 +14,7 @@ import torch.nn as nn
 import fxfuse
 import fxfuse.ops.attention
 from fxfuse.demo import NaiveTransformer
-from tests.attention_styles import SoftcapGemma2
+from tests.attention_styles import RelativeBias, SoftcapGemma2
 from tests.tolerances import assert_close_to_reference
 
 pytestmark = pytest.mark.inductor
@@ -69,6 +69,15 @@ def test_attention_sdpa_cannot_compute_is_lowered_to_its_reference_and_trains():
     _check_training(model, torch.compile(model, backend=be), q, k, v)
     assert [m.kind for m in be.matches] == ["attention"], be.report()
     assert fxfuse.ops.attention._sdpa_form(be.matches[0].spec) is None  # the reference path, not SDPA's
+
+
+def test_a_learned_bias_trains_through_the_reference_since_sdpa_gives_its_mask_no_gradient():
+    model = RelativeBias()  # T5's learned position bias: SDPA would compute the forward exactly
+    q, k, v = model.inputs(torch.float32)
+    be = fxfuse.Backend()
+    _check_training(model, torch.compile(model, backend=be), q, k, v)  # the bias's gradient included
+    assert [m.kind for m in be.matches] == ["attention"], be.report()
+    assert fxfuse.ops.attention._sdpa_form(be.matches[0].spec) is not None
 
 
 def test_with_interpret_inductor_calls_the_fused_operators_and_their_kernels_forward_and_backward(tmp_path, monkeypatch):
