@@ -73,6 +73,7 @@ def test_attention_sdpa_cannot_compute_is_lowered_to_its_reference_and_trains():
 
 def test_a_learned_bias_trains_through_the_reference_since_sdpa_gives_its_mask_no_gradient():
     model = RelativeBias()  # T5's learned position bias: SDPA would compute the forward exactly
+    model.bias = nn.Parameter(model.bias[None].detach().clone())  # (1, H, L, L), as T5 has it: SDPA's fused kernel
     q, k, v = model.inputs(torch.float32)
     be = fxfuse.Backend()
     _check_training(model, torch.compile(model, backend=be), q, k, v)  # the bias's gradient included
