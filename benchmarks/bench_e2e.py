@@ -244,12 +244,13 @@ def main(argv=None) -> int:
     # would otherwise be charged to whichever implementation compiles first.
     if {"inductor", "fxfuse"} & set(args.impls):
         torch.compile(lambda t: (t * 2).sum())(torch.randn(4))
+    source, machine = source_info(), machine_info(args.device)  # now: files and load change while it runs
     rows = []
     for name in args.models:
         rows += bench_model(name, args, args.device)
     out = Path(args.out) if args.out else RESULTS / f"e2e_{machine_slug(args.device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_info(args.device), "source": source_info(), "command": sys.argv,
+    payload = {"machine": machine, "source": source, "command": sys.argv,
                "timing": f"median of {args.rounds} interleaved calls after {args.warmup} warm-up calls",
                "memory": "saved_mib: activations a training forward saves for backward (CPU); peak_mib: CUDA only",
                "results": rows}
