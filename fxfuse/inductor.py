@@ -153,7 +153,11 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, sub: torch.fx.GraphMo
                 env[n] = next(placeholders)
             elif n.op == "get_attr":  # a constant the form made (a mask built from sizes)
                 name = gm.graph._target_to_str(f"_fxfuse_const_{n.target}")
-                setattr(gm, name, getattr(sub, n.target))
+                value = getattr(sub, n.target)
+                if isinstance(value, torch.Tensor):
+                    gm.register_buffer(name, value, persistent=False)
+                else:
+                    setattr(gm, name, value)
                 env[n] = gm.graph.get_attr(name)
                 env[n].meta.update(n.meta)
             elif n.op == "output":
