@@ -49,6 +49,11 @@ _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # takes 96 here and fits in 234 registers; 128x128 takes 128 and spills; 112 leaves some room).
 _REGISTER_BUDGET = 112
 MAX_CANDIDATES = 8
+# A config per function that compiles without spills at head dim 128 in bf16 on sm_90, with a
+# score-tile input too (measured with `fxfuse kernels DIR --target sm_90`: forward 64x16 4 warps
+# 254 registers, dq 64x16 186, dK/dV 32x64 8 warps 244); always among the candidates, last.
+FALLBACK = {"forward": LaunchConfig(64, 16, 4, 2), "backward_dq": LaunchConfig(64, 16, 4, 2),
+            "backward_dkdv": LaunchConfig(32, 64, 8, 2)}
 
 
 def arch_of(target: str | int) -> int:
@@ -78,15 +83,20 @@ def attention_configs(arch: int | None, function: str, d: int, dv: int, dtype: s
     smem = SHARED_BYTES.get(arch, 99 * 1024)
     backward = function != "forward"
     stages = (2, 3, 4) if arch >= 90 else (2, 3)
-    rows = (16, 32, 64) if lq <= 16 else (64, 128)  # decoding: 16-row tiles
+    rows = (16, 32, 64) if lq <= 16 else (32, 64, 128) if function == "backward_dkdv" else (64, 128)
+    cols = (64, 128) if function == "backward_dkdv" else (16, 32, 64, 128)  # dK/dV holds BLOCK_N keys
 
     def fits(m: int, n: int, warps: int, st: int) -> bool:
         if dtype == "float32" and (m > 64 or n > 64):
             return False  # full-precision float32 dots run on the FMA units: small tiles
         if m > max(16, triton.next_power_of_2(lq)) or n > max(16, triton.next_power_of_2(lk)):
             return False
-        if (warps == 8) != (m >= 128):  # Hopper's wgmma gives each 4-warp group 64 rows; 8 warps on 64
-            return False                # rows spill (measured), 4 warps on 128 hold too much each
+        held = n if function == "backward_dkdv" else m  # the rows of the accumulators
+        # Hopper's wgmma gives each 4-warp group 64 rows: 8 warps on fewer rows spill (measured),
+        # 4 warps on 128 hold too much each; dK/dV (BLOCK_N held rows) fits 8 warps from 64
+        if function == "backward_dkdv" and warps == 8 and held < 64 or function != "backward_dkdv" and (
+                (warps == 8) != (m >= 128)):
+            return False
         # the streamed tiles (K and V forward; q, dO for dK/dV; K and V for dq) times the stages,
         # plus the tile held for the whole loop
         streamed = (n if function != "backward_dkdv" else m) * (bd + bdv) * size * st
@@ -96,17 +106,21 @@ def attention_configs(arch: int | None, function: str, d: int, dv: int, dtype: s
         held_regs = (m if function != "backward_dkdv" else n) * (bdv + (bd if backward else 0))
         # each tensor read as a score tile costs a 64-bit pointer per score (measured: a bf16 bias
         # at D=64 spills at 128x64, 8 warps, and fits at 128x32)
-        per_score = (2 if backward else 1) + 2 * tile_inputs
+        per_score = (2 if backward else 1) + 4 * tile_inputs
         return (held_regs + m * n * per_score) / (32 * warps) <= _REGISTER_BUDGET
 
-    configs = [LaunchConfig(m, n, w, s) for m in rows for n in (32, 64, 128) for w in (4, 8) for s in stages
+    configs = [LaunchConfig(m, n, w, s) for m in rows for n in cols for w in (4, 8) for s in stages
                if fits(m, n, w, s)]
     # Larger tiles first (fewer programs, more reuse), then the usual pipeline depth, more warps;
     # at most MAX_CANDIDATES: each candidate is a compile (seconds) when a key is first tuned.
     preferred = 3 if arch >= 90 else 2
     configs.sort(key=lambda c: (-c.BLOCK_M * c.BLOCK_N, abs(c.num_stages - preferred), c.num_stages,
                                 -c.num_warps, -c.BLOCK_M))
-    return configs[:MAX_CANDIDATES] or [LaunchConfig(min(rows), 32, 4, 2)]
+    configs = configs[:MAX_CANDIDATES - 1]
+    fallback = FALLBACK[function]
+    if lq > 16 and fallback not in configs and dtype != "float32":
+        configs.append(fallback)
+    return configs or [LaunchConfig(min(rows), 32, 4, 2)]
 
 
 def norm_configs(arch: int | None, n: int) -> list[LaunchConfig]:

@@ -485,7 +485,8 @@ def test_config_lists_follow_the_arch_head_dim_dtype_and_length():
 
     assert attention_configs(None, "forward", 128, 128, "bfloat16", 4096, 4096) == [INTERPRETER]
     h100 = attention_configs(90, "forward", 128, 128, "bfloat16", 4096, 4096)
-    assert 1 < len(h100) <= 8 and all(c.BLOCK_M in (64, 128) and c.BLOCK_N in (32, 64, 128) for c in h100)
+    assert 1 < len(h100) <= 8 and all(c.BLOCK_M in (64, 128) and c.BLOCK_N in (16, 32, 64, 128) for c in h100)
+    assert h100[-1] == LaunchConfig(64, 16, 4, 2)  # the fallback that never spills (--target sm_90), last
     assert LaunchConfig(128, 64, 8, 3) in h100 and LaunchConfig(128, 128, 8, 3) not in h100  # it spills at D=128
     assert LaunchConfig(128, 128, 8, 3) in attention_configs(90, "forward", 64, 64, "bfloat16", 4096, 4096)
     assert all(c.BLOCK_M == 16 for c in attention_configs(90, "forward", 128, 128, "bfloat16", 1, 8192))  # decoding
