@@ -90,12 +90,23 @@ def _scalar_fill(node) -> float | None:
     """The value of a 0-dim constant (``torch.where(m, s, float('-inf'))`` makes a scalar_tensor)."""
     if is_python_scalar(node):
         return float(node)
+    # A constant tensor holds its value in its own dtype (a float32 -1e38 is not the Python float).
+    value = None
     if is_op(node, aten.scalar_tensor.default) and is_python_scalar(node.args[0]):
-        return float(node.args[0])
+        value = float(node.args[0])
     if is_op(node, aten.full.default) and list(node.args[0]) == [] and is_python_scalar(node.args[1]):
-        return float(node.args[1])
-    return None
+        value = float(node.args[1])
+    if value is not None and dtype(node) in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        value = _fill_in(value, dtype_name(dtype(node)))
+    return value
 
+
+
+def _fill_in(value: float, dtype: str) -> float:
+    """The fill value as the scores' dtype holds it: ``torch.where(m, -1e9, s)`` on float16 scores
+    fills -inf (the constant rounds on conversion), and the spec records what is filled, so the
+    reference, the backward's float32 recomputation and the kernels all fill that value."""
+    return float(torch.tensor(value, dtype=torch.float64).to(to_dtype(dtype)))
 
 
 class _ScoreLayout(Exception):
@@ -127,13 +138,14 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
             op = "mul" if x.target in (aten.mul.Tensor, aten.mul.Scalar) else "div"
             steps.append((x, ScoreStep(op, d, value=float(x.args[1])), None, here))
         elif is_op(x, aten.masked_fill.Scalar, aten.masked_fill.Tensor) and _scalar_fill(x.args[2]) is not None:
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2])), x.args[1], here))
+            steps.append((x, ScoreStep("fill", d, value=_fill_in(_scalar_fill(x.args[2]), d)), x.args[1], here))
         elif is_op(x, aten.where.self) and _scalar_fill(x.args[2]) is not None and isinstance(x.args[1], Node):
             a = x.args[1]  # where(mask, s, fill): fill where the mask is False
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2]), invert=True), x.args[0], here))
+            steps.append((x, ScoreStep("fill", d, value=_fill_in(_scalar_fill(x.args[2]), d), invert=True), x.args[0],
+                          here))
         elif is_op(x, aten.where.self) and _scalar_fill(x.args[1]) is not None and isinstance(x.args[2], Node):
             a = x.args[2]  # where(mask, fill, s): fill where the mask is True
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[1])), x.args[0], here))
+            steps.append((x, ScoreStep("fill", d, value=_fill_in(_scalar_fill(x.args[1]), d)), x.args[0], here))
         elif is_op(x, aten.add.Tensor, aten.mul.Tensor) and x.kwargs.get("alpha", 1) == 1 and \
                 all(isinstance(t, Node) for t in x.args[:2]):
             s0, s1 = x.args[:2]
