@@ -391,6 +391,9 @@ class FuseNorm:
 
 
 def _check_site(site: _Site) -> None:
+    if 0 in (shape(site.x) or ()):
+        raise Declined(f"the input is empty (shape {list(shape(site.x))}): there is nothing to normalize; the site "
+                       "is left as written (eager returns the empty result)")
     escaped = [(n, u) for n in site.interior - {site.output} for u in n.users if u not in site.interior]
     if escaped:
         n, u = escaped[0]

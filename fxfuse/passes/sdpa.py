@@ -135,6 +135,9 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention on inputs that are not static (B, H, L, D) tensors; fused "
                        "attention reads 4-d q, k, v of static shape")
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
+    if any(0 in s for s in shapes):
+        raise Declined(f"scaled_dot_product_attention on empty inputs (q {list(shapes[0])}, k {list(shapes[1])}, "
+                       f"v {list(shapes[2])}): a size is 0, so there is nothing to compute; it is left as written")
     if bk != b or bv != b or hk != hv or lv != lk or h % hk:
         raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
                        "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)")
