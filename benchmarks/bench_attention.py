@@ -199,7 +199,8 @@ def make_variant(name, heads):
 
 def make_inputs(name, b, h, length, d, dtype, device, grad):
     if name in ("gqa", "decode"):  # kv heads h / GQA_GROUPS; decoding: one query over `length` keys
-        shapes = ((b, h, 1 if name == "decode" else length, d), *[(b, h // GQA_GROUPS if name == "gqa" else h, length, d)] * 2)
+        kv_heads = max(1, h // GQA_GROUPS) if name == "gqa" else h
+        shapes = ((b, h, 1 if name == "decode" else length, d), *[(b, kv_heads, length, d)] * 2)
         return tuple(torch.randn(s, dtype=dtype, device=device, requires_grad=grad) for s in shapes)
     qkv = [torch.randn(b, h, length, d, dtype=dtype, device=device, requires_grad=grad) for _ in range(3)]
     if name != "padding_mask":

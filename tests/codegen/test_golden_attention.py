@@ -8,7 +8,7 @@ intended, regenerate the files and commit them with the template change:
     FXFUSE_UPDATE_GOLDEN=1 python -m pytest -q tests/codegen/test_golden_attention.py
 
 If the change alters what an already-cached kernel computes, also bump ``CODEGEN_VERSION`` in
-``fxfuse/codegen/cache.py``; the kernel names in the golden files change with it.
+``fxfuse/codegen/kernel.py``; the kernel names in the golden files change with it.
 """
 from __future__ import annotations
 
