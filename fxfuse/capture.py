@@ -148,20 +148,53 @@ def _opaque_error(what: str, obj: Any) -> CaptureError:
 
 # ---- tracing ---------------------------------------------------------------------------------------
 
-_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+def _function_forwards() -> dict:
+    """The code object of every custom ``torch.autograd.Function``'s ``forward`` -> its class."""
+    found, todo = {}, [torch.autograd.Function]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        code = getattr(cls.__dict__.get("forward"), "__code__", None)
+        if code is None and isinstance(cls.__dict__.get("forward"), staticmethod):
+            code = getattr(cls.__dict__["forward"].__func__, "__code__", None)
+        if code is not None:
+            found[code] = cls
+    return found
 
 
-def _custom_function_call() -> str | None:
-    """``Name at file:line`` when the current torch call runs inside a custom
-    ``torch.autograd.Function``'s forward (autograd runs it with grad mode off), else None."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code is _FUNCTION_APPLY:
-            cls, caller = frame.f_locals.get("cls"), frame.f_back
-            where = f" at {caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else ""
-            return f"{getattr(cls, '__qualname__', 'autograd.Function')}{where}"
-        frame = frame.f_back
-    return None
+class _FunctionFinder:
+    """Tells whether the current torch call runs inside a custom ``torch.autograd.Function``'s
+    forward, by finding that ``forward`` among the calling frames.
+
+    Autograd calls ``forward`` itself (from C++ since torch 2.14, from ``Function.apply`` before)
+    with grad mode off, and no hook or mode sees ``Function.apply``; the forward's code object
+    identifies it in every version: it is the ``forward`` of a subclass of
+    ``torch.autograd.Function``. Lookups are cached for the one trace this object serves.
+    """
+
+    def __init__(self):
+        self._classes: dict = {}  # code object -> Function class, or None for any other "forward"
+
+    def _class_of(self, code) -> type | None:
+        if code not in self._classes:
+            forwards = _function_forwards()
+            self._classes.update(forwards)
+            self._classes.setdefault(code, forwards.get(code))
+        return self._classes[code]
+
+    def call(self) -> str | None:
+        """``Name at file:line`` (where the user called ``Name.apply``), or None."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            cls = self._class_of(frame.f_code) if frame.f_code.co_name == "forward" else None
+            if cls is not None:
+                caller = frame.f_back  # above autograd's own frames (Function.apply before 2.14)
+                while caller is not None and os.path.abspath(caller.f_code.co_filename).startswith(_LIBRARY_DIRS):
+                    caller = caller.f_back
+                where = f" at {caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else ""
+                return f"{cls.__qualname__}{where}"
+            frame = frame.f_back
+        return None
 
 
 class _TagNoGrad(TorchFunctionMode):
@@ -172,12 +205,13 @@ class _TagNoGrad(TorchFunctionMode):
     def __init__(self, custom_functions: list[str]):
         super().__init__()
         self.custom_functions = custom_functions
+        self._functions = _FunctionFinder()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.is_grad_enabled():
             return func(*args, **kwargs)
-        call = _custom_function_call()
+        call = self._functions.call()
         if call is not None and call not in self.custom_functions:
             self.custom_functions.append(call)
         meta = fx_traceback.get_current_meta()

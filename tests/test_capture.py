@@ -227,6 +227,36 @@ def test_custom_autograd_function_is_never_differentiated_through_its_forward():
         res.module(x)
 
 
+class _StraightThroughScale(torch.autograd.Function):  # forward without ctx, state in setup_context
+    @staticmethod
+    def forward(x, scale):
+        return (x * scale).clamp(-0.1, 0.1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class _SetupContextFunctionNorm(_CustomFunctionNorm):
+    def forward(self, x):
+        h = _StraightThroughScale.apply(self.lin(x), 2.0)
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_custom_autograd_function_with_setup_context_is_found_too():
+    # Its forward takes no ctx: the Function is known by its forward's code (every torch version).
+    model, x = _SetupContextFunctionNorm(), torch.randn(4, 8) * 3
+    res = fxfuse.rewrite(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x))
+    with pytest.raises(fxfuse.CaptureError, match=r"_StraightThroughScale at .*test_capture.py"):
+        res.module(x)
+
+
 def test_custom_autograd_function_under_torch_compile_keeps_its_backward():
     model, x = _CustomFunctionNorm(), torch.randn(4, 8) * 3
     backend = fxfuse.Backend()
