@@ -352,11 +352,30 @@ def _warn_about_hooks(module: torch.nn.Module) -> None:
             stacklevel=4)
 
 
+def _refuse_sharded(module: torch.nn.Module) -> None:
+    """FSDP2 keeps each parameter sharded between calls and gathers it in forward hooks with
+    collectives; a trace on fake tensors can run neither, and the graph's parameters would be the
+    shards. The rewritten module can be sharded instead: it reads the parameters FSDP gathers."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [name or "the model" for name, m in module.named_modules() if isinstance(m, FSDPModule)]
+    if sharded:
+        raise CaptureError(
+            f"{sharded[0]!r} is sharded with FSDP2 (fully_shard): its parameters are gathered by forward hooks "
+            "that run collectives, which fxfuse cannot trace on fake tensors. Rewrite the unsharded model and "
+            "shard the result: `res = fxfuse.rewrite(model, inputs); fully_shard(res.module)` (the rewritten "
+            "module's graph reads the parameters FSDP gathers; shard each rewritten block the same way to keep "
+            "per-block sharding), or use torch.compile(model, backend=\"fxfuse\") on the sharded model.")
+
+
 def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, symbolic: bool = False) -> Captured:
     """Capture ``model(*args, **kwargs)``; parameters and buffers become the first graph inputs."""
     kwargs = kwargs or {}
     module = model if isinstance(model, torch.nn.Module) else None
     if module is not None:
+        _refuse_sharded(module)
         _warn_about_hooks(module)
     params = dict(module.named_parameters(remove_duplicate=False)) if module is not None else {}
     buffers = dict(module.named_buffers(remove_duplicate=False)) if module is not None else {}
