@@ -197,8 +197,12 @@ class _FunctionFinder:
         return None
 
 
+_DETACH = (torch.Tensor.detach, torch.detach)
+
+
 class _TagNoGrad(TorchFunctionMode):
-    """Tags the nodes of every torch call made while grad mode is off (see ``_cut_no_grad``), and
+    """Tags the nodes of every torch call made while grad mode is off, and of every ``detach``
+    (see ``_cut_no_grad``), and
     records the custom autograd Functions whose forward runs: make_fx records below autograd, so
     their own backward is not in the graph (the rewritten module refuses to differentiate them)."""
 
@@ -210,10 +214,14 @@ class _TagNoGrad(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.is_grad_enabled():
-            return func(*args, **kwargs)
-        call = self._functions.call()
-        if call is not None and call not in self.custom_functions:
-            self.custom_functions.append(call)
+            if func not in _DETACH:
+                return func(*args, **kwargs)
+            # A detach is a one-op no-grad region: since torch 2.14 functionalization records
+            # it as aten.alias, which gradients flow through; the cut puts the detach back.
+        else:
+            call = self._functions.call()
+            if call is not None and call not in self.custom_functions:
+                self.custom_functions.append(call)
         meta = fx_traceback.get_current_meta()
         saved = meta.get("custom")
         meta["custom"] = {**(saved or {}), _NO_GRAD: True}

@@ -111,7 +111,8 @@ def call_factory(factory, name: str):
     except Exception as err:
         sys.stderr.write(_user_traceback(err, 1))
         text = f"{type(err).__name__}: {err}".splitlines()[0]
-        if "cuda" in text.lower() and not torch.cuda.is_available():
+        # A CPU build says "not compiled with CUDA", a CUDA build without a GPU "no NVIDIA driver".
+        if ("cuda" in text.lower() or "nvidia" in text.lower()) and not torch.cuda.is_available():
             raise RunError(f"factory {name} asked for a CUDA device, and this machine has none "
                            f"(torch.cuda.is_available() is False): {text}") from None
         raise RunError(f"factory {name} raised {text}") from None
