@@ -138,12 +138,49 @@ def _leaf_name(tree: Any, index: int) -> str:
 
 
 def _opaque_error(what: str, obj: Any) -> CaptureError:
+    """``what``: "input ['cache']", "output" (the whole output) or "output [1]"."""
+    kind = type(obj)
+    hugging_face = (kind.__module__ or "").split(".")[0] == "transformers"
     return CaptureError(
-        f"the model's {what} is a {type(obj).__name__} holding tensors, which fxfuse cannot take apart: "
-        f"it would {'return tensors from the capture instead of this call' if what.startswith('output') else 'bake them into the graph as constants'}. "
-        "Register the type as a pytree node (torch.utils._pytree.register_pytree_node), or leave it out "
-        "(for Hugging Face models: use_cache=False / past_key_values=None)."
+        f"the model's {what} is a {kind.__qualname__} ({kind.__module__}) holding tensors, which fxfuse cannot take "
+        f"apart: it would {'return tensors from the capture instead of this call' if what.startswith('output') else 'bake them into the graph as constants'}. "
+        "Register the type as a pytree node (torch.utils._pytree.register_pytree_node, or "
+        "register_dataclass), or leave it out"
+        + (" (use_cache=False / past_key_values=None for a cache)." if hugging_face else ".")
     )
+
+
+class _OpenDataclass:
+    """A dataclass the model returns, opened for pytree without registering the user's type
+    globally: its ``__init__`` fields are flattened, and unflattening calls the class with them, as
+    the model's forward did (so ``__post_init__`` computes the other fields from this call's values)."""
+
+    __slots__ = ("cls", "names", "values")
+
+    def __init__(self, obj):
+        self.cls = type(obj)
+        self.names = [f.name for f in dataclasses.fields(obj) if f.init]
+        self.values = [_open_dataclasses(getattr(obj, name)) for name in self.names]
+
+
+def _rebuild_dataclass(values, context):
+    cls, names = context
+    return cls(**dict(zip(names, values)))
+
+
+pytree.register_pytree_node(
+    _OpenDataclass, lambda d: (d.values, (d.cls, d.names)), _rebuild_dataclass,
+    flatten_with_keys_fn=lambda d: ([(pytree.GetAttrKey(n), v) for n, v in zip(d.names, d.values)], (d.cls, d.names)))
+
+
+def _open_dataclasses(tree: Any) -> Any:
+    """``tree`` with every dataclass instance pytree does not know opened (see ``_OpenDataclass``)."""
+    def leaf(obj):
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and type(obj) not in pytree.SUPPORTED_NODES:
+            return _OpenDataclass(obj)
+        return obj
+
+    return pytree.tree_map(leaf, tree)
 
 
 # ---- tracing ---------------------------------------------------------------------------------------
@@ -405,13 +442,14 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
             out = torch.func.functional_call(module, state, call_args, call_kwargs, tie_weights=False)
         else:
             out = model(*call_args, **call_kwargs)
+        out = _open_dataclasses(out)
         out_leaves, out_spec = pytree.tree_flatten(out)
         out_holder["spec"] = out_spec
         out_holder["constants"] = {i: v for i, v in enumerate(out_leaves) if not isinstance(v, torch.Tensor)}
         out_holder["tensor_positions"] = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
         for i, v in out_holder["constants"].items():
             if _tensor_inside(v):
-                raise _opaque_error(f"output {_leaf_name(out, i)}", v)
+                raise _opaque_error(f"output {_leaf_name(out, i)}" if not out_spec.is_leaf() else "output", v)
         return [v for v in out_leaves if isinstance(v, torch.Tensor)]
 
     info: dict[str, Any] = {}
