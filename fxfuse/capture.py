@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 import traceback
@@ -78,10 +79,14 @@ _DATA_DEPENDENT = (GuardOnDataDependentSymNode, DataDependentOutputException, Dy
 _LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (torch.__file__, __file__))
 
 
+def is_library_frame(filename: str) -> bool:
+    """Whether a traceback frame's file is torch's or fxfuse's (or generated code), not the user's."""
+    return os.path.abspath(filename).startswith(_LIBRARY_DIRS) or filename.startswith("<")
+
+
 def _user_frame(err: BaseException) -> str:
     """The innermost frame of the user's code in ``err``'s traceback, as ``file:line: code``."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS) and not f.filename.startswith("<")]
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not is_library_frame(f.filename)]
     if not frames:
         return ""
     f = frames[-1]
@@ -365,12 +370,29 @@ def _compiling():
     return session() if session is not None else contextlib.nullcontext()
 
 
+class _DropRecords(logging.Filter):
+    def filter(self, record) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """Fake tensors log every failing op's traceback at ERROR before raising it (34 lines for a
+    wrong input shape); the error reaches the user once, in fxfuse's message with its cause."""
+    logger, drop = logging.getLogger("torch._subclasses.fake_tensor"), _DropRecords()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphModule:
     try:
         # Traced with grad on, so that only the model's own no_grad regions count as such; and
         # with torch.compiler.is_compiling() true, as under torch.compile and torch.export, so that
         # libraries take their traceable paths (Hugging Face skips data-dependent checks then).
-        with torch.enable_grad(), _compiling():
+        with torch.enable_grad(), _compiling(), _quiet_fake_tensor_log():
             # Tensors the model reaches other than through its inputs, parameters and buffers (a
             # plain tensor attribute, a global) are kept by reference: in-place changes to them are
             # seen by later calls; assigning a new tensor to the attribute is not.
