@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import sys
 import traceback
 import warnings
 from typing import Any, Callable
@@ -34,6 +32,9 @@ from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, guard_scalar
 from torch.overrides import TorchFunctionMode
+
+from fxfuse.frames import FunctionFinder, is_library_frame
+from fxfuse.output_dataclasses import open_dataclasses
 
 aten = torch.ops.aten
 _NO_GRAD = "fxfuse_grad_disabled"  # key in node.meta["custom"] of ops traced with grad mode off
@@ -72,16 +73,6 @@ class Captured:
 # ---- errors ----------------------------------------------------------------------------------------
 
 _DATA_DEPENDENT = (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
-
-
-# Frames in these directories are the tracer's, not the user's (by path prefix, not by name: a
-# checkout in a directory called "fxfuse" holds user code too).
-_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (torch.__file__, __file__))
-
-
-def is_library_frame(filename: str) -> bool:
-    """Whether a traceback frame's file is torch's or fxfuse's (or generated code), not the user's."""
-    return os.path.abspath(filename).startswith(_LIBRARY_DIRS) or filename.startswith("<")
 
 
 def _user_frame(err: BaseException) -> str:
@@ -155,89 +146,7 @@ def _opaque_error(what: str, obj: Any) -> CaptureError:
     )
 
 
-class _OpenDataclass:
-    """A dataclass the model returns, opened for pytree without registering the user's type
-    globally: its ``__init__`` fields are flattened, and unflattening calls the class with them, as
-    the model's forward did (so ``__post_init__`` computes the other fields from this call's values)."""
-
-    __slots__ = ("cls", "names", "values")
-
-    def __init__(self, obj):
-        self.cls = type(obj)
-        self.names = [f.name for f in dataclasses.fields(obj) if f.init]
-        self.values = [_open_dataclasses(getattr(obj, name)) for name in self.names]
-
-
-def _rebuild_dataclass(values, context):
-    cls, names = context
-    return cls(**dict(zip(names, values)))
-
-
-pytree.register_pytree_node(
-    _OpenDataclass, lambda d: (d.values, (d.cls, d.names)), _rebuild_dataclass,
-    flatten_with_keys_fn=lambda d: ([(pytree.GetAttrKey(n), v) for n, v in zip(d.names, d.values)], (d.cls, d.names)))
-
-
-def _open_dataclasses(tree: Any) -> Any:
-    """``tree`` with every dataclass instance pytree does not know opened (see ``_OpenDataclass``)."""
-    def leaf(obj):
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and type(obj) not in pytree.SUPPORTED_NODES:
-            return _OpenDataclass(obj)
-        return obj
-
-    return pytree.tree_map(leaf, tree)
-
-
 # ---- tracing ---------------------------------------------------------------------------------------
-
-def _function_forwards() -> dict:
-    """The code object of every custom ``torch.autograd.Function``'s ``forward`` -> its class."""
-    found, todo = {}, [torch.autograd.Function]
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        code = getattr(cls.__dict__.get("forward"), "__code__", None)
-        if code is None and isinstance(cls.__dict__.get("forward"), staticmethod):
-            code = getattr(cls.__dict__["forward"].__func__, "__code__", None)
-        if code is not None:
-            found[code] = cls
-    return found
-
-
-class _FunctionFinder:
-    """Tells whether the current torch call runs inside a custom ``torch.autograd.Function``'s
-    forward, by finding that ``forward`` among the calling frames.
-
-    Autograd calls ``forward`` itself (from C++ since torch 2.14, from ``Function.apply`` before)
-    with grad mode off, and no hook or mode sees ``Function.apply``; the forward's code object
-    identifies it in every version: it is the ``forward`` of a subclass of
-    ``torch.autograd.Function``. Lookups are cached for the one trace this object serves.
-    """
-
-    def __init__(self):
-        self._classes: dict = {}  # code object -> Function class, or None for any other "forward"
-
-    def _class_of(self, code) -> type | None:
-        if code not in self._classes:
-            forwards = _function_forwards()
-            self._classes.update(forwards)
-            self._classes.setdefault(code, forwards.get(code))
-        return self._classes[code]
-
-    def call(self) -> str | None:
-        """``Name at file:line`` (where the user called ``Name.apply``), or None."""
-        frame = sys._getframe(2)
-        while frame is not None:
-            cls = self._class_of(frame.f_code) if frame.f_code.co_name == "forward" else None
-            if cls is not None:
-                caller = frame.f_back  # above autograd's own frames (Function.apply before 2.14)
-                while caller is not None and os.path.abspath(caller.f_code.co_filename).startswith(_LIBRARY_DIRS):
-                    caller = caller.f_back
-                where = f" at {caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else ""
-                return f"{cls.__qualname__}{where}"
-            frame = frame.f_back
-        return None
-
 
 _DETACH = (torch.Tensor.detach, torch.detach)
 
@@ -251,7 +160,7 @@ class _TagNoGrad(TorchFunctionMode):
     def __init__(self, custom_functions: list[str]):
         super().__init__()
         self.custom_functions = custom_functions
-        self._functions = _FunctionFinder()
+        self._functions = FunctionFinder()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -464,7 +373,7 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
             out = torch.func.functional_call(module, state, call_args, call_kwargs, tie_weights=False)
         else:
             out = model(*call_args, **call_kwargs)
-        out = _open_dataclasses(out)
+        out = open_dataclasses(out)
         out_leaves, out_spec = pytree.tree_flatten(out)
         out_holder["spec"] = out_spec
         out_holder["constants"] = {i: v for i, v in enumerate(out_leaves) if not isinstance(v, torch.Tensor)}

@@ -204,7 +204,7 @@ def _capture_failure(err: Exception) -> str:
     message = str(err).replace("\n", " ")
     if cause is None:
         return message
-    from fxfuse.capture import is_library_frame
+    from fxfuse.frames import is_library_frame
 
     frames = [f for f in traceback.extract_tb(cause.__traceback__) if not is_library_frame(f.filename)]
     sys.stderr.write("Traceback (most recent call last; your frames only):\n" if frames else "The original exception:\n")
