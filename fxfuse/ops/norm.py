@@ -31,6 +31,16 @@ def _use_triton(t: Tensor, spec: NormSpec) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and config.interpret_on_cpu())
 
 
+def laid_out_like(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` with the strides of ``torch.empty_like(x)``, which the fake implementations promise:
+    the input's own for a dense input (a channels-last or head-transposed activation), contiguous
+    otherwise. As it is when it has them, else copied (the kernels write rows contiguously)."""
+    want = torch.empty_like(x, device="meta").stride()
+    if out.stride() == want:
+        return out
+    return torch.empty_like(x, dtype=out.dtype).copy_(out)
+
+
 def _prepared(p: Tensor, prep) -> Tensor:
     p = p.reshape(-1).to(to_dtype(prep.dtype))
     return p + prep.offset if prep.offset else p
@@ -99,13 +109,13 @@ def norm(x: Tensor, params: list[Tensor], spec: str) -> Tensor:
     if _use_triton(x, s):
         from fxfuse.codegen import norm as kernels
 
-        return kernels.forward(s, x, None, params)[0]
-    return reference(s, x, params)
+        return laid_out_like(kernels.forward(s, x, None, params)[0], x)
+    return laid_out_like(reference(s, x, params), x)
 
 
 @norm.register_fake
 def _(x, params, spec):
-    return x.new_empty(x.shape, dtype=to_dtype(_spec(spec).out_dtype))
+    return torch.empty_like(x, dtype=to_dtype(_spec(spec).out_dtype))
 
 
 @torch.library.custom_op("fxfuse::add_norm", mutates_args=())
@@ -114,15 +124,17 @@ def add_norm(x: Tensor, residual: Tensor, params: list[Tensor], spec: str) -> tu
     if _use_triton(x, s):
         from fxfuse.codegen import norm as kernels
 
-        return kernels.forward(s, x, residual, params)
-    total = (x + residual).to(to_dtype(s.sum_dtype))
-    return reference(s, total, params), total
+        y, total = kernels.forward(s, x, residual, params)
+    else:
+        total = (x + residual).to(to_dtype(s.sum_dtype))
+        y = reference(s, total, params)
+    return laid_out_like(y, x), laid_out_like(total, x)
 
 
 @add_norm.register_fake
 def _(x, residual, params, spec):
     s = _spec(spec)
-    return x.new_empty(x.shape, dtype=to_dtype(s.out_dtype)), x.new_empty(x.shape, dtype=to_dtype(s.sum_dtype))
+    return torch.empty_like(x, dtype=to_dtype(s.out_dtype)), torch.empty_like(x, dtype=to_dtype(s.sum_dtype))
 
 
 # ---- backward operator ---------------------------------------------------------------------------
@@ -135,11 +147,12 @@ def norm_backward(grad_y: Tensor, grad_sum: Optional[Tensor], src: Tensor, param
         from fxfuse.codegen import norm as kernels
 
         d_src, d_params = kernels.backward(s, grad_y, grad_sum, src, params)
-        return [d_src, *d_params]
-    d_src, *d_params = _reference_backward(s, grad_y, src, params)
-    if grad_sum is not None:
-        d_src = d_src + grad_sum
-    return [d_src, *d_params]
+    else:
+        d_src, *d_params = _reference_backward(s, grad_y, src, params)
+        if grad_sum is not None:
+            d_src = d_src + grad_sum
+    # In the layouts the fake promises: AOTAutograd plans the backward graph's views on them.
+    return [laid_out_like(d_src, src), *(laid_out_like(d, p) for d, p in zip(d_params, params))]
 
 
 @norm_backward.register_fake

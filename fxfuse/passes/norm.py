@@ -15,8 +15,9 @@ import operator
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.graph import (FLOAT_FORMATS, depends_on, dtype, holds_values_of, is_op, is_python_scalar,
-                                 keepdim_of, last_dim_only, plain_cast, shape, source_of, strip_cast, val)
+from fxfuse.passes.graph import (FLOAT_FORMATS, depends_on, dtype, holds_values_of, insert_call, is_op,
+                                 is_python_scalar, keepdim_of, last_dim_only, match_layout, plain_cast, shape,
+                                 source_of, strip_cast, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import NormSpec, ParamPrep, Step, dtype_name
 
@@ -395,15 +396,16 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     last_input = max(inputs, key=order.__getitem__)
     spec = site.spec.to_json()
     graph = gm.graph
-    with graph.inserting_after(last_input):
-        if site.residual is None:
-            new = graph.call_function(torch.ops.fxfuse.norm.default, (site.x, list(site.params), spec))
-            new.meta.update(site.output.meta)
-            _copy_source(site.anchor, new)
-            site.output.replace_all_uses_with(new)
-            return new
-        new = graph.call_function(torch.ops.fxfuse.add_norm.default, (site.x, site.residual, list(site.params), spec))
-    new.meta["val"] = (val(site.output), val(site.sum_node))
+    after = last_input.next
+    if site.residual is None:
+        new = insert_call(gm, torch.ops.fxfuse.norm.default, (site.x, list(site.params), spec), after)
+        new.meta.update({k: v for k, v in site.output.meta.items() if k != "val"})
+        _copy_source(site.anchor, new)
+        # The operator's output follows x's layout; the code it replaces may have produced another
+        # (F.layer_norm returns a contiguous tensor for a permuted x): later views rely on it.
+        site.output.replace_all_uses_with(match_layout(gm, new, val(site.output), after))
+        return new
+    new = insert_call(gm, torch.ops.fxfuse.add_norm.default, (site.x, site.residual, list(site.params), spec), after)
     _copy_source(site.anchor, new)
     with graph.inserting_after(new):
         y = graph.call_function(operator.getitem, (new, 0))
@@ -411,10 +413,12 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
         s = graph.call_function(operator.getitem, (new, 1))
     y.meta.update(site.output.meta)
     s.meta.update(site.sum_node.meta)
-    site.output.replace_all_uses_with(y)
+    y.meta["val"], s.meta["val"] = new.meta["val"]
+    site.output.replace_all_uses_with(match_layout(gm, y, val(site.output), after))
     # Only uses outside the site move to the fused sum: the site's own nodes (which read the sum
     # before the fused op exists) become dead and are removed.
-    site.sum_node.replace_all_uses_with(s, delete_user_cb=lambda user: user not in site.interior)
+    site.sum_node.replace_all_uses_with(match_layout(gm, s, val(site.sum_node), after),
+                                        delete_user_cb=lambda user: user not in site.interior)
     return new
 
 
