@@ -49,6 +49,9 @@ def _prepared(p: Tensor, prep) -> Tensor:
 def reference(spec: NormSpec, src: Tensor, params: list[Tensor]) -> Tensor:
     """The site's computation in plain torch ops, in the dtypes the user's code used."""
     xc = src.to(to_dtype(spec.compute_dtype))
+    if spec.inverse == "max_l2":  # F.normalize: the same ops, so the same roundings
+        n = (xc / torch.linalg.vector_norm(xc, 2, -1, keepdim=True).clamp_min(spec.eps)).to(to_dtype(spec.norm_dtype))
+        return _steps(spec, n * spec.scale if spec.scale != 1.0 else n, params)
     if spec.kind == "rms_norm":
         centered = xc
     else:
@@ -59,7 +62,10 @@ def reference(spec: NormSpec, src: Tensor, params: list[Tensor]) -> Tensor:
     nd = to_dtype(spec.norm_dtype)
     centered = centered.to(nd)
     n = centered * torch.rsqrt(var).to(nd) if spec.inverse == "rsqrt" else centered / torch.sqrt(var).to(nd)
-    v = n
+    return _steps(spec, n, params)
+
+
+def _steps(spec: NormSpec, v: Tensor, params: list[Tensor]) -> Tensor:
     for step in spec.steps:
         if step.op == "cast":
             v = v.to(to_dtype(step.dtype))
@@ -74,10 +80,16 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
     acc = torch.float64 if lower_norm(spec).acc == "float64" else torch.float32
     x = src.to(acc)
     centered = x if spec.kind == "rms_norm" else x - x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + spec.eps)
+    if spec.inverse == "max_l2":
+        # n = x / m, m = max(||x||, eps): dx = (g - [||x|| >= eps] n sum(g n)) / m (clamp_min passes
+        # the gradient where the norm is not below eps, as torch's does).
+        norm = torch.linalg.vector_norm(x, 2, -1, keepdim=True)
+        rstd, through = 1.0 / norm.clamp_min(spec.eps), (norm >= spec.eps).to(acc)
+    else:
+        rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + spec.eps)
     n = centered * rstd
     preps = [_prepared(p, prep).to(acc) for p, prep in zip(params, spec.params)]
-    values = [n.to(to_dtype(spec.norm_dtype)).to(acc)]
+    values = [(n.to(to_dtype(spec.norm_dtype)).to(acc) * spec.scale).to(to_dtype(spec.norm_dtype)).to(acc)]
     for step in spec.steps:
         v = values[-1]
         if step.op != "cast":
@@ -86,6 +98,7 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
     g = grad_y.to(acc).reshape(-1, x.shape[-1])
     x_shape = x.shape
     n, rstd = n.reshape(g.shape), rstd.reshape(-1, 1)
+    through = through.reshape(-1, 1) if spec.inverse == "max_l2" else None
     values = [v.reshape(g.shape) for v in values]
     rows = (0,)
     d_params = [torch.zeros_like(p, dtype=acc) for p in preps]
@@ -96,8 +109,14 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
             g = g * preps[step.param]
         elif step.op == "add":
             d_params[step.param] += g.sum(rows)
+    g = g * spec.scale
     inner = (g * n).mean(-1, keepdim=True)
-    d_x = rstd * (g - n * inner) if spec.kind == "rms_norm" else rstd * (g - g.mean(-1, keepdim=True) - n * inner)
+    if spec.inverse == "max_l2":
+        d_x = rstd * (g - through * n * (g * n).sum(-1, keepdim=True))
+    elif spec.kind == "rms_norm":
+        d_x = rstd * (g - n * inner)
+    else:
+        d_x = rstd * (g - g.mean(-1, keepdim=True) - n * inner)
     return [d_x.reshape(x_shape).to(src.dtype), *(d.reshape(p.shape).to(p.dtype) for d, p in zip(d_params, params))]
 
 
