@@ -75,6 +75,12 @@ class NormSpec:
     params:        how each parameter tensor is prepared.
     sum_dtype:     set when the input is ``x + residual`` and the sum is a second output: the
                    sum's dtype (it is rounded to it before it is normalized, as the user's code does).
+    statistic:     how the user's code computed the statistic: "mean" (a mean of products in
+                   compute_dtype: ``(xc - mean).pow(2).mean(-1)``, squares rounded to it), "var"
+                   (``torch.var(..., correction=0)``) or "var_mean" (``torch.var_mean``, whose mean
+                   also centers the input). torch's var accumulates a 16-bit input in float32 (CPU:
+                   float64) and rounds only its result, so a 16-bit var of values beyond ~256 is
+                   finite where squaring in 16 bits overflows: the reference calls the same op.
     """
 
     kind: str
@@ -85,6 +91,7 @@ class NormSpec:
     steps: tuple[Step, ...] = ()
     params: tuple[ParamPrep, ...] = ()
     sum_dtype: str | None = None
+    statistic: str = "mean"
     scale: float = 1.0
 
     @property
@@ -97,7 +104,9 @@ class NormSpec:
 
     def to_json(self) -> str:
         raw = dataclasses.asdict(self)
-        if raw["scale"] == 1.0:  # left out at its default: the specs (and kernels) without it keep their bytes
+        if raw["statistic"] == "mean":  # left out at its default: existing specs keep their JSON and kernel names
+            del raw["statistic"]
+        if raw["scale"] == 1.0:  # likewise
             del raw["scale"]
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
@@ -110,7 +119,10 @@ class NormSpec:
 
     def describe(self) -> str:
         """The spec in words, for reports: ``rms_norm eps=1e-06, f32 stats, * (1 + w) -> bf16``."""
-        parts = [f"{self.kind}", f"eps={self.eps:g}", f"stats in {_SHORT[self.compute_dtype]}"]
+        stats = f"stats in {_SHORT[self.compute_dtype]}"
+        if self.statistic != "mean":  # torch.var accumulates wider than its 16-bit input: say so
+            stats = f"{self.statistic.replace('_', '-')} of {_SHORT[self.compute_dtype]} input"
+        parts = [f"{self.kind}", f"eps={self.eps:g}", stats]
         if self.inverse == "max_l2":
             parts[1] = f"x / max(||x||, eps={self.eps:g})"
         if self.residual:

@@ -52,11 +52,15 @@ def reference(spec: NormSpec, src: Tensor, params: list[Tensor]) -> Tensor:
     if spec.inverse == "max_l2":  # F.normalize: the same ops, so the same roundings
         n = (xc / torch.linalg.vector_norm(xc, 2, -1, keepdim=True).clamp_min(spec.eps)).to(to_dtype(spec.norm_dtype))
         return _steps(spec, n * spec.scale if spec.scale != 1.0 else n, params)
-    if spec.kind == "rms_norm":
-        centered = xc
-    else:
-        centered = xc - xc.mean(-1, keepdim=True)
-    var = (centered * centered).mean(-1, keepdim=True) + spec.eps
+    if spec.statistic == "var_mean":
+        var, mean = torch.var_mean(xc, -1, keepdim=True, correction=0)
+    elif spec.statistic == "var":
+        # torch.var, as the user's code: a 16-bit input is accumulated wider, only the result rounds.
+        var, mean = torch.var(xc, -1, keepdim=True, correction=0), xc.mean(-1, keepdim=True)
+    centered = xc if spec.kind == "rms_norm" else xc - (mean if spec.statistic != "mean" else xc.mean(-1, keepdim=True))
+    if spec.statistic == "mean":
+        var = (centered * centered).mean(-1, keepdim=True)
+    var = var + spec.eps
     # The user's code multiplies (or divides) in the promoted dtype of its operands, norm_dtype, which
     # is at least as wide as the statistic's (T5 normalizes bf16 x by a float32 rsqrt, in float32).
     nd = to_dtype(spec.norm_dtype)

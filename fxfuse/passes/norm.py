@@ -89,7 +89,8 @@ def _check_reduction(node: Node, dims, keepdim: bool, of: Node, what: str = "the
 def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
     """(kind, xc, mean_node, nodes) for a norm statistic, xc being the (maybe upcast) input.
 
-    Returns kind "" when ``stat`` is not a norm statistic at all (an unrelated sqrt).
+    Returns kind "" when ``stat`` is not a norm statistic at all (an unrelated sqrt). How it was
+    computed (the spec's ``statistic``) is ``_statistic_form``'s answer.
     """
     if is_op(stat, *_MEAN):
         sq = stat.args[0]
@@ -128,6 +129,15 @@ def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
         items = {u.args[1]: u for u in pair.users if u.target is operator.getitem}
         return "layer_norm", xc, items.get(1), {pair, *items.values()}
     return "", stat, None, set()
+
+
+def _statistic_form(stat: Node) -> str:
+    """The spec's ``statistic`` for a statistic node ``_statistic`` accepted."""
+    if is_op(stat, aten.var.correction, aten.var.dim):
+        return "var"
+    if stat.op == "call_function" and stat.target is operator.getitem:
+        return "var_mean"
+    return "mean"
 
 
 def _split_eps(inner: Node) -> tuple[Node, float | None]:
@@ -255,8 +265,11 @@ def _hand_written(anchor: Node) -> _Site | None:
     output = _epilogue(normalized, x, steps, params, prepared, notes)
     interior |= _chain(normalized, output)
     interior |= _dead_casts(interior, keep={x, *params})
+    statistic = _statistic_form(stat)
+    if statistic == "var_mean" and operand.args[1] is not mean:  # centered by a mean of its own
+        statistic = "var"
     spec = NormSpec(kind=kind, eps=eps, compute_dtype=_dtype_name(xc), norm_dtype=_dtype_name(normalized),
-                    inverse=form, steps=tuple(steps), params=tuple(prepared))
+                    inverse=form, steps=tuple(steps), params=tuple(prepared), statistic=statistic)
     return _Site(kind, anchor, x, None, params, spec, output, interior, notes)
 
 
@@ -433,6 +446,9 @@ class FuseNorm:
 
 
 def _check_site(site: _Site) -> None:
+    if 0 in (shape(site.x) or ()):
+        raise Declined(f"the input is empty (shape {list(shape(site.x))}): there is nothing to normalize; the site "
+                       "is left as written (eager returns the empty result)")
     escaped = [(n, u) for n in site.interior - {site.output} for u in n.users if u not in site.interior]
     if escaped:
         n, u = escaped[0]

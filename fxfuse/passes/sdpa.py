@@ -25,9 +25,11 @@ What the spec must reproduce, and how:
   operator follows a user-written softmax and gives NaN. Unless the mask is a constant proved to
   leave every row a key, the pass guards it: such rows see every key inside the operator (so
   nothing is NaN, in the forward or the backward) and their output is then set to 0;
-- in half precision SDPA accumulates q @ k^T in float32 and runs the softmax in float32: the spec
-  casts the scores to float32 first and the probabilities back to the inputs' dtype for the
-  value product.
+- in half precision every SDPA backend the graph can hold (CPU flash, CUDA flash, efficient,
+  cuDNN) accumulates q @ k^T in float32 and applies the scale, the mask and the softmax to that
+  float32 product without rounding it to 16 bits first: the spec's score dtype is float32 (the
+  product of the 16-bit q and k accumulated in float32, as a 16-bit ``baddbmm``'s), every step
+  runs in float32, and the probabilities are rounded to the inputs' dtype for the value product.
 """
 from __future__ import annotations
 
@@ -133,6 +135,9 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention on inputs that are not static (B, H, L, D) tensors; fused "
                        "attention reads 4-d q, k, v of static shape")
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
+    if any(0 in s for s in shapes):
+        raise Declined(f"scaled_dot_product_attention on empty inputs (q {list(shapes[0])}, k {list(shapes[1])}, "
+                       f"v {list(shapes[2])}): a size is 0, so there is nothing to compute; it is left as written")
     if bk != b or bv != b or hk != hv or lv != lk or h % hk:
         raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
                        "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)")
@@ -148,8 +153,8 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention with a scale that is not a constant")
     in_dtype = dtype_name(dtype(q))
     wide = "float64" if in_dtype == "float64" else "float32"
-    steps = [] if wide == in_dtype else [ScoreStep("cast", wide)]
-    steps.append(ScoreStep("mul", wide, value=float(scale)))
+    # The product itself is accumulated in float32 and never rounded to 16 bits (see above).
+    steps = [ScoreStep("mul", wide, value=float(scale))]
     score_shape = (b, h, lq, lk)
     inputs, claimed_mask, boolean, guard = (), None, False, False
     if causal:
@@ -192,7 +197,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True) if boolean
                          else ScoreStep("add", wide, input=0))
             inputs = ("mask" if boolean else "bias",)
-    spec = AttentionSpec(score_dtype=in_dtype, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
+    spec = AttentionSpec(score_dtype=wide, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
                          kv_groups=h // hk, dropout=float(dropout))
     return _Claim(spec, claimed_mask, boolean, guard)
 
