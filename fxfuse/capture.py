@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+import sys
 import traceback
 import warnings
 from typing import Any, Callable
@@ -33,7 +35,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, guard_scalar
 from torch.overrides import TorchFunctionMode
 
-from fxfuse.frames import FunctionFinder, is_library_frame
+from fxfuse.frames import LIBRARY_DIRS, FunctionFinder, is_library_frame
 from fxfuse.output_dataclasses import open_dataclasses
 
 aten = torch.ops.aten
@@ -274,6 +276,43 @@ def _cut_no_grad(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _differentiable_copies(gm: torch.fx.GraphModule) -> None:
+    """Replace functionalization's ``aten.copy(dst, src)`` with ops autograd can differentiate.
+
+    ``buf = x.new_empty(...); buf[..., :d].copy_(a)`` (DeepSeek-V2/V3 attention builds its keys so)
+    functionalizes into ``slice_scatter(buf, copy(buf[..., :d], a), ...)``, and ``aten.copy`` has
+    no derivative: the rewritten module could not be trained. Its value is ``src`` cast to dst's
+    dtype and broadcast to dst's shape, which ``_to_copy`` and ``expand`` compute with gradients
+    (none to ``dst``, whose values it overwrites; ``src``'s summed over the broadcast).
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.copy.default:
+            continue
+        dst, src = node.args[:2]
+        dst_val, src_val = dst.meta.get("val"), src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+        if not isinstance(dst_val, torch.Tensor) or not isinstance(src_val, torch.Tensor):
+            continue
+        with gm.graph.inserting_before(node):
+            value = gm.graph.call_function(aten._to_copy.default, (src,),
+                                           {"dtype": dst_val.dtype, "device": dst_val.device})
+            with dst_val.fake_mode:
+                value.meta["val"] = aten._to_copy.default(src_val, dtype=dst_val.dtype, device=dst_val.device)
+            if tuple(src_val.shape) != tuple(dst_val.shape):
+                value = gm.graph.call_function(aten.expand.default, (value, list(dst_val.shape)))
+                with dst_val.fake_mode:
+                    value.meta["val"] = aten.expand.default(value.args[0].meta["val"], list(dst_val.shape))
+        for key in ("stack_trace", "custom"):
+            if key in node.meta:
+                value.meta[key] = node.meta[key]
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def _compiling():
     session = getattr(torch.compiler, "_compile_session_context", None)
     return session() if session is not None else contextlib.nullcontext()
@@ -311,6 +350,7 @@ def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphMo
     except Exception as err:  # the tracer's errors are long; say what failed, keep the cause
         raise _capture_error(err) from err
     _cut_no_grad(gm)
+    _differentiable_copies(gm)
     return gm
 
 
@@ -344,6 +384,61 @@ def _refuse_sharded(module: torch.nn.Module) -> None:
             "shard the result: `res = fxfuse.rewrite(model, inputs); fully_shard(res.module)` (the rewritten "
             "module's graph reads the parameters FSDP gathers; shard each rewritten block the same way to keep "
             "per-block sharding), or use torch.compile(model, backend=\"fxfuse\") on the sharded model.")
+
+
+class _ModuleAttributes:
+    """The tensors each submodule holds (parameters, buffers, tensor attributes), kept before a
+    trace so that what the forward assigns during it can be undone.
+
+    A forward may assign a new tensor to itself (x-transformers' ALiBi caches its bias with
+    ``register_buffer`` on first use): during the trace that tensor is a FunctionalTensor over fake
+    values, and left in the module it breaks every later call. The graph holds the computation
+    that made it, so the module gets back what it held before; a user is told which attributes."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.saved = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set),
+                       dict(vars(m)))
+                      for m in module.modules()]
+        self.names = {m: name for name, m in module.named_modules(remove_duplicate=False)}
+
+    def restore(self) -> list[str]:
+        """Undo assignments made since; returns the qualified names of the attributes undone."""
+        undone = []
+        for m, params, buffers, non_persistent, attributes in self.saved:
+            prefix = self.names.get(m, "")
+            for store, before in ((m._parameters, params), (m._buffers, buffers)):
+                for key in [k for k in store if k not in before or store[k] is not before[k]]:
+                    undone.append(f"{prefix}.{key}" if prefix else key)
+                    if key in before:
+                        store[key] = before[key]
+                    else:
+                        del store[key]
+            m._non_persistent_buffers_set = non_persistent
+            attrs = vars(m)
+            for key in [k for k, v in attrs.items() if isinstance(v, torch.Tensor) and attributes.get(k) is not v]:
+                undone.append(f"{prefix}.{key}" if prefix else key)
+                if key in attributes:
+                    attrs[key] = attributes[key]
+                else:
+                    del attrs[key]
+        return undone
+
+
+def _warn_about_assignments(undone: list[str]) -> None:
+    warnings.warn(
+        f"the model's forward assigned new tensors to {', '.join(repr(n) for n in undone[:5])}"
+        f"{' ...' if len(undone) > 5 else ''} while fxfuse captured it (a cache filled on first use?): the "
+        "graph computes those values on each call, and the module keeps what it held before the capture. "
+        "State that must carry over between calls should be updated in place (buffer.copy_(new)), which "
+        "fxfuse replays.", stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued by the caller at the user's line."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, symbolic: bool = False) -> Captured:
@@ -385,7 +480,13 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
 
     info: dict[str, Any] = {}
     flat_inputs = [*params.values(), *buffers.values(), *(leaves[i] for i in tensor_positions)]
-    gm = _trace(_functionalized(flat_fn, info, write_back=False), flat_inputs, "symbolic" if symbolic else "fake")
+    attributes = _ModuleAttributes(module) if module is not None else None
+    try:
+        gm = _trace(_functionalized(flat_fn, info, write_back=False), flat_inputs, "symbolic" if symbolic else "fake")
+    finally:
+        undone = attributes.restore() if attributes is not None else []
+    if undone:
+        _warn_about_assignments(undone)
     positions = out_holder["tensor_positions"]
     return Captured(
         gm=gm,

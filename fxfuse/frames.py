@@ -9,12 +9,12 @@ import torch
 
 # Frames in these directories are the tracer's, not the user's (by path prefix, not by name: a
 # checkout in a directory called "fxfuse" holds user code too).
-_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (torch.__file__, __file__))
+LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (torch.__file__, __file__))
 
 
 def is_library_frame(filename: str) -> bool:
     """Whether a traceback frame's file is torch's or fxfuse's (or generated code), not the user's."""
-    return os.path.abspath(filename).startswith(_LIBRARY_DIRS) or filename.startswith("<")
+    return os.path.abspath(filename).startswith(LIBRARY_DIRS) or filename.startswith("<")
 
 
 def _function_forwards() -> dict:
@@ -58,7 +58,7 @@ class FunctionFinder:
             cls = self._class_of(frame.f_code) if frame.f_code.co_name == "forward" else None
             if cls is not None:
                 caller = frame.f_back  # above autograd's own frames (Function.apply before 2.14)
-                while caller is not None and os.path.abspath(caller.f_code.co_filename).startswith(_LIBRARY_DIRS):
+                while caller is not None and os.path.abspath(caller.f_code.co_filename).startswith(LIBRARY_DIRS):
                     caller = caller.f_back
                 where = f" at {caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else ""
                 return f"{cls.__qualname__}{where}"
