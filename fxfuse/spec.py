@@ -65,7 +65,12 @@ class NormSpec:
     compute_dtype: the dtype the user's code computes the statistics in (after any upcast).
     norm_dtype:    the dtype of the normalized value before the steps.
     inverse:       "rsqrt" (multiplied by rsqrt) or "div_sqrt" (divided by sqrt); both are exact
-                   rewrites, the field lets the CPU reference reproduce the user's rounding.
+                   rewrites, the field lets the CPU reference reproduce the user's rounding. Or, for an
+                   rms_norm only, "max_l2": ``x / max(||x||_2, eps)`` (``F.normalize``; x-transformers'
+                   RMSNorm is that times sqrt(d) and a weight). Not x * rsqrt(mean(x^2) + eps): eps
+                   clamps the norm instead of being added to the mean, so it is its own form.
+    scale:         a constant the normalized value is multiplied by before the steps (the sqrt(d)
+                   of the "max_l2" form), rounded to norm_dtype; 1 for none.
     steps:         casts and per-feature multiplies/adds after normalization.
     params:        how each parameter tensor is prepared.
     sum_dtype:     set when the input is ``x + residual`` and the sum is a second output: the
@@ -87,6 +92,7 @@ class NormSpec:
     params: tuple[ParamPrep, ...] = ()
     sum_dtype: str | None = None
     statistic: str = "mean"
+    scale: float = 1.0
 
     @property
     def residual(self) -> bool:
@@ -100,6 +106,8 @@ class NormSpec:
         raw = dataclasses.asdict(self)
         if raw["statistic"] == "mean":  # left out at its default: existing specs keep their JSON and kernel names
             del raw["statistic"]
+        if raw["scale"] == 1.0:  # likewise
+            del raw["scale"]
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
@@ -115,8 +123,12 @@ class NormSpec:
         if self.statistic != "mean":  # torch.var accumulates wider than its 16-bit input: say so
             stats = f"{self.statistic.replace('_', '-')} of {_SHORT[self.compute_dtype]} input"
         parts = [f"{self.kind}", f"eps={self.eps:g}", stats]
+        if self.inverse == "max_l2":
+            parts[1] = f"x / max(||x||, eps={self.eps:g})"
         if self.residual:
             parts.insert(1, "residual add")
+        if self.scale != 1.0:
+            parts.append(f"* {self.scale:g}")
         for step in self.steps:
             if step.op == "cast":
                 parts.append(f"cast {_SHORT[step.dtype]}")

@@ -77,6 +77,9 @@ class _Site:
     product_bias: dict = dataclasses.field(default_factory=dict)  # extra index -> beta: a baddbmm's bias
     notes: tuple = ()  # why a constant mask or bias stayed a tensor input
     split_lead: frozenset = frozenset()  # extras added on flat (B*H, Lq, Lk) scores: viewed as (B, H, …)
+    # Extras added on a (B, nW, H, Lq, Lk) view (Swin's windows), by index -> that 5-d shape: read
+    # broadcast to (B, nW) and merged to (B*nW, …).
+    merge_lead: dict = dataclasses.field(default_factory=dict)
 
 
 def _plain_cast(node) -> bool:
@@ -173,15 +176,30 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
         x = a
 
 
+def _window_merge(a: tuple, b: tuple) -> bool:
+    """Whether 5-d ``a`` is 4-d ``b`` with its batch dim split in two: Swin's shifted windows view the
+    (B*nW, H, Lq, Lk) scores as (B, nW, H, Lq, Lk) to add the per-window mask."""
+    return len(a) == 5 and len(b) == 4 and a[0] * a[1] == b[0] and tuple(a[2:]) == tuple(b[1:])
+
+
 def _check_lead_reshape(chain: list[Node], src: tuple | None, dst: tuple) -> None:
     """Raise _ScoreLayout unless ``chain`` is a row-major reshape of (…, Lq, Lk) scores to (…, Lq, Lk)
-    that only splits or merges the leading dims."""
+    that only splits or merges the leading dims, into a rank of 2 to 4, or of 5 when the first two
+    dims merge into the batch dim."""
     ops = ", ".join(dict.fromkeys(getattr(n.target, "__name__", str(n.target)) for n in chain))
-    if src is None or not all(isinstance(n, int) for n in src) or len(src) not in (2, 3, 4) or \
-            tuple(src[-2:]) != tuple(dst[-2:]):
+    if src is None or not all(isinstance(n, int) for n in src) or tuple(src[-2:]) != tuple(dst[-2:]):
         raise _ScoreLayout(f"the scores are reshaped from {list(src or ())} to {list(dst)} ({ops}) between score "
                            "steps, which splits or merges the query or key axis; fused attention takes views "
                            "that only split or merge the leading (batch, head) dims there")
+    for a, b in ((src, dst), (dst, src)):
+        if len(a) == 5 and not _window_merge(tuple(a), tuple(b)):
+            raise _ScoreLayout(f"the scores are viewed from {list(src)} to {list(dst)} ({ops}) between score steps: "
+                               "a rank-5 view other than the batch dim split in two (as Swin's windows, (B*nW, H, "
+                               "Lq, Lk) as (B, nW, H, Lq, Lk)); fused attention reads that, or views of rank 2 to 4")
+        if len(a) not in (2, 3, 4, 5):
+            raise _ScoreLayout(f"the scores are viewed from {list(src)} to {list(dst)} ({ops}) between score steps, "
+                               f"as rank {len(a)}; fused attention reads views of rank 2 to 4, or the batch dim "
+                               "split in two (rank 5, Swin's windows)")
     if not is_plain_reshape(chain, tuple(src), tuple(dst)):
         raise _ScoreLayout(f"the scores pass through a layout change ({ops}) between score steps that reorders "
                            f"them ({list(src)} to {list(dst)}, not a plain reshape of the leading dims); fused "
@@ -415,10 +433,11 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
     start_shape = tuple(shape(start))  # the scores as the first step (or the softmax) reads them
     shapes = [tuple(score_shape), start_shape, *(tuple(here) for *_, here in steps)]
-    if any(len(s) not in (2, 3, 4) for s in shapes):
-        bad = next(len(s) for s in shapes if len(s) not in (2, 3, 4))
+    windows = [s for s in shapes if len(s) == 5]  # (B, nW, H, Lq, Lk) views of (B*nW, H, Lq, Lk) scores
+    if any(len(s) not in (2, 3, 4, 5) for s in shapes):
+        bad = next(len(s) for s in shapes if len(s) not in (2, 3, 4, 5))
         raise Declined(f"the scores have rank {bad}; fused attention reads (L, L), (B*H, L, L) or (B, H, L, L) "
-                       "scores")
+                       "scores (and (B, nW, H, L, L) views of (B*nW, H, L, L) ones)")
     product_shape = tuple(shape(qk))  # (N, Lq, Lk) of a batched product, (Lq, Lk) of a 2-D one
     n, (lq, lk) = math.prod(product_shape[:-2]), product_shape[-2:]
     if math.prod(start_shape[:-2]) != n or start_shape[-2:] != (lq, lk) or not \
@@ -447,7 +466,10 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                        "q @ k^T and the softmax; fused attention reads one (B, H) split")
     lead = splits.pop() if splits else (1, n)
     op_shape = (*lead, lq, lk)  # the scores as the operator reads them
-    extras, kinds, spec_steps, product_bias, notes, split_lead = [], [], [], None, [], set()
+    if any(not _window_merge(w, op_shape) for w in windows):
+        raise Declined(f"the scores are viewed as {list(windows[0])}, which is not their (B, H) = {list(lead)} "
+                       "split with the batch dim split in two; fused attention cannot read a step there")
+    extras, kinds, spec_steps, product_bias, notes, split_lead, merge_lead = [], [], [], None, [], set(), {}
     for step, extra in head:  # the added product's own steps: its bias has the product's shape
         if extra is not None:
             step = dataclasses.replace(step, input=len(extras))
@@ -461,9 +483,10 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             # Read aligned on the right, the tensor meets the same scores in (B, H, Lq, Lk) as in
             # this step's shape, except on flat (B*H, Lq, Lk) scores with B > 1: its own B*H dim
             # is then split into (B, H) for the operator (a view).
-            aligned = tuple(here) == op_shape[4 - len(here):]
-            flat = not aligned and len(shape(extra)) == 3 and shape(extra)[0] != 1
-            mask = constant_value(extra, gm) if step.op == "fill" else None
+            window_step = len(here) == 5  # its tensor is read with the windows merged into the batch dim
+            aligned = not window_step and tuple(here) == op_shape[4 - len(here):]
+            flat = not aligned and not window_step and len(shape(extra)) == 3 and shape(extra)[0] != 1
+            mask = constant_value(extra, gm) if step.op == "fill" and not window_step else None
             window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
             derived = None
             if window is None and step.op in ("fill", "add") and aligned:
@@ -482,6 +505,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 step = dataclasses.replace(step, input=len(extras))
                 if flat:
                     split_lead.add(len(extras))
+                if window_step:
+                    merge_lead[len(extras)] = tuple(here)
                 extras.append(extra)
                 kinds.append({"fill": "mask", "add": "bias"}.get(step.op, "factor"))
         spec_steps.append(step)
@@ -503,7 +528,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     dropped = probs.dropout.nodes if probs.dropout else []
     interior = {qk, *score_chain, *(s[0] for s in steps), *views, softmax, *casts, *dropped, *p_chain, pv}
     site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout,
-                 {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead))
+                 {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead),
+                 merge_lead)
     _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else [])})
     return site
 
@@ -577,6 +603,19 @@ def _product_bias(gm, site: _Site, index: int) -> Node:
     return bias
 
 
+def _windows_merged(gm, extra: Node, windows: tuple, before: Node) -> Node:
+    """A tensor added on (B, nW, H, Lq, Lk) scores, as the operator reads it on (B*nW, H, Lq, Lk):
+    broadcast along (B, nW) where it varies along either (a copy of B*nW of its (H|1, Lq|1, Lk|1)
+    slices; Swin's mask is (1, nW, 1, N, N)), then the two merged; a plain view when it varies
+    along neither."""
+    s = (1,) * (5 - len(shape(extra))) + tuple(shape(extra))
+    e = extra if len(shape(extra)) == 5 else insert_call(gm, aten.view.default, (extra, list(s)), before)
+    if s[0] == 1 and s[1] == 1:
+        return insert_call(gm, aten.view.default, (e, [1, *s[2:]]), before)
+    e = insert_call(gm, aten.expand.default, (e, [windows[0], windows[1], *s[2:]]), before)
+    return insert_call(gm, aten.reshape.default, (e, [windows[0] * windows[1], *s[2:]]), before)
+
+
 def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     q_op, k_op = site.qk.args[-2:]
     v_op = site.pv.args[1]
@@ -587,6 +626,7 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     # bias is scaled by its beta.
     extras = [insert_call(gm, aten.reshape.default, (e[0], list(e[1])), site.pv) if isinstance(e, tuple) else
               _product_bias(gm, site, i) if i in site.product_bias else
+              _windows_merged(gm, e, site.merge_lead[i], site.pv) if i in site.merge_lead else
               insert_call(gm, aten.view.default, (e, [*site.lead, *shape(e)[1:]]), site.pv) if i in site.split_lead
               else e for i, e in enumerate(site.extras)]
     # When the output only reaches the rest of the graph through a head merge (transpose(1, 2)

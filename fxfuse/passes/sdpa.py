@@ -44,8 +44,8 @@ from fxfuse import index_expr
 from fxfuse.passes.attention import site_shape
 from fxfuse.passes.attention_index import NotIndex, derive
 from fxfuse.passes.attention_layout import causal_window, constant_value, head_merge_chain
-from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
-                                  source_of)
+from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar,
+                                  match_layout, same_layout, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
@@ -214,8 +214,26 @@ def _index_form(mask: Node, boolean: bool, score_shape, gm, constant, guard: boo
         return None
 
 
+def _merge_layout(t: torch.Tensor) -> bool:
+    """Whether a (B, H, L, D) output is laid out in (B, L, H, D) memory order, as SDPA's CPU
+    flash kernel (and CUDA's flash and efficient kernels) return it, and not also contiguous."""
+    from torch._prims_common import make_contiguous_strides_for
+
+    b, h, lq, dv = t.shape
+    sb, sl, sh, sd = make_contiguous_strides_for((b, lq, h, dv))
+    merged = torch.empty_strided(t.shape, (sb, sh, sl, sd), device="meta")
+    contiguous = torch.empty(t.shape, device="meta")
+    return same_layout(t, merged) and not same_layout(t, contiguous)
+
+
 def _replace(gm, node: Node, claim: _Claim) -> Node:
     q, k, v = node.args[:3]
+    composite = node.target == aten.scaled_dot_product_attention.default
+    outputs = [node] if composite else [u for u in node.users if u.args[1] == 0]
+    # The strides the replaced call gave its output: the graph after it (a head merge's view) was
+    # traced on them, so the fused call writes that layout too.
+    produced = val(outputs[0]) if outputs else None
+    merge_heads = produced is not None and _merge_layout(produced)
     extras, alive = [], None
     if claim.mask is not None:
         mask = claim.mask
@@ -229,28 +247,46 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
                 insert_call(gm, aten.where.ScalarOther, (alive, mask, 0.0), node)
         extras.append(mask)
     args = (q, k, v, extras, claim.spec.to_json())
-    if claim.spec.dropout:  # a fresh seed each call, saved by autograd for the backward
-        args += (insert_seed(gm, q, node),)
+    seed = insert_seed(gm, q, node) if claim.spec.dropout else None  # a fresh seed each call, saved for the backward
+    if seed is not None or merge_heads:
+        args += (seed,)
+    if merge_heads:
+        args += (True,)
     fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, node)
     if node.meta.get("stack_trace"):
         fused.meta["stack_trace"] = node.meta["stack_trace"]
-    out = fused if alive is None else insert_call(gm, aten.where.ScalarOther, (alive, fused, 0.0), node)
-    if node.target == aten.scaled_dot_product_attention.default:
+    out = fused if alive is None else _zero_dead_rows(gm, fused, alive, merge_heads, node)
+    if produced is not None:
+        out = match_layout(gm, out, produced, node)
+    if composite:
         node.replace_all_uses_with(out)
     else:
         for user in list(node.users):
             user.replace_all_uses_with(out)
             gm.graph.erase_node(user)
     gm.graph.erase_node(node)
-    merge = head_merge_chain(fused, tuple(shape(fused)[:2])) if out is fused else None
+    merge = head_merge_chain(fused, tuple(shape(fused)[:2])) if out is fused and not merge_heads else None
     if merge is not None:  # only a head merge reads the output: write it in that order (see attention.py)
-        seed = fused.args[5] if len(fused.args) > 5 else None
         merged = insert_call(gm, torch.ops.fxfuse.attention.default, (*fused.args[:5], seed, True), merge)
         merged.meta["stack_trace"] = fused.meta.get("stack_trace")
         heads_last = insert_call(gm, aten.permute.default, (merged, [0, 2, 1, 3]), merge)
         merge.replace_all_uses_with(insert_call(gm, aten.view.default, (heads_last, list(shape(merge))), merge))
         return merged
     return fused
+
+
+def _zero_dead_rows(gm, fused: Node, alive: Node, merge_heads: bool, before: Node) -> Node:
+    """``where(alive, fused, 0)`` in ``fused``'s layout: ``where`` lays its result out after its
+    first operand (the (B, H, L, 1) condition, contiguous), so for a (B, L, H, D)-ordered output it
+    runs on the heads-last views and the result is permuted back."""
+    if not merge_heads:
+        return insert_call(gm, aten.where.ScalarOther, (alive, fused, 0.0), before)
+    to_heads_last = [0, 2, 1, 3]
+    alive_last = insert_call(gm, aten.permute.default, (alive, to_heads_last), before)
+    alive_last = insert_call(gm, aten.clone.default, (alive_last,), before, {"memory_format": torch.contiguous_format})
+    fused_last = insert_call(gm, aten.permute.default, (fused, to_heads_last), before)
+    zeroed = insert_call(gm, aten.where.ScalarOther, (alive_last, fused_last, 0.0), before)
+    return insert_call(gm, aten.permute.default, (zeroed, to_heads_last), before)
 
 
 @dataclasses.dataclass(frozen=True)
