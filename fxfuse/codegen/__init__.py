@@ -26,7 +26,8 @@ def prepare_kernels(specs) -> list[Kernel]:
     compiling ahead with Triton's ``warmup`` would need each kernel's launch arguments here."""
     from fxfuse.progress import bar
 
-    distinct = list({_key(spec): spec for spec in specs}.values())
+    # A spec with ``kernel = False`` (the chunked linear cross-entropy) runs as torch ops: no source.
+    distinct = list({_key(spec): spec for spec in specs if getattr(spec, "kernel", True)}.values())
     kernels: dict[str, Kernel] = {}
     for spec in bar(distinct, len(distinct), "fxfuse: generating kernels"):
         kernel = generate_kernel(spec)

@@ -59,8 +59,9 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.attention import FuseAttention
     from fxfuse.passes.norm import FuseNorm
     from fxfuse.passes.sdpa import ClaimSDPA
+    from fxfuse.passes.linear_cross_entropy import FuseLinearCrossEntropy
 
-    return {cls.name: cls for cls in (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm)}
+    return {cls.name: cls for cls in (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm, FuseLinearCrossEntropy)}
 
 
 DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-attention,fuse-norm"
