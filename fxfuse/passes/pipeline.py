@@ -60,8 +60,10 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.norm import FuseNorm
     from fxfuse.passes.sdpa import ClaimSDPA
     from fxfuse.passes.linear_cross_entropy import FuseLinearCrossEntropy
+    from fxfuse.passes.gated_mlp import FuseGatedMLP
 
-    return {cls.name: cls for cls in (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm, FuseLinearCrossEntropy)}
+    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm, FuseLinearCrossEntropy, FuseGatedMLP)
+    return {cls.name: cls for cls in passes}
 
 
 DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-attention,fuse-norm"
