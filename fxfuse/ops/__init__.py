@@ -3,3 +3,4 @@ from fxfuse.ops import norm  # noqa: F401  (defines fxfuse::norm, fxfuse::add_no
 from fxfuse.ops import attention  # noqa: F401,E402  (defines fxfuse::attention, fxfuse::attention_backward)
 from fxfuse.ops import linear_cross_entropy  # noqa: F401,E402  (defines fxfuse::linear_cross_entropy and its backward)
 from fxfuse.ops import gated_mlp  # noqa: F401,E402  (defines fxfuse::gated_act and its backward)
+from fxfuse.ops import dyt  # noqa: F401,E402  (defines fxfuse::dyt and its backward)

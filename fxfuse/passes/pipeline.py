@@ -61,8 +61,9 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.sdpa import ClaimSDPA
     from fxfuse.passes.linear_cross_entropy import FuseLinearCrossEntropy
     from fxfuse.passes.gated_mlp import FuseGatedMLP
+    from fxfuse.passes.dyt import FuseDyT
 
-    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm, FuseLinearCrossEntropy, FuseGatedMLP)
+    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT)
     return {cls.name: cls for cls in passes}
 
 
