@@ -86,3 +86,12 @@ def test_near_miss_is_declined(style, reason):
 def test_scalar_softcap_is_not_dyt():
     res = fxfuse.rewrite(lambda s: torch.tanh(s / 30.0) * 30.0, (torch.randn(4, D),), passes=PASSES)
     assert not res.matches and not res.misses
+
+
+def test_backward_keeps_one_activation_less():
+    from tests.passes.test_gated_mlp import _saved_bytes
+
+    model = DyT(D)
+    x = torch.randn(4, 8, D, requires_grad=True)
+    res = fxfuse.rewrite(model, (x,), passes=PASSES)
+    assert _saved_bytes(model, x) - _saved_bytes(res.module, x) == x.numel() * 4  # tanh(alpha * x), float32
