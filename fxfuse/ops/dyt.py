@@ -36,9 +36,8 @@ def _(x, alpha, weight, bias, spec):
 
 
 @torch.library.custom_op("fxfuse::dyt_backward", mutates_args=())
-def dyt_backward(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                 spec: str) -> list[Tensor]:
-    """[d_x, d_alpha] (+ [d_weight]) (+ [d_bias])."""
+def dyt_backward(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor], spec: str) -> list[Tensor]:
+    """[d_x, d_alpha] (+ [d_weight]); the bias's gradient needs none of the saved tensors."""
     t = torch.tanh(alpha * x)
     out = []
     d_t = grad * weight if weight is not None else grad
@@ -48,28 +47,27 @@ def dyt_backward(grad: Tensor, x: Tensor, alpha: Tensor, weight: Optional[Tensor
     out = [d_x.contiguous(), d_alpha.contiguous()]
     if weight is not None:
         out.append((grad * t).sum_to_size(weight.shape).to(weight.dtype).contiguous())
-    if bias is not None:
-        out.append(grad.sum_to_size(bias.shape).to(bias.dtype).contiguous())
     return out
 
 
 @dyt_backward.register_fake
-def _(grad, x, alpha, weight, bias, spec):
-    return [x.new_empty(x.shape), alpha.new_empty(alpha.shape)] + [p.new_empty(p.shape) for p in (weight, bias) if p is not None]
+def _(grad, x, alpha, weight, spec):
+    return [x.new_empty(x.shape), alpha.new_empty(alpha.shape)] + ([weight.new_empty(weight.shape)] if weight is not None else [])
 
 
 def _setup(ctx, inputs, output):
     x, alpha, weight, bias, spec = inputs
-    ctx.save_for_backward(x, alpha, weight, bias)
+    ctx.save_for_backward(x, alpha, weight)  # not the bias: its gradient is a sum of grad alone
     ctx.spec = spec
+    ctx.bias = None if bias is None else (bias.shape, bias.dtype)
 
 
 def _backward(ctx, grad):
-    x, alpha, weight, bias = ctx.saved_tensors
-    grads = iter(torch.ops.fxfuse.dyt_backward(grad, x, alpha, weight, bias, ctx.spec))
-    d_x, d_alpha = next(grads), next(grads)
-    d_w = next(grads) if weight is not None else None
-    d_b = next(grads) if bias is not None else None
+    x, alpha, weight = ctx.saved_tensors
+    grads = torch.ops.fxfuse.dyt_backward(grad, x, alpha, weight, ctx.spec)
+    d_x, d_alpha = grads[0], grads[1]
+    d_w = grads[2] if weight is not None else None
+    d_b = grad.sum_to_size(ctx.bias[0]).to(ctx.bias[1]) if ctx.bias is not None else None
     return d_x, d_alpha, d_w, d_b, None
 
 

@@ -95,3 +95,12 @@ def test_backward_keeps_one_activation_less():
     x = torch.randn(4, 8, D, requires_grad=True)
     res = fxfuse.rewrite(model, (x,), passes=PASSES)
     assert _saved_bytes(model, x) - _saved_bytes(res.module, x) == x.numel() * 4  # tanh(alpha * x), float32
+
+
+def test_opcheck():
+    from fxfuse.spec_dyt import DyTSpec
+
+    x, a, w, b = torch.randn(3, D), torch.tensor([0.7]), torch.randn(D), torch.randn(D)
+    spec = DyTSpec(True, True, "float32").to_json()
+    torch.library.opcheck(torch.ops.fxfuse.dyt.default, (x, a, w, b, spec))
+    torch.library.opcheck(torch.ops.fxfuse.dyt_backward.default, (torch.randn(3, D), x, a, w, spec))
