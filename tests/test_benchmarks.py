@@ -47,10 +47,10 @@ def test_bench_attention_smallest(tmp_path):
     columns = {"variant", "mode", "seq_len", "head_dim", "impl", "ms", "tflops", "peak_mib", "speedup_vs_eager",
                "speedup_vs_inductor", "speedup_vs_sdpa", "speedup_vs_flex", "fused", "max_abs_diff_vs_eager", "note"}
     assert columns <= set(rows[0])
-    variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias")
+    variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias", "gqa", "decode")
     by_key = {(r["variant"], r["mode"], r["impl"]): r for r in rows}
     assert set(by_key) == {(v, m, i) for v in variants for m in ("fwd", "fwd+bwd")
-                           for i in ("eager", "inductor", "sdpa", "flex", "fxfuse")}
+                           for i in ("eager", "inductor", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "fxfuse")}
     for v in variants:
         for m in ("fwd", "fwd+bwd"):
             fx = by_key[v, m, "fxfuse"]
@@ -59,7 +59,7 @@ def test_bench_attention_smallest(tmp_path):
             assert fx["note"].startswith("fused: " if fx["fused"] == "True" else "not fused: "), fx
             assert payload["fxfuse_sites"][v][f"{m} L=48 D=16"] == fx["note"]
             # skipped implementations say why instead of leaving a blank
-            for impl in ("inductor", "flex"):
+            for impl in ("inductor", "flex", "sdpa_flash", "sdpa_cudnn"):
                 assert by_key[v, m, impl]["ms"] == "" and by_key[v, m, impl]["note"].startswith("skipped"), v
     assert by_key["causal", "fwd", "fxfuse"]["fused"] == "True"
     assert by_key["softcap", "fwd", "sdpa"]["note"].startswith("SDPA cannot express")
@@ -84,3 +84,24 @@ def test_bench_e2e_smallest(tmp_path):
         assert (r["saved_mib"] is not None) == (r["mode"] == "train"), r
         if r["impl"] == "fxfuse_eager":
             assert "fused" in r["note"] and r["speedup_vs_eager"] > 0, r
+
+
+def test_bench_loss_smallest(tmp_path):
+    out = tmp_path / "loss.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_loss.py"), "--threads", "1", "--tokens", "16",
+                           "--hidden", "8", "--vocab", "256", "--impls", "eager,fxfuse,liger", "--repeat", "1", "--modes", "fwd+bwd",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(payload["results"]) == 3
+    by_key = {(r["mode"], r["impl"]): r for r in rows}
+    for mode in ("fwd+bwd",):
+        fx = by_key[mode, "fxfuse"]
+        assert float(fx["ms"]) > 0 and float(fx["peak_mib"]) >= 0, fx
+        assert float(fx["loss_diff_vs_eager"]) < 1e-5, fx  # the fused loss computes what eager does
+        assert by_key[mode, "liger"]["note"].startswith("skipped") or by_key[mode, "liger"]["ms"], by_key[mode, "liger"]
+    assert float(by_key["fwd+bwd", "fxfuse"]["grad_w_max_diff_vs_eager"]) < 1e-2
+    assert payload["source"]["commit"]
