@@ -36,6 +36,7 @@ import math
 import operator
 
 import torch
+from torch._prims_common import make_contiguous_strides_for
 from torch.fx import Node
 
 from fxfuse import index_expr
@@ -45,6 +46,7 @@ from fxfuse.passes.attention_layout import causal_window, constant_value, head_m
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
                                   source_of)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
+from fxfuse.passes.symbolic import same, size_args
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -129,11 +131,16 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     mask = _arg(node, mask_pos, None, ("attn_mask", "attn_bias"))
     scale = node.kwargs.get("scale")
     shapes = [shape(t) for t in (q, k, v)]
-    if any(s is None or len(s) != 4 or not all(isinstance(n, int) for n in s) for s in shapes):
-        raise Declined("scaled_dot_product_attention on inputs that are not static (B, H, L, D) tensors; fused "
-                       "attention reads 4-d q, k, v of static shape")
+    if any(s is None or len(s) != 4 for s in shapes):
+        raise Declined("scaled_dot_product_attention on inputs that are not (B, H, L, D) tensors; fused "
+                       "attention reads 4-d q, k, v")
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
-    if bk != b or bv != b or hk != hv or lv != lk or h % hk:
+    # Batch and lengths may be symbols (dynamic shapes): each equality is proved for all their values.
+    if not all(isinstance(n, int) for n in (h, hk, hv, e, shapes[2][3])):
+        raise Declined(f"scaled_dot_product_attention with a symbolic head count or head dim (q {list(shapes[0])}, "
+                       f"k {list(shapes[1])}); fused attention specialises on those (mark only batch and "
+                       "length dynamic)")
+    if not same(bk, b) or not same(bv, b) or hk != hv or not same(lv, lk) or h % hk:
         raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
                        "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)")
     if not (dtype(q) == dtype(k) == dtype(v)) or not dtype(q).is_floating_point:
@@ -155,7 +162,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     if causal:
         if mask is not None:
             raise Declined("scaled_dot_product_attention with both attn_mask and is_causal")
-        if lq == lk:
+        if same(lq, lk):
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1))
         else:  # top-left, unlike the spec's rule: key j is hidden after query i, as an index expression
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, expr=("gt", "bool", index_expr.var("j"),
@@ -224,12 +231,20 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
                 insert_call(gm, aten.where.ScalarOther, (alive, mask, 0.0), node)
         extras.append(mask)
     args = (q, k, v, extras, claim.spec.to_json())
-    if claim.spec.dropout:  # a fresh seed each call, saved by autograd for the backward
-        args += (insert_seed(gm, q, node),)
+    seed = insert_seed(gm, q, node) if claim.spec.dropout else None  # fresh each call, saved for the backward
+    # Where SDPA's own output is laid out heads-last ((B, L, H, D) memory, as the CPU flash kernel
+    # writes it), the code after it may view it as (B, L, H*D) without a copy: the fused call
+    # then writes that layout too, so every view the graph takes of it stays valid.
+    heads_last = _heads_last(node)
+    if seed is not None or heads_last:
+        args += (seed,) + ((True,) if heads_last else ())
     fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, node)
     if node.meta.get("stack_trace"):
         fused.meta["stack_trace"] = node.meta["stack_trace"]
-    out = fused if alive is None else insert_call(gm, aten.where.ScalarOther, (alive, fused, 0.0), node)
+    # The zeroing keeps the fused output's layout (the first operand of a mul decides it; a
+    # where's condition would): dead rows are finite, so 0 * row is 0.
+    out = fused if alive is None else insert_call(
+        gm, aten.mul.Tensor, (fused, insert_call(gm, aten._to_copy.default, (alive,), node, {"dtype": dtype(q)})), node)
     if node.target == aten.scaled_dot_product_attention.default:
         node.replace_all_uses_with(out)
     else:
@@ -237,15 +252,27 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
             user.replace_all_uses_with(out)
             gm.graph.erase_node(user)
     gm.graph.erase_node(node)
-    merge = head_merge_chain(fused, tuple(shape(fused)[:2])) if out is fused else None
+    merge = head_merge_chain(fused, tuple(shape(fused)[:2])) if out is fused and not heads_last else None
     if merge is not None:  # only a head merge reads the output: write it in that order (see attention.py)
-        seed = fused.args[5] if len(fused.args) > 5 else None
         merged = insert_call(gm, torch.ops.fxfuse.attention.default, (*fused.args[:5], seed, True), merge)
         merged.meta["stack_trace"] = fused.meta.get("stack_trace")
         heads_last = insert_call(gm, aten.permute.default, (merged, [0, 2, 1, 3]), merge)
-        merge.replace_all_uses_with(insert_call(gm, aten.view.default, (heads_last, list(shape(merge))), merge))
+        merged_shape = size_args(gm, shape(merge), merge)
+        merge.replace_all_uses_with(insert_call(gm, aten.view.default, (heads_last, merged_shape), merge))
         return merged
     return fused
+
+
+def _heads_last(node: Node) -> bool:
+    """Whether the SDPA call's output (B, H, L, D) is laid out in (B, L, H, D) memory order."""
+    out = node.meta.get("val")
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        return False
+    b, h, lq, d = out.shape
+    sb, sl, sh, sd = make_contiguous_strides_for((b, lq, h, d))
+    return same(tuple(out.stride()), (sb, sh, sl, sd)) and not same(tuple(out.stride()),
+                                                                     tuple(make_contiguous_strides_for(out.shape)))
 
 
 @dataclasses.dataclass(frozen=True)
