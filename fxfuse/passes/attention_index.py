@@ -215,7 +215,9 @@ class _Deriver:
             raise NotIndex(f"{node.name} has no known shape")
         shape, dt = tuple(out.shape), _dtype(node)
         if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
-            if dt not in ix.INTS or not all(isinstance(a, int) for a in args):
+            # The end only sets the length (it may be a size symbol); start and step give the values.
+            values = [a for k, a in enumerate(args) if k != (0 if t == aten.arange.default else 1)]
+            if dt not in ix.INTS or not all(isinstance(a, int) for a in values):
                 raise NotIndex("a floating-point arange (its values depend on how torch rounds each step)")
             start, step = (0, 1) if t == aten.arange.default else (args[0], args[2] if len(args) > 2 else 1)
             expr = _affine(start, step, "d0") if shape[0] != 1 else ix.const(start, dt)
