@@ -20,7 +20,7 @@ from fxfuse.passes.pipeline import Match, Miss, parse_pipeline, run_pipeline
 from fxfuse.report import Report, snapshot_graph
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
-RECAPTURE_WARNING = 8  # captures of one module before we suggest torch.compile(dynamic=True)
+RECAPTURE_WARNING = 8  # captures of one module before we suggest torch.compile(dynamic=True), which fuses
 
 
 def optimize_graph(gm: torch.fx.GraphModule, passes=None, title: str = "fxfuse", debug_index: int | None = None,
@@ -184,7 +184,8 @@ class RewrittenModule(torch.nn.Module):
             warnings.warn(
                 f"fxfuse has captured {type(self._model).__name__} {RECAPTURE_WARNING} times, once per "
                 "distinct input shape/constant; if shapes keep changing, torch.compile(model, "
-                "backend='fxfuse', dynamic=True) compiles one graph for all of them.", stacklevel=4)
+                "backend='fxfuse', dynamic=True) compiles one graph for all of them, with attention and "
+                "norms fused at symbolic sizes.", stacklevel=4)
         with config.patch(**self._options):
             started = time.perf_counter()
             captured = capture_module(self._model, args, kwargs)

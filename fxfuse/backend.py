@@ -98,6 +98,7 @@ class Backend:
                 self.reports.append(Report([], [Miss("graph", "<dynamo graph>", reason)], [], 0.0, title))
                 return gm.forward
             report = optimize_graph(aten_gm, title=title, debug_index=index, started=started)
+        _warn_shape_misses(report)
         compiler = aot_autograd(
             fw_compiler=self._compiler("aot_forward", index),
             bw_compiler=self._compiler("aot_backward", index),
@@ -108,6 +109,20 @@ class Backend:
         # as a tensor had to be specialised), and then this graph is never run.
         self.reports.append(report)
         return compiled
+
+
+_WARNED: set = set()  # (site, reason) already warned about: Dynamo recompiles the same site often
+
+
+def _warn_shape_misses(report: Report) -> None:
+    """A site left unfused because of its sizes is a warning, once per site and reason: at debug
+    log level only, a user would not learn that dynamic shapes cost them the fused kernel."""
+    for miss in report.misses:
+        key = (miss.kind, miss.source, miss.reason)
+        if miss.shapes and key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"fxfuse: {miss.kind} at {miss.source} left unfused because of its shapes: {miss.reason}",
+                          stacklevel=3)
 
 
 def fxfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):

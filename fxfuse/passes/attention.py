@@ -62,6 +62,10 @@ _CAST = (aten._to_copy.default,)
 class Declined(Exception):
     """Raised inside recognition with the reason a site is left as written."""
 
+    def __init__(self, reason: str, shapes: bool = False):
+        super().__init__(reason)
+        self.shapes = shapes  # the sizes are why (a warning under torch.compile)
+
 
 @dataclasses.dataclass
 class _Site:
@@ -121,7 +125,7 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
             if not _near_product(x):
                 raise _NotAttention
             raise Declined(f"a score term broadcasts the scores from {list(shape(x) or ())} to {list(here)}; "
-                           "attention's score terms keep the scores' shape")
+                           "attention's score terms keep the scores' shape", shapes=True)
         d = dtype_name(dtype(x))
         a = x.args[0] if isinstance(x, Node) and x.args else None
         if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and is_python_scalar(x.args[1]):
@@ -189,7 +193,7 @@ def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> 
     kind = {"fill": "mask", "add": "bias"}.get(step.op, "factor")
     if not broadcasts_to(s, score_shape):
         raise Declined(f"a {kind} of shape {list(s) if s else '?'} does not broadcast to the scores' shape "
-                       f"{list(score_shape)} aligned on the right")
+                       f"{list(score_shape)} aligned on the right", shapes=True)
     if step.op == "fill" and dtype(t) != torch.bool:
         raise Declined(f"masked_fill/where takes a {dtype(t)} mask; fused attention reads boolean masks")
     if step.op != "fill" and not dtype(t).is_floating_point:
@@ -345,7 +349,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         if not _near_product(x, 16):
             raise _NotAttention from None
         _probabilities_to_pv(softmax)  # not attention at all (no value product): stays silent
-        raise Declined(str(why)) from None
+        raise Declined(str(why), shapes=True) from None
     qk, score_chain = layout_chain_back(start)
     if not is_op(qk, *_PRODUCTS):
         if _near_product(start):
@@ -369,16 +373,16 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     if any(len(s) not in (2, 3, 4) for s in shapes):
         bad = next(len(s) for s in shapes if len(s) not in (2, 3, 4))
         raise Declined(f"the scores have rank {bad}; fused attention reads (L, L), (B*H, L, L) or (B, H, L, L) "
-                       "scores")
+                       "scores", shapes=True)
     product_shape = tuple(shape(qk))  # (N, Lq, Lk) of a batched product, (Lq, Lk) of a 2-D one
     n, (lq, lk) = math.prod(product_shape[:-2]), product_shape[-2:]
     if not same(math.prod(start_shape[:-2]), n) or not same(start_shape[-2:], (lq, lk)) or not \
             is_plain_reshape(score_chain, product_shape, start_shape):
         raise Declined("the scores reach the softmax through a layout change that is not a plain reshape of "
-                       "q @ k^T (transposed or permuted), so the softmax does not run over the key axis")
+                       "q @ k^T (transposed or permuted), so the softmax does not run over the key axis", shapes=True)
     if not same(shape(pv.args[0]), product_shape) or not is_plain_reshape(p_chain, tuple(shape(p_node)), product_shape):
         raise Declined("the probabilities reach the value product through a layout change (transposed, "
-                       "permuted or broadcast), so the product does not contract the key axis")
+                       "permuted or broadcast), so the product does not contract the key axis", shapes=True)
     v_op = pv.args[1]
     score_dtype, head, beta = dtype_name(dtype(qk)), [], 1
     if is_op(qk, *_ADDED):
@@ -391,7 +395,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             splits.append(tuple(s[:2]))
     if len(splits) > 1:
         raise Declined(f"the scores are viewed with two different (batch, head) splits {sorted(splits) if all(map(is_static, splits)) else splits} between "
-                       "q @ k^T and the softmax; fused attention reads one (B, H) split")
+                       "q @ k^T and the softmax; fused attention reads one (B, H) split", shapes=True)
     lead = splits.pop() if splits else (1, n)
     op_shape = (*lead, lq, lk)  # the scores as the operator reads them
     extras, kinds, spec_steps, product_bias, notes, split_lead = [], [], [], None, [], set()
@@ -600,7 +604,7 @@ class FuseAttention:
             except _NotAttention:
                 continue
             except Declined as why:
-                result.misses.append(Miss("attention", source, str(why), code))
+                result.misses.append(Miss("attention", source, str(why), code, shapes=why.shapes))
                 continue
             fused = _replace(gm, site)
             result.matches.append(Match("attention", source, site.spec, fused.name, code, site.notes, site_shape(fused)))

@@ -77,6 +77,10 @@ _OPS = _sdpa_ops()
 class Declined(Exception):
     """Raised with the reason an SDPA call is left as written."""
 
+    def __init__(self, reason: str, shapes: bool = False):
+        super().__init__(reason)
+        self.shapes = shapes  # the sizes are why (a warning under torch.compile)
+
 
 def _arg(node: Node, where, default, names=()):
     """Positional ``where`` (or keyword ``where`` when it is a string), else a keyword of ``names``."""
@@ -133,16 +137,16 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     shapes = [shape(t) for t in (q, k, v)]
     if any(s is None or len(s) != 4 for s in shapes):
         raise Declined("scaled_dot_product_attention on inputs that are not (B, H, L, D) tensors; fused "
-                       "attention reads 4-d q, k, v")
+                       "attention reads 4-d q, k, v", shapes=True)
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
     # Batch and lengths may be symbols (dynamic shapes): each equality is proved for all their values.
     if not all(isinstance(n, int) for n in (h, hk, hv, e, shapes[2][3])):
         raise Declined(f"scaled_dot_product_attention with a symbolic head count or head dim (q {list(shapes[0])}, "
                        f"k {list(shapes[1])}); fused attention specialises on those (mark only batch and "
-                       "length dynamic)")
+                       "length dynamic)", shapes=True)
     if not same(bk, b) or not same(bv, b) or hk != hv or not same(lv, lk) or h % hk:
         raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
-                       "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)")
+                       "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)", shapes=True)
     if not (dtype(q) == dtype(k) == dtype(v)) or not dtype(q).is_floating_point:
         raise Declined(f"q, k, v of dtypes {dtype(q)}, {dtype(k)}, {dtype(v)}; fused attention reads one float dtype")
     if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users) and \
@@ -175,7 +179,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         if not isinstance(claimed_mask, Node) or not broadcasts_to(shape(claimed_mask), score_shape):
             got = list(shape(claimed_mask)) if isinstance(claimed_mask, Node) and shape(claimed_mask) else "?"
             raise Declined(f"an attn_mask of shape {got} does not broadcast to the scores' shape "
-                           f"{list(score_shape)} aligned on the right; fused attention cannot read it")
+                           f"{list(score_shape)} aligned on the right; fused attention cannot read it", shapes=True)
         if not boolean and not dtype(mask).is_floating_point:
             raise Declined(f"an attn_mask of dtype {dtype(mask)}; fused attention adds float masks")
         constant = constant_value(claimed_mask, gm)
@@ -292,7 +296,7 @@ class ClaimSDPA:
             try:
                 claim = _recognise(node, gm)
             except Declined as why:
-                result.misses.append(Miss("attention", source, str(why), code))
+                result.misses.append(Miss("attention", source, str(why), code, shapes=why.shapes))
                 continue
             fused = _replace(gm, node, claim)
             result.matches.append(Match("attention", source, claim.spec, fused.name, code, shape=site_shape(fused)))
