@@ -46,7 +46,7 @@ from fxfuse.passes.attention_layout import causal_window, constant_value, head_m
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
                                   source_of)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
-from fxfuse.passes.symbolic import same, size_args
+from fxfuse.passes.symbolic import equal_or_guarded, same, size_args
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -139,12 +139,14 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention on inputs that are not (B, H, L, D) tensors; fused "
                        "attention reads 4-d q, k, v", shapes=True)
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
-    # Batch and lengths may be symbols (dynamic shapes): each equality is proved for all their values.
+    # Batch and lengths may be symbols (dynamic shapes): each equality is proved for all their values,
+    # or guarded where SDPA itself requires it (a cache's key and value lengths may be two symbols).
     if not all(isinstance(n, int) for n in (h, hk, hv, e, shapes[2][3])):
         raise Declined(f"scaled_dot_product_attention with a symbolic head count or head dim (q {list(shapes[0])}, "
                        f"k {list(shapes[1])}); fused attention specialises on those (mark only batch and "
                        "length dynamic)", shapes=True)
-    if not same(bk, b) or not same(bv, b) or hk != hv or not same(lv, lk) or h % hk:
+    if not equal_or_guarded(bk, b) or not equal_or_guarded(bv, b) or hk != hv or not equal_or_guarded(lv, lk) or \
+            h % hk:
         raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
                        "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)", shapes=True)
     if not (dtype(q) == dtype(k) == dtype(v)) or not dtype(q).is_floating_point:

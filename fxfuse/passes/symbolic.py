@@ -63,6 +63,15 @@ def guarded(cond) -> bool:
     return bool(cond)
 
 
+def equal_or_guarded(a, b) -> bool:
+    """``a == b`` for every value of the symbols, or, where they are equal at the example values,
+    with a Dynamo guard that keeps them equal (for sizes the eager op itself requires equal, as the
+    key and value lengths of a KV cache that Dynamo gave two symbols: the guard unifies them)."""
+    if same(a, b):
+        return True
+    return hint(a) == hint(b) and guarded(a == b)
+
+
 def hint(n) -> int:
     """A size's example value (the value Dynamo traced with)."""
     if isinstance(n, torch.SymInt):
