@@ -34,6 +34,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, guard_scalar
 from torch.overrides import TorchFunctionMode
 
+from fxfuse import cache_parts
+
 aten = torch.ops.aten
 _NO_GRAD = "fxfuse_grad_disabled"  # key in node.meta["custom"] of ops traced with grad mode off
 
@@ -326,7 +328,8 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
         _warn_about_hooks(module)
     params = dict(module.named_parameters(remove_duplicate=False)) if module is not None else {}
     buffers = dict(module.named_buffers(remove_duplicate=False)) if module is not None else {}
-    leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    # A Hugging Face cache (DynamicCache, StaticCache) passed in is read through its tensors.
+    leaves, in_spec = pytree.tree_flatten(cache_parts.take_apart((tuple(args), dict(kwargs))))
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor) and _tensor_inside(leaf):
             raise _opaque_error("input", leaf)
@@ -339,12 +342,12 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
         call_leaves = list(leaves)
         for pos, tensor in zip(tensor_positions, flat[n_state:]):
             call_leaves[pos] = tensor
-        call_args, call_kwargs = pytree.tree_unflatten(call_leaves, in_spec)
+        call_args, call_kwargs = cache_parts.rebuild(pytree.tree_unflatten(call_leaves, in_spec))
         if module is not None:
             out = torch.func.functional_call(module, state, call_args, call_kwargs, tie_weights=False)
         else:
             out = model(*call_args, **call_kwargs)
-        out_leaves, out_spec = pytree.tree_flatten(out)
+        out_leaves, out_spec = pytree.tree_flatten(cache_parts.take_apart(out))  # a returned cache: its tensors
         out_holder["spec"] = out_spec
         out_holder["constants"] = {i: v for i, v in enumerate(out_leaves) if not isinstance(v, torch.Tensor)}
         out_holder["tensor_positions"] = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
