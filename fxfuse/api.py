@@ -13,11 +13,11 @@ import torch.utils._pytree as pytree
 import fxfuse.ops  # noqa: F401  (the rewritten graphs call torch.ops.fxfuse.*)
 from fxfuse import cache_parts, config
 from fxfuse.capture import CaptureError, Captured, capture_module
-from fxfuse.codegen import prepare_kernels
-from fxfuse.codegen.cache import Kernel
+from fxfuse.codegen.kernel import Kernel
 from fxfuse.debug import dump_graph
 from fxfuse.passes.pipeline import Match, Miss, parse_pipeline, run_pipeline
 from fxfuse.report import Report, snapshot_graph
+from fxfuse.runtime import prepare_kernels
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 RECAPTURE_WARNING = 8  # captures of one module before we suggest torch.compile(dynamic=True), which fuses

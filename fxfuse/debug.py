@@ -3,7 +3,7 @@ torch.compile, the forward and backward graphs AOTAutograd derives from it), wri
 
 Files are ``<debug_dir>/graphs/NNN_<stage>.txt``, one number per captured graph, so the stages of
 one graph sort together: ``captured``, ``rewritten``, ``aot_forward``, ``aot_backward``. The
-generated kernels go to ``<debug_dir>/kernels/`` (see ``fxfuse.codegen.cache``).
+generated kernels go to ``<debug_dir>/kernels/`` (see ``fxfuse.runtime.cache``).
 """
 from __future__ import annotations
 

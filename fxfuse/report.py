@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from fxfuse.codegen.cache import Kernel
+from fxfuse.codegen.kernel import Kernel
 from fxfuse.log import get_logger
 from fxfuse.passes.pipeline import Match, Miss
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import fxfuse
-import fxfuse.codegen.norm
+import fxfuse.runtime.norm
 from tests.norm_styles import NORM_SOURCE, SourceMarkedRMSNorm
 
 
@@ -109,8 +109,8 @@ def test_options_dict_reaches_the_passes(tmp_path):
 
 def test_interpret_option_runs_the_triton_kernels(monkeypatch):
     calls = []
-    forward = fxfuse.codegen.norm.forward
-    monkeypatch.setattr(fxfuse.codegen.norm, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    forward = fxfuse.runtime.norm.forward
+    monkeypatch.setattr(fxfuse.runtime.norm, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     model, x = Block(), torch.randn(2, 3, 8)
     out = torch.compile(model, backend="fxfuse", options={"interpret": True})(x)
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import fxfuse
 from fxfuse import log as fxlog
 from fxfuse import report_html
 from fxfuse.capture import capture_module
-from fxfuse.codegen.cache import Kernel
+from fxfuse.codegen.kernel import Kernel
 from fxfuse.passes.pipeline import Match, Miss
 from fxfuse.report import Report
 from tests.norm_styles import LlamaStyleRMSNorm

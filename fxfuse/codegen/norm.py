@@ -1,4 +1,4 @@
-"""Norm kernels: Triton source generated from a NormSpec, and the wrappers that launch it.
+"""Norm kernels: Triton source generated from a NormSpec (launched by ``fxfuse.runtime.norm``).
 
 One program normalizes one row in registers (the row is read once and written once, which is
 what makes a norm memory-bound at full bandwidth). The backward kernel recomputes the row's
@@ -8,12 +8,7 @@ summed across programs afterwards.
 """
 from __future__ import annotations
 
-import functools
-
-import torch
-import triton
-
-from fxfuse.codegen.cache import Kernel, kernel_name, load, memoized, store
+from fxfuse.codegen.kernel import Kernel, kernel_name
 from fxfuse.lowering.norm import NormPlan, lower_norm
 from fxfuse.spec import NormSpec
 
@@ -134,83 +129,6 @@ def {name}_backward(DY, DS, X, DX, {p_args}{dp_args}n_rows, N, stride_dy, stride
 
 
 def generate(spec: NormSpec) -> Kernel:
-    """Render and store the kernel module for ``spec`` (pure text: needs no GPU)."""
+    """The kernel module for ``spec``: its name and source (pure text: needs no GPU)."""
     name = kernel_name(spec.kind, spec.to_json())
-    return store(name, _source(name, spec, lower_norm(spec)), spec.describe())
-
-
-def _kernels(spec: NormSpec):
-    """(forward, backward) Triton kernels for a spec, rendered, stored and loaded once per process."""
-
-    def make():
-        kernel = generate(spec)
-        module = load(kernel)
-        return getattr(module, f"{kernel.name}_forward"), getattr(module, f"{kernel.name}_backward")
-
-    return memoized(("norm", spec), make)
-
-
-@functools.lru_cache(maxsize=None)
-def _programs_per_device(index: int) -> int:
-    # Enough programs to fill every SM a few times over; each then reduces its rows' weight gradient.
-    return torch.cuda.get_device_properties(index).multi_processor_count * 4
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    t = t.reshape(-1, n)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _launch_shape(n: int) -> tuple[int, int]:
-    block = triton.next_power_of_2(n)
-    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
-    return block, warps
-
-
-def forward(spec: NormSpec, x: torch.Tensor, residual, params):
-    """Launch the forward kernel; returns (y, sum or None)."""
-    kernel = _kernels(spec)[0]
-    n = x.shape[-1]
-    x2 = _rows(x, n)
-    y = torch.empty(x.shape, dtype=getattr(torch, spec.out_dtype), device=x.device)
-    y2 = y.view(-1, n)
-    r2 = _rows(residual, n) if residual is not None else x2
-    s = torch.empty(x.shape, dtype=getattr(torch, spec.sum_dtype), device=x.device) if spec.residual else None
-    s2 = s.view(-1, n) if s is not None else y2
-    flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
-    block, warps = _launch_shape(n)
-    rows = x2.shape[0]
-    if rows:
-        kernel[(rows,)](
-            x2, r2, s2, y2, *flat_params, rows, n, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
-            spec.eps, BLOCK_N=block, num_warps=warps,
-        )
-    return y, s
-
-
-def backward(spec: NormSpec, grad_y, grad_sum, src, params):
-    """Launch the backward kernel; returns (d_src, [d_param, ...]) with d_src including grad_sum."""
-    kernel = _kernels(spec)[1]
-    n = src.shape[-1]
-    x2, dy2 = _rows(src, n), _rows(grad_y, n)
-    ds2 = _rows(grad_sum, n) if grad_sum is not None else dy2
-    dx = torch.empty(src.shape, dtype=src.dtype, device=src.device)
-    dx2 = dx.view(-1, n)
-    rows = x2.shape[0]
-    if src.is_cuda:
-        programs = min(rows, _programs_per_device(src.device.index if src.device.index is not None else torch.cuda.current_device()))
-    else:
-        programs = min(rows, 4)
-    programs = max(programs, 1)
-    per_program = triton.cdiv(rows, programs)
-    acc = torch.float64 if lower_norm(spec).acc == "float64" else torch.float32
-    partials = [torch.zeros((programs, n), dtype=acc, device=src.device) for _ in params]
-    flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
-    block, warps = _launch_shape(n)
-    if rows:
-        kernel[(programs,)](
-            dy2, ds2, x2, dx2, *flat_params, *partials, rows, n, dy2.stride(0), ds2.stride(0), x2.stride(0),
-            dx2.stride(0), spec.eps, per_program, BLOCK_N=block, num_warps=warps,
-        )
-    grads = [part.sum(0).reshape(p.shape).to(p.dtype) for part, p in zip(partials, params)]
-    return dx, grads
+    return Kernel(name, _source(name, spec, lower_norm(spec)), spec=spec.describe())

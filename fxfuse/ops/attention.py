@@ -29,6 +29,7 @@ from torch import Tensor
 from torch._prims_common import make_contiguous_strides_for
 
 from fxfuse import config, index_expr
+from fxfuse.runtime.arguments import check_seed, output_buffer
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 
@@ -132,13 +133,6 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
     return s
 
 
-def check_seed(spec: AttentionSpec, seed: Tensor | None) -> None:
-    """A spec with dropout draws its mask from a one-element int64 seed tensor (both paths)."""
-    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"fxfuse.attention with dropout {spec.dropout:g} needs a one-element int64 seed tensor, "
-                         f"got {seed!r}")
-
-
 def keep_mask(spec: AttentionSpec, seed: Tensor | None, shape4, device, triton: bool) -> Tensor | None:
     """The dropout keep mask (B, H, Lq, Lk) bool the operator draws for ``seed``: the kernels' own
     (``triton``), else the torch path's; None for a spec without dropout."""
@@ -146,7 +140,7 @@ def keep_mask(spec: AttentionSpec, seed: Tensor | None, shape4, device, triton: 
         return None
     check_seed(spec, seed)
     if triton:
-        from fxfuse.codegen import attention as kernels
+        from fxfuse.runtime import attention as kernels
 
         return kernels.dropout_mask(spec, seed, shape4, device)
     generator = torch.Generator(device=device)
@@ -314,16 +308,6 @@ def _shape4(q: Tensor, k: Tensor) -> tuple:
     return (*q.shape[:-1], k.shape[-2])
 
 
-def output_buffer(shape4, dtype: torch.dtype, device, merge_heads: bool) -> Tensor:
-    """An empty (B, H, Lq, Dv) output: contiguous, or with ``merge_heads`` laid out in
-    (B, Lq, H, Dv) memory order (a permuted view), so that ``out.transpose(1, 2).reshape(B, Lq,
-    H * Dv)`` -- the usual head merge -- is a view, not a copy."""
-    b, h, lq, dv = shape4
-    if merge_heads:
-        return torch.empty((b, lq, h, dv), dtype=dtype, device=device).permute(0, 2, 1, 3)
-    return torch.empty((b, h, lq, dv), dtype=dtype, device=device)
-
-
 def _laid_out(out: Tensor, merge_heads: bool) -> Tensor:
     """``out`` with exactly the strides the fake implementation promises (AOTAutograd plans its
     views on them): as it is when it has them (SDPA's CPU kernel returns (B, L, H, D) strides),
@@ -345,7 +329,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, 
     s = _spec(spec)
     _check_heads(s, q, k, v)
     if _use_triton(q, s):
-        from fxfuse.codegen import attention as kernels
+        from fxfuse.runtime import attention as kernels
 
         return kernels.forward(s, q, k, v, extras, seed=seed, merge_heads=merge_heads)[0]
     form = _sdpa_form(s)
@@ -379,7 +363,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras
         # The kernels compute dq, dk, dv and the biases' and factor tensors' gradients (from what
         # the dq kernel writes per score); a float tensor that only an index expression reads
         # (a constant to it) keeps the torch formula, which gives it zeros.
-        from fxfuse.codegen import attention as kernels
+        from fxfuse.runtime import attention as kernels
 
         dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted, seed=seed)
         grads = [dq, dk, dv, *(d if w else e.new_empty(0) for d, e, w in zip(d_extras, extras, wanted))]

@@ -24,7 +24,7 @@ def _spec(text: str) -> NormSpec:
 
 
 def _use_triton(t: Tensor, spec: NormSpec) -> bool:
-    from fxfuse.codegen.norm import MAX_ROW
+    from fxfuse.runtime.norm import MAX_ROW
 
     if t.shape[-1] > MAX_ROW:
         return False
@@ -97,7 +97,7 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
 def norm(x: Tensor, params: list[Tensor], spec: str) -> Tensor:
     s = _spec(spec)
     if _use_triton(x, s):
-        from fxfuse.codegen import norm as kernels
+        from fxfuse.runtime import norm as kernels
 
         return kernels.forward(s, x, None, params)[0]
     return reference(s, x, params)
@@ -112,7 +112,7 @@ def _(x, params, spec):
 def add_norm(x: Tensor, residual: Tensor, params: list[Tensor], spec: str) -> tuple[Tensor, Tensor]:
     s = _spec(spec)
     if _use_triton(x, s):
-        from fxfuse.codegen import norm as kernels
+        from fxfuse.runtime import norm as kernels
 
         return kernels.forward(s, x, residual, params)
     total = (x + residual).to(to_dtype(s.sum_dtype))
@@ -132,7 +132,7 @@ def norm_backward(grad_y: Tensor, grad_sum: Optional[Tensor], src: Tensor, param
     """Gradients [d_src, *d_params] of a norm whose input was ``src``; ``grad_sum`` adds to d_src."""
     s = _spec(spec)
     if _use_triton(src, s):
-        from fxfuse.codegen import norm as kernels
+        from fxfuse.runtime import norm as kernels
 
         d_src, d_params = kernels.backward(s, grad_y, grad_sum, src, params)
         return [d_src, *d_params]

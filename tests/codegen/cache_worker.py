@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from fxfuse.codegen import cache
-from fxfuse.codegen import norm as kernels
+from fxfuse import runtime
+from fxfuse.runtime import cache
+from fxfuse.runtime import norm as kernels
 from fxfuse.ops.norm import reference
 from fxfuse.spec import NormSpec
 
@@ -38,7 +39,7 @@ def main() -> None:
             raise SystemExit("never told to go")
         time.sleep(0.005)
     errors = [run_once(spec, x, params)]  # every process compiles the kernel for the first time at once
-    path = Path(os.environ["FXFUSE_CACHE_DIR"]) / f"{kernels.generate(spec).name}.py"
+    path = Path(os.environ["FXFUSE_CACHE_DIR"]) / f"{runtime.kernel(spec).name}.py"
     for i in range(iterations):
         text = path.read_bytes() if path.exists() else b""
         with open(path, "wb") as f:  # deliberately not atomic: a crashed or careless writer

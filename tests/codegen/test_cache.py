@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from fxfuse import config
-from fxfuse.codegen import cache
-from fxfuse.codegen import norm as kernels
+from fxfuse import runtime
+from fxfuse.runtime import cache
+from fxfuse.runtime import norm as kernels
 from fxfuse.ops.norm import reference
 from fxfuse.spec import NormSpec, ParamPrep, Step
 
@@ -45,7 +46,7 @@ def assert_kernel_runs_correctly(spec: NormSpec) -> None:
 
 
 def test_file_is_named_by_the_kernel_and_holds_its_source(cache_dir):
-    kernel = kernels.generate(LAYER_NORM)
+    kernel = runtime.kernel(LAYER_NORM)
     assert Path(kernel.path) == cache_dir / f"{kernel.name}.py"
     assert Path(kernel.path).read_bytes() == kernel.source.encode()
     assert kernel.name == cache.kernel_name("layer_norm", LAYER_NORM.to_json())
@@ -54,11 +55,11 @@ def test_file_is_named_by_the_kernel_and_holds_its_source(cache_dir):
 
 def test_intact_file_is_left_alone(cache_dir):
     """A new process finding an intact file does not write it (a read-only, pre-filled cache works)."""
-    path = Path(kernels.generate(LAYER_NORM).path)
+    path = Path(runtime.kernel(LAYER_NORM).path)
     before = path.stat()
     cache.forget()
     time.sleep(0.01)
-    kernels.generate(LAYER_NORM)
+    runtime.kernel(LAYER_NORM)
     after = path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
@@ -84,7 +85,7 @@ def _edit_eps(text: bytes) -> bytes:
 
 @pytest.mark.parametrize("damage", [_truncate, _garbage, _empty, _edit_eps])
 def test_damaged_file_is_detected_rewritten_and_the_kernel_still_runs(cache_dir, damage):
-    kernel = kernels.generate(LAYER_NORM)
+    kernel = runtime.kernel(LAYER_NORM)
     path = Path(kernel.path)
     path.write_bytes(damage(path.read_bytes()))
     cache.forget()  # as a new process would: nothing checked or loaded yet
@@ -94,7 +95,7 @@ def test_damaged_file_is_detected_rewritten_and_the_kernel_still_runs(cache_dir,
 
 def test_kernel_runs_the_generated_text_even_if_the_file_changes_under_it(cache_dir):
     """``load`` executes the text it generated, not whatever the file holds when Triton reads it."""
-    kernel = kernels.generate(LAYER_NORM)
+    kernel = runtime.kernel(LAYER_NORM)
     path = Path(kernel.path)
     module = cache.load(kernel)
     path.write_bytes(_edit_eps(path.read_bytes()))  # replaced after load, before the first launch
@@ -103,9 +104,9 @@ def test_kernel_runs_the_generated_text_even_if_the_file_changes_under_it(cache_
 
 
 def test_module_is_executed_once_per_process(cache_dir):
-    kernel = kernels.generate(RMS_NORM)
+    kernel = runtime.kernel(RMS_NORM)
     first = cache.load(kernel)
-    assert cache.load(kernels.generate(RMS_NORM)) is first
+    assert cache.load(runtime.kernel(RMS_NORM)) is first
     assert sys.modules[f"fxfuse_kernels.{kernel.name}"] is first
     cache.forget()
     assert cache.load(kernel) is not first
@@ -117,7 +118,7 @@ def test_failed_write_leaves_no_partial_file_and_the_kernel_still_runs(cache_dir
 
     monkeypatch.setattr(cache.os, "replace", disk_full)
     with pytest.warns(RuntimeWarning, match="cannot write generated kernels"):
-        kernel = kernels.generate(RMS_NORM)
+        kernel = runtime.kernel(RMS_NORM)
     assert kernel.path == ""
     assert list(cache_dir.iterdir()) == []  # the temporary file is gone, the target never written
     assert_kernel_runs_correctly(RMS_NORM)
@@ -130,8 +131,8 @@ def test_unwritable_cache_dir_warns_once_with_the_fix_and_kernels_still_run(tmp_
     try:
         with config.patch(cache_dir=str(blocker / "kernels")):
             with pytest.warns(RuntimeWarning) as record:
-                first = kernels.generate(LAYER_NORM)
-                kernels.generate(RMS_NORM)
+                first = runtime.kernel(LAYER_NORM)
+                runtime.kernel(RMS_NORM)
             assert len(record) == 1, [str(w.message) for w in record]
             message = str(record[0].message)
             assert str(blocker / "kernels") in message and "FXFUSE_CACHE_DIR" in message
@@ -149,7 +150,7 @@ def test_unwritable_debug_dir_is_an_error_that_names_it(cache_dir, tmp_path):
     blocker.write_text("")
     with config.patch(debug_dir=str(blocker)):
         with pytest.raises(cache.CacheError, match="debug directory.*FXFUSE_DEBUG_DIR"):
-            kernels.generate(LAYER_NORM)
+            runtime.kernel(LAYER_NORM)
 
 
 def test_processes_compiling_one_kernel_at_once_all_succeed_and_leave_the_file_intact(tmp_path):
@@ -181,6 +182,6 @@ def test_processes_compiling_one_kernel_at_once_all_succeed_and_leave_the_file_i
         report = json.loads(out.strip().splitlines()[-1])
         assert report["runs"] == 81 and report["max_error"] < 1e-5, report
     name = cache.kernel_name("layer_norm", LAYER_NORM.to_json())
-    expected = kernels._source(name, LAYER_NORM, kernels.lower_norm(LAYER_NORM))
+    expected = runtime.generate_kernel(LAYER_NORM).source
     assert (cache_root / f"{name}.py").read_bytes() == expected.encode()
     assert sorted(p.name for p in cache_root.iterdir()) == [f"{name}.py"]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fxfuse.codegen.cache import kernel_name, load
+from fxfuse.codegen.kernel import kernel_name
+from fxfuse.runtime.cache import load
 from fxfuse.codegen.norm import _source, generate
 from fxfuse.lowering.norm import lower_norm
 from fxfuse.spec import NormSpec, ParamPrep, Step
@@ -130,7 +131,7 @@ def test_kernel_name_changes_with_eps_and_with_any_field():
 
 
 def test_kernel_name_is_a_hash_of_version_and_key(monkeypatch):
-    from fxfuse.codegen import cache
+    from fxfuse.codegen import kernel as cache
 
     name = kernel_name("rms_norm", "key")
     assert name == kernel_name("rms_norm", "key")

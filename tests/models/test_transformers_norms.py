@@ -198,7 +198,7 @@ def test_torch_compile_llama_matches_eager(models, input_ids, monkeypatch):
 
 def test_llama_on_interpreted_triton_kernels(models, input_ids, monkeypatch):
     # The kernels themselves (forward and backward), run by Triton's interpreter; kept tiny.
-    from fxfuse.codegen import norm as kernels
+    from fxfuse.runtime import norm as kernels
 
     launches = {"forward": 0, "backward": 0}
     for direction in launches:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxfuse
-from fxfuse.codegen.attention import forward as kernel_forward
+from fxfuse.runtime.attention import forward as kernel_forward
 from fxfuse.codegen.attention import generate
 from fxfuse.lowering.attention import lower_attention
 from fxfuse.ops.attention import _sdpa_form, reference
@@ -158,7 +158,7 @@ def test_spec_round_trips_through_json_and_reads_in_words():
 
 
 def test_operator_runs_the_kernel_when_interpreting(monkeypatch):
-    import fxfuse.codegen.attention as kernels
+    import fxfuse.runtime.attention as kernels
 
     calls = []
     monkeypatch.setattr(kernels, "forward", lambda *a, **kw: calls.append(1) or kernel_forward(*a, **kw))
@@ -210,7 +210,7 @@ def _autograd_grads(spec, q, k, v, extras, upstream):
 # fill their probabilities are uniform, which the saved row statistics must reproduce.
 @pytest.mark.parametrize("lq,lk", [(5, 5), (1, 21), (21, 3), (37, 37)])
 def test_backward_kernels_match_eager_gradients(lq, lk, kind, dtype):
-    from fxfuse.codegen.attention import backward as kernel_backward
+    from fxfuse.runtime.attention import backward as kernel_backward
 
     spec = _spec(kind, dtype)
     t = getattr(torch, dtype)
@@ -298,7 +298,7 @@ def _factor_spec(ops, dtype):
 @pytest.mark.parametrize("ops", [("mul", "div"), ("div", "mul")])
 @pytest.mark.parametrize("lq,lk", [(5, 5), (19, 21)])
 def test_backward_kernels_give_the_factor_gradient(lq, lk, ops, dtype, monkeypatch):
-    import fxfuse.codegen.attention as kernels
+    import fxfuse.runtime.attention as kernels
     import fxfuse.ops.attention as ops_module
 
     kernel_calls, formula_calls = [], []
@@ -325,7 +325,7 @@ def test_backward_kernels_give_the_factor_gradient(lq, lk, ops, dtype, monkeypat
 
 
 def test_operator_backward_uses_the_kernels_for_biases_and_factors(monkeypatch):
-    import fxfuse.codegen.attention as kernels
+    import fxfuse.runtime.attention as kernels
     import fxfuse.ops.attention as ops
 
     calls, formula_calls = [], []
@@ -349,7 +349,7 @@ def test_operator_backward_uses_the_kernels_for_biases_and_factors(monkeypatch):
 
 
 def test_grouped_backward_kernels_sum_each_kv_heads_group():
-    from fxfuse.codegen.attention import backward as kernel_backward
+    from fxfuse.runtime.attention import backward as kernel_backward
     from fxfuse.ops.attention import reference_backward
 
     spec = AttentionSpec("float32", (ScoreStep("fill", "float32", -math.inf, -1),), "float32", kv_groups=2)
@@ -359,3 +359,59 @@ def test_grouped_backward_kernels_sum_each_kv_heads_group():
     for g, r in zip(got, reference_backward(spec, do, q, k, v, [])):
         assert g.shape == r.shape
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def _factor_bias_spec(kind, dtype):
+    """A learned temperature (extra 0, (1, H, 1, 1)) times the scores, then an additive term and a
+    causal mask: a learned bias tensor (extra 1), ALiBi as an index expression (slopes, extra 1), or
+    a float padding mask (extra 1) -- one site with a factor tensor and an add step."""
+    d = dtype
+    alibi = ("mul", "float32", ("load", "float32", 1),
+             ("cast", "float32", ("sub", "int64", ("var", "int64", "j"), ("var", "int64", "i"))))
+    add = {"bias": ScoreStep("add", d, input=1), "alibi": ScoreStep("add", d, expr=alibi),
+           "float_mask": ScoreStep("add", d, input=1)}[kind]
+    second = "head" if kind == "alibi" else "bias"
+    return AttentionSpec(score_dtype=d, prob_dtype=d, inputs=("factor", second), steps=(
+        ScoreStep("mul", d, input=0), add, ScoreStep("fill", d, value=-math.inf, input=-1)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["bias", "alibi", "float_mask"])
+def test_backward_kernels_with_a_factor_tensor_and_an_additive_term(kind, dtype):
+    """Issue 8 item 4: a factor tensor and a bias in one site made the dq kernel's launch pass a
+    factor buffer where the BIAS_GRAD flag stood (``got multiple values for argument``). Every
+    gradient, through the interpreted kernels, against float64."""
+    spec, t, batch, lq, lk = _factor_bias_spec(kind, dtype), getattr(torch, dtype), 2, 19, 21
+    leaves = [torch.randn(batch, H, lq, D, dtype=t), torch.randn(batch, H, lk, D, dtype=t),
+              torch.randn(batch, H, lk, D + 4, dtype=t), (torch.rand(1, H, 1, 1) + 0.5).to(t)]
+    if kind == "alibi":
+        second = torch.tensor([0.5, 0.25]).reshape(1, H, 1, 1)  # per-head slopes: a constant to the kernel
+    elif kind == "float_mask":
+        keep = torch.rand(batch, 1, 1, lk) > 0.3
+        keep[..., 0] = True
+        second = torch.where(keep, torch.randn(batch, 1, 1, lk) * 0.1, -1e4).to(t)
+    else:
+        second = torch.randn(1, H, lq, lk, dtype=t)
+    learned = kind != "alibi"
+    upstream = torch.randn(batch, H, lq, D + 4, dtype=torch.float64)
+
+    def grads(spec, tensors, second, run):
+        tensors = [x.detach().clone().requires_grad_() for x in tensors]
+        second = second.detach().clone().requires_grad_(learned)
+        q, k, v, temperature = tensors
+        out = run(spec, q, k, v, [temperature, second])
+        (out.double() * upstream).sum().backward()
+        return [x.grad for x in tensors] + ([second.grad] if learned else [])
+
+    def op(spec, q, k, v, extras):
+        with fxfuse.config.patch(interpret=True):
+            return torch.ops.fxfuse.attention(q, k, v, extras, spec.to_json())
+
+    got = grads(spec, leaves, second, op)
+    eager = grads(spec, leaves, second, reference)
+    f64 = AttentionSpec("float64", tuple(dataclasses.replace(s, dtype="float64") for s in spec.steps),
+                        "float64", spec.inputs)
+    exact = grads(f64, [x.double() for x in leaves], second.double(), reference)
+    for name, g, e, x in zip(["dq", "dk", "dv", "d temperature", "d bias"], got, eager, exact):
+        assert g is not None and g.dtype == t, name
+        assert_close_to_reference(g, e, x, f"{name} ({kind})")

@@ -127,7 +127,7 @@ def test_training_step_gives_eager_gradients(name, models, batch):
 def test_gpt2_training_step_on_the_interpreted_kernels(models, batch, monkeypatch):
     # The generated forward and backward kernels themselves (GPT-2's additive mask needs no
     # gradient, so the backward runs the kernels, not the torch formula).
-    import fxfuse.codegen.attention as kernels
+    import fxfuse.runtime.attention as kernels
 
     launches = {"forward": 0, "backward": 0}
     for direction in launches:

@@ -1,7 +1,7 @@
-"""Generated kernel sources: named by a hash of what they compute, copied to disk, run from memory.
+"""The kernel cache: generated sources (``fxfuse.codegen``) copied to disk, run from memory.
 
-A kernel's name hashes the codegen version and its spec, and its source is a pure function of the
-spec, so a name stands for one text. ``<cache>/<name>.py`` is a copy of that text for people and
+A kernel's name hashes the codegen version and its spec (``codegen.kernel``), and its source is a
+pure function of the spec, so a name stands for one text. ``<cache>/<name>.py`` is a copy of that text for people and
 tools to read; it is never what runs. ``load`` compiles the text we generated (with the file's path
 as its filename, so tracebacks and Triton's ``inspect`` calls show the right file) and seeds
 ``linecache`` with it, so a half-written, truncated, edited or concurrently replaced file can never
@@ -28,8 +28,7 @@ from pathlib import Path
 from types import ModuleType
 
 from fxfuse import config
-
-CODEGEN_VERSION = "1"  # bump when templates change in a way that must not reuse old files
+from fxfuse.codegen.kernel import CODEGEN_VERSION, Kernel, kernel_name  # noqa: F401 (re-exported)
 
 # What this process has already done, so the hot path (a launch per call) touches no disk:
 _verified: set[tuple[str, str]] = set()  # (file path, source digest) known to hold that source
@@ -38,25 +37,8 @@ _warned_dirs: set[str] = set()
 _lock = threading.Lock()  # autograd runs backward kernels on its own thread
 
 
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    """A generated kernel: its name, its Triton source text and the file holding a copy of it
-    (``""`` when the cache directory could not be written)."""
-
-    name: str
-    source: str
-    path: str
-    spec: str = ""  # the spec in words, for listings
-
-
 class CacheError(OSError):
     """A file fxfuse was asked to write (a debug dump) could not be written."""
-
-
-def kernel_name(prefix: str, key: str) -> str:
-    """``fxfuse_<prefix>_<12 hex digits>``: a hash of the codegen version and ``key`` (the spec)."""
-    digest = hashlib.sha256(f"{CODEGEN_VERSION}\n{key}".encode()).hexdigest()[:12]
-    return f"fxfuse_{prefix}_{digest}"
 
 
 def _digest(source: str) -> str:
@@ -108,8 +90,10 @@ def _ensure_copy(path: Path, source: str) -> bool:
     return True
 
 
-def store(name: str, source: str, spec: str = "") -> Kernel:
-    """Make sure ``<cache>/<name>.py`` holds exactly ``source``; mirror it to the debug dir."""
+def store(kernel: Kernel) -> Kernel:
+    """Make sure ``<cache>/<name>.py`` holds exactly the kernel's source; mirror it to the debug
+    dir. Returns the kernel with its ``path`` (``""`` when the cache cannot be written)."""
+    name, source = kernel.name, kernel.source
     path = Path(config.current.cache_dir) / f"{name}.py"
     with _lock:
         saved = _ensure_copy(path, source)
@@ -122,7 +106,7 @@ def store(name: str, source: str, spec: str = "") -> Kernel:
                 f"fxfuse could not write kernel {name} to the debug directory {str(dump.parent)!r} "
                 f"({type(e).__name__}: {e}); set FXFUSE_DEBUG_DIR / debug_dir to a writable directory or unset it."
             ) from e
-    return Kernel(name=name, source=source, path=str(path) if saved else "", spec=spec)
+    return dataclasses.replace(kernel, path=str(path) if saved else "")
 
 
 def load(kernel: Kernel) -> ModuleType:

@@ -1,0 +1,85 @@
+"""Launching the norm kernels (``fxfuse.codegen.norm`` renders them): one program per row forward;
+backward programs each reduce their rows' parameter gradients, summed across programs here."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from fxfuse.codegen.norm import MAX_ROW  # noqa: F401 (the operators ask the runtime what fits)
+from fxfuse.lowering.norm import lower_norm
+from fxfuse.runtime import functions
+from fxfuse.spec import NormSpec
+
+
+def _kernels(spec: NormSpec):
+    """(forward, backward) Triton kernels for a spec, rendered, stored and loaded once per process."""
+    fns = functions(spec)
+    return fns["forward"], fns["backward"]
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_per_device(index: int) -> int:
+    # Enough programs to fill every SM a few times over; each then reduces its rows' weight gradient.
+    return torch.cuda.get_device_properties(index).multi_processor_count * 4
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    t = t.reshape(-1, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch_shape(n: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n)
+    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
+    return block, warps
+
+
+def forward(spec: NormSpec, x: torch.Tensor, residual, params):
+    """Launch the forward kernel; returns (y, sum or None)."""
+    kernel = _kernels(spec)[0]
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    y = torch.empty(x.shape, dtype=getattr(torch, spec.out_dtype), device=x.device)
+    y2 = y.view(-1, n)
+    r2 = _rows(residual, n) if residual is not None else x2
+    s = torch.empty(x.shape, dtype=getattr(torch, spec.sum_dtype), device=x.device) if spec.residual else None
+    s2 = s.view(-1, n) if s is not None else y2
+    flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
+    block, warps = _launch_shape(n)
+    rows = x2.shape[0]
+    if rows:
+        kernel[(rows,)](
+            x2, r2, s2, y2, *flat_params, rows, n, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
+            spec.eps, BLOCK_N=block, num_warps=warps,
+        )
+    return y, s
+
+
+def backward(spec: NormSpec, grad_y, grad_sum, src, params):
+    """Launch the backward kernel; returns (d_src, [d_param, ...]) with d_src including grad_sum."""
+    kernel = _kernels(spec)[1]
+    n = src.shape[-1]
+    x2, dy2 = _rows(src, n), _rows(grad_y, n)
+    ds2 = _rows(grad_sum, n) if grad_sum is not None else dy2
+    dx = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+    dx2 = dx.view(-1, n)
+    rows = x2.shape[0]
+    if src.is_cuda:
+        programs = min(rows, _programs_per_device(src.device.index if src.device.index is not None else torch.cuda.current_device()))
+    else:
+        programs = min(rows, 4)
+    programs = max(programs, 1)
+    per_program = triton.cdiv(rows, programs)
+    acc = torch.float64 if lower_norm(spec).acc == "float64" else torch.float32
+    partials = [torch.zeros((programs, n), dtype=acc, device=src.device) for _ in params]
+    flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
+    block, warps = _launch_shape(n)
+    if rows:
+        kernel[(programs,)](
+            dy2, ds2, x2, dx2, *flat_params, *partials, rows, n, dy2.stride(0), ds2.stride(0), x2.stride(0),
+            dx2.stride(0), spec.eps, per_program, BLOCK_N=block, num_warps=warps,
+        )
+    grads = [part.sum(0).reshape(p.shape).to(p.dtype) for part, p in zip(partials, params)]
+    return dx, grads
