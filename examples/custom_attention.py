@@ -37,10 +37,14 @@ class WindowedAlibiSoftcapAttention(nn.Module):
         return self.out(out.transpose(1, 2).reshape(b, n, -1))
 
 
-def main():
+def make():
+    """``(model, example_inputs)``: also what ``fxfuse explain examples/custom_attention.py:make`` runs."""
     torch.manual_seed(0)
-    model = WindowedAlibiSoftcapAttention().eval()
-    x = torch.randn(2, 32, 64)
+    return WindowedAlibiSoftcapAttention().eval(), (torch.randn(2, 32, 64),)
+
+
+def main():
+    model, (x,) = make()
     res = fxfuse.rewrite(model, (x,))
     print(res.report())
     attention_kernels = [k for k in res.kernels if "attention" in k.name]

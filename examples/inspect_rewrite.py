@@ -36,9 +36,14 @@ def short(source: str) -> str:
     return os.path.basename(source)
 
 
-def main():
+def make():
+    """``(model, example_inputs)``: also what ``fxfuse explain examples/inspect_rewrite.py:make`` runs."""
     torch.manual_seed(0)
-    model, x = Model(), torch.randn(2, 8, 32)
+    return Model(), (torch.randn(2, 8, 32),)
+
+
+def main():
+    model, (x,) = make()
     res = fxfuse.rewrite(model, (x,))
 
     print(f"{len(res.matches)} fused site(s):")

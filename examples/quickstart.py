@@ -38,11 +38,15 @@ class Block(nn.Module):
         return self.final(x)
 
 
-def main():
+def make():
+    """``(model, example_inputs)``: also what ``fxfuse explain examples/quickstart.py:make`` runs."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Block().to(device)
-    x = torch.randn(2, 16, 64, device=device)
+    return Block().to(device), (torch.randn(2, 16, 64, device=device),)
+
+
+def main():
+    model, (x,) = make()
 
     res = fxfuse.rewrite(model, (x,))
     print(res.report())

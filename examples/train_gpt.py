@@ -6,7 +6,7 @@ dropout, ``@ v``), ``nn.LayerNorm`` and a GELU MLP. fxfuse replaces the attentio
 with its fused operators; their backward formulas then carry the gradients. Both runs start from
 the same weights and see the same batches, so any gap between the curves is fxfuse's doing.
 
-    python examples/train_gpt.py                       # 300 steps, loss.png, fxfuse as torch.compile backend
+    python examples/train_gpt.py                       # 300 steps, fxfuse as torch.compile backend
     python examples/train_gpt.py --fxfuse rewrite      # through fxfuse.rewrite(model, example).module
     python examples/train_gpt.py --steps 30 --out /tmp/loss.png --device cuda
 
@@ -16,7 +16,9 @@ operators run the generated Triton kernels.
 import argparse
 import copy
 import math
+import os
 import random
+import tempfile
 import time
 
 import torch
@@ -25,12 +27,19 @@ import torch.nn.functional as F
 
 import fxfuse
 
-try:
-    import matplotlib
-except ModuleNotFoundError:
-    raise SystemExit("train_gpt.py draws its plot with matplotlib: pip install -e '.[examples]' (or pip install matplotlib)")
-matplotlib.use("Agg")  # files only: no display needed, no GUI toolkit imported
-import matplotlib.pyplot as plt  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot, imported only to plot (``make`` and the model need no matplotlib)."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise SystemExit("train_gpt.py draws its plot with matplotlib: pip install -e '.[examples]' "
+                         "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")  # files only: no display needed, no GUI toolkit imported
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 # Dropout is off for the comparison: with p > 0 each run draws its own random masks (the fused
 # graph consumes the random stream in another order than eager does), so the two curves would
@@ -127,6 +136,15 @@ class GPT(nn.Module):
         return self.head(self.ln_f(self.blocks(x)))
 
 
+def make():
+    """``(model, example_inputs)``: the GPT in training mode and one batch, for ``fxfuse explain
+    examples/train_gpt.py:make``."""
+    block = 32
+    chars = sorted(set(make_text(2000)))
+    torch.manual_seed(0)
+    return GPT(len(chars), block), (torch.randint(0, len(chars), (4, block)),)
+
+
 # ----------------------------------------------------------------------------- training
 
 def train(model: nn.Module, params, batches: list, lr: float) -> list[float]:
@@ -153,6 +171,7 @@ def through_fxfuse(model: nn.Module, how: str, example: torch.Tensor):
 
 
 def plot(eager: list[float], fused: list[float], how: str, path: str) -> None:
+    plt = pyplot()
     steps = range(1, len(eager) + 1)
     gap = [abs(a - b) / a for a, b in zip(eager, fused)]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[3, 1])
@@ -178,12 +197,14 @@ def plot(eager: list[float], fused: list[float], how: str, path: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
-    parser.add_argument("--out", default="loss.png", help="where to write the loss-curve plot (PNG)")
+    parser.add_argument("--out", help="where to write the loss-curve plot (PNG; default: loss.png in a new "
+                        "temporary folder, so that nothing is written where you run it)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--fxfuse", choices=["compile", "rewrite"], default="compile",
                         help="torch.compile(model, backend='fxfuse') or fxfuse.rewrite(model, example).module")
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
+    pyplot()  # before training: a missing matplotlib is said now, not after the runs
     if args.device == "cpu":
         # The tensors are tiny: one thread beats waking a pool for each small op (about 5x here),
         # and does not fight over cores with whatever else runs (pytest -n 2, a second run).
@@ -212,6 +233,8 @@ def main(argv=None):
     fused_seconds = time.perf_counter() - start
 
     print(f"\nwhat fxfuse fused ({args.fxfuse}):\n{report()}\n")
+    if args.out is None:
+        args.out = os.path.join(tempfile.mkdtemp(prefix="fxfuse-train-gpt-"), "loss.png")
     plot(eager_losses, fused_losses, args.fxfuse, args.out)
 
     gaps = [abs(a - b) / a for a, b in zip(eager_losses, fused_losses)]

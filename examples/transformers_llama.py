@@ -9,12 +9,18 @@ import os
 import tempfile
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+try:
+    from transformers import LlamaConfig, LlamaForCausalLM
+except ModuleNotFoundError:
+    raise SystemExit("transformers_llama.py needs transformers: pip install -e '.[examples]' (or pip install transformers)")
 
 import fxfuse
 
 
-def main():
+def make():
+    """``(model, example_inputs, example_kwargs)``: also what ``fxfuse explain
+    examples/transformers_llama.py:make`` runs (one capture, so without the KV cache object)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -22,7 +28,11 @@ def main():
         attn_implementation="eager",  # the softmax(q k^T) v written out, as most research code does
     )
     model = LlamaForCausalLM(config).eval()
-    input_ids = torch.randint(0, config.vocab_size, (2, 16))
+    return model, (torch.randint(0, config.vocab_size, (2, 16)),), {"use_cache": False}
+
+
+def main():
+    model, (input_ids,), _ = make()
 
     backend = fxfuse.Backend()
     compiled = torch.compile(model, backend=backend)

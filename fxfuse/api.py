@@ -116,7 +116,7 @@ def _signature(structure: Any, leaves: list, state: _ModuleState, autocast: tupl
     captured again: the inputs' structure, tensor metadata and constant values; the module's
     parameters and buffers (names, metadata); every submodule's train/eval mode; autocast."""
     return (structure, tuple(_leaf_key(leaf) for leaf in leaves),
-            tuple((n, *_leaf_key(t)) for n, t in state.params),
+            tuple((n, type(t), *_leaf_key(t)) for n, t in state.params),  # type: a DTensor shard (FSDP2) has the full shape
             tuple((n, *_leaf_key(t)) for n, t in state.buffers),
             state.training, autocast)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import sys
 import traceback
@@ -35,6 +36,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, g
 from torch.overrides import TorchFunctionMode
 
 from fxfuse import cache_parts
+from fxfuse.frames import LIBRARY_DIRS, FunctionFinder, is_library_frame
+from fxfuse.output_dataclasses import open_dataclasses
 
 aten = torch.ops.aten
 _NO_GRAD = "fxfuse_grad_disabled"  # key in node.meta["custom"] of ops traced with grad mode off
@@ -75,15 +78,9 @@ class Captured:
 _DATA_DEPENDENT = (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
 
 
-# Frames in these directories are the tracer's, not the user's (by path prefix, not by name: a
-# checkout in a directory called "fxfuse" holds user code too).
-_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (torch.__file__, __file__))
-
-
 def _user_frame(err: BaseException) -> str:
     """The innermost frame of the user's code in ``err``'s traceback, as ``file:line: code``."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS) and not f.filename.startswith("<")]
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not is_library_frame(f.filename)]
     if not frames:
         return ""
     f = frames[-1]
@@ -140,48 +137,45 @@ def _leaf_name(tree: Any, index: int) -> str:
 
 
 def _opaque_error(what: str, obj: Any) -> CaptureError:
+    """``what``: "input ['cache']", "output" (the whole output) or "output [1]"."""
+    kind = type(obj)
+    hugging_face = (kind.__module__ or "").split(".")[0] == "transformers"
     return CaptureError(
-        f"the model's {what} is a {type(obj).__name__} holding tensors, which fxfuse cannot take apart: "
-        f"it would {'return tensors from the capture instead of this call' if what.startswith('output') else 'bake them into the graph as constants'}. "
-        "Register the type as a pytree node (torch.utils._pytree.register_pytree_node), or leave it out "
-        "(for Hugging Face models: use_cache=False / past_key_values=None)."
+        f"the model's {what} is a {kind.__qualname__} ({kind.__module__}) holding tensors, which fxfuse cannot take "
+        f"apart: it would {'return tensors from the capture instead of this call' if what.startswith('output') else 'bake them into the graph as constants'}. "
+        "Register the type as a pytree node (torch.utils._pytree.register_pytree_node, or "
+        "register_dataclass), or leave it out"
+        + (" (use_cache=False / past_key_values=None for a cache)." if hugging_face else ".")
     )
 
 
 # ---- tracing ---------------------------------------------------------------------------------------
 
-_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
-
-
-def _custom_function_call() -> str | None:
-    """``Name at file:line`` when the current torch call runs inside a custom
-    ``torch.autograd.Function``'s forward (autograd runs it with grad mode off), else None."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code is _FUNCTION_APPLY:
-            cls, caller = frame.f_locals.get("cls"), frame.f_back
-            where = f" at {caller.f_code.co_filename}:{caller.f_lineno}" if caller is not None else ""
-            return f"{getattr(cls, '__qualname__', 'autograd.Function')}{where}"
-        frame = frame.f_back
-    return None
+_DETACH = (torch.Tensor.detach, torch.detach)
 
 
 class _TagNoGrad(TorchFunctionMode):
-    """Tags the nodes of every torch call made while grad mode is off (see ``_cut_no_grad``), and
+    """Tags the nodes of every torch call made while grad mode is off, and of every ``detach``
+    (see ``_cut_no_grad``), and
     records the custom autograd Functions whose forward runs: make_fx records below autograd, so
     their own backward is not in the graph (the rewritten module refuses to differentiate them)."""
 
     def __init__(self, custom_functions: list[str]):
         super().__init__()
         self.custom_functions = custom_functions
+        self._functions = FunctionFinder()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if torch.is_grad_enabled():
-            return func(*args, **kwargs)
-        call = _custom_function_call()
-        if call is not None and call not in self.custom_functions:
-            self.custom_functions.append(call)
+            if func not in _DETACH:
+                return func(*args, **kwargs)
+            # A detach is a one-op no-grad region: since torch 2.14 functionalization records
+            # it as aten.alias, which gradients flow through; the cut puts the detach back.
+        else:
+            call = self._functions.call()
+            if call is not None and call not in self.custom_functions:
+                self.custom_functions.append(call)
         meta = fx_traceback.get_current_meta()
         saved = meta.get("custom")
         meta["custom"] = {**(saved or {}), _NO_GRAD: True}
@@ -283,9 +277,63 @@ def _cut_no_grad(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _differentiable_copies(gm: torch.fx.GraphModule) -> None:
+    """Replace functionalization's ``aten.copy(dst, src)`` with ops autograd can differentiate.
+
+    ``buf = x.new_empty(...); buf[..., :d].copy_(a)`` (DeepSeek-V2/V3 attention builds its keys so)
+    functionalizes into ``slice_scatter(buf, copy(buf[..., :d], a), ...)``, and ``aten.copy`` has
+    no derivative: the rewritten module could not be trained. Its value is ``src`` cast to dst's
+    dtype and broadcast to dst's shape, which ``_to_copy`` and ``expand`` compute with gradients
+    (none to ``dst``, whose values it overwrites; ``src``'s summed over the broadcast).
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.copy.default:
+            continue
+        dst, src = node.args[:2]
+        dst_val, src_val = dst.meta.get("val"), src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+        if not isinstance(dst_val, torch.Tensor) or not isinstance(src_val, torch.Tensor):
+            continue
+        with gm.graph.inserting_before(node):
+            value = gm.graph.call_function(aten._to_copy.default, (src,),
+                                           {"dtype": dst_val.dtype, "device": dst_val.device})
+            with dst_val.fake_mode:
+                value.meta["val"] = aten._to_copy.default(src_val, dtype=dst_val.dtype, device=dst_val.device)
+            if tuple(src_val.shape) != tuple(dst_val.shape):
+                value = gm.graph.call_function(aten.expand.default, (value, list(dst_val.shape)))
+                with dst_val.fake_mode:
+                    value.meta["val"] = aten.expand.default(value.args[0].meta["val"], list(dst_val.shape))
+        for key in ("stack_trace", "custom"):
+            if key in node.meta:
+                value.meta[key] = node.meta[key]
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def _compiling():
     session = getattr(torch.compiler, "_compile_session_context", None)
     return session() if session is not None else contextlib.nullcontext()
+
+
+class _DropRecords(logging.Filter):
+    def filter(self, record) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """Fake tensors log every failing op's traceback at ERROR before raising it (34 lines for a
+    wrong input shape); the error reaches the user once, in fxfuse's message with its cause."""
+    logger, drop = logging.getLogger("torch._subclasses.fake_tensor"), _DropRecords()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphModule:
@@ -293,7 +341,7 @@ def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphMo
         # Traced with grad on, so that only the model's own no_grad regions count as such; and
         # with torch.compiler.is_compiling() true, as under torch.compile and torch.export, so that
         # libraries take their traceable paths (Hugging Face skips data-dependent checks then).
-        with torch.enable_grad(), _compiling():
+        with torch.enable_grad(), _compiling(), _quiet_fake_tensor_log():
             # Tensors the model reaches other than through its inputs, parameters and buffers (a
             # plain tensor attribute, a global) are kept by reference: in-place changes to them are
             # seen by later calls; assigning a new tensor to the attribute is not.
@@ -303,6 +351,7 @@ def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphMo
     except Exception as err:  # the tracer's errors are long; say what failed, keep the cause
         raise _capture_error(err) from err
     _cut_no_grad(gm)
+    _differentiable_copies(gm)
     return gm
 
 
@@ -320,11 +369,85 @@ def _warn_about_hooks(module: torch.nn.Module) -> None:
             stacklevel=4)
 
 
+def _refuse_sharded(module: torch.nn.Module) -> None:
+    """FSDP2 keeps each parameter sharded between calls and gathers it in forward hooks with
+    collectives; a trace on fake tensors can run neither, and the graph's parameters would be the
+    shards. The rewritten module can be sharded instead: it reads the parameters FSDP gathers."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [name or "the model" for name, m in module.named_modules() if isinstance(m, FSDPModule)]
+    if sharded:
+        raise CaptureError(
+            f"{sharded[0]!r} is sharded with FSDP2 (fully_shard): its parameters are gathered by forward hooks "
+            "that run collectives, which fxfuse cannot trace on fake tensors. Rewrite the unsharded model and "
+            "shard the result: `res = fxfuse.rewrite(model, inputs); fully_shard(res.module)` (the rewritten "
+            "module's graph reads the parameters FSDP gathers; shard each rewritten block the same way to keep "
+            "per-block sharding), or use torch.compile(model, backend=\"fxfuse\") on the sharded model.")
+
+
+class _ModuleAttributes:
+    """The tensors each submodule holds (parameters, buffers, tensor attributes), kept before a
+    trace so that what the forward assigns during it can be undone.
+
+    A forward may assign a new tensor to itself (x-transformers' ALiBi caches its bias with
+    ``register_buffer`` on first use): during the trace that tensor is a FunctionalTensor over fake
+    values, and left in the module it breaks every later call. The graph holds the computation
+    that made it, so the module gets back what it held before; a user is told which attributes."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.saved = [(m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set),
+                       dict(vars(m)))
+                      for m in module.modules()]
+        self.names = {m: name for name, m in module.named_modules(remove_duplicate=False)}
+
+    def restore(self) -> list[str]:
+        """Undo assignments made since; returns the qualified names of the attributes undone."""
+        undone = []
+        for m, params, buffers, non_persistent, attributes in self.saved:
+            prefix = self.names.get(m, "")
+            for store, before in ((m._parameters, params), (m._buffers, buffers)):
+                for key in [k for k in store if k not in before or store[k] is not before[k]]:
+                    undone.append(f"{prefix}.{key}" if prefix else key)
+                    if key in before:
+                        store[key] = before[key]
+                    else:
+                        del store[key]
+            m._non_persistent_buffers_set = non_persistent
+            attrs = vars(m)
+            for key in [k for k, v in attrs.items() if isinstance(v, torch.Tensor) and attributes.get(k) is not v]:
+                undone.append(f"{prefix}.{key}" if prefix else key)
+                if key in attributes:
+                    attrs[key] = attributes[key]
+                else:
+                    del attrs[key]
+        return undone
+
+
+def _warn_about_assignments(undone: list[str]) -> None:
+    warnings.warn(
+        f"the model's forward assigned new tensors to {', '.join(repr(n) for n in undone[:5])}"
+        f"{' ...' if len(undone) > 5 else ''} while fxfuse captured it (a cache filled on first use?): the "
+        "graph computes those values on each call, and the module keeps what it held before the capture. "
+        "State that must carry over between calls should be updated in place (buffer.copy_(new)), which "
+        "fxfuse replays.", stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning issued by the caller at the user's line."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, symbolic: bool = False) -> Captured:
     """Capture ``model(*args, **kwargs)``; parameters and buffers become the first graph inputs."""
     kwargs = kwargs or {}
     module = model if isinstance(model, torch.nn.Module) else None
     if module is not None:
+        _refuse_sharded(module)
         _warn_about_hooks(module)
     params = dict(module.named_parameters(remove_duplicate=False)) if module is not None else {}
     buffers = dict(module.named_buffers(remove_duplicate=False)) if module is not None else {}
@@ -347,18 +470,25 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
             out = torch.func.functional_call(module, state, call_args, call_kwargs, tie_weights=False)
         else:
             out = model(*call_args, **call_kwargs)
-        out_leaves, out_spec = pytree.tree_flatten(cache_parts.take_apart(out))  # a returned cache: its tensors
+        out = cache_parts.take_apart(open_dataclasses(out))  # a returned cache: its tensors
+        out_leaves, out_spec = pytree.tree_flatten(out)
         out_holder["spec"] = out_spec
         out_holder["constants"] = {i: v for i, v in enumerate(out_leaves) if not isinstance(v, torch.Tensor)}
         out_holder["tensor_positions"] = [i for i, v in enumerate(out_leaves) if isinstance(v, torch.Tensor)]
         for i, v in out_holder["constants"].items():
             if _tensor_inside(v):
-                raise _opaque_error(f"output {_leaf_name(out, i)}", v)
+                raise _opaque_error(f"output {_leaf_name(out, i)}" if not out_spec.is_leaf() else "output", v)
         return [v for v in out_leaves if isinstance(v, torch.Tensor)]
 
     info: dict[str, Any] = {}
     flat_inputs = [*params.values(), *buffers.values(), *(leaves[i] for i in tensor_positions)]
-    gm = _trace(_functionalized(flat_fn, info, write_back=False), flat_inputs, "symbolic" if symbolic else "fake")
+    attributes = _ModuleAttributes(module) if module is not None else None
+    try:
+        gm = _trace(_functionalized(flat_fn, info, write_back=False), flat_inputs, "symbolic" if symbolic else "fake")
+    finally:
+        undone = attributes.restore() if attributes is not None else []
+    if undone:
+        _warn_about_assignments(undone)
     positions = out_holder["tensor_positions"]
     return Captured(
         gm=gm,

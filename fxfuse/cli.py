@@ -1,22 +1,32 @@
-"""The ``fxfuse`` command.
+"""The ``fxfuse`` command: see what fxfuse fuses, declines and generates for your model.
 
     fxfuse demo                          a naive transformer rewritten, checked and measured
-    fxfuse explain FILE.py:FACTORY       what fxfuse does to your model (``--html``, ``--dump``)
+    fxfuse explain FILE.py:FACTORY       what fxfuse does to your model (--html, --dump, --passes)
     fxfuse explain pkg.module:FACTORY
     fxfuse explain --compile ...         through torch.compile: one report per graph (graph breaks)
     fxfuse kernels DIR                   the kernels in a --dump directory or kernel cache
 
-A factory is a callable with no required arguments returning ``(model, example_inputs)`` or
-``(model, example_inputs, example_kwargs)``. Exit status: 0 success, 1 the model or fxfuse failed,
-2 the command line was wrong (missing file, bad target, unknown factory or pass).
+A FACTORY is a function, called with no arguments, that returns (model, example_inputs) or
+(model, example_inputs, example_kwargs): the model (a torch.nn.Module or any callable), a tuple of
+example inputs (a single tensor is taken as one input) and a dict of keyword arguments. E.g.
+
+    def make():
+        return MyModel(dim=64), (torch.randn(2, 16, 64),)
+
+Every script in examples/ has one: fxfuse explain examples/quickstart.py:make
+
+Exit status: 0 success, 1 the model or fxfuse failed, 2 the command line was wrong (missing file,
+bad target, unknown factory or pass).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -78,9 +88,10 @@ def load_factory(target: str):
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+            # Functions only: a class is callable but builds a model, not (model, example_inputs).
+            names = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")
                            and getattr(v, "__module__", None) == module.__name__)
-            hint = f" (it defines: {', '.join(names)})" if names else ""
+            hint = f" (its functions: {', '.join(names)})" if names else " (it defines no function)"
             raise UsageError(f"factory {attr!r} not found in {where}{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
@@ -111,7 +122,8 @@ def call_factory(factory, name: str):
     except Exception as err:
         sys.stderr.write(_user_traceback(err, 1))
         text = f"{type(err).__name__}: {err}".splitlines()[0]
-        if "cuda" in text.lower() and not torch.cuda.is_available():
+        # A CPU build says "not compiled with CUDA", a CUDA build without a GPU "no NVIDIA driver".
+        if ("cuda" in text.lower() or "nvidia" in text.lower()) and not torch.cuda.is_available():
             raise RunError(f"factory {name} asked for a CUDA device, and this machine has none "
                            f"(torch.cuda.is_available() is False): {text}") from None
         raise RunError(f"factory {name} raised {text}") from None
@@ -155,9 +167,12 @@ def cmd_explain(opts) -> int:
         from fxfuse.passes.pipeline import parse_pipeline
 
         try:
-            parse_pipeline(opts.passes)
+            passes = parse_pipeline(opts.passes)
         except (ValueError, TypeError) as err:
             raise UsageError(str(err)) from None
+        if not passes:
+            raise UsageError(f"--passes {opts.passes!r} names no pass, so nothing would run; name at least one "
+                             "(e.g. --passes canonicalize,fuse-norm) or leave --passes out for all of them")
     model, args, kwargs = call_factory(factory, opts.target)
 
     import fxfuse
@@ -169,7 +184,7 @@ def cmd_explain(opts) -> int:
         try:
             res = fxfuse.rewrite(model, args, passes=opts.passes, options=options, example_kwargs=kwargs)
         except fxfuse.CaptureError as err:
-            raise RunError(str(err).replace("\n", " ")) from None
+            raise RunError(_capture_failure(err)) from None
         text = res.report()
         page = res.report_data.html() if opts.html else None  # draws the graph before and after
     print(text)
@@ -180,6 +195,21 @@ def cmd_explain(opts) -> int:
         Path(opts.html).write_text(page, encoding="utf-8")
         print(f"HTML report written to {opts.html}")
     return 0
+
+
+def _capture_failure(err: Exception) -> str:
+    """fxfuse's capture message for the command line: its cause (the user's frames and the
+    exception) goes to stderr first, as the message says."""
+    cause = err.__cause__
+    message = str(err).replace("\n", " ")
+    if cause is None:
+        return message
+    from fxfuse.frames import is_library_frame
+
+    frames = [f for f in traceback.extract_tb(cause.__traceback__) if not is_library_frame(f.filename)]
+    sys.stderr.write("Traceback (most recent call last; your frames only):\n" if frames else "The original exception:\n")
+    sys.stderr.write("".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(type(cause), cause)))
+    return message.replace("the original exception is chained below", "the original exception is shown above")
 
 
 def _explain_compiled(model, args, kwargs, passes, options, html: bool):
@@ -228,7 +258,10 @@ def read_kernel_header(path: Path) -> dict | None:
         return None
     if spec is None:
         return None
-    return {"name": path.stem, "kind": spec.get("kind", "?"), "spec": spec, "words": " ".join(words), "path": str(path)}
+    # Norm specs name their kind; every kernel's file is named fxfuse_<family>_<hash> (attention's).
+    named = re.fullmatch(r"fxfuse_(\w+?)_[0-9a-f]{12}", path.stem)
+    kind = spec.get("kind") or (named.group(1) if named else None) or (words[0].split(":")[0].split(",")[0] if words else "?")
+    return {"name": path.stem, "kind": kind, "spec": spec, "words": " ".join(words), "path": str(path)}
 
 
 def cmd_kernels(opts) -> int:
@@ -261,7 +294,7 @@ def cmd_demo(opts) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxfuse", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="fxfuse", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", choices=["debug", "info", "warning"], help="log level of the fxfuse logger "
                         "(default: FXFUSE_LOG or warning)")
@@ -276,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     explain = sub.add_parser("explain", help="show what fxfuse matches, declines and generates for a model")
-    explain.add_argument("target", help="path/to/file.py:factory or package.module:factory")
+    explain.add_argument("target", help="path/to/file.py:factory or package.module:factory; the factory is a "
+                         "function with no arguments returning (model, example_inputs) or (model, example_inputs, "
+                         "example_kwargs)")
     explain.add_argument("--passes", help="pass pipeline, e.g. canonicalize,fuse-norm (default: all)")
     explain.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with graph pictures")
     explain.add_argument("--dump", metavar="DIR", help="write the graphs (before/after) and kernels to DIR")

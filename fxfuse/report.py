@@ -82,7 +82,7 @@ class Report:
 
         The graphs are the report's own (kept by ``fxfuse.rewrite`` and ``fxfuse.Backend``) unless
         ``before`` or ``after`` is given (a ``GraphModule`` or ``Graph``): then only those are drawn.
-        ``renderer`` is "auto" (Graphviz ``dot`` when installed, else networkx), "dot" or "networkx".
+        ``renderer`` is "auto" (Graphviz ``dot`` when installed, else the built-in layered layout), "dot" or "layered".
         """
         from fxfuse.report_html import render
 

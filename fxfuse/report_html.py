@@ -3,8 +3,9 @@ sites, the declined ones, every kernel's source (highlighted by Pygments) and th
 after the passes; ``render_many`` puts several reports (every graph a ``Backend`` compiled) on one
 page, each in its own section.
 
-Graphs are drawn by Graphviz's ``dot`` when it is installed (best layout); otherwise networkx lays
-the graph out in layers (its topological generations) and the picture is written as inline SVG.
+Graphs are drawn by Graphviz's ``dot`` when it is installed (best layout); otherwise by a layered
+layout in pure Python (``fxfuse.graph_layout``), written as inline SVG. Each picture fits the page's
+width, and a "full size" switch (CSS only) shows it at its own size, scrolled inside its frame.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import subprocess
 
 import torch
 
+from fxfuse.graph_layout import layered_layout
 from fxfuse.log import get_logger
 
 log = get_logger(__name__)
@@ -37,7 +39,11 @@ th { background: #eee; }
 code, pre { font-family: ui-monospace, monospace; font-size: 0.9em; }
 pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; border: 1px solid #ddd; }
 .legend span { display: inline-block; padding: 0.1em 0.6em; margin-right: 1em; border: 1px solid #888; }
-figure { margin: 1em 0; overflow: auto; border: 1px solid #ddd; padding: 0.5em; }
+figure { margin: 0.3em 0 1.5em; overflow: auto; border: 1px solid #ddd; padding: 0.5em; max-height: 85vh; }
+figure svg { display: block; margin: 0 auto; max-width: 100%; height: auto; }
+.full-size:checked ~ figure svg { max-width: none; }
+.picture label { font-size: 0.9em; color: #555; }
+nav a { margin-right: 1em; }
 .none { color: #777; font-style: italic; }
 """
 
@@ -154,7 +160,7 @@ def _svg_with_dot(nodes: list[DrawnNode], edges: list[tuple[str, str]], uid: str
         done = subprocess.run([dot, "-Tsvg"], input="\n".join(lines), capture_output=True, text=True,
                               timeout=DOT_TIMEOUT_S, check=True)
     except (OSError, subprocess.SubprocessError) as err:
-        log.warning("graphviz dot failed (%s); drawing with networkx instead", err)
+        log.warning("graphviz dot failed (%s); drawing with the built-in layered layout instead", err)
         return None
     svg = done.stdout
     svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: the SVG is inlined in HTML
@@ -163,41 +169,22 @@ def _svg_with_dot(nodes: list[DrawnNode], edges: list[tuple[str, str]], uid: str
     return svg.replace(' id="', f' id="{uid}')
 
 
-def _svg_with_networkx(nodes: list[DrawnNode], edges: list[tuple[str, str]], uid: str) -> str:
-    import networkx as nx
-
-    graph = nx.DiGraph()
-    graph.add_nodes_from(n.name for n in nodes)
-    graph.add_edges_from(edges)
-    for layer, names in enumerate(nx.topological_generations(graph)):
-        for name in names:
-            graph.nodes[name]["layer"] = layer
-    pos = nx.multipartite_layout(graph, subset_key="layer", align="horizontal")
+def _svg_layered(nodes: list[DrawnNode], edges: list[tuple[str, str]], uid: str) -> str:
     char_w, line_h, pad = 6.2, 13, 6
     size = {n.name: (max(len(line) for line in n.label.split("\n")) * char_w + 2 * pad,
                      len(n.label.split("\n")) * line_h + 2 * pad) for n in nodes}
-    box_w = max(w for w, _ in size.values())
-    box_h = max(h for _, h in size.values())
-    widest = max(sum(1 for n in nodes if graph.nodes[n.name]["layer"] == k)
-                 for k in {graph.nodes[n.name]["layer"] for n in nodes})
-    layers = 1 + max(graph.nodes[n.name]["layer"] for n in nodes)
-    width, height = widest * (box_w + 20) + 40, layers * (box_h + 30) + 40
-    xs = [p[0] for p in pos.values()]
-    ys = [p[1] for p in pos.values()]
-
-    def place(v, lo, hi, extent, box):
-        return 20 + box / 2 + (0.5 if hi == lo else (v - lo) / (hi - lo)) * (extent - 40 - box)
-
-    at = {name: (place(p[0], min(xs), max(xs), width, box_w), place(p[1], min(ys), max(ys), height, box_h))
-          for name, p in pos.items()}
+    layout = layered_layout([n.name for n in nodes], size, edges)
+    at, width, height = layout.at, layout.width, layout.height
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, sans-serif" font-size="10">',
            f'<defs><marker id="{uid}arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
            'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#777"/></marker></defs>']
     for a, b in edges:
         (xa, ya), (xb, yb) = at[a], at[b]
-        out.append(f'<line x1="{xa:.1f}" y1="{ya + size[a][1] / 2:.1f}" x2="{xb:.1f}" y2="{yb - size[b][1] / 2:.1f}" '
-                   f'stroke="#999" stroke-width="1" marker-end="url(#{uid}arrow)"/>')
+        points = [(xa, ya + size[a][1] / 2), *layout.bends[(a, b)], (xb, yb - size[b][1] / 2)]
+        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        out.append(f'<polyline points="{path}" fill="none" stroke="#999" stroke-width="1" '
+                   f'marker-end="url(#{uid}arrow)"/>')
     for n in nodes:
         (x, y), (w, h) = at[n.name], size[n.name]
         out.append(f'<g class="node"><title>{html.escape(n.tooltip)}</title>'
@@ -211,16 +198,22 @@ def _svg_with_networkx(nodes: list[DrawnNode], edges: list[tuple[str, str]], uid
     return "\n".join(out)
 
 
+RENDERERS = ("auto", "dot", "layered")
+
+
 def graph_svg(gm, marks: dict[str, str], renderer: str = "auto", uid: str = "g-") -> tuple[str, str]:
-    """``(svg, caption note)``; ``renderer`` is "auto" (dot if installed), "dot" or "networkx";
-    ``uid`` prefixes the picture's element ids, which must be unique on the page."""
+    """``(svg, caption note)``; ``renderer`` is "auto" (Graphviz's dot if installed, else the
+    built-in layered layout), "dot" (falls back the same way) or "layered"; ``uid`` prefixes the
+    picture's element ids, which must be unique on the page."""
+    if renderer not in RENDERERS:
+        raise ValueError(f"renderer {renderer!r}: expected one of {', '.join(RENDERERS)}")
     nodes, edges, note = _drawn_nodes(gm, marks)
     if not nodes:
         return "", "empty graph"
     svg = _svg_with_dot(nodes, edges, uid) if renderer in ("auto", "dot") else None
     drawn_by = "graphviz dot"
     if svg is None:
-        svg, drawn_by = _svg_with_networkx(nodes, edges, uid), "networkx layout"
+        svg, drawn_by = _svg_layered(nodes, edges, uid), "fxfuse's layered layout"
     return svg, "; ".join(filter(None, [note, f"drawn with {drawn_by}"]))
 
 
@@ -259,21 +252,18 @@ def _body(report, before, after, renderer: str, prefix: str = "", level: int = 2
         shape = f"<br><small>{e(m.shape)}</small>" if m.shape else ""
         match_rows.append([e(m.kind), _where(m.source, m.code), e(m.describe()) + shape + notes, link])
     miss_rows = [[e(m.kind), _where(m.source, m.code), e(m.reason)] for m in report.misses]
+    has_graphs = before is not None or after is not None
+    links = [("matches", "fused sites"), ("misses", "declined sites"), *([("graphs", "graphs")] if has_graphs else []),
+             ("kernels", "generated kernels")]
+    nav = "<nav>" + "".join(f'<a href="#{prefix}{target}">{words}</a>' for target, words in links) + "</nav>"
     parts = [
-        f'<section id="{prefix}summary"><{h}>Summary</{h}><p>{e(report.summary())}</p></section>',
+        f'<section id="{prefix}summary"><{h}>Summary</{h}><p>{e(report.summary())}</p>{nav}</section>',
         f'<section id="{prefix}matches"><{h}>Fused sites</{h}>',
         _table(["kind", "source", "spec", "kernel"], match_rows, "No site was fused."), "</section>",
         f'<section id="{prefix}misses"><{h}>Declined sites</{h}>',
         _table(["kind", "source", "reason"], miss_rows, "No candidate was declined."), "</section>",
-        f'<section id="{prefix}kernels"><{h}>Generated kernels</{h}>',
     ]
-    if not report.kernels:
-        parts.append('<p class="none">No kernel was generated.</p>')
-    for k in report.kernels:
-        parts.append(f'<{h_kernel} id="{prefix}kernel-{e(k.name)}"><code>{e(k.name)}</code></{h_kernel}>'
-                     f"<p>{e(k.spec)}<br><code>{e(k.path)}</code></p>{_highlight(k.source)}")
-    parts.append("</section>")
-    if before is not None or after is not None:
+    if has_graphs:
         fused_names = {m.node for m in report.matches}
         before_marks, after_marks = mark_nodes(before, after, fused_names)
         parts += [f'<section id="{prefix}graphs"><{h}>Graphs</{h}><p class="legend">'
@@ -282,9 +272,21 @@ def _body(report, before, after, renderer: str, prefix: str = "", level: int = 2
         for when, gm, marks in (("before", before, before_marks), ("after", after, after_marks)):
             if gm is None:
                 continue
-            svg, note = graph_svg(gm, marks, renderer, uid=f"{prefix}{when}-")
-            parts.append(f'<figure class="graph"><figcaption>Graph {when} the passes ({e(note)})</figcaption>{svg}</figure>')
+            uid = f"{prefix}{when}-"
+            svg, note = graph_svg(gm, marks, renderer, uid=uid)
+            parts.append(f'<div class="picture" id="{uid}picture"><{h_kernel}>Graph {when} the passes</{h_kernel}>'
+                         f'<input type="checkbox" class="full-size" id="{uid}full"> <label for="{uid}full">full size '
+                         f'(scroll inside the frame; hover a node for its code and source line)</label>'
+                         f'<figure class="graph"><figcaption>{e(note)}</figcaption>{svg}</figure></div>')
         parts.append("</section>")
+    # The kernels last: each is a long listing, and the graphs above are what a reader looks at first.
+    parts.append(f'<section id="{prefix}kernels"><{h}>Generated kernels</{h}>')
+    if not report.kernels:
+        parts.append('<p class="none">No kernel was generated.</p>')
+    for k in report.kernels:
+        parts.append(f'<{h_kernel} id="{prefix}kernel-{e(k.name)}"><code>{e(k.name)}</code></{h_kernel}>'
+                     f"<p>{e(k.spec)}<br><code>{e(k.path)}</code></p>{_highlight(k.source)}")
+    parts.append("</section>")
     return parts
 
 

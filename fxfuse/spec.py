@@ -65,11 +65,22 @@ class NormSpec:
     compute_dtype: the dtype the user's code computes the statistics in (after any upcast).
     norm_dtype:    the dtype of the normalized value before the steps.
     inverse:       "rsqrt" (multiplied by rsqrt) or "div_sqrt" (divided by sqrt); both are exact
-                   rewrites, the field lets the CPU reference reproduce the user's rounding.
+                   rewrites, the field lets the CPU reference reproduce the user's rounding. Or, for an
+                   rms_norm only, "max_l2": ``x / max(||x||_2, eps)`` (``F.normalize``; x-transformers'
+                   RMSNorm is that times sqrt(d) and a weight). Not x * rsqrt(mean(x^2) + eps): eps
+                   clamps the norm instead of being added to the mean, so it is its own form.
+    scale:         a constant the normalized value is multiplied by before the steps (the sqrt(d)
+                   of the "max_l2" form), rounded to norm_dtype; 1 for none.
     steps:         casts and per-feature multiplies/adds after normalization.
     params:        how each parameter tensor is prepared.
     sum_dtype:     set when the input is ``x + residual`` and the sum is a second output: the
                    sum's dtype (it is rounded to it before it is normalized, as the user's code does).
+    statistic:     how the user's code computed the statistic: "mean" (a mean of products in
+                   compute_dtype: ``(xc - mean).pow(2).mean(-1)``, squares rounded to it), "var"
+                   (``torch.var(..., correction=0)``) or "var_mean" (``torch.var_mean``, whose mean
+                   also centers the input). torch's var accumulates a 16-bit input in float32 (CPU:
+                   float64) and rounds only its result, so a 16-bit var of values beyond ~256 is
+                   finite where squaring in 16 bits overflows: the reference calls the same op.
     """
 
     kind: str
@@ -80,6 +91,8 @@ class NormSpec:
     steps: tuple[Step, ...] = ()
     params: tuple[ParamPrep, ...] = ()
     sum_dtype: str | None = None
+    statistic: str = "mean"
+    scale: float = 1.0
 
     @property
     def residual(self) -> bool:
@@ -90,7 +103,12 @@ class NormSpec:
         return self.steps[-1].dtype if self.steps else self.norm_dtype
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        raw = dataclasses.asdict(self)
+        if raw["statistic"] == "mean":  # left out at its default: existing specs keep their JSON and kernel names
+            del raw["statistic"]
+        if raw["scale"] == 1.0:  # likewise
+            del raw["scale"]
+        return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
     def from_json(text: str) -> "NormSpec":
@@ -101,9 +119,16 @@ class NormSpec:
 
     def describe(self) -> str:
         """The spec in words, for reports: ``rms_norm eps=1e-06, f32 stats, * (1 + w) -> bf16``."""
-        parts = [f"{self.kind}", f"eps={self.eps:g}", f"stats in {_SHORT[self.compute_dtype]}"]
+        stats = f"stats in {_SHORT[self.compute_dtype]}"
+        if self.statistic != "mean":  # torch.var accumulates wider than its 16-bit input: say so
+            stats = f"{self.statistic.replace('_', '-')} of {_SHORT[self.compute_dtype]} input"
+        parts = [f"{self.kind}", f"eps={self.eps:g}", stats]
+        if self.inverse == "max_l2":
+            parts[1] = f"x / max(||x||, eps={self.eps:g})"
         if self.residual:
             parts.insert(1, "residual add")
+        if self.scale != 1.0:
+            parts.append(f"* {self.scale:g}")
         for step in self.steps:
             if step.op == "cast":
                 parts.append(f"cast {_SHORT[step.dtype]}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 from fxfuse.index_expr import text, tupled
 from fxfuse.spec import _SHORT
@@ -110,7 +111,8 @@ class AttentionSpec:
             if step.op == "mul" and step.input == -1 and k not in capped:
                 s *= step.value
             elif step.op == "div" and step.input == -1 and k not in capped:
-                s /= step.value
+                # s / 0.0 as torch computes it (a site may divide by sqrt(D) with D = 0): inf or NaN.
+                s = s / step.value if step.value else math.copysign(math.inf, s) if s else math.nan
         return s
 
     def to_json(self) -> str:

@@ -172,8 +172,18 @@ class PreNormResidualBlock(nn.Module):  # residual add feeding a norm; the sum i
         return h + self.proj(self.norm(h))
 
 
+class NormalizeScaleRMSNorm(nn.Module):  # x-transformers' RMSNorm: F.normalize(x, dim=-1) * sqrt(d) * g
+    def __init__(self, d=8):
+        super().__init__()
+        self.scale = d ** 0.5
+        self.g = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * self.scale * self.g
+
+
 RMS_STYLES = [LlamaStyleRMSNorm, SquareDivSqrtRMSNorm, MulSelfRMSNorm, TwoCastsRMSNorm, GemmaStyleRMSNorm,
-              T5StyleRMSNorm, NoWeightRMSNorm, FunctionalRMSNorm]
+              T5StyleRMSNorm, NoWeightRMSNorm, FunctionalRMSNorm, NormalizeScaleRMSNorm]
 LAYER_STYLES = [TorchLayerNorm, VarSqrtLayerNorm, CenteredPowLayerNorm, VarMeanLayerNorm, UpcastLayerNormNoAffine,
                 FunctionalLayerNormNoAffine]
 

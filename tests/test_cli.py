@@ -63,6 +63,9 @@ MODELS = textwrap.dedent('''
     def data_dependent():
         return Branchy(), (torch.randn(3),)
 
+    def wrong_shape():
+        return Model(), (torch.randn(2, 4, 15),)  # the weight has 16 elements
+
     def fails_when_run():
         return (lambda x: x.reshape(5)), (torch.randn(3),)
 
@@ -149,6 +152,11 @@ def test_kernels_json_and_folders_without_kernels(models, tmp_path, capsys):
     [entry] = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and entry["kind"] == "rms_norm" and entry["spec"]["eps"] == 1e-06
     assert entry["words"].startswith("rms_norm, eps=1e-06") and Path(entry["path"]).stem == entry["name"]
+    # Attention specs carry no "kind" field: the kernel's family is still named.
+    assert in_process(capsys, "explain", "fxfuse.demo:make_demo", "--dump", tmp_path / "demo")[0] == 0
+    code, out, _ = in_process(capsys, "kernels", "--json", tmp_path / "demo")
+    assert code == 0 and sorted({json.loads(line)["kind"] for line in out.splitlines()}) == \
+        ["attention", "layer_norm", "rms_norm"]
     (tmp_path / "other.py").write_text("# spec is not here\nprint('hi')\n")
     code, out, _ = in_process(capsys, "kernels", tmp_path)
     assert code == 1 and "no fxfuse kernels" in out
@@ -188,10 +196,11 @@ def test_explain_compile_reports_each_graph(models, capsys, tmp_path):
     (["explain", "{models}:NOT_CALLABLE"], "not a callable factory"),
     (["explain", "no_such_package.mod:make"], "cannot import module 'no_such_package.mod'"),
     (["explain", "{models}:make", "--passes", "canonicalize,fuse-everything"], "unknown fxfuse pass 'fuse-everything'"),
+    (["explain", "{models}:make", "--passes", ""], "names no pass, so nothing would run"),
     (["kernels", "/no/such/dir"], "no such directory"),
     (["explain", "{models}:make", "--html", "/no/such/dir/r.html"], "does not exist"),
     (["explain", "{models}:make", "--dump", "{models}/sub"], "cannot create the folder"),
-], ids=["bad-syntax", "factory-not-found", "not-callable", "no-module", "bad-pass", "no-dir", "html-folder",
+], ids=["bad-syntax", "factory-not-found", "not-callable", "no-module", "bad-pass", "no-pass", "no-dir", "html-folder",
         "dump-folder"])
 def test_usage_errors(models, capsys, args, message):
     code, out, err = in_process(capsys, *[a.format(models=models) for a in args])
@@ -199,11 +208,34 @@ def test_usage_errors(models, capsys, args, message):
     assert len(err.strip().splitlines()) == 1 and err.startswith("fxfuse: error: ") and message in err
 
 
+def test_factory_not_found_lists_functions_not_classes(models, capsys):
+    code, _, err = in_process(capsys, "explain", f"{models}:nope")
+    assert code == 2 and "its functions: broken, data_dependent, fails_when_run" in err
+    assert "Model" not in err and "Branchy" not in err  # classes build a model, not (model, inputs)
+
+
+def test_help_says_what_a_factory_returns(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "returns (model, example_inputs) or" in out and "examples/quickstart.py:make" in out
+
+
+def test_capture_failure_shows_its_cause_once_without_the_tracers_log(models):
+    run = fxfuse_cli("explain", f"{models}:wrong_shape")
+    assert run.returncode == 1, run.stdout + run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("fxfuse: error: fxfuse could not trace the model") and "shown above" in last
+    assert "failed while attempting to run meta" not in run.stderr and "fake_tensor.py" not in run.stderr
+    assert "your frames only" in run.stderr and "models.py" in run.stderr and "in forward" in run.stderr
+
+
 @pytest.mark.parametrize("factory, message, traceback_line", [
     ("broken", "factory {models}:broken raised ValueError: weights not found", "in helper_that_fails"),
     ("on_meta", "have tensors on the meta device", None),
     ("not_a_model", "returned 'int' object as the model", None),
-    ("data_dependent", "captur", None),  # CaptureError: its wording belongs to capture.py
+    ("data_dependent", "captur", "in forward"),  # CaptureError: its wording belongs to capture.py
 ], ids=["factory-raises", "meta-device", "not-a-model", "capture-fails"])
 def test_runtime_failures(models, capsys, factory, message, traceback_line):
     code, out, err = in_process(capsys, "explain", f"{models}:{factory}")

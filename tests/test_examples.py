@@ -1,8 +1,13 @@
 """Every example runs as a user runs it (``python examples/x.py``, CPU) and prints what it promises."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from fxfuse.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,3 +68,12 @@ def test_custom_attention():
     assert "softcap 30" in out and "scale 0.25" in out  # the site's spec in words
     assert "@triton.jit" in out  # the generated kernel is printed
     assert "rewritten output equals eager" in out
+
+
+@pytest.mark.parametrize("name", ["quickstart", "inspect_rewrite", "custom_attention", "transformers_llama", "train_gpt"])
+def test_every_example_has_a_factory_for_fxfuse_explain(name, capsys):
+    """``fxfuse explain examples/NAME.py:make`` (the command's help points there)."""
+    code = main(["explain", str(REPO / "examples" / f"{name}.py") + ":make"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert re.search(r"\d+ candidate site\(s\), [1-9]\d* fused", out.splitlines()[0]), out.splitlines()[0]

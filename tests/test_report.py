@@ -82,13 +82,13 @@ def rewritten():
     return res, capture_module(model, (x,)).gm
 
 
-@pytest.mark.parametrize("renderer", ["networkx", "dot"])
+@pytest.mark.parametrize("renderer", ["layered", "dot"])
 def test_html_has_every_section_and_both_graphs(rewritten, renderer):
     if renderer == "dot" and shutil.which("dot") is None:
-        pytest.skip("graphviz `dot` is not installed; the networkx case covers the fallback")
+        pytest.skip("graphviz `dot` is not installed; the layered case covers the fallback")
     res, before = rewritten
     page = _parse(res.report_data.html(before=before, after=res.graph, renderer=renderer))
-    assert page.sections == ["summary", "matches", "misses", "kernels", "graphs"]
+    assert page.sections == ["summary", "matches", "misses", "graphs", "kernels"]
     # Fused-site row: kind, source with the user's line, spec in words, kernel link.
     kind, source, spec, kernel = page.cells["matches"]
     assert kind == "rms_norm" and "norm_styles.py:" in source and spec == res.matches[0].describe()
@@ -99,7 +99,7 @@ def test_html_has_every_section_and_both_graphs(rewritten, renderer):
     assert page.svgs == ["graphs", "graphs"]
     assert any(report_html.FILL[report_html.REPLACED] in f for f in page.fills)
     assert any(report_html.FILL[report_html.FUSED] in f for f in page.fills)
-    expected = "graphviz dot" if renderer == "dot" else "networkx layout"
+    expected = "graphviz dot" if renderer == "dot" else "fxfuse's layered layout"
     assert "".join(page.text).count(f"drawn with {expected}") == 2
     assert len(page.ids) == len(set(page.ids))  # the two pictures' element ids do not collide
     # Self-contained: no scripts, stylesheets or images fetched from anywhere.
@@ -121,7 +121,7 @@ def test_large_graph_is_cut_to_the_rewritten_neighbourhood(rewritten, monkeypatc
     res, _ = rewritten
     monkeypatch.setattr(report_html, "MAX_NODES", 6)
     _, after_marks = report_html.mark_nodes(None, res.graph, {m.node for m in res.matches})
-    svg, note = report_html.graph_svg(res.graph, after_marks, renderer="networkx")
+    svg, note = report_html.graph_svg(res.graph, after_marks, renderer="layered")
     assert "showing" in note and "highlighted" in note
     assert svg.count("<rect") < len(res.graph.graph.nodes)
 
@@ -141,7 +141,7 @@ def test_rewrite_keeps_both_graphs_for_the_page(rewritten):
     assert res.report_data.after is res.graph
     before_ops = {n.target for n in res.report_data.before.nodes}
     assert torch.ops.aten.rsqrt.default in before_ops and torch.ops.fxfuse.norm.default not in before_ops
-    page = _parse(res.report_data.html(renderer="networkx"))
+    page = _parse(res.report_data.html(renderer="layered"))
     assert page.svgs == ["graphs", "graphs"]
     assert any(report_html.FILL[report_html.REPLACED] in f for f in page.fills)
 
@@ -168,10 +168,10 @@ def compiled_with_a_break():
     return backend
 
 
-@pytest.mark.parametrize("renderer", ["networkx", "dot"])
+@pytest.mark.parametrize("renderer", ["layered", "dot"])
 def test_backend_page_has_every_compiled_graph(compiled_with_a_break, tmp_path, renderer):
     if renderer == "dot" and shutil.which("dot") is None:
-        pytest.skip("graphviz `dot` is not installed; the networkx case covers the fallback")
+        pytest.skip("graphviz `dot` is not installed; the layered case covers the fallback")
     backend = compiled_with_a_break
     assert len(backend.reports) == 2
     path = tmp_path / "all.html"
@@ -179,7 +179,7 @@ def test_backend_page_has_every_compiled_graph(compiled_with_a_break, tmp_path, 
     assert path.read_text() == text
     page = _parse(text)
     for i, kind in enumerate(["rms_norm", "layer_norm"]):
-        sections = [f"graph{i}", *(f"graph{i}-{s}" for s in ["summary", "matches", "misses", "kernels", "graphs"])]
+        sections = [f"graph{i}", *(f"graph{i}-{s}" for s in ["summary", "matches", "misses", "graphs", "kernels"])]
         assert [s for s in page.sections if s.startswith(f"graph{i}")] == sections
         assert page.cells[f"graph{i}-matches"][0] == kind
         assert page.svgs.count(f"graph{i}-graphs") == 2  # before and after the passes
@@ -239,3 +239,31 @@ def test_fxfuse_log_raises_the_level_and_reports_log(monkeypatch):
         logger.handlers[:] = saved[1]
         logger.propagate = saved[2]
         fxlog._handler = saved[3]
+
+
+def test_page_is_drawn_without_numpy_or_networkx(rewritten, monkeypatch):
+    # The plain install has neither (networkx's layouts need numpy): the built-in layout does not.
+    res, before = rewritten
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    monkeypatch.setitem(sys.modules, "networkx", None)
+    page = _parse(res.report_data.html(before=before, after=res.graph, renderer="auto" if shutil.which("dot") is None
+                                       else "layered"))
+    assert page.svgs == ["graphs", "graphs"]
+
+
+def test_layered_layout_puts_inputs_by_their_users_and_never_overlaps():
+    from fxfuse.graph_layout import layered_layout
+
+    # A chain a -> b -> c -> d with a parameter p read only by d, and a skip edge a -> d.
+    names = ["a", "p", "b", "c", "d"]
+    sizes = {n: (60.0, 20.0) for n in names}
+    edges = [("a", "b"), ("b", "c"), ("c", "d"), ("p", "d"), ("a", "d")]
+    layout = layered_layout(names, sizes, edges)
+    y = {n: layout.at[n][1] for n in names}
+    assert y["a"] < y["b"] < y["c"] < y["d"]
+    assert y["p"] == y["c"]  # one layer above its user, not in the top row with the graph's input
+    assert len(layout.bends[("a", "d")]) == 2  # the skip edge bends once per layer it crosses
+    row = sorted(layout.at[n][0] for n in names if y[n] == y["c"])
+    assert all(right - left >= 60.0 for left, right in zip(row, row[1:]))  # boxes side by side, apart
+    assert all(0 <= x - 30 and x + 30 <= layout.width for x, _ in layout.at.values())
+    assert layered_layout(names, sizes, edges) == layout  # deterministic

@@ -36,3 +36,14 @@ def assert_close_to_reference(actual: torch.Tensor, eager: torch.Tensor, referen
     bound = atol + rtol * ref.abs() + 2 * eager_err
     worst = (err - bound).max().item()
     assert worst <= 0, f"{what}: max error {err.max().item():.3g} exceeds bound (eager error {eager_err.max().item():.3g})"
+
+
+def assert_close_with_nonfinite(actual: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor,
+                                what: str = "") -> None:
+    """For inputs holding NaN or inf: ``actual`` is NaN exactly where ``eager`` is, +-inf where it
+    is, and elsewhere within the table's bound of the float64 ``reference`` (see above)."""
+    assert torch.equal(actual.isnan(), eager.isnan()), f"{what}: NaN at other positions than eager's"
+    assert torch.equal(actual.isposinf(), eager.isposinf()) and torch.equal(actual.isneginf(), eager.isneginf()), \
+        f"{what}: inf at other positions than eager's"
+    finite = torch.isfinite(eager)
+    assert_close_to_reference(actual[finite], eager[finite], reference.to(actual.device)[finite], what)

@@ -24,6 +24,12 @@ def _round(expr: str, dtype: str | None) -> str:
 
 def _statistics(plan: NormPlan) -> list[str]:
     inv = "1.0 / tl.sqrt" if plan.acc == "float64" else "tl.rsqrt"
+    if plan.inverse == "max_l2":  # F.normalize: the norm (rounded as torch rounds it), clamped below by eps
+        return [f"norm = {_round('tl.sqrt(tl.sum(x * x, axis=0))', plan.input_round)}",
+                "clamped = tl.maximum(norm, eps)",
+                "rstd = 1.0 / clamped",
+                "through = (norm >= eps).to(ACC)  # clamp_min passes the gradient only there",
+                "n = x / clamped"]
     if plan.kind == "rms_norm":
         return [f"rstd = {inv}(tl.sum(x * x, axis=0) / N + eps)", "n = x * rstd"]
     return [
@@ -46,6 +52,8 @@ def _load_params(plan: NormPlan) -> list[str]:
 def _steps_forward(plan: NormPlan) -> list[str]:
     """v0 is the normalized value; v{k+1} the value after step k (kept for the backward pass)."""
     lines = [f"v0 = {_round('n', plan.norm_round)}"]
+    if plan.scale != 1.0:
+        lines.append(f"v0 = {_round(f'v0 * {plan.scale!r}', plan.norm_round)}")
     for k, (op, param, rounding) in enumerate(plan.steps):
         expr = f"v{k}" if op == "cast" else f"v{k} {'*' if op == 'mul' else '+'} p{param}"
         lines.append(f"v{k + 1} = {_round(expr, rounding)}")
@@ -75,7 +83,11 @@ def _source(name: str, spec: NormSpec, plan: NormPlan) -> str:
             bwd_steps += [f"dp{param} += g * v{k}", f"g = g * p{param}"]
         elif op == "add":
             bwd_steps.append(f"dp{param} += g")
-    if plan.kind == "rms_norm":
+    if plan.scale != 1.0:
+        bwd_steps.append(f"g = g * {plan.scale!r}")
+    if plan.inverse == "max_l2":
+        dx = "rstd * (g - through * n * tl.sum(g * n, axis=0))"
+    elif plan.kind == "rms_norm":
         dx = "rstd * (g - n * (tl.sum(g * n, axis=0) / N))"
     else:
         dx = "rstd * (g - tl.sum(g, axis=0) / N - n * (tl.sum(g * n, axis=0) / N))"

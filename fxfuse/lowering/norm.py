@@ -30,6 +30,8 @@ class NormPlan:
     steps: tuple[tuple[str, int, str | None], ...]  # (op, param index, rounding dtype)
     residual: bool
     input_round: str | None = None  # the input (after any residual sum) is rounded to this dtype first
+    inverse: str = "rsqrt"  # "max_l2": x / max(||x||, eps) (F.normalize) instead of the mean-of-squares forms
+    scale: float = 1.0  # the normalized value's constant factor before the steps
 
 
 def lower_norm(spec: NormSpec) -> NormPlan:
@@ -49,4 +51,6 @@ def lower_norm(spec: NormSpec) -> NormPlan:
         steps=tuple((s.op, s.param, rounding(s.dtype)) for s in spec.steps),
         residual=spec.residual,
         input_round=rounding(spec.compute_dtype),
+        inverse="max_l2" if spec.inverse == "max_l2" else "rsqrt",
+        scale=spec.scale,
     )

@@ -23,6 +23,8 @@ backward. The mask is a function of the seed alone: the Triton kernels draw it w
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -202,6 +204,24 @@ def _sdpa_form(spec: AttentionSpec):
     return scale, mask_step
 
 
+def _sdpa_exact_on(form, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor]) -> bool:
+    """Whether SDPA computes the spec on these values: only on finite q, k, v and a bias with no
+    NaN or +inf. SDPA adds a boolean mask as -inf (so a NaN score it hides still makes its row
+    NaN, where the spec's fill replaces it) and its CPU kernel returns 0 for a query row with a
+    NaN score (the spec's softmax gives NaN); the reference follows the spec's steps exactly.
+
+    One reduction per tensor, no temporaries: a finite float32 sum proves every element finite (a
+    sum that overflows only sends a finite site to the reference); a bias's max is NaN or +inf
+    exactly when it holds one."""
+    if not all(math.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))
+               for t in (q, k, v)):
+        return False
+    step = form[1]
+    if step is not None and step.op == "add" and step.expr is None and extras[step.input].numel():
+        return bool(extras[step.input].max() < math.inf)  # False for NaN too
+    return True
+
+
 def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     scale, step = form
     mask, hidden = None, None
@@ -333,6 +353,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, 
 
         return kernels.forward(s, q, k, v, extras, seed=seed, merge_heads=merge_heads)[0]
     form = _sdpa_form(s)
+    if form is not None and not _sdpa_exact_on(form, q, k, v, extras):
+        form = None
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
     out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras, keep)
     return _laid_out(out, merge_heads)

@@ -31,6 +31,16 @@ def _use_triton(t: Tensor, spec: NormSpec) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and config.interpret_on_cpu())
 
 
+def laid_out_like(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` with the strides of ``torch.empty_like(x)``, which the fake implementations promise:
+    the input's own for a dense input (a channels-last or head-transposed activation), contiguous
+    otherwise. As it is when it has them, else copied (the kernels write rows contiguously)."""
+    want = torch.empty_like(x, device="meta").stride()
+    if out.stride() == want:
+        return out
+    return torch.empty_like(x, dtype=out.dtype).copy_(out)
+
+
 def _prepared(p: Tensor, prep) -> Tensor:
     p = p.reshape(-1).to(to_dtype(prep.dtype))
     return p + prep.offset if prep.offset else p
@@ -39,17 +49,27 @@ def _prepared(p: Tensor, prep) -> Tensor:
 def reference(spec: NormSpec, src: Tensor, params: list[Tensor]) -> Tensor:
     """The site's computation in plain torch ops, in the dtypes the user's code used."""
     xc = src.to(to_dtype(spec.compute_dtype))
-    if spec.kind == "rms_norm":
-        centered = xc
-    else:
-        centered = xc - xc.mean(-1, keepdim=True)
-    var = (centered * centered).mean(-1, keepdim=True) + spec.eps
+    if spec.inverse == "max_l2":  # F.normalize: the same ops, so the same roundings
+        n = (xc / torch.linalg.vector_norm(xc, 2, -1, keepdim=True).clamp_min(spec.eps)).to(to_dtype(spec.norm_dtype))
+        return _steps(spec, n * spec.scale if spec.scale != 1.0 else n, params)
+    if spec.statistic == "var_mean":
+        var, mean = torch.var_mean(xc, -1, keepdim=True, correction=0)
+    elif spec.statistic == "var":
+        # torch.var, as the user's code: a 16-bit input is accumulated wider, only the result rounds.
+        var, mean = torch.var(xc, -1, keepdim=True, correction=0), xc.mean(-1, keepdim=True)
+    centered = xc if spec.kind == "rms_norm" else xc - (mean if spec.statistic != "mean" else xc.mean(-1, keepdim=True))
+    if spec.statistic == "mean":
+        var = (centered * centered).mean(-1, keepdim=True)
+    var = var + spec.eps
     # The user's code multiplies (or divides) in the promoted dtype of its operands, norm_dtype, which
     # is at least as wide as the statistic's (T5 normalizes bf16 x by a float32 rsqrt, in float32).
     nd = to_dtype(spec.norm_dtype)
     centered = centered.to(nd)
     n = centered * torch.rsqrt(var).to(nd) if spec.inverse == "rsqrt" else centered / torch.sqrt(var).to(nd)
-    v = n
+    return _steps(spec, n, params)
+
+
+def _steps(spec: NormSpec, v: Tensor, params: list[Tensor]) -> Tensor:
     for step in spec.steps:
         if step.op == "cast":
             v = v.to(to_dtype(step.dtype))
@@ -64,10 +84,16 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
     acc = torch.float64 if lower_norm(spec).acc == "float64" else torch.float32
     x = src.to(acc)
     centered = x if spec.kind == "rms_norm" else x - x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + spec.eps)
+    if spec.inverse == "max_l2":
+        # n = x / m, m = max(||x||, eps): dx = (g - [||x|| >= eps] n sum(g n)) / m (clamp_min passes
+        # the gradient where the norm is not below eps, as torch's does).
+        norm = torch.linalg.vector_norm(x, 2, -1, keepdim=True)
+        rstd, through = 1.0 / norm.clamp_min(spec.eps), (norm >= spec.eps).to(acc)
+    else:
+        rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + spec.eps)
     n = centered * rstd
     preps = [_prepared(p, prep).to(acc) for p, prep in zip(params, spec.params)]
-    values = [n.to(to_dtype(spec.norm_dtype)).to(acc)]
+    values = [(n.to(to_dtype(spec.norm_dtype)).to(acc) * spec.scale).to(to_dtype(spec.norm_dtype)).to(acc)]
     for step in spec.steps:
         v = values[-1]
         if step.op != "cast":
@@ -76,6 +102,7 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
     g = grad_y.to(acc).reshape(-1, x.shape[-1])
     x_shape = x.shape
     n, rstd = n.reshape(g.shape), rstd.reshape(-1, 1)
+    through = through.reshape(-1, 1) if spec.inverse == "max_l2" else None
     values = [v.reshape(g.shape) for v in values]
     rows = (0,)
     d_params = [torch.zeros_like(p, dtype=acc) for p in preps]
@@ -86,8 +113,14 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
             g = g * preps[step.param]
         elif step.op == "add":
             d_params[step.param] += g.sum(rows)
+    g = g * spec.scale
     inner = (g * n).mean(-1, keepdim=True)
-    d_x = rstd * (g - n * inner) if spec.kind == "rms_norm" else rstd * (g - g.mean(-1, keepdim=True) - n * inner)
+    if spec.inverse == "max_l2":
+        d_x = rstd * (g - through * n * (g * n).sum(-1, keepdim=True))
+    elif spec.kind == "rms_norm":
+        d_x = rstd * (g - n * inner)
+    else:
+        d_x = rstd * (g - g.mean(-1, keepdim=True) - n * inner)
     return [d_x.reshape(x_shape).to(src.dtype), *(d.reshape(p.shape).to(p.dtype) for d, p in zip(d_params, params))]
 
 
@@ -99,13 +132,13 @@ def norm(x: Tensor, params: list[Tensor], spec: str) -> Tensor:
     if _use_triton(x, s):
         from fxfuse.runtime import norm as kernels
 
-        return kernels.forward(s, x, None, params)[0]
-    return reference(s, x, params)
+        return laid_out_like(kernels.forward(s, x, None, params)[0], x)
+    return laid_out_like(reference(s, x, params), x)
 
 
 @norm.register_fake
 def _(x, params, spec):
-    return x.new_empty(x.shape, dtype=to_dtype(_spec(spec).out_dtype))
+    return torch.empty_like(x, dtype=to_dtype(_spec(spec).out_dtype))
 
 
 @torch.library.custom_op("fxfuse::add_norm", mutates_args=())
@@ -114,15 +147,17 @@ def add_norm(x: Tensor, residual: Tensor, params: list[Tensor], spec: str) -> tu
     if _use_triton(x, s):
         from fxfuse.runtime import norm as kernels
 
-        return kernels.forward(s, x, residual, params)
-    total = (x + residual).to(to_dtype(s.sum_dtype))
-    return reference(s, total, params), total
+        y, total = kernels.forward(s, x, residual, params)
+    else:
+        total = (x + residual).to(to_dtype(s.sum_dtype))
+        y = reference(s, total, params)
+    return laid_out_like(y, x), laid_out_like(total, x)
 
 
 @add_norm.register_fake
 def _(x, residual, params, spec):
     s = _spec(spec)
-    return x.new_empty(x.shape, dtype=to_dtype(s.out_dtype)), x.new_empty(x.shape, dtype=to_dtype(s.sum_dtype))
+    return torch.empty_like(x, dtype=to_dtype(s.out_dtype)), torch.empty_like(x, dtype=to_dtype(s.sum_dtype))
 
 
 # ---- backward operator ---------------------------------------------------------------------------
@@ -135,11 +170,12 @@ def norm_backward(grad_y: Tensor, grad_sum: Optional[Tensor], src: Tensor, param
         from fxfuse.runtime import norm as kernels
 
         d_src, d_params = kernels.backward(s, grad_y, grad_sum, src, params)
-        return [d_src, *d_params]
-    d_src, *d_params = _reference_backward(s, grad_y, src, params)
-    if grad_sum is not None:
-        d_src = d_src + grad_sum
-    return [d_src, *d_params]
+    else:
+        d_src, *d_params = _reference_backward(s, grad_y, src, params)
+        if grad_sum is not None:
+            d_src = d_src + grad_sum
+    # In the layouts the fake promises: AOTAutograd plans the backward graph's views on them.
+    return [laid_out_like(d_src, src), *(laid_out_like(d, p) for d, p in zip(d_params, params))]
 
 
 @norm_backward.register_fake

@@ -56,6 +56,7 @@ _BMM = (aten.bmm.default, aten.mm.default)
 _ADDED = (aten.baddbmm.default, aten.addmm.default)
 _PRODUCTS = _BMM + _ADDED
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _CAST = (aten._to_copy.default,)
 
 
@@ -81,6 +82,9 @@ class _Site:
     product_bias: dict = dataclasses.field(default_factory=dict)  # extra index -> beta: a baddbmm's bias
     notes: tuple = ()  # why a constant mask or bias stayed a tensor input
     split_lead: frozenset = frozenset()  # extras added on flat (B*H, Lq, Lk) scores: viewed as (B, H, …)
+    # Extras added on a (B, nW, H, Lq, Lk) view (Swin's windows), by index -> that 5-d shape: read
+    # broadcast to (B, nW) and merged to (B*nW, …).
+    merge_lead: dict = dataclasses.field(default_factory=dict)
 
 
 def _plain_cast(node) -> bool:
@@ -95,12 +99,23 @@ def _scalar_fill(node) -> float | None:
     """The value of a 0-dim constant (``torch.where(m, s, float('-inf'))`` makes a scalar_tensor)."""
     if is_python_scalar(node):
         return float(node)
+    # A constant tensor holds its value in its own dtype (a float32 -1e38 is not the Python float).
+    value = None
     if is_op(node, aten.scalar_tensor.default) and is_python_scalar(node.args[0]):
-        return float(node.args[0])
+        value = float(node.args[0])
     if is_op(node, aten.full.default) and list(node.args[0]) == [] and is_python_scalar(node.args[1]):
-        return float(node.args[1])
-    return None
+        value = float(node.args[1])
+    if value is not None and dtype(node) in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        value = _fill_in(value, dtype_name(dtype(node)))
+    return value
 
+
+
+def _fill_in(value: float, dtype: str) -> float:
+    """The fill value as the scores' dtype holds it: ``torch.where(m, -1e9, s)`` on float16 scores
+    fills -inf (the constant rounds on conversion), and the spec records what is filled, so the
+    reference, the backward's float32 recomputation and the kernels all fill that value."""
+    return float(torch.tensor(value, dtype=torch.float64).to(to_dtype(dtype)))
 
 
 class _ScoreLayout(Exception):
@@ -122,28 +137,29 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
     x, here = softmax_in, score_shape
     while True:
         if not same(shape(x), here):
-            if not _near_product(x):
-                raise _NotAttention
-            raise Declined(f"a score term broadcasts the scores from {list(shape(x) or ())} to {list(here)}; "
-                           "attention's score terms keep the scores' shape", shapes=True)
+            raise _ScoreLayout(f"a score term broadcasts the scores from {list(shape(x) or ())} to {list(here)}; "
+                               "attention's score terms keep the scores' shape")
+        if dtype(x) not in _FLOATS:  # an integer or boolean tensor is not the scores: the walk ends
+            return x, steps[::-1], views
         d = dtype_name(dtype(x))
         a = x.args[0] if isinstance(x, Node) and x.args else None
         if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and is_python_scalar(x.args[1]):
             op = "mul" if x.target in (aten.mul.Tensor, aten.mul.Scalar) else "div"
             steps.append((x, ScoreStep(op, d, value=float(x.args[1])), None, here))
         elif is_op(x, aten.masked_fill.Scalar, aten.masked_fill.Tensor) and _scalar_fill(x.args[2]) is not None:
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2])), x.args[1], here))
+            steps.append((x, ScoreStep("fill", d, value=_fill_in(_scalar_fill(x.args[2]), d)), x.args[1], here))
         elif is_op(x, aten.where.self) and _scalar_fill(x.args[2]) is not None and isinstance(x.args[1], Node):
             a = x.args[1]  # where(mask, s, fill): fill where the mask is False
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[2]), invert=True), x.args[0], here))
+            steps.append((x, ScoreStep("fill", d, value=_fill_in(_scalar_fill(x.args[2]), d), invert=True), x.args[0],
+                          here))
         elif is_op(x, aten.where.self) and _scalar_fill(x.args[1]) is not None and isinstance(x.args[2], Node):
             a = x.args[2]  # where(mask, fill, s): fill where the mask is True
-            steps.append((x, ScoreStep("fill", d, value=_scalar_fill(x.args[1])), x.args[0], here))
+            steps.append((x, ScoreStep("fill", d, value=_fill_in(_scalar_fill(x.args[1]), d)), x.args[0], here))
         elif is_op(x, aten.add.Tensor, aten.mul.Tensor) and x.kwargs.get("alpha", 1) == 1 and \
                 all(isinstance(t, Node) for t in x.args[:2]):
             s0, s1 = x.args[:2]
             # The scores are the operand of the score shape; when both are, the one from a product.
-            first = same(shape(s0), here) and (not same(shape(s1), here) or _near_product(s0))
+            first = same(shape(s0), here) and (not same(shape(s1), here) or _scores_side(s0, s1, math.prod(here)))
             a, other = (s0, s1) if first else (s1, s0)
             steps.append((x, ScoreStep("add" if x.target == aten.add.Tensor else "mul", d), other, here))
         elif is_op(x, aten.div.Tensor) and isinstance(x.args[1], Node) and same(shape(x.args[0]), here):
@@ -152,7 +168,8 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
             steps.append((x, ScoreStep("cast", d), None, here))
         elif is_op(x, aten.tanh.default):
             steps.append((x, ScoreStep("tanh", d), None, here))
-        elif is_op(x, *LAYOUT) and not is_op(layout_chain_back(x)[0], *_PRODUCTS):
+        elif is_op(x, *LAYOUT) and not is_op(layout_chain_back(x)[0], *_PRODUCTS) and \
+                not _outer_product(layout_chain_back(x)[0]):
             # A layout chain between score steps, or between the last one and the softmax (the chain
             # next to the product is the caller's: it may be any proved plain reshape).
             a, chain = layout_chain_back(x)
@@ -164,18 +181,63 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
         x = a
 
 
+def _window_merge(a: tuple, b: tuple) -> bool:
+    """Whether 5-d ``a`` is 4-d ``b`` with its batch dim split in two: Swin's shifted windows view the
+    (B*nW, H, Lq, Lk) scores as (B, nW, H, Lq, Lk) to add the per-window mask."""
+    return len(a) == 5 and len(b) == 4 and a[0] * a[1] == b[0] and tuple(a[2:]) == tuple(b[1:])
+
+
 def _check_lead_reshape(chain: list[Node], src: tuple | None, dst: tuple) -> None:
     """Raise _ScoreLayout unless ``chain`` is a row-major reshape of (…, Lq, Lk) scores to (…, Lq, Lk)
-    that only splits or merges the leading dims."""
+    that only splits or merges the leading dims, into a rank of 2 to 4, or of 5 when the first two
+    dims merge into the batch dim."""
     ops = ", ".join(dict.fromkeys(getattr(n.target, "__name__", str(n.target)) for n in chain))
-    if src is None or len(src) not in (2, 3, 4) or not same(tuple(src[-2:]), tuple(dst[-2:])):
+    if src is None or not same(tuple(src[-2:]), tuple(dst[-2:])):
         raise _ScoreLayout(f"the scores are reshaped from {list(src or ())} to {list(dst)} ({ops}) between score "
                            "steps, which splits or merges the query or key axis; fused attention takes views "
                            "that only split or merge the leading (batch, head) dims there")
+    for a, b in ((src, dst), (dst, src)):
+        if len(a) == 5 and not _window_merge(tuple(a), tuple(b)):
+            raise _ScoreLayout(f"the scores are viewed from {list(src)} to {list(dst)} ({ops}) between score steps: "
+                               "a rank-5 view other than the batch dim split in two (as Swin's windows, (B*nW, H, "
+                               "Lq, Lk) as (B, nW, H, Lq, Lk)); fused attention reads that, or views of rank 2 to 4")
+        if len(a) not in (2, 3, 4, 5):
+            raise _ScoreLayout(f"the scores are viewed from {list(src)} to {list(dst)} ({ops}) between score steps, "
+                               f"as rank {len(a)}; fused attention reads views of rank 2 to 4, or the batch dim "
+                               "split in two (rank 5, Swin's windows)")
     if not is_plain_reshape(chain, tuple(src), tuple(dst)):
         raise _ScoreLayout(f"the scores pass through a layout change ({ops}) between score steps that reorders "
                            f"them ({list(src)} to {list(dst)}, not a plain reshape of the leading dims); fused "
                            "attention takes views that only split or merge the leading (batch, head) dims there")
+
+
+def _product_distance(node: Node, numel: int, limit: int = 256) -> int | None:
+    """How many ops back the nearest product (q @ k^T) is, walking only through tensors with the
+    scores' number of elements (the score steps and their views); None when there is none."""
+    frontier, seen = [node], set()
+    for depth in range(limit):
+        if any(is_op(n, *_PRODUCTS) for n in frontier):
+            return depth
+        seen.update(frontier)
+        frontier = [a for n in frontier for a in n.all_input_nodes
+                    if a not in seen and val(a) is not None and val(a).numel() == numel]
+        if not frontier:
+            return None
+    return None
+
+
+def _scores_side(s0: Node, s1: Node, numel: int) -> bool:
+    """Of two operands of a score term that both have the scores' shape (``s + bias`` with a full
+    (B, H, Lq, Lk) bias), whether ``s0`` is the scores: the one nearer a product through
+    score-sized tensors (however many steps come before it), the left one when neither is."""
+    d0, d1 = _product_distance(s0, numel), _product_distance(s1, numel)
+    return d0 is not None and (d1 is None or d0 <= d1) or d0 is None and d1 is None
+
+
+def _outer_product(node) -> bool:
+    """``a * b`` of two broadcast operands: einsum's (and matmul's) lowering of a product over a
+    dimension of size 1 (attention with head dim 1)."""
+    return is_op(node, aten.mul.Tensor) and all(isinstance(a, Node) and shape(a) != shape(node) for a in node.args[:2])
 
 
 def _near_product(node, depth: int = 8) -> bool:
@@ -343,21 +405,24 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise _NotAttention
     # Sizes may be symbols (dynamic shapes): every comparison below holds for all their values
     # (symbolic.same), so the rewrite is valid for every shape the compiled graph serves.
+    # A softmax whose probabilities reach a value product is a candidate: whatever its scores are,
+    # it is fused or declined with a reason (_probabilities_to_pv raises _NotAttention otherwise,
+    # and the site stays silent; how far the score side's product is decides nothing).
     try:
         start, steps, views = _score_steps(x, score_shape)
     except _ScoreLayout as why:
-        if not _near_product(x, 16):
-            raise _NotAttention from None
         _probabilities_to_pv(softmax)  # not attention at all (no value product): stays silent
         raise Declined(str(why), shapes=True) from None
     qk, score_chain = layout_chain_back(start)
     if not is_op(qk, *_PRODUCTS):
-        if _near_product(start):
-            _probabilities_to_pv(softmax)  # not attention at all (no value product): stays silent
-            raise Declined(f"the scores pass through {getattr(start.target, '__name__', start.target)} between "
-                           "q @ k^T and the softmax; fused attention takes scales, masks, biases, casts and "
-                           "tanh soft-capping there")
-        raise _NotAttention
+        _probabilities_to_pv(softmax)
+        if _outer_product(qk):
+            raise Declined("q @ k^T is computed as a broadcast elementwise product (einsum or matmul over a head "
+                           "dim of size 1 lowers to mul), not a matrix product; fused attention reads bmm/matmul "
+                           "scores (with head dim 1 there is little to gain from fusing)")
+        raise Declined(f"the scores pass through {getattr(start.target, '__name__', start.target)} between "
+                       "q @ k^T and the softmax; fused attention takes scales, masks, biases, casts and "
+                       "tanh soft-capping there")
     rank = len(score_shape)
     probs = _probabilities_to_pv(softmax)
     casts, p_chain, pv, p_node = probs.casts, probs.chain, probs.pv, probs.node
@@ -370,10 +435,11 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
     start_shape = tuple(shape(start))  # the scores as the first step (or the softmax) reads them
     shapes = [tuple(score_shape), start_shape, *(tuple(here) for *_, here in steps)]
-    if any(len(s) not in (2, 3, 4) for s in shapes):
-        bad = next(len(s) for s in shapes if len(s) not in (2, 3, 4))
+    windows = [s for s in shapes if len(s) == 5]  # (B, nW, H, Lq, Lk) views of (B*nW, H, Lq, Lk) scores
+    if any(len(s) not in (2, 3, 4, 5) for s in shapes):
+        bad = next(len(s) for s in shapes if len(s) not in (2, 3, 4, 5))
         raise Declined(f"the scores have rank {bad}; fused attention reads (L, L), (B*H, L, L) or (B, H, L, L) "
-                       "scores", shapes=True)
+                       "scores (and (B, nW, H, L, L) views of (B*nW, H, L, L) ones)", shapes=True)
     product_shape = tuple(shape(qk))  # (N, Lq, Lk) of a batched product, (Lq, Lk) of a 2-D one
     n, (lq, lk) = math.prod(product_shape[:-2]), product_shape[-2:]
     if not same(math.prod(start_shape[:-2]), n) or not same(start_shape[-2:], (lq, lk)) or not \
@@ -384,6 +450,13 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise Declined("the probabilities reach the value product through a layout change (transposed, "
                        "permuted or broadcast), so the product does not contract the key axis", shapes=True)
     v_op = pv.args[1]
+    operands = {"q": qk.args[-2], "k": qk.args[-1], "v": v_op}
+    if any(0 in (shape(t) or ()) for t in (x, *operands.values())):
+        sizes = ", ".join(f"{name} {list(shape(t) or ())}" for name, t in operands.items())
+        raise Declined(f"the site is empty ({sizes}, scores {list(score_shape)}): a size is 0, so there is "
+                       "nothing to compute; it is left as written (eager returns the empty result)")
+    if dtype(qk) not in _FLOATS:
+        raise Declined(f"q @ k^T is a {dtype(qk)} product; fused attention computes floating-point scores")
     score_dtype, head, beta = dtype_name(dtype(qk)), [], 1
     if is_op(qk, *_ADDED):
         score_dtype, head, beta = _added_product(qk, _root(v_op))
@@ -398,7 +471,10 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                        "q @ k^T and the softmax; fused attention reads one (B, H) split", shapes=True)
     lead = splits.pop() if splits else (1, n)
     op_shape = (*lead, lq, lk)  # the scores as the operator reads them
-    extras, kinds, spec_steps, product_bias, notes, split_lead = [], [], [], None, [], set()
+    if any(not _window_merge(w, op_shape) for w in windows):
+        raise Declined(f"the scores are viewed as {list(windows[0])}, which is not their (B, H) = {list(lead)} "
+                       "split with the batch dim split in two; fused attention cannot read a step there")
+    extras, kinds, spec_steps, product_bias, notes, split_lead, merge_lead = [], [], [], None, [], set(), {}
     for step, extra in head:  # the added product's own steps: its bias has the product's shape
         if extra is not None:
             step = dataclasses.replace(step, input=len(extras))
@@ -412,9 +488,10 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             # Read aligned on the right, the tensor meets the same scores in (B, H, Lq, Lk) as in
             # this step's shape, except on flat (B*H, Lq, Lk) scores with B > 1: its own B*H dim
             # is then split into (B, H) for the operator (a view).
-            aligned = same(tuple(here), op_shape[4 - len(here):])
-            flat = not aligned and len(shape(extra)) == 3 and not same(shape(extra)[0], 1)
-            mask = constant_value(extra, gm) if step.op == "fill" else None
+            window_step = len(here) == 5  # its tensor is read with the windows merged into the batch dim
+            aligned = not window_step and same(tuple(here), op_shape[4 - len(here):])
+            flat = not aligned and not window_step and len(shape(extra)) == 3 and not same(shape(extra)[0], 1)
+            mask = constant_value(extra, gm) if step.op == "fill" and not window_step else None
             window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
             derived = None
             if window is None and step.op in ("fill", "add") and aligned:
@@ -433,6 +510,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 step = dataclasses.replace(step, input=len(extras))
                 if flat:
                     split_lead.add(len(extras))
+                if window_step:
+                    merge_lead[len(extras)] = tuple(here)
                 extras.append(extra)
                 kinds.append({"fill": "mask", "add": "bias"}.get(step.op, "factor"))
         spec_steps.append(step)
@@ -454,7 +533,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     dropped = probs.dropout.nodes if probs.dropout else []
     interior = {qk, *score_chain, *(s[0] for s in steps), *views, softmax, *casts, *dropped, *p_chain, pv}
     site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout,
-                 {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead))
+                 {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead),
+                 merge_lead)
     _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else [])})
     return site
 
@@ -528,6 +608,19 @@ def _product_bias(gm, site: _Site, index: int) -> Node:
     return bias
 
 
+def _windows_merged(gm, extra: Node, windows: tuple, before: Node) -> Node:
+    """A tensor added on (B, nW, H, Lq, Lk) scores, as the operator reads it on (B*nW, H, Lq, Lk):
+    broadcast along (B, nW) where it varies along either (a copy of B*nW of its (H|1, Lq|1, Lk|1)
+    slices; Swin's mask is (1, nW, 1, N, N)), then the two merged; a plain view when it varies
+    along neither."""
+    s = (1,) * (5 - len(shape(extra))) + tuple(shape(extra))
+    e = extra if len(shape(extra)) == 5 else insert_call(gm, aten.view.default, (extra, list(s)), before)
+    if s[0] == 1 and s[1] == 1:
+        return insert_call(gm, aten.view.default, (e, [1, *s[2:]]), before)
+    e = insert_call(gm, aten.expand.default, (e, [windows[0], windows[1], *s[2:]]), before)
+    return insert_call(gm, aten.reshape.default, (e, [windows[0] * windows[1], *s[2:]]), before)
+
+
 def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     q_op, k_op = site.qk.args[-2:]
     v_op = site.pv.args[1]
@@ -539,6 +632,7 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     extras = [insert_call(gm, aten.reshape.default, (e[0], size_args(gm, e[1], site.pv)), site.pv)
               if isinstance(e, tuple) else
               _product_bias(gm, site, i) if i in site.product_bias else
+              _windows_merged(gm, e, site.merge_lead[i], site.pv) if i in site.merge_lead else
               insert_call(gm, aten.view.default, (e, size_args(gm, [*site.lead, *shape(e)[1:]], site.pv)), site.pv)
               if i in site.split_lead
               else e for i, e in enumerate(site.extras)]

@@ -159,3 +159,45 @@ def insert_call(gm: torch.fx.GraphModule, target, args, before: Node, kwargs: di
     with fake.fake_mode:
         node.meta["val"] = target(*fake_args, **kwargs)
     return node
+
+
+# ---- layouts ------------------------------------------------------------------------------------
+# A fused operator's output must have the strides the code it replaces produced: the rest of the
+# graph (a head merge's ``view``, a ``linear``'s flattening view, AOTAutograd's plan of the
+# backward) was traced on them, and a ``view`` that was legal there fails on other strides.
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and equal strides along every dim of size > 1 (a size-1 dim's stride is
+    never read), as far as it is known without adding a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if len(a.shape) != len(b.shape):
+        return False
+    for n, m, s, t in zip(a.shape, b.shape, a.stride(), b.stride()):
+        if not statically_known_true(n == m):
+            return False
+        if not statically_known_true(n <= 1) and not statically_known_true(s == t):
+            return False
+    return True
+
+
+def insert_relayout(gm: torch.fx.GraphModule, node: Node, like: torch.Tensor, before: Node) -> Node:
+    """``node``'s values copied into ``like``'s dense layout: permuted to ``like``'s memory order,
+    made contiguous, permuted back (differentiable and functional: no ``copy`` or ``as_strided``)."""
+    from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
+
+    perm, _ = compute_elementwise_output_logical_to_physical_perm(like)
+    if list(perm) == list(range(like.dim())):
+        return insert_call(gm, aten.clone.default, (node,), before, {"memory_format": torch.contiguous_format})
+    inverse = [perm.index(d) for d in range(len(perm))]
+    ordered = insert_call(gm, aten.permute.default, (node, list(perm)), before)
+    dense = insert_call(gm, aten.clone.default, (ordered,), before, {"memory_format": torch.contiguous_format})
+    return insert_call(gm, aten.permute.default, (dense, inverse), before)
+
+
+def match_layout(gm: torch.fx.GraphModule, node: Node, like: torch.Tensor | None, before: Node) -> Node:
+    """``node``, or its values in ``like``'s layout where its own differs (see insert_relayout)."""
+    got = val(node)
+    if like is None or got is None or same_layout(got, like):
+        return node
+    return insert_relayout(gm, node, like, before)

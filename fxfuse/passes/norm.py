@@ -1,6 +1,7 @@
 """Normalization fusion: RMSNorm and LayerNorm, written any way, become one ``fxfuse`` operator.
 
-Recognition anchors on the ``rsqrt``/``sqrt`` of a norm (or on ``aten.native_layer_norm``), walks
+Recognition anchors on the ``rsqrt``/``sqrt`` of a norm (or on ``aten.native_layer_norm``, or on the
+``linalg_vector_norm`` of ``F.normalize``: x / max(||x||, eps), x-transformers' RMSNorm), walks
 back to the statistic (mean of squares, variance, or mean of squared deviations) and the input,
 forward through the normalization to the per-feature weight/bias and casts, and proves each step
 from ``meta``: the reduction is over the last dimension only, eps is a scalar inside the root, the
@@ -15,8 +16,9 @@ import operator
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.graph import (FLOAT_FORMATS, depends_on, dtype, holds_values_of, is_op, is_python_scalar,
-                                 keepdim_of, last_dim_only, plain_cast, shape, source_of, strip_cast, val)
+from fxfuse.passes.graph import (FLOAT_FORMATS, depends_on, dtype, holds_values_of, insert_call, is_op,
+                                 is_python_scalar, keepdim_of, last_dim_only, match_layout, plain_cast, shape,
+                                 source_of, strip_cast, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import NormSpec, ParamPrep, Step, dtype_name
 
@@ -87,7 +89,8 @@ def _check_reduction(node: Node, dims, keepdim: bool, of: Node, what: str = "the
 def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
     """(kind, xc, mean_node, nodes) for a norm statistic, xc being the (maybe upcast) input.
 
-    Returns kind "" when ``stat`` is not a norm statistic at all (an unrelated sqrt).
+    Returns kind "" when ``stat`` is not a norm statistic at all (an unrelated sqrt). How it was
+    computed (the spec's ``statistic``) is ``_statistic_form``'s answer.
     """
     if is_op(stat, *_MEAN):
         sq = stat.args[0]
@@ -126,6 +129,15 @@ def _statistic(stat: Node) -> tuple[str, Node, Node | None, set[Node]]:
         items = {u.args[1]: u for u in pair.users if u.target is operator.getitem}
         return "layer_norm", xc, items.get(1), {pair, *items.values()}
     return "", stat, None, set()
+
+
+def _statistic_form(stat: Node) -> str:
+    """The spec's ``statistic`` for a statistic node ``_statistic`` accepted."""
+    if is_op(stat, aten.var.correction, aten.var.dim):
+        return "var"
+    if stat.op == "call_function" and stat.target is operator.getitem:
+        return "var_mean"
+    return "mean"
 
 
 def _split_eps(inner: Node) -> tuple[Node, float | None]:
@@ -253,9 +265,63 @@ def _hand_written(anchor: Node) -> _Site | None:
     output = _epilogue(normalized, x, steps, params, prepared, notes)
     interior |= _chain(normalized, output)
     interior |= _dead_casts(interior, keep={x, *params})
+    statistic = _statistic_form(stat)
+    if statistic == "var_mean" and operand.args[1] is not mean:  # centered by a mean of its own
+        statistic = "var"
     spec = NormSpec(kind=kind, eps=eps, compute_dtype=_dtype_name(xc), norm_dtype=_dtype_name(normalized),
-                    inverse=form, steps=tuple(steps), params=tuple(prepared))
+                    inverse=form, steps=tuple(steps), params=tuple(prepared), statistic=statistic)
     return _Site(kind, anchor, x, None, params, spec, output, interior, notes)
+
+
+def _l2_normalized(anchor: Node) -> _Site | None:
+    """``x / max(||x||_2, eps)`` over the last dim (``F.normalize(x, dim=-1)``), then an optional
+    constant factor (x-transformers' RMSNorm: ``F.normalize(x, dim=-1) * sqrt(d) * g``) and the
+    per-feature steps. Not x * rsqrt(mean(x^2) + eps): eps clamps the norm (spec inverse "max_l2")."""
+    xc = anchor.args[0]
+    order = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs.get("ord", 2)
+    dims = anchor.args[2] if len(anchor.args) > 2 else anchor.kwargs.get("dim")
+    keepdim = bool(anchor.args[3] if len(anchor.args) > 3 else anchor.kwargs.get("keepdim", False))
+    users = list(anchor.users)
+    clamp = users[0] if len(users) == 1 else None
+    if not is_op(clamp, aten.clamp_min.default) or not is_python_scalar(clamp.args[1]):
+        return None  # a norm used as a value (a loss, a gradient clip): not a normalization
+    if order != 2:
+        raise Declined(f"F.normalize with p={order}; fused norms divide by the L2 norm only")
+    if not isinstance(xc, Node) or dtype(xc) not in FLOAT_FORMATS:
+        return None
+    _check_reduction(anchor, dims, keepdim, xc, "the vector norm")
+    if anchor.kwargs.get("dtype") is not None:
+        raise Declined("the vector norm is taken with a dtype= argument; fused norms compute it in the input's dtype")
+    eps = float(clamp.args[1])
+    if eps <= 0:
+        raise Declined(f"the norm is clamped below by {eps:g}, not a positive eps; a zero row would divide by zero")
+    denominator, interior = clamp, {anchor, clamp}
+    if len(clamp.users) == 1 and is_op(next(iter(clamp.users)), aten.expand.default):
+        denominator = next(iter(clamp.users))
+        interior.add(denominator)
+    users = list(denominator.users)
+    div = users[0] if len(users) == 1 else None
+    if not is_op(div, aten.div.Tensor) or div.args[1] is not denominator:
+        raise Declined("the clamped norm does not divide the input (x / max(||x||, eps)); only that is a "
+                       "normalization")
+    x = strip_cast(xc)
+    if not (holds_values_of(div.args[0], xc) or (holds_values_of(div.args[0], x) and holds_values_of(xc, x))):
+        raise Declined("the value divided by the norm is not the one the norm was computed from")
+    interior.add(div)
+    normalized, scale = div, 1.0
+    if len(div.users) == 1:
+        user = next(iter(div.users))
+        if is_op(user, aten.mul.Tensor, aten.mul.Scalar) and user.args[0] is div and is_python_scalar(user.args[1]) \
+                and dtype(user) == dtype(div):
+            normalized, scale = user, float(user.args[1])
+            interior.add(user)
+    steps, params, prepared, notes = [], [], [], []
+    output = _epilogue(normalized, x, steps, params, prepared, notes)
+    interior |= _chain(normalized, output)
+    interior |= _dead_casts(interior, keep={x, *params})
+    spec = NormSpec(kind="rms_norm", eps=eps, compute_dtype=_dtype_name(xc), norm_dtype=_dtype_name(div),
+                    inverse="max_l2", steps=tuple(steps), params=tuple(prepared), scale=scale)
+    return _Site("rms_norm", anchor, x, None, params, spec, output, interior, notes)
 
 
 def _row_mean_of(m, xc: Node) -> bool:
@@ -356,6 +422,8 @@ class FuseNorm:
                 kind, find = "layer_norm", _native_layer_norm
             elif is_op(node, aten.rsqrt.default, aten.sqrt.default):
                 kind, find = "norm", _hand_written
+            elif is_op(node, aten.linalg_vector_norm.default):
+                kind, find = "rms_norm", _l2_normalized
             else:
                 continue
             source, code = source_of(node)
@@ -378,6 +446,9 @@ class FuseNorm:
 
 
 def _check_site(site: _Site) -> None:
+    if 0 in (shape(site.x) or ()):
+        raise Declined(f"the input is empty (shape {list(shape(site.x))}): there is nothing to normalize; the site "
+                       "is left as written (eager returns the empty result)")
     escaped = [(n, u) for n in site.interior - {site.output} for u in n.users if u not in site.interior]
     if escaped:
         n, u = escaped[0]
@@ -395,15 +466,16 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     last_input = max(inputs, key=order.__getitem__)
     spec = site.spec.to_json()
     graph = gm.graph
-    with graph.inserting_after(last_input):
-        if site.residual is None:
-            new = graph.call_function(torch.ops.fxfuse.norm.default, (site.x, list(site.params), spec))
-            new.meta.update(site.output.meta)
-            _copy_source(site.anchor, new)
-            site.output.replace_all_uses_with(new)
-            return new
-        new = graph.call_function(torch.ops.fxfuse.add_norm.default, (site.x, site.residual, list(site.params), spec))
-    new.meta["val"] = (val(site.output), val(site.sum_node))
+    after = last_input.next
+    if site.residual is None:
+        new = insert_call(gm, torch.ops.fxfuse.norm.default, (site.x, list(site.params), spec), after)
+        new.meta.update({k: v for k, v in site.output.meta.items() if k != "val"})
+        _copy_source(site.anchor, new)
+        # The operator's output follows x's layout; the code it replaces may have produced another
+        # (F.layer_norm returns a contiguous tensor for a permuted x): later views rely on it.
+        site.output.replace_all_uses_with(match_layout(gm, new, val(site.output), after))
+        return new
+    new = insert_call(gm, torch.ops.fxfuse.add_norm.default, (site.x, site.residual, list(site.params), spec), after)
     _copy_source(site.anchor, new)
     with graph.inserting_after(new):
         y = graph.call_function(operator.getitem, (new, 0))
@@ -411,10 +483,12 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
         s = graph.call_function(operator.getitem, (new, 1))
     y.meta.update(site.output.meta)
     s.meta.update(site.sum_node.meta)
-    site.output.replace_all_uses_with(y)
+    y.meta["val"], s.meta["val"] = new.meta["val"]
+    site.output.replace_all_uses_with(match_layout(gm, y, val(site.output), after))
     # Only uses outside the site move to the fused sum: the site's own nodes (which read the sum
     # before the fused op exists) become dead and are removed.
-    site.sum_node.replace_all_uses_with(s, delete_user_cb=lambda user: user not in site.interior)
+    site.sum_node.replace_all_uses_with(match_layout(gm, s, val(site.sum_node), after),
+                                        delete_user_cb=lambda user: user not in site.interior)
     return new
 
 

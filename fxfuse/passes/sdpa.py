@@ -25,9 +25,11 @@ What the spec must reproduce, and how:
   operator follows a user-written softmax and gives NaN. Unless the mask is a constant proved to
   leave every row a key, the pass guards it: such rows see every key inside the operator (so
   nothing is NaN, in the forward or the backward) and their output is then set to 0;
-- in half precision SDPA accumulates q @ k^T in float32 and runs the softmax in float32: the spec
-  casts the scores to float32 first and the probabilities back to the inputs' dtype for the
-  value product.
+- in half precision every SDPA backend the graph can hold (CPU flash, CUDA flash, efficient,
+  cuDNN) accumulates q @ k^T in float32 and applies the scale, the mask and the softmax to that
+  float32 product without rounding it to 16 bits first: the spec's score dtype is float32 (the
+  product of the 16-bit q and k accumulated in float32, as a 16-bit ``baddbmm``'s), every step
+  runs in float32, and the probabilities are rounded to the inputs' dtype for the value product.
 """
 from __future__ import annotations
 
@@ -36,15 +38,14 @@ import math
 import operator
 
 import torch
-from torch._prims_common import make_contiguous_strides_for
 from torch.fx import Node
 
 from fxfuse import index_expr
 from fxfuse.passes.attention import site_shape
 from fxfuse.passes.attention_index import NotIndex, derive
 from fxfuse.passes.attention_layout import causal_window, constant_value, head_merge_chain
-from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar, shape,
-                                  source_of)
+from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar,
+                                  match_layout, same_layout, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import equal_or_guarded, same, size_args
 from fxfuse.spec import dtype_name
@@ -139,6 +140,9 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention on inputs that are not (B, H, L, D) tensors; fused "
                        "attention reads 4-d q, k, v", shapes=True)
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
+    if any(0 in s for s in shapes):
+        raise Declined(f"scaled_dot_product_attention on empty inputs (q {list(shapes[0])}, k {list(shapes[1])}, "
+                       f"v {list(shapes[2])}): a size is 0, so there is nothing to compute; it is left as written")
     # Batch and lengths may be symbols (dynamic shapes): each equality is proved for all their values,
     # or guarded where SDPA itself requires it (a cache's key and value lengths may be two symbols).
     if not all(isinstance(n, int) for n in (h, hk, hv, e, shapes[2][3])):
@@ -161,8 +165,8 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention with a scale that is not a constant")
     in_dtype = dtype_name(dtype(q))
     wide = "float64" if in_dtype == "float64" else "float32"
-    steps = [] if wide == in_dtype else [ScoreStep("cast", wide)]
-    steps.append(ScoreStep("mul", wide, value=float(scale)))
+    # The product itself is accumulated in float32 and never rounded to 16 bits (see above).
+    steps = [ScoreStep("mul", wide, value=float(scale))]
     score_shape = (b, h, lq, lk)
     inputs, claimed_mask, boolean, guard = (), None, False, False
     if causal:
@@ -205,7 +209,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True) if boolean
                          else ScoreStep("add", wide, input=0))
             inputs = ("mask" if boolean else "bias",)
-    spec = AttentionSpec(score_dtype=in_dtype, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
+    spec = AttentionSpec(score_dtype=wide, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
                          kv_groups=h // hk, dropout=float(dropout))
     return _Claim(spec, claimed_mask, boolean, guard)
 
@@ -222,8 +226,26 @@ def _index_form(mask: Node, boolean: bool, score_shape, gm, constant, guard: boo
         return None
 
 
+def _merge_layout(t: torch.Tensor) -> bool:
+    """Whether a (B, H, L, D) output is laid out in (B, L, H, D) memory order, as SDPA's CPU
+    flash kernel (and CUDA's flash and efficient kernels) return it, and not also contiguous."""
+    from torch._prims_common import make_contiguous_strides_for
+
+    b, h, lq, dv = t.shape
+    sb, sl, sh, sd = make_contiguous_strides_for((b, lq, h, dv))
+    merged = torch.empty_strided(t.shape, (sb, sh, sl, sd), device="meta")
+    contiguous = torch.empty(t.shape, device="meta")
+    return same_layout(t, merged) and not same_layout(t, contiguous)
+
+
 def _replace(gm, node: Node, claim: _Claim) -> Node:
     q, k, v = node.args[:3]
+    composite = node.target == aten.scaled_dot_product_attention.default
+    outputs = [node] if composite else [u for u in node.users if u.args[1] == 0]
+    # The strides the replaced call gave its output: the graph after it (a head merge's view) was
+    # traced on them, so the fused call writes that layout too.
+    produced = val(outputs[0]) if outputs else None
+    merge_heads = produced is not None and _merge_layout(produced)
     extras, alive = [], None
     if claim.mask is not None:
         mask = claim.mask
@@ -237,28 +259,25 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
                 insert_call(gm, aten.where.ScalarOther, (alive, mask, 0.0), node)
         extras.append(mask)
     args = (q, k, v, extras, claim.spec.to_json())
-    seed = insert_seed(gm, q, node) if claim.spec.dropout else None  # fresh each call, saved for the backward
-    # Where SDPA's own output is laid out heads-last ((B, L, H, D) memory, as the CPU flash kernel
-    # writes it), the code after it may view it as (B, L, H*D) without a copy: the fused call
-    # then writes that layout too, so every view the graph takes of it stays valid.
-    heads_last = _heads_last(node)
-    if seed is not None or heads_last:
-        args += (seed,) + ((True,) if heads_last else ())
+    seed = insert_seed(gm, q, node) if claim.spec.dropout else None  # a fresh seed each call, saved for the backward
+    if seed is not None or merge_heads:
+        args += (seed,)
+    if merge_heads:
+        args += (True,)
     fused = insert_call(gm, torch.ops.fxfuse.attention.default, args, node)
     if node.meta.get("stack_trace"):
         fused.meta["stack_trace"] = node.meta["stack_trace"]
-    # The zeroing keeps the fused output's layout (the first operand of a mul decides it; a
-    # where's condition would): dead rows are finite, so 0 * row is 0.
-    out = fused if alive is None else insert_call(
-        gm, aten.mul.Tensor, (fused, insert_call(gm, aten._to_copy.default, (alive,), node, {"dtype": dtype(q)})), node)
-    if node.target == aten.scaled_dot_product_attention.default:
+    out = fused if alive is None else _zero_dead_rows(gm, fused, alive, merge_heads, node)
+    if produced is not None:
+        out = match_layout(gm, out, produced, node)
+    if composite:
         node.replace_all_uses_with(out)
     else:
         for user in list(node.users):
             user.replace_all_uses_with(out)
             gm.graph.erase_node(user)
     gm.graph.erase_node(node)
-    merge = head_merge_chain(fused, tuple(shape(fused)[:2])) if out is fused and not heads_last else None
+    merge = head_merge_chain(fused, tuple(shape(fused)[:2])) if out is fused and not merge_heads else None
     if merge is not None:  # only a head merge reads the output: write it in that order (see attention.py)
         merged = insert_call(gm, torch.ops.fxfuse.attention.default, (*fused.args[:5], seed, True), merge)
         merged.meta["stack_trace"] = fused.meta.get("stack_trace")
@@ -269,16 +288,18 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
     return fused
 
 
-def _heads_last(node: Node) -> bool:
-    """Whether the SDPA call's output (B, H, L, D) is laid out in (B, L, H, D) memory order."""
-    out = node.meta.get("val")
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    if not isinstance(out, torch.Tensor) or out.dim() != 4:
-        return False
-    b, h, lq, d = out.shape
-    sb, sl, sh, sd = make_contiguous_strides_for((b, lq, h, d))
-    return same(tuple(out.stride()), (sb, sh, sl, sd)) and not same(tuple(out.stride()),
-                                                                     tuple(make_contiguous_strides_for(out.shape)))
+def _zero_dead_rows(gm, fused: Node, alive: Node, merge_heads: bool, before: Node) -> Node:
+    """``where(alive, fused, 0)`` in ``fused``'s layout: ``where`` lays its result out after its
+    first operand (the (B, H, L, 1) condition, contiguous), so for a (B, L, H, D)-ordered output it
+    runs on the heads-last views and the result is permuted back."""
+    if not merge_heads:
+        return insert_call(gm, aten.where.ScalarOther, (alive, fused, 0.0), before)
+    to_heads_last = [0, 2, 1, 3]
+    alive_last = insert_call(gm, aten.permute.default, (alive, to_heads_last), before)
+    alive_last = insert_call(gm, aten.clone.default, (alive_last,), before, {"memory_format": torch.contiguous_format})
+    fused_last = insert_call(gm, aten.permute.default, (fused, to_heads_last), before)
+    zeroed = insert_call(gm, aten.where.ScalarOther, (alive_last, fused_last, 0.0), before)
+    return insert_call(gm, aten.permute.default, (zeroed, to_heads_last), before)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Random combinations of attention styles (hypothesis): layout (baddbmm with an ALiBi-like bias
 among them) x scale placement (or soft-capping) x mask kind x GQA x softmax upcast x head merge x
-dtype; every generated model's site is fused and equals eager, and generated near-misses are
-declined. The generated models also run through the interpreted Triton kernels (12 examples).
-Also the torch.compile path (dropout: test_attention_dropout*.py)."""
+dtype (float16 among them: 16-bit fills and statistics); every generated model's site is fused and
+equals eager, and generated near-misses are declined. The generated models also run through the
+interpreted Triton kernels (12 examples). The same models with NaN/inf in q, k or v give NaN and
+inf exactly where eager does; sites with an empty size are declined and still run; SDPA claimed
+in 16 bits equals eager SDPA. Also the torch.compile path (dropout: test_attention_dropout*.py)."""
 import copy
 import math
 
@@ -10,11 +12,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import torch.nn.functional as F
+
 import fxfuse
 from fxfuse.passes.attention import FuseAttention
 from fxfuse.passes.canonicalize import Canonicalize
+from fxfuse.passes.sdpa import ClaimSDPA
 from tests.attention_styles import MultiHeadProjections
-from tests.tolerances import assert_close_to_reference
+from tests.tolerances import assert_close_to_reference, assert_close_with_nonfinite
 
 PASSES = [Canonicalize(), FuseAttention()]
 B, H, L, D = 2, 2, 5, 8
@@ -25,6 +30,7 @@ SCALES = ["none", "on_q", "on_k", "mul_scores", "div_sqrt_d", "softcap"]
 MASKS = ["none", "pad_fill_inf", "pad_where_min", "additive", "causal_tril", "sliding_window", "bias_hld", "chunked",
          "alibi"]
 INDEX_MASKS = ("causal_tril", "sliding_window", "chunked", "alibi")  # computed in the kernel: no mask tensor
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NEAR_MISSES = ["softmax_dim_-2", "mask_after_softmax", "scores_returned", "probs_transposed", "bias_from_v"]
 
 
@@ -117,7 +123,7 @@ def _leaves(inputs, dtype=None):
 
 @SETTINGS
 @given(layout=st.sampled_from(LAYOUTS), scale=st.sampled_from(SCALES), mask=st.sampled_from(MASKS),
-       gqa=st.booleans(), upcast=st.booleans(), merge=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+       gqa=st.booleans(), upcast=st.booleans(), merge=st.booleans(), dtype=st.sampled_from(DTYPES))
 def test_generated_attention_is_fused_and_equals_eager(layout, scale, mask, gqa, upcast, merge, dtype):
     _check_generated(layout, scale, mask, gqa, upcast, merge, dtype, {})
 
@@ -126,7 +132,7 @@ def test_generated_attention_is_fused_and_equals_eager(layout, scale, mask, gqa,
 # fewer examples; the combinations meet the kernels' tile lists, merged output layout and GQA).
 @settings(SETTINGS, max_examples=12)
 @given(layout=st.sampled_from(LAYOUTS), scale=st.sampled_from(SCALES), mask=st.sampled_from(MASKS),
-       gqa=st.booleans(), upcast=st.booleans(), merge=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+       gqa=st.booleans(), upcast=st.booleans(), merge=st.booleans(), dtype=st.sampled_from(DTYPES))
 def test_generated_attention_on_the_kernels_equals_eager(layout, scale, mask, gqa, upcast, merge, dtype):
     _check_generated(layout, scale, mask, gqa, upcast, merge, dtype, {"interpret": True})
 
@@ -146,6 +152,102 @@ def _check_generated(layout, scale, mask, gqa, upcast, merge, dtype, options):
     got, got_dq = _run(res.module, _leaves(inputs))
     assert_close_to_reference(got, eager, expected, "output")
     assert_close_to_reference(got_dq, eager_dq, expected_dq, "dq")
+
+
+# Non-finite inputs, on the torch path (the CPU fast path must follow the user's NaN semantics): one
+# query or key vector NaN or inf, or a NaN value (which 0 * NaN spreads to every row, as in eager).
+SPECIALS = ["nan_q", "inf_q", "nan_k", "inf_k", "nan_v"]
+
+
+@settings(SETTINGS, max_examples=25)
+@given(layout=st.sampled_from(LAYOUTS), scale=st.sampled_from(SCALES), mask=st.sampled_from(MASKS),
+       upcast=st.booleans(), special=st.sampled_from(SPECIALS), row=st.integers(0, 3),
+       dtype=st.sampled_from(DTYPES))
+def test_generated_attention_with_nonfinite_inputs_gives_eagers_nan_and_inf(layout, scale, mask, upcast, special,
+                                                                             row, dtype):
+    model = Generated(layout, scale, mask, False, upcast).to(dtype)
+    inputs = model.inputs(dtype)
+    which = "qkv".index(special[-1])
+    inputs[which].view(-1, inputs[which].shape[-1])[row] = float("nan" if special.startswith("nan") else "inf")
+    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
+    assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
+    expected = copy.deepcopy(model).double()(*(t.double() if t.is_floating_point() else t for t in inputs))
+    assert_close_with_nonfinite(res.module(*inputs), model(*inputs), expected, f"{special} row {row}")
+
+
+class EmptyGenerated(torch.nn.Module):
+    """Attention in a few layouts and masks, on inputs where one size is 0."""
+
+    def __init__(self, layout, mask):
+        super().__init__()
+        self.layout, self.mask = layout, mask
+
+    def forward(self, q, k, v, keep):
+        if self.layout == "sdpa":
+            m = keep[:, None, None, :] if self.mask == "padding" else None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=self.mask == "causal", scale=0.5)
+        s = torch.einsum("bhqd,bhkd->bhqk", q, k) if self.layout == "einsum" else q @ k.transpose(-1, -2)
+        s = s * 0.5
+        n = s.shape[-1]
+        if self.mask == "causal":
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        elif self.mask == "padding":
+            s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        p = s.softmax(-1)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v) if self.layout == "einsum" else p @ v
+
+
+@settings(SETTINGS, max_examples=15)
+@given(layout=st.sampled_from(["bhld", "einsum", "sdpa"]), mask=st.sampled_from(["none", "causal", "padding"]),
+       empty=st.sampled_from("BHLD"))
+def test_generated_empty_site_is_declined_and_runs(layout, mask, empty):
+    sizes = dict(zip("BHLD", (B, H, L, D)), **{empty: 0})
+    shape = [sizes[c] for c in "BHLD"]
+    inputs = [torch.randn(shape) for _ in range(3)] + [torch.ones(sizes["B"], sizes["L"], dtype=torch.bool)]
+    model = EmptyGenerated(layout, mask)
+    res = fxfuse.rewrite(model, tuple(inputs), passes=[Canonicalize(), ClaimSDPA(), FuseAttention()])
+    assert not res.matches and all("empty" in m.reason for m in res.misses), res.report()
+    assert res.module(*inputs).shape == model(*inputs).shape
+
+
+# SDPA claimed in 16 bits: the spec computes what SDPA computes (q @ k^T accumulated in float32,
+# scaled and masked there, probabilities rounded once), on both CPU paths.
+def _sdpa_claim(dtype, scale, mask, length, dim, options):
+    g = torch.Generator().manual_seed(length * dim)
+    q, k, v = (torch.randn(1, 2, length, dim, generator=g).to(dtype) for _ in range(3))
+    extras = []
+    if mask == "bool":
+        extras = [torch.rand(1, 1, length, length, generator=g) > 0.3]
+        extras[0][..., 0] = True  # every row keeps a key: SDPA's guard for empty rows is tested elsewhere
+    elif mask == "float":
+        extras = [torch.randn(1, 2, length, length, generator=g).to(dtype)]
+
+    def fn(q, k, v, *m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m[0] if m else None, is_causal=mask == "causal",
+                                              scale=scale)
+
+    res = fxfuse.rewrite(fn, (q, k, v, *extras), passes=[Canonicalize(), ClaimSDPA()], options=options)
+    assert [m.kind for m in res.matches] == ["attention"] and res.matches[0].spec.score_dtype == "float32", \
+        res.report()
+    expected = fn(q.double(), k.double(), v.double(), *(e.double() if e.is_floating_point() else e for e in extras))
+    assert_close_to_reference(res.module(q, k, v, *extras), fn(q, k, v, *extras), expected, "output")
+
+
+SDPA_CLAIMS = dict(dtype=st.sampled_from([torch.bfloat16, torch.float16]), scale=st.sampled_from([None, 0.3, 3.0]),
+                   mask=st.sampled_from(["none", "causal", "bool", "float"]), length=st.sampled_from([3, 17, 33]),
+                   dim=st.sampled_from([4, 16]))
+
+
+@settings(SETTINGS, max_examples=20)
+@given(**SDPA_CLAIMS)
+def test_generated_sdpa_claim_in_16_bits_equals_eager(dtype, scale, mask, length, dim):
+    _sdpa_claim(dtype, scale, mask, length, dim, {})
+
+
+@settings(SETTINGS, max_examples=6)
+@given(**SDPA_CLAIMS)
+def test_generated_sdpa_claim_in_16_bits_on_the_kernels_equals_eager(dtype, scale, mask, length, dim):
+    _sdpa_claim(dtype, scale, mask, length, dim, {"interpret": True})
 
 
 @SETTINGS
