@@ -137,15 +137,15 @@ def test_a_mask_reading_the_length_stays_a_tensor_and_stays_exact():
 
 
 def test_a_site_left_unfused_because_of_its_shapes_warns_once():
-    # 5-d scores (two batch dims): fused attention reads rank 2 to 4, a shape reason.
-    def five_d(q, k, v):
+    # 6-d scores (three batch dims): fused attention reads rank 2 to 5, a shape reason.
+    def six_d(q, k, v):
         return (q @ k.transpose(-1, -2)).softmax(-1) @ v
 
     be = Backend()
-    compiled = torch.compile(five_d, backend=be)
-    with pytest.warns(UserWarning, match="left unfused because of its shapes: the scores have rank 5") as seen:
+    compiled = torch.compile(six_d, backend=be)
+    with pytest.warns(UserWarning, match="left unfused because of its shapes: the scores have rank 6") as seen:
         for n in (5, 7, 9):  # a static graph, then a symbolic one: the same site, one warning
-            compiled(*(torch.randn(2, 2, H, n, 8) for _ in range(3)))
+            compiled(*(torch.randn(2, 3, 2, H, n, 8) for _ in range(3)))
     assert len(be.reports) == 2
     assert sum("left unfused because of its shapes" in str(w.message) for w in seen) == 1
     assert all(m.shapes for r in be.reports for m in r.misses if m.kind == "attention")
