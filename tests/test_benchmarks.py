@@ -65,3 +65,24 @@ def test_bench_attention_smallest(tmp_path):
     assert by_key["softcap", "fwd", "sdpa"]["note"].startswith("SDPA cannot express")
     assert "not measured on CPU" in payload["peak_memory"]
     assert payload["source"]["commit"]  # the numbers say which checkout made them
+
+
+def test_bench_loss_smallest(tmp_path):
+    out = tmp_path / "loss.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_loss.py"), "--threads", "1", "--tokens", "16",
+                           "--hidden", "8", "--vocab", "256", "--impls", "eager,fxfuse,liger", "--repeat", "1", "--modes", "fwd+bwd",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(payload["results"]) == 3
+    by_key = {(r["mode"], r["impl"]): r for r in rows}
+    for mode in ("fwd+bwd",):
+        fx = by_key[mode, "fxfuse"]
+        assert float(fx["ms"]) > 0 and float(fx["peak_mib"]) >= 0, fx
+        assert float(fx["loss_diff_vs_eager"]) < 1e-5, fx  # the fused loss computes what eager does
+        assert by_key[mode, "liger"]["note"].startswith("skipped") or by_key[mode, "liger"]["ms"], by_key[mode, "liger"]
+    assert float(by_key["fwd+bwd", "fxfuse"]["grad_w_max_diff_vs_eager"]) < 1e-2
+    assert payload["source"]["commit"]

@@ -60,8 +60,12 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.attention import FuseAttention
     from fxfuse.passes.norm import FuseNorm
     from fxfuse.passes.sdpa import ClaimSDPA
+    from fxfuse.passes.linear_cross_entropy import FuseLinearCrossEntropy
+    from fxfuse.passes.gated_mlp import FuseGatedMLP
+    from fxfuse.passes.dyt import FuseDyT
 
-    return {cls.name: cls for cls in (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm)}
+    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT)
+    return {cls.name: cls for cls in passes}
 
 
 DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-attention,fuse-norm"

@@ -36,7 +36,9 @@ def prepare_kernels(specs) -> list[Kernel]:
     compiling ahead with Triton's ``warmup`` would need each kernel's launch arguments here."""
     from fxfuse.progress import bar
 
-    distinct = list({_key(spec): spec for spec in specs}.values())
+    # A spec with ``kernel = False`` (the chunked linear cross-entropy, the gated activation) runs
+    # as ATen ops: it has no source.
+    distinct = list({_key(spec): spec for spec in specs if getattr(spec, "kernel", True)}.values())
     kernels: dict[str, Kernel] = {}
     for spec in bar(distinct, len(distinct), "fxfuse: generating kernels"):
         k = kernel(spec)
