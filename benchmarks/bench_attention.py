@@ -37,7 +37,9 @@ from bench_norm import device_parser, first_call, machine_info, machine_slug, ti
 import fxfuse  # noqa: E402  (bench_norm put the checkout on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPLS = ("eager", "inductor", "sdpa", "flex", "fxfuse")
+IMPLS = ("eager", "inductor", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "fxfuse")
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}  # SDPA pinned to one kernel
+GQA_GROUPS = 4  # query heads per kv head in the gqa variant (Llama 3 8B: 32 / 8)
 WINDOW = 256  # sliding window: each query sees itself and the 255 keys before it
 SOFTCAP = 50.0  # Gemma 2's attention logit cap
 
@@ -160,8 +162,34 @@ class RelativeBias(Causal):  # T5-style learned bias per head and distance (clip
         return (lambda s, b, h, qi, kv: s + table[h, (kv - qi).clamp(-m, m) + m]), None
 
 
+class GroupedQuery(Causal):  # Llama: causal, kv heads repeated to the query heads (repeat_kv), then attention
+    gqa = True
+
+    def forward(self, q, k, v):
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        return super().forward(q, k, v)
+
+    def sdpa(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+class Decode(Causal):  # one new token attending to the whole KV cache (Lq = 1): no mask
+    def allowed(self, i, j, keep=None):
+        return torch.ones_like(i * j, dtype=torch.bool)
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+        return s.softmax(-1) @ v
+
+    def sdpa(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def flex(self, q):
+        return None, None
+
+
 VARIANTS = {"causal": Causal, "sliding_window": SlidingWindow, "padding_mask": PaddingMask, "alibi": Alibi,
-            "softcap": Softcap, "relative_bias": RelativeBias}
+            "softcap": Softcap, "relative_bias": RelativeBias, "gqa": GroupedQuery, "decode": Decode}
 
 
 def make_variant(name, heads):
@@ -170,6 +198,10 @@ def make_variant(name, heads):
 
 
 def make_inputs(name, b, h, length, d, dtype, device, grad):
+    if name in ("gqa", "decode"):  # kv heads h / GQA_GROUPS; decoding: one query over `length` keys
+        kv_heads = max(1, h // GQA_GROUPS) if name == "gqa" else h
+        shapes = ((b, h, 1 if name == "decode" else length, d), *[(b, kv_heads, length, d)] * 2)
+        return tuple(torch.randn(s, dtype=dtype, device=device, requires_grad=grad) for s in shapes)
     qkv = [torch.randn(b, h, length, d, dtype=dtype, device=device, requires_grad=grad) for _ in range(3)]
     if name != "padding_mask":
         return tuple(qkv)
@@ -181,6 +213,8 @@ def make_inputs(name, b, h, length, d, dtype, device, grad):
 def useful_pairs(module, inputs) -> int:
     """(b, h, i, j) score positions that take part (masked ones are work a fused kernel can skip)."""
     q = inputs[0]
+    if isinstance(module, Decode):
+        return q.shape[0] * q.shape[1] * q.shape[2] * inputs[1].shape[2]
     i, j = _positions(q)
     allowed = module.allowed(i, j, inputs[3] if len(inputs) > 3 else None)
     # a mask without batch/head dims holds for every (b, h); a (B, 1, L, L) one for every head
@@ -205,13 +239,14 @@ def flex_module(base, inputs, device):
 
     compiled = torch.compile(flex_attention, dynamic=False)
     q, extra = inputs[0], inputs[3:]
+    gqa = {"enable_gqa": True} if getattr(base, "gqa", False) else {}
     score_mod, mask_mod = base.flex(q, *extra)
     length = q.size(-2)
     block_mask = None
     if mask_mod is not None:  # built once per shape, outside the timed call, as FlexAttention intends
         b = q.size(0) if extra else None
         block_mask = create_block_mask(mask_mod, b, None, length, length, device=device)
-    return _Call(base, lambda q, k, v, *_: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)), \
+    return _Call(base, lambda q, k, v, *_: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, **gqa)), \
         "block mask built outside the timed call" if block_mask is not None else ""
 
 
@@ -241,6 +276,19 @@ def build(impl, base, inputs, device, cpu_compile, row):
             row["note"] = "SDPA cannot express this variant (tanh softcapping between the product and the softmax)"
             return None
         return _Call(base, base.sdpa)
+    if impl in SDPA_BACKENDS:
+        if device != "cuda" or base.sdpa is None:
+            row["note"] = "skipped: SDPA's flash and cuDNN kernels are CUDA only" if device != "cuda" else \
+                "SDPA cannot express this variant"
+            return None
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_BACKENDS[impl])
+
+        def pinned(*args):
+            with sdpa_kernel(backend):  # fails (no fallback) where that kernel cannot run the call
+                return base.sdpa(*args)
+        return _Call(base, pinned)
     if impl == "flex":
         module, row["note"] = flex_module(base, inputs, device)
         return module

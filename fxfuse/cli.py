@@ -5,6 +5,8 @@
     fxfuse explain pkg.module:FACTORY
     fxfuse explain --compile ...         through torch.compile: one report per graph (graph breaks)
     fxfuse kernels DIR                   the kernels in a --dump directory or kernel cache
+    fxfuse explain|kernels ... --target sm_90   each kernel compiled for that GPU (no GPU needed):
+                                         registers, spills, shared memory, tensor cores per config
 
 A FACTORY is a function, called with no arguments, that returns (model, example_inputs) or
 (model, example_inputs, example_kwargs): the model (a torch.nn.Module or any callable), a tuple of
@@ -179,7 +181,7 @@ def cmd_explain(opts) -> int:
 
     options = {"debug_dir": str(Path(opts.dump).resolve())} if opts.dump else {}
     if opts.compile:
-        text, page = _explain_compiled(model, args, kwargs, opts.passes, options, opts.html)
+        text, page, backend = _explain_compiled(model, args, kwargs, opts.passes, options, opts.html)
     else:
         try:
             res = fxfuse.rewrite(model, args, passes=opts.passes, options=options, example_kwargs=kwargs)
@@ -187,7 +189,16 @@ def cmd_explain(opts) -> int:
             raise RunError(_capture_failure(err)) from None
         text = res.report()
         page = res.report_data.html() if opts.html else None  # draws the graph before and after
-    print(text)
+    if not (opts.gpu_target and opts.json):
+        print(text)
+    if opts.gpu_target:
+        from fxfuse import target_check
+
+        graphs = [r.after for r in backend.reports] if opts.compile else [res.report_data.after]
+        status = target_check.print_rows([x for gm in graphs if gm is not None
+                                          for x in target_check.launches_of_graph(gm)], opts.gpu_target, opts.json)
+        if status:
+            return status
     if opts.dump:
         (Path(opts.dump) / "report.txt").write_text(text + "\n")
         print(f"graphs and kernels written to {opts.dump}")
@@ -238,7 +249,7 @@ def _explain_compiled(model, args, kwargs, passes, options, html: bool):
         if explanation:
             text += f" ({explanation.removeprefix('Explanation:').strip()})"
         raise RunError(f"running the model under torch.compile raised {text}") from None
-    return backend.report(), (backend.html() if html else None)
+    return backend.report(), (backend.html() if html else None), backend
 
 
 def read_kernel_header(path: Path) -> dict | None:
@@ -271,6 +282,10 @@ def cmd_kernels(opts) -> int:
     # A --dump / FXFUSE_DEBUG_DIR directory keeps its kernels in kernels/; a cache dir holds them at top level.
     files = sorted([*root.glob("*.py"), *root.glob("kernels/*.py")])
     found = [k for k in map(read_kernel_header, files) if k is not None]
+    if opts.gpu_target and found:
+        from fxfuse import target_check
+
+        return target_check.print_rows(target_check.launches_of_files(found), opts.gpu_target, opts.json)
     if opts.json:
         for k in found:
             print(json.dumps(k, sort_keys=True))
@@ -285,6 +300,27 @@ def cmd_kernels(opts) -> int:
         if opts.verbose:
             print(f"  {'':<{width}}  {k['path']}\n  {'':<{width}}  spec: {json.dumps(k['spec'], sort_keys=True)}")
     return 0
+
+
+def _gpu_target(text: str) -> str:
+    from fxfuse.runtime.configs import SHARED_BYTES, arch_of
+
+    try:
+        arch = arch_of(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if arch not in SHARED_BYTES:
+        raise argparse.ArgumentTypeError(f"unknown GPU target {text!r}; use one of "
+                                         f"{', '.join(f'sm_{a}' for a in sorted(SHARED_BYTES))}")
+    return f"sm_{arch}"
+
+
+def _add_target_options(parser, json_flag: bool = True) -> None:
+    parser.add_argument("--target", dest="gpu_target", metavar="sm_90", type=_gpu_target,
+                        help="compile every generated kernel for this GPU (no GPU needed) at every launch config "
+                             "fxfuse would try, and print registers, spills, shared memory and tensor-core use")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="with --target: one JSON object per line")
 
 
 def cmd_demo(opts) -> int:
@@ -319,12 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="go through torch.compile(model, backend=fxfuse.Backend()) instead of fxfuse.rewrite: "
                          "Dynamo splits the model around code one capture cannot take (graph breaks), one report "
                          "per graph, all of them in the --html page")
+    _add_target_options(explain)
     explain.set_defaults(run=cmd_explain)
 
     kernels = sub.add_parser("kernels", help="list the fxfuse kernels in a directory, with their specs")
     kernels.add_argument("dir", help="a --dump directory, FXFUSE_DEBUG_DIR or the kernel cache")
     kernels.add_argument("-v", "--verbose", action="store_true", help="also print each file and its full spec")
     kernels.add_argument("--json", action="store_true", help="one JSON object per kernel")
+    _add_target_options(kernels, json_flag=False)
     kernels.set_defaults(run=cmd_kernels)
     return parser
 

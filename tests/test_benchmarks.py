@@ -47,10 +47,10 @@ def test_bench_attention_smallest(tmp_path):
     columns = {"variant", "mode", "seq_len", "head_dim", "impl", "ms", "tflops", "peak_mib", "speedup_vs_eager",
                "speedup_vs_inductor", "speedup_vs_sdpa", "speedup_vs_flex", "fused", "max_abs_diff_vs_eager", "note"}
     assert columns <= set(rows[0])
-    variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias")
+    variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias", "gqa", "decode")
     by_key = {(r["variant"], r["mode"], r["impl"]): r for r in rows}
     assert set(by_key) == {(v, m, i) for v in variants for m in ("fwd", "fwd+bwd")
-                           for i in ("eager", "inductor", "sdpa", "flex", "fxfuse")}
+                           for i in ("eager", "inductor", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "fxfuse")}
     for v in variants:
         for m in ("fwd", "fwd+bwd"):
             fx = by_key[v, m, "fxfuse"]
@@ -59,7 +59,7 @@ def test_bench_attention_smallest(tmp_path):
             assert fx["note"].startswith("fused: " if fx["fused"] == "True" else "not fused: "), fx
             assert payload["fxfuse_sites"][v][f"{m} L=48 D=16"] == fx["note"]
             # skipped implementations say why instead of leaving a blank
-            for impl in ("inductor", "flex"):
+            for impl in ("inductor", "flex", "sdpa_flash", "sdpa_cudnn"):
                 assert by_key[v, m, impl]["ms"] == "" and by_key[v, m, impl]["note"].startswith("skipped"), v
     assert by_key["causal", "fwd", "fxfuse"]["fused"] == "True"
     assert by_key["softcap", "fwd", "sdpa"]["note"].startswith("SDPA cannot express")

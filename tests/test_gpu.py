@@ -115,3 +115,31 @@ def test_attention_dropout_on_cuda():
     assert_close_to_reference(got, eager, ref, "output")
     for g, e, r in zip(got_grads, eager_grads, ref_grads):
         assert_close_to_reference(g, e, r, "gradient")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_every_launch_config_fxfuse_tries_is_exact_on_cuda(d):
+    """Each config of the tuner's list (runtime.configs) computes the same attention, forward and
+    backward: the split into full and masked tiles, exp2 and the reversed causal order at GPU tile
+    sizes, compiled (the CPU tests cover them interpreted at small tiles)."""
+    import math
+
+    from fxfuse.ops.attention import reference, reference_backward
+    from fxfuse.runtime.attention import backward, forward, launch_configs
+    from fxfuse.spec_attention import AttentionSpec, ScoreStep
+
+    spec = AttentionSpec("bfloat16", (ScoreStep("mul", "bfloat16", value=d ** -0.5),
+                                      ScoreStep("fill", "bfloat16", value=-math.inf)), "bfloat16")
+    wide = AttentionSpec("float64", tuple(ScoreStep(s.op, "float64", s.value) for s in spec.steps), "float64")
+    q, k, v, do = (torch.randn(2, 4, 1000, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    exact = reference(wide, q.double(), k.double(), v.double(), [])
+    exact_grads = reference_backward(wide, do.double(), q.double(), k.double(), v.double(), [])[:3]
+    for function in ("forward", "backward_dkdv", "backward_dq"):
+        for config in launch_configs(spec, function, q, k, v):
+            if function == "forward":
+                got = [forward(spec, q, k, v, [], config=config)[0]]
+                want = [exact]
+            else:
+                got, want = backward(spec, do, q, k, v, [], config=config)[:3], exact_grads
+            for g, r in zip(got, want):  # bf16 outputs: a few roundings of values of order 1
+                assert (g.double() - r).abs().max() <= 2e-2 * (1 + r.abs().max()), (function, config)

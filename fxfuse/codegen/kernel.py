@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-CODEGEN_VERSION = "1"  # bump when templates change in a way that must not reuse old files
+CODEGEN_VERSION = "2"  # bump when templates change in a way that must not reuse old files
 
 
 @dataclasses.dataclass(frozen=True)

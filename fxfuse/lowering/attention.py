@@ -11,7 +11,11 @@ Stages, in order:
    non-positive factor), so that a skipped key's probability would have been exactly zero;
 4. with index-expression masks, the kernels visit key (query) tiles from per-tile lists computed
    at launch (``attention_tiles``): tiles every skippable fill hides (the rule of stage 3) are left
-   out, and tiles no index mask touches skip evaluating the expressions.
+   out, and tiles no index mask touches skip evaluating the expressions;
+5. decide whether log2(e) may be folded into a scalar scale so that the kernels take ``exp2`` of
+   the scores directly (``log2_fold``): only where no score can be a huge finite value (a finite
+   fill, an additive tensor or expression) that the factor would overflow to -inf, and where no
+   rounding of the user's happens at or after the folded step (it would round other values).
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ class AttentionPlan:
     fp32_dot: bool  # the operands are float32: ask tl.dot for full precision (no tf32)
     tile_lists: bool = False  # an index-expression mask: tiles come from lists made at launch
     loads: tuple[int, ...] = ()  # inputs of kind "head" the expressions load once per program
+    # The step whose scalar scale also multiplies by log2(e) (len(steps): a multiply after the
+    # steps), so the online softmax runs on exp2; None: natural units and tl.exp.
+    log2_fold: int | None = None
 
 
 def _rounding(name: str) -> str | None:
@@ -57,6 +64,25 @@ def _can_skip_causal_tiles(spec: AttentionSpec) -> bool:
     return bool(causal) and skippable_fill(spec, causal[0])
 
 
+def _log2_fold(spec: AttentionSpec) -> int | None:
+    """Where log2(e) can be folded (see stage 5), or None."""
+    for s in spec.steps:
+        if s.op == "add" or (s.op == "fill" and s.value != float("-inf")):
+            return None  # a huge finite score times log2(e) may overflow to -inf
+    # Walking back from the softmax: fold into the last positive scalar scale if only -inf fills
+    # and casts, none rounding, come after it; else multiply by log2(e) after every step (after
+    # the last rounding, so each rounding still sees the user's values).
+    for k in reversed(range(len(spec.steps))):
+        s = spec.steps[k]
+        if _rounding(s.dtype):
+            break
+        if s.op in ("mul", "div") and s.input == -1 and s.value > 0:
+            return k
+        if s.op not in ("fill", "cast"):
+            break
+    return len(spec.steps)
+
+
 def lower_attention(spec: AttentionSpec) -> AttentionPlan:
     return AttentionPlan(
         score_round=_rounding(spec.score_dtype),
@@ -67,4 +93,5 @@ def lower_attention(spec: AttentionSpec) -> AttentionPlan:
         fp32_dot=spec.score_dtype == "float32",
         tile_lists=any(s.op == "fill" and s.expr is not None for s in spec.steps),
         loads=tuple(sorted(set().union(*(loads(s.expr) for s in spec.steps if s.expr is not None)))),
+        log2_fold=_log2_fold(spec),
     )

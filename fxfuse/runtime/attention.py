@@ -2,75 +2,131 @@
 two backward kernels and the dropout-mask kernel, with their grids, tile lists and tile sizes."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
+from fxfuse.lowering.attention import lower_attention
 from fxfuse.lowering.attention_tiles import tile_lists
 from fxfuse.runtime import functions
+from fxfuse.runtime.configs import LaunchConfig, attention_configs, choose, length_bucket
 from fxfuse.runtime.arguments import extra_4d, output_buffer, seed_args
 from fxfuse.spec_attention import AttentionSpec
 
-BLOCK_M = 16
-BLOCK_N = 16  # tl.dot needs at least 16 along every dimension on GPUs
+def device_arch(device) -> int | None:
+    """The compute capability of a CUDA device as 80, 90, ...; None off CUDA (the interpreter)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def launch_configs(spec: AttentionSpec, function: str, q, k, v, arch: int | None = None) -> list[LaunchConfig]:
+    """The configs fxfuse tries for ``function`` at these inputs' sizes (``arch`` defaults to the
+    inputs' device's)."""
+    arch = device_arch(q.device) if arch is None else arch
+    return attention_configs(arch, function, q.shape[-1], v.shape[-1], _dtype_name(q.dtype), q.shape[2], k.shape[2],
+                             tile_inputs(spec))
+
+
+def tile_inputs(spec: AttentionSpec) -> int:
+    """How many extra tensors the kernels read as a (BLOCK_M, BLOCK_N) tile per key tile (masks,
+    biases, factor tensors; not the per-head inputs of index expressions, read once)."""
+    return len({s.input for s in spec.steps if s.input >= 0 and spec.inputs[s.input] != "head"})
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _pick(spec: AttentionSpec, function: str, q, k, v, run, config: LaunchConfig | None) -> None:
+    """Run ``run(config)`` with the given config, else with the tuned one for this launch's key."""
+    if config is None:
+        plan = lower_attention(spec)
+        key = (spec.to_json(), function, q.shape[-1], v.shape[-1], q.dtype, length_bucket(q.shape[2]),
+               length_bucket(k.shape[2]), plan.skip_above_diagonal)
+        config = choose(key, launch_configs(spec, function, q, k, v), run)
+    run(config)
+
+
+def _grid_meta(config: LaunchConfig, d: int, dv: int, on_gpu: bool) -> dict:
+    meta = dict(BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                BLOCK_DV=max(16, triton.next_power_of_2(dv)), DOT_F32=not on_gpu)
+    if on_gpu:  # the interpreter takes neither
+        meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    return meta
 
 
 def dropout_mask(spec: AttentionSpec, seed: torch.Tensor, shape4, device) -> torch.Tensor:
     """The keep mask (B, H, Lq, Lk) bool that the kernels draw for ``seed``, from the same
-    ``dropout_keep`` function."""
+    ``dropout_keep`` function (any tile size draws the same mask: the draw is per element)."""
     kernel = functions(spec)["dropout_mask"]
     b, h, lq, lk = shape4
+    block = 16 if device_arch(device) is None else 64
     keep = torch.empty((b, h, lq, lk), dtype=torch.uint8, device=device)
     if keep.numel():
-        kernel[(triton.cdiv(lq, BLOCK_M), triton.cdiv(lk, BLOCK_N), b * h)](
-            *seed_args(spec, seed), keep, lq, lk, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        kernel[(triton.cdiv(lq, block), triton.cdiv(lk, block), b * h)](
+            *seed_args(spec, seed), keep, lq, lk, BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
 
 
-def _tiles(spec: AttentionSpec, shape4, device) -> tuple:
-    """The tile lists the kernels read when the spec has index-expression masks, else ()."""
+def tiles(spec: AttentionSpec, shape4, config: LaunchConfig, device) -> tuple:
+    """The tile lists the kernels read when the spec has index-expression masks, else (): a
+    function of (spec, sizes, tile size), computed and cached per launch size."""
     if not any(s.op == "fill" and s.expr is not None for s in spec.steps):
         return ()
-    return tile_lists(spec, shape4, BLOCK_M, BLOCK_N, device)
+    return tile_lists(spec, shape4, config.BLOCK_M, config.BLOCK_N, device)
 
 
 def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None, seed=None,
-            merge_heads: bool = False):
+            merge_heads: bool = False, config: LaunchConfig | None = None):
     """Launch the forward kernel; returns (out (B, H, Lq, Dv), stats (2, B*H, Lq) float32): each
     query row's running max m and sum l (its log-sum-exp is m + log(l)), of the undropped scores.
 
     ``out_dtype`` (the backward's float32) also turns the user's roundings of the scores off, so
     that the log-sum-exp matches the backward's unrounded recomputation. ``seed`` draws the
     dropout mask of a spec with dropout (see ``dropout_mask``). With ``merge_heads`` the output is
-    written in (B, Lq, H, Dv) memory order (the kernel stores through its strides)."""
+    written in (B, Lq, H, Dv) memory order (the kernel stores through its strides). ``config``
+    fixes the launch config (else the tuned one for this key, see ``runtime.configs``)."""
     kernel = functions(spec)["forward"]
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
     out = output_buffer((b, h, lq, dv), out_dtype or v.dtype, q.device, merge_heads)
     stats = torch.empty((2, b * h, lq), dtype=torch.float32, device=q.device)
     es = [extra_4d(e, (b, h, lq, lk)) for e in extras]
-    tiles = _tiles(spec, (b, h, lq, lk), q.device)[:3]
+
+    def run(c: LaunchConfig) -> None:
+        kernel[(triton.cdiv(lq, c.BLOCK_M), b * h)](
+            q, k, v, out, stats, *es, *tiles(spec, (b, h, lq, lk), c, q.device)[:3], *seed_args(spec, seed),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *(s for e in es for s in e.stride()), h,
+            spec.kv_groups, lq, lk, d, dv, ROUND=out_dtype is None, **_grid_meta(c, d, dv, q.is_cuda))
+
     if out.numel():
-        kernel[(triton.cdiv(lq, BLOCK_M), b * h)](
-            q, k, v, out, stats, *es, *tiles, *seed_args(spec, seed), *q.stride(), *k.stride(), *v.stride(),
-            *out.stride(), *(s for e in es for s in e.stride()), h, spec.kv_groups, lq, lk, d, dv,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
-            BLOCK_DV=max(16, triton.next_power_of_2(dv)), DOT_F32=not q.is_cuda, ROUND=out_dtype is None,
-        )
+        _pick(spec, "forward", q, k, v, run, config)
     return out, stats
 
 
-def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[bool] | None = None, seed=None):
+def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[bool] | None = None, seed=None,
+             config: LaunchConfig | None = None):
     """Launch the backward kernels; returns [dq, dk, dv] in q's, k's and v's shapes and dtypes,
     then one entry per extra: with ``extra_grads`` (one flag per extra), the gradient of each
     flagged bias ("add" steps) or factor tensor ("mul"/"div" steps) in its shape and dtype, else
-    None. ``seed`` is the forward's: the kernels redraw its dropout mask.
+    None. ``seed`` is the forward's: the kernels redraw its dropout mask. ``config`` fixes the
+    launch config of all three kernels (else each is tuned for its key).
 
     The forward kernel runs again for the log-sum-exp and the output (delta = rowsum(dO * O)):
     the operator does not return them yet, so the backward pays one forward pass.
     """
     # delta = rowsum(dO * O) stands for rowsum(dP * P): with O rounded to bf16 its error is the
     # same for every key of a row and adds up coherently in dq and dk, so O is kept in float32.
-    out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed)
+    out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed, config=config)
     b, h, lq, d = q.shape
     hkv, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
@@ -78,11 +134,11 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
     dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
     es = [extra_4d(e, (b, h, lq, lk)) for e in extras]
-    common = (q, k, v, grad_out, stats, delta, *es, *_tiles(spec, (b, h, lq, lk), q.device), *seed_args(spec, seed),
-              *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(s for e in es for s in e.stride()), h,
-              spec.kv_groups, lq, lk, d, dv_dim)
-    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                BLOCK_DV=max(16, triton.next_power_of_2(dv_dim)), DOT_F32=not q.is_cuda, ROUND=False)
+    def common(c: LaunchConfig) -> tuple:
+        return (q, k, v, grad_out, stats, delta, *es, *tiles(spec, (b, h, lq, lk), c, q.device), *seed_args(spec, seed),
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(s for e in es for s in e.stride()), h,
+                spec.kv_groups, lq, lk, d, dv_dim)
+
     kernels = functions(spec)
     extra_grads = list(extra_grads or [False] * len(extras))
     # (step, extra) of the biases' and the factor tensors' steps
@@ -96,12 +152,21 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
     # per kind, a buffer per step.
     per_score = {n: torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device)
                  for steps, want in ((adds, want_bias), (factors, want_factor)) if want for n, _ in steps}
-    dq_meta = dict(meta, **({"BIAS_GRAD": want_bias} if adds else {}),
-                   **({"FACTOR_GRAD": want_factor} if factors else {}))
+    flags = dict(**({"BIAS_GRAD": want_bias} if adds else {}), **({"FACTOR_GRAD": want_factor} if factors else {}))
+    on_gpu = q.is_cuda
+
+    def run_dkdv(c: LaunchConfig) -> None:
+        kernels["backward_dkdv"][(triton.cdiv(lk, c.BLOCK_N), b * h)](
+            *common(c), dk, dv, ROUND=False, **_grid_meta(c, d, dv_dim, on_gpu))
+
+    def run_dq(c: LaunchConfig) -> None:
+        kernels["backward_dq"][(triton.cdiv(lq, c.BLOCK_M), b * h)](
+            *common(c), dq, *(per_score.get(n, dq) for n, _ in adds + factors), ROUND=False, **flags,
+            **_grid_meta(c, d, dv_dim, on_gpu))
+
     if q.numel() and k.numel():
-        kernels["backward_dkdv"][(triton.cdiv(lk, BLOCK_N), b * h)](*common, dk, dv, **meta)
-        kernels["backward_dq"][(triton.cdiv(lq, BLOCK_M), b * h)](
-            *common, dq, *(per_score.get(n, dq) for n, _ in adds + factors), **dq_meta)
+        _pick(spec, "backward_dkdv", q, k, v, run_dkdv, config)
+        _pick(spec, "backward_dq", q, k, v, run_dq, config)
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     if spec.kv_groups > 1:  # a kv head's gradient sums over the query heads that read it

@@ -10,6 +10,8 @@ import triton
 from fxfuse.codegen.norm import MAX_ROW  # noqa: F401 (the operators ask the runtime what fits)
 from fxfuse.lowering.norm import lower_norm
 from fxfuse.runtime import functions
+from fxfuse.runtime.attention import device_arch
+from fxfuse.runtime.configs import choose, norm_configs
 from fxfuse.spec import NormSpec
 
 
@@ -30,10 +32,11 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch_shape(n: int) -> tuple[int, int]:
-    block = triton.next_power_of_2(n)
-    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
-    return block, warps
+def _launch(spec: NormSpec, function: str, t: torch.Tensor, n: int, run) -> None:
+    """Run ``run(config)`` with the tuned config of this row length (warps; the whole row is one
+    block), see ``runtime.configs.norm_configs``."""
+    configs = norm_configs(device_arch(t.device), n)
+    run(choose((spec.to_json(), function, triton.next_power_of_2(n), t.dtype), configs, run))
 
 
 def forward(spec: NormSpec, x: torch.Tensor, residual, params):
@@ -47,13 +50,14 @@ def forward(spec: NormSpec, x: torch.Tensor, residual, params):
     s = torch.empty(x.shape, dtype=getattr(torch, spec.sum_dtype), device=x.device) if spec.residual else None
     s2 = s.view(-1, n) if s is not None else y2
     flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
-    block, warps = _launch_shape(n)
     rows = x2.shape[0]
+
+    def run(c) -> None:
+        kernel[(rows,)](x2, r2, s2, y2, *flat_params, rows, n, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
+                        spec.eps, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps)
+
     if rows:
-        kernel[(rows,)](
-            x2, r2, s2, y2, *flat_params, rows, n, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
-            spec.eps, BLOCK_N=block, num_warps=warps,
-        )
+        _launch(spec, "forward", x, n, run)
     return y, s
 
 
@@ -75,11 +79,12 @@ def backward(spec: NormSpec, grad_y, grad_sum, src, params):
     acc = torch.float64 if lower_norm(spec).acc == "float64" else torch.float32
     partials = [torch.zeros((programs, n), dtype=acc, device=src.device) for _ in params]
     flat_params = [p.reshape(-1).contiguous() for p in params]  # the kernels index parameters densely
-    block, warps = _launch_shape(n)
+
+    def run(c) -> None:
+        kernel[(programs,)](dy2, ds2, x2, dx2, *flat_params, *partials, rows, n, dy2.stride(0), ds2.stride(0),
+                            x2.stride(0), dx2.stride(0), spec.eps, per_program, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps)
+
     if rows:
-        kernel[(programs,)](
-            dy2, ds2, x2, dx2, *flat_params, *partials, rows, n, dy2.stride(0), ds2.stride(0), x2.stride(0),
-            dx2.stride(0), spec.eps, per_program, BLOCK_N=block, num_warps=warps,
-        )
+        _launch(spec, "backward", src, n, run)
     grads = [part.sum(0).reshape(p.shape).to(p.dtype) for part, p in zip(partials, params)]
     return dx, grads

@@ -8,7 +8,7 @@ regenerate the files and commit them with the template change:
 
 (with the variable set, each test writes its file and then compares against what it wrote). If
 the change alters what an already-cached kernel computes, also bump ``CODEGEN_VERSION`` in
-``fxfuse/codegen/cache.py``; the kernel names in the golden files change with it.
+``fxfuse/codegen/kernel.py``; the kernel names in the golden files change with it.
 """
 from __future__ import annotations
 

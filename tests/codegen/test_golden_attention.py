@@ -8,7 +8,7 @@ intended, regenerate the files and commit them with the template change:
     FXFUSE_UPDATE_GOLDEN=1 python -m pytest -q tests/codegen/test_golden_attention.py
 
 If the change alters what an already-cached kernel computes, also bump ``CODEGEN_VERSION`` in
-``fxfuse/codegen/cache.py``; the kernel names in the golden files change with it.
+``fxfuse/codegen/kernel.py``; the kernel names in the golden files change with it.
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ SPECS = {
     # Training: causal, dropout 0.1 on the probabilities (a Philox draw shared by all three kernels).
     "dropout_causal_f32": AttentionSpec(
         F32, (ScoreStep("mul", F32, value=0.125), ScoreStep("fill", F32, value=NEG_INF)), F32, dropout=0.1),
+    # Hugging Face eager attention in bf16 under a causal mask: scores rounded to bf16 at each step.
+    "causal_bf16": AttentionSpec(
+        BF16, (ScoreStep("mul", BF16, value=0.125), ScoreStep("fill", BF16, value=NEG_INF)), BF16),
     # SDPA's math decomposition: a padding mask and aten._safe_softmax (a row with every key hidden
     # gives 0: the forward divides by 1 where the row's sum is 0, the backward recomputes p = 0).
     "safe_padding_mask_f32": AttentionSpec(
@@ -131,5 +134,30 @@ def test_window_kernel_hides_old_keys_and_bf16_kernel_rounds_only_before_the_f32
     forward = bf16[:bf16.index("_backward_dkdv(")]
     # The product, the scale and the bias each round to bf16 as in the user's graph; after the
     # cast to float32 the softmax sees unrounded float32 scores.
-    assert forward.count("s = s.to(tl.bfloat16).to(tl.float32)") == 3
-    assert "p = tl.exp(s - m_safe[:, None])" in forward
+    # (in each of the two key loops: full tiles and masked ones)
+    assert forward.count("s = tl.dot(q, k)") == 2 and forward.count("s = s.to(tl.bfloat16).to(tl.float32)") == 6
+    assert "p = tl.exp(s - m_safe[:, None])" in forward  # rounded scores: no log2(e) folded into them
+
+
+def test_log2e_is_folded_only_where_no_rounding_or_huge_finite_score_meets_it():
+    plain = generate(SPECS["plain_f32"]).source
+    assert "s = s * 0.18033688011112042  # scale * log2(e)" in plain and "p = tl.exp2(s - m_safe[:, None])" in plain
+    assert "m_i * 0.6931471805599453" in plain  # the saved row max is in natural units
+    assert "row_max = row_max * 1.4426950408889634" in plain  # and the backward goes back to log2 units
+    assert "s = s * 0.18033688011112042" in generate(SPECS["causal_f32"]).source  # a division by 8 folded too
+    for case in ("padding_mask_bias_f32", "bf16_scores_f32_softmax", "index_alibi_chunk_f32"):
+        source = generate(SPECS[case]).source  # a bias may hold finfo.min: times log2(e) it would be -inf
+        assert "tl.exp2" not in source and "log2" not in source, case
+    # bf16 rounds the scaled scores: log2(e) multiplies them after the last rounding, not the scale.
+    bf16 = generate(SPECS["causal_bf16"]).source
+    assert "s = s * 0.125" in bf16 and "s = s * 1.4426950408889634  # log2 units" in bf16
+
+
+def test_full_tiles_skip_mask_and_bounds_math_and_causal_rows_run_longest_first():
+    causal = generate(SPECS["causal_f32"]).source
+    forward = causal[:causal.index("_backward_dkdv(")]
+    full = forward[forward.index("for start_n in range(full_lo, full_hi"):forward.index("for start_n in range(full_hi, hi")]
+    assert "in_bounds" not in full and "flag1" not in full and "< LK" not in full  # no causal rule, no bounds
+    assert "pid_m = tl.num_programs(0) - 1 - tl.program_id(0)" in forward  # the longest rows first
+    window = generate(SPECS["causal_window_f32"]).source  # every windowed row does the same work
+    assert "tl.num_programs(0) - 1" not in window and "for start_n in range(lo, full_lo" in window

@@ -15,6 +15,7 @@ from fxfuse.runtime.attention import forward as kernel_forward
 from fxfuse.codegen.attention import generate
 from fxfuse.lowering.attention import lower_attention
 from fxfuse.ops.attention import _sdpa_form, reference
+from fxfuse.runtime.configs import LaunchConfig
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 from tests.tolerances import assert_close_to_reference, tolerance
 
@@ -415,3 +416,79 @@ def test_backward_kernels_with_a_factor_tensor_and_an_additive_term(kind, dtype)
     for name, g, e, x in zip(["dq", "dk", "dv", "d temperature", "d bias"], got, eager, exact):
         assert g is not None and g.dtype == t, name
         assert_close_to_reference(g, e, x, f"{name} ({kind})")
+
+
+# Tile sizes other than the interpreter's 16x16: the loop split into masked and full tiles, the
+# causal and window ranges and the longest-rows-first order must hold for any BLOCK_M / BLOCK_N.
+TILE_CONFIGS = [LaunchConfig(32, 16, 4, 2), LaunchConfig(16, 32, 4, 2), LaunchConfig(32, 64, 4, 3)]
+
+
+@pytest.mark.parametrize("config", TILE_CONFIGS, ids=str)
+@pytest.mark.parametrize("kind", ["causal", "window", "mask_bias", "factor", "softcap"])
+@pytest.mark.parametrize("lq,lk", [(37, 37), (3, 70), (70, 45)])
+def test_kernels_are_exact_at_every_tile_size(lq, lk, kind, config):
+    from fxfuse.runtime.attention import backward as kernel_backward
+
+    spec = _spec(kind, "float32")
+    q, k = torch.randn(B, H, lq, D), torch.randn(B, H, lk, D)
+    v = torch.randn(B, H, lk, D + 4)
+    extras = _extras(kind, lq, lk)
+    upstream = torch.randn(B, H, lq, D + 4, dtype=torch.float64)
+    out = kernel_forward(spec, q, k, v, extras, config=config)[0]
+    eager = reference(spec, q, k, v, extras)
+    f64 = AttentionSpec("float64", tuple(dataclasses.replace(s, dtype="float64") for s in spec.steps),
+                        "float64", spec.inputs)
+    wide = [e.double() if e.is_floating_point() else e for e in extras]
+    exact = reference(f64, q.double(), k.double(), v.double(), wide)
+    nan = exact.isnan()  # more queries than keys: the first rows see no key under the causal rule
+    assert torch.equal(out.isnan(), nan)
+    assert_close_to_reference(out.masked_fill(nan, 0), eager.masked_fill(nan, 0), exact.masked_fill(nan, 0), "out")
+    got = kernel_backward(spec, upstream.float(), q, k, v, extras, config=config)
+    for name, g, e, r in zip("qkv", got, _autograd_grads(spec, q, k, v, extras, upstream),
+                             _autograd_grads(f64, q.double(), k.double(), v.double(), wide, upstream)):
+        hole = r.isnan()
+        assert_close_to_reference(g.masked_fill(hole, 0), e.masked_fill(hole, 0), r.masked_fill(hole, 0), f"d{name}")
+
+
+def test_the_tuner_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch):
+    """The autotuning hook without a GPU: candidate configs are timed by an injected benchmark
+    (here: a fake clock favouring 16x32), the winner is remembered per key, and every candidate's
+    launch computes the right output."""
+    import fxfuse.runtime.attention as launches
+    from fxfuse.runtime import configs
+
+    candidates = [LaunchConfig(16, 16, 1, 1), LaunchConfig(16, 32, 1, 1), LaunchConfig(32, 16, 1, 1)]
+    monkeypatch.setattr(launches, "launch_configs", lambda *a, **kw: candidates)
+    timed = []
+
+    def fake_bench(run):
+        run()  # the candidate really launches
+        timed.append(1)
+        return 1.0 if len(timed) % 3 == 2 else 5.0  # the second candidate (16x32) is fastest
+
+    spec = _spec("causal", "float32")
+    q, k, v = torch.randn(3, B, H, 45, D).unbind(0)
+    with configs.bench_hook(fake_bench):
+        out = kernel_forward(spec, q, k, v, [])[0]
+        assert len(timed) == 3
+        (key, chosen), = configs.chosen().items()
+        assert chosen == LaunchConfig(16, 32, 1, 1) and key[2:4] == (D, D) and key[-1] is True
+        kernel_forward(spec, q, k, v, [])  # the same key: no more timing
+        kernel_forward(spec, *(t[:, :, :40].contiguous() for t in (q, k, v)), [])  # 40 and 37: one length bucket
+        assert len(timed) == 3
+    torch.testing.assert_close(out, reference(spec, q, k, v, []), rtol=1e-5, atol=1e-5)
+    assert key not in configs.chosen()  # the hook forgets its choices (and restores the ones before it)
+
+
+def test_config_lists_follow_the_arch_head_dim_dtype_and_length():
+    from fxfuse.runtime.configs import INTERPRETER, attention_configs
+
+    assert attention_configs(None, "forward", 128, 128, "bfloat16", 4096, 4096) == [INTERPRETER]
+    h100 = attention_configs(90, "forward", 128, 128, "bfloat16", 4096, 4096)
+    assert 1 < len(h100) <= 8 and all(c.BLOCK_M in (64, 128) and c.BLOCK_N in (16, 32, 64, 128) for c in h100)
+    assert h100[-1] == LaunchConfig(64, 16, 4, 2)  # the fallback that never spills (--target sm_90), last
+    assert LaunchConfig(128, 64, 8, 3) in h100 and LaunchConfig(128, 128, 8, 3) not in h100  # it spills at D=128
+    assert LaunchConfig(128, 128, 8, 3) in attention_configs(90, "forward", 64, 64, "bfloat16", 4096, 4096)
+    assert all(c.BLOCK_M == 16 for c in attention_configs(90, "forward", 128, 128, "bfloat16", 1, 8192))  # decoding
+    assert all(c.num_stages <= 3 for c in attention_configs(80, "forward", 64, 64, "bfloat16", 4096, 4096))
+    assert all(c.BLOCK_M <= 64 and c.BLOCK_N <= 64 for c in attention_configs(90, "forward", 64, 64, "float32", 4096, 4096))

@@ -6,7 +6,7 @@ import triton.language as tl
 
 
 @triton.jit
-def fxfuse_attention_15e898f2fad8_forward(Q, K, V, O, STATS, E0,
+def fxfuse_attention_b1da71f45a03_forward(Q, K, V, O, STATS, E0,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                    se0_b, se0_h, se0_m, se0_n, H, GROUPS, LQ, LK, D, DV,
@@ -28,9 +28,46 @@ def fxfuse_attention_15e898f2fad8_forward(Q, K, V, O, STATS, E0,
     m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # The online softmax. A row with every score -inf so far keeps p = 0 (m_safe: not
+    # exp(-inf + inf) = NaN) until a finite score arrives; if none does, l_i stays 0 and the row
+    # is 0/0 = NaN, as softmax gives.
     lo = 0
     hi = LK
-    for start_n in range(lo, hi, BLOCK_N):
+    # Full tiles (in bounds, nothing causal hidden) need no mask or bounds arithmetic.
+    full_lo = lo
+    full_hi = LK // BLOCK_N * BLOCK_N  # keys in bounds
+    full_hi = tl.where((pid_m + 1) * BLOCK_M <= LQ, full_hi, lo)  # rows in bounds
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=offs_d[:, None] < D, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k)
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        s = s * 0.125
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        s = s + tl.load(E0 + off_b * se0_b + off_h * se0_h + offs_m[:, None] * se0_m + offs_n[None, :] * se0_n).to(tl.float32)
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=offs_dv[None, :] < DV, other=0.0)
+        p_v = p.to(V.dtype.element_ty)  # the probabilities meet v in v's dtype, as in the user's code
+        if DOT_F32:
+            p_v = p_v.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_v, v)
+        m_i = m_new
+    for start_n in range(full_hi, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -46,11 +83,8 @@ def fxfuse_attention_15e898f2fad8_forward(Q, K, V, O, STATS, E0,
         s = s + tl.load(E0 + off_b * se0_b + off_h * se0_h + offs_m[:, None] * se0_m + offs_n[None, :] * se0_n, mask=in_bounds, other=0.0).to(tl.float32)
         if ROUND:
             s = s.to(tl.bfloat16).to(tl.float32)
-        # Keys past the end take no part; -inf gives them probability 0 whatever the steps did.
         s = tl.where(offs_n[None, :] < LK, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every score -inf so far keeps p = 0 (not exp(-inf + inf) = NaN) until a finite
-        # score arrives; if none does, l_i stays 0 and the row is 0/0 = NaN, as softmax gives.
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
@@ -73,7 +107,7 @@ def fxfuse_attention_15e898f2fad8_forward(Q, K, V, O, STATS, E0,
 
 
 @triton.jit
-def fxfuse_attention_15e898f2fad8_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0,
+def fxfuse_attention_b1da71f45a03_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         se0_b, se0_h, se0_m, se0_n, H, GROUPS, LQ, LK, D, DV, DK, DV_OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
@@ -83,7 +117,7 @@ def fxfuse_attention_15e898f2fad8_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0,
     off_hkv = off_h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0)  # under a causal rule the first key tiles see the most queries: they start first
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
@@ -94,9 +128,48 @@ def fxfuse_attention_15e898f2fad8_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0,
         vt = vt.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for start_m in range(0, LQ, BLOCK_M):
+    lo = 0
+    hi = LQ
+    # Full tiles (in bounds, nothing causal hidden) need no mask or bounds arithmetic.
+    full_lo = lo
+    full_hi = LQ // BLOCK_M * BLOCK_M  # queries in bounds
+    full_hi = tl.where((pid_n + 1) * BLOCK_N <= LK, full_hi, lo)  # keys in bounds
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    for start_m in range(full_lo, full_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+        q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=offs_d[None, :] < D, other=0.0)
+        do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                     mask=offs_dv[None, :] < DV, other=0.0)
+        row_max = tl.load(STATS + pid_bh * LQ + offs_m)
+        row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m)
+        delta = tl.load(DELTA + pid_bh * LQ + offs_m)
+        if DOT_F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        s = tl.dot(q, kT)
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        s = s * 0.125
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        s = s + tl.load(E0 + off_b * se0_b + off_h * se0_h + offs_m[:, None] * se0_m + offs_n[None, :] * se0_n).to(tl.float32)
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        p = tl.exp(s - row_max[:, None]) / row_sum[:, None]
+        dp = tl.dot(do, tl.trans(vt))
+        ds = p * (dp - delta[:, None])
+        ds = ds * 0.125
+        p_v = p.to(V.dtype.element_ty)  # as in the forward: p meets v in v's dtype
+        ds_q = ds.to(Q.dtype.element_ty)
+        if DOT_F32:
+            p_v = p_v.to(tl.float32)
+            ds_q = ds_q.to(tl.float32)
+        dv += tl.dot(tl.trans(p_v), do)
+        dk += tl.dot(tl.trans(ds_q), q)
+    for start_m in range(full_hi, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
@@ -107,6 +180,7 @@ def fxfuse_attention_15e898f2fad8_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0,
         if DOT_F32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         s = tl.dot(q, kT)
         if ROUND:
             s = s.to(tl.bfloat16).to(tl.float32)
@@ -121,7 +195,7 @@ def fxfuse_attention_15e898f2fad8_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0,
         dp = tl.dot(do, tl.trans(vt))
         ds = p * (dp - delta[:, None])
         ds = ds * 0.125
-        p_v = p.to(V.dtype.element_ty)  # as in the forward: the probabilities meet v in v's dtype
+        p_v = p.to(V.dtype.element_ty)  # as in the forward: p meets v in v's dtype
         ds_q = ds.to(Q.dtype.element_ty)
         if DOT_F32:
             p_v = p_v.to(tl.float32)
@@ -134,7 +208,7 @@ def fxfuse_attention_15e898f2fad8_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0,
 
 
 @triton.jit
-def fxfuse_attention_15e898f2fad8_backward_dq(Q, K, V, DO, STATS, DELTA, E0,
+def fxfuse_attention_b1da71f45a03_backward_dq(Q, K, V, DO, STATS, DELTA, E0,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         se0_b, se0_h, se0_m, se0_n, H, GROUPS, LQ, LK, D, DV, DQ, DB1, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
@@ -157,9 +231,44 @@ def fxfuse_attention_15e898f2fad8_backward_dq(Q, K, V, DO, STATS, DELTA, E0,
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, LK, BLOCK_N):
+    lo = 0
+    hi = LK
+    # Full tiles (in bounds, nothing causal hidden) need no mask or bounds arithmetic.
+    full_lo = lo
+    full_hi = LK // BLOCK_N * BLOCK_N  # keys in bounds
+    full_hi = tl.where((pid_m + 1) * BLOCK_M <= LQ, full_hi, lo)  # rows in bounds
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+        kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=offs_d[:, None] < D, other=0.0)
+        vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     mask=offs_dv[None, :] < DV, other=0.0)
+        if DOT_F32:
+            kT = kT.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, kT)
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        s = s * 0.125
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        s = s + tl.load(E0 + off_b * se0_b + off_h * se0_h + offs_m[:, None] * se0_m + offs_n[None, :] * se0_n).to(tl.float32)
+        if ROUND:
+            s = s.to(tl.bfloat16).to(tl.float32)
+        p = tl.exp(s - row_max[:, None]) / row_sum[:, None]
+        dp = tl.dot(do, tl.trans(vt))
+        ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(DB1 + (pid_bh * LQ + offs_m[:, None]).to(tl.int64) * LK + offs_n[None, :], ds)
+        ds = ds * 0.125
+        ds_k = ds.to(K.dtype.element_ty)
+        if DOT_F32:
+            ds_k = ds_k.to(tl.float32)
+        dq += tl.dot(ds_k, tl.trans(kT))
+    for start_n in range(full_hi, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
         vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
@@ -167,6 +276,7 @@ def fxfuse_attention_15e898f2fad8_backward_dq(Q, K, V, DO, STATS, DELTA, E0,
         if DOT_F32:
             kT = kT.to(tl.float32)
             vt = vt.to(tl.float32)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         s = tl.dot(q, kT)
         if ROUND:
             s = s.to(tl.bfloat16).to(tl.float32)

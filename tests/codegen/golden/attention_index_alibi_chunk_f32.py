@@ -6,7 +6,7 @@ import triton.language as tl
 
 
 @triton.jit
-def fxfuse_attention_4188545a4e0e_forward(Q, K, V, O, STATS, E0, KV_NUM, KV_IDX, KV_PARTIAL,
+def fxfuse_attention_875c523ab021_forward(Q, K, V, O, STATS, E0, KV_NUM, KV_IDX, KV_PARTIAL,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                    se0_b, se0_h, se0_m, se0_n, H, GROUPS, LQ, LK, D, DV,
@@ -29,6 +29,9 @@ def fxfuse_attention_4188545a4e0e_forward(Q, K, V, O, STATS, E0, KV_NUM, KV_IDX,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     hv0 = tl.load(E0 + off_b * se0_b + off_h * se0_h)
+    # The online softmax. A row with every score -inf so far keeps p = 0 (m_safe: not
+    # exp(-inf + inf) = NaN) until a finite score arrives; if none does, l_i stays 0 and the row
+    # is 0/0 = NaN, as softmax gives.
     for t in range(0, tl.load(KV_NUM + pid_m)):
         start_n = tl.load(KV_IDX + pid_m * tl.cdiv(LK, BLOCK_N) + t) * BLOCK_N
         partial = tl.load(KV_PARTIAL + pid_m * tl.cdiv(LK, BLOCK_N) + t) != 0  # an index mask hides part of this tile
@@ -51,11 +54,8 @@ def fxfuse_attention_4188545a4e0e_forward(Q, K, V, O, STATS, E0, KV_NUM, KV_IDX,
             hide2 = (hide2_t1 != hide2_t3)
             flag2 = in_bounds & hide2
         s = tl.where(flag2, float('-inf'), s)
-        # Keys past the end take no part; -inf gives them probability 0 whatever the steps did.
         s = tl.where(offs_n[None, :] < LK, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every score -inf so far keeps p = 0 (not exp(-inf + inf) = NaN) until a finite
-        # score arrives; if none does, l_i stays 0 and the row is 0/0 = NaN, as softmax gives.
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
@@ -78,7 +78,7 @@ def fxfuse_attention_4188545a4e0e_forward(Q, K, V, O, STATS, E0, KV_NUM, KV_IDX,
 
 
 @triton.jit
-def fxfuse_attention_4188545a4e0e_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, KV_NUM, KV_IDX, KV_PARTIAL, Q_NUM, Q_IDX, Q_PARTIAL,
+def fxfuse_attention_875c523ab021_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, KV_NUM, KV_IDX, KV_PARTIAL, Q_NUM, Q_IDX, Q_PARTIAL,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         se0_b, se0_h, se0_m, se0_n, H, GROUPS, LQ, LK, D, DV, DK, DV_OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
@@ -89,7 +89,7 @@ def fxfuse_attention_4188545a4e0e_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, K
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     hv0 = tl.load(E0 + off_b * se0_b + off_h * se0_h)
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0)  # under a causal rule the first key tiles see the most queries: they start first
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
@@ -104,7 +104,6 @@ def fxfuse_attention_4188545a4e0e_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, K
         start_m = tl.load(Q_IDX + pid_n * tl.cdiv(LQ, BLOCK_M) + t) * BLOCK_M
         partial = tl.load(Q_PARTIAL + pid_n * tl.cdiv(LQ, BLOCK_M) + t) != 0  # an index mask hides part of this tile
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
@@ -115,6 +114,7 @@ def fxfuse_attention_4188545a4e0e_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, K
         if DOT_F32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         s = tl.dot(q, kT, input_precision="ieee")
         s = s * 0.125
         bias1 = (hv0.to(tl.float32) * ((offs_n[None, :] - offs_m[:, None])).to(tl.float32))
@@ -134,7 +134,7 @@ def fxfuse_attention_4188545a4e0e_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, K
         ds = p * (dp - delta[:, None])
         ds = tl.where(flag2, 0.0, ds)
         ds = ds * 0.125
-        p_v = p.to(V.dtype.element_ty)  # as in the forward: the probabilities meet v in v's dtype
+        p_v = p.to(V.dtype.element_ty)  # as in the forward: p meets v in v's dtype
         ds_q = ds.to(Q.dtype.element_ty)
         if DOT_F32:
             p_v = p_v.to(tl.float32)
@@ -147,7 +147,7 @@ def fxfuse_attention_4188545a4e0e_backward_dkdv(Q, K, V, DO, STATS, DELTA, E0, K
 
 
 @triton.jit
-def fxfuse_attention_4188545a4e0e_backward_dq(Q, K, V, DO, STATS, DELTA, E0, KV_NUM, KV_IDX, KV_PARTIAL, Q_NUM, Q_IDX, Q_PARTIAL,
+def fxfuse_attention_875c523ab021_backward_dq(Q, K, V, DO, STATS, DELTA, E0, KV_NUM, KV_IDX, KV_PARTIAL, Q_NUM, Q_IDX, Q_PARTIAL,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         se0_b, se0_h, se0_m, se0_n, H, GROUPS, LQ, LK, D, DV, DQ, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
@@ -175,7 +175,6 @@ def fxfuse_attention_4188545a4e0e_backward_dq(Q, K, V, DO, STATS, DELTA, E0, KV_
         start_n = tl.load(KV_IDX + pid_m * tl.cdiv(LK, BLOCK_N) + t) * BLOCK_N
         partial = tl.load(KV_PARTIAL + pid_m * tl.cdiv(LK, BLOCK_N) + t) != 0  # an index mask hides part of this tile
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
         vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
@@ -183,6 +182,7 @@ def fxfuse_attention_4188545a4e0e_backward_dq(Q, K, V, DO, STATS, DELTA, E0, KV_
         if DOT_F32:
             kT = kT.to(tl.float32)
             vt = vt.to(tl.float32)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         s = tl.dot(q, kT, input_precision="ieee")
         s = s * 0.125
         bias1 = (hv0.to(tl.float32) * ((offs_n[None, :] - offs_m[:, None])).to(tl.float32))

@@ -6,14 +6,14 @@ import triton.language as tl
 
 
 @triton.jit
-def fxfuse_attention_432925058255_forward(Q, K, V, O, STATS,
+def fxfuse_attention_884e17b20a05_forward(Q, K, V, O, STATS,
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                    H, GROUPS, LQ, LK, D, DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    ROUND: tl.constexpr,
                    DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: they visit the most key tiles
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
@@ -28,9 +28,47 @@ def fxfuse_attention_432925058255_forward(Q, K, V, O, STATS,
     m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # The online softmax. A row with every score -inf so far keeps p = 0 (m_safe: not
+    # exp(-inf + inf) = NaN) until a finite score arrives; if none does, l_i stays 0 and the row
+    # is 0/0 = NaN, as softmax gives.
+    # The scores are in log2 units (log2(e) folded into the scale, or multiplied after the last
+    # rounding): exp2 of them is exp of the user's scores.
     lo = 0
     hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M + LK - LQ)
-    for start_n in range(lo, hi, BLOCK_N):
+    # Full tiles (in bounds, nothing causal hidden) need no mask or bounds arithmetic.
+    full_lo = lo
+    full_hi = LK // BLOCK_N * BLOCK_N  # keys in bounds
+    full_hi = tl.minimum(full_hi, tl.maximum(0, pid_m * BLOCK_M + LK - LQ + 1) // BLOCK_N * BLOCK_N)
+    full_hi = tl.where((pid_m + 1) * BLOCK_M <= LQ, full_hi, lo)  # rows in bounds
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=offs_d[:, None] < D, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision="ieee")
+        s = s * 0.125
+        s = s / 50.0
+        e2 = tl.exp(-2.0 * tl.abs(s))
+        tanh2 = tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)
+        s = tanh2
+        s = s * 72.13475204444816  # scale * log2(e)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=offs_dv[None, :] < DV, other=0.0)
+        p_v = p.to(V.dtype.element_ty)  # the probabilities meet v in v's dtype, as in the user's code
+        if DOT_F32:
+            p_v = p_v.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision="ieee")
+        m_i = m_new
+    for start_n in range(full_hi, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -43,17 +81,14 @@ def fxfuse_attention_432925058255_forward(Q, K, V, O, STATS,
         e2 = tl.exp(-2.0 * tl.abs(s))
         tanh2 = tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)
         s = tanh2
-        s = s * 50.0
+        s = s * 72.13475204444816  # scale * log2(e)
         flag4 = offs_n[None, :] > offs_m[:, None] + (LK - LQ)
         s = tl.where(flag4, float('-inf'), s)
-        # Keys past the end take no part; -inf gives them probability 0 whatever the steps did.
         s = tl.where(offs_n[None, :] < LK, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with every score -inf so far keeps p = 0 (not exp(-inf + inf) = NaN) until a finite
-        # score arrives; if none does, l_i stays 0 and the row is 0/0 = NaN, as softmax gives.
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
@@ -68,12 +103,12 @@ def fxfuse_attention_432925058255_forward(Q, K, V, O, STATS,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV))
     # The row max and sum, kept apart: m + log(l) would lose log(l) next to a huge finite fill
     # (finfo.min), and the backward would then recompute probabilities l times too large.
-    tl.store(STATS + pid_bh * LQ + offs_m, m_i, mask=offs_m < LQ)
+    tl.store(STATS + pid_bh * LQ + offs_m, m_i * 0.6931471805599453, mask=offs_m < LQ)
     tl.store(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m, l_i, mask=offs_m < LQ)
 
 
 @triton.jit
-def fxfuse_attention_432925058255_backward_dkdv(Q, K, V, DO, STATS, DELTA,
+def fxfuse_attention_884e17b20a05_backward_dkdv(Q, K, V, DO, STATS, DELTA,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         H, GROUPS, LQ, LK, D, DV, DK, DV_OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
@@ -83,7 +118,7 @@ def fxfuse_attention_432925058255_backward_dkdv(Q, K, V, DO, STATS, DELTA,
     off_hkv = off_h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0)  # under a causal rule the first key tiles see the most queries: they start first
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
@@ -94,9 +129,17 @@ def fxfuse_attention_432925058255_backward_dkdv(Q, K, V, DO, STATS, DELTA,
         vt = vt.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for start_m in range(tl.maximum(0, (pid_n * BLOCK_N - (LK - LQ)) // BLOCK_M * BLOCK_M), LQ, BLOCK_M):
+    lo = tl.maximum(0, (pid_n * BLOCK_N - (LK - LQ)) // BLOCK_M * BLOCK_M)
+    hi = LQ
+    # Full tiles (in bounds, nothing causal hidden) need no mask or bounds arithmetic.
+    full_lo = lo
+    full_hi = LQ // BLOCK_M * BLOCK_M  # queries in bounds
+    full_lo = tl.maximum(full_lo, (tl.maximum(0, pid_n * BLOCK_N + BLOCK_N - 1 - (LK - LQ)) + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    full_hi = tl.where((pid_n + 1) * BLOCK_N <= LK, full_hi, lo)  # keys in bounds
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    for start_m in range(lo, full_lo, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
@@ -104,6 +147,46 @@ def fxfuse_attention_432925058255_backward_dkdv(Q, K, V, DO, STATS, DELTA,
         row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
         row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m, mask=offs_m < LQ, other=1.0)
         delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+        row_max = row_max * 1.4426950408889634  # log2 units, as the scores
+        if DOT_F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+        s = tl.dot(q, kT, input_precision="ieee")
+        s = s * 0.125
+        s = s / 50.0
+        e2 = tl.exp(-2.0 * tl.abs(s))
+        tanh2 = tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)
+        s = tanh2
+        s = s * 72.13475204444816  # scale * log2(e)
+        flag4 = offs_n[None, :] > offs_m[:, None] + (LK - LQ)
+        s = tl.where(flag4, float('-inf'), s)
+        s = tl.where(offs_n[None, :] < LK, s, float('-inf'))
+        p = tl.exp2(s - row_max[:, None]) / row_sum[:, None]
+        dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        ds = tl.where(flag4, 0.0, ds)
+        ds = ds * 50.0
+        ds = ds * (1.0 - tanh2 * tanh2)
+        ds = ds / 50.0
+        ds = ds * 0.125
+        p_v = p.to(V.dtype.element_ty)  # as in the forward: p meets v in v's dtype
+        ds_q = ds.to(Q.dtype.element_ty)
+        if DOT_F32:
+            p_v = p_v.to(tl.float32)
+            ds_q = ds_q.to(tl.float32)
+        dv += tl.dot(tl.trans(p_v), do, input_precision="ieee")
+        dk += tl.dot(tl.trans(ds_q), q, input_precision="ieee")
+    for start_m in range(full_lo, full_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=offs_d[None, :] < D, other=0.0)
+        do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                     mask=offs_dv[None, :] < DV, other=0.0)
+        row_max = tl.load(STATS + pid_bh * LQ + offs_m)
+        row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m)
+        delta = tl.load(DELTA + pid_bh * LQ + offs_m)
+        row_max = row_max * 1.4426950408889634  # log2 units, as the scores
         if DOT_F32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -113,11 +196,46 @@ def fxfuse_attention_432925058255_backward_dkdv(Q, K, V, DO, STATS, DELTA,
         e2 = tl.exp(-2.0 * tl.abs(s))
         tanh2 = tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)
         s = tanh2
-        s = s * 50.0
+        s = s * 72.13475204444816  # scale * log2(e)
+        p = tl.exp2(s - row_max[:, None]) / row_sum[:, None]
+        dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        ds = ds * 50.0
+        ds = ds * (1.0 - tanh2 * tanh2)
+        ds = ds / 50.0
+        ds = ds * 0.125
+        p_v = p.to(V.dtype.element_ty)  # as in the forward: p meets v in v's dtype
+        ds_q = ds.to(Q.dtype.element_ty)
+        if DOT_F32:
+            p_v = p_v.to(tl.float32)
+            ds_q = ds_q.to(tl.float32)
+        dv += tl.dot(tl.trans(p_v), do, input_precision="ieee")
+        dk += tl.dot(tl.trans(ds_q), q, input_precision="ieee")
+    for start_m in range(full_hi, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                     mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
+        row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+        row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m, mask=offs_m < LQ, other=1.0)
+        delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+        row_max = row_max * 1.4426950408889634  # log2 units, as the scores
+        if DOT_F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+        s = tl.dot(q, kT, input_precision="ieee")
+        s = s * 0.125
+        s = s / 50.0
+        e2 = tl.exp(-2.0 * tl.abs(s))
+        tanh2 = tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)
+        s = tanh2
+        s = s * 72.13475204444816  # scale * log2(e)
         flag4 = offs_n[None, :] > offs_m[:, None] + (LK - LQ)
         s = tl.where(flag4, float('-inf'), s)
         s = tl.where(offs_n[None, :] < LK, s, float('-inf'))
-        p = tl.exp(s - row_max[:, None]) / row_sum[:, None]
+        p = tl.exp2(s - row_max[:, None]) / row_sum[:, None]
         dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         ds = tl.where(flag4, 0.0, ds)
@@ -125,7 +243,7 @@ def fxfuse_attention_432925058255_backward_dkdv(Q, K, V, DO, STATS, DELTA,
         ds = ds * (1.0 - tanh2 * tanh2)
         ds = ds / 50.0
         ds = ds * 0.125
-        p_v = p.to(V.dtype.element_ty)  # as in the forward: the probabilities meet v in v's dtype
+        p_v = p.to(V.dtype.element_ty)  # as in the forward: p meets v in v's dtype
         ds_q = ds.to(Q.dtype.element_ty)
         if DOT_F32:
             p_v = p_v.to(tl.float32)
@@ -138,7 +256,7 @@ def fxfuse_attention_432925058255_backward_dkdv(Q, K, V, DO, STATS, DELTA,
 
 
 @triton.jit
-def fxfuse_attention_432925058255_backward_dq(Q, K, V, DO, STATS, DELTA,
+def fxfuse_attention_884e17b20a05_backward_dq(Q, K, V, DO, STATS, DELTA,
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         H, GROUPS, LQ, LK, D, DV, DQ, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, ROUND: tl.constexpr):
@@ -148,7 +266,7 @@ def fxfuse_attention_432925058255_backward_dq(Q, K, V, DO, STATS, DELTA,
     off_hkv = off_h // GROUPS
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
@@ -157,17 +275,26 @@ def fxfuse_attention_432925058255_backward_dq(Q, K, V, DO, STATS, DELTA,
     row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
     row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m, mask=offs_m < LQ, other=1.0)
     delta = tl.load(DELTA + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
+    row_max = row_max * 1.4426950408889634  # log2 units, as the scores
     if DOT_F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, tl.minimum(LK, (pid_m + 1) * BLOCK_M + LK - LQ), BLOCK_N):
+    lo = 0
+    hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M + LK - LQ)
+    # Full tiles (in bounds, nothing causal hidden) need no mask or bounds arithmetic.
+    full_lo = lo
+    full_hi = LK // BLOCK_N * BLOCK_N  # keys in bounds
+    full_hi = tl.minimum(full_hi, tl.maximum(0, pid_m * BLOCK_M + LK - LQ + 1) // BLOCK_N * BLOCK_N)
+    full_hi = tl.where((pid_m + 1) * BLOCK_M <= LQ, full_hi, lo)  # rows in bounds
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
+                     mask=offs_d[:, None] < D, other=0.0)
         vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                     mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
+                     mask=offs_dv[None, :] < DV, other=0.0)
         if DOT_F32:
             kT = kT.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -177,11 +304,39 @@ def fxfuse_attention_432925058255_backward_dq(Q, K, V, DO, STATS, DELTA,
         e2 = tl.exp(-2.0 * tl.abs(s))
         tanh2 = tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)
         s = tanh2
-        s = s * 50.0
+        s = s * 72.13475204444816  # scale * log2(e)
+        p = tl.exp2(s - row_max[:, None]) / row_sum[:, None]
+        dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        ds = ds * 50.0
+        ds = ds * (1.0 - tanh2 * tanh2)
+        ds = ds / 50.0
+        ds = ds * 0.125
+        ds_k = ds.to(K.dtype.element_ty)
+        if DOT_F32:
+            ds_k = ds_k.to(tl.float32)
+        dq += tl.dot(ds_k, tl.trans(kT), input_precision="ieee")
+    for start_n in range(full_hi, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                     mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
+        if DOT_F32:
+            kT = kT.to(tl.float32)
+            vt = vt.to(tl.float32)
+        in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
+        s = tl.dot(q, kT, input_precision="ieee")
+        s = s * 0.125
+        s = s / 50.0
+        e2 = tl.exp(-2.0 * tl.abs(s))
+        tanh2 = tl.where(s < 0, -1.0, 1.0) * (1.0 - e2) / (1.0 + e2)
+        s = tanh2
+        s = s * 72.13475204444816  # scale * log2(e)
         flag4 = offs_n[None, :] > offs_m[:, None] + (LK - LQ)
         s = tl.where(flag4, float('-inf'), s)
         s = tl.where(offs_n[None, :] < LK, s, float('-inf'))
-        p = tl.exp(s - row_max[:, None]) / row_sum[:, None]
+        p = tl.exp2(s - row_max[:, None]) / row_sum[:, None]
         dp = tl.dot(do, tl.trans(vt), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         ds = tl.where(flag4, 0.0, ds)

@@ -8,7 +8,7 @@ ACC: tl.constexpr = tl.float32
 
 
 @triton.jit
-def fxfuse_rms_norm_be953ffa4f10_forward(X, R, S, Y, P0, n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
+def fxfuse_rms_norm_51eb112b25a8_forward(X, R, S, Y, P0, n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -24,7 +24,7 @@ def fxfuse_rms_norm_be953ffa4f10_forward(X, R, S, Y, P0, n_rows, N, stride_x, st
 
 
 @triton.jit
-def fxfuse_rms_norm_be953ffa4f10_backward(DY, DS, X, DX, P0, DP0, n_rows, N, stride_dy, stride_ds, stride_x, stride_dx, eps,
+def fxfuse_rms_norm_51eb112b25a8_backward(DY, DS, X, DX, P0, DP0, n_rows, N, stride_dy, stride_ds, stride_x, stride_dx, eps,
                     rows_per_program, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)

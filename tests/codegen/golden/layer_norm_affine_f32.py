@@ -8,7 +8,7 @@ ACC: tl.constexpr = tl.float32
 
 
 @triton.jit
-def fxfuse_layer_norm_38f27da9113c_forward(X, R, S, Y, P0, P1, n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
+def fxfuse_layer_norm_7929f700d9e8_forward(X, R, S, Y, P0, P1, n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -26,7 +26,7 @@ def fxfuse_layer_norm_38f27da9113c_forward(X, R, S, Y, P0, P1, n_rows, N, stride
 
 
 @triton.jit
-def fxfuse_layer_norm_38f27da9113c_backward(DY, DS, X, DX, P0, P1, DP0, DP1, n_rows, N, stride_dy, stride_ds, stride_x, stride_dx, eps,
+def fxfuse_layer_norm_7929f700d9e8_backward(DY, DS, X, DX, P0, P1, DP0, DP1, n_rows, N, stride_dy, stride_ds, stride_x, stride_dx, eps,
                     rows_per_program, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)

@@ -8,7 +8,7 @@ ACC: tl.constexpr = tl.float64
 
 
 @triton.jit
-def fxfuse_layer_norm_689bba05314e_forward(X, R, S, Y, P0, P1, n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
+def fxfuse_layer_norm_67656c134c69_forward(X, R, S, Y, P0, P1, n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -26,7 +26,7 @@ def fxfuse_layer_norm_689bba05314e_forward(X, R, S, Y, P0, P1, n_rows, N, stride
 
 
 @triton.jit
-def fxfuse_layer_norm_689bba05314e_backward(DY, DS, X, DX, P0, P1, DP0, DP1, n_rows, N, stride_dy, stride_ds, stride_x, stride_dx, eps,
+def fxfuse_layer_norm_67656c134c69_backward(DY, DS, X, DX, P0, P1, DP0, DP1, n_rows, N, stride_dy, stride_ds, stride_x, stride_dx, eps,
                     rows_per_program, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)

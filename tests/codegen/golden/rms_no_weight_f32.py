@@ -8,7 +8,7 @@ ACC: tl.constexpr = tl.float32
 
 
 @triton.jit
-def fxfuse_rms_norm_d38bbf3e850f_forward(X, R, S, Y, n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
+def fxfuse_rms_norm_3e58aa7cc57a_forward(X, R, S, Y, n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -21,7 +21,7 @@ def fxfuse_rms_norm_d38bbf3e850f_forward(X, R, S, Y, n_rows, N, stride_x, stride
 
 
 @triton.jit
-def fxfuse_rms_norm_d38bbf3e850f_backward(DY, DS, X, DX, n_rows, N, stride_dy, stride_ds, stride_x, stride_dx, eps,
+def fxfuse_rms_norm_3e58aa7cc57a_backward(DY, DS, X, DX, n_rows, N, stride_dy, stride_ds, stride_x, stride_dx, eps,
                     rows_per_program, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)

@@ -1,0 +1,186 @@
+"""What a generated kernel compiles to on a GPU, found without one: registers, spills, shared
+memory and the tensor-core instructions of every kernel function at every launch config fxfuse
+would try at the captured sizes (``fxfuse explain MODEL --target sm_90``, ``fxfuse kernels DIR
+--target sm_90``).
+
+Triton compiles for a named target with no GPU and no CUDA driver: ``triton.compile(ASTSource(fn,
+signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))`` lowers to PTX and runs the
+``ptxas`` Triton ships (its ``-v`` report gives registers and spill bytes; the compiled metadata
+the shared memory). It needs the kernel as a compiled ``JITFunction``, so it cannot run in a
+process whose Triton interprets kernels (``TRITON_INTERPRET=1``, as in fxfuse's tests): such a
+process runs the check in a child process without it. The signature stands for a launch at the
+captured sizes: contiguous tensors (16-byte aligned pointers, unit inner strides, which Triton
+specializes as it does at launch), sizes as 32-bit integers.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Iterable
+
+from fxfuse.runtime.configs import LaunchConfig, arch_of, attention_configs, norm_configs
+
+_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float64": "*fp64"}
+ATTENTION_FUNCTIONS = ("forward", "backward_dkdv", "backward_dq")
+NORM_FUNCTIONS = ("forward", "backward")
+
+
+def launch(spec, **sizes) -> dict:
+    """One site to check: its spec and the sizes it runs at (attention: d, dv, lq, lk, dtype;
+    norm: n, dtype). Plain data, so it can travel to a child process as JSON."""
+    return {"spec": spec.to_json(), "kind": "norm" if hasattr(spec, "eps") else "attention", "sizes": sizes}
+
+
+def mma_class(ptx: str) -> str:
+    """The tensor-core instruction class a kernel's PTX uses: Hopper's ``wgmma``, ``mma`` (Ampere's
+    mma.sync), or ``none`` (FMA units only)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync", ptx) else "none"
+
+
+def _ptxas_numbers(log: str) -> tuple[int, int]:
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    return int(registers.group(1)) if registers else -1, sum(int(s) for s in spills)
+
+
+def _signature(fn, pointer_types: dict, constants: dict):
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr or name in constants:
+            signature[name], constexprs[name] = "constexpr", constants[name]
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # fresh torch allocations are 16-byte aligned
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    return signature, constexprs, attrs
+
+
+def _attention_pointers(fn, spec, dtype: str) -> dict:
+    types = {}
+    for name in fn.arg_names:
+        if name in ("Q", "K", "V", "O", "DO"):
+            types[name] = _PTR[dtype]
+        elif name in ("STATS", "DELTA", "DK", "DV_OUT", "DQ") or re.fullmatch(r"D[BF]\d+", name):
+            types[name] = "*fp32"
+        elif re.fullmatch(r"E\d+", name):
+            kind = spec.inputs[int(name[1:])]
+            types[name] = "*u8" if kind == "mask" else "*fp32" if kind == "head" else _PTR[dtype]
+        elif name.endswith(("_NUM", "_IDX", "_PARTIAL")):
+            types[name] = "*i32"
+        elif name in ("SEED", "KEEP"):
+            types[name] = "*i64" if name == "SEED" else "*u8"
+    return types
+
+
+def _compile(fn, signature, constexprs, attrs, arch: int, config: LaunchConfig) -> dict:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope():
+        knobs.compilation.always_compile = True  # a cached binary would skip ptxas and its report
+        knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    registers, spills = _ptxas_numbers(log.getvalue())
+    return {"registers": registers, "spills": spills, "shared_bytes": int(compiled.metadata.shared),
+            "mma": mma_class(compiled.asm["ptx"])}
+
+
+def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str, ...] | None = None,
+                     first_good: bool = False, last_first: bool = False) -> Iterable[dict]:
+    """Rows (one per kernel function and config, as ``fxfuse explain --target --json`` prints
+    them) for each launch. ``first_good`` stops a function at its first config without spills
+    (with wgmma, for a 16-bit forward on sm_90+), for quick checks such as CI's, which search
+    from the end of the list (``last_first``: the small fallback config is last)."""
+    from fxfuse.codegen import generate_kernel
+    from fxfuse.runtime.attention import tile_inputs
+    from fxfuse.runtime.cache import load
+    from fxfuse.spec import NormSpec
+    from fxfuse.spec_attention import AttentionSpec
+
+    arch = arch_of(target)
+    for item in launches:
+        norm = item["kind"] == "norm"
+        spec = (NormSpec if norm else AttentionSpec).from_json(item["spec"])
+        sizes = item["sizes"]
+        kernel = generate_kernel(spec)
+        module = load(kernel)
+        for function in functions or (NORM_FUNCTIONS if norm else ATTENTION_FUNCTIONS):
+            fn = getattr(module, f"{kernel.name}_{function}")
+            dtype = sizes.get("dtype", "bfloat16")
+            if norm:
+                configs = norm_configs(arch, sizes["n"])
+                params = {f"P{i}": _PTR[p.dtype] for i, p in enumerate(spec.params)}
+                acc = "*fp64" if spec.compute_dtype == "float64" else "*fp32"
+                types = {**{n: _PTR[dtype] for n in ("X", "R", "S", "Y", "DY", "DS", "DX")}, **params,
+                         **{f"DP{i}": acc for i in range(len(spec.params))}}
+            else:
+                configs = attention_configs(arch, function, sizes["d"], sizes["dv"], dtype, sizes["lq"], sizes["lk"],
+                                            tile_inputs(spec))
+                types = _attention_pointers(fn, spec, dtype)
+            for config in (configs[::-1] if last_first else configs):
+                constants = {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N, "ROUND": function == "forward",
+                             "DOT_F32": False, "BIAS_GRAD": True, "FACTOR_GRAD": True}
+                if not norm:
+                    constants.update(BLOCK_D=max(16, 1 << (sizes["d"] - 1).bit_length()),
+                                     BLOCK_DV=max(16, 1 << (sizes["dv"] - 1).bit_length()),
+                                     **{s: 1 for s in ("stride_qd", "stride_kd", "stride_vd", "stride_od")})
+                signature, constexprs, attrs = _signature(fn, types, {k: v for k, v in constants.items()
+                                                                        if k in fn.arg_names})
+                row = {"kernel": kernel.name, "function": function,
+                       "config": {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N,
+                                  "num_warps": config.num_warps, "num_stages": config.num_stages},
+                       "target": f"sm_{arch}", "sizes": sizes}
+                try:
+                    row.update(_compile(fn, signature, constexprs, attrs, arch, config))
+                except Exception as e:  # noqa: BLE001 -- reported per config, e.g. out of shared memory
+                    row.update(registers=-1, spills=-1, shared_bytes=-1, mma="none",
+                               error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                yield row
+                wants_wgmma = arch >= 90 and function == "forward" and not norm and dtype != "float32"
+                if first_good and row["spills"] == 0 and (row["mma"] == "wgmma" or not wants_wgmma):
+                    break
+
+
+def check(launches: list[dict], target: str, functions: tuple[str, ...] | None = None,
+          first_good: bool = False, last_first: bool = False) -> Iterable[dict]:
+    """``check_in_process``, in a child process when this one's Triton interprets kernels."""
+    from fxfuse.config import interpreter_available
+
+    if not interpreter_available():
+        yield from check_in_process(launches, target, functions, first_good, last_first)
+        return
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FXFUSE_INTERPRET")}
+    request = json.dumps({"launches": launches, "target": target, "functions": functions, "first_good": first_good,
+                          "last_first": last_first})
+    child = subprocess.run([sys.executable, "-m", "fxfuse.runtime.static_check"], input=request, text=True,
+                           capture_output=True, env=env)
+    if child.returncode != 0:
+        raise RuntimeError(f"fxfuse: the static GPU check failed in its child process:\n{child.stderr[-3000:]}")
+    for line in child.stdout.splitlines():
+        if line.startswith("{"):
+            yield json.loads(line)
+
+
+def main() -> None:
+    request = json.loads(sys.stdin.read())
+    functions = tuple(request["functions"]) if request.get("functions") else None
+    for row in check_in_process(request["launches"], request["target"], functions, request.get("first_good", False),
+                                request.get("last_first", False)):
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The kernels as a GPU would compile them, checked on a machine without one: Triton compiles the
+golden kernels for sm_90 (its compiler and the ptxas it ships, no driver) at the launch configs
+fxfuse would try, and ptxas reports registers, spills and the tensor-core instructions. Kept to a
+small set (each config is seconds of ptxas): the bf16 forward kernels at head dims 64 and 128 and
+the backward kernels at 128, each function searching its candidate list from the end (where the
+small fallback config is) and stopping at its first good config -- the claims are "some config
+fxfuse tries is good", so the order of the search does not matter -- and the Llama RMSNorm
+through ``fxfuse kernels DIR --target sm_90 --json``."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fxfuse.runtime.static_check import check, launch, mma_class
+from tests.codegen.test_golden import GOLDEN_DIR
+from tests.codegen.test_golden_attention import SPECS
+
+BF16_SPECS = ("causal_bf16", "bf16_scores_f32_softmax")
+
+
+@pytest.fixture(scope="module")
+def attention_rows():
+    launches = [launch(SPECS[case], d=d, dv=d, lq=4096, lk=4096, dtype="bfloat16") for case in BF16_SPECS
+                for d in (64, 128)]
+    forward = list(check(launches, "sm_90", functions=("forward",), first_good=True, last_first=True))
+    backward = list(check([launch(SPECS["causal_bf16"], d=128, dv=128, lq=4096, lk=4096, dtype="bfloat16")], "sm_90",
+                          functions=("backward_dkdv", "backward_dq"), first_good=True, last_first=True))
+    return forward + backward
+
+
+@pytest.mark.parametrize("case", BF16_SPECS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_every_bf16_forward_has_a_wgmma_config_without_spills_on_sm90(attention_rows, case, d):
+    from fxfuse.codegen.attention import generate
+
+    name = generate(SPECS[case]).name
+    rows = [r for r in attention_rows if r["kernel"] == name and r["function"] == "forward" and r["sizes"]["d"] == d]
+    assert rows, "nothing was compiled"
+    good = [r for r in rows if r["mma"] == "wgmma" and r["config"]["BLOCK_M"] >= 64 and r["spills"] == 0]
+    assert good, f"{case} D={d}: no wgmma config with BLOCK_M >= 64 and no spills: {rows}"
+    assert 0 < good[0]["registers"] <= 255 and good[0]["shared_bytes"] > 0
+
+
+@pytest.mark.parametrize("function", ["backward_dkdv", "backward_dq"])
+def test_no_backward_kernel_has_only_spilling_configs(attention_rows, function):
+    rows = [r for r in attention_rows if r["function"] == function]
+    assert any(r["spills"] == 0 and r["mma"] != "none" for r in rows), rows
+
+
+def test_kernels_command_checks_a_norm_kernel_for_sm90(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    golden = GOLDEN_DIR / "llama_rms_bf16.py"
+    (tmp_path / "kernels" / golden.name.replace("llama_rms_bf16", "fxfuse_rms_norm_golden")).write_text(golden.read_text())
+    done = subprocess.run([sys.executable, "-m", "fxfuse.cli", "kernels", str(tmp_path), "--target", "sm_90", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {r["function"] for r in rows} == {"forward", "backward"}
+    for r in rows:
+        assert set(r) >= {"kernel", "function", "config", "registers", "spills", "shared_bytes", "mma"}
+        assert set(r["config"]) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+        assert r["mma"] == "none"  # a norm has no matrix product
+    assert all(any(r["spills"] == 0 for r in rows if r["function"] == f) for f in ("forward", "backward"))
+
+
+def test_bad_target_is_a_usage_error(capsys):
+    from fxfuse.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["kernels", ".", "--target", "sm_12"])
+    assert exit_.value.code == 2 and "unknown GPU target 'sm_12'" in capsys.readouterr().err
+
+
+def test_mma_class_reads_the_ptx():
+    assert mma_class("wgmma.mma_async.sync.aligned.m64n64k16") == "wgmma"
+    assert mma_class("mma.sync.aligned.m16n8k16.row.col") == "mma"
+    assert mma_class("fma.rn.f32") == "none"
