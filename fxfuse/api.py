@@ -11,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxfuse.ops  # noqa: F401  (the rewritten graphs call torch.ops.fxfuse.*)
-from fxfuse import config
+from fxfuse import cache_parts, config
 from fxfuse.capture import CaptureError, Captured, capture_module
 from fxfuse.codegen.kernel import Kernel
 from fxfuse.debug import dump_graph
@@ -20,7 +20,7 @@ from fxfuse.report import Report, snapshot_graph
 from fxfuse.runtime import prepare_kernels
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
-RECAPTURE_WARNING = 8  # captures of one module before we suggest torch.compile(dynamic=True)
+RECAPTURE_WARNING = 8  # captures of one module before we suggest torch.compile(dynamic=True), which fuses
 
 
 def optimize_graph(gm: torch.fx.GraphModule, passes=None, title: str = "fxfuse", debug_index: int | None = None,
@@ -49,7 +49,7 @@ def _flatten_call(args: tuple, kwargs: dict) -> tuple[list, Any]:
     """The call's leaves and a hashable key of its structure (argument positions, keywords)."""
     if not kwargs and all(type(a) in _PLAIN_TENSOR_TYPES for a in args):
         return list(args), len(args)  # an int: never equal to the str of a pytree spec below
-    leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    leaves, in_spec = pytree.tree_flatten(cache_parts.take_apart((tuple(args), dict(kwargs))))
     return leaves, str(in_spec)
 
 
@@ -184,7 +184,8 @@ class RewrittenModule(torch.nn.Module):
             warnings.warn(
                 f"fxfuse has captured {type(self._model).__name__} {RECAPTURE_WARNING} times, once per "
                 "distinct input shape/constant; if shapes keep changing, torch.compile(model, "
-                "backend='fxfuse', dynamic=True) compiles one graph for all of them.", stacklevel=4)
+                "backend='fxfuse', dynamic=True) compiles one graph for all of them, with attention and "
+                "norms fused at symbolic sizes.", stacklevel=4)
         with config.patch(**self._options):
             started = time.perf_counter()
             captured = capture_module(self._model, args, kwargs)
@@ -243,7 +244,7 @@ class RewrittenModule(torch.nn.Module):
                     out_leaves.append(inputs[captured.output_is_input[i]] if i in captured.output_is_input else value)
         if captured.out_spec.is_leaf():
             return out_leaves[0]
-        return pytree.tree_unflatten(out_leaves, captured.out_spec)
+        return cache_parts.rebuild(pytree.tree_unflatten(out_leaves, captured.out_spec))
 
     @staticmethod
     def _write_back(captured: Captured, inputs: list, new_values) -> None:

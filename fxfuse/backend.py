@@ -108,6 +108,7 @@ class Backend:
                 return gm.forward
             report = optimize_graph(aten_gm, title=title, debug_index=index, started=started)
             inner = config.current.inner
+            _warn_shape_misses(report)
             if inner == "inductor":
                 compiled = self._inductor(aten_gm, example_inputs, index)
         if inner == "eager":
@@ -150,6 +151,20 @@ class Backend:
                 return compiled(*args)
 
         return run
+
+
+_WARNED: set = set()  # (site, reason) already warned about: Dynamo recompiles the same site often
+
+
+def _warn_shape_misses(report: Report) -> None:
+    """A site left unfused because of its sizes is a warning, once per site and reason: at debug
+    log level only, a user would not learn that dynamic shapes cost them the fused kernel."""
+    for miss in report.misses:
+        key = (miss.kind, miss.source, miss.reason)
+        if miss.shapes and key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"fxfuse: {miss.kind} at {miss.source} left unfused because of its shapes: {miss.reason}",
+                          stacklevel=3)
 
 
 def fxfuse_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):

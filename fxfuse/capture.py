@@ -35,6 +35,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, guard_scalar
 from torch.overrides import TorchFunctionMode
 
+from fxfuse import cache_parts
 from fxfuse.frames import LIBRARY_DIRS, FunctionFinder, is_library_frame
 from fxfuse.output_dataclasses import open_dataclasses
 
@@ -450,7 +451,8 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
         _warn_about_hooks(module)
     params = dict(module.named_parameters(remove_duplicate=False)) if module is not None else {}
     buffers = dict(module.named_buffers(remove_duplicate=False)) if module is not None else {}
-    leaves, in_spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    # A Hugging Face cache (DynamicCache, StaticCache) passed in is read through its tensors.
+    leaves, in_spec = pytree.tree_flatten(cache_parts.take_apart((tuple(args), dict(kwargs))))
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor) and _tensor_inside(leaf):
             raise _opaque_error("input", leaf)
@@ -463,12 +465,12 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
         call_leaves = list(leaves)
         for pos, tensor in zip(tensor_positions, flat[n_state:]):
             call_leaves[pos] = tensor
-        call_args, call_kwargs = pytree.tree_unflatten(call_leaves, in_spec)
+        call_args, call_kwargs = cache_parts.rebuild(pytree.tree_unflatten(call_leaves, in_spec))
         if module is not None:
             out = torch.func.functional_call(module, state, call_args, call_kwargs, tie_weights=False)
         else:
             out = model(*call_args, **call_kwargs)
-        out = open_dataclasses(out)
+        out = cache_parts.take_apart(open_dataclasses(out))  # a returned cache: its tensors
         out_leaves, out_spec = pytree.tree_flatten(out)
         out_holder["spec"] = out_spec
         out_holder["constants"] = {i: v for i, v in enumerate(out_leaves) if not isinstance(v, torch.Tensor)}

@@ -231,10 +231,16 @@ def test_tiny_llama_matches_eager_and_trains():
     want.loss.backward()
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         _assert_same(p.grad, q.grad, msg=name, rtol=1e-4, atol=1e-5)
-    # A KV cache is an object holding tensors: refused with what to do, never returned stale.
+    # A KV cache is an object holding tensors: taken apart and rebuilt with this call's tensors,
+    # never returned stale (tests/models/test_rewrite_caches.py has the decode steps).
     model.config.use_cache = True
-    with pytest.raises(fxfuse.CaptureError, match="use_cache=False"):
-        fxfuse.rewrite(model, (ids,), example_kwargs={"use_cache": True})
+    cached = fxfuse.rewrite(model, (ids,), example_kwargs={"use_cache": True})
+    with torch.no_grad():
+        got, want = cached.module(ids, use_cache=True), model(ids, use_cache=True)
+    assert type(got.past_key_values) is type(want.past_key_values)
+    for a, b in zip(got.past_key_values.layers, want.past_key_values.layers):
+        _assert_same(a.keys, b.keys)
+        _assert_same(a.values, b.values)
 
 
 def test_autocast_call_is_captured_with_its_casts():

@@ -43,6 +43,7 @@ from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_valu
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
+from fxfuse.passes.symbolic import is_static, same, size_args
 from fxfuse.spec import dtype_name, to_dtype
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -61,6 +62,10 @@ _CAST = (aten._to_copy.default,)
 
 class Declined(Exception):
     """Raised inside recognition with the reason a site is left as written."""
+
+    def __init__(self, reason: str, shapes: bool = False):
+        super().__init__(reason)
+        self.shapes = shapes  # the sizes are why (a warning under torch.compile)
 
 
 @dataclasses.dataclass
@@ -131,7 +136,7 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
     steps, views = [], []
     x, here = softmax_in, score_shape
     while True:
-        if shape(x) != here:
+        if not same(shape(x), here):
             raise _ScoreLayout(f"a score term broadcasts the scores from {list(shape(x) or ())} to {list(here)}; "
                                "attention's score terms keep the scores' shape")
         if dtype(x) not in _FLOATS:  # an integer or boolean tensor is not the scores: the walk ends
@@ -154,10 +159,10 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
                 all(isinstance(t, Node) for t in x.args[:2]):
             s0, s1 = x.args[:2]
             # The scores are the operand of the score shape; when both are, the one from a product.
-            first = shape(s0) == here and (shape(s1) != here or _scores_side(s0, s1, math.prod(here)))
+            first = same(shape(s0), here) and (not same(shape(s1), here) or _scores_side(s0, s1, math.prod(here)))
             a, other = (s0, s1) if first else (s1, s0)
             steps.append((x, ScoreStep("add" if x.target == aten.add.Tensor else "mul", d), other, here))
-        elif is_op(x, aten.div.Tensor) and isinstance(x.args[1], Node) and shape(x.args[0]) == here:
+        elif is_op(x, aten.div.Tensor) and isinstance(x.args[1], Node) and same(shape(x.args[0]), here):
             steps.append((x, ScoreStep("div", d), x.args[1], here))
         elif _plain_cast(x):
             steps.append((x, ScoreStep("cast", d), None, here))
@@ -187,7 +192,7 @@ def _check_lead_reshape(chain: list[Node], src: tuple | None, dst: tuple) -> Non
     that only splits or merges the leading dims, into a rank of 2 to 4, or of 5 when the first two
     dims merge into the batch dim."""
     ops = ", ".join(dict.fromkeys(getattr(n.target, "__name__", str(n.target)) for n in chain))
-    if src is None or not all(isinstance(n, int) for n in src) or tuple(src[-2:]) != tuple(dst[-2:]):
+    if src is None or not same(tuple(src[-2:]), tuple(dst[-2:])):
         raise _ScoreLayout(f"the scores are reshaped from {list(src or ())} to {list(dst)} ({ops}) between score "
                            "steps, which splits or merges the query or key axis; fused attention takes views "
                            "that only split or merge the leading (batch, head) dims there")
@@ -250,7 +255,7 @@ def _check_extra(t: Node, step: ScoreStep, score_shape: tuple, v_root: Node) -> 
     kind = {"fill": "mask", "add": "bias"}.get(step.op, "factor")
     if not broadcasts_to(s, score_shape):
         raise Declined(f"a {kind} of shape {list(s) if s else '?'} does not broadcast to the scores' shape "
-                       f"{list(score_shape)} aligned on the right")
+                       f"{list(score_shape)} aligned on the right", shapes=True)
     if step.op == "fill" and dtype(t) != torch.bool:
         raise Declined(f"masked_fill/where takes a {dtype(t)} mask; fused attention reads boolean masks")
     if step.op != "fill" and not dtype(t).is_floating_point:
@@ -398,11 +403,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     score_shape = shape(x)
     if score_shape is None:
         raise _NotAttention
-    if not all(isinstance(n, int) for n in score_shape):
-        # Comparing symbolic sizes here would add guards the compiled graph does not check.
-        if _near_product(x):
-            raise Declined("the scores have symbolic (dynamic) sizes; fused attention needs static shapes for now")
-        raise _NotAttention
+    # Sizes may be symbols (dynamic shapes): every comparison below holds for all their values
+    # (symbolic.same), so the rewrite is valid for every shape the compiled graph serves.
     # A softmax whose probabilities reach a value product is a candidate: whatever its scores are,
     # it is fused or declined with a reason (_probabilities_to_pv raises _NotAttention otherwise,
     # and the site stays silent; how far the score side's product is decides nothing).
@@ -410,7 +412,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         start, steps, views = _score_steps(x, score_shape)
     except _ScoreLayout as why:
         _probabilities_to_pv(softmax)  # not attention at all (no value product): stays silent
-        raise Declined(str(why)) from None
+        raise Declined(str(why), shapes=True) from None
     qk, score_chain = layout_chain_back(start)
     if not is_op(qk, *_PRODUCTS):
         _probabilities_to_pv(softmax)
@@ -437,16 +439,16 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     if any(len(s) not in (2, 3, 4, 5) for s in shapes):
         bad = next(len(s) for s in shapes if len(s) not in (2, 3, 4, 5))
         raise Declined(f"the scores have rank {bad}; fused attention reads (L, L), (B*H, L, L) or (B, H, L, L) "
-                       "scores (and (B, nW, H, L, L) views of (B*nW, H, L, L) ones)")
+                       "scores (and (B, nW, H, L, L) views of (B*nW, H, L, L) ones)", shapes=True)
     product_shape = tuple(shape(qk))  # (N, Lq, Lk) of a batched product, (Lq, Lk) of a 2-D one
     n, (lq, lk) = math.prod(product_shape[:-2]), product_shape[-2:]
-    if math.prod(start_shape[:-2]) != n or start_shape[-2:] != (lq, lk) or not \
+    if not same(math.prod(start_shape[:-2]), n) or not same(start_shape[-2:], (lq, lk)) or not \
             is_plain_reshape(score_chain, product_shape, start_shape):
         raise Declined("the scores reach the softmax through a layout change that is not a plain reshape of "
-                       "q @ k^T (transposed or permuted), so the softmax does not run over the key axis")
-    if shape(pv.args[0]) != product_shape or not is_plain_reshape(p_chain, tuple(shape(p_node)), product_shape):
+                       "q @ k^T (transposed or permuted), so the softmax does not run over the key axis", shapes=True)
+    if not same(shape(pv.args[0]), product_shape) or not is_plain_reshape(p_chain, tuple(shape(p_node)), product_shape):
         raise Declined("the probabilities reach the value product through a layout change (transposed, "
-                       "permuted or broadcast), so the product does not contract the key axis")
+                       "permuted or broadcast), so the product does not contract the key axis", shapes=True)
     v_op = pv.args[1]
     operands = {"q": qk.args[-2], "k": qk.args[-1], "v": v_op}
     if any(0 in (shape(t) or ()) for t in (x, *operands.values())):
@@ -460,10 +462,13 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         score_dtype, head, beta = _added_product(qk, _root(v_op))
     # (B, H): the split of every 4-d view of the scores (one split only: a step's tensor is read
     # aligned on the right of (B, H, Lq, Lk), so two splits would read it two ways).
-    splits = {s[:2] for s in shapes if len(s) == 4}
+    splits = []
+    for s in shapes:
+        if len(s) == 4 and not any(same(s[:2], seen) for seen in splits):
+            splits.append(tuple(s[:2]))
     if len(splits) > 1:
-        raise Declined(f"the scores are viewed with two different (batch, head) splits {sorted(splits)} between "
-                       "q @ k^T and the softmax; fused attention reads one (B, H) split")
+        raise Declined(f"the scores are viewed with two different (batch, head) splits {sorted(splits) if all(map(is_static, splits)) else splits} between "
+                       "q @ k^T and the softmax; fused attention reads one (B, H) split", shapes=True)
     lead = splits.pop() if splits else (1, n)
     op_shape = (*lead, lq, lk)  # the scores as the operator reads them
     if any(not _window_merge(w, op_shape) for w in windows):
@@ -484,8 +489,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             # this step's shape, except on flat (B*H, Lq, Lk) scores with B > 1: its own B*H dim
             # is then split into (B, H) for the operator (a view).
             window_step = len(here) == 5  # its tensor is read with the windows merged into the batch dim
-            aligned = not window_step and tuple(here) == op_shape[4 - len(here):]
-            flat = not aligned and not window_step and len(shape(extra)) == 3 and shape(extra)[0] != 1
+            aligned = not window_step and same(tuple(here), op_shape[4 - len(here):])
+            flat = not aligned and not window_step and len(shape(extra)) == 3 and not same(shape(extra)[0], 1)
             mask = constant_value(extra, gm) if step.op == "fill" and not window_step else None
             window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
             derived = None
@@ -584,7 +589,7 @@ def _operand_4d(gm, operand: Node, site: _Site, role: str) -> Node:
     if transposed:
         operand = insert_call(gm, aten.transpose.int, (operand, -2, -1), site.pv)
     # Splitting the batch dim (or adding unit dims to a 2-D operand) is a view at any strides.
-    return insert_call(gm, aten.view.default, (operand, [b, h, *shape(operand)[-2:]]), site.pv)
+    return insert_call(gm, aten.view.default, (operand, size_args(gm, [b, h, *shape(operand)[-2:]], site.pv)), site.pv)
 
 
 def _product_bias(gm, site: _Site, index: int) -> Node:
@@ -598,8 +603,8 @@ def _product_bias(gm, site: _Site, index: int) -> Node:
         bias = insert_call(gm, aten.mul.Tensor, (bias, beta), site.pv)
     s = shape(bias)
     b, h = site.lead
-    if len(s) == 3 and s[0] != 1 and b != 1:  # (B*H, x, y) -> (B, H, x, y): aligned on the right
-        bias = insert_call(gm, aten.view.default, (bias, [b, h, *s[1:]]), site.pv)
+    if len(s) == 3 and not same(s[0], 1) and not same(b, 1):  # (B*H, x, y) -> (B, H, x, y): aligned on the right
+        bias = insert_call(gm, aten.view.default, (bias, size_args(gm, [b, h, *s[1:]], site.pv)), site.pv)
     return bias
 
 
@@ -624,10 +629,12 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     v = _operand_4d(gm, v_op, site, "v")
     # A per-head input of an index expression is read as its (1|B, 1|H, 1, 1) view; a baddbmm's
     # bias is scaled by its beta.
-    extras = [insert_call(gm, aten.reshape.default, (e[0], list(e[1])), site.pv) if isinstance(e, tuple) else
+    extras = [insert_call(gm, aten.reshape.default, (e[0], size_args(gm, e[1], site.pv)), site.pv)
+              if isinstance(e, tuple) else
               _product_bias(gm, site, i) if i in site.product_bias else
               _windows_merged(gm, e, site.merge_lead[i], site.pv) if i in site.merge_lead else
-              insert_call(gm, aten.view.default, (e, [*site.lead, *shape(e)[1:]]), site.pv) if i in site.split_lead
+              insert_call(gm, aten.view.default, (e, size_args(gm, [*site.lead, *shape(e)[1:]], site.pv)), site.pv)
+              if i in site.split_lead
               else e for i, e in enumerate(site.extras)]
     # When the output only reaches the rest of the graph through a head merge (transpose(1, 2)
     # then reshape to (B, Lq, H * Dv)), the operator writes it in that order and the merge is a view.
@@ -643,11 +650,11 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
         fused.meta["stack_trace"] = site.softmax.meta["stack_trace"]
     replaced = set(site.interior)
     if merge is None:
-        out = insert_call(gm, aten.view.default, (fused, list(shape(site.pv))), site.pv)
+        out = insert_call(gm, aten.view.default, (fused, size_args(gm, shape(site.pv), site.pv)), site.pv)
         site.pv.replace_all_uses_with(out)
     else:
         heads_last = insert_call(gm, aten.permute.default, (fused, [0, 2, 1, 3]), site.pv)  # contiguous
-        out = insert_call(gm, aten.view.default, (heads_last, list(shape(merge))), site.pv)
+        out = insert_call(gm, aten.view.default, (heads_last, size_args(gm, shape(merge), site.pv)), site.pv)
         merge.replace_all_uses_with(out)
         node = merge
         while node is not site.pv:  # the merge chain, now unused
@@ -691,7 +698,7 @@ class FuseAttention:
             except _NotAttention:
                 continue
             except Declined as why:
-                result.misses.append(Miss("attention", source, str(why), code))
+                result.misses.append(Miss("attention", source, str(why), code, shapes=why.shapes))
                 continue
             fused = _replace(gm, site)
             result.matches.append(Match("attention", source, site.spec, fused.name, code, site.notes, site_shape(fused)))

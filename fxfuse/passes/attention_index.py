@@ -28,7 +28,8 @@ from torch.fx import Node
 
 from fxfuse import index_expr as ix
 from fxfuse.passes.attention_layout import constant_value
-from fxfuse.passes.graph import is_python_scalar, val
+from fxfuse.passes.graph import is_python_scalar, shape, val
+from fxfuse.passes.symbolic import guarded, hints, is_static
 
 aten = torch.ops.aten
 
@@ -73,7 +74,14 @@ def derive(node: Node, score_shape: tuple, gm: torch.fx.GraphModule, allow_heads
     """The proved expression of a mask or bias ``node`` over (b, h, i, j); raises NotIndex.
     ``value``: the node's values, when the caller already computed them."""
     deriver = _Deriver(gm, allow_heads)
-    sym = deriver.sym(node)
+    symbolic = not is_static(score_shape) or not is_static(shape(node) or ())
+    try:
+        sym = deriver.sym(node)
+    except (TypeError, ValueError) as why:
+        if not symbolic:
+            raise
+        # A rule compared a size symbol or a size node with a number: not decided for every size.
+        raise NotIndex(f"a step of it reads a symbolic size as a value ({why})") from None
     rank = len(score_shape)
     names = "bhij" if rank == 4 else "hij"
     offset = rank - len(sym.shape)
@@ -85,7 +93,9 @@ def derive(node: Node, score_shape: tuple, gm: torch.fx.GraphModule, allow_heads
     except _NotPerHead as bad:  # say first what made the tensor a leaf
         raise NotIndex(f"{deriver.leaves[bad.leaf][2]}; as a tensor it varies along the query or key axis (the "
                        "kernel loads only per-batch or per-head values)") from None
-    _prove(node, expr, heads, gm, sym, deriver.leaves, value)
+    if symbolic:
+        _check_size_free(expr, score_shape)
+    _prove(node, expr, heads, gm, sym, deriver.leaves, value, at_hints=symbolic)
     return Derived(expr, [(deriver.leaves[leaf][0], shape4) for leaf, shape4 in heads])
 
 
@@ -205,7 +215,9 @@ class _Deriver:
             raise NotIndex(f"{node.name} has no known shape")
         shape, dt = tuple(out.shape), _dtype(node)
         if t in (aten.arange.default, aten.arange.start, aten.arange.start_step):
-            if dt not in ix.INTS or not all(isinstance(a, int) for a in args):
+            # The end only sets the length (it may be a size symbol); start and step give the values.
+            values = [a for k, a in enumerate(args) if k != (0 if t == aten.arange.default else 1)]
+            if dt not in ix.INTS or not all(isinstance(a, int) for a in values):
                 raise NotIndex("a floating-point arange (its values depend on how torch rounds each step)")
             start, step = (0, 1) if t == aten.arange.default else (args[0], args[2] if len(args) > 2 else 1)
             expr = _affine(start, step, "d0") if shape[0] != 1 else ix.const(start, dt)
@@ -374,15 +386,50 @@ def _bind_leaves(expr, heads: list, score_shape) -> tuple:
     return ("load", dt, heads.index(key))
 
 
-def _prove(node, expr, heads, gm, sym: _Sym, leaves, actual) -> None:
+def _check_size_free(expr, score_shape) -> None:
+    """At symbolic sizes the bit-for-bit proof below sees one size only; what makes the expression
+    right at every size is that each rule reads positions, never a size, and that its arithmetic
+    is exact there: integers (no product of two position terms, so 32 bits hold it whatever the
+    length) and floats only as an exact cast of an integer (guarded: lengths below 2^24) and
+    arithmetic on such values and constants, rounded per element as eager rounds it."""
+    def walk(e, in_int: bool):
+        op, dt = e[0], e[1]
+        if op in ("var", "load"):
+            return
+        if op == "const":
+            if in_int and not isinstance(e[2], (int, bool)):
+                raise NotIndex("an integer step with a non-integer constant")
+            return
+        if op == "cast":
+            inner = e[2]
+            if dt in ix.FLOATS and inner[1] not in ix.FLOATS:
+                for n in score_shape:
+                    guarded(n < (1 << 24))  # the cast of a position to float32 is exact
+            walk(inner, inner[1] not in ix.FLOATS)
+            return
+        if dt in ix.FLOATS and any(isinstance(a, tuple) and a[0] == "var" for a in e[2:]):
+            raise NotIndex("a float step on a position without a cast")
+        if op == "mul" and dt not in ix.FLOATS and \
+                sum(bool(ix.variables(a)) for a in e[2:] if isinstance(a, tuple)) > 1:
+            raise NotIndex("a product of two positions (its 32-bit range depends on the length)")
+        for a in e[2:]:
+            if isinstance(a, tuple):
+                walk(a, dt not in ix.FLOATS)
+
+    walk(expr, expr[1] not in ix.FLOATS)
+
+
+def _prove(node, expr, heads, gm, sym: _Sym, leaves, actual, at_hints: bool = False) -> None:
     """Evaluate the expression as the kernel would on the node's whole index grid and compare it
-    with the values the node's subgraph computes, bit for bit."""
-    actual = constant_value(node, gm, _MAX_PROOF_NUMEL) if actual is None else actual
+    with the values the node's subgraph computes, bit for bit (at symbolic sizes: at their example
+    values, see _check_size_free for the other sizes)."""
+    if actual is None:
+        actual = constant_value(node, gm, _MAX_PROOF_NUMEL, at_hints=at_hints)
     if actual is None:
         raise NotIndex("its values could not be computed at capture to prove the expression (too large, or "
                        "it reads a graph input)")
-    own4 = (1,) * (4 - len(sym.shape)) + tuple(sym.shape)
-    values = [leaves[leaf][1].reshape(shape4) for leaf, shape4 in heads]
+    own4 = hints((1,) * (4 - len(sym.shape)) + tuple(sym.shape))
+    values = [leaves[leaf][1].reshape(hints(shape4)) for leaf, shape4 in heads]
     try:
         got = ix.evaluate(expr, ix.grids(own4), values, check_int32=True)
     except ix.Overflow as why:

@@ -22,7 +22,9 @@ import math
 import torch
 from torch.fx import Node
 
+from fxfuse.passes import layout_symbolic
 from fxfuse.passes.graph import is_op, shape
+from fxfuse.passes.symbolic import divides, hint, is_static, same
 
 aten = torch.ops.aten
 
@@ -74,18 +76,22 @@ def _keeps_row_major_order(chain: list[Node]) -> bool:
     for node in chain:
         if node.target in _RESHAPES or node.target in _COPIES:
             continue
-        if node.target == aten.expand.default and shape(node) == shape(node.args[0]):
+        if node.target == aten.expand.default and same(shape(node), shape(node.args[0])):
             continue
         return False
     return True
 
 
 def is_plain_reshape(chain: list[Node], src_shape: tuple, dst_shape: tuple) -> bool:
-    """Whether ``chain`` maps a ``src_shape`` tensor to its row-major reshape to ``dst_shape``."""
-    if math.prod(src_shape) != math.prod(dst_shape):
+    """Whether ``chain`` maps a ``src_shape`` tensor to its row-major reshape to ``dst_shape``
+    (for every value of the size symbols, when there are some)."""
+    if not same(math.prod(src_shape), math.prod(dst_shape)):
         return False
     if _keeps_row_major_order(chain):
-        return tuple(shape(chain[-1]) if chain else src_shape) == tuple(dst_shape)
+        return same(tuple(shape(chain[-1]) if chain else src_shape), tuple(dst_shape))
+    if not (is_static(src_shape) and is_static(dst_shape)):
+        return same(tuple(shape(chain[-1])), tuple(dst_shape)) and \
+            layout_symbolic.is_row_major(layout_symbolic.replay(chain, src_shape))
     idx = _replay(chain, src_shape)
     return idx is not None and tuple(idx.shape) == tuple(dst_shape) and \
         torch.equal(idx, torch.arange(idx.numel()).reshape(dst_shape))
@@ -108,9 +114,16 @@ def source_operand(operand: Node, lead: tuple[int, int], transposed: bool, group
         chain.insert(0, node)
         node = node.args[0]
     candidates = [node] + [c for c in chain[:-1]]  # the farthest first: it saves the most copies
+    if not isinstance(h, int):
+        return None  # the head count is a symbol: no grouping is proved
     for i, root in enumerate(candidates):
         rs = shape(root)
-        if rs is None or len(rs) != 4 or not all(isinstance(x, int) for x in rs):
+        if rs is None or len(rs) != 4:
+            continue
+        if not is_static(rs) or not is_static((b, n, l, d)):
+            found = _symbolic_source(chain[i:], rs, (b, h, l, d), transposed, grouped)
+            if found is not None:
+                return root, *found
             continue
         idx = _replay(chain[i:], rs)
         if idx is None:
@@ -126,6 +139,24 @@ def source_operand(operand: Node, lead: tuple[int, int], transposed: bool, group
     return None
 
 
+def _symbolic_source(chain: list[Node], rs: tuple, sizes: tuple, transposed: bool, grouped: bool):
+    """source_operand's proof at symbolic sizes: the chain's layout over ``rs`` equals a dims
+    permutation of it with each kv head repeated, for every value of the symbols; (perm, groups)."""
+    b, h, l, d = sizes
+    got = layout_symbolic.replay(chain, rs)
+    if got is None:
+        return None
+    for perm in itertools.permutations(range(4)):
+        hkv = rs[perm[1]]
+        if not (same(rs[perm[0]], b) and same(rs[perm[2]], l) and same(rs[perm[3]], d)) or \
+                not isinstance(hkv, int) or not divides(hkv, h) or (hkv != h and not grouped):
+            continue
+        want = layout_symbolic.grouped_heads(rs, list(perm), h // hkv, transposed)
+        if layout_symbolic.same_layout(got, want):
+            return list(perm), h // hkv
+    return None
+
+
 def layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
     """Walk back from ``node`` through layout ops: (first non-layout node, chain in program order)."""
     chain = []
@@ -136,16 +167,22 @@ def layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
 
 
 
-def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = None) -> torch.Tensor | None:
+def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = None,
+                   at_hints: bool = False) -> torch.Tensor | None:
     """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange);
     None when it reads one, or its result has more than ``limit`` elements (by default 2^28 for
-    boolean masks, 2^22 for other tensors)."""
+    boolean masks, 2^22 for other tensors). With ``at_hints`` the subgraph may read symbolic sizes
+    (a SymInt input, a tensor's ``sym_size``): it is evaluated at their example values, which
+    proves nothing about other sizes (the caller's argument must cover those)."""
     order, todo, seen = [], [node], set()
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
+        if at_hints and isinstance(n.meta.get("val"), torch.SymInt) and n.op in ("placeholder", "call_function"):
+            order.append(n)  # a size: its example value
+            continue
         if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_CONSTANT_NODES:
             return None  # a graph input (placeholder) takes part: the value is not known here
         if n.op == "call_function" and not _repeatable(n.target):
@@ -157,6 +194,9 @@ def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = Non
         try:
             if n.op == "get_attr":
                 env[n] = getattr(gm, n.target)
+                continue
+            if at_hints and isinstance(n.meta.get("val"), torch.SymInt):
+                env[n] = hint(n.meta["val"])
                 continue
             args = torch.fx.node.map_arg(n.args, env.__getitem__)
             kwargs = torch.fx.node.map_arg(n.kwargs, env.__getitem__)
@@ -187,6 +227,8 @@ def causal_window(mask: torch.Tensor, lq: int, lk: int) -> int | None:
     0; that also hides those ``w`` or more keys before it (a sliding window), ``w``; else None."""
     from fxfuse.ops.attention import causal_mask
 
+    if not isinstance(lq, int) or not isinstance(lk, int):
+        return None  # a symbolic length: one mask's values prove nothing about another length's
     if mask.dtype != torch.bool or any(n != 1 for n in mask.shape[:-2]):
         return None
     hidden = mask.reshape(mask.shape[-2:]).expand(lq, lk)
@@ -235,8 +277,8 @@ def head_merge_chain(pv: Node, lead: tuple[int, int]) -> Node | None:
         if _keeps_row_major_order([user]):
             pass
         elif not swapped and _swap_perm(user) is not None and (
-                (tuple(shape(node)) == (b, h, lq, dv) and _swap_perm(user) == [0, 2, 1, 3]) or
-                (b == 1 and tuple(shape(node)) == (h, lq, dv) and _swap_perm(user) == [1, 0, 2])):
+                (same(tuple(shape(node)), (b, h, lq, dv)) and _swap_perm(user) == [0, 2, 1, 3]) or
+                (same(b, 1) and same(tuple(shape(node)), (h, lq, dv)) and _swap_perm(user) == [1, 0, 2])):
             swapped = True
         else:
             break

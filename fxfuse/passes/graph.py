@@ -124,7 +124,10 @@ def broadcasts_to(s, target) -> bool:
     """Whether shape ``s`` broadcasts to ``target`` aligned on the right, as a fused operator reads it."""
     if s is None or len(s) > len(target):
         return False
-    return all(a == 1 or a == b for a, b in zip(reversed(s), reversed(target)))
+    from fxfuse.passes.symbolic import same
+
+    # For every value of the size symbols (a guess at the example sizes would add a guard).
+    return all(same(a, 1) or same(a, b) for a, b in zip(reversed(s), reversed(target)))
 
 
 def is_random(node) -> bool:

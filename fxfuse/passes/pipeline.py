@@ -37,6 +37,7 @@ class Miss:
     source: str
     reason: str
     code: str = ""
+    shapes: bool = False  # declined because of the sizes (the torch.compile backend warns about these)
 
 
 @dataclasses.dataclass

@@ -47,6 +47,7 @@ from fxfuse.passes.attention_layout import causal_window, constant_value, head_m
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   match_layout, same_layout, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
+from fxfuse.passes.symbolic import equal_or_guarded, same, size_args
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -76,6 +77,10 @@ _OPS = _sdpa_ops()
 
 class Declined(Exception):
     """Raised with the reason an SDPA call is left as written."""
+
+    def __init__(self, reason: str, shapes: bool = False):
+        super().__init__(reason)
+        self.shapes = shapes  # the sizes are why (a warning under torch.compile)
 
 
 def _arg(node: Node, where, default, names=()):
@@ -131,16 +136,23 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     mask = _arg(node, mask_pos, None, ("attn_mask", "attn_bias"))
     scale = node.kwargs.get("scale")
     shapes = [shape(t) for t in (q, k, v)]
-    if any(s is None or len(s) != 4 or not all(isinstance(n, int) for n in s) for s in shapes):
-        raise Declined("scaled_dot_product_attention on inputs that are not static (B, H, L, D) tensors; fused "
-                       "attention reads 4-d q, k, v of static shape")
+    if any(s is None or len(s) != 4 for s in shapes):
+        raise Declined("scaled_dot_product_attention on inputs that are not (B, H, L, D) tensors; fused "
+                       "attention reads 4-d q, k, v", shapes=True)
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
     if any(0 in s for s in shapes):
         raise Declined(f"scaled_dot_product_attention on empty inputs (q {list(shapes[0])}, k {list(shapes[1])}, "
                        f"v {list(shapes[2])}): a size is 0, so there is nothing to compute; it is left as written")
-    if bk != b or bv != b or hk != hv or lv != lk or h % hk:
+    # Batch and lengths may be symbols (dynamic shapes): each equality is proved for all their values,
+    # or guarded where SDPA itself requires it (a cache's key and value lengths may be two symbols).
+    if not all(isinstance(n, int) for n in (h, hk, hv, e, shapes[2][3])):
+        raise Declined(f"scaled_dot_product_attention with a symbolic head count or head dim (q {list(shapes[0])}, "
+                       f"k {list(shapes[1])}); fused attention specialises on those (mark only batch and "
+                       "length dynamic)", shapes=True)
+    if not equal_or_guarded(bk, b) or not equal_or_guarded(bv, b) or hk != hv or not equal_or_guarded(lv, lk) or \
+            h % hk:
         raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
-                       "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)")
+                       "grouped in a way fused attention does not read (B equal, kv heads dividing query heads)", shapes=True)
     if not (dtype(q) == dtype(k) == dtype(v)) or not dtype(q).is_floating_point:
         raise Declined(f"q, k, v of dtypes {dtype(q)}, {dtype(k)}, {dtype(v)}; fused attention reads one float dtype")
     if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users) and \
@@ -160,7 +172,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     if causal:
         if mask is not None:
             raise Declined("scaled_dot_product_attention with both attn_mask and is_causal")
-        if lq == lk:
+        if same(lq, lk):
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=-1))
         else:  # top-left, unlike the spec's rule: key j is hidden after query i, as an index expression
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, expr=("gt", "bool", index_expr.var("j"),
@@ -173,7 +185,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         if not isinstance(claimed_mask, Node) or not broadcasts_to(shape(claimed_mask), score_shape):
             got = list(shape(claimed_mask)) if isinstance(claimed_mask, Node) and shape(claimed_mask) else "?"
             raise Declined(f"an attn_mask of shape {got} does not broadcast to the scores' shape "
-                           f"{list(score_shape)} aligned on the right; fused attention cannot read it")
+                           f"{list(score_shape)} aligned on the right; fused attention cannot read it", shapes=True)
         if not boolean and not dtype(mask).is_floating_point:
             raise Declined(f"an attn_mask of dtype {dtype(mask)}; fused attention adds float masks")
         constant = constant_value(claimed_mask, gm)
@@ -270,7 +282,8 @@ def _replace(gm, node: Node, claim: _Claim) -> Node:
         merged = insert_call(gm, torch.ops.fxfuse.attention.default, (*fused.args[:5], seed, True), merge)
         merged.meta["stack_trace"] = fused.meta.get("stack_trace")
         heads_last = insert_call(gm, aten.permute.default, (merged, [0, 2, 1, 3]), merge)
-        merge.replace_all_uses_with(insert_call(gm, aten.view.default, (heads_last, list(shape(merge))), merge))
+        merged_shape = size_args(gm, shape(merge), merge)
+        merge.replace_all_uses_with(insert_call(gm, aten.view.default, (heads_last, merged_shape), merge))
         return merged
     return fused
 
@@ -306,7 +319,7 @@ class ClaimSDPA:
             try:
                 claim = _recognise(node, gm)
             except Declined as why:
-                result.misses.append(Miss("attention", source, str(why), code))
+                result.misses.append(Miss("attention", source, str(why), code, shapes=why.shapes))
                 continue
             fused = _replace(gm, node, claim)
             result.matches.append(Match("attention", source, claim.spec, fused.name, code, shape=site_shape(fused)))
