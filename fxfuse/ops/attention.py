@@ -385,6 +385,8 @@ def _sdpa_backward(spec: AttentionSpec, grad_out, q, k, v, extras, wanted) -> li
     form = _sdpa_form(spec)
     if form is None or any(wanted) or q.device.type != "cpu" or not _sdpa_exact_on(form, q, k, v, extras):
         return None
+    if q.shape[-1] != v.shape[-1]:  # the fused CPU kernel needs one head size (DeepSeek's differ)
+        return None
     scale, step = form
     causal = step is not None and step.causal and not step.window and not step.invert and q.shape[-2] == k.shape[-2]
     if step is not None and not causal:
@@ -420,7 +422,16 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras
         grads[3:] = [d if w else e.new_empty(0) for d, e, w in zip(grads[3:], extras, wanted)]
     # Contiguous whatever the inputs' strides, as the fake implementation promises: the compiled
     # backward graph plans its views on the fake strides.
-    return [g.contiguous() for g in grads]
+    return [_contiguous_strides(g) for g in grads]
+
+
+def _contiguous_strides(t: Tensor) -> Tensor:
+    """``t`` with exactly the strides ``new_empty`` gives (the fake's), size-1 dims included:
+    ``contiguous()`` keeps a tensor whose only odd strides are on size-1 dims (ATen's fused CPU
+    backward returns such gradients), and then real and fake strides differ."""
+    if t.stride() == tuple(make_contiguous_strides_for(t.shape)):
+        return t
+    return t.new_empty(t.shape).copy_(t)
 
 
 @attention_backward.register_fake
