@@ -11,6 +11,7 @@ Norm variants live here, not in passes/norm.py, which fuses the mean/rsqrt famil
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch.fx import Node
@@ -44,7 +45,7 @@ def _find(tanh: Node):
         return None
     a, b = u.args
     found = [(al, x) for al, x in ((a, b), (b, a)) if isinstance(al, Node) and isinstance(x, Node)
-             and shape(al) is not None and len(shape(al)) <= 1 and val_numel(al) == 1 and shape(x) == shape(u)]
+             and shape(al) is not None and len(shape(al)) <= 1 and math.prod(shape(al)) == 1 and shape(x) == shape(u)]
     if not found:
         return None
     alpha, x = found[0]
@@ -63,14 +64,6 @@ def _find(tanh: Node):
     if shape(cur) != shape(x):
         raise Declined("the result does not have the input's shape")
     return x, alpha, weight, bias, cur
-
-
-def val_numel(node: Node) -> int:
-    s = shape(node)
-    n = 1
-    for d in s:
-        n *= d
-    return n
 
 
 @dataclasses.dataclass(frozen=True)
