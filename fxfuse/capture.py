@@ -336,12 +336,25 @@ def _quiet_fake_tensor_log():
         logger.removeFilter(drop)
 
 
+@contextlib.contextmanager
+def saved_tensors_hooks_deferred():
+    """The user's saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``: activation
+    offloading, memory accounting) are not run while tracing: they would see fake tensors (a hook
+    reading a storage address fails on one) or be baked into the graph. They run at run time, on
+    the real tensors autograd saves, as AOTAutograd defers them for Inductor."""
+    prior = torch._C._autograd._saved_tensors_hooks_set_tracing(True)
+    try:
+        yield
+    finally:
+        torch._C._autograd._saved_tensors_hooks_set_tracing(prior)
+
+
 def _trace(fn: Callable, flat_args: list, tracing_mode: str) -> torch.fx.GraphModule:
     try:
         # Traced with grad on, so that only the model's own no_grad regions count as such; and
         # with torch.compiler.is_compiling() true, as under torch.compile and torch.export, so that
         # libraries take their traceable paths (Hugging Face skips data-dependent checks then).
-        with torch.enable_grad(), _compiling(), _quiet_fake_tensor_log():
+        with torch.enable_grad(), _compiling(), _quiet_fake_tensor_log(), saved_tensors_hooks_deferred():
             # Tensors the model reaches other than through its inputs, parameters and buffers (a
             # plain tensor attribute, a global) are kept by reference: in-place changes to them are
             # seen by later calls; assigning a new tensor to the attribute is not.

@@ -33,6 +33,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxfuse.ops  # noqa: F401
 from fxfuse import config
+from fxfuse.capture import saved_tensors_hooks_deferred
 from fxfuse.ops import attention as attention_op
 from fxfuse.ops import norm as norm_op
 
@@ -131,8 +132,9 @@ def lower_cpu_sites(gm: torch.fx.GraphModule, example_inputs=()) -> int:
         if form is None:
             continue
         # Traced on Dynamo's fake tensors, in their mode: sizes stay symbolic, and tensors the form
-        # makes (a causal mask) are ops of the graph, not constants.
-        with detect_fake_mode(inputs) or contextlib.nullcontext():
+        # makes (a causal mask) are ops of the graph, not constants; the user's saved-tensor hooks
+        # run at run time, not here.
+        with detect_fake_mode(inputs) or contextlib.nullcontext(), saved_tensors_hooks_deferred():
             sub = make_fx(form)(*inputs)
         _inline(gm, node, sub, tensor_args(*node.args, **node.kwargs))
         lowered += 1

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -201,3 +202,28 @@ def test_graph_that_cannot_be_captured_runs_unfused_with_a_warning(monkeypatch):
         out = torch.compile(model, backend=be)(x)
     torch.testing.assert_close(out, model(x))
     assert be.matches == [] and [m.reason for m in be.misses] == ["cannot capture this graph (test)"]
+
+
+def test_compiling_inside_saved_tensors_hooks_fuses_and_runs_the_hooks_on_real_tensors():
+    # The demo measured activation memory with a pack hook that reads each saved tensor's storage
+    # address; the training graph was compiled inside that context, and fxfuse's trace on fake
+    # tensors ran the user's hook (which fails on a fake storage): the graph ran unfused.
+    model, x = Block(), torch.randn(2, 3, 8)
+    packed = []
+
+    def pack(t):
+        packed.append(t.untyped_storage().data_ptr())  # fails on a fake tensor
+        return t
+
+    be = fxfuse.Backend()
+    compiled = torch.compile(model, backend=be)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "fxfuse graph 0 runs unfused: ..." would fail here
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            got = _grads(model, x, compiled)
+    assert [m.kind for m in be.matches] == ["rms_norm"]
+    assert packed, "the hooks did not run at run time"
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = fxfuse.rewrite(model, (x,))
+    assert [m.kind for m in res.matches] == ["rms_norm"]
+    torch.testing.assert_close(got, _grads(model, x, model))

@@ -6,6 +6,7 @@ operators themselves; Inductor's mode and options reach it; a rewritten graph ex
 Marked ``inductor`` (tests/conftest.py runs every other test with ``inner="eager"``): each test here
 pays Inductor's C++ compile, so there are few of them, on tiny shapes."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -135,3 +136,23 @@ def test_rewritten_graph_exports_with_its_fused_operators():
     (out,) = exported.module()(*args)
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_inside_saved_tensors_hooks_the_demo_model_is_fused_and_lowered():
+    # `fxfuse demo` compiled its training graph inside a pack hook that reads storage addresses:
+    # neither capture nor the CPU lowering may run the user's hook on their fake tensors.
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
+    packed = []
+
+    def pack(t):
+        packed.append(t.untyped_storage().data_ptr())  # fails on a fake tensor
+        return t
+
+    be = fxfuse.Backend()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "fxfuse graph 0 runs unfused: ..." would fail here
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            got = _train(model, torch.compile(model, backend=be), x)
+    assert sorted(m.kind for m in be.matches) == ["attention", "layer_norm", "rms_norm", "rms_norm"], be.report()
+    assert packed, "the hooks did not run at run time"
+    torch.testing.assert_close(got, _train(model, model, x), rtol=1e-4, atol=1e-5)
