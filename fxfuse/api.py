@@ -13,6 +13,7 @@ import torch.utils._pytree as pytree
 import fxfuse.ops  # noqa: F401  (the rewritten graphs call torch.ops.fxfuse.*)
 from fxfuse import cache_parts, config
 from fxfuse.capture import CaptureError, Captured, capture_module
+from fxfuse.cpu_calls import direct_cpu_calls
 from fxfuse.codegen.kernel import Kernel
 from fxfuse.debug import dump_graph
 from fxfuse.passes.pipeline import Match, Miss, parse_pipeline, run_pipeline
@@ -140,6 +141,7 @@ class _Graph:
     report: Report
     state_order: list[int] | None  # graph state input i is state.tensors[state_order[i]]; None: same order
     plain_outputs: bool  # every output leaf is a graph output: no constants, no input passed through
+    run: Callable  # the graph's forward as executed: CPU sites call their implementations (cpu_calls)
 
 
 class RewrittenModule(torch.nn.Module):
@@ -195,7 +197,7 @@ class RewrittenModule(torch.nn.Module):
         wanted = captured.param_names + captured.buffer_names
         order = None if names == wanted else [names.index(n) for n in wanted]
         plain = not captured.out_constants and not captured.output_is_input
-        graph = self._graphs[key] = _Graph(captured, report, order, plain)
+        graph = self._graphs[key] = _Graph(captured, report, order, plain, direct_cpu_calls(captured.gm).forward)
         return graph
 
     def forward(self, *args, **kwargs):
@@ -220,15 +222,19 @@ class RewrittenModule(torch.nn.Module):
             # stats); the graph gets a copy, so the write-back below does not invalidate it.
             graph_inputs = [t.clone() if i in captured.mutated else t for i, t in enumerate(inputs)]
         # The context managers cost microseconds a call: entered only when they change something.
-        # (gm.forward, not gm(): the module call machinery adds its own microseconds.)
+        # (forward, not gm(): the module call machinery adds its own microseconds.)
+        # Traced (torch.compile, export, make_fx: a dispatch mode is active) the graph with its
+        # operators is what the tracer must see; run, its direct CPU calls (cpu_calls).
+        traced = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+        run = captured.gm.forward if traced else graph.run
         if not self._options and not any(enabled for enabled, _ in autocast):
-            flat_out = captured.gm.forward(*graph_inputs)
+            flat_out = run(*graph_inputs)
         else:
             with contextlib.ExitStack() as stack:
                 if self._options:
                     stack.enter_context(config.patch(**self._options))
                 stack.enter_context(_autocast_off())
-                flat_out = captured.gm.forward(*graph_inputs)
+                flat_out = run(*graph_inputs)
         n_out = len(flat_out) - len(captured.mutated)
         if captured.mutated:
             self._write_back(captured, inputs, flat_out[n_out:])

@@ -10,7 +10,8 @@ fused; so before Inductor sees the graph, each CPU site (unless the Triton kerne
 interpreted) is replaced by the fastest exact form Inductor can compile, and autograd differentiates
 that form instead of calling the backward operator:
 
-- attention that ATen's fused CPU attention computes exactly (``ops.attention._sdpa_form``):
+- attention that ATen's fused CPU attention computes exactly (``ops.attention._sdpa_form``), in
+  training only where its backward gives the user's gradient (no mask, or causal with Lq == Lk):
   ``F.scaled_dot_product_attention`` -- its flash CPU kernel forward and backward;
 - other attention, with static sizes and no dropout: the spec's torch reference, which Inductor
   fuses as it would have fused the user's code (dropout keeps the operator: its mask is drawn from a
@@ -57,11 +58,14 @@ def _laid_out(out, merge_heads: bool):
     return out.transpose(1, 2).contiguous().transpose(1, 2) if merge_heads else out.contiguous()
 
 
-def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False, *, grads=()):
+def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False, *, grads=(), qkv_grad=False):
     s = attention_op._spec(spec)
     form = attention_op._sdpa_form(s)
     # SDPA's CPU kernel gives no gradient for its mask: a bias that needs one (T5's learned
-    # position bias) takes the reference, which autograd differentiates.
+    # position bias) takes the reference, which autograd differentiates; and with a mask its
+    # backward differs from the user's gradient in rows that see no key (_every_row_sees_a_key).
+    if form is not None and qkv_grad and not attention_op._every_row_sees_a_key(form, q, k):
+        form = None
     if form is not None and not any(step.op == "add" and step.input >= 0 and grads[step.input] for step in s.steps):
         return lambda q, k, v, *extras: _laid_out(attention_op._sdpa(s, form, q, k, v, list(extras)), merge_heads)
     if s.dropout or not _static(q, k, v, *extras):
@@ -126,7 +130,8 @@ def lower_cpu_sites(gm: torch.fx.GraphModule, example_inputs=()) -> int:
             continue
         if node.target is _fx.attention.default:
             grads = [a in needing_grad for a in node.args[3]]
-            form = choose(*fakes, **_fake(node.kwargs), grads=grads)
+            qkv_grad = any(a in needing_grad for a in node.args[:3])
+            form = choose(*fakes, **_fake(node.kwargs), grads=grads, qkv_grad=qkv_grad)
         else:
             form = choose(*fakes, **_fake(node.kwargs))
         if form is None:

@@ -156,3 +156,27 @@ def test_compiled_inside_saved_tensors_hooks_the_demo_model_is_fused_and_lowered
     assert sorted(m.kind for m in be.matches) == ["attention", "layer_norm", "rms_norm", "rms_norm"], be.report()
     assert packed, "the hooks did not run at run time"
     torch.testing.assert_close(got, _train(model, model, x), rtol=1e-4, atol=1e-5)
+
+
+class _FinfoMinMask(nn.Module):
+    """Hugging Face's additive mask (``finfo.min``, not -inf) over a left-padded batch: the padded
+    query rows see no key, so their scores round to one value, the user's softmax is uniform
+    there and still passes the gradient on to the scores; SDPA's backward gives another one."""
+
+    def forward(self, q, k, v, mask):
+        return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + mask).softmax(-1) @ v
+
+
+def test_a_site_with_a_finfo_min_mask_trains_with_the_users_gradient():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 4) for _ in range(3))
+    mask = torch.zeros(2, 1, 8, 8).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    mask[1, ..., :2] = torch.finfo(torch.float32).min  # the second sequence's first two keys are padding
+    model, be = _FinfoMinMask(), fxfuse.Backend()
+    compiled = torch.compile(model, backend=be)
+    got = _train(model, lambda q, k, v: compiled(q, k, v, mask), q, k, v)
+    assert [m.kind for m in be.matches] == ["attention"], be.report()
+    eager = _train(model, lambda q, k, v: model(q, k, v, mask), q, k, v)
+    want = _train(model, lambda q, k, v: model(q, k, v, mask.double()), *(t.double() for t in (q, k, v)))
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import fxfuse
+import fxfuse.api
 import fxfuse.ops.attention as attention_op
 from tests.attention_styles import CausalArangeWhere, PaddingMaskFill
 from tests.tolerances import assert_close_to_reference
@@ -45,15 +46,21 @@ def test_causal_site_runs_sdpa_is_causal_forward_and_its_backward(monkeypatch):
         assert_close_to_reference(g, e, w, f"output/gradient {i}")
 
 
-def test_a_row_that_sees_no_key_keeps_the_formula_and_eagers_nan(monkeypatch):
+@pytest.mark.parametrize("through", ["operator", "direct call"])
+def test_a_row_that_sees_no_key_keeps_the_formula_and_eagers_nan(monkeypatch, through):
     model = PaddingMaskFill()
     q, k, v, keep = model.inputs(torch.float32)
     keep[0] = False  # the first sequence hides every key: its rows are NaN in eager
+    if through == "operator":  # as under torch.compile's inner="eager": the operator and its backward
+        monkeypatch.setattr(fxfuse.api, "direct_cpu_calls", lambda gm: gm)
     res = fxfuse.rewrite(model, (q, k, v, keep))
-    formula = _spy(monkeypatch, "reference_backward")
+    formula, sdpa = _spy(monkeypatch, "reference_backward"), _spy(monkeypatch, "_sdpa")
     got = _grads(res.module, torch.float32, (q, k, v, keep))
     want = _grads(model, torch.float32, (q, k, v, keep))
-    assert formula, "SDPA's backward would have zeroed the NaN rows' gradients"
+    if through == "operator":
+        assert formula, "SDPA's backward would have zeroed the NaN rows' gradients"
+    else:  # autograd differentiates the reference: SDPA's backward would have zeroed them
+        assert not sdpa and not formula
     for g, w in zip(got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(w))
         torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ backward. The mask is a function of the seed alone: the Triton kernels draw it w
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +37,7 @@ from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 
 
+@functools.lru_cache(maxsize=1024)
 def _spec(text: str) -> AttentionSpec:
     return AttentionSpec.from_json(text)
 
@@ -245,6 +247,17 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     return out
 
 
+def _every_row_sees_a_key(form, q: Tensor, k: Tensor) -> bool:
+    """Whether SDPA runs the site with no mask, or causal with Lq == Lk (``is_causal``): the sites
+    whose gradient SDPA's backward computes as the user's code does. With a mask, a row that sees
+    no key gets zeros where the user's gradient is NaN, and a row hidden by a large finite bias
+    (Hugging Face's ``finfo.min``) gets a different gradient from SDPA's backward than from the
+    user's softmax (whose rounded scores still pass the gradient on)."""
+    step = form[1]
+    return step is None or (step.op == "fill" and step.causal and not step.window and not step.invert
+                            and q.shape[-2] == k.shape[-2])
+
+
 def _use_triton(q: Tensor, spec: AttentionSpec) -> bool:
     if "float64" in {spec.score_dtype, spec.prob_dtype}:
         return False  # tl.dot has no float64 on GPUs; the reference is exact
@@ -356,8 +369,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, 
         from fxfuse.runtime import attention as kernels
 
         return kernels.forward(s, q, k, v, extras, seed=seed, merge_heads=merge_heads)[0]
+    return cpu_forward(s, q, k, v, extras, seed, merge_heads)
+
+
+def cpu_forward(s: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], seed: Tensor | None = None,
+                merge_heads: bool = False, autograd: bool = False) -> Tensor:
+    """The CPU implementation: SDPA where it computes the spec on these values, else the reference.
+
+    ``autograd``: called outside the operator (fxfuse.cpu_calls), to be differentiated through
+    the ATen ops it runs, and SDPA only where its backward gives the user's gradient
+    (``_every_row_sees_a_key``; then no extra tensor is read); a masked site takes the reference,
+    which autograd differentiates as it did the user's code."""
     form = _sdpa_form(s)
-    if form is not None and not _sdpa_exact_on(form, q, k, v, extras):
+    if form is not None:
+        with torch.no_grad():  # a check, not part of what autograd differentiates
+            form = form if _sdpa_exact_on(form, q, k, v, extras) else None
+    if form is not None and autograd and torch.is_grad_enabled() and not _every_row_sees_a_key(form, q, k):
         form = None
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
     out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras, keep)
@@ -387,10 +414,10 @@ def _sdpa_backward(spec: AttentionSpec, grad_out, q, k, v, extras, wanted) -> li
         return None
     if q.shape[-1] != v.shape[-1]:  # the fused CPU kernel needs one head size (DeepSeek's differ)
         return None
-    scale, step = form
-    causal = step is not None and step.causal and not step.window and not step.invert and q.shape[-2] == k.shape[-2]
-    if step is not None and not causal:
+    if not _every_row_sees_a_key(form, q, k):
         return None
+    scale, step = form
+    causal = step is not None
     kh, vh = _heads(k, spec), _heads(v, spec)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kh, vh, 0.0, causal, scale=scale)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(

@@ -133,6 +133,11 @@ def norm(x: Tensor, params: list[Tensor], spec: str) -> Tensor:
         from fxfuse.runtime import norm as kernels
 
         return laid_out_like(kernels.forward(s, x, None, params)[0], x)
+    return cpu_norm(s, x, params)
+
+
+def cpu_norm(s: NormSpec, x: Tensor, params: list[Tensor]) -> Tensor:
+    """The CPU implementation (also called outside the operator, with autograd: fxfuse.cpu_calls)."""
     return laid_out_like(reference(s, x, params), x)
 
 
@@ -148,10 +153,14 @@ def add_norm(x: Tensor, residual: Tensor, params: list[Tensor], spec: str) -> tu
         from fxfuse.runtime import norm as kernels
 
         y, total = kernels.forward(s, x, residual, params)
-    else:
-        total = (x + residual).to(to_dtype(s.sum_dtype))
-        y = reference(s, total, params)
-    return laid_out_like(y, x), laid_out_like(total, x)
+        return laid_out_like(y, x), laid_out_like(total, x)
+    return cpu_add_norm(s, x, residual, params)
+
+
+def cpu_add_norm(s: NormSpec, x: Tensor, residual: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The CPU implementation (also called outside the operator, with autograd: fxfuse.cpu_calls)."""
+    total = (x + residual).to(to_dtype(s.sum_dtype))
+    return laid_out_like(reference(s, total, params), x), laid_out_like(total, x)
 
 
 @add_norm.register_fake

@@ -1,0 +1,92 @@
+"""The graph a rewritten module runs: its CPU sites call their implementations directly.
+
+Outside torch.compile a fused operator costs the dispatcher's Python (custom_op's autograd
+wrapper, its kernel lookup, the spec's parse): tens of microseconds a call, as much as the small
+site it replaced took. So the graph ``fxfuse.rewrite``'s module executes (a copy; the graph it
+reports and exports keeps the operators) calls, for each site on a CPU device, the function the
+operator's CPU implementation is (``ops.attention.cpu_forward``, ``ops.norm.cpu_norm``, ...) with the
+spec already parsed. With autograd on, autograd differentiates the ATen ops that function runs:
+ATen's fused CPU attention forward and backward where it computes the spec, else the spec's
+reference, whose gradient autograd takes as it did the user's code (and saves what the user's
+code saved: the operator's recomputing backward is slower on CPU). Interpretation of the Triton
+kernels, asked for when the call runs, still goes through the operators.
+"""
+from __future__ import annotations
+
+import torch
+
+import fxfuse.ops  # noqa: F401
+from fxfuse import config
+from fxfuse.ops import attention as attention_op
+from fxfuse.ops import norm as norm_op
+
+_fx = torch.ops.fxfuse
+
+
+def _attention_call(spec_text: str):
+    spec = attention_op._spec(spec_text)
+    op = _fx.attention.default
+
+    def attention(q, k, v, extras, spec_arg=spec_text, seed=None, merge_heads=False):
+        if q.device.type != "cpu" or config.interpret_on_cpu():
+            return op(q, k, v, extras, spec_arg, seed, merge_heads)
+        attention_op._check_heads(spec, q, k, v)
+        return attention_op.cpu_forward(spec, q, k, v, extras, seed, merge_heads, autograd=True)
+
+    return attention
+
+
+def _norm_call(spec_text: str):
+    spec = norm_op._spec(spec_text)
+    op = _fx.norm.default
+
+    def norm(x, params, spec_arg=spec_text):
+        if x.device.type != "cpu" or config.interpret_on_cpu() or norm_op._use_triton(x, spec):
+            return op(x, params, spec_arg)
+        return norm_op.cpu_norm(spec, x, params)
+
+    return norm
+
+
+def _add_norm_call(spec_text: str):
+    spec = norm_op._spec(spec_text)
+    op = _fx.add_norm.default
+
+    def add_norm(x, residual, params, spec_arg=spec_text):
+        if x.device.type != "cpu" or config.interpret_on_cpu() or norm_op._use_triton(x, spec):
+            return op(x, residual, params, spec_arg)
+        return norm_op.cpu_add_norm(spec, x, residual, params)
+
+    return add_norm
+
+
+# operator -> (the call for a spec, the position of the spec among its arguments)
+_CALLS = {
+    _fx.attention.default: (_attention_call, 4),
+    _fx.norm.default: (_norm_call, 2),
+    _fx.add_norm.default: (_add_norm_call, 3),
+}
+
+
+def _on_cpu(node: torch.fx.Node) -> bool:
+    first = node.args[0]
+    val = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.device.type == "cpu"
+
+
+def direct_cpu_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose CPU fused sites call their implementations directly (``gm`` itself
+    is unchanged); ``gm`` when it has none."""
+    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CALLS and _on_cpu(n)]
+    if not sites:
+        return gm
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    output = graph.graph_copy(gm.graph, env)
+    graph.output(output)
+    for old in sites:
+        node = env[old]
+        make, spec_at = _CALLS[old.target]
+        spec_text = node.args[spec_at] if len(node.args) > spec_at else node.kwargs["spec"]
+        node.target = make(spec_text)
+    return torch.fx.GraphModule(gm, graph)
