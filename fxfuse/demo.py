@@ -169,8 +169,9 @@ def run(show_kernel: bool = True, inductor: bool = True, html: str | None = None
     print(f"speed (inference, best of {rounds}{on}): eager {eager_s * 1e3:.2f} ms, fxfuse {fused_s * 1e3:.2f} ms, "
           f"fxfuse at {eager_s / fused_s:.2f}x eager's speed")
     if device == "cpu":
-        print("  (on CPU the fused operators run their exact torch reference, and the rewritten module adds "
-              "its call overhead; the Triton kernels are what runs on a GPU)")
+        print("  (on CPU the fused sites run ATen's fused attention and layer norm where they compute the site, "
+              "else the site's torch reference, called directly; the rewritten module adds a check of its inputs "
+              "per call; the Triton kernels are what runs on a GPU)")
     eager_b = saved_activation_bytes(model, model, x)
     fused_b = saved_activation_bytes(res.module, model, x)
     print(f"memory (activations saved for backward): eager {eager_b / 1024:.0f} KiB, fxfuse {fused_b / 1024:.0f} KiB, "

@@ -1,7 +1,9 @@
 """The fused attention operator's fast CPU paths (no Triton, no Inductor): a causal site with as many
 queries as keys runs SDPA with ``is_causal`` (its kernel skips hidden tiles), and its backward goes
 through SDPA's own backward instead of the explicit formula; results stay within the tolerance
-table of the float64 reference. A row that sees no key keeps the formula (NaN as in eager)."""
+table of the float64 reference. A row that sees no key keeps the formula (NaN as in eager). The
+rewritten module calls its CPU sites' implementations directly (no operator dispatch), and a layer
+norm site runs ATen's fused layer_norm."""
 import pytest
 import torch
 import torch.nn as nn
@@ -64,3 +66,44 @@ def test_a_row_that_sees_no_key_keeps_the_formula_and_eagers_nan(monkeypatch, th
     for g, w in zip(got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(w))
         torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+def test_rewritten_module_calls_its_cpu_sites_directly_and_the_triton_kernels_when_asked(monkeypatch):
+    # The operators' dispatch costs tens of microseconds a call on CPU, as much as a small site: the
+    # module runs a copy of the graph whose CPU sites call their implementations (fxfuse.cpu_calls).
+    import fxfuse.runtime.norm
+    from fxfuse.demo import NaiveTransformer
+
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
+    res = fxfuse.rewrite(model, (x,))
+    (graph,) = res.module._graphs.values()
+    assert "torch.ops.fxfuse.attention" in res.graph.code and "torch.ops.fxfuse.norm" in res.graph.code
+    assert "torch.ops.fxfuse" not in graph.run.__self__.code  # the executed copy
+    got = _grads(res.module, torch.float32, (x,))
+    eager = _grads(model, torch.float32, (x,))
+    want = _grads(model.double(), torch.float64, (x,))
+    model.float()
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+    launches = []
+    forward = fxfuse.runtime.norm.forward
+    monkeypatch.setattr(fxfuse.runtime.norm, "forward", lambda *a, **k: launches.append(1) or forward(*a, **k))
+    with fxfuse.config.patch(interpret=True), torch.no_grad():
+        res.module(x)
+    assert launches, "interpret=True did not reach the operators"
+
+
+def test_a_layer_norm_site_runs_atens_layer_norm_on_cpu():
+    # ATen's fused layer_norm computes the spec in one pass (the reference takes eight ops, several
+    # times slower): F.layer_norm's site gives eager's values bit for bit, forward and backward.
+    model = nn.LayerNorm(256)
+    nn.init.normal_(model.weight)
+    nn.init.normal_(model.bias)
+    x = torch.randn(4, 16, 256) * 3 + 1
+    res = fxfuse.rewrite(model, (x,))
+    assert [m.kind for m in res.matches] == ["layer_norm"]
+    got, want = _grads(res.module, torch.float32, (x,)), _grads(model, torch.float32, (x,))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with torch.no_grad():  # the operator's own CPU path too
+        assert torch.equal(torch.ops.fxfuse.norm(x, [model.weight, model.bias], res.matches[0].spec.to_json()), model(x))

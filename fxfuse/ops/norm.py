@@ -136,8 +136,35 @@ def norm(x: Tensor, params: list[Tensor], spec: str) -> Tensor:
     return cpu_norm(s, x, params)
 
 
+def _aten_layer_norm_args(s: NormSpec, x: Tensor, params: list[Tensor]) -> tuple | None:
+    """(weight, bias) when ``torch.layer_norm`` computes the spec exactly, else None: a layer norm
+    whose statistics, normalization and affine steps are all in the input's own float32/float64
+    (``F.layer_norm`` itself, or the same math written by hand), a weight multiplied and/or a
+    bias added, nothing else. ATen's fused CPU kernel then does in one pass, forward and
+    backward, what the reference does in eight ops (the same math and dtype; the reductions' order
+    differs, as SDPA's does from a hand-written softmax)."""
+    acc = x.dtype
+    if s.kind != "layer_norm" or s.inverse != "rsqrt" or s.scale != 1.0 or acc not in (torch.float32, torch.float64) \
+            or to_dtype(s.compute_dtype) != acc or to_dtype(s.norm_dtype) != acc or len(s.steps) > 2:
+        return None
+    found: dict[str, Tensor] = {}
+    for step in s.steps:
+        prep = s.params[step.param] if step.op in ("mul", "add") else None
+        if prep is None or to_dtype(step.dtype) != acc or to_dtype(prep.dtype) != acc or prep.offset \
+                or step.op in found or (step.op == "mul" and "add" in found):
+            return None
+        p = params[step.param]
+        if p.numel() != x.shape[-1] or p.dtype != acc:
+            return None
+        found[step.op] = p.reshape(-1)
+    return found.get("mul"), found.get("add")
+
+
 def cpu_norm(s: NormSpec, x: Tensor, params: list[Tensor]) -> Tensor:
     """The CPU implementation (also called outside the operator, with autograd: fxfuse.cpu_calls)."""
+    affine = _aten_layer_norm_args(s, x, params)
+    if affine is not None:
+        return laid_out_like(torch.layer_norm(x, (x.shape[-1],), *affine, s.eps), x)
     return laid_out_like(reference(s, x, params), x)
 
 
@@ -160,7 +187,9 @@ def add_norm(x: Tensor, residual: Tensor, params: list[Tensor], spec: str) -> tu
 def cpu_add_norm(s: NormSpec, x: Tensor, residual: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
     """The CPU implementation (also called outside the operator, with autograd: fxfuse.cpu_calls)."""
     total = (x + residual).to(to_dtype(s.sum_dtype))
-    return laid_out_like(reference(s, total, params), x), laid_out_like(total, x)
+    affine = _aten_layer_norm_args(s, total, params)
+    y = reference(s, total, params) if affine is None else torch.layer_norm(total, (total.shape[-1],), *affine, s.eps)
+    return laid_out_like(y, x), laid_out_like(total, x)
 
 
 @add_norm.register_fake
