@@ -10,6 +10,7 @@ small configs: no downloads), each run four ways:
 | ``inductor`` | ``torch.compile(model)`` (Inductor) |
 | ``fxfuse`` | ``torch.compile(model, backend="fxfuse")``: fxfuse's passes, then Inductor |
 | ``fxfuse_eager`` | ``torch.compile(model, backend="fxfuse", options={"inner": "eager"})`` |
+| ``rewrite`` | ``fxfuse.rewrite(model, (x,)).module``: no torch.compile; the fused sites' CPU paths, the rest op by op |
 
 in inference (``no_grad``) and one training step (forward, a loss, backward). Per row: the median
 time of the timed calls (interleaved rounds, so that load hits every implementation alike), the
@@ -47,7 +48,7 @@ import fxfuse  # noqa: E402  (bench_norm put the checkout on sys.path)
 from fxfuse.demo import NaiveTransformer, saved_activation_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IMPLS = ("eager", "inductor", "fxfuse", "fxfuse_eager")
+IMPLS = ("eager", "inductor", "fxfuse", "fxfuse_eager", "rewrite")
 VOCAB = 512
 
 
@@ -120,10 +121,13 @@ def make_model(name, d, layers, batch, length, device):
 
 # ---- implementations -------------------------------------------------------------------------------
 
-def compiled(impl: str, model: nn.Module):
+def compiled(impl: str, model: nn.Module, x):
     torch._dynamo.reset()
     if impl == "eager":
         return model, None
+    if impl == "rewrite":
+        res = fxfuse.rewrite(model, (x,))
+        return res.module, res
     if impl == "inductor":
         return torch.compile(model), None
     backend = fxfuse.Backend(inner="eager" if impl == "fxfuse_eager" else "inductor")
@@ -160,16 +164,17 @@ def bench_model(name, args, device) -> list[dict]:
                    "saved_mib": None, "peak_mib": None, "max_abs_diff_vs_eager": None, "note": ""}
             rows.append(row)
             try:
-                fn, backend = compiled(impl, model)
-                start = time.perf_counter()
+                start = time.perf_counter()  # rewrite captures here, torch.compile at the first call
+                fn, backend = compiled(impl, model, x)
                 out = step(fn, model, x, train)
                 _sync(device)
                 row["compile_s"] = round(time.perf_counter() - start, 2)
                 reference = out.float() if reference is None else reference
                 row["max_abs_diff_vs_eager"] = float((out.float() - reference).abs().max())
                 if backend is not None:
+                    reports = [backend.report_data] if impl == "rewrite" else backend.reports
                     row["note"] = "; ".join(r.text().splitlines()[0].split(": ", 1)[1].split(", 0 declined")[0]
-                                            for r in backend.reports)
+                                            for r in reports)
                 if train and device == "cpu":
                     row["saved_mib"] = round(saved_activation_bytes(fn, model, x) / 2**20, 2)
                 fns[impl] = (fn, row)

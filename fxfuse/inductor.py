@@ -17,8 +17,9 @@ that form instead of calling the backward operator:
   fuses as it would have fused the user's code (dropout keeps the operator: its mask is drawn from a
   seeded generator, which tracing cannot carry; symbolic sizes keep it too, since the reference
   chooses its chunks of rows from the sizes);
-- norms: the spec's torch reference, which Inductor turns into one loop per row, forward and
-  backward.
+- norms: ``torch.layer_norm`` where it computes the spec (``ops.norm._aten_layer_norm_args``),
+  which Inductor decomposes as it does the user's own ``F.layer_norm``, else the spec's torch
+  reference; Inductor turns either into one loop per row, forward and backward.
 
 Each form computes the spec in the user's dtypes, as the operator's own CPU path does; tests compare
 both to the float64 reference.
@@ -73,9 +74,19 @@ def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False, *, grad
     return lambda q, k, v, *extras: _laid_out(attention_op.reference(s, q, k, v, list(extras)), merge_heads)
 
 
+def _normalized(s, x, params):
+    """A norm site as Inductor should see it: ``aten.native_layer_norm`` where that computes it
+    (Inductor then decomposes it, forward and backward, exactly as it does the user's F.layer_norm:
+    its backward formula takes fewer reductions than autograd's of the reference), else the reference."""
+    affine = norm_op._aten_layer_norm_args(s, x, params)
+    if affine is None:
+        return norm_op.reference(s, x, params)
+    return torch.layer_norm(x, (x.shape[-1],), *affine, s.eps)
+
+
 def _norm_form(x, params, spec):
     s = norm_op._spec(spec)
-    return lambda x, *params: norm_op.reference(s, x, list(params))
+    return lambda x, *params: _normalized(s, x, list(params))
 
 
 def _add_norm_form(x, residual, params, spec):
@@ -83,7 +94,7 @@ def _add_norm_form(x, residual, params, spec):
 
     def form(x, residual, *params):
         total = (x + residual).to(norm_op.to_dtype(s.sum_dtype))
-        return norm_op.reference(s, total, list(params)), total
+        return _normalized(s, total, list(params)), total
 
     return form
 

@@ -180,3 +180,21 @@ def test_a_site_with_a_finfo_min_mask_trains_with_the_users_gradient():
     want = _train(model, lambda q, k, v: model(q, k, v, mask.double()), *(t.double() for t in (q, k, v)))
     for i, (g, e, w) in enumerate(zip(got, eager, want)):
         assert_close_to_reference(g, e, w, f"output/gradient {i}")
+
+
+def test_a_layer_norm_site_reaches_inductor_as_atens_layer_norm_forward_and_backward(tmp_path):
+    # The backward Inductor compiles is the one it compiles for the user's own F.layer_norm
+    # (aten.native_layer_norm's decomposition); autograd's gradient of the reference took more
+    # loops (GPT-2's training step: 126 kernels against Inductor's 122).
+    import collections
+    import re
+
+    model, x = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)), torch.randn(2, 8, 16)
+    be = fxfuse.Backend(debug_dir=str(tmp_path / "fused"))
+    _check_training(model, torch.compile(model, backend=be), x)
+    assert [m.kind for m in be.matches] == ["layer_norm"], be.report()
+    torch._dynamo.reset()  # the same model with nothing fused: what Inductor gets from F.layer_norm
+    _train(model, torch.compile(model, backend=fxfuse.Backend(passes="canonicalize", debug_dir=str(tmp_path / "plain"))), x)
+    ops = {run: collections.Counter(re.findall(r"torch\.ops\.aten\.(\w+)", _graphs(tmp_path / run, "aot_backward")))
+           for run in ("fused", "plain")}
+    assert ops["fused"] == ops["plain"]
