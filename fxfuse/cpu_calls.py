@@ -41,7 +41,7 @@ def _norm_call(spec_text: str):
     op = _fx.norm.default
 
     def norm(x, params, spec_arg=spec_text):
-        if x.device.type != "cpu" or config.interpret_on_cpu() or norm_op._use_triton(x, spec):
+        if x.device.type != "cpu" or config.interpret_on_cpu():
             return op(x, params, spec_arg)
         return norm_op.cpu_norm(spec, x, params)
 
@@ -53,7 +53,7 @@ def _add_norm_call(spec_text: str):
     op = _fx.add_norm.default
 
     def add_norm(x, residual, params, spec_arg=spec_text):
-        if x.device.type != "cpu" or config.interpret_on_cpu() or norm_op._use_triton(x, spec):
+        if x.device.type != "cpu" or config.interpret_on_cpu():
             return op(x, residual, params, spec_arg)
         return norm_op.cpu_add_norm(spec, x, residual, params)
 
