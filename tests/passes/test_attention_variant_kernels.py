@@ -1,0 +1,102 @@
+"""The fused operator's variants on their own (issue 12): a spec with attention sinks, and sigmoid
+attention, on the torch reference, on the generated Triton kernels (interpreted) and through the
+operator's autograd, each against float64 autograd of the plain formula, at lengths that are not
+multiples of the tile, with and without a causal mask (its tiles skipped). The sinks' gradient
+``d c = -p_sink * rowsum(dO * O)`` is checked here against autograd of ``cat, softmax, slice``."""
+import math
+
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.ops.attention import reference, reference_backward
+from fxfuse.runtime import attention as kernels
+from fxfuse.spec_attention import AttentionSpec, ScoreStep
+from tests.tolerances import tolerance
+
+B, H, LQ, LK, D = 2, 2, 5, 19, 8  # LK > one 16-wide key tile, not a multiple of it
+
+
+def _spec(sigmoid: bool, causal: bool, dtype="float32") -> AttentionSpec:
+    steps = [ScoreStep("mul", dtype, value=0.3)]
+    if causal:
+        steps.append(ScoreStep("fill", dtype, value=-math.inf, input=-1))
+    if sigmoid:
+        steps.append(ScoreStep("add", dtype, value=-math.log(LK)))
+        return AttentionSpec(dtype, tuple(steps), dtype, normalizer="sigmoid")
+    return AttentionSpec(dtype, tuple(steps), dtype, inputs=("sink",), sinks=0)
+
+
+def _formula(q, k, v, sinks, sigmoid: bool, causal: bool):
+    """The site as eager code writes it (gpt-oss's cat/softmax/slice; Apple's sigmoid)."""
+    s = q @ k.transpose(-1, -2) * 0.3
+    if causal:  # bottom-right aligned, as the spec's causal rule
+        s = s.masked_fill(torch.ones(LQ, LK, dtype=torch.bool).triu(LK - LQ + 1), -math.inf)
+    if sigmoid:
+        return torch.sigmoid(s - math.log(LK)) @ v
+    joined = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(B, H, LQ, 1)], dim=-1)
+    return joined.softmax(-1)[..., :-1] @ v
+
+
+def _case(sigmoid, causal):
+    q, k, v = (torch.randn(B, H, n, D) for n in (LQ, LK, LK))
+    sinks = torch.randn(H) * 2
+    leaves = [t.double().requires_grad_() for t in (q, k, v, sinks)]
+    expected = _formula(*leaves, sigmoid, causal)
+    upstream = torch.randn(expected.shape, dtype=torch.float64)
+    (expected * upstream).sum().backward()
+    return (q, k, v, sinks), expected, upstream, [t.grad for t in leaves]
+
+
+def _close(got, want, what):
+    rtol, atol = tolerance(torch.float32)
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol, msg=what)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["sinks", "sigmoid"])
+def test_reference_and_kernels_match_float64(sigmoid, causal):
+    (q, k, v, sinks), expected, upstream, grads = _case(sigmoid, causal)
+    spec = _spec(sigmoid, causal)
+    extras = [] if sigmoid else [sinks.reshape(1, H, 1, 1).expand(B, H, LQ, 1)]
+    out_kernel, _ = kernels.forward(spec, q, k, v, extras)
+    for what, out in (("reference", reference(spec, q, k, v, extras)), ("kernel", out_kernel)):
+        _close(out, expected, f"{what} output")
+    paths = (("reference", reference_backward(spec, upstream.float(), q, k, v, extras)),
+             ("kernel", kernels.backward(spec, upstream.float(), q, k, v, extras, [True] * len(extras))))
+    for what, got in paths:
+        for name, g, want in zip(("dq", "dk", "dv", "d sinks"), got, grads):
+            if name == "d sinks":  # the column's gradient, summed over what the expand broadcast
+                g = g.sum((0, 2, 3))
+            _close(g, want, f"{what} {name}")
+
+
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["sinks", "sigmoid"])
+def test_operator_autograd_matches_float64(sigmoid, cpu_path):
+    (q, k, v, sinks), expected, upstream, grads = _case(sigmoid, True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    extras = [] if sigmoid else [leaves[3].reshape(1, H, 1, 1).expand(B, H, LQ, 1)]
+    out = torch.ops.fxfuse.attention(*leaves[:3], extras, _spec(sigmoid, True).to_json())
+    (out.double() * upstream).sum().backward()
+    _close(out, expected, "output")
+    for name, leaf, want in zip(("dq", "dk", "dv", "d sinks"), leaves, grads):
+        if name != "d sinks" or not sigmoid:
+            _close(leaf.grad, want, name)
+
+
+def test_a_sink_row_with_every_key_hidden_gives_zero_not_nan(cpu_path):
+    # The sink keeps the row's sum positive: eager's softmax over the joined row gives the keys 0.
+    spec = AttentionSpec("float32", (ScoreStep("fill", "float32", value=-math.inf, input=0),), "float32",
+                         inputs=("mask", "sink"), sinks=1)
+    q, k, v = (torch.randn(1, 1, n, D) for n in (3, 4, 4))
+    hidden = torch.zeros(1, 1, 3, 4, dtype=torch.bool)
+    hidden[..., 1, :] = True
+    out = torch.ops.fxfuse.attention(q, k, v, [hidden, torch.zeros(1, 1, 3, 1)], spec.to_json())
+    assert torch.isfinite(out).all() and (out[..., 1, :] == 0).all(), out
+
+
+def test_new_fields_stay_out_of_the_json_at_their_defaults():
+    plain = AttentionSpec("float32", (ScoreStep("mul", "float32", value=0.5),), "float32")
+    assert "sinks" not in plain.to_json() and "normalizer" not in plain.to_json()
+    for spec in (_spec(True, True), _spec(False, False)):
+        assert AttentionSpec.from_json(spec.to_json()) == spec
