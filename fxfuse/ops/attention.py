@@ -7,8 +7,9 @@ expressions are evaluated (``fxfuse.index_expr``), with per-head inputs among th
 or on CPU when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
 implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
-user's softmax gives NaN are set to NaN, unless the spec's softmax is a safe one), else the plain
-torch reference of the spec, which computes the scores a bounded chunk of query rows at a time. With
+user's softmax gives NaN are set to NaN, unless the spec's softmax is a safe one), or, for such a
+spec with attention sinks, ATen's flash CPU attention rescaled by the sinks' share of each row
+(from its log-sum-exp), else the plain torch reference of the spec, which computes the scores a bounded chunk of query rows at a time. With
 ``merge_heads`` the ``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on
 every path (the pass asks for it when a head merge is all that reads it, which then is a view). The
 backward is a backward operator of its own (autograd is off inside custom operators): the Triton
@@ -23,6 +24,7 @@ backward. The mask is a function of the seed alone: the Triton kernels draw it w
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -266,6 +268,37 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     return out
 
 
+def _sdpa_sinks_form(spec: AttentionSpec):
+    """(scale, mask step) when the spec is SDPA's with a sink column as its last input (gpt-oss's
+    form): ATen's flash CPU attention gives the output without the sink and each row's log-sum-exp
+    ``lse``, and the sink only rescales the row, by ``l / (l + e^c) = sigmoid(lse - c)``."""
+    if spec.sinks < 0 or spec.sinks != len(spec.inputs) - 1 or spec.safe_softmax or spec.normalizer != "softmax":
+        return None
+    return _sdpa_form(dataclasses.replace(spec, sinks=-1, inputs=spec.inputs[:-1]))
+
+
+def _sdpa_sinks(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
+    """The site with sinks from ATen's flash CPU attention and its log-sum-exp (see _sdpa_sinks_form).
+    A row whose every key is hidden is 0 there (as in the user's softmax over the joined row, where
+    the sink takes all the probability)."""
+    scale, step = form
+    shape4 = (*q.shape[:2], q.shape[-2], k.shape[-2])
+    mask, causal = None, False
+    if step is not None and step.op == "add":
+        mask = _addend(step, extras, shape4, q.device).to(q.dtype)
+    elif step is not None and step.causal and not step.window and not step.invert and q.shape[-2] == k.shape[-2]:
+        causal = True
+    elif step is not None:
+        hidden = _mask_of(step, extras, shape4, q.device)
+        mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill(hidden, float("-inf"))
+    if mask is not None and mask.dim() < 2:
+        mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, _heads(k, spec), _heads(v, spec), 0.0, causal, attn_mask=mask, scale=scale)
+    share = torch.sigmoid(lse.unsqueeze(-1) - extras[spec.sinks].float())  # the keys' share of the row's sum
+    return (out.float() * share).to(out.dtype)
+
+
 def _use_triton(q: Tensor, spec: AttentionSpec) -> bool:
     if "float64" in {spec.score_dtype, spec.prob_dtype}:
         return False  # tl.dot has no float64 on GPUs; the reference is exact
@@ -384,11 +417,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, 
         from fxfuse.runtime import attention as kernels
 
         return kernels.forward(s, q, k, v, extras, seed=seed, merge_heads=merge_heads)[0]
-    form = _sdpa_form(s)
+    form, sinks = _sdpa_form(s), _sdpa_sinks_form(s)
     if form is not None and not _sdpa_exact_on(form, q, k, v, extras):
         form = None
+    if sinks is not None and (q.device.type != "cpu" or not _sdpa_exact_on(sinks, q, k, v, extras) or
+                              not torch.isfinite(extras[s.sinks]).all()):
+        sinks = None
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
-    out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras, keep)
+    if sinks is not None:
+        out = _sdpa_sinks(s, sinks, q, k, v, extras)
+    else:
+        out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras, keep)
     return _laid_out(out, merge_heads)
 
 

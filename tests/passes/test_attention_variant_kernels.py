@@ -100,3 +100,18 @@ def test_new_fields_stay_out_of_the_json_at_their_defaults():
     assert "sinks" not in plain.to_json() and "normalizer" not in plain.to_json()
     for spec in (_spec(True, True), _spec(False, False)):
         assert AttentionSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cpu_fast_path_for_sinks_is_flash_attention_rescaled(causal, monkeypatch):
+    # ATen's flash CPU attention and its log-sum-exp: the sink's share rescales each row.
+    import fxfuse.ops.attention as op
+
+    calls = []
+    monkeypatch.setattr(op, "_sdpa_sinks", lambda *a, _f=op._sdpa_sinks: calls.append(1) or _f(*a))
+    (q, k, v, sinks), expected, _, _ = _case(False, causal)
+    extras = [sinks.reshape(1, H, 1, 1).expand(B, H, LQ, 1)]
+    with fxfuse.config.patch(interpret=False):
+        out = torch.ops.fxfuse.attention(q, k, v, extras, _spec(False, causal).to_json())
+    assert calls == [1]
+    _close(out, expected, "flash + sinks output")
