@@ -24,7 +24,6 @@ backward. The mask is a function of the seed alone: the Triton kernels draw it w
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -268,37 +267,6 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     return out
 
 
-def _sdpa_sinks_form(spec: AttentionSpec):
-    """(scale, mask step) when the spec is SDPA's with a sink column as its last input (gpt-oss's
-    form): ATen's flash CPU attention gives the output without the sink and each row's log-sum-exp
-    ``lse``, and the sink only rescales the row, by ``l / (l + e^c) = sigmoid(lse - c)``."""
-    if spec.sinks < 0 or spec.sinks != len(spec.inputs) - 1 or spec.safe_softmax or spec.normalizer != "softmax":
-        return None
-    return _sdpa_form(dataclasses.replace(spec, sinks=-1, inputs=spec.inputs[:-1]))
-
-
-def _sdpa_sinks(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
-    """The site with sinks from ATen's flash CPU attention and its log-sum-exp (see _sdpa_sinks_form).
-    A row whose every key is hidden is 0 there (as in the user's softmax over the joined row, where
-    the sink takes all the probability)."""
-    scale, step = form
-    shape4 = (*q.shape[:2], q.shape[-2], k.shape[-2])
-    mask, causal = None, False
-    if step is not None and step.op == "add":
-        mask = _addend(step, extras, shape4, q.device).to(q.dtype)
-    elif step is not None and step.causal and not step.window and not step.invert and q.shape[-2] == k.shape[-2]:
-        causal = True
-    elif step is not None:
-        hidden = _mask_of(step, extras, shape4, q.device)
-        mask = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill(hidden, float("-inf"))
-    if mask is not None and mask.dim() < 2:
-        mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, _heads(k, spec), _heads(v, spec), 0.0, causal, attn_mask=mask, scale=scale)
-    share = torch.sigmoid(lse.unsqueeze(-1) - extras[spec.sinks].float())  # the keys' share of the row's sum
-    return (out.float() * share).to(out.dtype)
-
-
 def _use_triton(q: Tensor, spec: AttentionSpec) -> bool:
     if "float64" in {spec.score_dtype, spec.prob_dtype}:
         return False  # tl.dot has no float64 on GPUs; the reference is exact
@@ -417,17 +385,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, 
         from fxfuse.runtime import attention as kernels
 
         return kernels.forward(s, q, k, v, extras, seed=seed, merge_heads=merge_heads)[0]
-    form, sinks = _sdpa_form(s), _sdpa_sinks_form(s)
+    form = _sdpa_form(s)
     if form is not None and not _sdpa_exact_on(form, q, k, v, extras):
         form = None
-    if sinks is not None and (q.device.type != "cpu" or not _sdpa_exact_on(sinks, q, k, v, extras) or
-                              not torch.isfinite(extras[s.sinks]).all()):
-        sinks = None
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
-    if sinks is not None:
-        out = _sdpa_sinks(s, sinks, q, k, v, extras)
-    else:
-        out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras, keep)
+    if form is not None:
+        out = _sdpa(s, form, q, k, v, extras)
+    else:  # sinks or per-row factors around SDPA's form (attention_cpu), else the reference
+        from fxfuse.ops import attention_cpu
+
+        out = attention_cpu.forward(s, q, k, v, extras)
+        if out is None:
+            out = reference(s, q, k, v, extras, keep)
     return _laid_out(out, merge_heads)
 
 
@@ -452,6 +421,10 @@ def _sdpa_backward(spec: AttentionSpec, grad_out, q, k, v, extras, wanted) -> li
     and no mask, or causal with Lq == Lk (``_sdpa`` runs those as is_causal). None otherwise: the
     formula then. (Autograd is off inside an operator, so the ATen backward is called directly.)"""
     form = _sdpa_form(spec)
+    if form is None and not any(wanted) and q.device.type == "cpu":  # per-row factors moved onto q (attention_cpu)
+        from fxfuse.ops import attention_cpu
+
+        return attention_cpu.backward(spec, grad_out, q, k, v, extras)
     if form is None or any(wanted) or q.device.type != "cpu" or not _sdpa_exact_on(form, q, k, v, extras):
         return None
     if q.shape[-1] != v.shape[-1]:  # the fused CPU kernel needs one head size (DeepSeek's differ)

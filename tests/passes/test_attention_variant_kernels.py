@@ -105,13 +105,41 @@ def test_new_fields_stay_out_of_the_json_at_their_defaults():
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_cpu_fast_path_for_sinks_is_flash_attention_rescaled(causal, monkeypatch):
     # ATen's flash CPU attention and its log-sum-exp: the sink's share rescales each row.
-    import fxfuse.ops.attention as op
+    from fxfuse.ops import attention_cpu
 
     calls = []
-    monkeypatch.setattr(op, "_sdpa_sinks", lambda *a, _f=op._sdpa_sinks: calls.append(1) or _f(*a))
+    monkeypatch.setattr(attention_cpu, "sdpa_sinks", lambda *a, _f=attention_cpu.sdpa_sinks: calls.append(1) or _f(*a))
     (q, k, v, sinks), expected, _, _ = _case(False, causal)
     extras = [sinks.reshape(1, H, 1, 1).expand(B, H, LQ, 1)]
     with fxfuse.config.patch(interpret=False):
         out = torch.ops.fxfuse.attention(q, k, v, extras, _spec(False, causal).to_json())
     assert calls == [1]
     _close(out, expected, "flash + sinks output")
+
+
+@pytest.mark.parametrize("shape", [(LQ, 1), (1, H, 1, 1)], ids=["per-row", "per-head"])
+def test_cpu_fast_path_moves_row_factors_onto_q(shape, monkeypatch):
+    # SSMax's log(i + 1) per query row (or a per-head temperature) before the causal mask: SDPA on
+    # q * f, forward and backward, against float64 autograd of the written form.
+    from fxfuse.ops import attention_cpu
+
+    calls = []
+    monkeypatch.setattr(attention_cpu, "_sdpa", lambda *a, _f=attention_cpu._sdpa: calls.append(1) or _f(*a))
+    spec = AttentionSpec("float32", (ScoreStep("mul", "float32", input=0), ScoreStep("mul", "float32", value=0.3),
+                                     ScoreStep("fill", "float32", value=-math.inf, input=-1)), "float32",
+                         inputs=("factor",))
+    q, k, v = (torch.randn(B, H, LQ, D) for _ in range(3))
+    factor = torch.rand(shape) + 0.5
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    s = (leaves[0] @ leaves[1].transpose(-1, -2)) * factor.double() * 0.3
+    expected = s.masked_fill(torch.ones(LQ, LQ, dtype=torch.bool).triu(1), -math.inf).softmax(-1) @ leaves[2]
+    upstream = torch.randn(expected.shape, dtype=torch.float64)
+    (expected * upstream).sum().backward()
+    got = [t.clone().requires_grad_() for t in (q, k, v)]
+    with fxfuse.config.patch(interpret=False):
+        out = torch.ops.fxfuse.attention(*got, [factor], spec.to_json())
+        (out.double() * upstream).sum().backward()
+    assert calls == [1]
+    _close(out, expected, "output")
+    for name, g, want in zip(("dq", "dk", "dv"), got, leaves):
+        _close(g.grad, want.grad, name)
