@@ -98,6 +98,18 @@ def _compile(fn, signature, constexprs, attrs, arch: int, config: LaunchConfig) 
             "mma": mma_class(compiled.asm["ptx"])}
 
 
+def _functions(spec, sizes: dict, norm: bool) -> tuple[str, ...]:
+    """The kernel functions a launch at these sizes may run: the split-key forward too when it is
+    decode-shaped (a GPU splits the keys of such launches, see ``runtime.attention_decode``)."""
+    from fxfuse.codegen.attention_decode import splittable
+    from fxfuse.runtime.attention_decode import DECODE_ROWS
+
+    if norm:
+        return NORM_FUNCTIONS
+    decoding = sizes["lq"] <= DECODE_ROWS and splittable(spec) is None
+    return ATTENTION_FUNCTIONS + (("forward_split",) if decoding else ())
+
+
 def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str, ...] | None = None,
                      first_good: bool = False, last_first: bool = False) -> Iterable[dict]:
     """Rows (one per kernel function and config, as ``fxfuse explain --target --json`` prints
@@ -105,6 +117,7 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
     (with wgmma, for a 16-bit forward on sm_90+), for quick checks such as CI's, which search
     from the end of the list (``last_first``: the small fallback config is last)."""
     from fxfuse.codegen import generate_kernel
+    from fxfuse.codegen.attention_decode import generate_split
     from fxfuse.runtime.attention import tile_inputs
     from fxfuse.runtime.cache import load
     from fxfuse.spec import NormSpec
@@ -115,10 +128,11 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
         norm = item["kind"] == "norm"
         spec = (NormSpec if norm else AttentionSpec).from_json(item["spec"])
         sizes = item["sizes"]
-        kernel = generate_kernel(spec)
-        module = load(kernel)
-        for function in functions or (NORM_FUNCTIONS if norm else ATTENTION_FUNCTIONS):
-            fn = getattr(module, f"{kernel.name}_{function}")
+        main_kernel = generate_kernel(spec)
+        module = load(main_kernel)
+        for function in functions or _functions(spec, sizes, norm):
+            kernel = generate_split(spec) if function == "forward_split" else main_kernel
+            fn = getattr(load(kernel) if function == "forward_split" else module, f"{kernel.name}_{function}")
             dtype = sizes.get("dtype", "bfloat16")
             if norm:
                 configs = norm_configs(arch, sizes["n"])
@@ -127,13 +141,14 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
                 types = {**{n: _PTR[dtype] for n in ("X", "R", "S", "Y", "DY", "DS", "DX")}, **params,
                          **{f"DP{i}": acc for i in range(len(spec.params))}}
             else:
-                configs = attention_configs(arch, function, sizes["d"], sizes["dv"], dtype, sizes["lq"], sizes["lk"],
-                                            tile_inputs(spec))
+                configs = attention_configs(arch, function.removesuffix("_split"), sizes["d"], sizes["dv"], dtype,
+                                            sizes["lq"], sizes["lk"], tile_inputs(spec))
                 types = _attention_pointers(fn, spec, dtype)
+                if function == "forward_split":
+                    types["O"] = "*fp32"  # the ranges' unnormalised float32 accumulators
             for config in (configs[::-1] if last_first else configs):
-                constants = {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N, "ROUND": function == "forward",
-                             "DOT_F32": False, "BIAS_GRAD": True, "FACTOR_GRAD": True,
-                             "SINK_GRAD": True}
+                constants = {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N, "ROUND": function.startswith("forward"),
+                             "DOT_F32": False, "BIAS_GRAD": True, "FACTOR_GRAD": True, "SINK_GRAD": True}
                 if not norm:
                     constants.update(BLOCK_D=max(16, 1 << (sizes["d"] - 1).bit_length()),
                                      BLOCK_DV=max(16, 1 << (sizes["dv"] - 1).bit_length()),

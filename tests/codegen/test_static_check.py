@@ -78,3 +78,16 @@ def test_mma_class_reads_the_ptx():
     assert mma_class("wgmma.mma_async.sync.aligned.m64n64k16") == "wgmma"
     assert mma_class("mma.sync.aligned.m16n8k16.row.col") == "mma"
     assert mma_class("fma.rn.f32") == "none"
+
+
+def test_decode_launches_check_the_split_key_forward_too():
+    from fxfuse.runtime.static_check import _functions
+
+    decode = {"d": 128, "dv": 128, "lq": 1, "lk": 8192, "dtype": "bfloat16"}
+    assert "forward_split" in _functions(SPECS["causal_bf16"], decode, norm=False)
+    assert "forward_split" not in _functions(SPECS["causal_bf16"], {**decode, "lq": 4096}, norm=False)
+    rows = list(check([launch(SPECS["causal_bf16"], **decode)], "sm_90", functions=("forward_split",),
+                      first_good=True, last_first=True))
+    assert rows and rows[0]["kernel"].startswith("fxfuse_attention_split_")
+    # 16 query rows are too few for Hopper's wgmma (64): mma.sync, without spills
+    assert any(r["spills"] == 0 and r["mma"] == "mma" and r["config"]["BLOCK_M"] == 16 for r in rows), rows
