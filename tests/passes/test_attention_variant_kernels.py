@@ -143,3 +143,11 @@ def test_cpu_fast_path_moves_row_factors_onto_q(shape, monkeypatch):
     _close(out, expected, "output")
     for name, g, want in zip(("dq", "dk", "dv"), got, leaves):
         _close(g.grad, want.grad, name)
+
+
+def test_split_key_decode_kernel_declines_the_variants():
+    # The split kernel combines ranges by their row max and sum: it knows neither a sink nor a sigmoid.
+    from fxfuse.codegen.attention_decode import splittable
+
+    assert "sinks" in splittable(_spec(False, False))
+    assert "normalizer" in splittable(_spec(True, False))
