@@ -252,3 +252,11 @@ class SigmoidGateMLP(nn.Module):  # sigmoid(x @ W1) @ W2 on 2-D products: an MLP
 
     def forward(self, x):
         return torch.sigmoid(x @ self.w1) @ self.w2
+
+
+class RouterSoftmaxOverJoinedLogits(nn.Module):  # softmax over two joined logit sets, no value product: silent
+    def inputs(self, dtype):
+        return [torch.randn(B, L, 4, dtype=dtype), torch.randn(B, L, 3, dtype=dtype)]
+
+    def forward(self, a, b):
+        return torch.cat([a, b], dim=-1).softmax(-1)[..., :4].sum(-1)

@@ -38,7 +38,7 @@ from torch.fx import Node
 from fxfuse import index_expr
 from fxfuse.passes.attention_dropout import Dropout, NotDropout, drawn_nearby, dropout_of, metadata_only
 from fxfuse.passes.attention_index import Derived, NotIndex, derive, reads_graph_input
-from fxfuse.passes.attention_variants import NotVariant, sigmoid_candidate, sigmoid_decline, sink_form
+from fxfuse.passes.attention_variants import NotVariant, reaches, sigmoid_candidate, sigmoid_decline, sink_form
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
                                            layout_chain_back, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
@@ -410,6 +410,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         if sigmoid:
             sigmoid_decline(softmax)
     except NotVariant as why:
+        if not reaches(softmax, *_BMM):  # its result meets no value product: not attention, stays silent
+            raise _NotAttention from None
         raise Declined(str(why)) from None
     x = sink.scores if sink else softmax.args[0]
     dim = -1 if sigmoid else softmax.args[1]

@@ -128,10 +128,11 @@ def _product_near(node: Node, numel: int, products, limit: int = 32) -> bool:
     return False
 
 
-def _reaches(node: Node, target, depth: int = 6) -> bool:
+def reaches(node: Node, *targets, depth: int = 6) -> bool:
+    """Whether one of ``targets`` is among the users of ``node`` within ``depth`` ops (every path)."""
     frontier = [node]
     for _ in range(depth):
-        if any(is_op(n, target) for n in frontier):
+        if any(is_op(n, *targets) for n in frontier):
             return True
         frontier = [u for n in frontier for u in n.users]
     return False
@@ -142,7 +143,7 @@ def sigmoid_candidate(node: Node) -> bool:
     v = val(node)
     if v is None or v.dim() < 3 or not v.dtype.is_floating_point:
         return False
-    return _product_near(node.args[0], v.numel(), (aten.bmm.default,)) and _reaches(node, aten.bmm.default)
+    return _product_near(node.args[0], v.numel(), (aten.bmm.default,)) and reaches(node, aten.bmm.default)
 
 
 def sigmoid_decline(node: Node) -> None:

@@ -9,7 +9,8 @@ import torch
 
 import fxfuse
 from tests.attention_variant_styles import (SIGMOID_STYLES, SINK_STYLES, VARIANT_NEAR_MISSES, VARIANT_STYLES,
-                                            SigmoidGateMLP, StreamingLLMSinkTokens)
+                                            RouterSoftmaxOverJoinedLogits, SigmoidGateMLP,
+                                            StreamingLLMSinkTokens)
 from tests.passes.test_attention_styles import PASSES, _check
 
 
@@ -62,7 +63,8 @@ def test_variant_near_miss_is_declined_and_left_as_written(style):
     torch.testing.assert_close(res.module(*inputs), model(*inputs))
 
 
-def test_sigmoid_of_a_2d_product_is_not_looked_at():
-    model = SigmoidGateMLP()
+@pytest.mark.parametrize("style", [SigmoidGateMLP, RouterSoftmaxOverJoinedLogits], ids=lambda s: s.__name__)
+def test_not_attention_is_not_looked_at(style):
+    model = style()
     res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
     assert not res.matches and not res.misses, res.report()
