@@ -3,6 +3,7 @@ attention, on the torch reference, on the generated Triton kernels (interpreted)
 operator's autograd, each against float64 autograd of the plain formula, at lengths that are not
 multiples of the tile, with and without a causal mask (its tiles skipped). The sinks' gradient
 ``d c = -p_sink * rowsum(dO * O)`` is checked here against autograd of ``cat, softmax, slice``."""
+import dataclasses
 import math
 
 import pytest
@@ -151,3 +152,27 @@ def test_split_key_decode_kernel_declines_the_variants():
 
     assert "sinks" in splittable(_spec(False, False))
     assert "normalizer" in splittable(_spec(True, False))
+
+
+def test_sinks_with_dropout_match_float64_given_the_kernels_mask():
+    # Dropout acts on the probabilities after the sink's is dropped; d c = -p_sink * rowsum(dO * O)
+    # still holds with the dropped output. The kernels' own mask, given to the float64 formula.
+    spec = dataclasses.replace(_spec(False, True), dropout=0.3)
+    (q, k, v, sinks), _, upstream, _ = _case(False, True)
+    seed = torch.tensor(1234, dtype=torch.int64)
+    keep = kernels.dropout_mask(spec, seed, (B, H, LQ, LK), q.device)
+    leaves = [t.double().requires_grad_() for t in (q, k, v, sinks)]
+    s = (leaves[0] @ leaves[1].transpose(-1, -2) * 0.3).masked_fill(
+        torch.ones(LQ, LK, dtype=torch.bool).triu(LK - LQ + 1), -math.inf)
+    joined = torch.cat([s, leaves[3].reshape(1, -1, 1, 1).expand(B, H, LQ, 1)], dim=-1)
+    p = joined.softmax(-1)[..., :-1] * keep / 0.7
+    expected = p @ leaves[2]
+    (expected * upstream).sum().backward()
+    extras = [sinks.reshape(1, H, 1, 1).expand(B, H, LQ, 1)]
+    out, _ = kernels.forward(spec, q, k, v, extras, seed=seed)
+    _close(out, expected, "kernel output")
+    _close(reference(spec, q, k, v, extras, keep), expected, "reference output")
+    for what, got in (("kernel", kernels.backward(spec, upstream.float(), q, k, v, extras, [True], seed=seed)),
+                      ("reference", reference_backward(spec, upstream.float(), q, k, v, extras, keep))):
+        for name, g, leaf in zip(("dq", "dk", "dv", "d sinks"), got, leaves):
+            _close(g.sum((0, 2, 3)) if name == "d sinks" else g, leaf.grad, f"{what} {name}")
