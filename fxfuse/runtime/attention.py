@@ -47,12 +47,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _pick(spec: AttentionSpec, function: str, q, k, v, run, config: LaunchConfig | None) -> None:
-    """Run ``run(config)`` with the given config, else with the tuned one for this launch's key."""
+    """Run ``run(config)`` with the given config, else with the tuned one for this launch's key
+    (the split-key forward tries the forward's configs: the same tile body)."""
     if config is None:
         plan = lower_attention(spec)
         key = (spec.to_json(), function, q.shape[-1], v.shape[-1], q.dtype, length_bucket(q.shape[2]),
                length_bucket(k.shape[2]), plan.skip_above_diagonal)
-        config = choose(key, launch_configs(spec, function, q, k, v), run)
+        config = choose(key, launch_configs(spec, function.removesuffix("_split"), q, k, v), run)
     run(config)
 
 
@@ -86,7 +87,7 @@ def tiles(spec: AttentionSpec, shape4, config: LaunchConfig, device) -> tuple:
 
 
 def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None, seed=None,
-            merge_heads: bool = False, config: LaunchConfig | None = None):
+            merge_heads: bool = False, config: LaunchConfig | None = None, splits: int | None = None):
     """Launch the forward kernel; returns (out (B, H, Lq, Dv), stats (2, B*H, Lq) float32): each
     query row's running max m and sum l (its log-sum-exp is m + log(l)), of the undropped scores.
 
@@ -94,7 +95,16 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
     that the log-sum-exp matches the backward's unrounded recomputation. ``seed`` draws the
     dropout mask of a spec with dropout (see ``dropout_mask``). With ``merge_heads`` the output is
     written in (B, Lq, H, Dv) memory order (the kernel stores through its strides). ``config``
-    fixes the launch config (else the tuned one for this key, see ``runtime.configs``)."""
+    fixes the launch config (else the tuned one for this key, see ``runtime.configs``). ``splits``
+    cuts the keys into that many ranges run by separate programs and combined (decoding on a GPU:
+    see ``runtime.attention_decode``; None decides by the launch's shape, 1 never splits)."""
+    from fxfuse.codegen.attention_decode import splittable
+    from fxfuse.runtime import attention_decode
+
+    if splits is None:
+        splits = attention_decode.decode_splits(spec, q, k)
+    if splits > 1 and splittable(spec) is None:
+        return attention_decode.split_forward(spec, q, k, v, extras, out_dtype, seed, merge_heads, config, splits)
     kernel = functions(spec)["forward"]
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
@@ -126,10 +136,13 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
     """
     # delta = rowsum(dO * O) stands for rowsum(dP * P): with O rounded to bf16 its error is the
     # same for every key of a row and adds up coherently in dq and dk, so O is kept in float32.
-    out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed, config=config)
     b, h, lq, d = q.shape
     hkv, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
+    if spec.normalizer == "sigmoid":  # no row statistics: the kernels recompute p = sigmoid(s) alone
+        stats = delta = torch.empty(0, dtype=torch.float32, device=q.device)
+    else:
+        out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed, config=config)
+        delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
     dq = torch.empty((b, h, lq, d), dtype=torch.float32, device=q.device)
     dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
@@ -153,6 +166,11 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
     per_score = {n: torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device)
                  for steps, want in ((adds, want_bias), (factors, want_factor)) if want for n, _ in steps}
     flags = dict(**({"BIAS_GRAD": want_bias} if adds else {}), **({"FACTOR_GRAD": want_factor} if factors else {}))
+    want_sink = spec.sinks >= 0 and extra_grads[spec.sinks]
+    # Each query row's sink gradient (the dq kernel writes it); dq stands in when none is wanted.
+    dsink = torch.zeros((b * h, lq), dtype=torch.float32, device=q.device) if want_sink else dq
+    if spec.sinks >= 0:
+        flags["SINK_GRAD"] = want_sink
     on_gpu = q.is_cuda
 
     def run_dkdv(c: LaunchConfig) -> None:
@@ -161,7 +179,8 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
 
     def run_dq(c: LaunchConfig) -> None:
         kernels["backward_dq"][(triton.cdiv(lq, c.BLOCK_M), b * h)](
-            *common(c), dq, *(per_score.get(n, dq) for n, _ in adds + factors), ROUND=False, **flags,
+            *common(c), dq, *(per_score.get(n, dq) for n, _ in adds + factors), *([dsink] if spec.sinks >= 0 else []),
+            ROUND=False, **flags,
             **_grid_meta(c, d, dv_dim, on_gpu))
 
     if q.numel() and k.numel():
@@ -177,5 +196,9 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
             shape4 = (1,) * (4 - extras[i].dim()) + tuple(extras[i].shape)
             d = per_score[n].sum_to_size(shape4).reshape(extras[i].shape)
             d_extras[i] = d if d_extras[i] is None else d_extras[i] + d
+    if want_sink:  # per row, summed over the dims the sink column broadcasts along
+        e = extras[spec.sinks]
+        shape4 = (1,) * (4 - e.dim()) + tuple(e.shape)
+        d_extras[spec.sinks] = dsink.view(b, h, lq, 1).sum_to_size(shape4).reshape(e.shape)
     return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             *(d if d is None else d.to(e.dtype) for d, e in zip(d_extras, extras))]
