@@ -418,6 +418,8 @@ def cpu_forward(s: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
     if form is not None:
         out = _sdpa(s, form, q, k, v, extras)
+    elif autograd and torch.is_grad_enabled():  # attention_cpu's paths are forward-only: the reference
+        out = reference(s, q, k, v, extras, keep)
     else:  # sinks or per-row factors around SDPA's form (attention_cpu), else the reference
         from fxfuse.ops import attention_cpu
 
