@@ -28,7 +28,11 @@ def _attention_call(spec_text: str):
     op = _fx.attention.default
 
     def attention(q, k, v, extras, spec_arg=spec_text, seed=None, merge_heads=False):
-        if q.device.type != "cpu" or config.interpret_on_cpu():
+        # A safe softmax's fully hidden rows: autograd of the reference gives NaN gradients there
+        # (softmax of -inf), the operator's backward gives the zeros eager's _safe_softmax gives.
+        if q.device.type != "cpu" or config.interpret_on_cpu() or (
+                spec.safe_softmax and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                                                   or any(e.requires_grad for e in extras))):
             return op(q, k, v, extras, spec_arg, seed, merge_heads)
         attention_op._check_heads(spec, q, k, v)
         return attention_op.cpu_forward(spec, q, k, v, extras, seed, merge_heads, autograd=True)
