@@ -141,11 +141,6 @@ class Backend:
             # The backward runs when autograd calls it, outside the forward's options (below).
             return self._run_with_options(compiled) if backward and runtime else compiled
 
-        # make_fx's symbolic trace leaves its ShapeEnv on the module, and the AOTAutograd cache,
-        # which pickles the graph's attributes into its key, cannot pickle it ("Failed to pickle
-        # cache key": every dynamic-shape compile bypassed the cache). The sizes' symbols live on
-        # in the nodes' fake tensors, in Dynamo's own ShapeEnv.
-        aten_gm.shape_env = None
         compiled = compile_fx(aten_gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
         if not runtime:
             return compiled

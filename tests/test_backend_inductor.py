@@ -199,18 +199,3 @@ def test_a_layer_norm_site_reaches_inductor_as_atens_layer_norm_forward_and_back
            for run in ("fused", "plain")}
     assert ops["fused"] == ops["plain"]
 
-
-def test_a_graph_with_symbolic_sizes_is_cacheable_by_inductors_caches(tmp_path, monkeypatch):
-    # make_fx's symbolic trace left its ShapeEnv on the graph, which the AOTAutograd cache's key
-    # cannot pickle ("Failed to pickle cache key"): every dynamic-shape compile bypassed it.
-    from torch._dynamo.utils import counters
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
-    counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
-        out = torch.compile(model, backend="fxfuse", dynamic=True)(x)
-    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
-    assert counters["aot_autograd"]["autograd_cache_bypass"] == 0, dict(counters["aot_autograd"])
-    assert counters["aot_autograd"]["autograd_cache_saved"] >= 1
-    assert counters["inductor"]["fxgraph_cache_bypass"] == 0
