@@ -107,6 +107,21 @@ class GPTJInterleavedBLHD(nn.Module):  # GPT-J: rotate_every_two on (B, L, H, D)
         return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
 
+class RepeatedKeysCopied(nn.Module):  # k rotated, then its head copied (a clone between expand and reshape)
+    ROTATED = "qk"
+    CONSTANT_INPUTS = (3, 4)
+
+    def inputs(self, dtype):
+        return [torch.randn(B, H, L, D, dtype=dtype), torch.randn(B, 1, L, D, dtype=dtype),
+                torch.randn(B, H, L, D, dtype=dtype), *_tables(dtype)]
+
+    def forward(self, q, k, v, cos, sin):
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = k[:, :, None].expand(B, 1, H, L, D).clone().reshape(B, H, L, D)
+        return _attend(q, k, v)
+
+
 class SmallHeadDim(nn.Module):  # D = 8: the operator rotates in torch before the kernels (no in-tile halves)
     ROTATED = "qk"
 
@@ -117,7 +132,7 @@ class SmallHeadDim(nn.Module):  # D = 8: the operator rotates in torch before th
         return _attend(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v, causal=True)
 
 
-STYLES = [LlamaPositionIds, NeoXChunkTable, GroupedQueryLlama, GPTJInterleavedBLHD, SmallHeadDim]
+STYLES = [LlamaPositionIds, NeoXChunkTable, GroupedQueryLlama, GPTJInterleavedBLHD, RepeatedKeysCopied, SmallHeadDim]
 
 
 # ---- near-misses: the rotation named stays as written ----------------------------------------------
@@ -132,6 +147,18 @@ class RotatedKeysAlsoReturned(nn.Module):  # the rotated k goes into a KV cache 
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         return _attend(q, k, v), k
+
+
+class RotatedKeysScrambled(nn.Module):  # the rotated k reshaped so that positions and dims trade places
+    ROTATED = "q"
+
+    def inputs(self, dtype):
+        return [torch.randn(B, H, L, D, dtype=dtype) for _ in range(3)] + list(_tables(dtype))
+
+    def forward(self, q, k, v, cos, sin):
+        q = q * cos + rotate_half(q) * sin
+        k = (k * cos + rotate_half(k) * sin).reshape(B, H, D, L).transpose(2, 3)
+        return _attend(q, k, v)
 
 
 class PartialRotary(nn.Module):  # GPT-NeoX rotary_pct / Phi: only the first 8 of 16 dims rotated
@@ -211,5 +238,5 @@ class Float32TablesOnHalfPrecision(nn.Module):  # float32 cos/sin on bf16 q: the
         return _attend(q, k, v)
 
 
-NEAR_MISSES = [RotatedKeysAlsoReturned, PartialRotary, HalvesSwappedWrongSign, SplitOffCentre, RotatesAnotherTensor,
+NEAR_MISSES = [RotatedKeysAlsoReturned, RotatedKeysScrambled, PartialRotary, HalvesSwappedWrongSign, SplitOffCentre, RotatesAnotherTensor,
                PerHeadTables, Float32TablesOnHalfPrecision]

@@ -57,3 +57,20 @@ def test_a_row_that_sees_no_key_keeps_the_formula_and_eagers_nan(monkeypatch):
     for g, w in zip(got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(w))
         torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_cpu_backward_on_keys_stored_transposed():
+    """Keys laid out (B, H, D, L) and read transposed: ATen's fused CPU backward gives wrong
+    gradients on such strides, so the operator hands it contiguous operands."""
+    from fxfuse.spec_attention import AttentionSpec, ScoreStep
+
+    spec = AttentionSpec("float32", (ScoreStep("div", "float32", value=4.0),)).to_json()
+    g = torch.Generator().manual_seed(0)
+    q, v = (torch.randn(2, 2, 5, 16, generator=g, requires_grad=True) for _ in range(2))
+    k_dl = torch.randn(2, 2, 16, 5, generator=g, requires_grad=True)
+    got = torch.autograd.grad(torch.ops.fxfuse.attention(q, k_dl.transpose(2, 3), v, [], spec).sum(), (q, k_dl, v))
+    args64 = [t.detach().double().requires_grad_() for t in (q, k_dl, v)]
+    eager = torch.autograd.grad((((q @ k_dl) / 4).softmax(-1) @ v).sum(), (q, k_dl, v))
+    out64 = (((args64[0] @ args64[1]) / 4).softmax(-1) @ args64[2]).sum()
+    for a, e, r in zip(got, eager, torch.autograd.grad(out64, args64)):
+        assert_close_to_reference(a, e, r, "gradient")

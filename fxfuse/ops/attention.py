@@ -391,7 +391,9 @@ def _sdpa_backward(spec: AttentionSpec, grad_out, q, k, v, extras, wanted) -> li
     causal = step is not None and step.causal and not step.window and not step.invert and q.shape[-2] == k.shape[-2]
     if step is not None and not causal:
         return None
-    kh, vh = _heads(k, spec), _heads(v, spec)
+    # Contiguous operands: on a k whose last dim is not its densest (a reshape then transpose of
+    # keys laid out (D, L)) the fused CPU backward gives wrong gradients (its forward is right).
+    q, kh, vh = (t.contiguous() for t in (q, _heads(k, spec), _heads(v, spec)))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kh, vh, 0.0, causal, scale=scale)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out.to(out.dtype), q, kh, vh, out, lse, 0.0, causal, scale=scale)

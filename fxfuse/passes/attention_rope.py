@@ -14,7 +14,9 @@ fxfuse.ops.attention_rope), so the rotated copy is never written. The rotations 
 What is proved: the rotation spans the whole head dim (halves split at exactly D/2, or every
 pair); x, cos, sin and every op's result share x's dtype (the operator rounds as they do); cos
 and sin broadcast to x's (B, H, L, D) with size 1 on the head dim, their last dim D and their
-length dim L or 1; the rotated tensor has no other user (a rotated k stored in a KV cache stays
+length dim L or 1; between the rotation and the operand there is at most a permutation or a head
+copy (repeat_kv's expand and reshape, proved by replaying it on index tensors to keep (b, l, d) and
+take one head per (b, h', l) row: a rotation commutes with it); the rotated tensor has no other user (a rotated k stored in a KV cache stays
 as written: a miss says so). Partial rotary (GPT-NeoX's ``rotary_pct``, Phi: only the first
 rotary_dim < D dims rotated, then a cat) is not recognised: it is left as written (the product's
 operand is then a cat, not a rotation).
@@ -27,6 +29,7 @@ import operator
 import torch
 from torch.fx import Node
 
+from fxfuse.passes.attention_layout import _replay, layout_chain_back
 from fxfuse.passes.graph import dtype, insert_call, is_op, shape, source_of, val
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import is_static, same, size_args
@@ -181,18 +184,39 @@ def _table(gm, t: Node, perm: list[int], before: Node) -> Node:
     return insert_call(gm, aten.select.int, (t4, 1, 0), before)
 
 
-def _operand(arg: Node) -> tuple[Node, list[int]]:
-    """The rotated tensor an operand of the fused call reads, and the permutation to the operand."""
+def _head_copy(chain: list[Node], src: tuple) -> bool:
+    """Whether layout ``chain`` (repeat_kv's unsqueeze, expand, clone, reshape) maps (B, H, L, D)
+    ``src`` to (B, H', L, D) so that element (b, h', l, d) comes from (b, h, l, d) with h the same
+    for every d: the rotation (along d, with tables indexed by b, l, d) then commutes with it.
+    Replayed on index tensors, exact at these static shapes."""
+    out = shape(chain[-1])
+    if not (is_static(src) and is_static(out)) or len(out) != 4 or src[0] != out[0] or tuple(src[2:]) != tuple(out[2:]):
+        return False
+    idx = _replay(chain, tuple(src))
+    if idx is None or tuple(idx.shape) != tuple(out):
+        return False
+    b, h, l, d = torch.unravel_index(idx, tuple(src))
+    grid = torch.meshgrid(*(torch.arange(n) for n in out), indexing="ij")
+    return torch.equal(b, grid[0]) and torch.equal(l, grid[2]) and torch.equal(d, grid[3]) and \
+        bool((h == h[..., :1]).all())
+
+
+def _operand(arg: Node) -> tuple[Node, list[int], list[Node]]:
+    """The tensor an operand of the fused call reads: (it, the permutation to the operand, the head
+    copy between them (see _head_copy), [] when none)."""
     if is_op(arg, aten.permute.default):
-        return arg.args[0], list(arg.args[1])
-    return arg, [0, 1, 2, 3]
+        return arg.args[0], list(arg.args[1]), []
+    root, chain = layout_chain_back(arg)
+    if chain and _head_copy(chain, shape(root)):
+        return root, [0, 1, 2, 3], chain
+    return arg, [0, 1, 2, 3], []
 
 
 def _rotations(fused: Node, misses: list) -> dict:
-    """{"q"|"k": (Rope, perm)} for the operands that are fusable rotations."""
+    """{"q"|"k": (Rope, perm, head copy)} for the operands that are fusable rotations."""
     found = {}
     for name, arg in (("q", fused.args[0]), ("k", fused.args[1])):
-        root, perm = _operand(arg)
+        root, perm, chain = _operand(arg)
         if perm[3] != 3:
             continue
         try:
@@ -202,22 +226,25 @@ def _rotations(fused: Node, misses: list) -> dict:
         except Declined as why:
             misses.append(f"RoPE on {name}: {why}")
             continue
-        others = [u for u in root.users if u is not fused and u is not arg]
-        if others or (arg is not root and len(arg.users) > 1):
+        between = [arg] if arg is not root and not chain else chain
+        others = [u for n in [root, *between] for u in n.users if u is not fused and u not in between]
+        if others:
             misses.append(f"RoPE on {name} stays as written: the rotated {name} ({root.name}) is also used by "
-                          f"{(others or list(arg.users))[0].name} (a KV cache, or returned); fusing would drop that use")
+                          f"{others[0].name} (a KV cache, or returned); fusing would drop that use")
             continue
-        found[name] = (rope, perm)
+        found[name] = (rope, perm, chain)
     return found
 
 
 def _replace(gm, fused: Node, found: dict) -> Node:
     spec = AttentionSpec.from_json(fused.args[4])
-    spec = dataclasses.replace(spec, **{f"rope_{n}": rope.style for n, (rope, _) in found.items()})
+    spec = dataclasses.replace(spec, **{f"rope_{n}": rope.style for n, (rope, _, _) in found.items()})
     q, k = fused.args[:2]
     tables = []
-    for name, (rope, perm) in found.items():
+    for name, (rope, perm, chain) in found.items():
         x = rope.x if perm == [0, 1, 2, 3] else insert_call(gm, aten.permute.default, (rope.x, perm), fused)
+        for node in chain:  # the same head copy, of the unrotated tensor
+            x = insert_call(gm, node.target, (x, *node.args[1:]), fused, dict(node.kwargs))
         q, k = (x, k) if name == "q" else (q, x)
         tables += [_table(gm, rope.cos, perm, fused), _table(gm, rope.sin, perm, fused)]
     args = (q, k, fused.args[2], fused.args[3], tables, spec.to_json(), *fused.args[5:])
