@@ -93,3 +93,22 @@ def test_rotated_keys_in_a_kv_cache_stay_as_written():
     torch.testing.assert_close(got.logits, eager.logits)
     for layer in range(LAYERS):  # the cache holds the rotated keys, as eager's does
         torch.testing.assert_close(got.past_key_values.layers[layer].keys, eager.past_key_values.layers[layer].keys)
+
+
+def test_qwen3_rotations_after_its_qk_norm_are_fused():
+    """Qwen3 normalises q and k per head (RMSNorm over D) before RoPE: the norms stay fxfuse.norm
+    sites of their own (QK-norm is not taken into the attention kernel yet) and the rotations of
+    their outputs are fused; logits equal eager."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                         use_cache=False, attn_implementation="eager")
+    model, ids = Qwen3ForCausalLM(config).eval(), _ids()
+    res = fxfuse.rewrite(model, (ids,))  # the default pipeline: fuse-rope, then fuse-norm
+    assert len(_rope(res)) == LAYERS and all(m.spec.rope_q == m.spec.rope_k == "half" for m in _rope(res)), \
+        res.report()
+    assert sum(m.kind == "rms_norm" for m in res.matches) == 2 * LAYERS + 2 * LAYERS + 1, res.report()
+    reference = copy.deepcopy(model).double()
+    assert_close_to_reference(res.module(ids).logits, model(ids).logits, reference(ids).logits, "logits")
