@@ -39,5 +39,5 @@ def test_rotation_appears_where_the_spec_says():
     assert both.count("rope_rotate(q, cq, sq") == 5 and both.count("rope_unrotate(dk,") == 1
     assert both.count("rope_unrotate(dq,") == 1 and "rope_rotate(tl.trans(k), ck, sk" in both
     q_only = generate(SPECS["interleaved_q_f32"]).source
-    assert "CK" not in q_only and "ck = " not in q_only and "rope_unrotate(dk" not in q_only and "BLOCK_D, False)" in q_only
+    assert "CK, SK" not in q_only and "ck = " not in q_only and "rope_unrotate(dk" not in q_only and "BLOCK_D, False)" in q_only
     assert generate(PLAIN["plain_f32"]).name != generate(SPECS["interleaved_q_f32"]).name
