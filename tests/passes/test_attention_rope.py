@@ -99,3 +99,27 @@ def test_rope_is_in_the_default_pipeline():
     model = NeoXChunkTable()
     res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)))
     assert len(_rope_specs(res)) == 1 and "RoPE on q (half) and k (half)" in res.report(), res.report()
+
+
+@pytest.mark.inductor
+def test_compiled_with_the_backend_on_cpu_rope_goes_to_inductor_and_trains_like_eager(tmp_path):
+    """Under torch.compile on CPU the site is handed to Inductor as the rotation (pointwise ops)
+    in front of the attention form: no fxfuse operator call is left, and values and gradients
+    equal eager's."""
+    from tests.rope_styles import GroupedQueryLlama
+
+    torch._dynamo.reset()
+    model = GroupedQueryLlama()
+    inputs = model.inputs(torch.float32)
+    be = fxfuse.Backend(debug_dir=str(tmp_path))
+    compiled = torch.compile(model, backend=be)
+    got, got_grads = _run(compiled, _leaves(inputs, constant=model.CONSTANT_INPUTS))
+    eager, eager_grads = _run(model, _leaves(inputs, constant=model.CONSTANT_INPUTS))
+    expected, expected_grads = _run(model, _leaves(inputs, torch.float64, model.CONSTANT_INPUTS))
+    assert [m.kind for m in be.matches].count("rope") == 1, be.report()
+    forward = "\n".join(p.read_text() for p in sorted((tmp_path / "graphs").glob("*_aot_forward.txt")))
+    assert "_scaled_dot_product_flash_attention_for_cpu" in forward and "attention_rope" not in forward, forward
+    assert_close_to_reference(got, eager, expected, "output")
+    for i, (g, e, r) in enumerate(zip(got_grads, eager_grads, expected_grads)):
+        assert_close_to_reference(g, e, r, f"gradient {i}")
+    torch._dynamo.reset()
