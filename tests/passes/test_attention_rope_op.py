@@ -88,3 +88,10 @@ def test_q_only_and_spec_words():
     torch.testing.assert_close(got, rope.reference(spec, *operands, [], tables[:2]))
     with pytest.raises(ValueError, match="pass \\(cos, sin\\) for each rotated operand"):
         torch.ops.fxfuse.attention_rope(*operands, [], tables, spec.to_json())
+
+
+def test_rope_specs_are_not_split_for_decoding():
+    """The split-key decode kernel does not render RoPE: such specs keep the one-program forward."""
+    from fxfuse.codegen.attention_decode import splittable
+
+    assert "rope_q" in splittable(_spec("float32", "half")) and splittable(_spec("float32", "")) is None
