@@ -29,7 +29,7 @@ def _inputs(dtype, lq=5, lk=5, d=16, table_grad=False):
 def _grads(fn, operands, tables):
     leaves = [t.clone().requires_grad_() for t in operands]
     out = fn(*leaves, tables)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(out.device)
     wrt = leaves + [t for t in tables if t.requires_grad]
     return [out, *torch.autograd.grad((out.double() * upstream).sum(), wrt)]
 
