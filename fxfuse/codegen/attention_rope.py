@@ -4,8 +4,8 @@ q and k are rotated as they are loaded, ``x * cos + rotate(x) * sin`` with the r
 sin tables for the tile's positions, so no rotated copy is ever written. ``rotate`` swaps the
 halves of the head dim (``rotate_half``: cat(-x2, x1)) or the pairs (2j, 2j+1) ("interleaved",
 complex multiplication) inside the tile: the tile holds the whole head dim (the kernels rotate
-only when BLOCK_D == D, see ``kernel_rotates``). Each product and the sum are rounded to x's dtype,
-as the user's elementwise ops round them. The backward kernels load and rotate the same way, and
+only when BLOCK_D == D, see ``fxfuse.ops.attention_rope.kernel_rotates``). Each product and the
+sum are rounded to x's dtype, as the user's elementwise ops round them. The backward kernels load and rotate the same way, and
 rotate the gradients of the rotated q and k back before they store them: the gradient of x is
 ``g * cos + rotate^T(g * sin)``, with rotate^T the transpose (inverse sign) of the swap.
 
@@ -14,13 +14,6 @@ The tables are read as (B, L, D) through strides (a table shared by the batch ha
 from __future__ import annotations
 
 from fxfuse.spec_attention import AttentionSpec
-
-
-def kernel_rotates(spec: AttentionSpec, d: int) -> bool:
-    """Whether the kernels rotate in their loads at head size ``d``: a tile then holds exactly the
-    head dim (a power of two, at least 16, the launcher's smallest BLOCK_D), so its halves (pairs)
-    are the tile's. Otherwise the operator rotates in torch first (see fxfuse.ops.attention_rope)."""
-    return d >= 16 and d & (d - 1) == 0
 
 
 def _rotated(spec: AttentionSpec) -> list[tuple[str, str]]:

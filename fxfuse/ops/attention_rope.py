@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from fxfuse import config
-from fxfuse.codegen.attention_rope import kernel_rotates
 from fxfuse.ops import attention as attention_op
 from fxfuse.ops.attention import _contiguous_strides, _kernel_grad, _laid_out, _spec, _sum_to, _use_triton
 from fxfuse.runtime.arguments import output_buffer
@@ -82,8 +81,15 @@ def reference(spec: AttentionSpec, q, k, v, extras, tables, keep=None) -> Tensor
     return attention_op.reference(without_rope(spec), qr, kr, v, extras, keep)
 
 
+def kernel_rotates(d: int) -> bool:
+    """Whether the kernels rotate in their loads at head size ``d``: a tile then holds exactly the
+    head dim (a power of two, at least 16, the launcher's smallest BLOCK_D), so its halves (pairs)
+    are the tile's (fxfuse.codegen.attention_rope). Otherwise the operator rotates in torch first."""
+    return d >= 16 and d & (d - 1) == 0
+
+
 def _in_kernel(spec: AttentionSpec, q: Tensor) -> bool:
-    return _use_triton(q, spec) and kernel_rotates(spec, q.shape[-1])
+    return _use_triton(q, spec) and kernel_rotates(q.shape[-1])
 
 
 @torch.library.custom_op("fxfuse::attention_rope", mutates_args=())
