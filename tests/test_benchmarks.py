@@ -48,7 +48,7 @@ def test_bench_attention_smallest(tmp_path):
                "speedup_vs_inductor", "speedup_vs_sdpa", "speedup_vs_flex", "fused", "max_abs_diff_vs_eager", "note"}
     assert columns <= set(rows[0])
     variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias", "gqa", "decode",
-                "rope")
+                "sinks", "sigmoid", "ssmax", "rope")
     by_key = {(r["variant"], r["mode"], r["impl"]): r for r in rows}
     assert set(by_key) == {(v, m, i) for v in variants for m in ("fwd", "fwd+bwd")
                            for i in ("eager", "inductor", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "fxfuse")}
