@@ -28,8 +28,9 @@ import dataclasses
 import torch
 from torch.fx import Node
 
+from fxfuse.passes.attention_index import reads_graph_input
 from fxfuse.passes.attention_layout import LAYOUT, constant_value, is_plain_reshape
-from fxfuse.passes.graph import dtype, insert_call, is_op, is_python_scalar, plain_cast, shape, source_of
+from fxfuse.passes.graph import dtype, insert_call, match_layout, val, is_op, is_python_scalar, plain_cast, shape, source_of
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import is_static, same, size_args
 from fxfuse.spec_linear_attention import LinearAttentionSpec
@@ -116,6 +117,9 @@ def _mask_step(node: Node, cur: Node, gm, length):
         return "the mask broadcasts the (L, L) product to a larger shape"
     if not isinstance(length, int):
         return "a mask at a symbolic length: its values at one length prove nothing about another"
+    if reads_graph_input(mask):
+        return ("the mask is read from a graph input (a buffer or an argument), whose values may change after capture; "
+                "build it in forward (torch.tril(torch.ones(L, L))) to have it proved causal")
     if not _causal_values(mask, gm, length, hidden):
         return "the mask on the (L, L) product is not the causal mask (only causal masks are rewritten)"
     return ""
@@ -238,12 +242,13 @@ def _rewrite(gm, site: _Site, features: str) -> Node:
         den = _replay(gm, den, site.steps[:count], 1, node)
         if shape(den) != shape(node):  # keepdim=False
             den = insert_call(gm, aten.view.default, (den, size_args(gm, list(shape(node)), node)), node)
-        node.replace_all_uses_with(den)
+        node.replace_all_uses_with(match_layout(gm, den, val(node), node))
     spec = LinearAttentionSpec(site.causal, True, features).to_json()
     num = insert_call(gm, torch.ops.fxfuse.linear_attention.default, (a, bt, v, spec), site.pv)
     num = _replay(gm, num, site.steps, shape(site.pv)[-1], site.pv)
     if shape(num) != shape(site.pv):
         num = _view_like(gm, num, site.pv, shape(site.pv)[-1], site.pv)
+    num = match_layout(gm, num, val(site.pv), site.pv)
     site.pv.replace_all_uses_with(num)
     return num
 

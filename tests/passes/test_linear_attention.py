@@ -118,3 +118,27 @@ def test_under_torch_compile():
     compiled = torch.compile(styles.elu_causal_masked_fill, backend=backend)
     torch.testing.assert_close(compiled(q, k, v), styles.elu_causal_masked_fill(q, k, v), rtol=1e-5, atol=1e-5)
     assert [m.kind for m in backend.matches] == ["linear_attention"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("values", [True, False])
+def test_opcheck(causal, values):
+    a, bt = torch.rand(2, 9, 3), torch.rand(2, 3, 9)
+    v = torch.randn(2, 9, 4) if values else None
+    spec = LinearAttentionSpec(causal, values, "any", 4).to_json()
+    torch.library.opcheck(torch.ops.fxfuse.linear_attention.default, (a, bt, v, spec))
+    grad = torch.randn(2, 9, 4 if values else 1)
+    torch.library.opcheck(torch.ops.fxfuse.linear_attention_backward.default, (grad, a, bt, v, spec))
+
+
+def test_bfloat16_gradients_within_the_table():
+    q, k, v = _inputs(length=100, grad=True)
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    style = styles.elu_causal_masked_fill
+    res = fxfuse.rewrite(style, tuple(low), passes=PASSES)
+    assert res.matches
+    ours = torch.autograd.grad(res.module(*low).float().sum(), low)
+    eager = torch.autograd.grad(style(*low).float().sum(), low)
+    reference = torch.autograd.grad(style(q, k, v).sum(), (q, k, v))
+    for got, want, ref in zip(ours, eager, reference):
+        assert_close_to_reference(got, want, ref, "bf16 gradient")
