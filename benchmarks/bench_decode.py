@@ -8,7 +8,8 @@ against torch.compile with fxfuse and with Inductor (``dynamic=None``: automatic
 after a warm-up over the same lengths, and the number of graphs each compiled.
 
     python benchmarks/bench_decode.py --quick          # CPU: a few minutes
-    python benchmarks/bench_decode.py --prompt 512 --new-tokens 64 --lengths 64,1024
+    python benchmarks/bench_decode.py                  # the issue's sizes: prompts 128, 512, 2048;
+                                                       # 64 new tokens; lengths 64..1024
 
 Results go to benchmarks/results/decode_<machine>.json. On a 2-core CPU the numbers measure the
 CPU path (ATen's fused attention and eager glue), not kernels; see benchmarks/README.md.
@@ -36,21 +37,28 @@ def _llama(hidden: int, layers: int):
     return LlamaForCausalLM(config)
 
 
-def _decode(args, batch: int, backend: str) -> dict:
+def _compiler(backend: str):
+    """fxfuse (the composed backend), fxfuse_eager (``inner="eager"``: no Inductor) or inductor."""
+    if backend.startswith("fxfuse"):
+        return Backend(inner="eager" if backend == "fxfuse_eager" else "inductor")
+    return "inductor"
+
+
+def _decode(args, batch: int, prompt: int, backend: str) -> dict:
     model = _llama(args.hidden, args.layers).eval()
-    ids = torch.randint(0, 256, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+    ids = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(batch))
     kwargs = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": 0}
     want = model.generate(ids, **kwargs)
     be = None
     if backend != "eager":
-        be = Backend() if backend == "fxfuse" else "inductor"
+        be = _compiler(backend)
         torch._dynamo.reset()
         model.forward = torch.compile(model.forward, backend=be)
     model.generate(ids, **kwargs)  # warm-up: compiles
     start = time.perf_counter()
     got = model.generate(ids, **kwargs)
     seconds = time.perf_counter() - start
-    row = {"bench": "decode", "backend": backend, "batch": batch, "prompt": args.prompt,
+    row = {"bench": "decode", "backend": backend, "batch": batch, "prompt": prompt,
            "new_tokens": args.new_tokens, "tokens_per_s": batch * args.new_tokens / seconds,
            "tokens_equal_eager": bool(torch.equal(got, want))}
     if isinstance(be, Backend):
@@ -62,7 +70,7 @@ def _decode(args, batch: int, backend: str) -> dict:
 
 def _train(args, backend: str) -> dict:
     model = _llama(args.hidden, args.layers).train()
-    be = Backend() if backend == "fxfuse" else "inductor"
+    be = _compiler(backend)
     step_fn = model if backend == "eager" else torch.compile(model, backend=be)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     lo, hi = args.lengths
@@ -85,7 +93,7 @@ def _train(args, backend: str) -> dict:
     seconds = time.perf_counter() - start
     row = {"bench": "train_varying_length", "backend": backend, "lengths": f"{lo}..{hi}", "steps": args.steps,
            "steps_per_s": args.steps / seconds}
-    if isinstance(be, Backend) and backend == "fxfuse":
+    if isinstance(be, Backend):
         row["graphs"] = len(be.reports)
     return row
 
@@ -93,23 +101,24 @@ def _train(args, backend: str) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short prompt and lengths (CPU, minutes)")
-    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--prompts", default="128,512,2048", help="prompt lengths, comma-separated")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--lengths", default="64,1024", help="lo,hi of the training lengths")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--backends", default="eager,fxfuse,inductor")
+    p.add_argument("--backends", default="eager,fxfuse,inductor", help="of eager, fxfuse, fxfuse_eager, inductor")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.prompt, args.new_tokens, args.lengths, args.steps = 128, 16, "64,256", 4
+        args.prompts, args.new_tokens, args.lengths, args.steps = "128", 16, "64,256", 4
     args.lengths = tuple(int(x) for x in args.lengths.split(","))
     rows = []
     for backend in args.backends.split(","):
-        for batch in (1, 8):
-            rows.append(_decode(args, batch, backend))
-            print(json.dumps(rows[-1]), flush=True)
+        for prompt in (int(x) for x in args.prompts.split(",")):
+            for batch in (1, 8):
+                rows.append(_decode(args, batch, prompt, backend))
+                print(json.dumps(rows[-1]), flush=True)
         rows.append(_train(args, backend))
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{platform.machine()}-{torch.get_num_threads()}threads"

@@ -244,7 +244,10 @@ class RewrittenModule(torch.nn.Module):
                     out_leaves.append(inputs[captured.output_is_input[i]] if i in captured.output_is_input else value)
         if captured.out_spec.is_leaf():
             return out_leaves[0]
-        return cache_parts.rebuild(pytree.tree_unflatten(out_leaves, captured.out_spec))
+        out = cache_parts.rebuild(pytree.tree_unflatten(out_leaves, captured.out_spec))
+        if captured.cache_is_input:
+            out = cache_parts.returned_in_place(out, cache_parts.caches_in((args, kwargs)), captured.cache_is_input)
+        return out
 
     @staticmethod
     def _write_back(captured: Captured, inputs: list, new_values) -> None:

@@ -86,3 +86,44 @@ def rebuild(tree):
     if not any(parts(x) for x in pytree.tree_leaves(tree, is_leaf=parts)):
         return tree
     return pytree.tree_map(lambda x: x.rebuild() if parts(x) else x, tree, is_leaf=parts)
+
+
+def caches_in(tree) -> list:
+    """The cache objects in ``tree``, in pytree order (the order ``take_apart`` visits them)."""
+    return [x for x in pytree.tree_leaves(tree, is_leaf=is_cache) if is_cache(x)]
+
+
+def _assign(passed, returned) -> None:
+    """Give ``passed`` ``returned``'s state, keeping ``passed``'s own sub-objects (its layers) where
+    they are of the same classes, so that references to them see the update too."""
+    for name, value in vars(returned).items():
+        old = passed.__dict__.get(name)
+        if type(old) is type(value) and type(value).__module__.startswith("transformers.") \
+                and hasattr(value, "__dict__"):
+            _assign(old, value)
+        elif isinstance(old, list) and isinstance(value, list):
+            kept = [a if type(a) is type(b) and hasattr(b, "__dict__") and type(b).__module__.startswith("transformers.")
+                    and not _assign(a, b) else b for a, b in zip(old, value)]
+            old[:] = kept + value[len(kept):]  # the same list object, as eager's appends keep it
+        else:
+            passed.__dict__[name] = value
+
+
+def returned_in_place(out, passed: list, returned_is_passed: dict[int, int]):
+    """``out`` with each returned cache that the model returned as the cache passed in (``returned
+    ordinal -> passed ordinal``, recorded at capture) replaced by that passed-in object, updated in
+    place to the returned state: what eager's in-place update and ``return past_key_values`` give."""
+    if not returned_is_passed:
+        return out
+    seen = iter(range(1 << 30))
+
+    def swap(x):
+        if not is_cache(x):
+            return x
+        at = returned_is_passed.get(next(seen))
+        if at is None:
+            return x
+        _assign(passed[at], x)
+        return passed[at]
+
+    return pytree.tree_map(swap, out, is_leaf=is_cache)

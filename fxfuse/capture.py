@@ -71,6 +71,9 @@ class Captured:
     # Custom torch.autograd.Functions the forward calls ("Name at file:line"): the graph holds their
     # forward only, so it must not be differentiated (see fxfuse.api).
     custom_functions: list[str] = dataclasses.field(default_factory=list)
+    # Returned cache objects that are a cache passed in (returned ordinal -> passed ordinal, in
+    # pytree order): the caller updates the passed object in place and returns it.
+    cache_is_input: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -470,6 +473,11 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
             out = torch.func.functional_call(module, state, call_args, call_kwargs, tie_weights=False)
         else:
             out = model(*call_args, **call_kwargs)
+        # A returned cache that is the one passed in (updated in place): the caller's object is
+        # updated and returned, as eager does (see fxfuse.api).
+        passed_ids = [id(c) for c in cache_parts.caches_in((call_args, call_kwargs))]
+        out_holder["cache_is_input"] = {n: passed_ids.index(id(c)) for n, c in enumerate(cache_parts.caches_in(out))
+                                        if id(c) in passed_ids}
         out = cache_parts.take_apart(open_dataclasses(out))  # a returned cache: its tensors
         out_leaves, out_spec = pytree.tree_flatten(out)
         out_holder["spec"] = out_spec
@@ -503,6 +511,7 @@ def capture_module(model: Callable, args: tuple, kwargs: dict | None = None, sym
         mutated_without_grad=info["mutated_without_grad"],
         output_is_input={positions[k]: i for k, i in info["output_is_input"].items()},
         custom_functions=info.get("custom_functions", []),
+        cache_is_input=out_holder["cache_is_input"],
     )
 
 

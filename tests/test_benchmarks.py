@@ -120,3 +120,24 @@ def test_bench_linear_attention_smallest(tmp_path):
         assert r["ms"] > 0 and r["peak_mib"] is not None, r
         if r["impl"] == "fxfuse":
             assert r["max_abs_diff_vs_eager"] < 1e-5, r  # the linear-time form computes what eager does
+
+
+def test_bench_decode_smallest(tmp_path):
+    """generate() with the dynamic cache and a varying-length training loop, through the backend
+    without Inductor (its compiles take minutes here): tokens equal eager's, attention fused in
+    every graph, graphs bounded; the composed backend's generate() is tested in tests/models."""
+    out = tmp_path / "decode.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_decode.py"), "--backends", "eager,fxfuse_eager",
+                           "--prompts", "12", "--new-tokens", "4", "--lengths", "8,24", "--steps", "3", "--hidden", "32",
+                           "--layers", "1", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    decode = [r for r in rows if r["bench"] == "decode"]
+    assert {(r["backend"], r["batch"]) for r in decode} == {(b, n) for b in ("eager", "fxfuse_eager") for n in (1, 8)}
+    for r in decode:
+        assert r["tokens_per_s"] > 0 and r["tokens_equal_eager"], r
+        if r["backend"] == "fxfuse_eager":
+            assert r["attention_fused_every_graph"] and 1 <= r["graphs"] <= 3, r
+    train = [r for r in rows if r["bench"] == "train_varying_length"]
+    assert [r["backend"] for r in train] == ["eager", "fxfuse_eager"] and all(r["steps_per_s"] > 0 for r in train)

@@ -143,3 +143,29 @@ def test_every_launch_config_fxfuse_tries_is_exact_on_cuda(d):
                 got, want = backward(spec, do, q, k, v, [], config=config)[:3], exact_grads
             for g, r in zip(got, want):  # bf16 outputs: a few roundings of values of order 1
                 assert (g.double() - r).abs().max() <= 2e-2 * (1 + r.abs().max()), (function, config)
+
+
+@pytest.mark.parametrize("lq", [1, 4])
+def test_decode_launches_split_the_keys_on_cuda(lq):
+    """A decode step (few queries over a long cache) runs the split-key forward by default, and
+    every config it tries gives the one-program forward's result and the float64 reference's."""
+    import math
+
+    from fxfuse.ops.attention import reference
+    from fxfuse.runtime import attention_decode
+    from fxfuse.runtime.attention import forward, launch_configs
+    from fxfuse.spec_attention import AttentionSpec, ScoreStep
+
+    spec = AttentionSpec("bfloat16", (ScoreStep("mul", "bfloat16", value=128 ** -0.5),
+                                      ScoreStep("fill", "bfloat16", value=-math.inf)), "bfloat16", kv_groups=4)
+    wide = AttentionSpec("float64", tuple(ScoreStep(s.op, "float64", s.value) for s in spec.steps), "float64",
+                         kv_groups=4)
+    q = torch.randn(2, 8, lq, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 8192, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert attention_decode.decode_splits(spec, q, k) > 1
+    exact = reference(wide, q.double(), k.double(), v.double(), [])
+    whole = forward(spec, q, k, v, [], splits=1)[0]
+    for config in launch_configs(spec, "forward", q, k, v):
+        got = forward(spec, q, k, v, [], config=config)[0]
+        assert (got.double() - exact).abs().max() <= 2e-2 * (1 + exact.abs().max()), config
+        assert (got.double() - whole.double()).abs().max() <= 2e-2 * (1 + exact.abs().max()), config

@@ -47,12 +47,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _pick(spec: AttentionSpec, function: str, q, k, v, run, config: LaunchConfig | None) -> None:
-    """Run ``run(config)`` with the given config, else with the tuned one for this launch's key."""
+    """Run ``run(config)`` with the given config, else with the tuned one for this launch's key
+    (the split-key forward tries the forward's configs: the same tile body)."""
     if config is None:
         plan = lower_attention(spec)
         key = (spec.to_json(), function, q.shape[-1], v.shape[-1], q.dtype, length_bucket(q.shape[2]),
                length_bucket(k.shape[2]), plan.skip_above_diagonal)
-        config = choose(key, launch_configs(spec, function, q, k, v), run)
+        config = choose(key, launch_configs(spec, function.removesuffix("_split"), q, k, v), run)
     run(config)
 
 
@@ -86,7 +87,7 @@ def tiles(spec: AttentionSpec, shape4, config: LaunchConfig, device) -> tuple:
 
 
 def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None, seed=None,
-            merge_heads: bool = False, config: LaunchConfig | None = None):
+            merge_heads: bool = False, config: LaunchConfig | None = None, splits: int | None = None):
     """Launch the forward kernel; returns (out (B, H, Lq, Dv), stats (2, B*H, Lq) float32): each
     query row's running max m and sum l (its log-sum-exp is m + log(l)), of the undropped scores.
 
@@ -94,7 +95,16 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
     that the log-sum-exp matches the backward's unrounded recomputation. ``seed`` draws the
     dropout mask of a spec with dropout (see ``dropout_mask``). With ``merge_heads`` the output is
     written in (B, Lq, H, Dv) memory order (the kernel stores through its strides). ``config``
-    fixes the launch config (else the tuned one for this key, see ``runtime.configs``)."""
+    fixes the launch config (else the tuned one for this key, see ``runtime.configs``). ``splits``
+    cuts the keys into that many ranges run by separate programs and combined (decoding on a GPU:
+    see ``runtime.attention_decode``; None decides by the launch's shape, 1 never splits)."""
+    from fxfuse.codegen.attention_decode import splittable
+    from fxfuse.runtime import attention_decode
+
+    if splits is None:
+        splits = attention_decode.decode_splits(spec, q, k)
+    if splits > 1 and splittable(spec) is None:
+        return attention_decode.split_forward(spec, q, k, v, extras, out_dtype, seed, merge_heads, config, splits)
     kernel = functions(spec)["forward"]
     b, h, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]

@@ -81,7 +81,6 @@ def attention_configs(arch: int | None, function: str, d: int, dv: int, dtype: s
     bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     size = _BYTES.get(dtype, 2)
     smem = SHARED_BYTES.get(arch, 99 * 1024)
-    backward = function != "forward"
     stages = (2, 3, 4) if arch >= 90 else (2, 3)
     rows = (16, 32, 64) if lq <= 16 else (32, 64, 128) if function == "backward_dkdv" else (64, 128)
     cols = (64, 128) if function == "backward_dkdv" else (16, 32, 64, 128)  # dK/dV holds BLOCK_N keys
@@ -103,10 +102,15 @@ def attention_configs(arch: int | None, function: str, d: int, dv: int, dtype: s
         held = (m if function != "backward_dkdv" else n) * (bd + bdv) * size
         if streamed + held > smem:
             return False
-        held_regs = (m if function != "backward_dkdv" else n) * (bdv + (bd if backward else 0))
+        # float32 accumulators held in registers (q, k, v, dO tiles feed wgmma from shared memory):
+        # the output (forward), dq (dq), dK and dV (dK/dV); and per score the tiles live at once
+        # (p; p and dS in dq, where the dot reads them from registers; dK/dV holds more).
+        # Measured with `fxfuse explain --target sm_90` (bf16, pipelined): dq at D=128 128x64 8
+        # warps 206-226 registers, 128x128 spills; at D=64 128x128 244, no spills.
+        held_regs = {"forward": m * bdv, "backward_dq": m * bd, "backward_dkdv": n * (bd + bdv)}[function]
         # each tensor read as a score tile costs a 64-bit pointer per score (measured: a bf16 bias
         # at D=64 spills at 128x64, 8 warps, and fits at 128x32)
-        per_score = (2 if backward else 1) + 4 * tile_inputs
+        per_score = {"forward": 1, "backward_dq": 1.25, "backward_dkdv": 2}[function] + 4 * tile_inputs
         return (held_regs + m * n * per_score) / (32 * warps) <= _REGISTER_BUDGET
 
     configs = [LaunchConfig(m, n, w, s) for m in rows for n in cols for w in (4, 8) for s in stages

@@ -50,7 +50,11 @@ def _ptxas_numbers(log: str) -> tuple[int, int]:
     return int(registers.group(1)) if registers else -1, sum(int(s) for s in spills)
 
 
-def _signature(fn, pointer_types: dict, constants: dict):
+def _signature(fn, pointer_types: dict, constants: dict, divisible: frozenset = frozenset()):
+    """Triton's signature of ``fn`` for a launch: ``divisible`` names the integer arguments whose
+    values are multiples of 16 there. Triton specializes a launch on that (``tt.divisibility``), and
+    without it the compiler cannot prove 16-byte-aligned rows: no vectorized, asynchronous copies,
+    so no software pipelining (every ``num_stages`` compiles alike) -- not what a GPU would run."""
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr or name in constants:
@@ -60,7 +64,22 @@ def _signature(fn, pointer_types: dict, constants: dict):
             attrs[(i,)] = [["tt.divisibility", 16]]  # fresh torch allocations are 16-byte aligned
         else:
             signature[name] = "fp32" if name == "eps" else "i32"
+            if name in divisible:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
+
+
+def _divisible(fn, sizes: dict, norm: bool) -> frozenset:
+    """The integer arguments that are multiples of 16 at a launch of contiguous tensors at
+    ``sizes``: the sizes that are, and the strides of q, k, v, the output and its gradient (each
+    a multiple of the head dims, of the row length for a norm) when the head dims (row) are."""
+    dims = ("n",) if norm else ("d", "dv")
+    rows = all(sizes.get(k, 1) % 16 == 0 for k in dims)
+    named = {"n": "N", "d": "D", "dv": "DV", "lq": "LQ", "lk": "LK"}
+    out = {named[k] for k, v in sizes.items() if k in named and isinstance(v, int) and v % 16 == 0}
+    if rows:
+        out |= {a for a in fn.arg_names if a.startswith("stride_") and not a.startswith("stride_e")}
+    return frozenset(out)
 
 
 def _attention_pointers(fn, spec, dtype: str) -> dict:
@@ -98,13 +117,28 @@ def _compile(fn, signature, constexprs, attrs, arch: int, config: LaunchConfig) 
             "mma": mma_class(compiled.asm["ptx"])}
 
 
+def _functions(spec, sizes: dict, norm: bool) -> tuple[str, ...]:
+    """The kernel functions a launch at these sizes may run: the split-key forward too when it is
+    decode-shaped (a GPU splits the keys of such launches, see ``runtime.attention_decode``)."""
+    from fxfuse.codegen.attention_decode import splittable
+    from fxfuse.runtime.attention_decode import DECODE_ROWS
+
+    if norm:
+        return NORM_FUNCTIONS
+    decoding = sizes["lq"] <= DECODE_ROWS and splittable(spec) is None
+    return ATTENTION_FUNCTIONS + (("forward_split",) if decoding else ())
+
+
 def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str, ...] | None = None,
-                     first_good: bool = False, last_first: bool = False) -> Iterable[dict]:
+                     first_good: bool = False, last_first: bool = False,
+                     configs: list[LaunchConfig] | None = None) -> Iterable[dict]:
     """Rows (one per kernel function and config, as ``fxfuse explain --target --json`` prints
     them) for each launch. ``first_good`` stops a function at its first config without spills
     (with wgmma, for a 16-bit forward on sm_90+), for quick checks such as CI's, which search
-    from the end of the list (``last_first``: the small fallback config is last)."""
+    from the end of the list (``last_first``: the small fallback config is last). ``configs``
+    replaces fxfuse's candidate lists (to see one config, or one fxfuse would not try)."""
     from fxfuse.codegen import generate_kernel
+    from fxfuse.codegen.attention_decode import generate_split
     from fxfuse.runtime.attention import tile_inputs
     from fxfuse.runtime.cache import load
     from fxfuse.spec import NormSpec
@@ -115,30 +149,34 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
         norm = item["kind"] == "norm"
         spec = (NormSpec if norm else AttentionSpec).from_json(item["spec"])
         sizes = item["sizes"]
-        kernel = generate_kernel(spec)
-        module = load(kernel)
-        for function in functions or (NORM_FUNCTIONS if norm else ATTENTION_FUNCTIONS):
-            fn = getattr(module, f"{kernel.name}_{function}")
+        main_kernel = generate_kernel(spec)
+        module = load(main_kernel)
+        for function in functions or _functions(spec, sizes, norm):
+            kernel = generate_split(spec) if function == "forward_split" else main_kernel
+            fn = getattr(load(kernel) if function == "forward_split" else module, f"{kernel.name}_{function}")
             dtype = sizes.get("dtype", "bfloat16")
             if norm:
-                configs = norm_configs(arch, sizes["n"])
+                tried = configs or norm_configs(arch, sizes["n"])
                 params = {f"P{i}": _PTR[p.dtype] for i, p in enumerate(spec.params)}
                 acc = "*fp64" if spec.compute_dtype == "float64" else "*fp32"
                 types = {**{n: _PTR[dtype] for n in ("X", "R", "S", "Y", "DY", "DS", "DX")}, **params,
                          **{f"DP{i}": acc for i in range(len(spec.params))}}
             else:
-                configs = attention_configs(arch, function, sizes["d"], sizes["dv"], dtype, sizes["lq"], sizes["lk"],
-                                            tile_inputs(spec))
+                tried = configs or attention_configs(arch, function.removesuffix("_split"), sizes["d"], sizes["dv"],
+                                                     dtype, sizes["lq"], sizes["lk"], tile_inputs(spec))
                 types = _attention_pointers(fn, spec, dtype)
-            for config in (configs[::-1] if last_first else configs):
-                constants = {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N, "ROUND": function == "forward",
+                if function == "forward_split":
+                    types["O"] = "*fp32"  # the ranges' unnormalised float32 accumulators
+            for config in (tried[::-1] if last_first else tried):
+                constants = {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N, "ROUND": function.startswith("forward"),
                              "DOT_F32": False, "BIAS_GRAD": True, "FACTOR_GRAD": True}
                 if not norm:
                     constants.update(BLOCK_D=max(16, 1 << (sizes["d"] - 1).bit_length()),
                                      BLOCK_DV=max(16, 1 << (sizes["dv"] - 1).bit_length()),
                                      **{s: 1 for s in ("stride_qd", "stride_kd", "stride_vd", "stride_od")})
                 signature, constexprs, attrs = _signature(fn, types, {k: v for k, v in constants.items()
-                                                                        if k in fn.arg_names})
+                                                                        if k in fn.arg_names},
+                                                          _divisible(fn, sizes, norm))
                 row = {"kernel": kernel.name, "function": function,
                        "config": {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N,
                                   "num_warps": config.num_warps, "num_stages": config.num_stages},
@@ -155,16 +193,17 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
 
 
 def check(launches: list[dict], target: str, functions: tuple[str, ...] | None = None,
-          first_good: bool = False, last_first: bool = False) -> Iterable[dict]:
+          first_good: bool = False, last_first: bool = False,
+          configs: list[LaunchConfig] | None = None) -> Iterable[dict]:
     """``check_in_process``, in a child process when this one's Triton interprets kernels."""
     from fxfuse.config import interpreter_available
 
     if not interpreter_available():
-        yield from check_in_process(launches, target, functions, first_good, last_first)
+        yield from check_in_process(launches, target, functions, first_good, last_first, configs)
         return
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FXFUSE_INTERPRET")}
     request = json.dumps({"launches": launches, "target": target, "functions": functions, "first_good": first_good,
-                          "last_first": last_first})
+                          "last_first": last_first, "configs": [c.as_dict() for c in configs or ()]})
     child = subprocess.run([sys.executable, "-m", "fxfuse.runtime.static_check"], input=request, text=True,
                            capture_output=True, env=env)
     if child.returncode != 0:
@@ -177,8 +216,9 @@ def check(launches: list[dict], target: str, functions: tuple[str, ...] | None =
 def main() -> None:
     request = json.loads(sys.stdin.read())
     functions = tuple(request["functions"]) if request.get("functions") else None
+    configs = [LaunchConfig(**c) for c in request.get("configs") or ()] or None
     for row in check_in_process(request["launches"], request["target"], functions, request.get("first_good", False),
-                                request.get("last_first", False)):
+                                request.get("last_first", False), configs):
         print(json.dumps(row), flush=True)
 
 

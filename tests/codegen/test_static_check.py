@@ -78,3 +78,29 @@ def test_mma_class_reads_the_ptx():
     assert mma_class("wgmma.mma_async.sync.aligned.m64n64k16") == "wgmma"
     assert mma_class("mma.sync.aligned.m16n8k16.row.col") == "mma"
     assert mma_class("fma.rn.f32") == "none"
+
+
+def test_decode_launches_check_the_split_key_forward_too():
+    from fxfuse.runtime.static_check import _functions
+
+    decode = {"d": 128, "dv": 128, "lq": 1, "lk": 8192, "dtype": "bfloat16"}
+    assert "forward_split" in _functions(SPECS["causal_bf16"], decode, norm=False)
+    assert "forward_split" not in _functions(SPECS["causal_bf16"], {**decode, "lq": 4096}, norm=False)
+    rows = list(check([launch(SPECS["causal_bf16"], **decode)], "sm_90", functions=("forward_split",),
+                      first_good=True, last_first=True))
+    assert rows and rows[0]["kernel"].startswith("fxfuse_attention_split_")
+    # 16 query rows are too few for Hopper's wgmma (64): mma.sync, without spills
+    assert any(r["spills"] == 0 and r["mma"] == "mma" and r["config"]["BLOCK_M"] == 16 for r in rows), rows
+
+
+def test_the_check_compiles_as_a_launch_specializes_so_the_key_loop_pipelines():
+    """Triton specializes a launch on integer arguments that are multiples of 16; without that the
+    compiler cannot prove aligned rows, copies synchronously and every stage count compiles alike.
+    With it, each extra stage buffers another K and V tile in shared memory (64x128 bf16 each)."""
+    from fxfuse.runtime.configs import LaunchConfig
+
+    rows = list(check([launch(SPECS["causal_bf16"], d=128, dv=128, lq=4096, lk=4096, dtype="bfloat16")], "sm_90",
+                      functions=("forward",), configs=[LaunchConfig(128, 64, 8, 2), LaunchConfig(128, 64, 8, 3)]))
+    two, three = (next(r for r in rows if r["config"]["num_stages"] == s) for s in (2, 3))
+    assert three["shared_bytes"] - two["shared_bytes"] == 2 * 64 * 128 * 2, (two, three)
+    assert two["spills"] == three["spills"] == 0 and two["mma"] == three["mma"] == "wgmma"

@@ -42,10 +42,37 @@ def test_default_config_returns_the_dynamic_cache(llama):
 
     # A decode step reading that cache: one new token over the 7 cached positions.
     step = torch.randint(0, 64, (2, 1), generator=torch.Generator().manual_seed(1))
-    got_step = res.module(step, past_key_values=got.past_key_values)
+    passed, layer = got.past_key_values, got.past_key_values.layers[0]
+    got_step = res.module(step, past_key_values=passed)
     want_step = model(step, past_key_values=want.past_key_values)
     torch.testing.assert_close(got_step.logits, want_step.logits, rtol=0, atol=1e-5)
     _same_cache(got_step.past_key_values, want_step.past_key_values)
+    # As eager: the cache passed in is updated in place (its layers too) and is the one returned.
+    assert want_step.past_key_values is want.past_key_values
+    assert got_step.past_key_values is passed and passed.layers[0] is layer
+    assert passed.get_seq_length() == want.past_key_values.get_seq_length() == 8
+    # A second step through the same object, as a decode loop that ignores the output's cache runs.
+    step2 = torch.randint(0, 64, (2, 1), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(res.module(step2, past_key_values=passed).logits,
+                               model(step2, past_key_values=want.past_key_values).logits, rtol=0, atol=1e-5)
+    _same_cache(passed, want.past_key_values)
+
+
+@torch.no_grad()
+def test_a_returned_cache_that_is_not_the_one_passed_in_leaves_it_alone():
+    class FreshCache(torch.nn.Module):  # returns a new cache, the passed one untouched (as eager)
+        def forward(self, x, past_key_values):
+            fresh = DynamicCache()
+            fresh.update(x * 2, x * 3, 0)
+            return x + 1, fresh
+
+    x = torch.randn(1, 2, 3, 4)
+    passed = DynamicCache()
+    passed.update(x, x, 0)
+    res = fxfuse.rewrite(FreshCache(), (x, passed))
+    out, fresh = res.module(x, passed)
+    assert fresh is not passed and torch.equal(passed.layers[0].keys, x)
+    torch.testing.assert_close(fresh.layers[0].keys, x * 2)
 
 
 @torch.no_grad()

@@ -490,5 +490,9 @@ def test_config_lists_follow_the_arch_head_dim_dtype_and_length():
     assert LaunchConfig(128, 64, 8, 3) in h100 and LaunchConfig(128, 128, 8, 3) not in h100  # it spills at D=128
     assert LaunchConfig(128, 128, 8, 3) in attention_configs(90, "forward", 64, 64, "bfloat16", 4096, 4096)
     assert all(c.BLOCK_M == 16 for c in attention_configs(90, "forward", 128, 128, "bfloat16", 1, 8192))  # decoding
+    # dq holds only its float32 dq tile in registers: 128x64 at D=128 compiles without spills
+    # (--target sm_90: 206-226 registers), 128x128 spills
+    dq = attention_configs(90, "backward_dq", 128, 128, "bfloat16", 4096, 4096)
+    assert LaunchConfig(128, 64, 8, 3) in dq and LaunchConfig(128, 128, 8, 2) not in dq
     assert all(c.num_stages <= 3 for c in attention_configs(80, "forward", 64, 64, "bfloat16", 4096, 4096))
     assert all(c.BLOCK_M <= 64 and c.BLOCK_N <= 64 for c in attention_configs(90, "forward", 64, 64, "float32", 4096, 4096))
