@@ -115,6 +115,8 @@ def _mask_step(node: Node, cur: Node, gm, length):
         return None
     if shape(node) != shape(cur):
         return "the mask broadcasts the (L, L) product to a larger shape"
+    if dtype(node) != dtype(cur):
+        return f"multiplying by the mask promotes the (L, L) product from {dtype(cur)} to {dtype(node)}"
     if not isinstance(length, int):
         return "a mask at a symbolic length: its values at one length prove nothing about another"
     if reads_graph_input(mask):
@@ -196,7 +198,8 @@ def _features(node: Node, depth: int = 12) -> str | None:
             node = node.args[0]
             continue
         break
-    if is_op(node, aten.add.Tensor) and is_op(node.args[0], aten.elu.default) and is_python_scalar(node.args[1]):
+    if is_op(node, aten.add.Tensor) and is_op(node.args[0], aten.elu.default) and is_python_scalar(node.args[1]) \
+            and node.kwargs.get("alpha", 1) == 1:
         alpha = node.args[0].args[1] if len(node.args[0].args) > 1 else 1.0
         scales = node.args[0].args[2:] or (1,)
         if all(s == 1 for s in scales) and node.args[1] >= alpha >= 0:

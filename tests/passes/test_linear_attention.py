@@ -72,6 +72,13 @@ def test_near_miss_is_left_as_written(style):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_a_mask_that_promotes_the_scores_is_declined():
+    q, k, v = (t.to(torch.bfloat16) for t in _inputs())
+    res = fxfuse.rewrite(styles.promoting_mask, (q, k, v), passes=PASSES)
+    assert not res.matches and "promotes" in res.misses[0].reason, res.report()
+    torch.testing.assert_close(res.module(q, k, v), styles.promoting_mask(q, k, v), rtol=0, atol=0)
+
+
 def test_features_used_elsewhere_still_match():
     """phi(q) is an input of both orders: reusing it elsewhere changes nothing."""
     def model(q, k, v):
