@@ -1,4 +1,5 @@
-"""Benchmark of fused attention: causal, sliding-window, padding-mask, ALiBi, softcap and relative-bias.
+"""Benchmark of fused attention: causal, sliding-window, padding-mask, ALiBi, softcap, relative-bias,
+GQA, decoding, attention sinks (gpt-oss), sigmoid attention and SSMax's per-row temperature.
 
 Each variant is written naively (``q @ k.transpose(-2, -1) * scale``, masks, softmax, ``@ v``) as a
 small module and run by: eager (the module as written), torch.compile (Inductor) of the same module,
@@ -188,13 +189,58 @@ class Decode(Causal):  # one new token attending to the whole KV cache (Lq = 1):
         return None, None
 
 
+class Sinks(Causal):  # gpt-oss: causal, a learned logit per head joined to the scores, dropped after the softmax
+    def __init__(self, heads):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.randn(heads))
+
+    def forward(self, q, k, v):
+        i, j = _positions(q)
+        s = (q @ k.transpose(-2, -1) * q.size(-1) ** -0.5).masked_fill(j > i, float("-inf"))
+        joined = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(q.size(0), -1, q.size(-2), -1)], dim=-1)
+        joined = joined - joined.max(dim=-1, keepdim=True).values
+        return F.softmax(joined, dim=-1, dtype=joined.dtype)[..., :-1] @ v
+
+    sdpa = None  # SDPA returns no log-sum-exp to rescale by; no one call computes the sink
+    flex = None  # FlexAttention normalises over the keys alone
+
+
+class Sigmoid(Causal):  # Apple's sigmoid attention: causal, sigmoid(s - log(L)), no row normalisation
+    def forward(self, q, k, v):
+        i, j = _positions(q)
+        s = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5 - math.log(k.size(-2))
+        return torch.sigmoid(s.masked_fill(j > i, float("-inf"))) @ v
+
+    sdpa = None  # SDPA and FlexAttention always normalise with a softmax
+    flex = None
+
+
+class SSMax(Causal):  # SSMax: causal, each query's scores times log(n), n = i + 1 keys visible
+    @staticmethod
+    def factor(q):
+        return torch.log(torch.arange(1, q.size(-2) + 1, device=q.device, dtype=q.dtype))[:, None] + 1.0
+
+    def forward(self, q, k, v):
+        i, j = _positions(q)
+        s = q @ k.transpose(-2, -1) * self.factor(q) * q.size(-1) ** -0.5
+        return s.masked_fill(j > i, float("-inf")).softmax(-1) @ v
+
+    def sdpa(self, q, k, v):  # the row factor moved onto q
+        return F.scaled_dot_product_attention(q * self.factor(q), k, v, is_causal=True)
+
+    def flex(self, q):
+        factor = self.factor(q)[:, 0]
+        return (lambda s, b, h, qi, kv: s * factor[qi]), (lambda b, h, qi, kv: kv <= qi)
+
+
 VARIANTS = {"causal": Causal, "sliding_window": SlidingWindow, "padding_mask": PaddingMask, "alibi": Alibi,
-            "softcap": Softcap, "relative_bias": RelativeBias, "gqa": GroupedQuery, "decode": Decode}
+            "softcap": Softcap, "relative_bias": RelativeBias, "gqa": GroupedQuery, "decode": Decode,
+            "sinks": Sinks, "sigmoid": Sigmoid, "ssmax": SSMax}
 
 
 def make_variant(name, heads):
     cls = VARIANTS[name]
-    return cls(heads) if cls is RelativeBias else cls()
+    return cls(heads) if cls in (RelativeBias, Sinks) else cls()
 
 
 def make_inputs(name, b, h, length, d, dtype, device, grad):
@@ -237,6 +283,8 @@ def flex_module(base, inputs, device):
         return None, "skipped: FlexAttention is benchmarked on CUDA only (its CPU path is not the comparison)"
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    if base.flex is None:
+        return None, "skipped: FlexAttention cannot express this variant"
     compiled = torch.compile(flex_attention, dynamic=False)
     q, extra = inputs[0], inputs[3:]
     gqa = {"enable_gqa": True} if getattr(base, "gqa", False) else {}
@@ -273,7 +321,7 @@ def build(impl, base, inputs, device, cpu_compile, row):
         return torch.compile(base, backend="inductor", dynamic=False)
     if impl == "sdpa":
         if base.sdpa is None:
-            row["note"] = "SDPA cannot express this variant (tanh softcapping between the product and the softmax)"
+            row["note"] = "SDPA cannot express this variant (a tanh softcap, a sink logit or a sigmoid normaliser)"
             return None
         return _Call(base, base.sdpa)
     if impl in SDPA_BACKENDS:

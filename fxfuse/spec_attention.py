@@ -26,7 +26,8 @@ from fxfuse.spec import _SHORT
 #          ``window`` also where it is window or more keys before (a sliding window), which the
 #          pass sets only when it proved a constant mask of that form from its values; with an
 #          ``expr`` (input -1), s = value where that index expression over (b, h, i, j) is True
-#   "add"  s + inputs[input]    (additive mask or bias, broadcast to (B, H, Lq, Lk)), or with an
+#   "add"  s + inputs[input]    (additive mask or bias, broadcast to (B, H, Lq, Lk)), s + value with
+#          input -1 and no ``expr`` (a Python scalar: sigmoid attention's -log(L)), or with an
 #          ``expr`` (input -1), s + that index expression (see fxfuse.index_expr; it may load
 #          inputs of kind "head": (1|B, 1|H, 1, 1) tensors read once per program)
 #   "cast" s.to(dtype)
@@ -59,14 +60,21 @@ class AttentionSpec:
     steps:         score operations in program order (see STEP_OPS).
     prob_dtype:    dtype of the probabilities as they enter the value product (after any cast of
                    the softmax's result; the softmax runs in the dtype of the last step).
-    inputs:        per extra tensor, "mask" (boolean), "bias" (added), "factor" (multiplies or divides)
-                   or "head" (a (1|B, 1|H, 1, 1) tensor an index expression loads, e.g. ALiBi's slopes).
+    inputs:        per extra tensor, "mask" (boolean), "bias" (added), "factor" (multiplies or divides),
+                   "head" (a (1|B, 1|H, 1, 1) tensor an index expression loads, e.g. ALiBi's slopes) or
+                   "sink" (the per-row sink logits, see ``sinks``).
     kv_groups:     query heads per key/value head (grouped-query attention): k and v have H / kv_groups
                    heads and are read in place, query head h using kv head h // kv_groups.
     dropout:       the rate of dropout on the probabilities (training): each probability, independently,
                    is kept with probability 1 - dropout and then divided by 1 - dropout, else zeroed;
                    the softmax's max and sum are those of the undropped scores. The operator draws
                    the mask from a seed tensor it is given (see fxfuse.ops.attention).
+    sinks:         index of the input holding each query row's sink logit (gpt-oss's attention sinks,
+                   a (.., Lq, 1) column, kind "sink"), or -1: the softmax runs over the row's scores and
+                   that logit, whose probability is then dropped (it has no value row), so it enters
+                   only the row's max and denominator.
+    normalizer:    "softmax" (over the keys), or "sigmoid": probabilities are ``sigmoid(scores)``,
+                   elementwise, with no row normalisation (Ramapuram et al., sigmoid self-attention).
     safe_softmax:  the softmax is ``aten._safe_softmax`` (SDPA's math decomposition, Inductor's
                    patterns 29/30): a query row whose every score is -inf gives probabilities 0
                    (so output 0 and gradients 0) where a plain softmax gives NaN.
@@ -79,6 +87,8 @@ class AttentionSpec:
     kv_groups: int = 1
     dropout: float = 0.0
     safe_softmax: bool = False
+    sinks: int = -1
+    normalizer: str = "softmax"
 
     @property
     def softmax_dtype(self) -> str:
@@ -122,6 +132,10 @@ class AttentionSpec:
             del raw["dropout"]
         if not self.safe_softmax:  # likewise: only safe-softmax sites name it
             del raw["safe_softmax"]
+        if self.sinks < 0:  # likewise (new fields stay out of the JSON at their defaults: same spec, same bytes)
+            del raw["sinks"]
+        if self.normalizer == "softmax":
+            del raw["normalizer"]
         for step in raw["steps"]:
             if step["expr"] is None:  # specs without expressions keep their JSON (and kernel names)
                 del step["expr"]
@@ -157,6 +171,8 @@ class AttentionSpec:
                     parts.append(f"causal{window} (fill {step.value:g})")
                 else:
                     parts.append(f"masked_fill({'~' if step.invert else ''}mask{step.input}, {step.value:g})")
+            elif step.op == "add" and step.input == -1:
+                parts.append(f"+ {step.value:g}")
             elif step.op == "add":
                 parts.append(f"+ {self.inputs[step.input]}{step.input}")
             elif step.op == "tanh":
@@ -167,7 +183,12 @@ class AttentionSpec:
             parts.append("no scale")
         if self.kv_groups > 1:
             parts.append(f"GQA {self.kv_groups} query heads per kv head")
-        parts.append(f"softmax in {_SHORT[self.softmax_dtype]}")
+        if self.normalizer == "sigmoid":
+            parts.append(f"sigmoid in {_SHORT[self.softmax_dtype]} (no row normalisation)")
+        else:
+            parts.append(f"softmax in {_SHORT[self.softmax_dtype]}")
+        if self.sinks >= 0:
+            parts.append(f"sink logit{self.sinks} per row")
         if self.safe_softmax:
             parts.append("safe softmax (fully masked rows give 0)")
         if self.dropout:

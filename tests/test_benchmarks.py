@@ -47,7 +47,8 @@ def test_bench_attention_smallest(tmp_path):
     columns = {"variant", "mode", "seq_len", "head_dim", "impl", "ms", "tflops", "peak_mib", "speedup_vs_eager",
                "speedup_vs_inductor", "speedup_vs_sdpa", "speedup_vs_flex", "fused", "max_abs_diff_vs_eager", "note"}
     assert columns <= set(rows[0])
-    variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias", "gqa", "decode")
+    variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias", "gqa", "decode",
+                "sinks", "sigmoid", "ssmax")
     by_key = {(r["variant"], r["mode"], r["impl"]): r for r in rows}
     assert set(by_key) == {(v, m, i) for v in variants for m in ("fwd", "fwd+bwd")
                            for i in ("eager", "inductor", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "fxfuse")}

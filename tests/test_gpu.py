@@ -8,6 +8,7 @@ import torch
 
 import fxfuse
 from tests.attention_styles import STYLES as ATTENTION_STYLES
+from tests.attention_variant_styles import VARIANT_STYLES
 from tests.norm_styles import LAYER_STYLES, RMS_STYLES, PreNormResidualBlock, build
 from tests.tolerances import assert_close_to_reference
 
@@ -46,7 +47,7 @@ def test_residual_norm_on_cuda():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("style", ATTENTION_STYLES, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("style", ATTENTION_STYLES + VARIANT_STYLES, ids=lambda s: s.__name__)
 def test_attention_kernels_on_cuda(style, dtype):
     model = style().cuda().to(dtype)
     inputs = [t.cuda() for t in model.inputs(dtype)]

@@ -5,8 +5,8 @@ saved, and split their loops into masked and full tiles as the forward does."""
 from __future__ import annotations
 
 from fxfuse.codegen.attention_index import prologue
-from fxfuse.codegen.attention_steps import (LOG2E, exp, grad_steps, key_range, lit, longest_first, query_range, steps,
-                                            tile_args, tile_loops)
+from fxfuse.codegen.attention_steps import (LOG2E, exp, grad_steps, key_range, lit, longest_first, query_range,
+                                            sigmoid, sink_load, steps, tile_args, tile_loops)
 from fxfuse.lowering.attention import AttentionPlan
 from fxfuse.spec_attention import AttentionSpec
 
@@ -25,7 +25,10 @@ def _load_q(spec: AttentionSpec, plan: AttentionPlan, masked: bool) -> list[str]
         "q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
         f"            mask={both('offs_d[None, :] < D')}, other=0.0)",
         "do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,",
-        f"             mask={both('offs_dv[None, :] < DV')}, other=0.0)",
+        f"             mask={both('offs_dv[None, :] < DV')}, other=0.0)"]
+    if plan.sigmoid:  # p = sigmoid(s) needs no row statistics
+        return lines + ["if DOT_F32:", "    q = q.to(tl.float32)", "    do = do.to(tl.float32)"]
+    lines += [
         f"row_max = tl.load(STATS + pid_bh * LQ + offs_m{row}{', other=0.0' if masked else ''})",
         f"row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m{row}{', other=1.0' if masked else ''})",
         f"delta = tl.load(DELTA + pid_bh * LQ + offs_m{row}{', other=0.0' if masked else ''})"]
@@ -67,12 +70,15 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     dropout = ["keep = dropout_keep(seed, pid_bh, offs_m, offs_n, LQ, LK)",
                f"dp = {dropped(spec, 'dp')}"] if spec.dropout else []
 
+    # The probabilities and dS: a softmax's from the saved row statistics (the sink's share of the
+    # sum included), a sigmoid's per score (dS = dP * p * (1 - p)).
+    probs = [sigmoid("p")] if plan.sigmoid else [f"p = {exp(plan)}(s - row_max[:, None]) / row_sum[:, None]"]
+    ds = "ds = dp * p * (1.0 - p)" if plan.sigmoid else "ds = p * (dp - delta[:, None])"
+
     def scores_grad(store_bias: bool, masked: bool) -> list[str]:
         return [*(["in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)"] if masked else []),
-                f"s = tl.dot(q, kT{precision})", *steps(plan, factor_inputs=store_bias, masked=masked),
-                f"p = {exp(plan)}(s - row_max[:, None]) / row_sum[:, None]",
-                f"dp = tl.dot(do, tl.trans(vt){precision})", *dropout,
-                "ds = p * (dp - delta[:, None])", *grad_steps(plan, store_bias, masked)]
+                f"s = tl.dot(q, kT{precision})", *steps(plan, factor_inputs=store_bias, masked=masked), *probs,
+                f"dp = tl.dot(do, tl.trans(vt){precision})", *dropout, ds, *grad_steps(plan, store_bias, masked)]
 
     def dkdv_tile(masked: bool) -> str:
         return _at([*_load_q(spec, plan, masked), *scores_grad(False, masked),
@@ -93,7 +99,14 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     # Every per-score buffer comes before the flags: the launcher passes the buffers in this order
     # as positional arguments, the flags by name.
     bias_args = "".join(f"DB{k}, " for k in adds) + "".join(f"DF{k}, " for k in factors) + \
-        ("BIAS_GRAD: tl.constexpr, " if adds else "") + ("FACTOR_GRAD: tl.constexpr, " if factors else "")
+        ("DSINK, " if plan.sinks >= 0 else "") + \
+        ("BIAS_GRAD: tl.constexpr, " if adds else "") + ("FACTOR_GRAD: tl.constexpr, " if factors else "") + \
+        ("SINK_GRAD: tl.constexpr, " if plan.sinks >= 0 else "")
+    # The sink logit c's gradient per row: sum_j dO.v_j dp_j/dc = -p_c * sum_j p_j dO.v_j = -p_c * delta.
+    sink_grad = "" if plan.sinks < 0 else f'''
+    if SINK_GRAD:  # d c = -p_c * rowsum(dO * O), p_c = exp(c - m) / l: the sink's probability
+        {sink_load(plan)}
+        tl.store(DSINK + pid_bh * LQ + offs_m, -tl.exp(sink - row_max) / row_sum * delta, mask=offs_m < LQ)'''
     args = f'''{("Q, K, V, DO, STATS, DELTA, " + extras).rstrip()}
         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
@@ -130,7 +143,7 @@ def {name}_backward_dq({args}, DQ, {bias_args}{consts}):
 {head}
     pid_m = {pid_m}
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-{_at(_load_q(spec, plan, True), 4)}
+{_at(_load_q(spec, plan, True), 4)}{sink_grad}
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 {tile_loops(plan, "n", *key_range(plan), dq_tile)}
     rows = (pid_bh * LQ + offs_m)[:, None]

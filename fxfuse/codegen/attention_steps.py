@@ -63,6 +63,8 @@ def steps(plan: AttentionPlan, factor_inputs: bool = False, masked: bool = True)
             # in an unused row, and the backward multiplies that row's dS, inf * 0, into dK).
             lines += emit(index_expr, f"bias{k}")
             expr = f"s + tl.where(in_bounds, bias{k}, 0.0)" if masked else f"s + bias{k}"
+        elif op == "add" and index == -1:
+            expr = f"s + {lit(value)}"  # a Python scalar
         elif op in ("mul", "div"):
             if index != -1:
                 lines.append(f"fac{k} = {_load(index, '1.0', masked)}.to(tl.float32)")
@@ -125,6 +127,19 @@ def grad_steps(plan: AttentionPlan, store_bias: bool = False, masked: bool = Tru
         elif op == "tanh":
             lines.append(f"ds = ds * (1.0 - tanh{k} * tanh{k})")
     return lines
+
+
+def sigmoid(target: str, s: str = "s") -> str:
+    """``target = sigmoid(s)`` from tl.exp (no libdevice): 1 / (1 + e^-s) is 0 at s = -inf (a
+    hidden or out-of-bounds key: e^inf is inf) and 1 at +inf, never NaN but for a NaN score."""
+    return f"{target} = 1.0 / (1.0 + tl.exp(-{s}))  # sigmoid attention: no running max or sum"
+
+
+def sink_load(plan: AttentionPlan) -> str:
+    """Each query row's sink logit (the input ``plan.sinks``, read at key 0 of its (.., Lq, 1) column)."""
+    i = plan.sinks
+    return (f"sink = tl.load(E{i} + off_b * se{i}_b + off_h * se{i}_h + offs_m * se{i}_m, mask=offs_m < LQ, "
+            "other=0.0).to(tl.float32)")
 
 
 def exp(plan: AttentionPlan) -> str:

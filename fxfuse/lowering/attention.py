@@ -15,7 +15,9 @@ Stages, in order:
 5. decide whether log2(e) may be folded into a scalar scale so that the kernels take ``exp2`` of
    the scores directly (``log2_fold``): only where no score can be a huge finite value (a finite
    fill, an additive tensor or expression) that the factor would overflow to -inf, and where no
-   rounding of the user's happens at or after the folded step (it would round other values).
+   rounding of the user's happens at or after the folded step (it would round other values);
+   never with sink logits (one may be huge too) or a sigmoid (no exponential of a row max);
+6. carry the normaliser: a softmax starting from each row's sink logit (``sinks``), or a sigmoid.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class AttentionPlan:
     # The step whose scalar scale also multiplies by log2(e) (len(steps): a multiply after the
     # steps), so the online softmax runs on exp2; None: natural units and tl.exp.
     log2_fold: int | None = None
+    sinks: int = -1  # the input of per-row sink logits: the online softmax starts from them (max c, sum 1)
+    sigmoid: bool = False  # probabilities are sigmoid(s): no running max or sum at all
 
 
 def _rounding(name: str) -> str | None:
@@ -66,6 +70,8 @@ def _can_skip_causal_tiles(spec: AttentionSpec) -> bool:
 
 def _log2_fold(spec: AttentionSpec) -> int | None:
     """Where log2(e) can be folded (see stage 5), or None."""
+    if spec.sinks >= 0 or spec.normalizer == "sigmoid":
+        return None  # a sink logit may be huge and finite too; a sigmoid needs no exponential of the max
     for s in spec.steps:
         if s.op == "add" or (s.op == "fill" and s.value != float("-inf")):
             return None  # a huge finite score times log2(e) may overflow to -inf
@@ -94,4 +100,6 @@ def lower_attention(spec: AttentionSpec) -> AttentionPlan:
         tile_lists=any(s.op == "fill" and s.expr is not None for s in spec.steps),
         loads=tuple(sorted(set().union(*(loads(s.expr) for s in spec.steps if s.expr is not None)))),
         log2_fold=_log2_fold(spec),
+        sinks=spec.sinks,
+        sigmoid=spec.normalizer == "sigmoid",
     )

@@ -7,8 +7,9 @@ expressions are evaluated (``fxfuse.index_expr``), with per-head inputs among th
 or on CPU when interpretation is asked for, the generated Triton kernels run. Otherwise the CPU
 implementation is ``F.scaled_dot_product_attention`` where SDPA computes exactly the spec (scalar
 scales and at most one additive or -inf boolean mask, no casts; rows it leaves at zero where the
-user's softmax gives NaN are set to NaN, unless the spec's softmax is a safe one), else the plain
-torch reference of the spec, which computes the scores a bounded chunk of query rows at a time. With
+user's softmax gives NaN are set to NaN, unless the spec's softmax is a safe one), or, for such a
+spec with attention sinks, ATen's flash CPU attention rescaled by the sinks' share of each row
+(from its log-sum-exp), else the plain torch reference of the spec, which computes the scores a bounded chunk of query rows at a time. With
 ``merge_heads`` the ``(B, H, Lq, Dv)`` output is laid out in ``(B, Lq, H, Dv)`` memory order on
 every path (the pass asks for it when a head merge is all that reads it, which then is a view). The
 backward is a backward operator of its own (autograd is off inside custom operators): the Triton
@@ -125,6 +126,8 @@ def _scores(spec: AttentionSpec, q: Tensor, k: Tensor, extras: list[Tensor], acc
             s = s * factor if step.op == "mul" else s / factor
         elif step.op == "fill":
             s = s.masked_fill(_mask_of(step, extras, shape4, s.device, span), step.value)
+        elif step.op == "add" and step.input == -1 and step.expr is None:
+            s = s + step.value  # a Python scalar (sigmoid attention's -log(L))
         elif step.op == "add":
             bias = _addend(step, extras, shape4, s.device, span)
             s = s + (bias.to(acc) if acc else bias)
@@ -155,13 +158,30 @@ def _drop(spec: AttentionSpec, p: Tensor, keep: Tensor | None) -> Tensor:
     return p if keep is None else p * (keep.to(p.dtype) / (1.0 - spec.dropout))
 
 
-def softmax(spec: AttentionSpec, s: Tensor) -> Tensor:
-    """The site's softmax over the keys; a safe one (``aten._safe_softmax``) gives 0, not NaN, in a
-    row whose every score is -inf."""
+def softmax(spec: AttentionSpec, s: Tensor, sink: Tensor | None = None) -> Tensor:
+    """The site's probabilities: its softmax over the keys (a safe one, ``aten._safe_softmax``,
+    gives 0, not NaN, in a row whose every score is -inf), or its sigmoid (no normalisation).
+    With a ``sink`` column (.., Lq, 1) the softmax runs over the scores and the sink logit, as
+    gpt-oss concatenates them, and the sink's probability is dropped (see ``sink_probability``)."""
+    if spec.normalizer == "sigmoid":
+        return torch.sigmoid(s)
+    if sink is not None:
+        s = torch.cat([s, sink.to(s.dtype).expand(*s.shape[:-1], 1)], dim=-1)
     p = torch.softmax(s, dim=-1)
     if spec.safe_softmax:
         p = p.masked_fill((s == float("-inf")).all(-1, keepdim=True), 0.0)
-    return p
+    return p if sink is None else p[..., :-1]
+
+
+def sink_probability(s: Tensor, sink: Tensor) -> Tensor:
+    """The probability the softmax gives the sink logit, (.., Lq, 1): ``exp(c) / (exp(c) + sum_j
+    exp(s_j))``, from the scores ``s`` after their steps."""
+    c = sink.to(s.dtype).expand(*s.shape[:-1], 1)
+    return torch.softmax(torch.cat([s, c], dim=-1), dim=-1)[..., -1:]
+
+
+def _sink(spec: AttentionSpec, extras: list[Tensor]) -> Tensor | None:
+    return extras[spec.sinks] if spec.sinks >= 0 else None
 
 
 def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
@@ -176,7 +196,7 @@ def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list
     outs = []
     for r in _row_chunks(q, lk):
         chunk = [_rows(e, lq, r) for e in extras]
-        p = softmax(spec, _scores(spec, q[..., r[0]:r[1], :], k, chunk, rows=(*r, lq), headed=True))
+        p = softmax(spec, _scores(spec, q[..., r[0]:r[1], :], k, chunk, rows=(*r, lq), headed=True), _sink(spec, chunk))
         p = _drop(spec, p.to(to_dtype(spec.prob_dtype)), None if keep is None else keep[..., r[0]:r[1], :])
         outs.append(torch.matmul(p, v))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
@@ -191,11 +211,13 @@ def _sdpa_form(spec: AttentionSpec):
     dtypes = {spec.score_dtype, spec.prob_dtype, *(s.dtype for s in spec.steps)}
     if len(dtypes) != 1 or spec.dropout:  # SDPA draws its dropout mask from its own generator
         return None
+    if spec.sinks >= 0 or spec.normalizer != "softmax":  # SDPA's softmax has no sink and normalises
+        return None
     scale, mask_step = 1.0, None
     for step in spec.steps:
         if step.op in ("mul", "div") and step.input == -1 and mask_step is None:
             scale = scale * step.value if step.op == "mul" else scale / step.value
-        elif step.op == "add" and mask_step is None:
+        elif step.op == "add" and mask_step is None and (step.input >= 0 or step.expr is not None):
             mask_step = step
         elif step.op == "fill" and mask_step is None and step.value == float("-inf"):
             mask_step = step
@@ -291,12 +313,19 @@ def reference_backward(spec: AttentionSpec, grad_out: Tensor, q: Tensor, k: Tens
 
         step_inputs: list[Tensor] = []
         # A safe softmax's fully masked rows have p = 0, so dS and every gradient there is 0.
-        p = softmax(spec, _scores(spec, qc, kh, chunk, acc, step_inputs, rows=(*r, lq), headed=True))
+        s = _scores(spec, qc, kh, chunk, acc, step_inputs, rows=(*r, lq), headed=True)
+        p = softmax(spec, s, _sink(spec, chunk))
         do = grad_out[..., r[0]:r[1], :].to(acc)
         kc = None if keep is None else keep[..., r[0]:r[1], :]
         dv += torch.matmul(_drop(spec, p.to(to_dtype(spec.prob_dtype)).to(acc), kc).transpose(-1, -2), do)
         dp = _drop(spec, torch.matmul(do, vh.transpose(-1, -2)), kc)
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        if spec.normalizer == "sigmoid":  # each probability is its own score's: dS = dP * p (1 - p)
+            ds = dp * p * (1 - p)
+        else:
+            delta = (dp * p).sum(-1, keepdim=True)  # rowsum(dP * P) = dO . O: the sink has no value row
+            ds = p * (dp - delta)
+            if spec.sinks >= 0:  # d c = sum_j dP_j dp_j/dc = -p_c sum_j dP_j p_j = -p_c delta
+                accumulate(spec.sinks, -sink_probability(s, chunk[spec.sinks].to(acc)) * delta)
         for step, s_in in zip(reversed(spec.steps), reversed(step_inputs)):
             if step.op in ("mul", "div") and step.input >= 0:
                 t = chunk[step.input].to(acc)
@@ -360,7 +389,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, 
     if form is not None and not _sdpa_exact_on(form, q, k, v, extras):
         form = None
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
-    out = _sdpa(s, form, q, k, v, extras) if form is not None else reference(s, q, k, v, extras, keep)
+    if form is not None:
+        out = _sdpa(s, form, q, k, v, extras)
+    else:  # sinks or per-row factors around SDPA's form (attention_cpu), else the reference
+        from fxfuse.ops import attention_cpu
+
+        out = attention_cpu.forward(s, q, k, v, extras)
+        if out is None:
+            out = reference(s, q, k, v, extras, keep)
     return _laid_out(out, merge_heads)
 
 
@@ -373,6 +409,8 @@ def _(q, k, v, extras, spec, seed=None, merge_heads=False):
 def _kernel_grad(spec: AttentionSpec, index: int) -> bool:
     """Whether the backward kernels give extra ``index``'s gradient: it is a bias or a factor
     tensor, used by "add", "mul" and "div" steps and nothing else."""
+    if index == spec.sinks:  # the dq kernel writes each row's sink gradient
+        return True
     uses = [step.op for step in spec.steps if step.input == index]
     return bool(uses) and all(op in ("add", "mul", "div") for op in uses)
 
@@ -383,6 +421,10 @@ def _sdpa_backward(spec: AttentionSpec, grad_out, q, k, v, extras, wanted) -> li
     and no mask, or causal with Lq == Lk (``_sdpa`` runs those as is_causal). None otherwise: the
     formula then. (Autograd is off inside an operator, so the ATen backward is called directly.)"""
     form = _sdpa_form(spec)
+    if form is None and not any(wanted) and q.device.type == "cpu":  # per-row factors moved onto q (attention_cpu)
+        from fxfuse.ops import attention_cpu
+
+        return attention_cpu.backward(spec, grad_out, q, k, v, extras)
     if form is None or any(wanted) or q.device.type != "cpu" or not _sdpa_exact_on(form, q, k, v, extras):
         return None
     if q.shape[-1] != v.shape[-1]:  # the fused CPU kernel needs one head size (DeepSeek's differ)

@@ -38,6 +38,7 @@ from torch.fx import Node
 from fxfuse import index_expr
 from fxfuse.passes.attention_dropout import Dropout, NotDropout, drawn_nearby, dropout_of, metadata_only
 from fxfuse.passes.attention_index import Derived, NotIndex, derive, reads_graph_input
+from fxfuse.passes.attention_variants import NotVariant, reaches, sigmoid_candidate, sigmoid_decline, sink_form
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
                                            layout_chain_back, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
@@ -146,6 +147,10 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
         if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and is_python_scalar(x.args[1]):
             op = "mul" if x.target in (aten.mul.Tensor, aten.mul.Scalar) else "div"
             steps.append((x, ScoreStep(op, d, value=float(x.args[1])), None, here))
+        elif is_op(x, aten.add.Tensor, aten.sub.Tensor) and is_python_scalar(x.args[1]) and \
+                x.kwargs.get("alpha", 1) == 1:  # s + b, s - b (exactly s + (-b)): sigmoid attention's -log(L)
+            value = float(x.args[1]) if x.target == aten.add.Tensor else -float(x.args[1])
+            steps.append((x, ScoreStep("add", d, value=value), None, here))
         elif is_op(x, aten.masked_fill.Scalar, aten.masked_fill.Tensor) and _scalar_fill(x.args[2]) is not None:
             steps.append((x, ScoreStep("fill", d, value=_fill_in(_scalar_fill(x.args[2]), d)), x.args[1], here))
         elif is_op(x, aten.where.self) and _scalar_fill(x.args[2]) is not None and isinstance(x.args[1], Node):
@@ -399,7 +404,18 @@ def _ancestors(node: Node) -> set[Node]:
 
 
 def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
-    x, dim = softmax.args[0], softmax.args[1]
+    sigmoid = softmax.target == aten.sigmoid.default
+    try:  # a sink column joined to the scores (gpt-oss), or sigmoid attention (attention_variants.py)
+        sink = None if sigmoid else sink_form(softmax)
+        if sigmoid:
+            sigmoid_decline(softmax)
+    except NotVariant as why:
+        if not reaches(softmax, *_BMM):  # its result meets no value product: not attention, stays silent
+            raise _NotAttention from None
+        raise Declined(str(why)) from None
+    x = sink.scores if sink else softmax.args[0]
+    dim = -1 if sigmoid else softmax.args[1]
+    after = sink.slice if sink else softmax  # the probabilities' walk to the value product starts here
     score_shape = shape(x)
     if score_shape is None:
         raise _NotAttention
@@ -411,11 +427,11 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     try:
         start, steps, views = _score_steps(x, score_shape)
     except _ScoreLayout as why:
-        _probabilities_to_pv(softmax)  # not attention at all (no value product): stays silent
+        _probabilities_to_pv(after)  # not attention at all (no value product): stays silent
         raise Declined(str(why), shapes=True) from None
     qk, score_chain = layout_chain_back(start)
     if not is_op(qk, *_PRODUCTS):
-        _probabilities_to_pv(softmax)
+        _probabilities_to_pv(after)
         if _outer_product(qk):
             raise Declined("q @ k^T is computed as a broadcast elementwise product (einsum or matmul over a head "
                            "dim of size 1 lowers to mul), not a matrix product; fused attention reads bmm/matmul "
@@ -424,14 +440,18 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                        "q @ k^T and the softmax; fused attention takes scales, masks, biases, casts and "
                        "tanh soft-capping there")
     rank = len(score_shape)
-    probs = _probabilities_to_pv(softmax)
+    probs = _probabilities_to_pv(after)
     casts, p_chain, pv, p_node = probs.casts, probs.chain, probs.pv, probs.node
     if dim % rank != rank - 1:
         raise Declined(f"the softmax runs over dim {dim} (the query axis) of the {rank}-d scores; attention "
                        "normalizes each query's scores over the keys (the last dim)")
     safe = softmax.target == aten._safe_softmax.default
     upcast = _safe_softmax_dtype(softmax, x) if safe else None
-    if not safe and len(softmax.args) > 2 and softmax.args[2]:  # _softmax's half_to_float
+    if sigmoid and probs.dropout:
+        raise Declined("dropout on sigmoid attention's probabilities: not fused yet")
+    if sigmoid and not is_op(qk, aten.bmm.default):
+        raise _NotAttention  # a sigmoid of a 2-D or added product: an MLP's gate as often as attention
+    if not safe and not sigmoid and len(softmax.args) > 2 and softmax.args[2]:  # _softmax's half_to_float
         raise Declined("the softmax upcasts half to float internally (half_to_float); not fused yet")
     start_shape = tuple(shape(start))  # the scores as the first step (or the softmax) reads them
     shapes = [tuple(score_shape), start_shape, *(tuple(here) for *_, here in steps)]
@@ -517,6 +537,17 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         spec_steps.append(step)
     if upcast is not None:  # _safe_softmax(s, dtype=...) is the softmax of s.to(dtype)
         spec_steps.append(ScoreStep("cast", dtype_name(upcast)))
+    sinks = -1
+    if sink is not None:  # read per query row, aligned on the right of (B, H, Lq, 1) as the scores are
+        if not same(tuple(score_shape), op_shape[4 - len(score_shape):]):
+            raise Declined(f"the sink column is joined to scores of shape {list(score_shape)}, another (batch, head) "
+                           f"split than the site's {list(op_shape)}; fused attention sinks read (B, H, Lq, 1)",
+                           shapes=True)
+        if depends_on(sink.column, _root(v_op)):
+            raise Declined("the sink logits are computed from the values; attention's sinks are learned logits")
+        sinks = len(extras)
+        extras.append(sink.column)
+        kinds.append("sink")
     q_op, k_op = qk.args[-2:]
     sources = {"q": source_operand(q_op, lead, False, False), "k": source_operand(k_op, lead, True, True),
                "v": source_operand(v_op, lead, False, True)} if len(product_shape) == 3 else \
@@ -528,14 +559,17 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     spec = AttentionSpec(
         score_dtype=score_dtype, steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
         inputs=tuple(kinds), kv_groups=k_groups if k_groups == v_groups else 1,
-        dropout=probs.dropout.rate if probs.dropout else 0.0, safe_softmax=safe,
+        dropout=probs.dropout.rate if probs.dropout else 0.0, safe_softmax=safe, sinks=sinks,
+        normalizer="sigmoid" if sigmoid else "softmax",
     )
     dropped = probs.dropout.nodes if probs.dropout else []
-    interior = {qk, *score_chain, *(s[0] for s in steps), *views, softmax, *casts, *dropped, *p_chain, pv}
+    interior = {qk, *score_chain, *(s[0] for s in steps), *views, softmax, *casts, *dropped, *p_chain, pv,
+                *([*sink.nodes, sink.slice] if sink else [])}
     site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout,
                  {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead),
                  merge_lead)
-    _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else [])})
+    _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else []),
+                            *([sink.slice] if sink else [])})
     return site
 
 
@@ -690,8 +724,11 @@ class FuseAttention:
 
         result = PassResult(self.name)
         for node in list(gm.graph.nodes):
-            if not is_op(node, aten._softmax.default, aten._safe_softmax.default) or node.graph is not gm.graph:
+            if not is_op(node, aten._softmax.default, aten._safe_softmax.default, aten.sigmoid.default) or \
+                    node.graph is not gm.graph:
                 continue
+            if is_op(node, aten.sigmoid.default) and not sigmoid_candidate(node):
+                continue  # a gate or an activation, not attention's normaliser (attention_variants.py)
             source, code = source_of(node)
             try:
                 site = _recognise(node, gm)

@@ -136,10 +136,13 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
     """
     # delta = rowsum(dO * O) stands for rowsum(dP * P): with O rounded to bf16 its error is the
     # same for every key of a row and adds up coherently in dq and dk, so O is kept in float32.
-    out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed, config=config)
     b, h, lq, d = q.shape
     hkv, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
+    if spec.normalizer == "sigmoid":  # no row statistics: the kernels recompute p = sigmoid(s) alone
+        stats = delta = torch.empty(0, dtype=torch.float32, device=q.device)
+    else:
+        out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed, config=config)
+        delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
     dq = torch.empty((b, h, lq, d), dtype=torch.float32, device=q.device)
     dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
@@ -163,6 +166,11 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
     per_score = {n: torch.zeros((b, h, lq, lk), dtype=torch.float32, device=q.device)
                  for steps, want in ((adds, want_bias), (factors, want_factor)) if want for n, _ in steps}
     flags = dict(**({"BIAS_GRAD": want_bias} if adds else {}), **({"FACTOR_GRAD": want_factor} if factors else {}))
+    want_sink = spec.sinks >= 0 and extra_grads[spec.sinks]
+    # Each query row's sink gradient (the dq kernel writes it); dq stands in when none is wanted.
+    dsink = torch.zeros((b * h, lq), dtype=torch.float32, device=q.device) if want_sink else dq
+    if spec.sinks >= 0:
+        flags["SINK_GRAD"] = want_sink
     on_gpu = q.is_cuda
 
     def run_dkdv(c: LaunchConfig) -> None:
@@ -171,7 +179,8 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
 
     def run_dq(c: LaunchConfig) -> None:
         kernels["backward_dq"][(triton.cdiv(lq, c.BLOCK_M), b * h)](
-            *common(c), dq, *(per_score.get(n, dq) for n, _ in adds + factors), ROUND=False, **flags,
+            *common(c), dq, *(per_score.get(n, dq) for n, _ in adds + factors), *([dsink] if spec.sinks >= 0 else []),
+            ROUND=False, **flags,
             **_grid_meta(c, d, dv_dim, on_gpu))
 
     if q.numel() and k.numel():
@@ -187,5 +196,9 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
             shape4 = (1,) * (4 - extras[i].dim()) + tuple(extras[i].shape)
             d = per_score[n].sum_to_size(shape4).reshape(extras[i].shape)
             d_extras[i] = d if d_extras[i] is None else d_extras[i] + d
+    if want_sink:  # per row, summed over the dims the sink column broadcasts along
+        e = extras[spec.sinks]
+        shape4 = (1,) * (4 - e.dim()) + tuple(e.shape)
+        d_extras[spec.sinks] = dsink.view(b, h, lq, 1).sum_to_size(shape4).reshape(e.shape)
     return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
             *(d if d is None else d.to(e.dtype) for d, e in zip(d_extras, extras))]

@@ -87,7 +87,7 @@ def _attention_pointers(fn, spec, dtype: str) -> dict:
     for name in fn.arg_names:
         if name in ("Q", "K", "V", "O", "DO"):
             types[name] = _PTR[dtype]
-        elif name in ("STATS", "DELTA", "DK", "DV_OUT", "DQ") or re.fullmatch(r"D[BF]\d+", name):
+        elif name in ("STATS", "DELTA", "DK", "DV_OUT", "DQ", "DSINK") or re.fullmatch(r"D[BF]\d+", name):
             types[name] = "*fp32"
         elif re.fullmatch(r"E\d+", name):
             kind = spec.inputs[int(name[1:])]
@@ -169,7 +169,7 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
                     types["O"] = "*fp32"  # the ranges' unnormalised float32 accumulators
             for config in (tried[::-1] if last_first else tried):
                 constants = {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N, "ROUND": function.startswith("forward"),
-                             "DOT_F32": False, "BIAS_GRAD": True, "FACTOR_GRAD": True}
+                             "DOT_F32": False, "BIAS_GRAD": True, "FACTOR_GRAD": True, "SINK_GRAD": True}
                 if not norm:
                     constants.update(BLOCK_D=max(16, 1 << (sizes["d"] - 1).bit_length()),
                                      BLOCK_DV=max(16, 1 << (sizes["dv"] - 1).bit_length()),
