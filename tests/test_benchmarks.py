@@ -109,6 +109,21 @@ def test_bench_loss_smallest(tmp_path):
     assert payload["source"]["commit"]
 
 
+def test_bench_linear_attention_smallest(tmp_path):
+    out = tmp_path / "linear_attention.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_linear_attention.py"), "--threads", "1", "--lengths", "96",
+                           "--heads", "1", "--head-dim", "8", "--impls", "eager,fxfuse", "--repeat", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 4 and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        assert r["ms"] > 0 and r["peak_mib"] is not None, r
+        if r["impl"] == "fxfuse":
+            assert r["max_abs_diff_vs_eager"] < 1e-5, r  # the linear-time form computes what eager does
+
+
 def test_bench_decode_smallest(tmp_path):
     """generate() with the dynamic cache and a varying-length training loop, through the backend
     without Inductor (its compiles take minutes here): tokens equal eager's, attention fused in

@@ -64,8 +64,10 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.linear_cross_entropy import FuseLinearCrossEntropy
     from fxfuse.passes.gated_mlp import FuseGatedMLP
     from fxfuse.passes.dyt import FuseDyT
+    from fxfuse.passes.linear_attention import FuseLinearAttention
 
-    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseRope, FuseNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT)
+    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseRope, FuseNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT,
+              FuseLinearAttention)
     return {cls.name: cls for cls in passes}
 
 
