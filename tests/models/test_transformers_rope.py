@@ -55,9 +55,8 @@ def test_every_layer_rotation_is_fused_and_equals_eager(attn, cpu_path):
     res = fxfuse.rewrite(model, (ids,), passes=WITH)
     assert not _rope(before) and len(_rope(res)) == LAYERS, res.report()
     assert all(m.spec.rope_q == m.spec.rope_k == "half" for m in _rope(res)), res.report()
-    # eager: k read in place per kv head; SDPA (claimed with repeat_kv's copy): the copy of the
-    # unrotated k, rotated in the operator's loads
-    assert all(m.spec.kv_groups == (2 if attn == "eager" else 1) for m in _rope(res)), res.report()
+    # k read in place per kv head (repeat_kv's copy is not read), rotated in the operator's loads
+    assert all(m.spec.kv_groups == 2 for m in _rope(res)), res.report()
     assert not [m for m in res.misses if m.kind == "rope"], res.report()
     # rotate_half's cat and neg for q and k of every layer are gone (the rotary embedding's own cat stays)
     cats = [r.graph.code.count("aten.cat.default") for r in (before, res)]
