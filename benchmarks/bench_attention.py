@@ -1,5 +1,5 @@
 """Benchmark of fused attention: causal, sliding-window, padding-mask, ALiBi, softcap, relative-bias,
-GQA, decoding, attention sinks (gpt-oss), sigmoid attention and SSMax's per-row temperature.
+GQA, decoding, attention sinks (gpt-oss), sigmoid attention, SSMax's per-row temperature and RoPE.
 
 Each variant is written naively (``q @ k.transpose(-2, -1) * scale``, masks, softmax, ``@ v``) as a
 small module and run by: eager (the module as written), torch.compile (Inductor) of the same module,
@@ -189,6 +189,32 @@ class Decode(Causal):  # one new token attending to the whole KV cache (Lq = 1):
         return None, None
 
 
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rope(Causal):  # Llama: RoPE on q and k (rotate_half, cos/sin tables), then causal attention
+    @staticmethod
+    def tables(q):  # Llama's rotary embedding: base 10000, the frequencies repeated for both halves
+        d, length = q.size(-1), q.size(-2)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, device=q.device, dtype=torch.float32) / d)
+        emb = torch.outer(torch.arange(length, device=q.device, dtype=torch.float32), inv_freq).repeat(1, 2)
+        return emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+
+    def rotate(self, q, k):
+        cos, sin = self.tables(q)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def forward(self, q, k, v):
+        return super().forward(*self.rotate(q, k), v)
+
+    def sdpa(self, q, k, v):  # the rotation as written, then one SDPA call
+        return F.scaled_dot_product_attention(*self.rotate(q, k), v, is_causal=True)
+
+    flex = None  # a score_mod cannot rotate q and k: FlexAttention would take rotated copies, like SDPA
+
+
 class Sinks(Causal):  # gpt-oss: causal, a learned logit per head joined to the scores, dropped after the softmax
     def __init__(self, heads):
         super().__init__()
@@ -235,7 +261,8 @@ class SSMax(Causal):  # SSMax: causal, each query's scores times log(n), n = i +
 
 VARIANTS = {"causal": Causal, "sliding_window": SlidingWindow, "padding_mask": PaddingMask, "alibi": Alibi,
             "softcap": Softcap, "relative_bias": RelativeBias, "gqa": GroupedQuery, "decode": Decode,
-            "sinks": Sinks, "sigmoid": Sigmoid, "ssmax": SSMax}
+            "sinks": Sinks, "sigmoid": Sigmoid, "ssmax": SSMax,
+            "rope": Rope}
 
 
 def make_variant(name, heads):
@@ -299,7 +326,8 @@ def flex_module(base, inputs, device):
 
 
 def fxfuse_verdict(res) -> tuple[bool, str]:
-    matches = [m for m in res.matches if m.kind == "attention"]
+    # a RoPE match describes the whole site (the attention spec with its rotations)
+    matches = [m for m in res.matches if m.kind == "rope"] or [m for m in res.matches if m.kind == "attention"]
     if matches:
         return True, "fused: " + "; ".join(m.describe() for m in matches)
     misses = [m for m in res.misses if m.kind == "attention"]

@@ -37,6 +37,7 @@ import fxfuse.ops  # noqa: F401
 from fxfuse import config
 from fxfuse.capture import saved_tensors_hooks_deferred
 from fxfuse.ops import attention as attention_op
+from fxfuse.ops import attention_rope as rope_op
 from fxfuse.ops import norm as norm_op
 
 _fx = torch.ops.fxfuse
@@ -84,6 +85,22 @@ def _normalized(s, x, params):
     return torch.layer_norm(x, (x.shape[-1],), *affine, s.eps)
 
 
+def _attention_rope_form(q, k, v, extras, tables, spec, seed=None, merge_heads=False, *, grads=(), qkv_grad=False):
+    """RoPE, then the attention form: Inductor fuses the rotation into one pointwise loop per operand."""
+    s = attention_op._spec(spec)
+    inner = _attention_form(q, k, v, extras, rope_op.without_rope(s).to_json(), seed, merge_heads, grads=grads,
+                            qkv_grad=qkv_grad)
+    if inner is None:
+        return None
+    n = len(extras)
+
+    def form(q, k, v, *rest):
+        qr, kr = rope_op.rotated_operands(s, q, k, list(rest[n:]))
+        return inner(qr, kr, v, *rest[:n])
+
+    return form
+
+
 def _norm_form(x, params, spec):
     s = norm_op._spec(spec)
     return lambda x, *params: _normalized(s, x, list(params))
@@ -102,6 +119,8 @@ def _add_norm_form(x, residual, params, spec):
 # operator -> (the form for these arguments or None, the tensor arguments it takes, in order)
 _FORMS = {
     _fx.attention.default: (_attention_form, lambda q, k, v, extras, *rest, **kw: [q, k, v, *extras]),
+    _fx.attention_rope.default: (_attention_rope_form,
+                                 lambda q, k, v, extras, tables, *rest, **kw: [q, k, v, *extras, *tables]),
     _fx.norm.default: (_norm_form, lambda x, params, spec: [x, *params]),
     _fx.add_norm.default: (_add_norm_form, lambda x, residual, params, spec: [x, residual, *params]),
 }
@@ -139,7 +158,7 @@ def lower_cpu_sites(gm: torch.fx.GraphModule, example_inputs=()) -> int:
         inputs = tensor_args(*fakes, **_fake(node.kwargs))
         if inputs[0].device.type != "cpu":
             continue
-        if node.target is _fx.attention.default:
+        if node.target in (_fx.attention.default, _fx.attention_rope.default):
             grads = [a in needing_grad for a in node.args[3]]
             qkv_grad = any(a in needing_grad for a in node.args[:3])
             form = choose(*fakes, **_fake(node.kwargs), grads=grads, qkv_grad=qkv_grad)

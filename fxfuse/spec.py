@@ -47,13 +47,15 @@ class Step:
     """One operation applied to the normalized row after normalization, in program order.
 
     ``op`` is ``"cast"`` (round to ``dtype``), ``"mul"`` or ``"add"`` (with ``params[param]``,
-    broadcast along the normalized dimension); ``dtype`` is the result's dtype, as type promotion
+    broadcast along the normalized dimension), or ``"scale"``: times the constant ``value`` (LayerNorm
+    Scaling's 1/sqrt(layer) after the weight); ``dtype`` is the result's dtype, as type promotion
     gave it in the user's graph.
     """
 
     op: str
     dtype: str
     param: int = -1
+    value: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,9 @@ class NormSpec:
             del raw["statistic"]
         if raw["scale"] == 1.0:  # likewise
             del raw["scale"]
+        for step in raw["steps"]:
+            if step["op"] != "scale":  # likewise
+                del step["value"]
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
@@ -132,6 +137,9 @@ class NormSpec:
         for step in self.steps:
             if step.op == "cast":
                 parts.append(f"cast {_SHORT[step.dtype]}")
+                continue
+            if step.op == "scale":
+                parts.append(f"* {step.value:g}")
                 continue
             prep = self.params[step.param]
             name = "weight" if step.op == "mul" else "bias"

@@ -78,6 +78,11 @@ class AttentionSpec:
     safe_softmax:  the softmax is ``aten._safe_softmax`` (SDPA's math decomposition, Inductor's
                    patterns 29/30): a query row whose every score is -inf gives probabilities 0
                    (so output 0 and gradients 0) where a plain softmax gives NaN.
+    rope_q/rope_k: rotary position embedding applied to q (k) as the operator loads it, "" for none:
+                   "half" is ``x * cos + rotate_half(x) * sin`` with rotate_half = cat(-x2, x1) of
+                   the halves of the head dim, "interleaved" the same rotation on pairs (2j, 2j+1)
+                   (complex multiplication, ``view_as_complex``); cos and sin are (1|B, L, D) tables
+                   given to ``fxfuse.attention_rope`` (see fxfuse.ops.attention_rope).
     """
 
     score_dtype: str
@@ -87,6 +92,8 @@ class AttentionSpec:
     kv_groups: int = 1
     dropout: float = 0.0
     safe_softmax: bool = False
+    rope_q: str = ""
+    rope_k: str = ""
     sinks: int = -1
     normalizer: str = "softmax"
 
@@ -132,6 +139,9 @@ class AttentionSpec:
             del raw["dropout"]
         if not self.safe_softmax:  # likewise: only safe-softmax sites name it
             del raw["safe_softmax"]
+        for field in ("rope_q", "rope_k"):  # likewise: only RoPE sites name them
+            if not raw[field]:
+                del raw[field]
         if self.sinks < 0:  # likewise (new fields stay out of the JSON at their defaults: same spec, same bytes)
             del raw["sinks"]
         if self.normalizer == "softmax":
@@ -193,5 +203,8 @@ class AttentionSpec:
             parts.append("safe softmax (fully masked rows give 0)")
         if self.dropout:
             parts.append(f"dropout {self.dropout:g}")
+        rotated = [f"{name} ({style})" for name, style in (("q", self.rope_q), ("k", self.rope_k)) if style]
+        if rotated:
+            parts.append("RoPE on " + " and ".join(rotated))
         parts.append(f"-> {_SHORT[self.out_dtype]}")
         return "attention: " + ", ".join(parts)

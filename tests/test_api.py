@@ -223,7 +223,8 @@ def test_tiny_llama_matches_eager_and_trains():
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 64, (2, 7))
     res = fxfuse.rewrite(model, (ids,), example_kwargs={"labels": ids})
-    assert [m.kind for m in res.matches] == ["attention"] * 2 + ["rms_norm"] * 5  # 2 per layer and the final norm
+    # 2 per layer and the final norm; fuse-rope takes each layer's rotations into its attention
+    assert [m.kind for m in res.matches] == ["attention"] * 2 + ["rope"] * 2 + ["rms_norm"] * 5
     got, want = res.module(ids, labels=ids), ref(ids, labels=ids)
     assert type(got) is type(want) and list(got.keys()) == list(want.keys()) == ["loss", "logits"]
     _assert_same(got.logits, want.logits)

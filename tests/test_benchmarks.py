@@ -48,7 +48,7 @@ def test_bench_attention_smallest(tmp_path):
                "speedup_vs_inductor", "speedup_vs_sdpa", "speedup_vs_flex", "fused", "max_abs_diff_vs_eager", "note"}
     assert columns <= set(rows[0])
     variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias", "gqa", "decode",
-                "sinks", "sigmoid", "ssmax")
+                "sinks", "sigmoid", "ssmax", "rope")
     by_key = {(r["variant"], r["mode"], r["impl"]): r for r in rows}
     assert set(by_key) == {(v, m, i) for v in variants for m in ("fwd", "fwd+bwd")
                            for i in ("eager", "inductor", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "fxfuse")}
@@ -63,6 +63,7 @@ def test_bench_attention_smallest(tmp_path):
             for impl in ("inductor", "flex", "sdpa_flash", "sdpa_cudnn"):
                 assert by_key[v, m, impl]["ms"] == "" and by_key[v, m, impl]["note"].startswith("skipped"), v
     assert by_key["causal", "fwd", "fxfuse"]["fused"] == "True"
+    assert "RoPE on q (half) and k (half)" in by_key["rope", "fwd+bwd", "fxfuse"]["note"]  # fused with the site
     assert by_key["softcap", "fwd", "sdpa"]["note"].startswith("SDPA cannot express")
     assert "not measured on CPU" in payload["peak_memory"]
     assert payload["source"]["commit"]  # the numbers say which checkout made them
@@ -106,6 +107,21 @@ def test_bench_loss_smallest(tmp_path):
         assert by_key[mode, "liger"]["note"].startswith("skipped") or by_key[mode, "liger"]["ms"], by_key[mode, "liger"]
     assert float(by_key["fwd+bwd", "fxfuse"]["grad_w_max_diff_vs_eager"]) < 1e-2
     assert payload["source"]["commit"]
+
+
+def test_bench_linear_attention_smallest(tmp_path):
+    out = tmp_path / "linear_attention.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_linear_attention.py"), "--threads", "1", "--lengths", "96",
+                           "--heads", "1", "--head-dim", "8", "--impls", "eager,fxfuse", "--repeat", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 4 and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        assert r["ms"] > 0 and r["peak_mib"] is not None, r
+        if r["impl"] == "fxfuse":
+            assert r["max_abs_diff_vs_eager"] < 1e-5, r  # the linear-time form computes what eager does
 
 
 def test_bench_decode_smallest(tmp_path):

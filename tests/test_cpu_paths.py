@@ -107,3 +107,20 @@ def test_a_layer_norm_site_runs_atens_layer_norm_on_cpu():
         assert torch.equal(g, w)
     with torch.no_grad():  # the operator's own CPU path too
         assert torch.equal(torch.ops.fxfuse.norm(x, [model.weight, model.bias], res.matches[0].spec.to_json()), model(x))
+
+
+def test_fused_cpu_backward_on_keys_stored_transposed():
+    """Keys laid out (B, H, D, L) and read transposed: ATen's fused CPU backward gives wrong
+    gradients on such strides, so the operator hands it contiguous operands."""
+    from fxfuse.spec_attention import AttentionSpec, ScoreStep
+
+    spec = AttentionSpec("float32", (ScoreStep("div", "float32", value=4.0),)).to_json()
+    g = torch.Generator().manual_seed(0)
+    q, v = (torch.randn(2, 2, 5, 16, generator=g, requires_grad=True) for _ in range(2))
+    k_dl = torch.randn(2, 2, 16, 5, generator=g, requires_grad=True)
+    got = torch.autograd.grad(torch.ops.fxfuse.attention(q, k_dl.transpose(2, 3), v, [], spec).sum(), (q, k_dl, v))
+    args64 = [t.detach().double().requires_grad_() for t in (q, k_dl, v)]
+    eager = torch.autograd.grad((((q @ k_dl) / 4).softmax(-1) @ v).sum(), (q, k_dl, v))
+    out64 = (((args64[0] @ args64[1]) / 4).softmax(-1) @ args64[2]).sum()
+    for a, e, r in zip(got, eager, torch.autograd.grad(out64, args64)):
+        assert_close_to_reference(a, e, r, "gradient")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from fxfuse.codegen.attention_backward import backward_source, dropped
 from fxfuse.codegen.attention_index import prologue
+from fxfuse.codegen.attention_rope import helpers as rope_helpers, rope_args, rope_strides, rotate_kt, rotate_q
 from fxfuse.codegen.attention_steps import (exp, key_range, lit, longest_first, sigmoid, sink_load, steps, tile_args,
                                             tile_loops)
 from fxfuse.codegen.kernel import Kernel, kernel_name
@@ -76,7 +77,7 @@ def _forward_tile(spec: AttentionSpec, plan: AttentionPlan, masked: bool) -> str
     lines = [
         *(["in_bounds = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)"] if masked else []),
         "k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,",
-        f"            mask={k_mask}, other=0.0)",
+        f"            mask={k_mask}, other=0.0)", *rotate_kt(spec, "k"),
         "if DOT_F32:", "    k = k.to(tl.float32)",
         f"s = tl.dot(q, k{precision})", *steps(plan, masked=masked), *softmax,
         "v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
@@ -89,8 +90,10 @@ def _forward_tile(spec: AttentionSpec, plan: AttentionPlan, masked: bool) -> str
 
 def _source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     extras = "".join(f"E{i}, " for i in range(len(plan.inputs))) + tile_args(plan, False) + \
-        ("SEED, " if spec.dropout else "")
-    extra_strides = "".join(f"se{i}_b, se{i}_h, se{i}_m, se{i}_n, " for i in range(len(plan.inputs)))
+        ("SEED, " if spec.dropout else "") + rope_args(spec)
+    extra_strides = "".join(f"se{i}_b, se{i}_h, se{i}_m, se{i}_n, " for i in range(len(plan.inputs))) + \
+        rope_strides(spec)
+    rope = "".join("\n    " + line for line in rotate_q(spec))
     loops = tile_loops(plan, "n", *key_range(plan), lambda masked: _forward_tile(spec, plan, masked))
     seed = "\n    seed = tl.load(SEED)" if spec.dropout else ""
     pid_m = ("tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first: they visit the most key tiles"
@@ -123,7 +126,7 @@ def _source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
 # {spec.describe()}
 # spec: {spec.to_json()}
 import triton
-import triton.language as tl{_dropout_helpers(spec)}
+import triton.language as tl{_dropout_helpers(spec)}{rope_helpers(spec)}
 
 
 @triton.jit
@@ -143,7 +146,7 @@ def {name}_forward({("Q, K, V, O, STATS, " + extras).rstrip()}
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
+                mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0){rope}
     if DOT_F32:  # Triton's interpreter multiplies 16-bit tiles wrongly; float32 holds their values exactly
         q = q.to(tl.float32)
 {row_stats}    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32){seed}{_head_loads(plan)}{start}

@@ -5,6 +5,7 @@ saved, and split their loops into masked and full tiles as the forward does."""
 from __future__ import annotations
 
 from fxfuse.codegen.attention_index import prologue
+from fxfuse.codegen.attention_rope import rope_args, rope_strides, rotate_kt, rotate_q, unrotate
 from fxfuse.codegen.attention_steps import (LOG2E, exp, grad_steps, key_range, lit, longest_first, query_range,
                                             sigmoid, sink_load, steps, tile_args, tile_loops)
 from fxfuse.lowering.attention import AttentionPlan
@@ -23,7 +24,7 @@ def _load_q(spec: AttentionSpec, plan: AttentionPlan, masked: bool) -> list[str]
     row = ", mask=offs_m < LQ" if masked else ""
     lines = [
         "q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
-        f"            mask={both('offs_d[None, :] < D')}, other=0.0)",
+        f"            mask={both('offs_d[None, :] < D')}, other=0.0)", *rotate_q(spec),
         "do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,",
         f"             mask={both('offs_dv[None, :] < DV')}, other=0.0)"]
     if plan.sigmoid:  # p = sigmoid(s) needs no row statistics
@@ -42,13 +43,13 @@ def _load_q(spec: AttentionSpec, plan: AttentionPlan, masked: bool) -> list[str]
     return lines + ["if DOT_F32:", "    q = q.to(tl.float32)", "    do = do.to(tl.float32)"]
 
 
-def _load_kv(masked: bool) -> list[str]:
+def _load_kv(spec: AttentionSpec, masked: bool) -> list[str]:
     k_mask, v_mask = "offs_d[:, None] < D", "offs_dv[None, :] < DV"
     if masked:
         k_mask, v_mask = f"(offs_n[None, :] < LK) & ({k_mask})", f"(offs_n[:, None] < LK) & ({v_mask})"
     return [
         "kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,",
-        f"             mask={k_mask}, other=0.0)",
+        f"             mask={k_mask}, other=0.0)", *rotate_kt(spec, "kT"),
         "vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
         f"             mask={v_mask}, other=0.0)",
         "if DOT_F32:", "    kT = kT.to(tl.float32)", "    vt = vt.to(tl.float32)"]
@@ -58,12 +59,17 @@ def _at(lines: list[str], n: int) -> str:
     return "\n".join(" " * n + line for line in lines)
 
 
+def _at_lines(lines: list[str]) -> str:
+    return "".join("\n    " + line for line in lines)
+
+
 def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     """Two kernels recomputing the probabilities from the saved row statistics: dK/dV per key
     tile, dQ per query tile. dk and dv are per query head; the launcher sums a kv head's group."""
     extras = "".join(f"E{i}, " for i in range(len(plan.inputs))) + tile_args(plan, True) + \
-        ("SEED, " if spec.dropout else "")
-    extra_strides = "".join(f"se{i}_b, se{i}_h, se{i}_m, se{i}_n, " for i in range(len(plan.inputs)))
+        ("SEED, " if spec.dropout else "") + rope_args(spec)
+    extra_strides = "".join(f"se{i}_b, se{i}_h, se{i}_m, se{i}_n, " for i in range(len(plan.inputs))) + \
+        rope_strides(spec)
     precision = ', input_precision="ieee"' if plan.fp32_dot else ""
     # With dropout, dO @ v^T is the gradient of the dropped probabilities: masked and rescaled, it
     # is that of the softmax's (delta = rowsum(dO * O) with the dropped O is then rowsum(dP * P)).
@@ -88,7 +94,7 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
                     f"dv += tl.dot(tl.trans(p_v), do{precision})", f"dk += tl.dot(tl.trans(ds_q), q{precision})"], 8)
 
     def dq_tile(masked: bool) -> str:
-        return _at([*_load_kv(masked), *scores_grad(True, masked), "ds_k = ds.to(K.dtype.element_ty)",
+        return _at([*_load_kv(spec, masked), *scores_grad(True, masked), "ds_k = ds.to(K.dtype.element_ty)",
                     "if DOT_F32:", "    ds_k = ds_k.to(tl.float32)",
                     f"dq += tl.dot(ds_k, tl.trans(kT){precision})"], 8)
 
@@ -129,10 +135,10 @@ def {name}_backward_dkdv({args}, DK, DV_OUT, {consts}):
 {head}
     pid_n = tl.program_id(0)  # under a causal rule the first key tiles see the most queries: they start first
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-{_at(_load_kv(True), 4)}
+{_at(_load_kv(spec, True), 4)}
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-{tile_loops(plan, "m", *query_range(plan), dkdv_tile)}
+{tile_loops(plan, "m", *query_range(plan), dkdv_tile)}{_at_lines(unrotate(spec, "k", "dk"))}
     rows = (pid_bh * LK + offs_n)[:, None]
     tl.store(DK + rows * D + offs_d[None, :], dk, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D))
     tl.store(DV_OUT + rows * DV + offs_dv[None, :], dv, mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV))
@@ -145,7 +151,7 @@ def {name}_backward_dq({args}, DQ, {bias_args}{consts}):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 {_at(_load_q(spec, plan, True), 4)}{sink_grad}
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-{tile_loops(plan, "n", *key_range(plan), dq_tile)}
+{tile_loops(plan, "n", *key_range(plan), dq_tile)}{_at_lines(unrotate(spec, "q", "dq"))}
     rows = (pid_bh * LQ + offs_m)[:, None]
     tl.store(DQ + rows * D + offs_d[None, :], dq, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D))
 '''

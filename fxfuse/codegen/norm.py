@@ -54,8 +54,9 @@ def _steps_forward(plan: NormPlan) -> list[str]:
     lines = [f"v0 = {_round('n', plan.norm_round)}"]
     if plan.scale != 1.0:
         lines.append(f"v0 = {_round(f'v0 * {plan.scale!r}', plan.norm_round)}")
-    for k, (op, param, rounding) in enumerate(plan.steps):
-        expr = f"v{k}" if op == "cast" else f"v{k} {'*' if op == 'mul' else '+'} p{param}"
+    for k, (op, param, rounding, value) in enumerate(plan.steps):
+        expr = f"v{k}" if op == "cast" else f"v{k} * {value!r}" if op == "scale" else \
+            f"v{k} {'*' if op == 'mul' else '+'} p{param}"
         lines.append(f"v{k + 1} = {_round(expr, rounding)}")
     return lines
 
@@ -78,11 +79,13 @@ def _source(name: str, spec: NormSpec, plan: NormPlan) -> str:
     bwd_in = [f"x = {_round('x', plan.input_round)}"] if plan.input_round else []
     bwd_steps = []
     for k in reversed(range(len(plan.steps))):
-        op, param, _ = plan.steps[k]
+        op, param, _, value = plan.steps[k]
         if op == "mul":
             bwd_steps += [f"dp{param} += g * v{k}", f"g = g * p{param}"]
         elif op == "add":
             bwd_steps.append(f"dp{param} += g")
+        elif op == "scale":
+            bwd_steps.append(f"g = g * {value!r}")
     if plan.scale != 1.0:
         bwd_steps.append(f"g = g * {plan.scale!r}")
     if plan.inverse == "max_l2":

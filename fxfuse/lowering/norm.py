@@ -27,7 +27,7 @@ class NormPlan:
     sum_round: str | None  # the residual sum is rounded to this dtype before normalization
     norm_round: str | None
     params: tuple[tuple[str | None, float], ...]  # (rounding dtype, offset) per parameter
-    steps: tuple[tuple[str, int, str | None], ...]  # (op, param index, rounding dtype)
+    steps: tuple[tuple[str, int, str | None, float], ...]  # (op, param index, rounding dtype, scale constant)
     residual: bool
     input_round: str | None = None  # the input (after any residual sum) is rounded to this dtype first
     inverse: str = "rsqrt"  # "max_l2": x / max(||x||, eps) (F.normalize) instead of the mean-of-squares forms
@@ -48,7 +48,7 @@ def lower_norm(spec: NormSpec) -> NormPlan:
         sum_round=rounding(spec.sum_dtype),
         norm_round=rounding(spec.norm_dtype),
         params=tuple((rounding(p.dtype), p.offset) for p in spec.params),
-        steps=tuple((s.op, s.param, rounding(s.dtype)) for s in spec.steps),
+        steps=tuple((s.op, s.param, rounding(s.dtype), s.value) for s in spec.steps),
         residual=spec.residual,
         input_round=rounding(spec.compute_dtype),
         inverse="max_l2" if spec.inverse == "max_l2" else "rsqrt",

@@ -416,7 +416,11 @@ def cpu_forward(s: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[
     if form is not None and autograd and torch.is_grad_enabled() and not _every_row_sees_a_key(form, q, k):
         form = None
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
-    if form is not None:
+    if form is not None and autograd and torch.is_grad_enabled():
+        # Contiguous operands for the fused CPU backward autograd will run: on strided keys it
+        # gives wrong gradients (see _sdpa_backward); contiguous() is differentiable.
+        out = _sdpa(s, form, q.contiguous(), k.contiguous(), v.contiguous(), extras)
+    elif form is not None:
         out = _sdpa(s, form, q, k, v, extras)
     elif autograd and torch.is_grad_enabled():  # attention_cpu's paths are forward-only: the reference
         out = reference(s, q, k, v, extras, keep)
@@ -462,7 +466,9 @@ def _sdpa_backward(spec: AttentionSpec, grad_out, q, k, v, extras, wanted) -> li
         return None
     scale, step = form
     causal = step is not None
-    kh, vh = _heads(k, spec), _heads(v, spec)
+    # Contiguous operands: on a k whose last dim is not its densest (a reshape then transpose of
+    # keys laid out (D, L)) the fused CPU backward gives wrong gradients (its forward is right).
+    q, kh, vh = (t.contiguous() for t in (q, _heads(k, spec), _heads(v, spec)))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kh, vh, 0.0, causal, scale=scale)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out.to(out.dtype), q, kh, vh, out, lse, 0.0, causal, scale=scale)

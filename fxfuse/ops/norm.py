@@ -74,6 +74,9 @@ def _steps(spec: NormSpec, v: Tensor, params: list[Tensor]) -> Tensor:
         if step.op == "cast":
             v = v.to(to_dtype(step.dtype))
             continue
+        if step.op == "scale":  # a Python scalar times v, as the user's code: in v's dtype (its opmath)
+            v = (v * step.value).to(to_dtype(step.dtype))
+            continue
         p = _prepared(params[step.param], spec.params[step.param])
         v = (v * p if step.op == "mul" else v + p).to(to_dtype(step.dtype))
     return v
@@ -96,7 +99,9 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
     values = [(n.to(to_dtype(spec.norm_dtype)).to(acc) * spec.scale).to(to_dtype(spec.norm_dtype)).to(acc)]
     for step in spec.steps:
         v = values[-1]
-        if step.op != "cast":
+        if step.op == "scale":
+            v = v * step.value
+        elif step.op != "cast":
             v = v * preps[step.param] if step.op == "mul" else v + preps[step.param]
         values.append(v.to(to_dtype(step.dtype)).to(acc))
     g = grad_y.to(acc).reshape(-1, x.shape[-1])
@@ -113,6 +118,8 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
             g = g * preps[step.param]
         elif step.op == "add":
             d_params[step.param] += g.sum(rows)
+        elif step.op == "scale":
+            g = g * step.value
     g = g * spec.scale
     inner = (g * n).mean(-1, keepdim=True)
     if spec.inverse == "max_l2":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import sympy
 import torch
 from torch.fx import Node
 
@@ -109,10 +110,7 @@ def source_operand(operand: Node, lead: tuple[int, int], transposed: bool, group
     b, h = lead
     n, rows, cols = shape(operand)
     l, d = (cols, rows) if transposed else (rows, cols)
-    chain, node = [], operand
-    while is_op(node, *LAYOUT) and isinstance(node.args[0], Node):
-        chain.insert(0, node)
-        node = node.args[0]
+    node, chain = _layout_chain_through_full_slices(operand)
     candidates = [node] + [c for c in chain[:-1]]  # the farthest first: it saves the most copies
     if not isinstance(h, int):
         return None  # the head count is a symbol: no grouping is proved
@@ -137,6 +135,62 @@ def source_operand(operand: Node, lead: tuple[int, int], transposed: bool, group
             if torch.equal(idx, want.transpose(1, 2) if transposed else want):
                 return root, list(perm), h // hkv
     return None
+
+
+def _full_slice(node: Node) -> bool:
+    """``x[:, :]``-style ``aten.slice`` that keeps every element (transformers' repeat_kv indexes
+    ``hidden[:, :, None, :, :]``): the identity."""
+    if not is_op(node, aten.slice.Tensor) or not isinstance(node.args[0], Node):
+        return False
+    start = node.args[2] if len(node.args) > 2 else 0
+    step = node.args[4] if len(node.args) > 4 else 1
+    a, b = shape(node), shape(node.args[0])
+    return start in (0, None) and step == 1 and a is not None and b is not None and len(a) == len(b) and \
+        all(same(x, y) for x, y in zip(a, b))
+
+
+def _layout_chain_through_full_slices(node: Node) -> tuple[Node, list[Node]]:
+    chain = []
+    while isinstance(node, Node) and node.args and isinstance(node.args[0], Node) and \
+            (is_op(node, *LAYOUT) or _full_slice(node)):
+        if not _full_slice(node):
+            chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+def repeated_heads(operand: Node, h: int) -> tuple[Node, int] | None:
+    """(R, groups) when the 4-d (B, H, L, D) ``operand`` is R (B, H/groups, L, D) with each head
+    repeated ``groups`` times in a row (transformers' ``repeat_kv``: expand + reshape, or
+    ``repeat_interleave`` on the heads), read through a chain of layout ops; None otherwise. R is
+    the farthest 4-d tensor along the chain that proves it (the keys' RoPE output, the values'
+    transposed projection). The replay of the rest of the chain is the proof: on index tensors at
+    static sizes, on symbolic layouts otherwise."""
+    os_ = shape(operand)
+    if os_ is None or len(os_) != 4 or not isinstance(h, int):
+        return None
+    root, chain = _layout_chain_through_full_slices(operand)
+    for i, start in enumerate([root] + chain[:-1]):
+        found = _repeats(start, chain[i:], os_, h)
+        if found:
+            return start, found
+    return None
+
+
+def _repeats(root: Node, chain: list[Node], os_: tuple, h: int) -> int | None:
+    rs = shape(root)
+    if rs is None or len(rs) != 4 or not isinstance(rs[1], int) or rs[1] == h or h % rs[1] or \
+            not all(same(a, b) for a, b in zip((rs[0], rs[2], rs[3]), (os_[0], os_[2], os_[3]))):
+        return None
+    hkv, groups = rs[1], h // rs[1]
+    if is_static(rs) and is_static(os_):
+        idx = _replay(chain, rs)
+        want = torch.arange(math.prod(rs)).reshape(rs).unsqueeze(2).expand(rs[0], hkv, groups, *rs[2:]).reshape(os_)
+        return groups if idx is not None and tuple(idx.shape) == tuple(os_) and torch.equal(idx, want) else None
+    got = layout_symbolic.replay(chain, rs)
+    b, heads, l, d = layout_symbolic.row_major(rs)
+    want = [b, heads + [(sympy.Integer(groups), sympy.Integer(0))], l, d]
+    return groups if got is not None and layout_symbolic.same_layout(got, want) else None
 
 
 def _symbolic_source(chain: list[Node], rs: tuple, sizes: tuple, transposed: bool, grouped: bool):
@@ -229,9 +283,14 @@ def causal_window(mask: torch.Tensor, lq: int, lk: int) -> int | None:
 
     if not isinstance(lq, int) or not isinstance(lk, int):
         return None  # a symbolic length: one mask's values prove nothing about another length's
-    if mask.dtype != torch.bool or any(n != 1 for n in mask.shape[:-2]):
+    if mask.dtype != torch.bool or mask.dim() < 2:
         return None
-    hidden = mask.reshape(mask.shape[-2:]).expand(lq, lk)
+    # One (Lq, Lk) pattern for every batch and head: Hugging Face's mask builders expand theirs
+    # over the batch (B, 1, L, L) even when no padding makes the rows differ.
+    slices = mask.reshape(-1, *mask.shape[-2:])
+    if not bool((slices == slices[:1]).all()):
+        return None
+    hidden = slices[0].expand(lq, lk)
     if torch.equal(hidden, causal_mask(lq, lk, mask.device)):
         return 0
     window = int((~hidden).sum(-1).max())  # the widest row sees exactly the window

@@ -206,6 +206,13 @@ def _epilogue(start: Node, x: Node, site_steps: list, params: list, prepared: li
             site_steps.append(Step("cast", _dtype_name(user)))
             cur = user
             continue
+        if is_op(user, aten.mul.Tensor) and any(is_python_scalar(a) for a in user.args) and shape(user) == shape(cur):
+            # LayerNorm Scaling (Curse of Depth): the output times a constant such as 1/sqrt(layer).
+            # Only a multiply: x / c and x * (1 / c) round differently.
+            value = next(a for a in user.args if is_python_scalar(a))
+            site_steps.append(Step("scale", _dtype_name(user), value=float(value)))
+            cur = user
+            continue
         if is_op(user, aten.mul.Tensor, aten.add.Tensor) and user.kwargs.get("alpha", 1) == 1:
             a, b = user.args
             other = b if a is cur else a

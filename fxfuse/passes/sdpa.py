@@ -43,7 +43,7 @@ from torch.fx import Node
 from fxfuse import index_expr
 from fxfuse.passes.attention import site_shape
 from fxfuse.passes.attention_index import NotIndex, derive
-from fxfuse.passes.attention_layout import causal_window, constant_value, head_merge_chain
+from fxfuse.passes.attention_layout import causal_window, constant_value, head_merge_chain, repeated_heads
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   match_layout, same_layout, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
@@ -123,6 +123,8 @@ class _Claim:
     mask: Node | None  # the extra tensor (boolean: True takes part; or additive), None when absent or causal
     boolean: bool
     guard: bool  # rows may have every key masked: SDPA gives 0 there
+    k: Node | None = None  # the keys and values the fused call reads: SDPA's, or what they repeat
+    v: Node | None = None
 
 
 def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
@@ -140,6 +142,13 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention on inputs that are not (B, H, L, D) tensors; fused "
                        "attention reads 4-d q, k, v", shapes=True)
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
+    if isinstance(h, int) and hk == hv == h:
+        # Keys and values repeated per query head (transformers' repeat_kv before SDPA): read the
+        # kv heads in place (grouped-query attention), so the repeated copies are never made.
+        repeats = repeated_heads(k, h), repeated_heads(v, h)
+        if repeats[0] and repeats[1] and repeats[0][1] == repeats[1][1]:
+            (k, groups), (v, _) = repeats
+            hk = hv = h // groups
     if any(0 in s for s in shapes):
         raise Declined(f"scaled_dot_product_attention on empty inputs (q {list(shapes[0])}, k {list(shapes[1])}, "
                        f"v {list(shapes[2])}): a size is 0, so there is nothing to compute; it is left as written")
@@ -211,7 +220,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
             inputs = ("mask" if boolean else "bias",)
     spec = AttentionSpec(score_dtype=wide, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
                          kv_groups=h // hk, dropout=float(dropout))
-    return _Claim(spec, claimed_mask, boolean, guard)
+    return _Claim(spec, claimed_mask, boolean, guard, k, v)
 
 
 
@@ -239,7 +248,8 @@ def _merge_layout(t: torch.Tensor) -> bool:
 
 
 def _replace(gm, node: Node, claim: _Claim) -> Node:
-    q, k, v = node.args[:3]
+    q = node.args[0]
+    k, v = claim.k, claim.v
     composite = node.target == aten.scaled_dot_product_attention.default
     outputs = [node] if composite else [u for u in node.users if u.args[1] == 0]
     # The strides the replaced call gave its output: the graph after it (a head merge's view) was

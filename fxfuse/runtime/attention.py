@@ -86,8 +86,19 @@ def tiles(spec: AttentionSpec, shape4, config: LaunchConfig, device) -> tuple:
     return tile_lists(spec, shape4, config.BLOCK_M, config.BLOCK_N, device)
 
 
+def rope_tables(spec: AttentionSpec, tables, q, k) -> list[torch.Tensor]:
+    """The cos and sin tables of the rotated operands (see fxfuse.ops.attention_rope) as the kernels
+    read them: (B, L, D) views, broadcast dims at stride 0."""
+    lengths = [(q.shape[0], q.shape[2], q.shape[3])] * 2 * bool(spec.rope_q) + \
+        [(k.shape[0], k.shape[2], k.shape[3])] * 2 * bool(spec.rope_k)
+    if len(tables) != len(lengths):
+        raise ValueError(f"fxfuse.attention_rope: {len(tables)} cos/sin tables for a spec rotating "
+                         f"{len(lengths) // 2} operand(s)")
+    return [t.expand(shape) for t, shape in zip(tables, lengths)]
+
+
 def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None, seed=None,
-            merge_heads: bool = False, config: LaunchConfig | None = None, splits: int | None = None):
+            merge_heads: bool = False, config: LaunchConfig | None = None, splits: int | None = None, tables=()):
     """Launch the forward kernel; returns (out (B, H, Lq, Dv), stats (2, B*H, Lq) float32): each
     query row's running max m and sum l (its log-sum-exp is m + log(l)), of the undropped scores.
 
@@ -97,7 +108,8 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
     written in (B, Lq, H, Dv) memory order (the kernel stores through its strides). ``config``
     fixes the launch config (else the tuned one for this key, see ``runtime.configs``). ``splits``
     cuts the keys into that many ranges run by separate programs and combined (decoding on a GPU:
-    see ``runtime.attention_decode``; None decides by the launch's shape, 1 never splits)."""
+    see ``runtime.attention_decode``; None decides by the launch's shape, 1 never splits). ``tables``:
+    the cos and sin tables of a spec with RoPE (see ``rope_tables``; such specs never split)."""
     from fxfuse.codegen.attention_decode import splittable
     from fxfuse.runtime import attention_decode
 
@@ -111,11 +123,13 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
     out = output_buffer((b, h, lq, dv), out_dtype or v.dtype, q.device, merge_heads)
     stats = torch.empty((2, b * h, lq), dtype=torch.float32, device=q.device)
     es = [extra_4d(e, (b, h, lq, lk)) for e in extras]
+    ts = rope_tables(spec, tables, q, k)
 
     def run(c: LaunchConfig) -> None:
         kernel[(triton.cdiv(lq, c.BLOCK_M), b * h)](
-            q, k, v, out, stats, *es, *tiles(spec, (b, h, lq, lk), c, q.device)[:3], *seed_args(spec, seed),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *(s for e in es for s in e.stride()), h,
+            q, k, v, out, stats, *es, *tiles(spec, (b, h, lq, lk), c, q.device)[:3], *seed_args(spec, seed), *ts,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *(s for e in es for s in e.stride()),
+            *(s for t in ts for s in t.stride()), h,
             spec.kv_groups, lq, lk, d, dv, ROUND=out_dtype is None, **_grid_meta(c, d, dv, q.is_cuda))
 
     if out.numel():
@@ -124,7 +138,7 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
 
 
 def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[bool] | None = None, seed=None,
-             config: LaunchConfig | None = None):
+             config: LaunchConfig | None = None, tables=()):
     """Launch the backward kernels; returns [dq, dk, dv] in q's, k's and v's shapes and dtypes,
     then one entry per extra: with ``extra_grads`` (one flag per extra), the gradient of each
     flagged bias ("add" steps) or factor tensor ("mul"/"div" steps) in its shape and dtype, else
@@ -141,15 +155,18 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
     if spec.normalizer == "sigmoid":  # no row statistics: the kernels recompute p = sigmoid(s) alone
         stats = delta = torch.empty(0, dtype=torch.float32, device=q.device)
     else:
-        out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed, config=config)
+        out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed, config=config, tables=tables)
         delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
     dq = torch.empty((b, h, lq, d), dtype=torch.float32, device=q.device)
     dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
     dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
     es = [extra_4d(e, (b, h, lq, lk)) for e in extras]
+    ts = rope_tables(spec, tables, q, k)
+
     def common(c: LaunchConfig) -> tuple:
         return (q, k, v, grad_out, stats, delta, *es, *tiles(spec, (b, h, lq, lk), c, q.device), *seed_args(spec, seed),
-                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(s for e in es for s in e.stride()), h,
+                *ts, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(s for e in es for s in e.stride()),
+                *(s for t in ts for s in t.stride()), h,
                 spec.kv_groups, lq, lk, d, dv_dim)
 
     kernels = functions(spec)

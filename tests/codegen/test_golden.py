@@ -60,6 +60,13 @@ SPECS = {
         steps=(Step("mul", "float64", 0), Step("add", "float64", 1)),
         params=(ParamPrep("float64"), ParamPrep("float64")),
     ),
+    # LayerNorm Scaling (Curse of Depth): nn.LayerNorm's output times 1/sqrt(3), then cast to bf16.
+    "layer_norm_scaled_bf16": NormSpec(
+        kind="layer_norm", eps=1e-5, compute_dtype="float32", norm_dtype="float32",
+        steps=(Step("mul", "float32", 0), Step("add", "float32", 1), Step("scale", "float32", value=3 ** -0.5),
+               Step("cast", "bfloat16")),
+        params=(ParamPrep("float32"), ParamPrep("float32")),
+    ),
 }
 
 

@@ -70,6 +70,24 @@ def test_llama_dynamic_true_five_lengths_one_graph(name):
     be = _check(name, True, (5, 7, 9, 12, 16))
     assert len(be.reports) == 1, [r.title for r in be.reports]
     assert all("L s" in m.shape for m in be.reports[0].matches if m.kind == "attention")
+    # 4 query heads over 2 kv heads: the kv heads are read in place at symbolic sizes (SDPA after
+    # repeat_kv, and the eager attention's matmuls after it), the repeated copies never made
+    assert all(m.spec.kv_groups == 2 for m in be.reports[0].matches if m.kind == "attention")
+
+
+def test_llama_sdpa_static_reads_kv_in_place_and_proves_the_batch_expanded_mask_causal():
+    """At a static length the default (SDPA) Llama's mask, built for (B, 1, L, L) by transformers,
+    is proved the causal rule (hidden tiles skipped, no mask read) and its repeat_kv is read in place."""
+    import fxfuse
+
+    model = _model("llama-sdpa")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    res = fxfuse.rewrite(model, (ids,))
+    fused = [m for m in res.matches if m.kind == "attention"]
+    assert len(fused) == 2 and all(m.spec.kv_groups == 2 and m.spec.causal and not m.spec.inputs for m in fused), \
+        res.report()
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])

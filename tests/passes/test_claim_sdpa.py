@@ -67,7 +67,24 @@ CASES = {
     "gqa_causal_scale": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5,
                                                                          enable_gqa=True), [],
                          "GQA 2 query heads per kv head"),
+    # transformers' repeat_kv before SDPA (expand + reshape; repeat_interleave): the kv heads are
+    # read in place, the repeated copies never made.
+    "gqa_repeat_kv": (lambda q, k, v: F.scaled_dot_product_attention(q, _repeat_kv(k, 2), _repeat_kv(v, 2),
+                                                                      is_causal=True), [],
+                      "GQA 2 query heads per kv head"),
+    "gqa_repeat_interleave": (lambda q, k, v: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)), [], "GQA 2 query heads per kv head"),
+    # A causal mask that the mask builder expanded over the batch (transformers' (B, 1, L, L)):
+    # one pattern for every batch row, so the causal rule.
+    "batch_expanded_tril_mask": (lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.ones(L, L, dtype=torch.bool).tril().expand(3, 1, L, L)), [], "causal (fill -inf)"),
 }
+
+
+def _repeat_kv(x, groups):
+    """transformers' repeat_kv: (B, Hkv, L, D) -> (B, Hkv * groups, L, D), each head repeated."""
+    b, hkv, n, d = x.shape
+    return x[:, :, None, :, :].expand(b, hkv, groups, n, d).reshape(b, hkv * groups, n, d)
 
 
 def _run(fn, qkv, extras):
@@ -91,6 +108,8 @@ def test_sdpa_is_claimed_and_exact(name, dtype, cpu_path):
     fn, extras, words = CASES[name]
     lq = {"causal_fewer_queries": 2, "causal_more_queries": 6}.get(name, L)
     qkv = _qkv(lq=lq, kv_heads=1 if name.startswith("gqa") else H)
+    if name == "batch_expanded_tril_mask":
+        qkv = [t.expand(3, *t.shape[1:]).contiguous() for t in qkv]
     res = fxfuse.rewrite(fn, (*_leaves(qkv, dtype), *_extras(extras, dtype)), passes=PASSES)
     assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
     assert words in res.matches[0].describe(), res.report()
@@ -366,3 +385,33 @@ def test_report_names_the_user_line_and_the_spec_in_words():
     report = fxfuse.rewrite(_CausalAttention(), tuple(_qkv()), passes=PASSES).report()
     assert "test_claim_sdpa.py:" in report and "scaled_dot_product_attention(q, k, v, is_causal=True)" in report
     assert "attention: scores in f32, scale 0.353553, causal (fill -inf), softmax in f32, -> f32" in report, report
+
+
+def test_repeated_kv_is_read_in_place_only_when_each_head_is_repeated_in_a_row():
+    """k.repeat(1, 2, 1, 1) tiles the heads (h0 h1 h0 h1), which is not grouped-query attention's
+    h0 h0 h1 h1: it must not be read as grouped; nor kv repeated by different factors."""
+    q = torch.randn(1, 4, L, D)
+    k, v = torch.randn(1, 2, L, D), torch.randn(1, 2, L, D)
+    grouped = fxfuse.rewrite(lambda q, k, v: F.scaled_dot_product_attention(q, _repeat_kv(k, 2), _repeat_kv(v, 2)),
+                             (q, k, v), passes=PASSES)
+    assert grouped.matches[0].spec.kv_groups == 2
+    assert "expand" not in grouped.graph.code and "clone" not in grouped.graph.code, grouped.graph.code
+    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1)),
+               lambda q, k, v: F.scaled_dot_product_attention(q, _repeat_kv(k, 2), _repeat_kv(v[:, :1], 4))):
+        res = fxfuse.rewrite(fn, (q, k, v), passes=PASSES)
+        assert [m.spec.kv_groups for m in res.matches] == [1], res.report()
+        torch.testing.assert_close(res.module(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_differing_across_the_batch_stays_a_mask():
+    mask = torch.ones(2, 1, L, L, dtype=torch.bool).tril()
+    mask[1, :, :, 0] = False  # batch row 1 hides key 0 too (a padded sequence)
+    mask[1, :, 0, 0] = True
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    qkv = [t.expand(2, *t.shape[1:]).contiguous() for t in _qkv()]
+    res = fxfuse.rewrite(fn, tuple(qkv), passes=PASSES)
+    assert "causal" not in res.matches[0].describe(), res.report()
+    torch.testing.assert_close(res.module(*qkv), fn(*qkv), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,188 @@
+"""``torch.ops.fxfuse.attention_rope``: attention whose q and/or k are rotated (RoPE) first.
+
+``attention_rope(q, k, v, extras, tables, spec)`` is ``attention(rope(q), rope(k), v, extras, spec)``
+with q and k the *unrotated* operands: the spec's ``rope_q``/``rope_k`` say which are rotated and
+how, and ``tables`` holds (cos, sin) for each rotated operand, q's first, each (1|B, 1|L, D) in
+that operand's dtype. ``rope(x) = x * cos + rotate(x) * sin`` (``rotate`` = ``rotate_half``,
+cat(-x2, x1) of the head dim's halves, or the same on pairs (2j, 2j+1) for "interleaved"),
+computed in x's dtype as the user's code computed it.
+
+On the Triton path the kernels rotate q and k as they load them and rotate the gradients back
+(``fxfuse.codegen.attention_rope``) where a tile holds the whole head dim; otherwise, and on the
+CPU torch path, the operands are rotated in torch and ``fxfuse.attention`` runs on them (its fast
+CPU path included), and the backward takes the gradients of the rotated operands from
+``fxfuse.attention_backward`` and rotates them back (``g * cos + rotate^T(g * sin)``). Tables that
+require grad get theirs (``sum(g * x)`` and ``sum(g * rotate(x))`` over the heads) on that path.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from fxfuse import config
+from fxfuse.ops import attention as attention_op
+from fxfuse.ops.attention import _contiguous_strides, _kernel_grad, _laid_out, _spec, _sum_to, _use_triton
+from fxfuse.runtime.arguments import output_buffer
+from fxfuse.spec import to_dtype
+from fxfuse.spec_attention import AttentionSpec
+
+STYLES = ("half", "interleaved")
+
+
+def rotate(x: Tensor, style: str) -> Tensor:
+    """``rotate_half(x)`` (cat(-x2, x1)), or for "interleaved" (-x1, x0) on each pair: exact."""
+    if style == "half":
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def rotate_transposed(g: Tensor, style: str) -> Tensor:
+    """The transpose of ``rotate``: cat(g2, -g1), or (g1, -g0) on each pair."""
+    return -rotate(g, style)
+
+
+def _heads_view(table: Tensor) -> Tensor:
+    return table.unsqueeze(1)  # (1|B, 1, 1|L, D): broadcast over the heads
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, style: str) -> Tensor:
+    """``x * cos + rotate(x) * sin``, each op in the dtypes (so with the roundings) of the user's code."""
+    return x * _heads_view(cos) + rotate(x, style) * _heads_view(sin)
+
+
+def _tables(spec: AttentionSpec, tables: list[Tensor]) -> dict:
+    names = [n for n, style in (("q", spec.rope_q), ("k", spec.rope_k)) if style]
+    if len(tables) != 2 * len(names):
+        raise ValueError(f"fxfuse.attention_rope: {len(tables)} tables given for RoPE on {names or 'nothing'}; "
+                         "pass (cos, sin) for each rotated operand, q's first")
+    return {n: (tables[2 * i], tables[2 * i + 1]) for i, n in enumerate(names)}
+
+
+def rotated_operands(spec: AttentionSpec, q: Tensor, k: Tensor, tables: list[Tensor]) -> tuple[Tensor, Tensor]:
+    by = _tables(spec, tables)
+    if "q" in by:
+        q = apply_rope(q, *by["q"], spec.rope_q)
+    if "k" in by:
+        k = apply_rope(k, *by["k"], spec.rope_k)
+    return q, k
+
+
+def without_rope(spec: AttentionSpec) -> AttentionSpec:
+    return dataclasses.replace(spec, rope_q="", rope_k="")
+
+
+def reference(spec: AttentionSpec, q, k, v, extras, tables, keep=None) -> Tensor:
+    """The site in plain torch: the rotation as the user wrote it, then the attention reference."""
+    qr, kr = rotated_operands(spec, q, k, tables)
+    return attention_op.reference(without_rope(spec), qr, kr, v, extras, keep)
+
+
+def kernel_rotates(d: int) -> bool:
+    """Whether the kernels rotate in their loads at head size ``d``: a tile then holds exactly the
+    head dim (a power of two, at least 16, the launcher's smallest BLOCK_D), so its halves (pairs)
+    are the tile's (fxfuse.codegen.attention_rope). Otherwise the operator rotates in torch first."""
+    return d >= 16 and d & (d - 1) == 0
+
+
+def _in_kernel(spec: AttentionSpec, q: Tensor) -> bool:
+    return _use_triton(q, spec) and kernel_rotates(q.shape[-1])
+
+
+@torch.library.custom_op("fxfuse::attention_rope", mutates_args=())
+def attention_rope(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], tables: list[Tensor], spec: str,
+                   seed: Tensor | None = None, merge_heads: bool = False) -> Tensor:
+    s = _spec(spec)
+    attention_op._check_heads(s, q, k, v)
+    if _in_kernel(s, q):
+        from fxfuse.runtime import attention as kernels
+
+        out = kernels.forward(s, q, k, v, extras, seed=seed, merge_heads=merge_heads, tables=tables)[0]
+        return _laid_out(out, merge_heads)
+    qr, kr = rotated_operands(s, q, k, tables)
+    return torch.ops.fxfuse.attention(qr, kr, v, extras, without_rope(s).to_json(), seed, merge_heads)
+
+
+@attention_rope.register_fake
+def _(q, k, v, extras, tables, spec, seed=None, merge_heads=False):
+    shape4 = (*q.shape[:-1], v.shape[-1])
+    return output_buffer(shape4, to_dtype(_spec(spec).out_dtype), q.device, merge_heads)
+
+
+def _table_grads(style: str, x: Tensor, g: Tensor, cos: Tensor, sin: Tensor) -> list[Tensor]:
+    """d cos = sum(g * x), d sin = sum(g * rotate(x)), over what the tables broadcast along."""
+    g = g.float()
+    shape = _heads_view(cos).shape
+    dcos = _sum_to(g * x.float(), shape).reshape(cos.shape)
+    dsin = _sum_to(g * rotate(x, style).float(), shape).reshape(sin.shape)
+    return [dcos.to(cos.dtype), dsin.to(sin.dtype)]
+
+
+def _unrotate(style: str, g: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The gradient of x from that of ``x * cos + rotate(x) * sin`` (in float32)."""
+    g = g.float()
+    return g * _heads_view(cos).float() + rotate_transposed(g * _heads_view(sin).float(), style)
+
+
+@torch.library.custom_op("fxfuse::attention_rope_backward", mutates_args=())
+def attention_rope_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
+                            tables: list[Tensor], needs_grad: list[bool], table_grads: bool, spec: str,
+                            seed: Tensor | None = None) -> list[Tensor]:
+    """[dq, dk, dv, *d_extras, *d_tables]: the tables' gradients only with ``table_grads`` (else
+    empty tensors), the extras' as ``fxfuse.attention_backward`` gives them."""
+    s = _spec(spec)
+    wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, needs_grad)]
+    if _in_kernel(s, q) and not table_grads and all(_kernel_grad(s, i) for i, w in enumerate(wanted) if w):
+        from fxfuse.runtime import attention as kernels
+
+        dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted, seed=seed, tables=tables)
+        grads = [dq, dk, dv, *(d if w else e.new_empty(0) for d, e, w in zip(d_extras, extras, wanted))]
+        return [_contiguous_strides(g) for g in grads] + [t.new_empty(0) for t in tables]
+    by = _tables(s, tables)
+    qr, kr = rotated_operands(s, q, k, tables)
+    dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(grad_out, qr, kr, v, extras, needs_grad,
+                                                                without_rope(s).to_json(), seed)
+    d_tables = []
+    for name, x, g, style in (("q", q, dq, s.rope_q), ("k", k, dk, s.rope_k)):
+        if name in by:
+            if table_grads:
+                d_tables += _table_grads(style, x, g, *by[name])
+            else:
+                d_tables += [t.new_empty(0) for t in by[name]]
+    dq = _unrotate(s.rope_q, dq, *by["q"]).to(q.dtype) if "q" in by else dq
+    dk = _unrotate(s.rope_k, dk, *by["k"]).to(k.dtype) if "k" in by else dk
+    return [_contiguous_strides(g) for g in (dq, dk, dv, *d_extras)] + d_tables
+
+
+@attention_rope_backward.register_fake
+def _(grad_out, q, k, v, extras, tables, needs_grad, table_grads, spec, seed=None):
+    d_extras = [e.new_empty(e.shape if need and e.dtype.is_floating_point else 0) for e, need in zip(extras, needs_grad)]
+    d_tables = [t.new_empty(t.shape if table_grads else 0) for t in tables]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *d_extras, *d_tables]
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, extras, tables, spec, seed = inputs[:7]
+    ctx.save_for_backward(q, k, v, seed, *extras, *tables)
+    ctx.spec, ctx.interpret, ctx.n_extras = spec, config.current.interpret, len(extras)
+    ctx.needs_grad = [e.requires_grad for e in extras]
+    ctx.table_grads = any(t.requires_grad for t in tables)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, seed, *rest = ctx.saved_tensors
+    extras, tables = rest[:ctx.n_extras], rest[ctx.n_extras:]
+    with config.patch(interpret=ctx.interpret):
+        dq, dk, dv, *d_rest = torch.ops.fxfuse.attention_rope_backward(
+            grad_out, q, k, v, extras, tables, ctx.needs_grad, ctx.table_grads, ctx.spec, seed)
+    d_extras = [d if need and e.dtype.is_floating_point else None
+                for d, e, need in zip(d_rest[:len(extras)], extras, ctx.needs_grad)]
+    d_tables = [d if ctx.table_grads else None for d in d_rest[len(extras):]]
+    # One gradient per argument the call passed (trailing defaults are dropped before autograd counts).
+    return (dq, dk, dv, d_extras, d_tables, None, None, None)[:len(ctx.needs_input_grad)]
+
+
+attention_rope.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,133 @@
+"""``torch.ops.fxfuse.linear_attention``: linear attention in the linear-time order.
+
+Where a model computes ``(phi(q) @ phi(k)^T) @ v`` (an (L, L) matrix), this computes
+``phi(q) @ (phi(k)^T @ v)``: equal in real arithmetic, O(L D E) time and no (L, L) tensor. With a
+causal mask on the (L, L) product it runs chunk by chunk: each chunk of C queries sees the prefix sum
+of ``k_j^T v_j`` over the chunks before it (a (D, E) state) plus its own masked C x C block.
+Without ``v`` it computes the normaliser, the product with a column of ones.
+
+Backward is its own operator, written out (the chunked form's gradient: the states' suffix sums
+plus the in-chunk blocks, recomputed), so it keeps only the inputs. 16-bit inputs are computed in
+float32 and rounded once; every result is contiguous, as a bmm's is (real and fake layouts agree).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fxfuse.spec_linear_attention import LinearAttentionSpec
+
+
+@functools.lru_cache(maxsize=64)
+def _spec(text: str) -> LinearAttentionSpec:
+    return LinearAttentionSpec.from_json(text)
+
+
+def _prepared(a: Tensor, bt: Tensor, v: Optional[Tensor]):
+    """(N, L, D), (N, D, S), (N, S, E) in the compute dtype (float32 for 16-bit), v = ones if None."""
+    if a.dim() == 2:  # a single matrix product (mm): one batch of one
+        a, bt, v = a[None], bt[None], v[None] if v is not None else None
+    work = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+    a, bt = a.to(work), bt.to(work)
+    v = v.to(work) if v is not None else a.new_ones(bt.shape[0], bt.shape[-1], 1)
+    return a, bt, v
+
+
+def _chunks(t: Tensor, c: int) -> Tensor:
+    """(N, L, X) -> (N, M, C, X), zero-padded: zero keys and values add nothing, padded rows are dropped."""
+    pad = (-t.shape[1]) % c
+    if pad:
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+    return t.reshape(t.shape[0], -1, c, t.shape[-1])
+
+
+def _exclusive_prefix(t: Tensor) -> Tensor:
+    """Along dim 1: the sum over the chunks before each one."""
+    return torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1].cumsum(1)], dim=1)
+
+
+def _exclusive_suffix(t: Tensor) -> Tensor:
+    """Along dim 1: the sum over the chunks after each one."""
+    return torch.cat([t[:, 1:].flip(1).cumsum(1).flip(1), torch.zeros_like(t[:, :1])], dim=1)
+
+
+def _lower(c: int, device) -> Tensor:
+    return torch.ones(c, c, dtype=torch.bool, device=device).tril()
+
+
+def _forward(a, bt, v, spec: LinearAttentionSpec) -> Tensor:
+    if not spec.causal:
+        return a @ (bt @ v)
+    length, c = a.shape[1], min(spec.chunk, a.shape[1])
+    a_, b_, v_ = _chunks(a, c), _chunks(bt.transpose(1, 2), c), _chunks(v, c)
+    state = _exclusive_prefix(b_.transpose(-1, -2) @ v_)  # (N, M, D, E)
+    block = (a_ @ b_.transpose(-1, -2)).masked_fill(~_lower(c, a.device), 0)  # (N, M, C, C)
+    out = a_ @ state + block @ v_
+    return out.reshape(a.shape[0], -1, v.shape[-1])[:, :length]
+
+
+def _backward(g, a, bt, v, spec: LinearAttentionSpec):
+    if not spec.causal:
+        kv = bt @ v
+        d_kv = a.transpose(1, 2) @ g
+        return g @ kv.transpose(1, 2), d_kv @ v.transpose(1, 2), bt.transpose(1, 2) @ d_kv
+    length, c = a.shape[1], min(spec.chunk, a.shape[1])
+    a_, b_, v_, g_ = _chunks(a, c), _chunks(bt.transpose(1, 2), c), _chunks(v, c), _chunks(g, c)
+    lower = _lower(c, a.device)
+    state = _exclusive_prefix(b_.transpose(-1, -2) @ v_)
+    later = _exclusive_suffix(a_.transpose(-1, -2) @ g_)  # d(state) summed over the chunks that see it
+    d_block = (g_ @ v_.transpose(-1, -2)).masked_fill(~lower, 0)
+    block = (a_ @ b_.transpose(-1, -2)).masked_fill(~lower, 0)
+    d_a = g_ @ state.transpose(-1, -2) + d_block @ b_
+    d_b = v_ @ later.transpose(-1, -2) + d_block.transpose(-1, -2) @ a_
+    d_v = b_ @ later + block.transpose(-1, -2) @ g_
+
+    def unchunk(t):
+        return t.reshape(a.shape[0], -1, t.shape[-1])[:, :length]
+
+    return unchunk(d_a), unchunk(d_b).transpose(1, 2), unchunk(d_v)
+
+
+@torch.library.custom_op("fxfuse::linear_attention", mutates_args=())
+def linear_attention(a: Tensor, bt: Tensor, v: Optional[Tensor], spec: str) -> Tensor:
+    out = _forward(*_prepared(a, bt, v), _spec(spec))
+    return (out[0] if a.dim() == 2 else out).to(a.dtype).contiguous()
+
+
+@linear_attention.register_fake
+def _(a, bt, v, spec):
+    return a.new_empty((*a.shape[:-1], v.shape[-1] if v is not None else 1))
+
+
+@torch.library.custom_op("fxfuse::linear_attention_backward", mutates_args=())
+def linear_attention_backward(grad: Tensor, a: Tensor, bt: Tensor, v: Optional[Tensor], spec: str) -> list[Tensor]:
+    """[d_a, d_bt] (+ [d_v] when v is given)."""
+    g = grad[None] if a.dim() == 2 else grad
+    grads = _backward(g.to(torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype),
+                      *_prepared(a, bt, v), _spec(spec))
+    grads = [t[0] if a.dim() == 2 else t for t in grads]
+    out = [grads[0].to(a.dtype).contiguous(), grads[1].to(bt.dtype).contiguous()]
+    return out + ([grads[2].to(v.dtype).contiguous()] if v is not None else [])
+
+
+@linear_attention_backward.register_fake
+def _(grad, a, bt, v, spec):
+    return [a.new_empty(a.shape), bt.new_empty(bt.shape)] + ([v.new_empty(v.shape)] if v is not None else [])
+
+
+def _setup(ctx, inputs, output):
+    a, bt, v, spec = inputs
+    ctx.save_for_backward(a, bt, v)
+    ctx.spec = spec
+
+
+def _grad(ctx, grad):
+    a, bt, v = ctx.saved_tensors
+    grads = torch.ops.fxfuse.linear_attention_backward(grad, a, bt, v, ctx.spec)
+    return grads[0], grads[1], grads[2] if v is not None else None, None
+
+
+linear_attention.register_autograd(_grad, setup_context=_setup)

@@ -1,0 +1,116 @@
+"""Linear attention written in its quadratic form, in the styles of public code (hand-written
+here): each function takes (q, k, v) of shape (B, H, L, D) and returns (B, H, L, D)."""
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-6
+
+
+def _causal_hidden(length, device):
+    return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
+
+
+def elu_causal_masked_fill(q, k, v):
+    """Katharopoulos et al.: phi = elu + 1, a causal mask filled with 0, the normaliser after."""
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    scores = q @ k.transpose(-2, -1)
+    scores = scores.masked_fill(_causal_hidden(q.shape[-2], q.device), 0.0)
+    return (scores @ v) / (scores.sum(dim=-1, keepdim=True) + EPS)
+
+
+def elu_causal_tril_multiply(q, k, v):
+    """The mask as a 0/1 lower-triangular matrix multiplied in; rows normalised before the values."""
+    q, k = torch.nn.functional.elu(q) + 1.0, torch.nn.functional.elu(k) + 1.0
+    length = q.shape[-2]
+    attn = torch.matmul(q, k.transpose(2, 3)) * torch.tril(torch.ones(length, length, device=q.device))
+    attn = attn / attn.sum(-1, keepdim=True).clamp(min=EPS)
+    return torch.matmul(attn, v)
+
+
+def elu_einsum_normalised(q, k, v):
+    """Non-causal, einsum throughout, the normaliser without keepdim."""
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    a = torch.einsum("bhld,bhsd->bhls", q, k)
+    z = 1.0 / (a.sum(-1) + EPS)
+    return torch.einsum("bhls,bhsd->bhld", a, v) * z[..., None]
+
+
+def efficient_attention(q, k, v):
+    """Shen et al.: softmax of q over the features, of k over the sequence; no normaliser."""
+    q = q.softmax(dim=-1)
+    k = k.softmax(dim=-2)
+    return (q @ k.transpose(-1, -2)) @ v
+
+
+def rebased_causal(q, k, v, gamma=0.5, beta=0.1):
+    """ReBased-style features (gamma * x + beta) ** 2, causal with tril, normalised."""
+    q, k = (gamma * q + beta) ** 2, (gamma * k + beta) ** 2
+    s = torch.tril(q @ k.transpose(-2, -1))
+    return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
+
+
+def identity_features_no_normaliser(q, k, v):
+    """phi of either sign, no normaliser: the reassociation is still safe (no quotient)."""
+    return (q @ k.transpose(-2, -1)) @ v * q.shape[-1] ** -0.5
+
+
+STYLES = [elu_causal_masked_fill, elu_causal_tril_multiply, elu_einsum_normalised, efficient_attention,
+          rebased_causal, identity_features_no_normaliser]
+CAUSAL = {elu_causal_masked_fill, elu_causal_tril_multiply, rebased_causal}
+
+
+# ---- near-misses: left as written -------------------------------------------------------------
+
+def softmax_in_between(q, k, v):
+    """Ordinary attention (fuse-attention's), not a linear one."""
+    return ((F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1)).softmax(-1) @ v
+
+
+def sliding_window_mask(q, k, v):
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    length = q.shape[-2]
+    i = torch.arange(length)
+    hidden = (i[None, :] > i[:, None]) | (i[None, :] < i[:, None] - 2)
+    s = (q @ k.transpose(-2, -1)).masked_fill(hidden, 0.0)
+    return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
+
+
+def minus_inf_fill(q, k, v):
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    s = (q @ k.transpose(-2, -1)).masked_fill(_causal_hidden(q.shape[-2], q.device), float("-inf"))
+    return s.exp() @ v
+
+
+def scores_returned(q, k, v):
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    s = q @ k.transpose(-2, -1)
+    return (s @ v) / s.sum(-1, keepdim=True), s
+
+
+def signed_features_normalised(q, k, v):
+    s = q @ k.transpose(-2, -1)
+    return (s @ v) / s.sum(-1, keepdim=True)
+
+
+def normaliser_before_mask(q, k, v):
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    s = q @ k.transpose(-2, -1)
+    den = s.sum(-1, keepdim=True)
+    return (s.tril() @ v) / den
+
+
+NEAR_MISSES = {
+    softmax_in_between: None,  # not a candidate at all
+    sliding_window_mask: "not the causal mask",
+    minus_inf_fill: None,  # exp after the fill: the product goes elsewhere
+    scores_returned: "also used by",
+    signed_features_normalised: "not provably non-negative",
+    normaliser_before_mask: "before the causal mask",
+}
+
+
+def promoting_mask(q, k, v):
+    """A float32 0/1 mask on bfloat16 scores promotes them (and the values' product) to float32."""
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    s = (q @ k.transpose(-2, -1)) * torch.tril(torch.ones(q.shape[-2], q.shape[-2]))
+    return s @ v.float()

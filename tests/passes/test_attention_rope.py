@@ -1,0 +1,125 @@
+"""RoPE fused into attention: every style's rotation is taken into the operator (no rotated copy,
+no cat left in the graph) and the rewritten module equals eager, outputs and gradients, against a
+float64 reference, on the torch path and on the interpreted Triton kernels; near-misses keep the
+rotation they name as written."""
+import copy
+
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.passes.attention import FuseAttention
+from fxfuse.passes.attention_rope import FuseRope
+from fxfuse.passes.canonicalize import Canonicalize
+from tests.rope_styles import NEAR_MISSES, STYLES
+from tests.tolerances import assert_close_to_reference
+
+PASSES = [Canonicalize(), FuseAttention(), FuseRope()]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run(model, inputs):
+    out = _first(model(*inputs))
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
+    return out, [t.grad for t in inputs if t.requires_grad]
+
+
+def _leaves(inputs, dtype=None, constant=()):
+    # The tables are inputs too (float): they take part in the gradient check, unless constant.
+    return [(t.to(dtype) if dtype and t.is_floating_point() else t.clone()).requires_grad_(
+        t.is_floating_point() and i not in constant) for i, t in enumerate(inputs)]
+
+
+def _check(style, dtype):
+    model = style()
+    inputs = model.inputs(dtype)
+    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
+    constant = getattr(style, "CONSTANT_INPUTS", ())
+    expected, expected_grads = _run(copy.deepcopy(model), _leaves(inputs, torch.float64, constant))
+    eager, eager_grads = _run(model, _leaves(inputs, constant=constant))
+    got, got_grads = _run(res.module, _leaves(inputs, constant=constant))
+    assert got.dtype == eager.dtype
+    assert_close_to_reference(got, eager, expected, "output")
+    assert len(got_grads) == len(eager_grads) == len(expected_grads)
+    for i, (g, e, r) in enumerate(zip(got_grads, eager_grads, expected_grads)):
+        assert_close_to_reference(g, e, r, f"gradient {i}")
+    return res
+
+
+def _rope_specs(res):
+    return [m.spec for m in res.matches if m.kind == "rope"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("style", STYLES, ids=lambda s: s.__name__)
+def test_rope_is_fused_and_exact(style, dtype, cpu_path):
+    res = _check(style, dtype)
+    specs = _rope_specs(res)
+    assert len(specs) == 1 and bool(specs[0].rope_q) and bool(specs[0].rope_k), res.report()
+    assert not res.misses, res.report()
+    code = res.graph.code
+    assert "fxfuse.attention_rope" in code and "aten.cat" not in code and "aten.stack" not in code, code
+    assert "aten.neg" not in code, code  # the rotated copies are not computed
+
+
+@pytest.mark.parametrize("style", NEAR_MISSES, ids=lambda s: s.__name__)
+def test_near_misses_keep_their_rotation(style, cpu_path):
+    res = _check(style, torch.float32)
+    specs = _rope_specs(res)
+    rotated = "".join(n for n in "qk" if specs and getattr(specs[0], f"rope_{n}"))
+    assert rotated == style.ROTATED, res.report()
+    assert [m.kind for m in res.matches if m.kind == "attention"] == ["attention"], res.report()
+
+
+def test_rotated_key_in_a_cache_is_a_miss_with_its_reason():
+    from tests.rope_styles import RotatedKeysAlsoReturned
+
+    model = RotatedKeysAlsoReturned()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    reasons = [m.reason for m in res.misses if m.kind == "rope"]
+    assert len(reasons) == 1 and "RoPE on k stays as written" in reasons[0] and "KV cache" in reasons[0], reasons
+
+
+def test_per_head_tables_are_declined_with_their_reason():
+    from tests.rope_styles import PerHeadTables
+
+    model = PerHeadTables()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    reasons = [m.reason for m in res.misses if m.kind == "rope"]
+    assert len(reasons) == 2 and all("does not broadcast over the heads" in r for r in reasons), reasons
+
+
+def test_rope_is_in_the_default_pipeline():
+    from tests.rope_styles import NeoXChunkTable
+
+    model = NeoXChunkTable()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)))
+    assert len(_rope_specs(res)) == 1 and "RoPE on q (half) and k (half)" in res.report(), res.report()
+
+
+@pytest.mark.inductor
+def test_compiled_with_the_backend_on_cpu_rope_goes_to_inductor_and_trains_like_eager(tmp_path):
+    """Under torch.compile on CPU the site is handed to Inductor as the rotation (pointwise ops)
+    in front of the attention form: no fxfuse operator call is left, and values and gradients
+    equal eager's."""
+    from tests.rope_styles import GroupedQueryLlama
+
+    torch._dynamo.reset()
+    model = GroupedQueryLlama()
+    inputs = model.inputs(torch.float32)
+    be = fxfuse.Backend(debug_dir=str(tmp_path))
+    compiled = torch.compile(model, backend=be)
+    got, got_grads = _run(compiled, _leaves(inputs, constant=model.CONSTANT_INPUTS))
+    eager, eager_grads = _run(model, _leaves(inputs, constant=model.CONSTANT_INPUTS))
+    expected, expected_grads = _run(model, _leaves(inputs, torch.float64, model.CONSTANT_INPUTS))
+    assert [m.kind for m in be.matches].count("rope") == 1, be.report()
+    forward = "\n".join(p.read_text() for p in sorted((tmp_path / "graphs").glob("*_aot_forward.txt")))
+    assert "_scaled_dot_product_flash_attention_for_cpu" in forward and "attention_rope" not in forward, forward
+    assert_close_to_reference(got, eager, expected, "output")
+    for i, (g, e, r) in enumerate(zip(got_grads, eager_grads, expected_grads)):
+        assert_close_to_reference(g, e, r, f"gradient {i}")
+    torch._dynamo.reset()

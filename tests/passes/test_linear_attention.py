@@ -1,0 +1,151 @@
+"""Linear attention written quadratically is rewritten into phi(q) @ (phi(k)^T @ v) (chunked when
+causal): equal to eager in float64, within the table's bound of a float64 reference in float32 and
+bfloat16, gradients included, no (L, L) tensor left; near-misses are declined or not candidates."""
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fxfuse
+from fxfuse.spec_linear_attention import LinearAttentionSpec
+from tests import linear_attention_styles as styles
+from tests.tolerances import assert_close_to_reference, tolerance
+
+PASSES = "canonicalize,fuse-linear-attention"
+B, H, L, D = 2, 2, 70, 4  # L > the 64-row chunk, and not a multiple of it
+
+
+def _inputs(dtype=torch.float64, length=L, grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, length, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def _largest_square(gm, length):
+    """Whether any tensor of the graph, the fused operator's own steps included, is (..., L, L)."""
+    traced = make_fx(gm)(*_inputs(length=length))
+    return any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.dim() >= 2 and tuple(v.shape[-2:]) == (length, length)
+               for n in traced.graph.nodes)
+
+
+@pytest.mark.parametrize("style", styles.STYLES, ids=lambda s: s.__name__)
+def test_style_is_rewritten_exactly_in_float64(style):
+    q, k, v = _inputs()
+    res = fxfuse.rewrite(style, (q, k, v), passes=PASSES)
+    assert [m.kind for m in res.matches] == ["linear_attention"] and not res.misses, res.report()
+    assert res.matches[0].spec.causal == (style in styles.CAUSAL)
+    torch.testing.assert_close(res.module(q, k, v), style(q, k, v), **dict(zip(("rtol", "atol"), tolerance(torch.float64))))
+    assert not _largest_square(res.module, L)
+
+
+@pytest.mark.parametrize("style", [styles.elu_causal_masked_fill, styles.elu_einsum_normalised, styles.rebased_causal],
+                         ids=lambda s: s.__name__)
+def test_gradients_equal_eager_in_float64(style):
+    q, k, v = _inputs(grad=True)
+    res = fxfuse.rewrite(style, (q, k, v), passes=PASSES)
+    assert res.matches
+    ours = torch.autograd.grad(res.module(q, k, v).pow(2).sum(), (q, k, v))
+    eager = torch.autograd.grad(style(q, k, v).pow(2).sum(), (q, k, v))
+    for got, want in zip(ours, eager):
+        torch.testing.assert_close(got, want, **dict(zip(("rtol", "atol"), tolerance(torch.float64))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("style", [styles.elu_causal_masked_fill, styles.efficient_attention], ids=lambda s: s.__name__)
+def test_low_precision_within_the_table_of_a_float64_reference(style, dtype):
+    q, k, v = _inputs(length=200)
+    res = fxfuse.rewrite(style, tuple(t.to(dtype) for t in (q, k, v)), passes=PASSES)
+    assert res.matches
+    low = [t.to(dtype) for t in (q, k, v)]
+    assert_close_to_reference(res.module(*low), style(*low), style(q, k, v), f"{style.__name__} {dtype}")
+
+
+@pytest.mark.parametrize("style", list(styles.NEAR_MISSES), ids=lambda s: s.__name__)
+def test_near_miss_is_left_as_written(style):
+    q, k, v = _inputs()
+    res = fxfuse.rewrite(style, (q, k, v), passes=PASSES)
+    reason = styles.NEAR_MISSES[style]
+    assert not res.matches, res.report()
+    if reason is None:
+        assert not res.misses, res.report()
+    else:
+        assert len(res.misses) == 1 and reason in res.misses[0].reason, res.report()
+    got, want = res.module(q, k, v), style(q, k, v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_mask_that_promotes_the_scores_is_declined():
+    q, k, v = (t.to(torch.bfloat16) for t in _inputs())
+    res = fxfuse.rewrite(styles.promoting_mask, (q, k, v), passes=PASSES)
+    assert not res.matches and "promotes" in res.misses[0].reason, res.report()
+    torch.testing.assert_close(res.module(q, k, v), styles.promoting_mask(q, k, v), rtol=0, atol=0)
+
+
+def test_features_used_elsewhere_still_match():
+    """phi(q) is an input of both orders: reusing it elsewhere changes nothing."""
+    def model(q, k, v):
+        q = torch.nn.functional.elu(q) + 1
+        return styles.efficient_attention(q, k, v) + q
+
+    q, k, v = _inputs()
+    res = fxfuse.rewrite(model, (q, k, v), passes=PASSES)
+    assert res.matches and not res.misses
+    torch.testing.assert_close(res.module(q, k, v), model(q, k, v))
+
+
+def test_single_head_mm():
+    def model(q, k, v):
+        s = torch.tril((torch.relu(q) @ torch.relu(k).T))
+        return (s @ v) / (s.sum(-1, keepdim=True) + 1e-6)
+
+    q, k, v = (t[0, 0] for t in _inputs())
+    res = fxfuse.rewrite(model, (q, k, v), passes=PASSES)
+    assert res.matches and res.matches[0].spec.features == "relu"
+    torch.testing.assert_close(res.module(q, k, v), model(q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 130])
+def test_operator_against_the_quadratic_form_in_float64(causal, length):
+    g = torch.Generator().manual_seed(1)
+    a, v = torch.rand(3, length, 5, generator=g, dtype=torch.float64), torch.randn(3, length, 6, generator=g, dtype=torch.float64)
+    bt = torch.rand(3, 5, length, generator=g, dtype=torch.float64)
+    s = a @ bt
+    s = s.tril() if causal else s
+    op = torch.ops.fxfuse.linear_attention
+    num = op(a, bt, v, LinearAttentionSpec(causal, True, "any").to_json())
+    den = op(a, bt, None, LinearAttentionSpec(causal, False, "any").to_json())
+    torch.testing.assert_close(num, s @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(den, s.sum(-1, keepdim=True), rtol=1e-12, atol=1e-12)
+    small = [t[:, :9].clone().requires_grad_() for t in (a, v)] + [bt[..., :9].clone().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda a, v, bt: op(a, bt, v, LinearAttentionSpec(causal, True, "any", 4).to_json()), small)
+
+
+def test_under_torch_compile():
+    q, k, v = _inputs(torch.float32)
+    backend = fxfuse.Backend(passes=PASSES)
+    compiled = torch.compile(styles.elu_causal_masked_fill, backend=backend)
+    torch.testing.assert_close(compiled(q, k, v), styles.elu_causal_masked_fill(q, k, v), rtol=1e-5, atol=1e-5)
+    assert [m.kind for m in backend.matches] == ["linear_attention"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("values", [True, False])
+def test_opcheck(causal, values):
+    a, bt = torch.rand(2, 9, 3), torch.rand(2, 3, 9)
+    v = torch.randn(2, 9, 4) if values else None
+    spec = LinearAttentionSpec(causal, values, "any", 4).to_json()
+    torch.library.opcheck(torch.ops.fxfuse.linear_attention.default, (a, bt, v, spec))
+    grad = torch.randn(2, 9, 4 if values else 1)
+    torch.library.opcheck(torch.ops.fxfuse.linear_attention_backward.default, (grad, a, bt, v, spec))
+
+
+def test_bfloat16_gradients_within_the_table():
+    q, k, v = _inputs(length=100, grad=True)
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    style = styles.elu_causal_masked_fill
+    res = fxfuse.rewrite(style, tuple(low), passes=PASSES)
+    assert res.matches
+    ours = torch.autograd.grad(res.module(*low).float().sum(), low)
+    eager = torch.autograd.grad(style(*low).float().sum(), low)
+    reference = torch.autograd.grad(style(q, k, v).sum(), (q, k, v))
+    for got, want, ref in zip(ours, eager, reference):
+        assert_close_to_reference(got, want, ref, "bf16 gradient")
