@@ -40,6 +40,26 @@ def _attention_call(spec_text: str):
     return attention
 
 
+def _attention_rope_call(spec_text: str):
+    """RoPE sites: the rotation as the user's code wrote it (autograd differentiates it as it did
+    the user's ops), then the attention site's own direct call. The operator's backward recomputes
+    the rotation and the attention forward, which on CPU is slower than what it replaced."""
+    from fxfuse.ops import attention_rope as rope_op
+
+    spec = rope_op._spec(spec_text)
+    plain = _attention_call(rope_op.without_rope(spec).to_json())
+    op = _fx.attention_rope.default
+
+    def attention_rope(q, k, v, extras, tables, spec_arg=spec_text, seed=None, merge_heads=False):
+        if q.device.type != "cpu" or config.interpret_on_cpu():
+            return op(q, k, v, extras, tables, spec_arg, seed, merge_heads)
+        attention_op._check_heads(spec, q, k, v)
+        qr, kr = rope_op.rotated_operands(spec, q, k, tables)
+        return plain(qr, kr, v, extras, seed=seed, merge_heads=merge_heads)
+
+    return attention_rope
+
+
 def _norm_call(spec_text: str):
     spec = norm_op._spec(spec_text)
     op = _fx.norm.default
@@ -67,6 +87,7 @@ def _add_norm_call(spec_text: str):
 # operator -> (the call for a spec, the position of the spec among its arguments)
 _CALLS = {
     _fx.attention.default: (_attention_call, 4),
+    _fx.attention_rope.default: (_attention_rope_call, 5),
     _fx.norm.default: (_norm_call, 2),
     _fx.add_norm.default: (_add_norm_call, 3),
 }
