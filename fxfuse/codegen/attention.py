@@ -88,6 +88,22 @@ def _forward_tile(spec: AttentionSpec, plan: AttentionPlan, masked: bool) -> str
     return "\n".join(" " * 8 + line for line in lines)
 
 
+def query_tile(after_load: str = "") -> str:
+    """A forward program's start after its pid_m and pid_bh (at 4 spaces, ending in a newline): the
+    (batch, head) offsets and the query tile, loaded once (then ``after_load``: RoPE's rotation)."""
+    return f'''    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = off_h // GROUPS  # grouped-query attention: kv heads are read in place, never repeated
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0){after_load}
+    if DOT_F32:  # Triton's interpreter multiplies 16-bit tiles wrongly; float32 holds their values exactly
+        q = q.to(tl.float32)
+'''
+
+
 def _source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
     extras = "".join(f"E{i}, " for i in range(len(plan.inputs))) + tile_args(plan, False) + \
         ("SEED, " if spec.dropout else "") + rope_args(spec)
@@ -139,17 +155,7 @@ def {name}_forward({("Q, K, V, O, STATS, " + extras).rstrip()}
                    DOT_F32: tl.constexpr):
     pid_m = {pid_m}
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUPS  # grouped-query attention: kv heads are read in place, never repeated
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0){rope}
-    if DOT_F32:  # Triton's interpreter multiplies 16-bit tiles wrongly; float32 holds their values exactly
-        q = q.to(tl.float32)
-{row_stats}    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32){seed}{_head_loads(plan)}{start}
+{query_tile(rope)}{row_stats}    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32){seed}{_head_loads(plan)}{start}
 {online}
 {loops}
     out = {out}
