@@ -16,8 +16,9 @@ the spec later (a term outside the online softmax, say) is not silently dropped 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-from fxfuse.codegen.attention import _dropout_helpers, _forward_tile, _head_loads, LN2
+from fxfuse.codegen.attention import LN2, _dropout_helpers, _forward_tile, _head_loads, query_tile
 from fxfuse.codegen.attention_steps import key_range, tile_loops
 from fxfuse.codegen.kernel import Kernel, kernel_name
 from fxfuse.lowering.attention import AttentionPlan, lower_attention
@@ -28,8 +29,10 @@ _KNOWN_FIELDS = {"score_dtype", "steps", "prob_dtype", "inputs", "kv_groups", "d
 _KNOWN_STEP_FIELDS = {"op", "dtype", "value", "input", "invert", "window", "expr"}
 
 
+@functools.lru_cache(maxsize=None)
 def splittable(spec: AttentionSpec) -> str | None:
-    """None when the split kernel computes ``spec`` exactly, else why not."""
+    """None when the split kernel computes ``spec`` exactly, else why not (once per spec: every
+    GPU forward launch asks)."""
     for f in dataclasses.fields(spec):
         if f.name not in _KNOWN_FIELDS and getattr(spec, f.name) != f.default:
             return f"the split-key kernel does not render the spec field {f.name!r}"
@@ -70,17 +73,7 @@ def {name}_forward_split({("Q, K, V, O, STATS, " + extras).rstrip()}
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUPS  # grouped-query attention: kv heads are read in place, never repeated
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-    if DOT_F32:  # Triton's interpreter multiplies 16-bit tiles wrongly; float32 holds their values exactly
-        q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
+{query_tile()}    m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32){seed}{_head_loads(plan)}
 {loops}
