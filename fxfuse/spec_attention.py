@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 
-from fxfuse.index_expr import text, tupled
+from fxfuse.index_expr import relabel_loads, text, tupled
 from fxfuse.spec import _SHORT
 
 # Step kinds on the scores ``s`` (all elementwise, all keep the score shape):
@@ -83,6 +83,12 @@ class AttentionSpec:
                    the halves of the head dim, "interleaved" the same rotation on pairs (2j, 2j+1)
                    (complex multiplication, ``view_as_complex``); cos and sin are (1|B, L, D) tables
                    given to ``fxfuse.attention_rope`` (see fxfuse.ops.attention_rope).
+    size_mask:     index of a boolean mask input (a "fill" step's) whose values the pass proved are
+                   a function of the call's sizes alone, each of which is a dim of the mask (built
+                   from ``arange`` and the lengths, as Hugging Face's mask builders do at symbolic
+                   sizes), or -1. Once per mask shape the operator compares its values with the
+                   causal and sliding-window rules; where one holds it runs that rule instead (no
+                   mask read, hidden tiles skipped: fxfuse.ops.size_masks).
     """
 
     score_dtype: str
@@ -96,6 +102,7 @@ class AttentionSpec:
     rope_k: str = ""
     sinks: int = -1
     normalizer: str = "softmax"
+    size_mask: int = -1
 
     @property
     def softmax_dtype(self) -> str:
@@ -146,6 +153,8 @@ class AttentionSpec:
             del raw["sinks"]
         if self.normalizer == "softmax":
             del raw["normalizer"]
+        if self.size_mask < 0:
+            del raw["size_mask"]
         for step in raw["steps"]:
             if step["expr"] is None:  # specs without expressions keep their JSON (and kernel names)
                 del step["expr"]
@@ -157,6 +166,29 @@ class AttentionSpec:
         raw["steps"] = tuple(ScoreStep(**{**s, "expr": tupled(s.get("expr"))}) for s in raw["steps"])
         raw["inputs"] = tuple(raw["inputs"])
         return AttentionSpec(**raw)
+
+    # The fields ``without_input`` renumbers. A field added later that names an input by index
+    # must be renumbered there too (``without_input`` declines specs with fields it does not know).
+    _RENUMBERED = {"steps", "inputs", "sinks", "size_mask"}
+    _UNINDEXED = {"score_dtype", "prob_dtype", "kv_groups", "dropout", "safe_softmax", "rope_q", "rope_k",
+                  "normalizer"}
+
+    def without_input(self, index: int) -> "AttentionSpec | None":
+        """The spec with input ``index`` removed and the later inputs renumbered, once no step reads
+        it; None when a field this method does not know is set (it might name inputs)."""
+        for f in dataclasses.fields(self):
+            if f.name not in self._RENUMBERED | self._UNINDEXED and getattr(self, f.name) != f.default:
+                return None
+        if any(step.input == index for step in self.steps) or self.sinks == index:
+            raise ValueError(f"input {index} is still read by the spec; replace its steps first")
+        moved = {k: k - (k > index) for k in range(len(self.inputs)) if k != index}
+        steps = tuple(dataclasses.replace(
+            step, input=moved[step.input] if step.input >= 0 else -1,
+            expr=relabel_loads(step.expr, moved) if step.expr is not None else None) for step in self.steps)
+        return dataclasses.replace(
+            self, steps=steps, inputs=self.inputs[:index] + self.inputs[index + 1:],
+            sinks=moved[self.sinks] if self.sinks >= 0 else -1,
+            size_mask=moved[self.size_mask] if self.size_mask >= 0 and self.size_mask != index else -1)
 
     def describe(self) -> str:
         """The spec in words: ``attention: scale 0.5, masked_fill(-inf), + bias, softmax in f32 -> bf16``."""
@@ -201,6 +233,8 @@ class AttentionSpec:
             parts.append(f"sink logit{self.sinks} per row")
         if self.safe_softmax:
             parts.append("safe softmax (fully masked rows give 0)")
+        if self.size_mask >= 0:
+            parts.append(f"mask{self.size_mask} checked once per size against the causal rule")
         if self.dropout:
             parts.append(f"dropout {self.dropout:g}")
         rotated = [f"{name} ({style})" for name, style in (("q", self.rope_q), ("k", self.rope_k)) if style]

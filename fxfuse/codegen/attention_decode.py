@@ -25,7 +25,8 @@ from fxfuse.lowering.attention import AttentionPlan, lower_attention
 from fxfuse.spec_attention import STEP_OPS, AttentionSpec
 
 # The spec fields this template renders; any other field must be at its default.
-_KNOWN_FIELDS = {"score_dtype", "steps", "prob_dtype", "inputs", "kv_groups", "dropout", "safe_softmax"}
+_KNOWN_FIELDS = {"score_dtype", "steps", "prob_dtype", "inputs", "kv_groups", "dropout", "safe_softmax",
+                 "size_mask"}  # an unresolved size mask is a plain mask input
 _KNOWN_STEP_FIELDS = {"op", "dtype", "value", "input", "invert", "window", "expr"}
 
 

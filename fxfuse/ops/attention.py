@@ -36,21 +36,13 @@ from fxfuse import config, index_expr
 from fxfuse.runtime.arguments import check_seed, output_buffer
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
+from fxfuse.ops import size_masks
+from fxfuse.ops.size_masks import causal_mask  # noqa: F401  (the reference's, and the passes')
 
 
 @functools.lru_cache(maxsize=1024)
 def _spec(text: str) -> AttentionSpec:
     return AttentionSpec.from_json(text)
-
-
-def causal_mask(lq: int, lk: int, device, window: int = 0, rows: tuple[int, int] | None = None) -> Tensor:
-    """True where key j comes after query i, aligned bottom-right as the pass proved it, and with
-    a ``window`` also where j is ``window`` or more keys before i. ``rows`` (first, end) gives
-    only those query rows."""
-    first, end = rows or (0, lq)
-    i = torch.arange(first, end, device=device)[:, None] + (lk - lq)
-    j = torch.arange(lk, device=device)[None, :]
-    return (j > i) | (j <= i - window) if window else j > i
 
 
 def _expr_values(expr, extras: list[Tensor], shape4, device, rows: tuple[int, int] | None = None) -> Tensor:
@@ -394,6 +386,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, 
               merge_heads: bool = False) -> Tensor:
     s = _spec(spec)
     _check_heads(s, q, k, v)
+    s, extras, _ = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
     if _use_triton(q, s):
         from fxfuse.runtime import attention as kernels
 
@@ -409,6 +402,7 @@ def cpu_forward(s: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[
     the ATen ops it runs, and SDPA only where its backward gives the user's gradient
     (``_every_row_sees_a_key``; then no extra tensor is read); a masked site takes the reference,
     which autograd differentiates as it did the user's code."""
+    s, extras, _ = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
     form = _sdpa_form(s)
     if form is not None:
         with torch.no_grad():  # a check, not part of what autograd differentiates
@@ -483,7 +477,9 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras
     """[dq, dk, dv, *d_extras]; an extra's gradient is computed only where ``needs_grad`` says so
     (a floating-point bias or factor that requires grad), else it is an empty tensor. ``seed`` is
     the forward's: the dropout mask is redrawn from it, by the path the forward took."""
-    s = _spec(spec)
+    s, given = _spec(spec), extras
+    s, extras, dropped = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
+    needs_grad = size_masks.without(needs_grad, dropped)
     wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, needs_grad)]
     if _use_triton(q, s) and all(_kernel_grad(s, i) for i, w in enumerate(wanted) if w):
         # The kernels compute dq, dk, dv and the biases' and factor tensors' gradients (from what
@@ -499,7 +495,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras
         grads[3:] = [d if w else e.new_empty(0) for d, e, w in zip(grads[3:], extras, wanted)]
     # Contiguous whatever the inputs' strides, as the fake implementation promises: the compiled
     # backward graph plans its views on the fake strides.
-    return [_contiguous_strides(g) for g in grads]
+    return size_masks.with_empty_grad([_contiguous_strides(g) for g in grads], given, dropped)
 
 
 def _contiguous_strides(t: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fxfuse import config
 from fxfuse.ops import attention as attention_op
+from fxfuse.ops import size_masks
 from fxfuse.ops.attention import _contiguous_strides, _kernel_grad, _laid_out, _spec, _sum_to, _use_triton
 from fxfuse.runtime.arguments import output_buffer
 from fxfuse.spec import to_dtype
@@ -97,6 +98,7 @@ def attention_rope(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], tables
                    seed: Tensor | None = None, merge_heads: bool = False) -> Tensor:
     s = _spec(spec)
     attention_op._check_heads(s, q, k, v)
+    s, extras, _ = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
     if _in_kernel(s, q):
         from fxfuse.runtime import attention as kernels
 
@@ -133,14 +135,17 @@ def attention_rope_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, e
                             seed: Tensor | None = None) -> list[Tensor]:
     """[dq, dk, dv, *d_extras, *d_tables]: the tables' gradients only with ``table_grads`` (else
     empty tensors), the extras' as ``fxfuse.attention_backward`` gives them."""
-    s = _spec(spec)
+    s, given = _spec(spec), extras
+    s, extras, dropped = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
+    needs_grad = size_masks.without(needs_grad, dropped)
     wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, needs_grad)]
     if _in_kernel(s, q) and not table_grads and all(_kernel_grad(s, i) for i, w in enumerate(wanted) if w):
         from fxfuse.runtime import attention as kernels
 
         dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted, seed=seed, tables=tables)
         grads = [dq, dk, dv, *(d if w else e.new_empty(0) for d, e, w in zip(d_extras, extras, wanted))]
-        return [_contiguous_strides(g) for g in grads] + [t.new_empty(0) for t in tables]
+        grads = [_contiguous_strides(g) for g in grads] + [t.new_empty(0) for t in tables]
+        return size_masks.with_empty_grad(grads, given, dropped)
     by = _tables(s, tables)
     qr, kr = rotated_operands(s, q, k, tables)
     dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(grad_out, qr, kr, v, extras, needs_grad,
@@ -154,7 +159,8 @@ def attention_rope_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, e
                 d_tables += [t.new_empty(0) for t in by[name]]
     dq = _unrotate(s.rope_q, dq, *by["q"]).to(q.dtype) if "q" in by else dq
     dk = _unrotate(s.rope_k, dk, *by["k"]).to(k.dtype) if "k" in by else dk
-    return [_contiguous_strides(g) for g in (dq, dk, dv, *d_extras)] + d_tables
+    grads = [_contiguous_strides(g) for g in (dq, dk, dv, *d_extras)] + d_tables
+    return size_masks.with_empty_grad(grads, given, dropped)
 
 
 @attention_rope_backward.register_fake

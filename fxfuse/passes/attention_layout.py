@@ -36,6 +36,7 @@ LAYOUT = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, at
           aten.clone.default, aten.alias.default, aten.t.default)
 
 _MAX_CONSTANT_NODES = 40  # constant mask subgraphs evaluated to prove causality stay this small
+_MAX_SIZE_MASK_NODES = 200  # transformers' mask builders take about 45 ATen ops (arange, index, cumsum)
 _MAX_CONSTANT_NUMEL = 1 << 22
 # Boolean masks may be larger: a 16k x 16k causal mask is 256 MiB once, at capture, and proving it
 # causal is what lets the kernel skip hidden tiles and keep memory linear in the length.
@@ -222,7 +223,7 @@ def layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
 
 
 def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = None,
-                   at_hints: bool = False) -> torch.Tensor | None:
+                   at_hints: bool = False, max_nodes: int = _MAX_CONSTANT_NODES) -> torch.Tensor | None:
     """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange);
     None when it reads one, or its result has more than ``limit`` elements (by default 2^28 for
     boolean masks, 2^22 for other tensors). With ``at_hints`` the subgraph may read symbolic sizes
@@ -237,7 +238,7 @@ def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = Non
         if at_hints and isinstance(n.meta.get("val"), torch.SymInt) and n.op in ("placeholder", "call_function"):
             order.append(n)  # a size: its example value
             continue
-        if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_CONSTANT_NODES:
+        if n.op not in ("call_function", "get_attr") or len(seen) > max_nodes:
             return None  # a graph input (placeholder) takes part: the value is not known here
         if n.op == "call_function" and not _repeatable(n.target):
             return None  # random or uninitialised values: one evaluation proves nothing about the next
@@ -266,6 +267,37 @@ def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = Non
     return out.cpu() if out.numel() <= limit else None
 
 
+def size_determined_causal(node: Node, gm: torch.fx.GraphModule, lq, lk, invert: bool) -> bool:
+    """Whether ``node`` is a boolean mask that only sizes decide, each of them a dim of the mask
+    (so its shape decides its values, at every size: fxfuse.ops.size_masks checks it once per
+    shape), and that hides (where True, or False with ``invert``) the causal or sliding-window
+    rule's scores at the example sizes (else the check would be wasted work)."""
+    if shape(node) is None or node.meta["val"].dtype != torch.bool or is_static((lq, lk)):
+        return False
+    dims = {d.node.expr for d in shape(node) if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if isinstance(n.meta.get("val"), torch.SymInt) and n.op in ("placeholder", "call_function"):
+            if not n.meta["val"].node.expr.free_symbols <= dims:
+                return False  # a size the mask's shape does not show (or one read from data)
+            continue
+        if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_SIZE_MASK_NODES:
+            return False  # a graph input's values take part
+        if n.op == "call_function" and not _repeatable(n.target):
+            return False
+        todo.extend(n.all_input_nodes)
+    example = constant_value(node, gm, at_hints=True, max_nodes=_MAX_SIZE_MASK_NODES)
+    if example is None:
+        return False
+    from fxfuse.ops.size_masks import causal_window as window_of
+
+    return hint(lq) <= hint(lk) and window_of(~example if invert else example, hint(lq), hint(lk)) is not None
+
+
 def _repeatable(target) -> bool:
     name = getattr(target, "__name__", str(target))
     tags = getattr(target, "tags", ())
@@ -279,24 +311,11 @@ def _position(gm) -> dict[Node, int]:
 def causal_window(mask: torch.Tensor, lq: int, lk: int) -> int | None:
     """For a boolean mask (broadcast to (…, Lq, Lk)) that hides exactly the keys after each query,
     0; that also hides those ``w`` or more keys before it (a sliding window), ``w``; else None."""
-    from fxfuse.ops.attention import causal_mask
+    from fxfuse.ops.size_masks import causal_window as window_of
 
     if not isinstance(lq, int) or not isinstance(lk, int):
         return None  # a symbolic length: one mask's values prove nothing about another length's
-    if mask.dtype != torch.bool or mask.dim() < 2:
-        return None
-    # One (Lq, Lk) pattern for every batch and head: Hugging Face's mask builders expand theirs
-    # over the batch (B, 1, L, L) even when no padding makes the rows differ.
-    slices = mask.reshape(-1, *mask.shape[-2:])
-    if not bool((slices == slices[:1]).all()):
-        return None
-    hidden = slices[0].expand(lq, lk)
-    if torch.equal(hidden, causal_mask(lq, lk, mask.device)):
-        return 0
-    window = int((~hidden).sum(-1).max())  # the widest row sees exactly the window
-    if 0 < window < lk and torch.equal(hidden, causal_mask(lq, lk, mask.device, window)):
-        return window
-    return None
+    return window_of(mask, lq, lk)
 
 
 def _swap_perm(node: Node) -> list[int] | None:

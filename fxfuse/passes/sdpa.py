@@ -43,7 +43,8 @@ from torch.fx import Node
 from fxfuse import index_expr
 from fxfuse.passes.attention import site_shape
 from fxfuse.passes.attention_index import NotIndex, derive
-from fxfuse.passes.attention_layout import causal_window, constant_value, head_merge_chain, repeated_heads
+from fxfuse.passes.attention_layout import (causal_window, constant_value, head_merge_chain, repeated_heads,
+                                           size_determined_causal)
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   match_layout, same_layout, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
@@ -177,7 +178,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     # The product itself is accumulated in float32 and never rounded to 16 bits (see above).
     steps = [ScoreStep("mul", wide, value=float(scale))]
     score_shape = (b, h, lq, lk)
-    inputs, claimed_mask, boolean, guard = (), None, False, False
+    inputs, claimed_mask, boolean, guard, size_mask = (), None, False, False, -1
     if causal:
         if mask is not None:
             raise Declined("scaled_dot_product_attention with both attn_mask and is_causal")
@@ -218,8 +219,12 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True) if boolean
                          else ScoreStep("add", wide, input=0))
             inputs = ("mask" if boolean else "bias",)
+            # At symbolic sizes: a mask only the sizes decide is checked against the causal rule
+            # once per shape when the site runs (Hugging Face's mask builders).
+            if boolean and size_determined_causal(claimed_mask, gm, lq, lk, invert=True):
+                size_mask = 0
     spec = AttentionSpec(score_dtype=wide, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
-                         kv_groups=h // hk, dropout=float(dropout))
+                         kv_groups=h // hk, dropout=float(dropout), size_mask=size_mask)
     return _Claim(spec, claimed_mask, boolean, guard, k, v)
 
 

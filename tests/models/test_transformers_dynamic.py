@@ -73,6 +73,14 @@ def test_llama_dynamic_true_five_lengths_one_graph(name):
     # 4 query heads over 2 kv heads: the kv heads are read in place at symbolic sizes (SDPA after
     # repeat_kv, and the eager attention's matmuls after it), the repeated copies never made
     assert all(m.spec.kv_groups == 2 for m in be.reports[0].matches if m.kind == "attention")
+    if name == "llama-sdpa":
+        # transformers builds its boolean mask from arange, a packed-sequence cumsum and indexing:
+        # only the sizes decide it, so the operator checked it once per length and ran the causal rule
+        from fxfuse.ops import size_masks
+
+        assert all(m.spec.size_mask == 0 for m in be.reports[0].matches if m.kind == "attention")
+        assert {(key[0][-1], window) for key, window in size_masks._verdicts.items() if key[0][-1] in (5, 7, 9, 12, 16)} \
+            == {(n, 0) for n in (5, 7, 9, 12, 16)}
 
 
 def test_llama_sdpa_static_reads_kv_in_place_and_proves_the_batch_expanded_mask_causal():

@@ -1,0 +1,181 @@
+"""Masks that only the sizes decide, at symbolic sizes (spec field ``size_mask``): the pass marks a
+boolean mask built from arange and the lengths by ops the index deriver does not know (the
+packed-sequence cumsum and self-indexing of transformers' mask builders), and the operator compares
+it with the causal rule once per shape, then runs that rule (no mask read). Near-misses: masks read
+from an input, masks whose values depend on a size that is not one of their dims, masks that are
+not causal."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fxfuse.backend import Backend
+from fxfuse.ops import size_masks
+from fxfuse.spec_attention import AttentionSpec, ScoreStep
+from tests.tolerances import assert_close_to_reference
+
+D, H = 16, 2
+NEG_INF = float("-inf")
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    size_masks._verdicts.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _spec(*, bias_first=False, invert=True):
+    fill = ScoreStep("fill", "float32", value=NEG_INF, input=1 if bias_first else 0, invert=invert)
+    steps = (ScoreStep("mul", "float32", value=0.25),)
+    if bias_first:
+        return AttentionSpec("float32", steps + (ScoreStep("add", "float32", input=0), fill), inputs=("bias", "mask"),
+                             size_mask=1)
+    return AttentionSpec("float32", steps + (fill, ScoreStep("add", "float32", input=1)), inputs=("mask", "bias"),
+                         size_mask=0)
+
+
+def _visible(lq, lk, window=0):
+    return ~size_masks.causal_mask(lq, lk, "cpu", window)
+
+
+def test_a_causal_mask_becomes_the_rule_and_the_other_inputs_are_renumbered():
+    bias = torch.randn(1, H, 6, 6)
+    for spec, extras, kept in ((_spec(), [_visible(6, 6)[None, None].expand(2, 1, 6, 6), bias], 0),
+                               (_spec(bias_first=True), [bias, _visible(6, 6)[None, None]], 0)):
+        resolved, left, dropped = size_masks.resolve(spec, extras, 6, 6)
+        assert dropped == spec.size_mask and resolved.causal and resolved.size_mask == -1
+        assert resolved.inputs == ("bias",) and left == [bias]
+        assert [s.input for s in resolved.steps if s.op == "add"] == [kept]
+
+
+def test_sliding_window_masks_keep_their_window_and_other_masks_stay():
+    resolved, _, _ = size_masks.resolve(_spec(), [_visible(8, 8, 3), torch.zeros(8, 8)], 8, 8)
+    assert [s.window for s in resolved.steps if s.causal] == [3]
+    padded = _visible(5, 5)[None, None].repeat(2, 1, 1, 1)
+    padded[1, ..., 0] = False  # one sequence's first key is padding: not one causal pattern
+    for mask, lq, lk in ((padded, 5, 5), (_visible(6, 4), 6, 4)):  # more queries than keys: whole rows hidden
+        spec, extras = _spec(), [mask, torch.zeros(lq, lk)]
+        resolved, left, dropped = size_masks.resolve(spec, extras, lq, lk)
+        assert (resolved, left, dropped) == (spec, extras, -1)
+    assert size_masks._verdicts[((2, 1, 5, 5), "cpu", True, 5, 5)] is None
+
+
+def test_the_verdict_is_taken_once_per_shape():
+    calls = []
+    real = size_masks.causal_window
+    size_masks.causal_window = lambda *a: calls.append(a) or real(*a)
+    try:
+        for _ in range(3):
+            size_masks.resolve(_spec(), [_visible(6, 6), torch.zeros(6, 6)], 6, 6)
+        size_masks.resolve(_spec(), [_visible(7, 7), torch.zeros(7, 7)], 7, 7)
+    finally:
+        size_masks.causal_window = real
+    assert len(calls) == 2
+
+
+def _written(q, k, v, mask, bias):
+    return ((q @ k.transpose(-1, -2) * 0.25).masked_fill(~mask, NEG_INF) + bias).softmax(-1) @ v
+
+
+def test_the_operator_with_a_resolved_mask_matches_the_float64_reference_forward_and_backward():
+    leaves = [torch.randn(2, H, 6, D) for _ in range(3)] + [torch.randn(1, H, 6, 6)]
+    mask = _visible(6, 6)[None, None].expand(2, 1, 6, 6)
+    runs = []
+    for fn, dtype in ((None, torch.float32), (_written, torch.float32), (_written, torch.float64)):
+        q, k, v, bias = (t.detach().clone().to(dtype).requires_grad_() for t in leaves)
+        out = torch.ops.fxfuse.attention(q, k, v, [mask, bias], _spec().to_json()) if fn is None else fn(q, k, v, mask, bias)
+        out.pow(2).sum().backward()
+        runs.append([out.detach()] + [t.grad for t in (q, k, v, bias)])
+    for what, got, eager, ref in zip(("out", "dq", "dk", "dv", "dbias"), *runs):
+        assert_close_to_reference(got, eager, ref, what)
+    assert size_masks._verdicts[((2, 1, 6, 6), "cpu", True, 6, 6)] == 0
+
+
+class _MaskBuiltFromSizes(nn.Module):
+    """Attention whose mask is built the way transformers' builders do it at symbolic sizes: position
+    ids from arange, a packed-sequence check by cumsum over their differences, and self-indexing."""
+
+    def __init__(self, style="packed"):
+        super().__init__()
+        self.style, self.qkv = style, nn.Linear(D * H, 3 * D * H)
+
+    def mask(self, x, positions, other):
+        b, n = x.shape[:2]
+        if self.style == "from_input":  # positions are an input: its values may be anything
+            pos = positions
+        else:
+            pos = torch.arange(n, device=x.device)[None].expand(b, n)
+        packed = (torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        bi = torch.arange(b)[:, None, None, None]
+        qi = torch.arange(n)[None, None, :, None]
+        ki = torch.arange(n)[None, None, None, :]
+        visible = (pos[bi, ki] <= pos[bi, qi]) & (packed[bi, qi] == packed[bi, ki])
+        if self.style == "anticausal":
+            visible = pos[bi, ki] >= pos[bi, qi]
+        if self.style == "other_size":  # reads another tensor's length, which is not a dim of the mask
+            visible = visible | (torch.arange(other.shape[0])[-1:] < 0)
+        return visible.expand(b, 1, n, n)
+
+    def forward(self, x, positions, other):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, H, D).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(x, positions, other))
+
+
+def _compiled_specs(style, lengths):
+    torch.manual_seed(0)
+    model, be = _MaskBuiltFromSizes(style), Backend()
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    reference_model = copy.deepcopy(model).double()
+    for n in lengths:
+        x = torch.randn(2, n, D * H, requires_grad=True)
+        positions, other = torch.arange(n)[None].expand(2, n), torch.zeros(2 * n + 1)
+        out = compiled(x, positions, other)
+        eager = model(x, positions, other)
+        ref = reference_model(x.double(), positions, other)
+        assert_close_to_reference(out, eager, ref, f"{style} at L={n}")
+        (gx,) = torch.autograd.grad(out.sum(), x)
+        (ge,) = torch.autograd.grad(eager.sum(), x)
+        (gr,) = torch.autograd.grad(ref.sum(), x)
+        assert_close_to_reference(gx, ge, gr, f"{style} gradient at L={n}")
+    return [m.spec for r in be.reports for m in r.matches if m.kind == "attention"]
+
+
+def test_a_mask_built_from_sizes_runs_the_causal_rule_at_every_length():
+    specs = _compiled_specs("packed", (5, 7, 9, 12))
+    assert specs and all(s.size_mask == 0 for s in specs), specs
+    assert {key[0][-1] for key, window in size_masks._verdicts.items() if window == 0} == {5, 7, 9, 12}
+
+
+@pytest.mark.parametrize("style", ["from_input", "anticausal", "other_size"])
+def test_near_misses_keep_the_mask(style):
+    specs = _compiled_specs(style, (5, 7))
+    assert specs and all(s.size_mask == -1 and not s.causal for s in specs), specs
+
+
+def test_interpreted_kernels_get_the_causal_spec_without_the_mask(monkeypatch):
+    import fxfuse
+    import fxfuse.runtime.attention as kernels
+
+    seen = []
+    real_forward, real_backward = kernels.forward, kernels.backward
+    monkeypatch.setattr(kernels, "forward", lambda s, q, k, v, extras, **kw: seen.append(("forward", s, len(extras))) or
+                        real_forward(s, q, k, v, extras, **kw))
+    monkeypatch.setattr(kernels, "backward", lambda s, g, q, k, v, extras, *a, **kw: seen.append(("backward", s, len(extras))) or
+                        real_backward(s, g, q, k, v, extras, *a, **kw))
+    leaves = [torch.randn(1, H, 5, D) for _ in range(3)] + [torch.randn(1, H, 5, 5)]
+    mask = _visible(5, 5)[None, None]
+    runs = []
+    for kernel in (True, False):
+        q, k, v, bias = (t.clone().requires_grad_() for t in leaves)
+        with fxfuse.config.patch(interpret=kernel):
+            out = torch.ops.fxfuse.attention(q, k, v, [mask, bias], _spec().to_json())
+            out.pow(2).sum().backward()
+        runs.append([out.detach()] + [t.grad for t in (q, k, v, bias)])
+    assert {kind for kind, _, _ in seen} == {"forward", "backward"}
+    assert all(s.causal and s.inputs == ("bias",) and n == 1 for _, s, n in seen), seen
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
