@@ -89,6 +89,8 @@ class AttentionSpec:
                    sizes), or -1. Once per mask shape the operator compares its values with the
                    causal and sliding-window rules; where one holds it runs that rule instead (no
                    mask read, hidden tiles skipped: fxfuse.ops.size_masks).
+    size_key:      with ``size_mask``, a digest of the function from the mask's shape to its values
+                   (its subgraph): masks with one key share their verdicts.
     """
 
     score_dtype: str
@@ -103,6 +105,7 @@ class AttentionSpec:
     sinks: int = -1
     normalizer: str = "softmax"
     size_mask: int = -1
+    size_key: str = ""
 
     @property
     def softmax_dtype(self) -> str:
@@ -154,7 +157,7 @@ class AttentionSpec:
         if self.normalizer == "softmax":
             del raw["normalizer"]
         if self.size_mask < 0:
-            del raw["size_mask"]
+            del raw["size_mask"], raw["size_key"]
         for step in raw["steps"]:
             if step["expr"] is None:  # specs without expressions keep their JSON (and kernel names)
                 del step["expr"]
@@ -171,7 +174,7 @@ class AttentionSpec:
     # must be renumbered there too (``without_input`` declines specs with fields it does not know).
     _RENUMBERED = {"steps", "inputs", "sinks", "size_mask"}
     _UNINDEXED = {"score_dtype", "prob_dtype", "kv_groups", "dropout", "safe_softmax", "rope_q", "rope_k",
-                  "normalizer"}
+                  "normalizer", "size_key"}
 
     def without_input(self, index: int) -> "AttentionSpec | None":
         """The spec with input ``index`` removed and the later inputs renumbered, once no step reads
@@ -188,7 +191,8 @@ class AttentionSpec:
         return dataclasses.replace(
             self, steps=steps, inputs=self.inputs[:index] + self.inputs[index + 1:],
             sinks=moved[self.sinks] if self.sinks >= 0 else -1,
-            size_mask=moved[self.size_mask] if self.size_mask >= 0 and self.size_mask != index else -1)
+            size_mask=moved[self.size_mask] if self.size_mask >= 0 and self.size_mask != index else -1,
+            size_key=self.size_key if self.size_mask >= 0 and self.size_mask != index else "")
 
     def describe(self) -> str:
         """The spec in words: ``attention: scale 0.5, masked_fill(-inf), + bias, softmax in f32 -> bf16``."""

@@ -26,7 +26,7 @@ from fxfuse.spec_attention import STEP_OPS, AttentionSpec
 
 # The spec fields this template renders; any other field must be at its default.
 _KNOWN_FIELDS = {"score_dtype", "steps", "prob_dtype", "inputs", "kv_groups", "dropout", "safe_softmax",
-                 "size_mask"}  # an unresolved size mask is a plain mask input
+                 "size_mask", "size_key"}  # an unresolved size mask is a plain mask input
 _KNOWN_STEP_FIELDS = {"op", "dtype", "value", "input", "invert", "window", "expr"}
 
 

@@ -22,7 +22,8 @@ from torch import Tensor
 from fxfuse.spec_attention import AttentionSpec
 
 _MISSING = object()
-_verdicts: dict[tuple, int | None] = {}  # (mask shape, device type, invert, Lq, Lk) -> window or None
+# (size key, mask shape, device type, invert, Lq, Lk) -> window or None
+_verdicts: dict[tuple, int | None] = {}
 
 
 def causal_mask(lq: int, lk: int, device, window: int = 0, rows: tuple[int, int] | None = None) -> Tensor:
@@ -63,18 +64,18 @@ def resolve(spec: AttentionSpec, extras: list[Tensor], lq: int, lk: int) -> tupl
         return spec, extras, -1
     (k, step), = [(k, s) for k, s in enumerate(spec.steps) if s.input == index]
     mask = extras[index]
-    key = (tuple(mask.shape), mask.device.type, step.invert, lq, lk)
+    key = (spec.size_key, tuple(mask.shape), mask.device.type, step.invert, lq, lk)
     window = _verdicts.get(key, _MISSING)
     if window is _MISSING:
         # Bottom-right alignment with more queries than keys hides whole rows, which the mask's
         # fill value (not the rule's bookkeeping) decides: those stay with the mask.
         window = causal_window(~mask if step.invert else mask, lq, lk) if lq <= lk else None
         _verdicts[key] = window
-    if window is None:
-        return spec, extras, -1
+    if window is None:  # a plain mask input at this shape
+        return dataclasses.replace(spec, size_mask=-1, size_key=""), extras, -1
     rule = dataclasses.replace(step, input=-1, invert=False, window=window)
     steps = spec.steps[:k] + (rule,) + spec.steps[k + 1:]
-    resolved = dataclasses.replace(spec, steps=steps, size_mask=-1).without_input(index)
+    resolved = dataclasses.replace(spec, steps=steps, size_mask=-1, size_key="").without_input(index)
     if resolved is None:
         return spec, extras, -1
     return resolved, extras[:index] + extras[index + 1:], index

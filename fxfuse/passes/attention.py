@@ -40,7 +40,7 @@ from fxfuse.passes.attention_dropout import Dropout, NotDropout, drawn_nearby, d
 from fxfuse.passes.attention_index import Derived, NotIndex, derive, reads_graph_input
 from fxfuse.passes.attention_variants import NotVariant, reaches, sigmoid_candidate, sigmoid_decline, sink_form
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
-                                           layout_chain_back, size_determined_causal, source_operand)
+                                           layout_chain_back, size_mask_key, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
@@ -495,7 +495,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         raise Declined(f"the scores are viewed as {list(windows[0])}, which is not their (B, H) = {list(lead)} "
                        "split with the batch dim split in two; fused attention cannot read a step there")
     extras, kinds, spec_steps, product_bias, notes, split_lead, merge_lead = [], [], [], None, [], set(), {}
-    size_mask = -1
+    size_mask, size_key = -1, ""
     for step, extra in head:  # the added product's own steps: its bias has the product's shape
         if extra is not None:
             step = dataclasses.replace(step, input=len(extras))
@@ -531,8 +531,8 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 # At symbolic sizes: a mask only the sizes decide is checked against the causal
                 # rule once per shape when the site runs (Hugging Face's mask builders).
                 if step.op == "fill" and aligned and size_mask < 0 and \
-                        size_determined_causal(extra, gm, lq, lk, step.invert):
-                    size_mask = len(extras)
+                        (key := size_mask_key(extra, gm, lq, lk, step.invert)) is not None:
+                    size_mask, size_key = len(extras), key
                 step = dataclasses.replace(step, input=len(extras))
                 if flat:
                     split_lead.add(len(extras))
@@ -566,7 +566,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
         score_dtype=score_dtype, steps=tuple(spec_steps), prob_dtype=dtype_name(dtype(p_node)),
         inputs=tuple(kinds), kv_groups=k_groups if k_groups == v_groups else 1,
         dropout=probs.dropout.rate if probs.dropout else 0.0, safe_softmax=safe, sinks=sinks,
-        normalizer="sigmoid" if sigmoid else "softmax", size_mask=size_mask,
+        normalizer="sigmoid" if sigmoid else "softmax", size_mask=size_mask, size_key=size_key,
     )
     dropped = probs.dropout.nodes if probs.dropout else []
     interior = {qk, *score_chain, *(s[0] for s in steps), *views, softmax, *casts, *dropped, *p_chain, pv,

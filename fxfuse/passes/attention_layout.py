@@ -16,6 +16,7 @@ soundness argument: each answers "is this rewrite exact?" and returns None/False
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 
@@ -267,35 +268,60 @@ def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = Non
     return out.cpu() if out.numel() <= limit else None
 
 
-def size_determined_causal(node: Node, gm: torch.fx.GraphModule, lq, lk, invert: bool) -> bool:
-    """Whether ``node`` is a boolean mask that only sizes decide, each of them a dim of the mask
-    (so its shape decides its values, at every size: fxfuse.ops.size_masks checks it once per
-    shape), and that hides (where True, or False with ``invert``) the causal or sliding-window
-    rule's scores at the example sizes (else the check would be wasted work)."""
+def size_mask_key(node: Node, gm: torch.fx.GraphModule, lq, lk, invert: bool) -> str | None:
+    """For a boolean mask that only sizes decide, each of them a dim of the mask (so its shape
+    decides its values, at every size: fxfuse.ops.size_masks checks it once per shape), a key
+    naming the function from its shape to its values: a digest of its subgraph, with each size
+    written in terms of the mask's dims. Two masks with one key compute the same values at the
+    same shape, so they may share a verdict. None when something else enters the values, or when
+    the mask does not hide (where True, or False with ``invert``) the causal or sliding-window
+    rule's scores at the example sizes (the check would be wasted work)."""
     if shape(node) is None or node.meta["val"].dtype != torch.bool or is_static((lq, lk)):
-        return False
-    dims = {d.node.expr for d in shape(node) if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
-    todo, seen = [node], set()
+        return None
+    dims = {d.node.expr: sympy.Symbol(f"dim{i}") for i, d in enumerate(shape(node))
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
+    todo, seen, sizes = [node], set(), {}
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
         if isinstance(n.meta.get("val"), torch.SymInt) and n.op in ("placeholder", "call_function"):
-            if not n.meta["val"].node.expr.free_symbols <= dims:
-                return False  # a size the mask's shape does not show (or one read from data)
+            size = n.meta["val"].node.expr
+            if not size.free_symbols <= set(dims):
+                return None  # a size the mask's shape does not show (or one read from data)
+            sizes[n] = sympy.srepr(size.xreplace(dims))
             continue
         if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_SIZE_MASK_NODES:
-            return False  # a graph input's values take part
+            return None  # a graph input's values take part
         if n.op == "call_function" and not _repeatable(n.target):
-            return False
+            return None
         todo.extend(n.all_input_nodes)
     example = constant_value(node, gm, at_hints=True, max_nodes=_MAX_SIZE_MASK_NODES)
-    if example is None:
-        return False
     from fxfuse.ops.size_masks import causal_window as window_of
 
-    return hint(lq) <= hint(lk) and window_of(~example if invert else example, hint(lq), hint(lk)) is not None
+    if example is None or hint(lq) > hint(lk) or \
+            window_of(~example if invert else example, hint(lq), hint(lk)) is None:
+        return None
+    return _subgraph_digest(gm, seen, sizes)
+
+
+def _subgraph_digest(gm, nodes: set, sizes: dict) -> str:
+    """A digest of what the nodes compute: each node's op and arguments in program order, the
+    nodes it reads named by their place, sizes by their expressions, constants by their values."""
+    names, lines = {}, []
+    for n in sorted(nodes, key=_position(gm).__getitem__):
+        if n in sizes:
+            text = f"size {sizes[n]}"
+        elif n.op == "get_attr":
+            t = getattr(gm, n.target)
+            text = f"constant {t.dtype} {tuple(t.shape)} {hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}"
+        else:
+            args = torch.fx.node.map_arg((n.args, n.kwargs), names.__getitem__)
+            text = f"{n.target} {args!r}"
+        names[n] = f"%{len(names)}"
+        lines.append(text)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:20]
 
 
 def _repeatable(target) -> bool:

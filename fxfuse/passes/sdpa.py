@@ -44,7 +44,7 @@ from fxfuse import index_expr
 from fxfuse.passes.attention import site_shape
 from fxfuse.passes.attention_index import NotIndex, derive
 from fxfuse.passes.attention_layout import (causal_window, constant_value, head_merge_chain, repeated_heads,
-                                           size_determined_causal)
+                                           size_mask_key)
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   match_layout, same_layout, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
@@ -178,7 +178,7 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
     # The product itself is accumulated in float32 and never rounded to 16 bits (see above).
     steps = [ScoreStep("mul", wide, value=float(scale))]
     score_shape = (b, h, lq, lk)
-    inputs, claimed_mask, boolean, guard, size_mask = (), None, False, False, -1
+    inputs, claimed_mask, boolean, guard, size_mask, size_key = (), None, False, False, -1, ""
     if causal:
         if mask is not None:
             raise Declined("scaled_dot_product_attention with both attn_mask and is_causal")
@@ -221,10 +221,11 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
             inputs = ("mask" if boolean else "bias",)
             # At symbolic sizes: a mask only the sizes decide is checked against the causal rule
             # once per shape when the site runs (Hugging Face's mask builders).
-            if boolean and size_determined_causal(claimed_mask, gm, lq, lk, invert=True):
-                size_mask = 0
+            if boolean and (key := size_mask_key(claimed_mask, gm, lq, lk, invert=True)) is not None:
+                size_mask, size_key = 0, key
     spec = AttentionSpec(score_dtype=wide, steps=tuple(steps), prob_dtype=in_dtype, inputs=inputs,
-                         kv_groups=h // hk, dropout=float(dropout), size_mask=size_mask)
+                         kv_groups=h // hk, dropout=float(dropout), size_mask=size_mask,
+                         size_key=size_key)
     return _Claim(spec, claimed_mask, boolean, guard, k, v)
 
 

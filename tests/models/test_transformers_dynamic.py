@@ -79,7 +79,7 @@ def test_llama_dynamic_true_five_lengths_one_graph(name):
         from fxfuse.ops import size_masks
 
         assert all(m.spec.size_mask == 0 for m in be.reports[0].matches if m.kind == "attention")
-        assert {(key[0][-1], window) for key, window in size_masks._verdicts.items() if key[0][-1] in (5, 7, 9, 12, 16)} \
+        assert {(key[1][-1], window) for key, window in size_masks._verdicts.items() if key[1][-1] in (5, 7, 9, 12, 16)} \
             == {(n, 0) for n in (5, 7, 9, 12, 16)}
 
 

@@ -5,6 +5,7 @@ it with the causal rule once per shape, then runs that rule (no mask read). Near
 from an input, masks whose values depend on a size that is not one of their dims, masks that are
 not causal."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -32,9 +33,9 @@ def _spec(*, bias_first=False, invert=True):
     steps = (ScoreStep("mul", "float32", value=0.25),)
     if bias_first:
         return AttentionSpec("float32", steps + (ScoreStep("add", "float32", input=0), fill), inputs=("bias", "mask"),
-                             size_mask=1)
+                             size_mask=1, size_key="test")
     return AttentionSpec("float32", steps + (fill, ScoreStep("add", "float32", input=1)), inputs=("mask", "bias"),
-                         size_mask=0)
+                         size_mask=0, size_key="test")
 
 
 def _visible(lq, lk, window=0):
@@ -59,8 +60,9 @@ def test_sliding_window_masks_keep_their_window_and_other_masks_stay():
     for mask, lq, lk in ((padded, 5, 5), (_visible(6, 4), 6, 4)):  # more queries than keys: whole rows hidden
         spec, extras = _spec(), [mask, torch.zeros(lq, lk)]
         resolved, left, dropped = size_masks.resolve(spec, extras, lq, lk)
-        assert (resolved, left, dropped) == (spec, extras, -1)
-    assert size_masks._verdicts[((2, 1, 5, 5), "cpu", True, 5, 5)] is None
+        assert (left, dropped) == (extras, -1)  # the spec read as the plain mask site it is at this shape
+        assert resolved == dataclasses.replace(spec, size_mask=-1, size_key="")
+    assert size_masks._verdicts[("test", (2, 1, 5, 5), "cpu", True, 5, 5)] is None
 
 
 def test_the_verdict_is_taken_once_per_shape():
@@ -91,7 +93,7 @@ def test_the_operator_with_a_resolved_mask_matches_the_float64_reference_forward
         runs.append([out.detach()] + [t.grad for t in (q, k, v, bias)])
     for what, got, eager, ref in zip(("out", "dq", "dk", "dv", "dbias"), *runs):
         assert_close_to_reference(got, eager, ref, what)
-    assert size_masks._verdicts[((2, 1, 6, 6), "cpu", True, 6, 6)] == 0
+    assert size_masks._verdicts[("test", (2, 1, 6, 6), "cpu", True, 6, 6)] == 0
 
 
 class _MaskBuiltFromSizes(nn.Module):
@@ -113,6 +115,8 @@ class _MaskBuiltFromSizes(nn.Module):
         qi = torch.arange(n)[None, None, :, None]
         ki = torch.arange(n)[None, None, None, :]
         visible = (pos[bi, ki] <= pos[bi, qi]) & (packed[bi, qi] == packed[bi, ki])
+        if self.style == "window":
+            visible = visible & (pos[bi, qi] - pos[bi, ki] < 3)
         if self.style == "anticausal":
             visible = pos[bi, ki] >= pos[bi, qi]
         if self.style == "other_size":  # reads another tensor's length, which is not a dim of the mask
@@ -147,7 +151,16 @@ def _compiled_specs(style, lengths):
 def test_a_mask_built_from_sizes_runs_the_causal_rule_at_every_length():
     specs = _compiled_specs("packed", (5, 7, 9, 12))
     assert specs and all(s.size_mask == 0 for s in specs), specs
-    assert {key[0][-1] for key, window in size_masks._verdicts.items() if window == 0} == {5, 7, 9, 12}
+    assert {key[1][-1] for key, window in size_masks._verdicts.items() if window == 0} == {5, 7, 9, 12}
+
+
+def test_masks_computing_other_values_have_other_keys_and_verdicts():
+    causal, again, window = (_compiled_specs(style, (6, 8)) for style in ("packed", "packed", "window"))
+    assert {s.size_key for s in causal} == {s.size_key for s in again} != {s.size_key for s in window}
+    assert all(s.size_mask == 0 for s in causal + window)
+    verdicts = {(key[0], key[1][-1]): w for key, w in size_masks._verdicts.items()}
+    assert verdicts == {(causal[0].size_key, 6): 0, (causal[0].size_key, 8): 0,
+                        (window[0].size_key, 6): 3, (window[0].size_key, 8): 3}
 
 
 @pytest.mark.parametrize("style", ["from_input", "anticausal", "other_size"])
