@@ -13,6 +13,8 @@ that form instead of calling the backward operator:
 - attention that ATen's fused CPU attention computes exactly (``ops.attention._sdpa_form``), in
   training only where its backward gives the user's gradient (no mask, or causal with Lq == Lk):
   ``F.scaled_dot_product_attention`` -- its flash CPU kernel forward and backward;
+- a mask that only the sizes decide (``size_mask``, at symbolic sizes) keeps the operator, which
+  compares it with the causal rule once per shape and then runs ATen's ``is_causal`` kernels;
 - other attention, with static sizes and no dropout: the spec's torch reference, which Inductor
   fuses as it would have fused the user's code (dropout keeps the operator: its mask is drawn from a
   seeded generator, which tracing cannot carry; symbolic sizes keep it too, since the reference
@@ -62,6 +64,8 @@ def _laid_out(out, merge_heads: bool):
 
 def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False, *, grads=(), qkv_grad=False):
     s = attention_op._spec(spec)
+    if s.size_mask >= 0:  # the operator checks the mask once per shape, then runs is_causal (ops.size_masks)
+        return None
     form = attention_op._sdpa_form(s)
     # SDPA's CPU kernel gives no gradient for its mask: a bias that needs one (T5's learned
     # position bias) takes the reference, which autograd differentiates; and with a mask its
