@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
@@ -141,7 +142,15 @@ class Backend:
             # The backward runs when autograd calls it, outside the forward's options (below).
             return self._run_with_options(compiled) if backward and runtime else compiled
 
-        compiled = compile_fx(aten_gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+        # make_fx's symbolic trace leaves its ShapeEnv on the module, which Inductor's cache keys
+        # cannot pickle: every dynamic-shape compile warned "Failed to pickle cache key" and
+        # bypassed the FX graph cache. The sizes' symbols live on in the nodes' fake tensors (in
+        # Dynamo's own ShapeEnv). AOTAutograd's cache stays off for these graphs: a hit there skips
+        # inner_compile, which gives the backward fxfuse's runtime options and dumps the graphs;
+        # Inductor's FX graph cache, inside inner_compile, still saves each kernel's compile.
+        aten_gm.shape_env = None
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = compile_fx(aten_gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
         if not runtime:
             return compiled
 

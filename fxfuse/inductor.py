@@ -13,8 +13,10 @@ that form instead of calling the backward operator:
 - attention that ATen's fused CPU attention computes exactly (``ops.attention._sdpa_form``), in
   training only where its backward gives the user's gradient (no mask, or causal with Lq == Lk):
   ``F.scaled_dot_product_attention`` -- its flash CPU kernel forward and backward;
-- a mask that only the sizes decide (``size_mask``, at symbolic sizes) keeps the operator, which
-  compares it with the causal rule once per shape and then runs ATen's ``is_causal`` kernels;
+- a mask that only the sizes decide (``size_mask``, at symbolic sizes) keeps an operator, which
+  compares it with the causal rule once per shape and then runs ATen's ``is_causal`` kernels; in
+  training ``fxfuse::attention_saved`` (ops.attention_saved), which saves the flash forward's row
+  statistics for its backward instead of recomputing the forward there;
 - other attention, with static sizes and no dropout: the spec's torch reference, which Inductor
   fuses as it would have fused the user's code (dropout keeps the operator: its mask is drawn from a
   seeded generator, which tracing cannot carry; symbolic sizes keep it too, since the reference
@@ -40,6 +42,7 @@ from fxfuse import config
 from fxfuse.capture import saved_tensors_hooks_deferred
 from fxfuse.ops import attention as attention_op
 from fxfuse.ops import attention_rope as rope_op
+from fxfuse.ops import attention_saved  # noqa: F401  (defines fxfuse::attention_saved)
 from fxfuse.ops import norm as norm_op
 
 _fx = torch.ops.fxfuse
@@ -64,7 +67,10 @@ def _laid_out(out, merge_heads: bool):
 
 def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False, *, grads=(), qkv_grad=False):
     s = attention_op._spec(spec)
-    if s.size_mask >= 0:  # the operator checks the mask once per shape, then runs is_causal (ops.size_masks)
+    if s.size_mask >= 0:  # an operator checks the mask once per shape, then runs is_causal (ops.size_masks)
+        if qkv_grad and s.inputs == ("mask",) and not s.dropout and attention_op._sdpa_form(s) is not None:
+            # training: the operator that saves the flash forward's statistics for its backward
+            return lambda q, k, v, mask: _laid_out(_fx.attention_saved(q, k, v, [mask], spec)[0], merge_heads)
         return None
     form = attention_op._sdpa_form(s)
     # SDPA's CPU kernel gives no gradient for its mask: a bias that needs one (T5's learned

@@ -199,3 +199,33 @@ def test_a_layer_norm_site_reaches_inductor_as_atens_layer_norm_forward_and_back
            for run in ("fused", "plain")}
     assert ops["fused"] == ops["plain"]
 
+
+
+def test_dynamic_shape_graphs_use_inductors_fx_graph_cache_and_still_run_inner_compile(tmp_path, monkeypatch):
+    # make_fx's symbolic trace left its ShapeEnv on the graph, which Inductor's cache keys cannot
+    # pickle ("Failed to pickle cache key": every dynamic-shape compile bypassed the cache). And a
+    # hit of AOTAutograd's cache would skip fxfuse's inner_compile (the backward's options, dumps).
+    from torch._dynamo.utils import counters
+
+    import fxfuse.backend
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    stages = []
+    real_dump = fxfuse.backend.dump_graph
+    monkeypatch.setattr(fxfuse.backend, "dump_graph", lambda gm, stage, index: stages.append(stage) or
+                        real_dump(gm, stage, index))
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
+    runs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        with torch._inductor.config.patch(fx_graph_cache=True):
+            out = torch.compile(model, backend="fxfuse", dynamic=True)(x)
+            out.sum().backward()
+        runs.append((dict(counters["inductor"]), stages.copy()))
+        stages.clear()
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    (first, first_stages), (second, second_stages) = runs
+    assert first.get("fxgraph_cache_bypass", 0) == 0 and first.get("fxgraph_cache_miss", 0) >= 2, first
+    assert second.get("fxgraph_cache_bypass", 0) == 0 and second.get("fxgraph_cache_hit", 0) >= 2, second
+    assert sorted(first_stages) == sorted(second_stages) == ["aot_backward", "aot_forward"]

@@ -192,3 +192,23 @@ def test_interpreted_kernels_get_the_causal_spec_without_the_mask(monkeypatch):
     assert all(s.causal and s.inputs == ("bias",) and n == 1 for _, s, n in seen), seen
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.inductor  # the composed backend (conftest runs other tests' graphs with inner="eager")
+def test_training_under_inductor_saves_the_flash_statistics_instead_of_rerunning_the_forward(monkeypatch):
+    from fxfuse.ops import attention_saved
+
+    calls = []
+
+    class _Counting:
+        def __getattr__(self, name):
+            op = getattr(torch.ops.aten, name)
+            return lambda *a, **kw: calls.append(name) or op(*a, **kw)
+
+    monkeypatch.setattr(attention_saved, "_aten", _Counting())
+    specs = _compiled_specs("packed", (6, 9, 11))  # outputs and input gradients checked against float64
+    assert specs and all(s.size_mask == 0 for s in specs)
+    forward, backward = "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"
+    # the first length compiles a static graph (its mask proved causal at capture); then one
+    # forward and one backward per step, at every symbolic length, and no forward rerun
+    assert calls.count(backward) >= 2 and calls.count(forward) == calls.count(backward), calls
