@@ -105,8 +105,12 @@ def _walk(m: torch.nn.Module, prefix: str, params: list, buffers: list, training
     with each module's parameters and buffers, in one pass without its generators."""
     training.append(_mode(m))
     dot = prefix + "." if prefix else ""
-    params.extend((dot + n, p) for n, p in m._parameters.items() if p is not None)
-    buffers.extend((dot + n, b) for n, b in m._buffers.items() if b is not None)
+    for n, p in m._parameters.items():  # (loops, not generators: most modules have none)
+        if p is not None:
+            params.append((dot + n, p))
+    for n, b in m._buffers.items():
+        if b is not None:
+            buffers.append((dot + n, b))
     for n, sub in m._modules.items():
         if sub is not None:
             _walk(sub, dot + n, params, buffers, training)
