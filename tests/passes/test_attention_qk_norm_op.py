@@ -80,3 +80,40 @@ def test_operator_matches_float64(dtype, kind, cpu_path):
         else:
             assert_close_as_a_whole(a, e, r, dtype, f"result {i}")
 
+
+
+def test_kernels_normalise_in_their_loads(monkeypatch):
+    """On the interpreted path at D = 16 the kernels get the norm weights and q, k unnormalised (no
+    normalised copy is made in torch, forward or backward); at D = 8 the operator normalises in torch."""
+    import fxfuse.runtime.attention as kernels
+    from fxfuse.ops import attention_qk_norm as qk_norm
+
+    calls = []
+    for fn in ("forward", "backward"):
+        original = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, _f=original, _n=fn, **kw: calls.append((_n, len(kw.get("tables", ()))))
+                            or _f(*a, **kw))
+    normalised = qk_norm.normalised
+    monkeypatch.setattr(qk_norm, "normalised", lambda *a: pytest.fail("normalised in torch"))
+    spec = _spec("float32", "layer").to_json()
+    with fxfuse.config.patch(interpret=True):
+        operands, tables = _inputs(torch.float32, "layer", lq=3, lk=7)
+        _grads(lambda q, k, v, t: torch.ops.fxfuse.attention_rope(q, k, v, [], t, spec), operands, tables)
+    assert ("forward", 8) in calls and ("backward", 8) in calls, calls
+    monkeypatch.setattr(qk_norm, "normalised", normalised)
+    operands, tables = _inputs(torch.float32, "rms", d=8)
+    with fxfuse.config.patch(interpret=True):
+        got = torch.ops.fxfuse.attention_rope(*operands, [], tables, _spec("float32", "rms").to_json())
+    torch.testing.assert_close(got, rope.reference(_spec("float32", "rms"), *operands, [], tables))
+
+
+def test_spec_words_json_and_split_decode():
+    from fxfuse.codegen.attention_decode import splittable
+
+    spec = _spec("float32", "rms", on="k")
+    assert AttentionSpec.from_json(spec.to_json()) == spec and "norm_q" not in spec.to_json()
+    assert "QK-norm on k before RoPE (rms_norm, eps=1e-06" in spec.describe() and "QK-norm on q" not in spec.describe()
+    assert "norm_k" in splittable(dataclasses.replace(spec, rope_q="", rope_k=""))  # the split kernel does not render it
+    operands, tables = _inputs(torch.float32, "rms", on="k")
+    with pytest.raises(ValueError, match="then the norm parameters"):
+        torch.ops.fxfuse.attention_rope(*operands, [], tables[:4], spec.to_json())
