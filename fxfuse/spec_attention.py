@@ -14,7 +14,7 @@ import json
 import math
 
 from fxfuse.index_expr import relabel_loads, text, tupled
-from fxfuse.spec import _SHORT
+from fxfuse.spec import _SHORT, NormSpec
 
 # Step kinds on the scores ``s`` (all elementwise, all keep the score shape):
 #   "mul"  s * value            (a Python scalar from the graph), or s * inputs[input] when
@@ -91,6 +91,10 @@ class AttentionSpec:
                    mask read, hidden tiles skipped: fxfuse.ops.size_masks).
     size_key:      with ``size_mask``, a digest of the function from the mask's shape to its values
                    (its subgraph): masks with one key share their verdicts.
+    norm_q/norm_k: QK-norm: a NormSpec (its JSON, fxfuse.spec) normalising each row of q (k) over the
+                   head dim as the operator loads it, before any RoPE, "" for none; its parameters
+                   follow the cos/sin tables in ``fxfuse.attention_rope``'s ``tables`` (see
+                   fxfuse.ops.attention_qk_norm).
     """
 
     score_dtype: str
@@ -106,6 +110,8 @@ class AttentionSpec:
     normalizer: str = "softmax"
     size_mask: int = -1
     size_key: str = ""
+    norm_q: str = ""
+    norm_k: str = ""
 
     @property
     def softmax_dtype(self) -> str:
@@ -149,7 +155,7 @@ class AttentionSpec:
             del raw["dropout"]
         if not self.safe_softmax:  # likewise: only safe-softmax sites name it
             del raw["safe_softmax"]
-        for field in ("rope_q", "rope_k"):  # likewise: only RoPE sites name them
+        for field in ("rope_q", "rope_k", "norm_q", "norm_k"):  # likewise: only RoPE / QK-norm sites name them
             if not raw[field]:
                 del raw[field]
         if self.sinks < 0:  # likewise (new fields stay out of the JSON at their defaults: same spec, same bytes)
@@ -174,7 +180,7 @@ class AttentionSpec:
     # must be renumbered there too (``without_input`` declines specs with fields it does not know).
     _RENUMBERED = {"steps", "inputs", "sinks", "size_mask"}
     _UNINDEXED = {"score_dtype", "prob_dtype", "kv_groups", "dropout", "safe_softmax", "rope_q", "rope_k",
-                  "normalizer", "size_key"}
+                  "normalizer", "size_key", "norm_q", "norm_k"}
 
     def without_input(self, index: int) -> "AttentionSpec | None":
         """The spec with input ``index`` removed and the later inputs renumbered, once no step reads
@@ -244,5 +250,9 @@ class AttentionSpec:
         rotated = [f"{name} ({style})" for name, style in (("q", self.rope_q), ("k", self.rope_k)) if style]
         if rotated:
             parts.append("RoPE on " + " and ".join(rotated))
+        for name, norm in (("q", self.norm_q), ("k", self.norm_k)):
+            if norm:
+                order = " before RoPE" if getattr(self, f"rope_{name}") else ""
+                parts.append(f"QK-norm on {name}{order} ({NormSpec.from_json(norm).describe()})")
         parts.append(f"-> {_SHORT[self.out_dtype]}")
         return "attention: " + ", ".join(parts)
