@@ -3,7 +3,9 @@
 ``out = attn(q1, k1, v) - lambda * attn(q2, k2, v)`` (Ye et al., Differential Transformer), where
 ``attn`` is the site's spec without ``differential`` (``halves``): both halves run the same score
 steps on the same extra tensors (masks, biases) and share v. ``lam`` is a tensor that broadcasts to
-the output as a scalar or one value per (batch, head): right-aligned, its last two dims are 1.
+the output as a scalar or one value per (batch, head): right-aligned, its last two dims are 1. With
+``merge_heads`` the output is laid out in (B, Lq, H, Dv) memory order, as for ``fxfuse.attention``
+(the halves' outputs were, so their difference was too).
 
 Paths, as for ``fxfuse.attention``: on CUDA (or the CPU with interpretation asked for) the
 generated kernel runs both online softmaxes over the same key tiles and reads each v tile once
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from fxfuse import config
 from fxfuse.ops import attention as attention_op
+from fxfuse.runtime.arguments import output_buffer
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 
@@ -68,33 +71,35 @@ def _check(spec: AttentionSpec, q1, k1, q2, k2, v, lam) -> None:
     lambda_4d(lam, q1.shape[0], q1.shape[1])
 
 
-def cpu_forward(spec: AttentionSpec, q1, k1, q2, k2, v, lam, extras, autograd: bool = False) -> Tensor:
+def cpu_forward(spec: AttentionSpec, q1, k1, q2, k2, v, lam, extras, merge_heads: bool = False,
+                autograd: bool = False) -> Tensor:
     """Each half by ``fxfuse.ops.attention.cpu_forward``, combined as the user's code did."""
     half = halves(spec)
-    o1 = attention_op.cpu_forward(half, q1, k1, v, extras, autograd=autograd)
-    o2 = attention_op.cpu_forward(half, q2, k2, v, extras, autograd=autograd)
-    return attention_op._laid_out(combine(o1, o2, lam), False)
+    o1 = attention_op.cpu_forward(half, q1, k1, v, extras, merge_heads=merge_heads, autograd=autograd)
+    o2 = attention_op.cpu_forward(half, q2, k2, v, extras, merge_heads=merge_heads, autograd=autograd)
+    return attention_op._laid_out(combine(o1, o2, lam), merge_heads)
 
 
 @torch.library.custom_op("fxfuse::attention_differential", mutates_args=())
 def attention_differential(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, lam: Tensor,
-                           extras: list[Tensor], spec: str) -> Tensor:
+                           extras: list[Tensor], spec: str, merge_heads: bool = False) -> Tensor:
     s, half, half_json = _specs(spec)
     _check(half, q1, k1, q2, k2, v, lam)
     if attention_op._use_triton(q1, half):
         from fxfuse.runtime import attention_differential as kernels
 
         if kernels.fused(s):
-            return kernels.forward(s, q1, k1, q2, k2, v, lambda_4d(lam, *q1.shape[:2]), extras)
+            return kernels.forward(s, q1, k1, q2, k2, v, lambda_4d(lam, *q1.shape[:2]), extras, merge_heads)
         o1 = torch.ops.fxfuse.attention(q1, k1, v, extras, half_json)
         o2 = torch.ops.fxfuse.attention(q2, k2, v, extras, half_json)
-        return attention_op._laid_out(combine(o1, o2, lam), False)
-    return cpu_forward(s, q1, k1, q2, k2, v, lam, extras)
+        return attention_op._laid_out(combine(o1, o2, lam), merge_heads)
+    return cpu_forward(s, q1, k1, q2, k2, v, lam, extras, merge_heads)
 
 
 @attention_differential.register_fake
-def _(q1, k1, q2, k2, v, lam, extras, spec):
-    return q1.new_empty((*q1.shape[:-1], v.shape[-1]), dtype=to_dtype(_specs(spec)[0].out_dtype))
+def _(q1, k1, q2, k2, v, lam, extras, spec, merge_heads=False):
+    shape4 = (*q1.shape[:-1], v.shape[-1])
+    return output_buffer(shape4, to_dtype(_specs(spec)[0].out_dtype), q1.device, merge_heads)
 
 
 @torch.library.custom_op("fxfuse::attention_differential_backward", mutates_args=())
@@ -129,7 +134,7 @@ def _(grad_out, q1, k1, q2, k2, v, lam, extras, needs_grad, spec):
 
 
 def _setup(ctx, inputs, output):
-    q1, k1, q2, k2, v, lam, extras, spec = inputs
+    q1, k1, q2, k2, v, lam, extras, spec = inputs[:8]
     ctx.save_for_backward(q1, k1, q2, k2, v, lam, *extras)
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.needs_grad = [lam.requires_grad, *(e.requires_grad for e in extras)]
@@ -142,7 +147,9 @@ def _backward(ctx, grad_out):
             grad_out, q1, k1, q2, k2, v, lam, extras, ctx.needs_grad, ctx.spec)
     d_extras = [d if need and e.dtype.is_floating_point else None
                 for d, e, need in zip(d_extras, extras, ctx.needs_grad[1:])]
-    return dq1, dk1, dq2, dk2, dv, dlam if ctx.needs_grad[0] else None, d_extras, None
+    # One gradient per argument the call passed (the dispatcher drops a trailing default merge_heads).
+    grads = (dq1, dk1, dq2, dk2, dv, dlam if ctx.needs_grad[0] else None, d_extras, None, None)
+    return grads[:len(ctx.needs_input_grad)]
 
 
 attention_differential.register_autograd(_backward, setup_context=_setup)

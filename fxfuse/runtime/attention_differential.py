@@ -7,7 +7,7 @@ import torch
 import triton
 
 from fxfuse.runtime import functions
-from fxfuse.runtime.arguments import extra_4d
+from fxfuse.runtime.arguments import extra_4d, output_buffer
 from fxfuse.runtime.attention import _grid_meta, _pick, tiles
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
@@ -21,13 +21,13 @@ def fused(spec: AttentionSpec) -> bool:
     return renders(spec) is None
 
 
-def forward(spec: AttentionSpec, q1, k1, q2, k2, v, lam4, extras) -> torch.Tensor:
+def forward(spec: AttentionSpec, q1, k1, q2, k2, v, lam4, extras, merge_heads: bool = False) -> torch.Tensor:
     """Launch the forward; ``lam4`` is lambda as a (1|B, 1|H, 1, 1) tensor. Returns (B, H, Lq, Dv)
-    contiguous, in v's dtype (the spec's output dtype: the probabilities meet v in it)."""
+    in the spec's output dtype, contiguous or with ``merge_heads`` in (B, Lq, H, Dv) memory order."""
     kernel = functions(spec)["forward"]
     b, h, lq, d = q1.shape
     lk, dv = k1.shape[2], v.shape[3]
-    out = torch.empty((b, h, lq, dv), dtype=to_dtype(spec.out_dtype), device=q1.device)
+    out = output_buffer((b, h, lq, dv), to_dtype(spec.out_dtype), q1.device, merge_heads)
     es = [extra_4d(e, (b, h, lq, lk)) for e in extras]
     lam = lam4.expand(b, h, 1, 1)
 
