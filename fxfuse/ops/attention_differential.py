@@ -117,7 +117,8 @@ def attention_differential_backward(grad_out: Tensor, q1: Tensor, k1: Tensor, q2
     dq2, dk2, dv2, *de2 = torch.ops.fxfuse.attention_backward(g2, q2, k2, v, extras, extra_flags, half_json)
     if needs_grad[0]:
         o2 = torch.ops.fxfuse.attention(q2, k2, v, extras, half_json)
-        dlam = -(grad_out.float() * o2.float()).sum_to_size(lam4.shape).reshape(lam.shape).to(lam.dtype)
+        acc = torch.float64 if torch.float64 in (grad_out.dtype, o2.dtype) else torch.float32
+        dlam = -(grad_out.to(acc) * o2.to(acc)).sum_to_size(lam4.shape).reshape(lam.shape).to(lam.dtype)
     else:
         dlam = lam.new_empty(0)
     d_extras = [a + b if a.numel() else a for a, b in zip(de1, de2)]
