@@ -265,9 +265,9 @@ class Differential(Causal):  # Differential Transformer: two causal softmaxes sh
 
     def __init__(self, heads):
         super().__init__()
-        self.lq1, self.lk1, self.lq2, self.lk2 = (nn.Parameter(0.1 * torch.randn(heads, 1, 1, 8)) for _ in range(4))
+        self.lq1, self.lk1, self.lq2, self.lk2 = (nn.Parameter(0.1 * torch.randn(heads, 1, 8)) for _ in range(4))
 
-    def lam(self):  # one lambda per head, from learned vectors, as the paper computes it
+    def lam(self):  # one lambda per head, (H, 1, 1), from learned vectors, as the paper computes it
         return torch.exp((self.lq1 * self.lk1).sum(-1, keepdim=True)) - \
             torch.exp((self.lq2 * self.lk2).sum(-1, keepdim=True)) + 0.8
 
