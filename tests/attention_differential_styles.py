@@ -95,7 +95,29 @@ class DiffPaddingMaskConstantLambda(nn.Module):  # a shared additive padding mas
         return attend(q1, k1) - 0.5 * attend(q2, k2)
 
 
-STYLES = [DiffCausalMatmul, DiffFlashStyleSDPA, DiffPerHeadLambda, DiffPaddingMaskConstantLambda]
+class DiffOfficialNaive(_Lambda):  # the official naive code: one softmax over 2H heads, split in pairs, one @ v
+    nan_to_num = False  # the official code passes the scores through nan_to_num: see OfficialWithNanToNum
+
+    def __init__(self):
+        super().__init__(D)
+
+    def inputs(self, dtype):  # q, k with 2H heads of D; v with H heads of 2D
+        return [torch.randn(B, 2 * H, L, D, dtype=dtype), torch.randn(B, 2 * H, L, D, dtype=dtype),
+                torch.randn(B, H, L, 2 * D, dtype=dtype)]
+
+    def forward(self, q, k, v):
+        q = q * D ** -0.5
+        weights = torch.matmul(q, k.transpose(-1, -2))
+        if self.nan_to_num:
+            weights = torch.nan_to_num(weights)
+        weights = weights + torch.triu(torch.zeros(L, L).float().fill_(float("-inf")).type_as(weights), 1)
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).type_as(weights)
+        weights = weights.view(B, H, 2, L, L)
+        weights = weights[:, :, 0] - self.lam() * weights[:, :, 1]
+        return torch.matmul(weights, v)
+
+
+STYLES = [DiffCausalMatmul, DiffFlashStyleSDPA, DiffPerHeadLambda, DiffPaddingMaskConstantLambda, DiffOfficialNaive]
 
 
 # ---- near-misses ---------------------------------------------------------------------------------
@@ -156,5 +178,22 @@ class ReversedSubtraction(_Plain):  # lambda * o2 - o1: another computation, not
         return self.lam() * _attend(q2, k2, v) - _attend(q1, k1, v)
 
 
-NEAR_MISSES = [DifferentValues, DifferentScales, LambdaPerQuery, SumNotDifference, HalfAlsoReturned,
+class PairsOfProbabilitiesSummed(nn.Module):  # the official form with p0 + lambda * p1: not combined (no miss)
+    reason = None
+
+    def inputs(self, dtype):
+        return [torch.randn(B, 2 * H, L, D, dtype=dtype), torch.randn(B, 2 * H, L, D, dtype=dtype),
+                torch.randn(B, H, L, 2 * D, dtype=dtype)]
+
+    def forward(self, q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2), -1).view(B, H, 2, L, L)
+        return (p[:, :, 0] + 0.5 * p[:, :, 1]) @ v
+
+
+class OfficialWithNanToNum(DiffOfficialNaive):  # nan_to_num on the scores: fuse-attention declines it, undone
+    reason = "nan_to_num"
+    nan_to_num = True
+
+
+NEAR_MISSES = [OfficialWithNanToNum, PairsOfProbabilitiesSummed, DifferentValues, DifferentScales, LambdaPerQuery, SumNotDifference, HalfAlsoReturned,
                ReversedSubtraction]

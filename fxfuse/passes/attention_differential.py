@@ -77,7 +77,13 @@ def _only_feeds(att: Node, chain: list[Node], user: Node) -> None:
                                   "attentions would drop that use")
 
 
-def _lambda_shape_ok(lam: Node, out: Node) -> None:
+def lambda_rules(lam, out: Node) -> None:
+    """Raise NotDifferential unless ``lam`` is a number, or a floating tensor broadcasting over the
+    4-d ``out`` as a scalar or one value per (batch, head)."""
+    if not isinstance(lam, Node):
+        if not is_python_scalar(lam):
+            raise NotDifferential(f"lambda is {lam!r}, neither a tensor nor a number")
+        return
     lv, ov = val(lam), val(out)
     if lv is None or not lv.dtype.is_floating_point:
         raise NotDifferential("lambda is not a floating tensor; fused differential attention takes a floating "
@@ -132,12 +138,9 @@ def _prove(sub: Node, att1, chain1, att2, chain2, lam, mul) -> AttentionSpec:
     if not (same(tuple(shape(a1["q"])), tuple(shape(a2["q"]))) and same(tuple(shape(a1["k"])),
                                                                       tuple(shape(a2["k"])))):
         raise NotDifferential("the two attentions' q (or k) shapes differ")
-    if isinstance(lam, Node):
-        if depends_on(lam, att1) or depends_on(lam, att2):
-            raise NotDifferential("lambda is computed from an attention's output")
-        _lambda_shape_ok(lam, sub)
-    elif not is_python_scalar(lam):
-        raise NotDifferential(f"lambda is {lam!r}, neither a tensor nor a number")
+    if isinstance(lam, Node) and (depends_on(lam, att1) or depends_on(lam, att2)):
+        raise NotDifferential("lambda is computed from an attention's output")
+    lambda_rules(lam, sub)
     if not (dtype(sub) == dtype(mul) == dtype(att1) == dtype(att2)):
         raise NotDifferential(f"the combination changes dtype ({dtype(att1)} outputs, lambda * o2 in {dtype(mul)}, "
                               f"the difference in {dtype(sub)}); fused differential attention keeps the outputs' dtype")
@@ -158,16 +161,21 @@ def _sum_miss(node: Node) -> str | None:
     return None
 
 
+def lambda_tensor(gm, value: float, before: Node) -> Node:
+    """A number lambda as a 0-dim tensor (float32, float64 for a float64 site: how ATen reads a
+    scalar operand), made before ``before``, a node of the site's output dtype and device."""
+    kwargs = {"dtype": torch.float64 if dtype(before) == torch.float64 else torch.float32, "device": val(before).device}
+    with gm.graph.inserting_before(before):
+        made = gm.graph.call_function(aten.full.default, ([], float(value)), kwargs)
+    with val(before).fake_mode:
+        made.meta["val"] = aten.full.default([], float(value), **kwargs)
+    return made
+
+
 def _replace(gm, sub: Node, att1: Node, att2: Node, lam, spec: AttentionSpec) -> Node:
     a1, a2 = _args(att1), _args(att2)
-    made = None
-    if not isinstance(lam, Node):  # a number: a 0-dim float32 tensor (how ATen reads a scalar operand)
-        wide = torch.float64 if dtype(sub) == torch.float64 else torch.float32
-        kwargs = {"dtype": wide, "device": val(sub).device}
-        with gm.graph.inserting_before(sub):
-            lam = made = gm.graph.call_function(aten.full.default, ([], float(lam)), kwargs)
-        with val(sub).fake_mode:
-            made.meta["val"] = aten.full.default([], float(lam.args[1]), **kwargs)
+    made = None if isinstance(lam, Node) else lambda_tensor(gm, lam, sub)
+    lam = made if made is not None else lam
     args = (a1["q"], a1["k"], a2["q"], a2["k"], a1["v"], lam, list(a1["extras"]), spec.to_json(),
             *([True] if a1.get("merge_heads") else []))
     new = insert_call(gm, torch.ops.fxfuse.attention_differential.default, args, sub)

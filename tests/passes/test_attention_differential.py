@@ -12,7 +12,7 @@ from tests.attention_differential_styles import NEAR_MISSES, STYLES, DiffCausalM
 from tests.passes.test_attention_styles import _leaves, _run
 from tests.tolerances import assert_close_to_reference
 
-PASSES = "canonicalize,claim-sdpa,fuse-attention,fuse-differential"
+PASSES = "canonicalize,claim-sdpa,fuse-differential-pairs,fuse-attention,fuse-differential"
 
 
 def _check(style, dtype, passes=PASSES):
