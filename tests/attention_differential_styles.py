@@ -41,7 +41,7 @@ class DiffCausalMatmul(_Lambda):  # two hand-written causal attentions, a scalar
         return _qkv5(dtype)
 
     def forward(self, q1, k1, q2, k2, v):
-        hidden = torch.ones(L, L, dtype=torch.bool).triu(1)
+        hidden = torch.ones(L, L, dtype=torch.bool, device=q1.device).triu(1)
 
         def attend(q, k):
             scores = (q @ k.transpose(-1, -2)) * D ** -0.5
@@ -110,7 +110,7 @@ class DiffOfficialNaive(_Lambda):  # the official naive code: one softmax over 2
         weights = torch.matmul(q, k.transpose(-1, -2))
         if self.nan_to_num:
             weights = torch.nan_to_num(weights)
-        weights = weights + torch.triu(torch.zeros(L, L).float().fill_(float("-inf")).type_as(weights), 1)
+        weights = weights + torch.triu(torch.zeros(L, L, device=q.device).float().fill_(float("-inf")).type_as(weights), 1)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).type_as(weights)
         weights = weights.view(B, H, 2, L, L)
         weights = weights[:, :, 0] - self.lam() * weights[:, :, 1]
