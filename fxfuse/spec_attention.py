@@ -14,7 +14,7 @@ import json
 import math
 
 from fxfuse.index_expr import text, tupled
-from fxfuse.spec import _SHORT
+from fxfuse.spec import _SHORT, NormSpec
 
 # Step kinds on the scores ``s`` (all elementwise, all keep the score shape):
 #   "mul"  s * value            (a Python scalar from the graph), or s * inputs[input] when
@@ -87,6 +87,10 @@ class AttentionSpec:
                    ``attn(q1, k1, v) - lambda * attn(q2, k2, v)``, both halves computing this spec's
                    steps with the same extra tensors and sharing v, lambda a scalar or per-(batch,
                    head) tensor (see fxfuse.ops.attention_differential); False: one attention.
+    norm_q/norm_k: QK-norm: a NormSpec (its JSON, fxfuse.spec) normalising each row of q (k) over the
+                   head dim as the operator loads it, before any RoPE, "" for none; its parameters
+                   follow the cos/sin tables in ``fxfuse.attention_rope``'s ``tables`` (see
+                   fxfuse.ops.attention_qk_norm).
     """
 
     score_dtype: str
@@ -101,6 +105,8 @@ class AttentionSpec:
     sinks: int = -1
     normalizer: str = "softmax"
     differential: bool = False
+    norm_q: str = ""
+    norm_k: str = ""
 
     @property
     def softmax_dtype(self) -> str:
@@ -144,7 +150,7 @@ class AttentionSpec:
             del raw["dropout"]
         if not self.safe_softmax:  # likewise: only safe-softmax sites name it
             del raw["safe_softmax"]
-        for field in ("rope_q", "rope_k"):  # likewise: only RoPE sites name them
+        for field in ("rope_q", "rope_k", "norm_q", "norm_k"):  # likewise: only RoPE / QK-norm sites name them
             if not raw[field]:
                 del raw[field]
         if self.sinks < 0:  # likewise (new fields stay out of the JSON at their defaults: same spec, same bytes)
@@ -215,5 +221,9 @@ class AttentionSpec:
             parts.append("RoPE on " + " and ".join(rotated))
         if self.differential:
             parts.append("differential (two softmaxes sharing v: o1 - lambda * o2)")
+        for name, norm in (("q", self.norm_q), ("k", self.norm_k)):
+            if norm:
+                order = " before RoPE" if getattr(self, f"rope_{name}") else ""
+                parts.append(f"QK-norm on {name}{order} ({NormSpec.from_json(norm).describe()})")
         parts.append(f"-> {_SHORT[self.out_dtype]}")
         return "attention: " + ", ".join(parts)
