@@ -91,6 +91,10 @@ class AttentionSpec:
                    mask read, hidden tiles skipped: fxfuse.ops.size_masks).
     size_key:      with ``size_mask``, a digest of the function from the mask's shape to its values
                    (its subgraph): masks with one key share their verdicts.
+    differential:  differential attention (Ye et al., Differential Transformer): the site is
+                   ``attn(q1, k1, v) - lambda * attn(q2, k2, v)``, both halves computing this spec's
+                   steps with the same extra tensors and sharing v, lambda a scalar or per-(batch,
+                   head) tensor (see fxfuse.ops.attention_differential); False: one attention.
     norm_q/norm_k: QK-norm: a NormSpec (its JSON, fxfuse.spec) normalising each row of q (k) over the
                    head dim as the operator loads it, before any RoPE, "" for none; its parameters
                    follow the cos/sin tables in ``fxfuse.attention_rope``'s ``tables`` (see
@@ -110,6 +114,7 @@ class AttentionSpec:
     normalizer: str = "softmax"
     size_mask: int = -1
     size_key: str = ""
+    differential: bool = False
     norm_q: str = ""
     norm_k: str = ""
 
@@ -164,6 +169,8 @@ class AttentionSpec:
             del raw["normalizer"]
         if self.size_mask < 0:
             del raw["size_mask"], raw["size_key"]
+        if not self.differential:
+            del raw["differential"]
         for step in raw["steps"]:
             if step["expr"] is None:  # specs without expressions keep their JSON (and kernel names)
                 del step["expr"]
@@ -250,6 +257,8 @@ class AttentionSpec:
         rotated = [f"{name} ({style})" for name, style in (("q", self.rope_q), ("k", self.rope_k)) if style]
         if rotated:
             parts.append("RoPE on " + " and ".join(rotated))
+        if self.differential:
+            parts.append("differential (two softmaxes sharing v: o1 - lambda * o2)")
         for name, norm in (("q", self.norm_q), ("k", self.norm_k)):
             if norm:
                 order = " before RoPE" if getattr(self, f"rope_{name}") else ""
