@@ -116,6 +116,17 @@ def _add_norm_form(x, residual, params, spec):
     return form
 
 
+def _sum_norm_form(terms, params, spec):
+    s = norm_op._spec(spec)
+    n = len(terms)
+
+    def form(*args):
+        total = norm_op.scaled_sum(s, list(args[:n]))
+        return _normalized(s, total, list(args[n:])), total
+
+    return form
+
+
 # operator -> (the form for these arguments or None, the tensor arguments it takes, in order)
 _FORMS = {
     _fx.attention.default: (_attention_form, lambda q, k, v, extras, *rest, **kw: [q, k, v, *extras]),
@@ -123,6 +134,7 @@ _FORMS = {
                                  lambda q, k, v, extras, tables, *rest, **kw: [q, k, v, *extras, *tables]),
     _fx.norm.default: (_norm_form, lambda x, params, spec: [x, *params]),
     _fx.add_norm.default: (_add_norm_form, lambda x, residual, params, spec: [x, residual, *params]),
+    _fx.sum_norm.default: (_sum_norm_form, lambda terms, params, spec: [*terms, *params]),
 }
 
 
