@@ -96,6 +96,20 @@ def _sum_norm_call(spec_text: str):
     return sum_norm
 
 
+def _polynorm_call(spec_text: str):
+    from fxfuse.ops import polynorm as polynorm_op
+
+    spec = polynorm_op._spec(spec_text)
+    op = _fx.polynorm.default
+
+    def polynorm(x, weights, bias, spec_arg=spec_text):
+        if x.device.type != "cpu" or config.interpret_on_cpu():
+            return op(x, weights, bias, spec_arg)
+        return polynorm_op.reference(spec, x, weights, bias)
+
+    return polynorm
+
+
 # operator -> (the call for a spec, the position of the spec among its arguments)
 _CALLS = {
     _fx.attention.default: (_attention_call, 4),
@@ -103,6 +117,7 @@ _CALLS = {
     _fx.norm.default: (_norm_call, 2),
     _fx.add_norm.default: (_add_norm_call, 3),
     _fx.sum_norm.default: (_sum_norm_call, 2),
+    _fx.polynorm.default: (_polynorm_call, 3),
 }
 
 

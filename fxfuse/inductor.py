@@ -127,6 +127,14 @@ def _sum_norm_form(terms, params, spec):
     return form
 
 
+def _polynorm_form(x, weights, bias, spec):
+    from fxfuse.ops import polynorm as polynorm_op
+
+    s = polynorm_op._spec(spec)
+    n = len(weights)
+    return lambda x, *rest: polynorm_op.reference(s, x, list(rest[:n]), rest[n])
+
+
 # operator -> (the form for these arguments or None, the tensor arguments it takes, in order)
 _FORMS = {
     _fx.attention.default: (_attention_form, lambda q, k, v, extras, *rest, **kw: [q, k, v, *extras]),
@@ -135,6 +143,7 @@ _FORMS = {
     _fx.norm.default: (_norm_form, lambda x, params, spec: [x, *params]),
     _fx.add_norm.default: (_add_norm_form, lambda x, residual, params, spec: [x, residual, *params]),
     _fx.sum_norm.default: (_sum_norm_form, lambda terms, params, spec: [*terms, *params]),
+    _fx.polynorm.default: (_polynorm_form, lambda x, weights, bias, spec: [x, *weights, bias]),
 }
 
 

@@ -64,14 +64,15 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.linear_cross_entropy import FuseLinearCrossEntropy
     from fxfuse.passes.gated_mlp import FuseGatedMLP
     from fxfuse.passes.dyt import FuseDyT
+    from fxfuse.passes.polynorm import FusePolyNorm
     from fxfuse.passes.linear_attention import FuseLinearAttention
 
-    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseRope, FuseNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT,
-              FuseLinearAttention)
+    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseRope, FusePolyNorm, FuseNorm, FuseLinearCrossEntropy,
+              FuseGatedMLP, FuseDyT, FuseLinearAttention)
     return {cls.name: cls for cls in passes}
 
 
-DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-attention,fuse-rope,fuse-norm"
+DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-attention,fuse-rope,fuse-polynorm,fuse-norm"
 
 
 def parse_pipeline(spec: str | list | tuple | None) -> list:

@@ -1,6 +1,7 @@
-"""Small encoders written the way the papers' public code writes them (torchscale's DeepNorm and
-Sub-LN encoder layers, fairseq-style B2T post-LN layers): every norm is fused, the scaled and the
-three-input residual sums go into the norms' loads, and a training step equals eager's."""
+"""Small models written the way the papers' public code writes them (torchscale's DeepNorm and
+Sub-LN encoder layers, fairseq-style B2T post-LN layers, a decoder with Motif's PolyNorm MLP
+activation): every norm is fused, the scaled and the three-input residual sums go into the norms'
+loads, each PolyNorm is one operator, and a training step equals eager's."""
 import math
 
 import pytest
@@ -135,5 +136,83 @@ def test_every_norm_is_fused_and_a_training_step_equals_eager(kind):
     torch.testing.assert_close(out, eager, rtol=rtol, atol=atol)
     grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
     eager_grads = torch.autograd.grad(eager.square().mean(), list(model.parameters()))
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+class PolyNorm(nn.Module):
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3) / 3)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.eps = eps
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self.weight[0] * self._norm(x ** 3) + self.weight[1] * self._norm(x ** 2) + self.weight[2] * self._norm(
+            x) + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class PolyNormMLP(nn.Module):
+    """A gated MLP whose activation is PolyNorm (Motif 2.6B's)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(hidden, dim, bias=False), PolyNorm()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PolyNormDecoder(nn.Module):
+    def __init__(self, vocab=40, dim=16, hidden=32, layers=2):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.norms = nn.ModuleList(RMSNorm(dim) for _ in range(layers))
+        self.mlps = nn.ModuleList(PolyNormMLP(dim, hidden) for _ in range(layers))
+        self.norm, self.lm_head = RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        h = self.embed_tokens(tokens)
+        for norm, mlp in zip(self.norms, self.mlps):
+            h = h + mlp(norm(h))
+        return self.lm_head(self.norm(h))
+
+
+@pytest.mark.parametrize("cpu_path_kind", ["reference", "interpret"])
+def test_polynorm_decoder_fuses_each_activation_and_trains_as_eager(cpu_path_kind):
+    torch.manual_seed(0)
+    model = PolyNormDecoder()
+    with torch.no_grad():
+        for mlp in model.mlps:
+            mlp.act_fn.weight.uniform_(0.2, 0.6)
+            mlp.act_fn.bias.fill_(0.05)
+    tokens = torch.randint(0, 40, (2, 6))
+    res = fxfuse.rewrite(model, (tokens,))
+    kinds = sorted(m.kind for m in res.matches)
+    assert kinds == ["polynorm"] * 2 + ["rms_norm"] * 3 and not res.misses, res.report()
+    with fxfuse.config.patch(interpret=cpu_path_kind == "interpret"):
+        out = res.module(tokens)
+        grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
+    eager = model(tokens)
+    eager_grads = torch.autograd.grad(eager.square().mean(), list(model.parameters()))
+    rtol, atol = tolerance(torch.float32)
+    torch.testing.assert_close(out, eager, rtol=rtol, atol=atol)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
