@@ -36,6 +36,8 @@ def laid_out_like(out: Tensor, x: Tensor) -> Tensor:
     """``out`` with the strides of ``torch.empty_like(x)``, which the fake implementations promise:
     the input's own for a dense input (a channels-last or head-transposed activation), contiguous
     otherwise. As it is when it has them, else copied (the kernels write rows contiguously)."""
+    if out.stride() == x.stride() and x.is_contiguous():  # empty_like keeps a dense x's strides
+        return out
     want = torch.empty_like(x, device="meta").stride()
     if out.stride() == want:
         return out
@@ -220,11 +222,18 @@ def sum_norm(terms: list[Tensor], params: list[Tensor], spec: str) -> tuple[Tens
 
 def scaled_sum(s: NormSpec, terms: list[Tensor]) -> Tensor:
     """The user's sum, op by op: each term times its constant, added left to right (the same
-    roundings as the user's code, whose products and partial sums all have the sum's dtype)."""
+    roundings as the user's code, whose products and partial sums all have the sum's dtype). Without
+    autograd, the partial sums accumulate in place (the same roundings, one tensor less per term)."""
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in terms))
     total = None
     for t, c in zip(terms, s.sum_scales):
         t = t * c if c != 1.0 else t
-        total = t if total is None else total + t
+        if total is None:
+            total = t
+        elif in_place and total._base is None and all(total is not u for u in terms):  # a tensor of our own
+            total.add_(t)
+        else:
+            total = total + t
     return total.to(to_dtype(s.sum_dtype))
 
 

@@ -34,6 +34,10 @@ def test_polynorm_is_one_operator_and_equals_eager(style, powers):
     code = res.graph.code
     assert code.count("fxfuse.polynorm.default(") == 1 and "aten.pow" not in code and "aten.add" not in code, code
     torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=0)  # the CPU path runs eager's ops
+    bf16, xb = _model(style, torch.bfloat16), x.bfloat16()
+    fused = fxfuse.rewrite(bf16, (xb,)).module
+    with torch.no_grad():  # ... in place without autograd: the same roundings
+        torch.testing.assert_close(fused(xb), bf16(xb), rtol=0, atol=0)
 
 
 def _run(module, x, params):
