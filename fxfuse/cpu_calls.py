@@ -98,6 +98,7 @@ def _sum_norm_call(spec_text: str):
 
 def _polynorm_call(spec_text: str):
     from fxfuse.ops import polynorm as polynorm_op
+    from fxfuse.ops import polynorm_cpu
 
     spec = polynorm_op._spec(spec_text)
     op = _fx.polynorm.default
@@ -105,6 +106,8 @@ def _polynorm_call(spec_text: str):
     def polynorm(x, weights, bias, spec_arg=spec_text):
         if x.device.type != "cpu" or config.interpret_on_cpu():
             return op(x, weights, bias, spec_arg)
+        if polynorm_cpu.applies(x, weights, bias):
+            return polynorm_cpu.call(spec, x.contiguous(), weights, bias)
         return polynorm_op.reference(spec, x, weights, bias)
 
     return polynorm

@@ -2,8 +2,9 @@
 summed, in one operator: its Triton kernel reads the row once and computes the three statistics
 together, forward and backward (the backward recomputes them from x: nothing but x is saved).
 
-The CPU implementation is the spec's reference: the user's ops in the user's order and dtype, so
-the CPU path computes what eager computes (autograd differentiates it as it did the user's code)."""
+On a CPU, float32/float64 run ``fxfuse.ops.polynorm_cpu`` (two row-sized tensors a call, a
+closed-form backward), other dtypes the spec's reference: the user's ops in the user's order and
+dtype, so they compute what eager computes, bit for bit."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fxfuse import config
+from fxfuse.ops import polynorm_cpu
 from fxfuse.spec import to_dtype
 from fxfuse.spec_polynorm import PolyNormSpec
 
@@ -82,6 +84,8 @@ def polynorm(x: Tensor, weights: list[Tensor], bias: Tensor, spec: str) -> Tenso
         from fxfuse.runtime import polynorm as kernels
 
         return kernels.forward(s, x, weights, bias)
+    if polynorm_cpu.applies(x, weights, bias):
+        return polynorm_cpu.forward(s, x.contiguous(), weights, bias)
     return reference(s, x, weights, bias).contiguous()
 
 
@@ -97,6 +101,8 @@ def polynorm_backward(grad: Tensor, x: Tensor, weights: list[Tensor], bias: Tens
         from fxfuse.runtime import polynorm as kernels
 
         return kernels.backward(s, grad, x, weights, bias)
+    if polynorm_cpu.applies(x, weights, bias):
+        return polynorm_cpu._backward(s, grad.contiguous(), x.contiguous(), weights, bias)
     return [t.contiguous() for t in reference_backward(s, grad, x, weights, bias)]
 
 

@@ -8,7 +8,8 @@ are intermediates eager writes and reads back. Each fold is proved from ``meta``
 sum's shape (nothing broadcasts) and dtype (no promotion between partial sums), a scale is a Python
 number (a tensor ``alpha`` stays a term of its own: its product is computed before the fused op),
 an ``add`` with ``alpha=`` (one rounding for ``a + c * b``) is not split, and the adds nest so that
-adding the terms left to right rounds as the user's code does (``(a + b) + (c + d)`` does not).
+adding the terms left to right rounds as the user's code does (in ``(a + b) + (c + d)`` the pair
+``c + d`` stays one term, computed before the fused op).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import torch
 import fxfuse
 from fxfuse.spec_polynorm import PolyNormSpec
 from tests import polynorm_styles as styles
-from tests.tolerances import assert_close_to_reference
+from tests.tolerances import assert_close_to_reference, tolerance
 
 D = 16
 
@@ -33,9 +33,11 @@ def test_polynorm_is_one_operator_and_equals_eager(style, powers):
     assert spec.powers == powers and spec.inverse == ("div_sqrt" if style is styles.PolyComPolyNorm else "rsqrt")
     code = res.graph.code
     assert code.count("fxfuse.polynorm.default(") == 1 and "aten.pow" not in code and "aten.add" not in code, code
-    torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=0)  # the CPU path runs eager's ops
+    rtol, atol = tolerance(torch.float32)  # float32 on CPU: dot-product statistics (polynorm_cpu)
+    torch.testing.assert_close(res.module(x), model(x), rtol=rtol, atol=atol)
     bf16, xb = _model(style, torch.bfloat16), x.bfloat16()
     fused = fxfuse.rewrite(bf16, (xb,)).module
+    torch.testing.assert_close(fused(xb), bf16(xb), rtol=0, atol=0)  # 16-bit: eager's ops, so its bits
     with torch.no_grad():  # ... in place without autograd: the same roundings
         torch.testing.assert_close(fused(xb), bf16(xb), rtol=0, atol=0)
 
@@ -62,6 +64,8 @@ def test_polynorm_numerics_forward_and_backward(style, dtype, cpu_path):
     ref, ref_grads = _run(ref_model, x.double(), list(ref_model.parameters()))
     assert out.dtype == eager.dtype and out.shape == eager.shape and out.stride() == eager.stride()
     assert_close_to_reference(out, eager, ref, f"{style.__name__} output")
+    with torch.no_grad():  # the CPU path without autograd (in place)
+        assert_close_to_reference(res.module(x), eager, ref, f"{style.__name__} output without autograd")
     for i, (g, e, r) in enumerate(zip(grads, eager_grads, ref_grads)):
         assert g.dtype == e.dtype and g.shape == e.shape
         assert_close_to_reference(g, e, r, f"{style.__name__} gradient {i}")
@@ -99,6 +103,32 @@ def test_the_operator_saves_x_alone_for_backward():
         fused = _saved_bytes(res.module, x)
     assert fused <= x.numel() * 4 + 64  # x, plus the one-element weights and bias
     assert _saved_bytes(model, x) >= 6 * x.numel() * 4  # eager keeps the powers and the normalized values
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("powers,inverse", [((3, 2, 1), "rsqrt"), ((1, 3, 2), "div_sqrt")])
+def test_the_operator_forward_and_backward_against_float64(dtype, powers, inverse, cpu_path):
+    """The operator itself (as torch.compile runs it): its CPU implementation and the kernel."""
+    from fxfuse.ops.polynorm import reference
+
+    spec = PolyNormSpec(powers=powers, eps=1e-6, inverse=inverse, dtype=str(dtype).removeprefix("torch."))
+    x = torch.randn(7, 24, dtype=torch.float64).to(dtype)
+    ws = [torch.tensor(v, dtype=dtype) for v in (0.4, -0.3, 0.7)]
+    b = torch.tensor([0.2], dtype=dtype)
+    g = torch.randn(7, 24, dtype=torch.float64).to(dtype)
+    inputs = [t.clone().requires_grad_() for t in (x, *ws, b)]
+    out = torch.ops.fxfuse.polynorm(inputs[0], inputs[1:4], inputs[4], spec.to_json())
+    grads = torch.autograd.grad(out, inputs, g)
+    eager_in = [t.clone().requires_grad_() for t in (x, *ws, b)]
+    eager = reference(spec, eager_in[0], eager_in[1:4], eager_in[4])
+    eager_grads = torch.autograd.grad(eager, eager_in, g)
+    ref_in = [t.double().requires_grad_() for t in (x, *ws, b)]
+    ref = reference(spec, ref_in[0], ref_in[1:4], ref_in[4])
+    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+    assert_close_to_reference(out, eager, ref, "polynorm op")
+    for i, (a, e, r) in enumerate(zip(grads, eager_grads, ref_grads)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert_close_to_reference(a, e, r, f"polynorm op gradient {i}")
 
 
 def test_opcheck():
