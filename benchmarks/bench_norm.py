@@ -163,9 +163,9 @@ def time_ms(fns: dict, device: str, budget_s: float) -> dict:
     """Milliseconds per call of each function in ``fns``.
 
     CUDA: the median of triton's ``do_bench`` (L2 flushed between calls), one function at a time.
-    CPU: the functions are timed in interleaved rounds (so background load hits all of them alike)
-    and each one's minimum is kept: load only ever adds time, so the minimum is the best estimate
-    of a call's own cost on a shared machine."""
+    CPU: the functions are timed in interleaved rounds (so background load hits all of them alike),
+    each round in a rotated order, and each one's minimum is kept: load only ever adds time, so the
+    minimum is the best estimate of a call's own cost on a shared machine."""
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -173,8 +173,12 @@ def time_ms(fns: dict, device: str, budget_s: float) -> dict:
         return {k: float(do_bench(fn, warmup=25, rep=rep, return_mode="median")) for k, fn in fns.items()}
     best = {k: math.inf for k in fns}
     rounds, start = 0, time.perf_counter()
+    keys = list(fns)
     while rounds < 5 or (time.perf_counter() - start < budget_s * len(fns) and rounds < 200):
-        for k, fn in fns.items():
+        # Each round starts with another implementation: a call pays for the memory the call before
+        # it freed (glibc trims it, the next call faults it back in), so a fixed order favours one.
+        for k in keys[rounds % len(keys):] + keys[:rounds % len(keys)]:
+            fn = fns[k]
             t0 = time.perf_counter()
             fn()
             best[k] = min(best[k], time.perf_counter() - t0)
