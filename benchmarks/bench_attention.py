@@ -215,6 +215,24 @@ class Rope(Causal):  # Llama: RoPE on q and k (rotate_half, cos/sin tables), the
     flex = None  # a score_mod cannot rotate q and k: FlexAttention would take rotated copies, like SDPA
 
 
+class QkNorm(Rope):  # Qwen3: RMSNorm over each head's q and k (float32 statistics, a weight), then RoPE, causal
+    def __init__(self, head_dim):
+        super().__init__()
+        self.q_weight = nn.Parameter(1 + 0.1 * torch.randn(head_dim))
+        self.k_weight = nn.Parameter(1 + 0.1 * torch.randn(head_dim))
+
+    @staticmethod
+    def norm(x, w):  # transformers' Qwen3RMSNorm
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return w.to(x.dtype) * h.to(x.dtype)
+
+    def rotate(self, q, k):
+        return super().rotate(self.norm(q, self.q_weight), self.norm(k, self.k_weight))
+
+    flex = None  # a score_mod cannot normalise q and k either
+
+
 class Sinks(Causal):  # gpt-oss: causal, a learned logit per head joined to the scores, dropped after the softmax
     def __init__(self, heads):
         super().__init__()
@@ -262,12 +280,12 @@ class SSMax(Causal):  # SSMax: causal, each query's scores times log(n), n = i +
 VARIANTS = {"causal": Causal, "sliding_window": SlidingWindow, "padding_mask": PaddingMask, "alibi": Alibi,
             "softcap": Softcap, "relative_bias": RelativeBias, "gqa": GroupedQuery, "decode": Decode,
             "sinks": Sinks, "sigmoid": Sigmoid, "ssmax": SSMax,
-            "rope": Rope}
+            "rope": Rope, "qk_norm": QkNorm}
 
 
-def make_variant(name, heads):
+def make_variant(name, heads, head_dim=64):
     cls = VARIANTS[name]
-    return cls(heads) if cls in (RelativeBias, Sinks) else cls()
+    return cls(heads) if cls in (RelativeBias, Sinks) else cls(head_dim) if cls is QkNorm else cls()
 
 
 def make_inputs(name, b, h, length, d, dtype, device, grad):
@@ -326,8 +344,9 @@ def flex_module(base, inputs, device):
 
 
 def fxfuse_verdict(res) -> tuple[bool, str]:
-    # a RoPE match describes the whole site (the attention spec with its rotations)
-    matches = [m for m in res.matches if m.kind == "rope"] or [m for m in res.matches if m.kind == "attention"]
+    # a QK-norm or RoPE match describes the whole site (the attention spec with its norms and rotations)
+    matches = [m for m in res.matches if m.kind == "qk-norm"] or [m for m in res.matches if m.kind == "rope"] or \
+        [m for m in res.matches if m.kind == "attention"]
     if matches:
         return True, "fused: " + "; ".join(m.describe() for m in matches)
     misses = [m for m in res.misses if m.kind == "attention"]
@@ -401,7 +420,7 @@ def peak_extra_mib(fn, device):
 
 def bench_one(name, b, h, length, d, dtype, device, backward, impls, budget, cpu_compile):
     torch.manual_seed(0)
-    base = make_variant(name, h).to(device=device, dtype=dtype)
+    base = make_variant(name, h, d).to(device=device, dtype=dtype)
     inputs = make_inputs(name, b, h, length, d, dtype, device, grad=backward)
     mode = "fwd+bwd" if backward else "fwd"
     flops = 4 * d * useful_pairs(base, inputs) * (3.5 if backward else 1.0)  # bwd = 2.5 x fwd (5 vs 2 matmuls)

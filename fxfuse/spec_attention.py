@@ -14,7 +14,7 @@ import json
 import math
 
 from fxfuse.index_expr import text, tupled
-from fxfuse.spec import _SHORT
+from fxfuse.spec import _SHORT, NormSpec
 
 # Step kinds on the scores ``s`` (all elementwise, all keep the score shape):
 #   "mul"  s * value            (a Python scalar from the graph), or s * inputs[input] when
@@ -83,6 +83,10 @@ class AttentionSpec:
                    the halves of the head dim, "interleaved" the same rotation on pairs (2j, 2j+1)
                    (complex multiplication, ``view_as_complex``); cos and sin are (1|B, L, D) tables
                    given to ``fxfuse.attention_rope`` (see fxfuse.ops.attention_rope).
+    norm_q/norm_k: QK-norm: a NormSpec (its JSON, fxfuse.spec) normalising each row of q (k) over the
+                   head dim as the operator loads it, before any RoPE, "" for none; its parameters
+                   follow the cos/sin tables in ``fxfuse.attention_rope``'s ``tables`` (see
+                   fxfuse.ops.attention_qk_norm).
     """
 
     score_dtype: str
@@ -96,6 +100,8 @@ class AttentionSpec:
     rope_k: str = ""
     sinks: int = -1
     normalizer: str = "softmax"
+    norm_q: str = ""
+    norm_k: str = ""
 
     @property
     def softmax_dtype(self) -> str:
@@ -139,7 +145,7 @@ class AttentionSpec:
             del raw["dropout"]
         if not self.safe_softmax:  # likewise: only safe-softmax sites name it
             del raw["safe_softmax"]
-        for field in ("rope_q", "rope_k"):  # likewise: only RoPE sites name them
+        for field in ("rope_q", "rope_k", "norm_q", "norm_k"):  # likewise: only RoPE / QK-norm sites name them
             if not raw[field]:
                 del raw[field]
         if self.sinks < 0:  # likewise (new fields stay out of the JSON at their defaults: same spec, same bytes)
@@ -206,5 +212,9 @@ class AttentionSpec:
         rotated = [f"{name} ({style})" for name, style in (("q", self.rope_q), ("k", self.rope_k)) if style]
         if rotated:
             parts.append("RoPE on " + " and ".join(rotated))
+        for name, norm in (("q", self.norm_q), ("k", self.norm_k)):
+            if norm:
+                order = " before RoPE" if getattr(self, f"rope_{name}") else ""
+                parts.append(f"QK-norm on {name}{order} ({NormSpec.from_json(norm).describe()})")
         parts.append(f"-> {_SHORT[self.out_dtype]}")
         return "attention: " + ", ".join(parts)

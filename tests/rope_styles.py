@@ -132,7 +132,51 @@ class SmallHeadDim(nn.Module):  # D = 8: the operator rotates in torch before th
         return _attend(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v, causal=True)
 
 
-STYLES = [LlamaPositionIds, NeoXChunkTable, GroupedQueryLlama, GPTJInterleavedBLHD, RepeatedKeysCopied, SmallHeadDim]
+class TablesFromPositions(nn.Module):  # cos/sin computed in the graph from positions and a base (Motif's 500000)
+    ROTATED = "qk"
+
+    def inputs(self, dtype):
+        return [torch.randn(B, H, L, D, dtype=dtype) for _ in range(3)]
+
+    def forward(self, q, k, v):
+        inv_freq = 1.0 / 500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+        freqs = torch.arange(q.size(-2), dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = freqs.repeat(1, 2)  # the frequencies for both halves (a cat would stay in the graph: the test counts cats)
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        return _attend(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v, causal=True)
+
+
+STYLES = [LlamaPositionIds, NeoXChunkTable, GroupedQueryLlama, GPTJInterleavedBLHD, RepeatedKeysCopied, SmallHeadDim,
+          TablesFromPositions]
+
+
+def freqs_cis(length=L, dim=D, base=10000.0, heads=None):
+    """Meta's precompute_freqs_cis: polar(1, positions x inv_freq), (L, D/2) complex64 (or one per head)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    if heads:  # a different table per head (a near-miss)
+        angles = angles[:, None, :] * torch.arange(1, heads + 1, dtype=torch.float32)[None, :, None]
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def meta_rotary(xq, xk, freqs):  # Meta's Llama apply_rotary_emb, on (B, L, H, D)
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    shape = [d if i == 1 or i == xq_.ndim - 1 else 1 for i, d in enumerate(xq_.shape)] if freqs.dim() == 2 else \
+        [1, *freqs.shape]
+    freqs = freqs.view(*shape)
+    return torch.view_as_real(xq_ * freqs).flatten(3).type_as(xq), torch.view_as_real(xk_ * freqs).flatten(3).type_as(xk)
+
+
+class MetaComplex(nn.Module):  # Meta's Llama: view_as_complex pairs times freqs_cis, view_as_real, flatten
+    ROTATED = "qk"  # in float32; a bf16 q/k is rotated in float32 and rounded once: declined (see the test)
+
+    def inputs(self, dtype):
+        return [torch.randn(B, L, H, D, dtype=dtype) for _ in range(3)] + [freqs_cis()]
+
+    def forward(self, q, k, v, freqs):
+        q, k = meta_rotary(q, k, freqs)
+        return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
 
 
 # ---- near-misses: the rotation named stays as written ----------------------------------------------
@@ -238,5 +282,30 @@ class Float32TablesOnHalfPrecision(nn.Module):  # float32 cos/sin on bf16 q: the
         return _attend(q, k, v)
 
 
-NEAR_MISSES = [RotatedKeysAlsoReturned, RotatedKeysScrambled, PartialRotary, HalvesSwappedWrongSign, SplitOffCentre, RotatesAnotherTensor,
+class ComplexPerHeadFreqs(MetaComplex):  # freqs_cis differs per head: not one table for every head
+    ROTATED = ""
+
+    def inputs(self, dtype):
+        return [torch.randn(B, L, H, D, dtype=dtype) for _ in range(3)] + [freqs_cis(heads=H)]
+
+
+class ComplexConjugate(MetaComplex):  # times conj(freqs_cis): the inverse rotation, sin negated
+    ROTATED = "qk"  # not a miss: fused with the conjugate's parts as its tables (-sin), and exact
+
+    def forward(self, q, k, v, freqs):
+        q, k = meta_rotary(q, k, freqs.conj())
+        return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+
+
+class ComplexTimesItself(MetaComplex):  # the pairs times another operand's pairs: not a table, not a rotation
+    ROTATED = ""
+
+    def forward(self, q, k, v, freqs):
+        qc = torch.view_as_complex(q.reshape(*q.shape[:-1], -1, 2))
+        kc = torch.view_as_complex(k.reshape(*k.shape[:-1], -1, 2))
+        q = torch.view_as_real(qc * kc).flatten(3)
+        return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+
+
+NEAR_MISSES = [ComplexPerHeadFreqs, ComplexConjugate, ComplexTimesItself, RotatedKeysAlsoReturned, RotatedKeysScrambled, PartialRotary, HalvesSwappedWrongSign, SplitOffCentre, RotatesAnotherTensor,
                PerHeadTables, Float32TablesOnHalfPrecision]

@@ -64,7 +64,7 @@ def test_bench_attention_smallest(tmp_path):
                "speedup_vs_inductor", "speedup_vs_sdpa", "speedup_vs_flex", "fused", "max_abs_diff_vs_eager", "note"}
     assert columns <= set(rows[0])
     variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias", "gqa", "decode",
-                "sinks", "sigmoid", "ssmax", "rope")
+                "sinks", "sigmoid", "ssmax", "rope", "qk_norm")
     by_key = {(r["variant"], r["mode"], r["impl"]): r for r in rows}
     assert set(by_key) == {(v, m, i) for v in variants for m in ("fwd", "fwd+bwd")
                            for i in ("eager", "inductor", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "fxfuse")}
@@ -80,6 +80,7 @@ def test_bench_attention_smallest(tmp_path):
                 assert by_key[v, m, impl]["ms"] == "" and by_key[v, m, impl]["note"].startswith("skipped"), v
     assert by_key["causal", "fwd", "fxfuse"]["fused"] == "True"
     assert "RoPE on q (half) and k (half)" in by_key["rope", "fwd+bwd", "fxfuse"]["note"]  # fused with the site
+    assert "QK-norm on q before RoPE" in by_key["qk_norm", "fwd+bwd", "fxfuse"]["note"]  # the norms too
     assert by_key["softcap", "fwd", "sdpa"]["note"].startswith("SDPA cannot express")
     assert "not measured on CPU" in payload["peak_memory"]
     assert payload["source"]["commit"]  # the numbers say which checkout made them

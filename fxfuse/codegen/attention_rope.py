@@ -10,9 +10,12 @@ rotate the gradients of the rotated q and k back before they store them: the gra
 ``g * cos + rotate^T(g * sin)``, with rotate^T the transpose (inverse sign) of the swap.
 
 The tables are read as (B, L, D) through strides (a table shared by the batch has stride 0 there).
+A QK-norm (fxfuse.codegen.attention_qk_norm) normalises the loaded rows before they are rotated;
+its parameters follow the tables among the kernels' arguments.
 """
 from __future__ import annotations
 
+from fxfuse.codegen.attention_qk_norm import norm_args, norm_strides, normalise
 from fxfuse.spec_attention import AttentionSpec
 
 
@@ -22,11 +25,11 @@ def _rotated(spec: AttentionSpec) -> list[tuple[str, str]]:
 
 
 def rope_args(spec: AttentionSpec) -> str:
-    return "".join(f"C{n.upper()}, S{n.upper()}, " for n, _ in _rotated(spec))
+    return "".join(f"C{n.upper()}, S{n.upper()}, " for n, _ in _rotated(spec)) + norm_args(spec)
 
 
 def rope_strides(spec: AttentionSpec) -> str:
-    return "".join(f"s{t}{n}_b, s{t}{n}_l, s{t}{n}_d, " for n, _ in _rotated(spec) for t in "cs")
+    return "".join(f"s{t}{n}_b, s{t}{n}_l, s{t}{n}_d, " for n, _ in _rotated(spec) for t in "cs") + norm_strides(spec)
 
 
 def helpers(spec: AttentionSpec) -> str:
@@ -87,15 +90,21 @@ def _style(spec: AttentionSpec, name: str) -> str:
 
 
 def rotate_q(spec: AttentionSpec, var: str = "q") -> list[str]:
-    """Rotate the loaded [BLOCK_M, BLOCK_D] query tile ``var`` (rows offs_m), in q's dtype."""
+    """Normalise (QK-norm) and rotate the loaded [BLOCK_M, BLOCK_D] query tile ``var`` (rows
+    offs_m), in q's dtype."""
     if not spec.rope_q:
-        return []
-    return [*_tables("q", "offs_m", "LQ"),
+        return normalise(spec, "q", var)
+    return [*normalise(spec, "q", var), *_tables("q", "offs_m", "LQ"),
             f"{var} = rope_rotate({var}, cq, sq, offs_d, BLOCK_M, BLOCK_D, {_style(spec, 'q')})  # RoPE on the load"]
 
 
 def rotate_kt(spec: AttentionSpec, var: str) -> list[str]:
-    """Rotate the loaded [BLOCK_D, BLOCK_N] transposed key tile ``var`` (keys offs_n)."""
+    """Normalise (QK-norm) and rotate the loaded [BLOCK_D, BLOCK_N] transposed key tile ``var``
+    (keys offs_n)."""
+    if spec.norm_k:  # the norm's rows are the keys: normalise (and rotate) the [BLOCK_N, BLOCK_D] tile
+        rope = [f"{var} = rope_rotate({var}, ck, sk, offs_d, BLOCK_N, BLOCK_D, {_style(spec, 'k')})  # RoPE on the load"]
+        return [f"{var} = tl.trans({var})", *normalise(spec, "k", var),
+                *([*_tables("k", "offs_n", "LK"), *rope] if spec.rope_k else []), f"{var} = tl.trans({var})"]
     if not spec.rope_k:
         return []
     return [*_tables("k", "offs_n", "LK"),

@@ -13,6 +13,9 @@ CPU torch path, the operands are rotated in torch and ``fxfuse.attention`` runs 
 CPU path included), and the backward takes the gradients of the rotated operands from
 ``fxfuse.attention_backward`` and rotates them back (``g * cos + rotate^T(g * sin)``). Tables that
 require grad get theirs (``sum(g * x)`` and ``sum(g * rotate(x))`` over the heads) on that path.
+
+With QK-norm (``norm_q``/``norm_k``, see fxfuse.ops.attention_qk_norm) q and/or k are normalised over
+the head dim first, then rotated (or not, without RoPE); the norms' parameters follow the tables.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from fxfuse import config
 from fxfuse.ops import attention as attention_op
+from fxfuse.ops import attention_qk_norm as qk_norm
 from fxfuse.ops.attention import _contiguous_strides, _kernel_grad, _laid_out, _spec, _sum_to, _use_triton
 from fxfuse.runtime.arguments import output_buffer
 from fxfuse.spec import to_dtype
@@ -54,16 +58,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, style: str) -> Tensor:
     return x * _heads_view(cos) + rotate(x, style) * _heads_view(sin)
 
 
-def _tables(spec: AttentionSpec, tables: list[Tensor]) -> dict:
-    names = [n for n, style in (("q", spec.rope_q), ("k", spec.rope_k)) if style]
-    if len(tables) != 2 * len(names):
-        raise ValueError(f"fxfuse.attention_rope: {len(tables)} tables given for RoPE on {names or 'nothing'}; "
-                         "pass (cos, sin) for each rotated operand, q's first")
-    return {n: (tables[2 * i], tables[2 * i + 1]) for i, n in enumerate(names)}
-
-
 def rotated_operands(spec: AttentionSpec, q: Tensor, k: Tensor, tables: list[Tensor]) -> tuple[Tensor, Tensor]:
-    by = _tables(spec, tables)
+    """q and k as the attention reads them: normalised (QK-norm), then rotated, each as the spec says."""
+    by, params = qk_norm.split_tables(spec, tables)
+    q, k = qk_norm.normalised(spec, q, k, params)
     if "q" in by:
         q = apply_rope(q, *by["q"], spec.rope_q)
     if "k" in by:
@@ -72,7 +70,11 @@ def rotated_operands(spec: AttentionSpec, q: Tensor, k: Tensor, tables: list[Ten
 
 
 def without_rope(spec: AttentionSpec) -> AttentionSpec:
-    return dataclasses.replace(spec, rope_q="", rope_k="")
+    return dataclasses.replace(spec, rope_q="", rope_k="", norm_q="", norm_k="")
+
+
+def without_norms(spec: AttentionSpec) -> AttentionSpec:
+    return dataclasses.replace(spec, norm_q="", norm_k="")
 
 
 def reference(spec: AttentionSpec, q, k, v, extras, tables, keep=None) -> Tensor:
@@ -88,8 +90,8 @@ def kernel_rotates(d: int) -> bool:
     return d >= 16 and d & (d - 1) == 0
 
 
-def _in_kernel(spec: AttentionSpec, q: Tensor) -> bool:
-    return _use_triton(q, spec) and kernel_rotates(q.shape[-1])
+def _in_kernel(spec: AttentionSpec, q: Tensor, k: Tensor) -> bool:
+    return _use_triton(q, spec) and kernel_rotates(q.shape[-1]) and qk_norm.kernel_normalises(spec, q, k)
 
 
 @torch.library.custom_op("fxfuse::attention_rope", mutates_args=())
@@ -97,7 +99,7 @@ def attention_rope(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], tables
                    seed: Tensor | None = None, merge_heads: bool = False) -> Tensor:
     s = _spec(spec)
     attention_op._check_heads(s, q, k, v)
-    if _in_kernel(s, q):
+    if _in_kernel(s, q, k):
         from fxfuse.runtime import attention as kernels
 
         out = kernels.forward(s, q, k, v, extras, seed=seed, merge_heads=merge_heads, tables=tables)[0]
@@ -131,36 +133,50 @@ def _unrotate(style: str, g: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def attention_rope_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
                             tables: list[Tensor], needs_grad: list[bool], table_grads: bool, spec: str,
                             seed: Tensor | None = None) -> list[Tensor]:
-    """[dq, dk, dv, *d_extras, *d_tables]: the tables' gradients only with ``table_grads`` (else
-    empty tensors), the extras' as ``fxfuse.attention_backward`` gives them."""
+    """[dq, dk, dv, *d_extras, *d_tables]: the cos/sin tables' gradients only with ``table_grads``
+    (else empty tensors), the norm parameters' always, the extras' as ``fxfuse.attention_backward``
+    gives them."""
     s = _spec(spec)
     wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, needs_grad)]
-    if _in_kernel(s, q) and not table_grads and all(_kernel_grad(s, i) for i, w in enumerate(wanted) if w):
+    by, params = qk_norm.split_tables(s, tables)
+    norms = qk_norm.norm_specs(s)
+    if _in_kernel(s, q, k) and not table_grads and all(_kernel_grad(s, i) for i, w in enumerate(wanted) if w):
         from fxfuse.runtime import attention as kernels
 
+        # The kernels normalise and rotate as they load: dq and dk are the normalised operands'.
         dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted, seed=seed, tables=tables)
-        grads = [dq, dk, dv, *(d if w else e.new_empty(0) for d, e, w in zip(d_extras, extras, wanted))]
-        return [_contiguous_strides(g) for g in grads] + [t.new_empty(0) for t in tables]
-    by = _tables(s, tables)
-    qr, kr = rotated_operands(s, q, k, tables)
-    dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(grad_out, qr, kr, v, extras, needs_grad,
-                                                                without_rope(s).to_json(), seed)
-    d_tables = []
-    for name, x, g, style in (("q", q, dq, s.rope_q), ("k", k, dk, s.rope_k)):
-        if name in by:
-            if table_grads:
-                d_tables += _table_grads(style, x, g, *by[name])
-            else:
-                d_tables += [t.new_empty(0) for t in by[name]]
-    dq = _unrotate(s.rope_q, dq, *by["q"]).to(q.dtype) if "q" in by else dq
-    dk = _unrotate(s.rope_k, dk, *by["k"]).to(k.dtype) if "k" in by else dk
+        d_extras = [d if w else e.new_empty(0) for d, e, w in zip(d_extras, extras, wanted)]
+        d_tables = [t.new_empty(0) for pair in by.values() for t in pair]
+    else:
+        qn, kn = qk_norm.normalised(s, q, k, params)
+        qr, kr = rotated_operands(without_norms(s), qn, kn, [t for pair in by.values() for t in pair])
+        dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(grad_out, qr, kr, v, extras, needs_grad,
+                                                                    without_rope(s).to_json(), seed)
+        d_tables = []
+        for name, x, g, style in (("q", qn, dq, s.rope_q), ("k", kn, dk, s.rope_k)):
+            if name in by:
+                if table_grads:
+                    d_tables += _table_grads(style, x, g, *by[name])
+                else:
+                    d_tables += [t.new_empty(0) for t in by[name]]
+        dq = _unrotate(s.rope_q, dq, *by["q"]).to(qn.dtype) if "q" in by else dq
+        dk = _unrotate(s.rope_k, dk, *by["k"]).to(kn.dtype) if "k" in by else dk
+    # Back through the norms: the raw operands' gradients and the norm parameters'.
+    if "q" in norms:
+        dq, d_params = qk_norm.through_norm(norms["q"], q, dq, params["q"])
+        d_tables += d_params
+    if "k" in norms:
+        dk, d_params = qk_norm.through_norm(norms["k"], k, dk, params["k"])
+        d_tables += d_params
     return [_contiguous_strides(g) for g in (dq, dk, dv, *d_extras)] + d_tables
 
 
 @attention_rope_backward.register_fake
 def _(grad_out, q, k, v, extras, tables, needs_grad, table_grads, spec, seed=None):
     d_extras = [e.new_empty(e.shape if need and e.dtype.is_floating_point else 0) for e, need in zip(extras, needs_grad)]
-    d_tables = [t.new_empty(t.shape if table_grads else 0) for t in tables]
+    by, params = qk_norm.split_tables(_spec(spec), tables)
+    d_tables = [t.new_empty(t.shape if table_grads else 0) for pair in by.values() for t in pair]
+    d_tables += [p.new_empty(p.shape) for ps in params.values() for p in ps]
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *d_extras, *d_tables]
 
 
@@ -169,7 +185,10 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, seed, *extras, *tables)
     ctx.spec, ctx.interpret, ctx.n_extras = spec, config.current.interpret, len(extras)
     ctx.needs_grad = [e.requires_grad for e in extras]
-    ctx.table_grads = any(t.requires_grad for t in tables)
+    by, params = qk_norm.split_tables(_spec(spec), tables)
+    ctx.table_grads = any(t.requires_grad for pair in by.values() for t in pair)
+    ctx.rope_tables = 2 * len(by)  # the norm parameters follow: their gradients are always computed
+    ctx.param_grads = [t.requires_grad for t in tables[ctx.rope_tables:]]
 
 
 def _backward(ctx, grad_out):
@@ -180,7 +199,8 @@ def _backward(ctx, grad_out):
             grad_out, q, k, v, extras, tables, ctx.needs_grad, ctx.table_grads, ctx.spec, seed)
     d_extras = [d if need and e.dtype.is_floating_point else None
                 for d, e, need in zip(d_rest[:len(extras)], extras, ctx.needs_grad)]
-    d_tables = [d if ctx.table_grads else None for d in d_rest[len(extras):]]
+    d_tables = [d if ctx.table_grads else None for d in d_rest[len(extras):len(extras) + ctx.rope_tables]]
+    d_tables += [d if need else None for d, need in zip(d_rest[len(extras) + ctx.rope_tables:], ctx.param_grads)]
     # One gradient per argument the call passed (trailing defaults are dropped before autograd counts).
     return (dq, dk, dv, d_extras, d_tables, None, None, None)[:len(ctx.needs_input_grad)]
 

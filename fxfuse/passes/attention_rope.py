@@ -29,6 +29,7 @@ import operator
 import torch
 from torch.fx import Node
 
+from fxfuse.passes import attention_rope_complex as complex_rope
 from fxfuse.passes.attention_layout import _replay, layout_chain_back
 from fxfuse.passes.graph import dtype, insert_call, is_op, shape, source_of, val
 from fxfuse.passes.pipeline import Match, Miss, PassResult
@@ -50,9 +51,10 @@ class Declined(Exception):
 @dataclasses.dataclass
 class Rope:
     x: Node  # the unrotated operand
-    cos: Node
-    sin: Node
+    cos: Node | None
+    sin: Node | None
     style: str  # "half" or "interleaved"
+    freqs: Node | None = None  # Meta's complex form: freqs_cis, whose parts the tables are (cos, sin None)
 
 
 def _dim(d: int, rank: int) -> int:
@@ -135,6 +137,11 @@ def _muls(node) -> list[tuple[Node, Node]]:
 def match_rope(node: Node, perm: list[int]) -> Rope:
     """The rotation ``node`` computes, or NotRope / Declined (see the module docstring); ``perm``
     permutes ``node`` to the operator's (B, H, L, D)."""
+    try:
+        x, freqs = complex_rope.match_complex(node, perm, Declined)
+        return Rope(x, None, None, "interleaved", freqs)
+    except complex_rope.NotComplexRope:
+        pass
     if not is_op(node, aten.add.Tensor) or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2 or \
             not all(isinstance(a, Node) for a in node.args):
         raise NotRope()
@@ -246,7 +253,8 @@ def _replace(gm, fused: Node, found: dict) -> Node:
         for node in chain:  # the same head copy, of the unrotated tensor
             x = insert_call(gm, node.target, (x, *node.args[1:]), fused, dict(node.kwargs))
         q, k = (x, k) if name == "q" else (q, x)
-        tables += [_table(gm, rope.cos, perm, fused), _table(gm, rope.sin, perm, fused)]
+        cos, sin = (rope.cos, rope.sin) if rope.freqs is None else complex_rope.tables(gm, rope.freqs, fused)
+        tables += [_table(gm, cos, perm, fused), _table(gm, sin, perm, fused)]
     args = (q, k, fused.args[2], fused.args[3], tables, spec.to_json(), *fused.args[5:])
     new = insert_call(gm, torch.ops.fxfuse.attention_rope.default, args, fused)
     new.meta["stack_trace"] = fused.meta.get("stack_trace")

@@ -12,6 +12,7 @@ from fxfuse.lowering.attention_tiles import tile_lists
 from fxfuse.runtime import functions
 from fxfuse.runtime.configs import LaunchConfig, attention_configs, choose, length_bucket
 from fxfuse.runtime.arguments import extra_4d, output_buffer, seed_args
+from fxfuse.spec import NormSpec
 from fxfuse.spec_attention import AttentionSpec
 
 def device_arch(device) -> int | None:
@@ -88,13 +89,15 @@ def tiles(spec: AttentionSpec, shape4, config: LaunchConfig, device) -> tuple:
 
 def rope_tables(spec: AttentionSpec, tables, q, k) -> list[torch.Tensor]:
     """The cos and sin tables of the rotated operands (see fxfuse.ops.attention_rope) as the kernels
-    read them: (B, L, D) views, broadcast dims at stride 0."""
+    read them: (B, L, D) views, broadcast dims at stride 0; then the QK-norms' parameters as (D,)
+    vectors (fxfuse.ops.attention_qk_norm)."""
     lengths = [(q.shape[0], q.shape[2], q.shape[3])] * 2 * bool(spec.rope_q) + \
         [(k.shape[0], k.shape[2], k.shape[3])] * 2 * bool(spec.rope_k)
-    if len(tables) != len(lengths):
-        raise ValueError(f"fxfuse.attention_rope: {len(tables)} cos/sin tables for a spec rotating "
-                         f"{len(lengths) // 2} operand(s)")
-    return [t.expand(shape) for t, shape in zip(tables, lengths)]
+    norms = [NormSpec.from_json(text) for text in (spec.norm_q, spec.norm_k) if text]
+    if len(tables) != len(lengths) + sum(len(ns.params) for ns in norms):
+        raise ValueError(f"fxfuse.attention_rope: {len(tables)} tables for a spec rotating {len(lengths) // 2} "
+                         f"operand(s) and normalising {len(norms)}")
+    return [t.expand(shape) for t, shape in zip(tables, lengths)] + [p.reshape(-1) for p in tables[len(lengths):]]
 
 
 def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None = None, seed=None,

@@ -95,9 +95,9 @@ def test_rotated_keys_in_a_kv_cache_stay_as_written():
 
 
 def test_qwen3_rotations_after_its_qk_norm_are_fused():
-    """Qwen3 normalises q and k per head (RMSNorm over D) before RoPE: the norms stay fxfuse.norm
-    sites of their own (QK-norm is not taken into the attention kernel yet) and the rotations of
-    their outputs are fused; logits equal eager."""
+    """Qwen3 normalises q and k per head (RMSNorm over D) before RoPE: the rotations of the norms'
+    outputs are fused, then fuse-qk-norm takes the norms (fxfuse.norm sites first) into the same
+    operator (tests/models/test_transformers_qk_norm.py); logits equal eager."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
@@ -109,5 +109,6 @@ def test_qwen3_rotations_after_its_qk_norm_are_fused():
     assert len(_rope(res)) == LAYERS and all(m.spec.rope_q == m.spec.rope_k == "half" for m in _rope(res)), \
         res.report()
     assert sum(m.kind == "rms_norm" for m in res.matches) == 2 * LAYERS + 2 * LAYERS + 1, res.report()
+    assert sum(m.kind == "qk-norm" for m in res.matches) == LAYERS, res.report()
     reference = copy.deepcopy(model).double()
     assert_close_to_reference(res.module(ids).logits, model(ids).logits, reference(ids).logits, "logits")

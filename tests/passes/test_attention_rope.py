@@ -137,3 +137,27 @@ def test_rewritten_module_runs_cpu_rope_sites_as_the_rotation_then_the_attention
     assert "fxfuse.attention_rope" in res.graph.code
     assert "torch.ops.fxfuse" not in graph.run.__self__.code  # the executed copy
     _check(STYLES[0], torch.float32)  # outputs and gradients (tables' too) against float64
+
+
+def test_meta_complex_rope_is_the_interleaved_rotation(cpu_path):
+    """Meta's view_as_complex form in float32 is fused as the interleaved rotation (tables built in
+    the graph from freqs_cis's parts); in bf16 it rotates in float32 and rounds once, which fused
+    RoPE does not: declined with that reason, the module still equal to eager."""
+    from tests.rope_styles import MetaComplex
+
+    res = _check(MetaComplex, torch.float32)
+    specs = _rope_specs(res)
+    assert len(specs) == 1 and specs[0].rope_q == specs[0].rope_k == "interleaved", res.report()
+    assert "view_as_complex" not in res.graph.code and not res.misses, res.graph.code
+    res = _check(MetaComplex, torch.bfloat16)
+    reasons = [m.reason for m in res.misses if m.kind == "rope"]
+    assert not _rope_specs(res) and len(reasons) == 2 and all("rounds once" in r for r in reasons), res.report()
+
+
+def test_complex_freqs_per_head_are_declined_with_their_reason():
+    from tests.rope_styles import ComplexPerHeadFreqs
+
+    model = ComplexPerHeadFreqs()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    reasons = [m.reason for m in res.misses if m.kind == "rope"]
+    assert len(reasons) == 2 and all("not one value per pair and position" in r for r in reasons), reasons
