@@ -13,7 +13,9 @@ small configs: no downloads), each run four ways:
 | ``rewrite`` | ``fxfuse.rewrite(model, (x,)).module``: no torch.compile; the fused sites' CPU paths, the rest op by op |
 
 in inference (``no_grad``) and one training step (forward, a loss, backward). Per row: the median
-time of the timed calls (interleaved rounds, so that load hits every implementation alike), the
+time of the timed calls (interleaved rounds, so that load hits every implementation alike, each
+round in a rotated order, see ``round_order``), the median process CPU time of those calls
+(``cpu_ms``: what other processes' load adds to the wall time is not in it), the
 first call's time (the compile), the activation memory a training forward saves for the backward
 (CPU; bytes of the tensors autograd keeps), the peak memory on CUDA, and the largest difference
 from eager's output.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -151,6 +154,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def round_order(impls: list[str], i: int) -> list[str]:
+    """The order of round ``i``, so that over the rounds each implementation follows several others
+    (every other one within 8 rounds for the default five): the implementations
+    stepped through by ``m``, the round's multiplier coprime with their number (successor of the
+    ``a``-th is the ``a + m``-th), from a rotating start. In one fixed order the implementation
+    after the most memory-hungry one (``fxfuse_eager`` in training) paid its page faults: glibc
+    hands the large blocks freed by that step back to the kernel, and the next step touches fresh
+    pages (``rewrite`` measured 0.78x eager that way, 1.0x alone)."""
+    n = len(impls)
+    steps = [m for m in range(1, n) if math.gcd(m, n) == 1] or [1]
+    m = steps[i % len(steps)]
+    return [impls[(i + j * m) % n] for j in range(n)]
+
+
 def bench_model(name, args, device) -> list[dict]:
     rows = []
     for mode in args.modes:
@@ -160,7 +177,7 @@ def bench_model(name, args, device) -> list[dict]:
         fns, reference = {}, None
         for impl in args.impls:
             row = {"model": name, "mode": mode, "impl": impl, "batch": args.batch, "seq_len": args.seq_len,
-                   "hidden": args.hidden, "layers": args.layers, "ms": None, "compile_s": None,
+                   "hidden": args.hidden, "layers": args.layers, "ms": None, "cpu_ms": None, "compile_s": None,
                    "saved_mib": None, "peak_mib": None, "max_abs_diff_vs_eager": None, "note": ""}
             rows.append(row)
             try:
@@ -182,18 +199,22 @@ def bench_model(name, args, device) -> list[dict]:
                 row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 traceback.print_exc()
         times = {impl: [] for impl in fns}
+        cpu_times = {impl: [] for impl in fns}
         for _ in range(args.warmup):
             for fn, _row in fns.values():
                 step(fn, model, x, train)
-        for _ in range(args.rounds):  # interleaved: a, b, c, a, b, c, ...
-            for impl, (fn, _row) in fns.items():
+        for i in range(args.rounds):
+            for impl in round_order(list(fns), i):
+                fn = fns[impl][0]
                 _sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step(fn, model, x, train)
                 _sync(device)
                 times[impl].append(time.perf_counter() - t0)
+                cpu_times[impl].append(time.process_time() - c0)
         for impl, (fn, row) in fns.items():
             row["ms"] = round(statistics.median(times[impl]) * 1e3, 3)
+            row["cpu_ms"] = round(statistics.median(cpu_times[impl]) * 1e3, 3)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 step(fn, model, x, train)
@@ -256,7 +277,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"e2e_{machine_slug(args.device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine, "source": source, "command": sys.argv,
-               "timing": f"median of {args.rounds} interleaved calls after {args.warmup} warm-up calls",
+               "timing": f"median of {args.rounds} interleaved calls (each round in a rotated order) after "
+                         f"{args.warmup} warm-up calls; cpu_ms: their process CPU time",
                "memory": "saved_mib: activations a training forward saves for backward (CPU); peak_mib: CUDA only",
                "results": rows}
     out.write_text(json.dumps(payload, indent=1) + "\n")

@@ -83,10 +83,37 @@ _NO_STATE = _ModuleState([], [], ())
 _PLAIN = (bool, int, float, str)
 
 
+# What every nn.Module keeps in its __dict__ (hook tables, the parameter/buffer/module dicts, its
+# mode); of these only ``training`` and ``_is_full_backward_hook`` (None, or a bool once a hook is
+# set) are plain values, returned first by ``_mode``.
+_MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__)
+
+
 def _mode(m: torch.nn.Module) -> tuple:
     """A module's train/eval mode and its plain Python attributes (eps, scaling, flags): capture
-    baked them into the graph as constants, so changing one must capture again."""
-    return m.training, tuple((k, v) for k, v in m.__dict__.items() if type(v) in _PLAIN)
+    baked them into the graph as constants, so changing one must capture again. (The set
+    difference runs in C: a Python loop over the ~17 internal entries of each module's __dict__
+    was most of the rewritten module's per-call check.)"""
+    d = m.__dict__
+    own = d.keys() - _MODULE_INTERNALS
+    plain = tuple((k, d[k]) for k in sorted(own) if type(d[k]) in _PLAIN) if own else ()
+    return d.get("training"), d.get("_is_full_backward_hook"), plain
+
+
+def _walk(m: torch.nn.Module, prefix: str, params: list, buffers: list, training: list) -> None:
+    """``named_modules(remove_duplicate=False)``'s order (pre-order, children in registration order)
+    with each module's parameters and buffers, in one pass without its generators."""
+    training.append(_mode(m))
+    dot = prefix + "." if prefix else ""
+    for n, p in m._parameters.items():  # (loops, not generators: most modules have none)
+        if p is not None:
+            params.append((dot + n, p))
+    for n, b in m._buffers.items():
+        if b is not None:
+            buffers.append((dot + n, b))
+    for n, sub in m._modules.items():
+        if sub is not None:
+            _walk(sub, dot + n, params, buffers, training)
 
 
 def _module_state(model: Callable) -> _ModuleState:
@@ -94,14 +121,10 @@ def _module_state(model: Callable) -> _ModuleState:
         return _NO_STATE
     cls = type(model)
     if cls.named_parameters is torch.nn.Module.named_parameters and cls.named_buffers is torch.nn.Module.named_buffers \
-            and cls._named_members is torch.nn.Module._named_members:
+            and cls._named_members is torch.nn.Module._named_members and cls.named_modules is torch.nn.Module.named_modules:
         # What those two methods do, in one walk instead of three (they and modules() each walk).
         params, buffers, training = [], [], []
-        for prefix, m in model.named_modules(remove_duplicate=False):
-            training.append(_mode(m))
-            dot = prefix + "." if prefix else ""
-            params.extend((dot + n, p) for n, p in m._parameters.items() if p is not None)
-            buffers.extend((dot + n, b) for n, b in m._buffers.items() if b is not None)
+        _walk(model, "", params, buffers, training)
         return _ModuleState(params, buffers, tuple(training))
     return _ModuleState(list(model.named_parameters(remove_duplicate=False)),
                         list(model.named_buffers(remove_duplicate=False)),

@@ -4,7 +4,8 @@ Dynamo graph → capture (ATen, functional) → passes → Inductor (``torch._in
 which differentiates the rewritten graph with AOTAutograd and generates code for everything no pass
 claimed; the fused operators stay calls of fxfuse's kernels (on CPU, the exact fast forms of
 fxfuse.inductor). ``options={"inner": "eager"}`` runs AOTAutograd's forward and backward graphs op
-by op instead (for debugging: the graphs are exactly what the passes produced).
+by op instead (for debugging: the graphs are what the passes produced, but in training on CPU each
+site is the form Inductor would get, unless ``keep_operators=True``).
 
 Inductor's mode and options: ``torch.compile(model, backend="fxfuse", mode="max-autotune")`` (Dynamo
 passes ``mode`` to the backend when ``options`` is not given), or within the options,
@@ -111,6 +112,15 @@ class Backend:
             _warn_shape_misses(report)
             if inner == "inductor":
                 compiled = self._inductor(aten_gm, example_inputs, index)
+            elif _trains(aten_gm, example_inputs) and not config.current.keep_operators:
+                from fxfuse.inductor import lower_cpu_sites
+
+                # In training the operators' CPU backward formulas (recomputing the forward, one
+                # more reduction per norm) cost more than the forms autograd differentiates, the
+                # same the composed backend hands Inductor (SDPA's fused backward, or what the
+                # user's code saved); inference keeps the operators (their CPU paths are exact and
+                # fast). interpret=True keeps them too (lower_cpu_sites).
+                lower_cpu_sites(aten_gm, example_inputs)
         if inner == "eager":
             compiler = aot_autograd(
                 fw_compiler=self._compiler("aot_forward", index),
@@ -151,6 +161,11 @@ class Backend:
                 return compiled(*args)
 
         return run
+
+
+def _trains(gm: torch.fx.GraphModule, example_inputs) -> bool:
+    """Whether AOTAutograd will differentiate this graph: grad mode on and an input requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
 _WARNED: set = set()  # (site, reason) already warned about: Dynamo recompiles the same site often

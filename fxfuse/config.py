@@ -59,6 +59,11 @@ class Options:
     # Inductor generates code for everything no pass fused and calls the fused operators) or "eager"
     # (AOTAutograd's graphs run op by op; for debugging). FXFUSE_INNER sets the default.
     inner: str = dataclasses.field(default_factory=lambda: os.environ.get("FXFUSE_INNER") or "inductor")
+    # inner="eager" only. In a graph that trains, each CPU site becomes the form the composed backend
+    # hands Inductor (fxfuse/inductor.py: SDPA, or the reference autograd differentiates), as fast as
+    # the user's code; True keeps the fused operators and their backward operators there instead
+    # (whose CPU backward recomputes the forward: slower than eager), to debug them.
+    keep_operators: bool = False
     # Inductor's mode ("max-autotune", "reduce-overhead", ...), as torch.compile(mode=...) names it,
     # and Inductor config options of its own (``{"max_autotune_gemm_backends": "ATEN"}``), under inner="inductor".
     mode: str | None = None
@@ -90,6 +95,7 @@ _OPTION_TYPES = {
     "progress": (bool, "True or False"),
     "passes": ((str, list, tuple, type(None)), 'a pipeline such as "canonicalize,fuse-norm", a list of pass names, or None'),
     "inner": (str, '"inductor" or "eager"'),
+    "keep_operators": (bool, "True or False"),
     "mode": ((str, type(None)), 'an Inductor mode such as "max-autotune", or None'),
     "inductor": ((dict, type(None)), "a dict of Inductor config options, or None"),
 }
@@ -97,7 +103,7 @@ INNERS = ("inductor", "eager")
 # Inductor's modes, as torch.compile(mode=...) names them (torch._inductor.list_mode_options).
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Options that only choose how a graph is compiled: the compiled code does not need them at run time.
-COMPILE_ONLY = frozenset({"passes", "inner", "mode", "inductor"})
+COMPILE_ONLY = frozenset({"passes", "inner", "mode", "inductor", "keep_operators"})
 
 
 # The options in force. A module-level object rather than a thread-local: autograd runs backward

@@ -22,11 +22,13 @@ def _inner_compiler(request):
     a CPU: tests about the backend's own behaviour (reports, options, capture, training) run its
     graphs op by op (inner="eager", the same graphs Inductor would get); the tests marked
     ``inductor`` (tests/test_backend_inductor.py) run the default composition. A test's own
-    ``options={"inner": ...}`` wins either way."""
+    ``options={"inner": ...}`` wins either way. They keep the fused operators in training graphs
+    (keep_operators: their autograd formulas are what a GPU runs); tests/test_cpu_training_forms.py
+    checks the default, the forms Inductor gets."""
     if "inductor" in request.keywords:
         yield
         return
-    with fxfuse.config.patch(inner="eager"):
+    with fxfuse.config.patch(inner="eager", keep_operators=True):
         yield
 
 

@@ -341,3 +341,29 @@ def test_changing_a_plain_attribute_captures_again():
     model.eps = 1e-6
     torch.testing.assert_close(res.module(x), model(x))
     assert len(res.module._graphs) == 2  # back to the first graph
+
+
+def test_module_state_walk_matches_torchs_own_walks():
+    """The per-call check walks the module once by hand (fxfuse.api._walk): the same names, order,
+    shared and None entries as named_parameters/named_buffers(remove_duplicate=False), and each
+    module's mode and plain attributes as their __dict__ holds them."""
+    from fxfuse.api import _module_state
+
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared, nn.BatchNorm1d(3)), nn.LayerNorm(3))
+    model.register_parameter("gone", None)
+    model.register_buffer("steps", torch.zeros(()))
+    model[2].flag, model[3].note, model[3].obj = True, "x", object()
+    model[2].eval()
+    state = _module_state(model)
+    assert [n for n, _ in state.params] == [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert [n for n, _ in state.buffers] == [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    assert all(a is b for (_, a), (_, b) in zip(state.params, model.named_parameters(remove_duplicate=False)))
+    modules = [m for _, m in model.named_modules(remove_duplicate=False)]
+    internals = set(nn.Module().__dict__)
+    assert [(t[0], dict(t[2])) for t in state.training] == [
+        (m.training, {k: v for k, v in vars(m).items() if k not in internals and type(v) in (bool, int, float, str)})
+        for m in modules]
+    assert dict(state.training[3][2]) == {"flag": True} and dict(state.training[-1][2])["note"] == "x"
+    model[3].eps = 0.5  # a plain attribute changed: another state, so the graph is captured again
+    assert _module_state(model).training != state.training

@@ -1,0 +1,91 @@
+"""torch.compile(backend="fxfuse", options={"inner": "eager"}) in training on CPU: each fused site
+reaches AOTAutograd as the form the composed backend hands Inductor (fxfuse/inductor.py), so its
+backward is SDPA's fused one or autograd's of the reference (what the user's code saved), never
+the operators' backward, which recomputes the forward (GPT-2's training step took 1.6x eager's
+time that way). Inference keeps the operators; ``keep_operators=True`` keeps them in training.
+The sinks and sigmoid sites (issue 12) are checked against float64 autograd of the user's code."""
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.demo import NaiveTransformer
+from tests.attention_variant_styles import SigmoidCausalLearnedBias, SinksGptOss
+from tests.tolerances import assert_close_to_reference
+
+
+class _FxfuseOps:
+    """The fxfuse operators (forward or backward ones) that ran, by name, as the profiler saw them
+    (a dispatch mode would make Dynamo trace it instead of running the compiled graphs)."""
+
+    def __enter__(self):
+        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        self.ops = [e.key.split("::", 1)[1] for e in self.prof.key_averages() if e.key.startswith("fxfuse::")]
+
+
+def _step(fn, model, inputs):
+    for p in model.parameters():
+        p.grad = None
+    leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    out = fn(*leaves)
+    out.pow(2).sum().backward()
+    return [out, *(t.grad for t in leaves if t.requires_grad), *(p.grad for p in model.parameters())]
+
+
+def _compiled(model, keep_operators=False):
+    # keep_operators given: conftest runs the other tests with True
+    torch._dynamo.reset()
+    return torch.compile(model, backend=fxfuse.Backend(inner="eager", keep_operators=keep_operators))
+
+
+@pytest.mark.parametrize("style", [SinksGptOss, SigmoidCausalLearnedBias], ids=["sinks", "sigmoid"])
+def test_sinks_and_sigmoid_train_without_the_operators_backward(style, monkeypatch):
+    model = style()
+    inputs = model.inputs(torch.float32)
+    compiled = _compiled(model)
+    reruns = []
+    import fxfuse.ops.attention as attention_op
+
+    real = attention_op.reference_backward
+    monkeypatch.setattr(attention_op, "reference_backward", lambda *a, **k: reruns.append(1) or real(*a, **k))
+    _step(compiled, model, inputs)  # compiles
+    with _FxfuseOps() as seen:
+        got = _step(compiled, model, inputs)
+    assert not seen.ops and not reruns, (seen.ops, reruns)  # no operator, no forward recomputed for the backward
+    eager = _step(model, model, inputs)
+    want = _step(model.double(), model, [t.double() for t in inputs])
+    model.float()
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+
+
+def test_training_sites_fused_and_their_forms_reach_autograd():
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
+    be = fxfuse.Backend(inner="eager", keep_operators=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=be)
+    _step(compiled, model, (x,))
+    with _FxfuseOps() as seen:
+        got = _step(compiled, model, (x,))
+    assert be.matches and not seen.ops, seen.ops  # fused (reported), run as their forms
+    for g, w in zip(got, _step(model, model, (x,))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_and_keep_operators_run_the_operators():
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
+    compiled = _compiled(model)
+    with torch.no_grad():
+        compiled(x)
+        with _FxfuseOps() as seen:
+            compiled(x)
+    assert "attention" in seen.ops and "norm" in seen.ops, seen.ops
+    compiled = _compiled(model, keep_operators=True)
+    _step(compiled, model, (x,))
+    with _FxfuseOps() as seen:
+        _step(compiled, model, (x,))
+    assert "attention_backward" in seen.ops and "norm_backward" in seen.ops, seen.ops
