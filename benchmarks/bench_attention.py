@@ -1,5 +1,6 @@
 """Benchmark of fused attention: causal, sliding-window, padding-mask, ALiBi, softcap, relative-bias,
-GQA, decoding, attention sinks (gpt-oss), sigmoid attention, SSMax's per-row temperature and RoPE.
+GQA, decoding, attention sinks (gpt-oss), sigmoid attention, SSMax's per-row temperature, RoPE and
+differential attention (two softmaxes sharing v, o1 - lambda * o2).
 
 Each variant is written naively (``q @ k.transpose(-2, -1) * scale``, masks, softmax, ``@ v``) as a
 small module and run by: eager (the module as written), torch.compile (Inductor) of the same module,
@@ -277,15 +278,36 @@ class SSMax(Causal):  # SSMax: causal, each query's scores times log(n), n = i +
         return (lambda s, b, h, qi, kv: s * factor[qi]), (lambda b, h, qi, kv: kv <= qi)
 
 
+class Differential(Causal):  # Differential Transformer: two causal softmaxes sharing v, o1 - lambda * o2
+    halves = 2  # two attentions' worth of score products
+
+    def __init__(self, heads):
+        super().__init__()
+        self.lq1, self.lk1, self.lq2, self.lk2 = (nn.Parameter(0.1 * torch.randn(heads, 1, 8)) for _ in range(4))
+
+    def lam(self):  # one lambda per head, (H, 1, 1), from learned vectors, as the paper computes it
+        return torch.exp((self.lq1 * self.lk1).sum(-1, keepdim=True)) - \
+            torch.exp((self.lq2 * self.lk2).sum(-1, keepdim=True)) + 0.8
+
+    def forward(self, q1, k1, q2, k2, v):
+        return super().forward(q1, k1, v) - self.lam() * super().forward(q2, k2, v)
+
+    def sdpa(self, q1, k1, q2, k2, v):  # two SDPA calls, combined as written
+        attend = super().sdpa
+        return attend(q1, k1, v) - self.lam() * attend(q2, k2, v)
+
+    flex = None  # two flex_attention calls would be its form; not expressed here (CPU rows skip Flex anyway)
+
+
 VARIANTS = {"causal": Causal, "sliding_window": SlidingWindow, "padding_mask": PaddingMask, "alibi": Alibi,
             "softcap": Softcap, "relative_bias": RelativeBias, "gqa": GroupedQuery, "decode": Decode,
             "sinks": Sinks, "sigmoid": Sigmoid, "ssmax": SSMax,
-            "rope": Rope, "qk_norm": QkNorm}
+            "rope": Rope, "qk_norm": QkNorm, "differential": Differential}
 
 
 def make_variant(name, heads, head_dim=64):
     cls = VARIANTS[name]
-    return cls(heads) if cls in (RelativeBias, Sinks) else cls(head_dim) if cls is QkNorm else cls()
+    return cls(heads) if cls in (RelativeBias, Sinks, Differential) else cls(head_dim) if cls is QkNorm else cls()
 
 
 def make_inputs(name, b, h, length, d, dtype, device, grad):
@@ -293,7 +315,8 @@ def make_inputs(name, b, h, length, d, dtype, device, grad):
         kv_heads = max(1, h // GQA_GROUPS) if name == "gqa" else h
         shapes = ((b, h, 1 if name == "decode" else length, d), *[(b, kv_heads, length, d)] * 2)
         return tuple(torch.randn(s, dtype=dtype, device=device, requires_grad=grad) for s in shapes)
-    qkv = [torch.randn(b, h, length, d, dtype=dtype, device=device, requires_grad=grad) for _ in range(3)]
+    qkv = [torch.randn(b, h, length, d, dtype=dtype, device=device, requires_grad=grad)
+           for _ in range(5 if name == "differential" else 3)]  # differential: q1, k1, q2, k2, v
     if name != "padding_mask":
         return tuple(qkv)
     keep = torch.ones(b, length, dtype=torch.bool, device=device)
@@ -307,6 +330,8 @@ def useful_pairs(module, inputs) -> int:
     if isinstance(module, Decode):
         return q.shape[0] * q.shape[1] * q.shape[2] * inputs[1].shape[2]
     i, j = _positions(q)
+    if isinstance(module, Differential):
+        return Differential.halves * q.shape[0] * q.shape[1] * int(module.allowed(i, j).sum().item())
     allowed = module.allowed(i, j, inputs[3] if len(inputs) > 3 else None)
     # a mask without batch/head dims holds for every (b, h); a (B, 1, L, L) one for every head
     return int(allowed.sum().item() * q.shape[0] * q.shape[1] / math.prod(allowed.shape[:-2] or (1,)))
@@ -344,8 +369,10 @@ def flex_module(base, inputs, device):
 
 
 def fxfuse_verdict(res) -> tuple[bool, str]:
-    # a QK-norm or RoPE match describes the whole site (the attention spec with its norms and rotations)
-    matches = [m for m in res.matches if m.kind == "qk-norm"] or [m for m in res.matches if m.kind == "rope"] or \
+    # a QK-norm, RoPE or differential match describes the whole site (the attention spec with its norms and
+    # rotations; the two attentions a differential site combines)
+    matches = [m for m in res.matches if m.kind == "qk-norm"] or \
+        [m for m in res.matches if m.kind in ("rope", "differential")] or \
         [m for m in res.matches if m.kind == "attention"]
     if matches:
         return True, "fused: " + "; ".join(m.describe() for m in matches)

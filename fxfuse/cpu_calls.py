@@ -60,6 +60,24 @@ def _attention_rope_call(spec_text: str):
     return attention_rope
 
 
+def _differential_call(spec_text: str):
+    """Differential sites: each half by the attention's CPU path (autograd differentiates the ATen
+    ops it runs), combined with the user's two ops."""
+    from fxfuse.ops import attention_differential as diff_op
+
+    spec, half, _ = diff_op._specs(spec_text)
+    op = _fx.attention_differential.default
+
+    def attention_differential(q1, k1, q2, k2, v, lam, extras, spec_arg=spec_text, merge_heads=False):
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (q1, k1, q2, k2, v, lam, *extras))
+        if q1.device.type != "cpu" or config.interpret_on_cpu() or (half.safe_softmax and grads):
+            return op(q1, k1, q2, k2, v, lam, extras, spec_arg, merge_heads)
+        diff_op._check(half, q1, k1, q2, k2, v, lam)
+        return diff_op.cpu_forward(spec, q1, k1, q2, k2, v, lam, extras, merge_heads, autograd=True)
+
+    return attention_differential
+
+
 def _norm_call(spec_text: str):
     spec = norm_op._spec(spec_text)
     op = _fx.norm.default
@@ -117,6 +135,7 @@ def _polynorm_call(spec_text: str):
 _CALLS = {
     _fx.attention.default: (_attention_call, 4),
     _fx.attention_rope.default: (_attention_rope_call, 5),
+    _fx.attention_differential.default: (_differential_call, 7),
     _fx.norm.default: (_norm_call, 2),
     _fx.add_norm.default: (_add_norm_call, 3),
     _fx.sum_norm.default: (_sum_norm_call, 2),

@@ -101,6 +101,18 @@ def _attention_rope_form(q, k, v, extras, tables, spec, seed=None, merge_heads=F
     return form
 
 
+def _differential_form(q1, k1, q2, k2, v, lam, extras, spec, merge_heads=False, *, grads=(), qkv_grad=False):
+    """Differential attention: each half's attention form, combined as the user's code does."""
+    from fxfuse.ops import attention_differential as diff_op
+
+    _, _, half_json = diff_op._specs(spec)
+    inner = _attention_form(q1, k1, v, extras, half_json, grads=grads, qkv_grad=qkv_grad)
+    if inner is None:
+        return None
+    return lambda q1, k1, q2, k2, v, lam, *extras: _laid_out(
+        diff_op.combine(inner(q1, k1, v, *extras), inner(q2, k2, v, *extras), lam), merge_heads)
+
+
 def _norm_form(x, params, spec):
     s = norm_op._spec(spec)
     return lambda x, *params: _normalized(s, x, list(params))
@@ -140,11 +152,17 @@ _FORMS = {
     _fx.attention.default: (_attention_form, lambda q, k, v, extras, *rest, **kw: [q, k, v, *extras]),
     _fx.attention_rope.default: (_attention_rope_form,
                                  lambda q, k, v, extras, tables, *rest, **kw: [q, k, v, *extras, *tables]),
+    _fx.attention_differential.default: (_differential_form, lambda q1, k1, q2, k2, v, lam, extras, *rest, **kw:
+                                         [q1, k1, q2, k2, v, lam, *extras]),
     _fx.norm.default: (_norm_form, lambda x, params, spec: [x, *params]),
     _fx.add_norm.default: (_add_norm_form, lambda x, residual, params, spec: [x, residual, *params]),
     _fx.sum_norm.default: (_sum_norm_form, lambda terms, params, spec: [*terms, *params]),
     _fx.polynorm.default: (_polynorm_form, lambda x, weights, bias, spec: [x, *weights, bias]),
 }
+
+
+# attention operators -> the position of their extras (the operands come before them)
+_ATTENTION_EXTRAS = {_fx.attention.default: 3, _fx.attention_rope.default: 3, _fx.attention_differential.default: 6}
 
 
 def _fake(a):
@@ -179,9 +197,10 @@ def lower_cpu_sites(gm: torch.fx.GraphModule, example_inputs=()) -> int:
         inputs = tensor_args(*fakes, **_fake(node.kwargs))
         if inputs[0].device.type != "cpu":
             continue
-        if node.target in (_fx.attention.default, _fx.attention_rope.default):
-            grads = [a in needing_grad for a in node.args[3]]
-            qkv_grad = any(a in needing_grad for a in node.args[:3])
+        if node.target in _ATTENTION_EXTRAS:
+            at = _ATTENTION_EXTRAS[node.target]  # the operands before the extras, then the extras
+            grads = [a in needing_grad for a in node.args[at]]
+            qkv_grad = any(a in needing_grad for a in node.args[:at])
             form = choose(*fakes, **_fake(node.kwargs), grads=grads, qkv_grad=qkv_grad)
         else:
             form = choose(*fakes, **_fake(node.kwargs))

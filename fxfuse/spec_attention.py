@@ -83,6 +83,10 @@ class AttentionSpec:
                    the halves of the head dim, "interleaved" the same rotation on pairs (2j, 2j+1)
                    (complex multiplication, ``view_as_complex``); cos and sin are (1|B, L, D) tables
                    given to ``fxfuse.attention_rope`` (see fxfuse.ops.attention_rope).
+    differential:  differential attention (Ye et al., Differential Transformer): the site is
+                   ``attn(q1, k1, v) - lambda * attn(q2, k2, v)``, both halves computing this spec's
+                   steps with the same extra tensors and sharing v, lambda a scalar or per-(batch,
+                   head) tensor (see fxfuse.ops.attention_differential); False: one attention.
     norm_q/norm_k: QK-norm: a NormSpec (its JSON, fxfuse.spec) normalising each row of q (k) over the
                    head dim as the operator loads it, before any RoPE, "" for none; its parameters
                    follow the cos/sin tables in ``fxfuse.attention_rope``'s ``tables`` (see
@@ -100,6 +104,7 @@ class AttentionSpec:
     rope_k: str = ""
     sinks: int = -1
     normalizer: str = "softmax"
+    differential: bool = False
     norm_q: str = ""
     norm_k: str = ""
 
@@ -152,6 +157,8 @@ class AttentionSpec:
             del raw["sinks"]
         if self.normalizer == "softmax":
             del raw["normalizer"]
+        if not self.differential:
+            del raw["differential"]
         for step in raw["steps"]:
             if step["expr"] is None:  # specs without expressions keep their JSON (and kernel names)
                 del step["expr"]
@@ -212,6 +219,8 @@ class AttentionSpec:
         rotated = [f"{name} ({style})" for name, style in (("q", self.rope_q), ("k", self.rope_k)) if style]
         if rotated:
             parts.append("RoPE on " + " and ".join(rotated))
+        if self.differential:
+            parts.append("differential (two softmaxes sharing v: o1 - lambda * o2)")
         for name, norm in (("q", self.norm_q), ("k", self.norm_k)):
             if norm:
                 order = " before RoPE" if getattr(self, f"rope_{name}") else ""

@@ -64,7 +64,7 @@ def test_bench_attention_smallest(tmp_path):
                "speedup_vs_inductor", "speedup_vs_sdpa", "speedup_vs_flex", "fused", "max_abs_diff_vs_eager", "note"}
     assert columns <= set(rows[0])
     variants = ("causal", "sliding_window", "padding_mask", "alibi", "softcap", "relative_bias", "gqa", "decode",
-                "sinks", "sigmoid", "ssmax", "rope", "qk_norm")
+                "sinks", "sigmoid", "ssmax", "rope", "qk_norm", "differential")
     by_key = {(r["variant"], r["mode"], r["impl"]): r for r in rows}
     assert set(by_key) == {(v, m, i) for v in variants for m in ("fwd", "fwd+bwd")
                            for i in ("eager", "inductor", "sdpa", "sdpa_flash", "sdpa_cudnn", "flex", "fxfuse")}
@@ -81,6 +81,7 @@ def test_bench_attention_smallest(tmp_path):
     assert by_key["causal", "fwd", "fxfuse"]["fused"] == "True"
     assert "RoPE on q (half) and k (half)" in by_key["rope", "fwd+bwd", "fxfuse"]["note"]  # fused with the site
     assert "QK-norm on q before RoPE" in by_key["qk_norm", "fwd+bwd", "fxfuse"]["note"]  # the norms too
+    assert "differential" in by_key["differential", "fwd+bwd", "fxfuse"]["note"]  # one site for both halves
     assert by_key["softcap", "fwd", "sdpa"]["note"].startswith("SDPA cannot express")
     assert "not measured on CPU" in payload["peak_memory"]
     assert payload["source"]["commit"]  # the numbers say which checkout made them

@@ -8,6 +8,7 @@ import torch
 
 import fxfuse
 from tests.attention_styles import STYLES as ATTENTION_STYLES
+from tests.attention_differential_styles import STYLES as DIFFERENTIAL_STYLES
 from tests.attention_variant_styles import VARIANT_STYLES
 from tests.norm_styles import LAYER_STYLES, RMS_STYLES, PreNormResidualBlock, build
 from tests.norm_sum_styles import SUM_STYLES
@@ -89,6 +90,22 @@ def test_attention_kernels_on_cuda(style, dtype):
     assert_close_to_reference(got.detach(), eager, ref, "output")
     got.float().pow(2).sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves if t.is_floating_point())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", DIFFERENTIAL_STYLES, ids=lambda s: s.__name__)
+def test_differential_kernel_on_cuda(style, dtype):
+    """The two-softmax forward compiled for CUDA, and the halves' backward kernels."""
+    model = style().cuda().to(dtype)
+    inputs = [t.cuda().requires_grad_() for t in model.inputs(dtype)]
+    res = fxfuse.rewrite(model, tuple(inputs))
+    assert "differential" in [m.kind for m in res.matches], res.report()
+    got = res.module(*inputs)
+    ref = copy.deepcopy(model).double()(*[t.detach().double() for t in inputs])
+    eager = model(*[t.detach() for t in inputs])
+    assert_close_to_reference(got.detach(), eager, ref, "output")
+    got.float().pow(2).sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
 
 
 def test_backend_on_cuda_trains_like_eager():

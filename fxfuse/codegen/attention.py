@@ -166,6 +166,10 @@ def {name}_forward({("Q, K, V, O, STATS, " + extras).rstrip()}
 
 def generate(spec: AttentionSpec) -> Kernel:
     """The kernel module for ``spec``: its name and source (pure text: needs no GPU)."""
+    if spec.differential:  # two softmaxes sharing v: a template of its own
+        from fxfuse.codegen import attention_differential
+
+        return attention_differential.generate(spec)
     name = kernel_name("attention", spec.to_json())
     plan = lower_attention(spec)
     return Kernel(name, _source(name, spec, plan) + backward_source(name, spec, plan), spec=spec.describe())

@@ -59,6 +59,8 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.canonicalize import Canonicalize
     from fxfuse.passes.attention import FuseAttention
     from fxfuse.passes.attention_rope import FuseRope
+    from fxfuse.passes.attention_differential import FuseDifferential
+    from fxfuse.passes.attention_differential_pairs import FuseDifferentialPairs
     from fxfuse.passes.attention_qk_norm import FuseQkNorm
     from fxfuse.passes.norm import FuseNorm
     from fxfuse.passes.sdpa import ClaimSDPA
@@ -68,12 +70,12 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.polynorm import FusePolyNorm
     from fxfuse.passes.linear_attention import FuseLinearAttention
 
-    passes = (Canonicalize, ClaimSDPA, FuseAttention, FuseRope, FusePolyNorm, FuseNorm, FuseQkNorm,
-              FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT, FuseLinearAttention)
+    passes = (Canonicalize, ClaimSDPA, FuseDifferentialPairs, FuseAttention, FuseDifferential, FuseRope, FusePolyNorm,
+              FuseNorm, FuseQkNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT, FuseLinearAttention)
     return {cls.name: cls for cls in passes}
 
 
-DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-attention,fuse-rope,fuse-polynorm,fuse-norm,fuse-qk-norm"
+DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-differential-pairs,fuse-attention,fuse-differential,fuse-rope,fuse-polynorm,fuse-norm,fuse-qk-norm"
 
 
 def parse_pipeline(spec: str | list | tuple | None) -> list:
