@@ -1,10 +1,14 @@
-"""Benchmark of fused normalization: RMSNorm (Llama style), LayerNorm and residual add + RMSNorm.
+"""Benchmark of fused normalization: RMSNorm (Llama style), LayerNorm and residual add + RMSNorm;
+and the norm variants (``--forms deepnorm,b2t,polynorm``): DeepNorm's LN(alpha * x + f), B2T's
+three-input LN(f + h + x), PolyNorm.
 
 Each form is written naively (as model code writes it) and run four ways: eager, torch.compile
 (Inductor) of the same module, the fxfuse-rewritten module, and Liger-Kernel when it is importable
 (CUDA only). Forward alone (under no_grad) and forward + backward (gradients of the input(s) and
 the parameters). Reports the time per call, speedups over eager and Inductor, effective GB/s (the
-bytes a fused kernel must move / time) and how that compares with a plain copy on this machine.
+bytes a fused kernel must move / time), how that compares with a plain copy on this machine, and
+the peak memory one call adds (CUDA: max_memory_allocated; CPU: the resident set's high-water
+mark, with glibc's mmap threshold pinned so freed tensors leave the resident set).
 
     python benchmarks/bench_norm.py --quick                # CPU: fp32, small sizes, a few minutes
     python benchmarks/bench_norm.py --device cuda          # GPU: bf16, rows 4096-16384 x hidden 1024-8192
@@ -79,7 +83,49 @@ class ResidualRMSNorm(nn.Module):
         return self.norm(h), h
 
 
-FORMS = {"rms": LlamaRMSNorm, "layer": NaiveLayerNorm, "residual_rms": ResidualRMSNorm}
+class DeepNormLN(nn.Module):
+    """DeepNorm's post-LN ``LN(alpha * x + f)``, alpha = (2N)^(1/4) for N = 12 layers (torchscale's form)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, eps=EPS)
+        self.alpha = (2 * 12) ** 0.25
+
+    def forward(self, x, f):
+        return self.norm(x * self.alpha + f)
+
+
+class B2TLN(nn.Module):
+    """B2T's last post-LN of a layer: ``LN(f + h + x)``, the layer input x as a third term."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, eps=EPS)
+
+    def forward(self, f, h, x):
+        return self.norm(f + h + x)
+
+
+class PolyNorm(nn.Module):
+    """PolyCom / Motif's ``w0 * norm(x^3) + w1 * norm(x^2) + w2 * norm(x) + b``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([0.3, 0.4, 0.3]))
+        self.bias = nn.Parameter(torch.tensor([0.1]))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+
+    def forward(self, x):
+        return self.weight[0] * self._norm(x ** 3) + self.weight[1] * self._norm(x ** 2) + self.weight[2] * self._norm(
+            x) + self.bias
+
+
+FORMS = {"rms": LlamaRMSNorm, "layer": NaiveLayerNorm, "residual_rms": ResidualRMSNorm,
+         "deepnorm": DeepNormLN, "b2t": B2TLN, "polynorm": PolyNorm}
+DEFAULT_FORMS = "rms,layer,residual_rms"
+INPUTS = {"residual_rms": 2, "deepnorm": 2, "b2t": 3}  # activations each form takes (1 otherwise)
 
 
 def liger_module(form: str, d: int, dtype, device):
@@ -90,6 +136,14 @@ def liger_module(form: str, d: int, dtype, device):
         return None, f"liger_kernel not importable ({e})"
     if device != "cuda":
         return None, "Liger-Kernel runs on CUDA only"
+    if form in ("deepnorm", "b2t"):
+        return None, "Liger-Kernel has no scaled or three-input residual norm"
+    if form == "polynorm":
+        try:
+            from liger_kernel.transformers import LigerPolyNorm
+        except ImportError:
+            return None, "this Liger-Kernel has no PolyNorm"
+        return LigerPolyNorm(eps=EPS).to(device=device, dtype=dtype), ""
     if form == "rms":
         m = LigerRMSNorm(d, eps=EPS, offset=0.0, casting_mode="llama")
     elif form == "layer":
@@ -109,9 +163,9 @@ def time_ms(fns: dict, device: str, budget_s: float) -> dict:
     """Milliseconds per call of each function in ``fns``.
 
     CUDA: the median of triton's ``do_bench`` (L2 flushed between calls), one function at a time.
-    CPU: the functions are timed in interleaved rounds (so background load hits all of them alike)
-    and each one's minimum is kept: load only ever adds time, so the minimum is the best estimate
-    of a call's own cost on a shared machine."""
+    CPU: the functions are timed in interleaved rounds (so background load hits all of them alike),
+    each round in a rotated order, and each one's minimum is kept: load only ever adds time, so the
+    minimum is the best estimate of a call's own cost on a shared machine."""
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -119,8 +173,12 @@ def time_ms(fns: dict, device: str, budget_s: float) -> dict:
         return {k: float(do_bench(fn, warmup=25, rep=rep, return_mode="median")) for k, fn in fns.items()}
     best = {k: math.inf for k in fns}
     rounds, start = 0, time.perf_counter()
+    keys = list(fns)
     while rounds < 5 or (time.perf_counter() - start < budget_s * len(fns) and rounds < 200):
-        for k, fn in fns.items():
+        # Each round starts with another implementation: a call pays for the memory the call before
+        # it freed (glibc trims it, the next call faults it back in), so a fixed order favours one.
+        for k in keys[rounds % len(keys):] + keys[:rounds % len(keys)]:
+            fn = fns[k]
             t0 = time.perf_counter()
             fn()
             best[k] = min(best[k], time.perf_counter() - t0)
@@ -132,8 +190,14 @@ def moved_bytes(form: str, rows: int, d: int, dtype, backward: bool) -> int:
     """Bytes a fused implementation must read and write (activations once each, parameters once)."""
     size = torch.tensor([], dtype=dtype).element_size()  # the modules are cast to dtype, parameters too
     act, par = rows * d * size, d * size
-    params = 2 if form == "layer" else 1
-    if form == "residual_rms":
+    params = 2 if form in ("layer", "deepnorm", "b2t") else 1
+    if form in ("deepnorm", "b2t"):
+        n = INPUTS[form]
+        fwd = (n + 1) * act + params * par  # read the terms, write y (the sum, kept for backward, not counted)
+        bwd = 3 * act + (1 if form == "deepnorm" else 0) * act + 2 * params * par  # dy, saved sum, d_sum (+ alpha d_sum)
+    elif form == "polynorm":
+        fwd, bwd = 2 * act, 3 * act  # read x, write y; read dy and x, write dx (four scalars aside)
+    elif form == "residual_rms":
         fwd = 4 * act + params * par  # read x, delta; write y, h
         bwd = 3 * act + 2 * params * par  # read dy, dh, h; write dx (= d delta); read w, write dw
     else:
@@ -143,7 +207,7 @@ def moved_bytes(form: str, rows: int, d: int, dtype, backward: bool) -> int:
 
 
 def make_inputs(form: str, rows: int, d: int, dtype, device, grad: bool):
-    n = 2 if form == "residual_rms" else 1
+    n = INPUTS.get(form, 1)
     return tuple(torch.randn(rows, d, dtype=dtype, device=device, requires_grad=grad) for _ in range(n))
 
 
@@ -223,7 +287,11 @@ def build(impl, base, form, d, dtype, device, inputs, row):
             row["note"] += " (CPU path: the fused op's torch reference)"
         return rewritten.module
     module, row["note"] = liger_module(form, d, dtype, device)
-    if module is not None:
+    if module is not None and form == "polynorm":
+        with torch.no_grad():
+            module.weight.copy_(base.weight)
+            module.bias.copy_(base.bias.reshape(module.bias.shape))
+    elif module is not None:
         with torch.no_grad():
             module.weight.copy_(base.norm.weight if form == "residual_rms" else base.weight)
             if form == "layer":
@@ -245,7 +313,7 @@ def first_call(fn, device, row: dict, setup_started: float, reference):
     return reference
 
 
-def bench_one(form, rows, d, dtype, device, backward, impls, budget_s) -> list[dict]:
+def bench_one(form, rows, d, dtype, device, backward, impls, budget_s, peak: bool = True) -> list[dict]:
     torch.manual_seed(0)
     base = FORMS[form](d).to(device=device, dtype=dtype)
     inputs = make_inputs(form, rows, d, dtype, device, grad=backward)
@@ -274,7 +342,69 @@ def bench_one(form, rows, d, dtype, device, backward, impls, budget_s) -> list[d
         row["gbps"] = round(nbytes / (ms * 1e-3) / 1e9, 2)
         row["speedup_vs_eager"] = round(times["eager"] / ms, 3) if "eager" in times else None
         row["speedup_vs_inductor"] = round(times["inductor"] / ms, 3) if "inductor" in times else None
+    if peak:
+        for impl in times:
+            table[impl]["peak_mib"] = peak_mib(impl, form, rows, d, dtype, device, backward, fns[impl])
+        if table.get("eager", {}).get("peak_mib"):
+            for impl in times:
+                if table[impl].get("peak_mib") is not None:
+                    table[impl]["memory_vs_eager"] = round(table[impl]["peak_mib"] / table["eager"]["peak_mib"], 3)
     return list(table.values())
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_child(spec: dict) -> None:
+    """In a fresh process (``--peak-child``): build one implementation, run it twice (the first call
+    compiles), then print the resident set's growth during a third call, in MiB."""
+    import gc
+
+    dtype = getattr(torch, spec["dtype"])
+    torch.manual_seed(0)
+    base = FORMS[spec["form"]](spec["hidden"]).to(device="cpu", dtype=dtype)
+    inputs = make_inputs(spec["form"], spec["rows"], spec["hidden"], dtype, "cpu", grad=spec["backward"])
+    module = build(spec["impl"], base, spec["form"], spec["hidden"], dtype, "cpu", inputs, {})
+    fn = step_fn(module, inputs, spec["backward"])
+    fn(), fn()
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark restarts from the current resident set
+    result = fn()
+    peak = _status_kib("VmHWM") - before
+    del result
+    print(json.dumps({"peak_mib": peak / 1024}))
+
+
+def peak_mib(impl, form, rows, d, dtype, device, backward, fn) -> float | None:
+    """Peak memory one call adds. CUDA: max_memory_allocated over the call minus what was allocated
+    before. CPU: the resident set's growth in a fresh process whose glibc maps every tensor of 64 KiB
+    or more on its own (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident set and the
+    high-water mark is the call's own peak, not what earlier calls left cached."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        del result
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    import subprocess
+
+    spec = {"impl": impl, "form": form, "rows": rows, "hidden": d, "dtype": str(dtype).replace("torch.", ""),
+            "backward": backward}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    args = [sys.executable, __file__, "--peak-child", json.dumps(spec)]
+    if torch.get_num_threads() == 1:
+        args += ["--threads", "1"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return round(json.loads(lines[-1])["peak_mib"], 2) if done.returncode == 0 and lines else None
 
 
 def print_row(row: dict, peak: float | None) -> None:
@@ -288,6 +418,8 @@ def print_row(row: dict, peak: float | None) -> None:
         if row.get(key):
             parts.append(f"x{row[key]:.2f} vs {label}")
     parts.append(f"diff {row['max_abs_diff_vs_eager']:.2g}")
+    if row.get("peak_mib") is not None:
+        parts.append(f"peak {row['peak_mib']:.1f} MiB")
     print("  ".join(parts))
 
 
@@ -304,7 +436,9 @@ def parse_args(argv=None):
     p = device_parser(__doc__.split("\n\n")[0])
     p.add_argument("--rows", default=None, help="comma-separated row counts (flattened batch x sequence)")
     p.add_argument("--hidden", default=None, help="comma-separated hidden sizes")
-    p.add_argument("--forms", default=",".join(FORMS), help=f"subset of {','.join(FORMS)}")
+    p.add_argument("--forms", default=DEFAULT_FORMS, help=f"subset of {','.join(FORMS)} (default {DEFAULT_FORMS})")
+    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory column (a process per row on CPU)")
+    p.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both")
     p.add_argument("--impls", default="eager,inductor,fxfuse,liger", help="subset of eager,inductor,fxfuse,liger")
     p.add_argument("--quick", action="store_true", help="one small size, short timing: a smoke run")
@@ -333,6 +467,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.peak_child:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        peak_child(json.loads(args.peak_child))
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA GPU; this machine has none (use --device cpu)")
     if args.threads:
@@ -350,7 +489,7 @@ def main(argv=None) -> int:
                 for d in args.hidden:
                     print(f"{form} {mode} {rows}x{d}")
                     for row in bench_one(form, rows, d, args.dtype, args.device, mode == "fwd+bwd", args.impls,
-                                         args.budget):
+                                         args.budget, peak=not args.no_peak):
                         row["pct_of_copy"] = round(100 * row["gbps"] / peak, 1) if row.get("gbps") else None
                         print_row(row, peak)
                         results.append(row)
@@ -360,11 +499,14 @@ def main(argv=None) -> int:
         "benchmark": "bench_norm.py", "argv": sys.argv[1:] if argv is None else argv,
         "machine": machine_info(args.device), "copy_gbps": round(peak, 2),
         "seconds": round(time.perf_counter() - started, 1),
+        "peak_memory": "CUDA: max_memory_allocated during one call minus memory allocated before it; CPU: the "
+                       "resident set's growth during one call, in a fresh process with MALLOC_MMAP_THRESHOLD_=65536",
         "results": results,
     }
     out.write_text(json.dumps(payload, indent=1) + "\n")
     columns = ["form", "mode", "rows", "hidden", "dtype", "device", "impl", "ms", "gbps", "pct_of_copy",
-               "speedup_vs_eager", "speedup_vs_inductor", "max_abs_diff_vs_eager", "setup_s", "note"]
+               "speedup_vs_eager", "speedup_vs_inductor", "peak_mib", "memory_vs_eager", "max_abs_diff_vs_eager",
+               "setup_s", "note"]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

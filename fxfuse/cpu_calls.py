@@ -102,6 +102,35 @@ def _add_norm_call(spec_text: str):
     return add_norm
 
 
+def _sum_norm_call(spec_text: str):
+    spec = norm_op._spec(spec_text)
+    op = _fx.sum_norm.default
+
+    def sum_norm(terms, params, spec_arg=spec_text):
+        if terms[0].device.type != "cpu" or config.interpret_on_cpu():
+            return op(terms, params, spec_arg)
+        return norm_op.cpu_sum_norm(spec, terms, params)
+
+    return sum_norm
+
+
+def _polynorm_call(spec_text: str):
+    from fxfuse.ops import polynorm as polynorm_op
+    from fxfuse.ops import polynorm_cpu
+
+    spec = polynorm_op._spec(spec_text)
+    op = _fx.polynorm.default
+
+    def polynorm(x, weights, bias, spec_arg=spec_text):
+        if x.device.type != "cpu" or config.interpret_on_cpu():
+            return op(x, weights, bias, spec_arg)
+        if polynorm_cpu.applies(x, weights, bias):
+            return polynorm_cpu.call(spec, x.contiguous(), weights, bias)
+        return polynorm_op.reference(spec, x, weights, bias)
+
+    return polynorm
+
+
 # operator -> (the call for a spec, the position of the spec among its arguments)
 _CALLS = {
     _fx.attention.default: (_attention_call, 4),
@@ -109,11 +138,15 @@ _CALLS = {
     _fx.attention_differential.default: (_differential_call, 7),
     _fx.norm.default: (_norm_call, 2),
     _fx.add_norm.default: (_add_norm_call, 3),
+    _fx.sum_norm.default: (_sum_norm_call, 2),
+    _fx.polynorm.default: (_polynorm_call, 3),
 }
 
 
 def _on_cpu(node: torch.fx.Node) -> bool:
     first = node.args[0]
+    if isinstance(first, (list, tuple)) and first:  # sum_norm: its terms
+        first = first[0]
     val = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
     return isinstance(val, torch.Tensor) and val.device.type == "cpu"
 

@@ -138,6 +138,25 @@ def _add_norm_form(x, residual, params, spec):
     return form
 
 
+def _sum_norm_form(terms, params, spec):
+    s = norm_op._spec(spec)
+    n = len(terms)
+
+    def form(*args):
+        total = norm_op.scaled_sum(s, list(args[:n]))
+        return _normalized(s, total, list(args[n:])), total
+
+    return form
+
+
+def _polynorm_form(x, weights, bias, spec):
+    from fxfuse.ops import polynorm as polynorm_op
+
+    s = polynorm_op._spec(spec)
+    n = len(weights)
+    return lambda x, *rest: polynorm_op.reference(s, x, list(rest[:n]), rest[n])
+
+
 # operator -> (the form for these arguments or None, the tensor arguments it takes, in order)
 _FORMS = {
     _fx.attention.default: (_attention_form, lambda q, k, v, extras, *rest, **kw: [q, k, v, *extras]),
@@ -147,6 +166,8 @@ _FORMS = {
                                          [q1, k1, q2, k2, v, lam, *extras]),
     _fx.norm.default: (_norm_form, lambda x, params, spec: [x, *params]),
     _fx.add_norm.default: (_add_norm_form, lambda x, residual, params, spec: [x, residual, *params]),
+    _fx.sum_norm.default: (_sum_norm_form, lambda terms, params, spec: [*terms, *params]),
+    _fx.polynorm.default: (_polynorm_form, lambda x, weights, bias, spec: [x, *weights, bias]),
 }
 
 

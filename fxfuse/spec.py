@@ -83,6 +83,10 @@ class NormSpec:
                    also centers the input). torch's var accumulates a 16-bit input in float32 (CPU:
                    float64) and rounds only its result, so a 16-bit var of values beyond ~256 is
                    finite where squaring in 16 bits overflows: the reference calls the same op.
+    sum_scales:    set for ``fxfuse.sum_norm``: the input is the sum of these terms, each times its
+                   constant (DeepNorm's ``alpha * x + f(x)``; B2T's three-input ``x + f(x) + x_in``),
+                   added left to right, every product and partial sum rounded to sum_dtype as the
+                   user's code rounds them. Empty for the other operators.
     """
 
     kind: str
@@ -95,6 +99,7 @@ class NormSpec:
     sum_dtype: str | None = None
     statistic: str = "mean"
     scale: float = 1.0
+    sum_scales: tuple[float, ...] = ()
 
     @property
     def residual(self) -> bool:
@@ -110,6 +115,8 @@ class NormSpec:
             del raw["statistic"]
         if raw["scale"] == 1.0:  # likewise
             del raw["scale"]
+        if not raw["sum_scales"]:  # likewise
+            del raw["sum_scales"]
         for step in raw["steps"]:
             if step["op"] != "scale":  # likewise
                 del step["value"]
@@ -120,6 +127,7 @@ class NormSpec:
         raw = json.loads(text)
         raw["steps"] = tuple(Step(**s) for s in raw["steps"])
         raw["params"] = tuple(ParamPrep(**p) for p in raw["params"])
+        raw["sum_scales"] = tuple(raw.get("sum_scales", ()))
         return NormSpec(**raw)
 
     def describe(self) -> str:
@@ -130,7 +138,10 @@ class NormSpec:
         parts = [f"{self.kind}", f"eps={self.eps:g}", stats]
         if self.inverse == "max_l2":
             parts[1] = f"x / max(||x||, eps={self.eps:g})"
-        if self.residual:
+        if self.sum_scales:
+            terms = " + ".join(f"{c:g} * t{i}" if c != 1.0 else f"t{i}" for i, c in enumerate(self.sum_scales))
+            parts.insert(1, f"residual sum {terms}")
+        elif self.residual:
             parts.insert(1, "residual add")
         if self.scale != 1.0:
             parts.append(f"* {self.scale:g}")

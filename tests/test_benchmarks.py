@@ -29,7 +29,7 @@ def _run(script: str, out: Path, *flags: str) -> tuple[dict, list[dict]]:
 
 def test_bench_norm_smallest(tmp_path):
     payload, rows = _run("bench_norm.py", tmp_path / "norm.json", "--rows", "64", "--hidden", "32",
-                         "--impls", "eager,fxfuse")
+                         "--impls", "eager,fxfuse", "--no-peak")
     assert {"form", "mode", "impl", "ms", "gbps", "speedup_vs_eager", "max_abs_diff_vs_eager", "note"} <= set(rows[0])
     assert {(r["form"], r["mode"]) for r in rows} == {(f, m) for f in ("rms", "layer", "residual_rms")
                                                       for m in ("fwd", "fwd+bwd")}
@@ -39,6 +39,22 @@ def test_bench_norm_smallest(tmp_path):
         if r["impl"] == "fxfuse":
             assert r["note"] and not r["note"].startswith("failed"), r
     assert payload["machine"]["torch"] == __import__("torch").__version__
+
+
+def test_bench_norm_variants_smallest(tmp_path):
+    """DeepNorm, B2T and PolyNorm rows: each fused (the note names the fused form) and equal to
+    eager; one row with the peak-memory column (measured in a child process)."""
+    payload, rows = _run("bench_norm.py", tmp_path / "variants.json", "--rows", "64", "--hidden", "32",
+                         "--impls", "eager,fxfuse", "--forms", "deepnorm,b2t,polynorm", "--no-peak")
+    assert {(r["form"], r["mode"]) for r in rows} == {(f, m) for f in ("deepnorm", "b2t", "polynorm")
+                                                      for m in ("fwd", "fwd+bwd")}
+    notes = {r["form"]: r["note"] for r in rows if r["impl"] == "fxfuse"}
+    assert "residual sum 2.21336 * t0 + t1" in notes["deepnorm"] and "residual sum t0 + t1 + t2" in notes["b2t"]
+    assert notes["polynorm"].startswith("polynorm w0 * norm(x^3)")
+    assert all(float(r["max_abs_diff_vs_eager"]) < 1e-4 for r in rows), rows
+    payload, rows = _run("bench_norm.py", tmp_path / "peak.json", "--rows", "256", "--hidden", "256",
+                         "--impls", "eager", "--forms", "polynorm", "--modes", "fwd")
+    assert float(rows[0]["peak_mib"]) > 0.2, rows  # at least the 256 KiB output
 
 
 def test_bench_attention_smallest(tmp_path):

@@ -11,6 +11,8 @@ from tests.attention_styles import STYLES as ATTENTION_STYLES
 from tests.attention_differential_styles import STYLES as DIFFERENTIAL_STYLES
 from tests.attention_variant_styles import VARIANT_STYLES
 from tests.norm_styles import LAYER_STYLES, RMS_STYLES, PreNormResidualBlock, build
+from tests.norm_sum_styles import SUM_STYLES
+from tests.polynorm_styles import STYLES as POLYNORM_STYLES
 from tests.tolerances import assert_close_to_reference
 
 pytestmark = pytest.mark.gpu
@@ -45,6 +47,33 @@ def test_residual_norm_on_cuda():
     res = fxfuse.rewrite(model, (x, delta))
     assert res.matches[0].spec.residual
     torch.testing.assert_close(res.module(x, delta), model(x, delta), rtol=1e-4, atol=1e-4)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", SUM_STYLES + POLYNORM_STYLES, ids=lambda s: s.__name__)
+def test_sum_norm_and_polynorm_kernels_on_cuda(style, dtype):
+    """DeepNorm / B2T sums (fxfuse.sum_norm) and PolyNorm (fxfuse.polynorm), compiled for CUDA."""
+    model = (style(D) if style in SUM_STYLES else style()).cuda().to(dtype)
+    x = torch.randn(4, 37, D, device="cuda", dtype=dtype)
+    res = fxfuse.rewrite(model, (x,))
+    assert any(m.kind == "polynorm" or m.spec.sum_scales for m in res.matches), res.report()
+
+    def run(m, inp, params):
+        inp = inp.clone().requires_grad_()
+        out = _first(m(inp))
+        return out, torch.autograd.grad(out.float().pow(2).sum(), [inp, *params])
+
+    ref_model = copy.deepcopy(model).double()
+    expected, expected_grads = run(ref_model, x.double(), list(ref_model.parameters()))
+    eager, eager_grads = run(model, x, list(model.parameters()))
+    got, got_grads = run(res.module, x, list(model.parameters()))
+    assert_close_to_reference(got, eager, expected, "output")
+    for g, e, r in zip(got_grads, eager_grads, expected_grads):
+        assert_close_to_reference(g, e, r, "gradient")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -61,13 +61,34 @@ def _steps_forward(plan: NormPlan) -> list[str]:
     return lines
 
 
+def _sum_terms(plan: NormPlan) -> tuple[str, str, list[str]]:
+    """(leading arguments, term strides, first lines) of ``fxfuse.sum_norm``'s forward: the terms
+    are loaded, scaled and added left to right, each product and partial sum rounded as the user's
+    code rounds it (to the sum's dtype); the sum is stored for the residual stream and backward."""
+    args = "".join(f"T{i}, " for i in range(len(plan.sum_scales))) + "S, Y, "
+    lines = []
+    for i, scale in enumerate(plan.sum_scales):
+        name = "x" if i == 0 else "t"
+        lines.append(f"{name} = tl.load(T{i} + row * stride_t{i} + cols, mask=mask, other=0.0).to(ACC)")
+        if scale != 1.0:  # the constant in the accumulator's dtype, as ATen's opmath holds it
+            lines.append(f"{name} = {_round(f'{name} * tl.full([], {scale!r}, ACC)', plan.sum_round)}")
+        if i:
+            lines.append(f"x = {_round('x + t', plan.sum_round)}")
+    lines.append("tl.store(S + row * stride_s + cols, x.to(S.dtype.element_ty), mask=mask)")
+    strides = "".join(f"stride_t{i}, " for i in range(len(plan.sum_scales)))
+    return args, strides, lines
+
+
 def _source(name: str, spec: NormSpec, plan: NormPlan) -> str:
     n_params = len(plan.params)
     p_args = "".join(f"P{i}, " for i in range(n_params))
     dp_args = "".join(f"DP{i}, " for i in range(n_params))
     last = f"v{len(plan.steps)}"
     fwd_in = ["x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(ACC)"]
-    if plan.residual:
+    fwd_args, fwd_strides = "X, R, S, Y, ", "stride_x, stride_r, "
+    if plan.sum_scales:
+        fwd_args, fwd_strides, fwd_in = _sum_terms(plan)
+    elif plan.residual:
         fwd_in += [
             "x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(ACC)",
             "tl.store(S + row * stride_s + cols, x.to(S.dtype.element_ty), mask=mask)",
@@ -109,7 +130,7 @@ ACC: tl.constexpr = {_TL[plan.acc]}
 
 
 @triton.jit
-def {name}_forward(X, R, S, Y, {p_args}n_rows, N, stride_x, stride_r, stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
+def {name}_forward({fwd_args}{p_args}n_rows, N, {fwd_strides}stride_s, stride_y, eps, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N

@@ -32,10 +32,13 @@ class NormPlan:
     input_round: str | None = None  # the input (after any residual sum) is rounded to this dtype first
     inverse: str = "rsqrt"  # "max_l2": x / max(||x||, eps) (F.normalize) instead of the mean-of-squares forms
     scale: float = 1.0  # the normalized value's constant factor before the steps
+    sum_scales: tuple[float, ...] = ()  # fxfuse.sum_norm: the input is the sum of these scaled terms
 
 
 def lower_norm(spec: NormSpec) -> NormPlan:
     dtypes = {spec.compute_dtype, spec.norm_dtype, spec.out_dtype, *(p.dtype for p in spec.params)}
+    if spec.sum_dtype:  # a float64 residual stream is summed in float64 even if normalized in float32
+        dtypes.add(spec.sum_dtype)
     acc = "float64" if "float64" in dtypes else "float32"
 
     def rounding(name: str | None) -> str | None:
@@ -53,4 +56,5 @@ def lower_norm(spec: NormSpec) -> NormPlan:
         input_round=rounding(spec.compute_dtype),
         inverse="max_l2" if spec.inverse == "max_l2" else "rsqrt",
         scale=spec.scale,
+        sum_scales=spec.sum_scales,
     )

@@ -1,4 +1,5 @@
-"""``torch.ops.fxfuse.norm`` and ``torch.ops.fxfuse.add_norm``: fused normalization operators.
+"""``torch.ops.fxfuse.norm``, ``torch.ops.fxfuse.add_norm`` and ``torch.ops.fxfuse.sum_norm``: fused
+normalization operators (the latter two also take the residual sum that feeds the norm).
 
 Each has a fake implementation (shapes for tracing), an autograd formula (through a backward
 operator of its own), a CPU implementation that is the exact torch reference of the spec, and a
@@ -35,6 +36,8 @@ def laid_out_like(out: Tensor, x: Tensor) -> Tensor:
     """``out`` with the strides of ``torch.empty_like(x)``, which the fake implementations promise:
     the input's own for a dense input (a channels-last or head-transposed activation), contiguous
     otherwise. As it is when it has them, else copied (the kernels write rows contiguously)."""
+    if out.stride() == x.stride() and x.is_contiguous():  # empty_like keeps a dense x's strides
+        return out
     want = torch.empty_like(x, device="meta").stride()
     if out.stride() == want:
         return out
@@ -205,6 +208,50 @@ def _(x, residual, params, spec):
     return torch.empty_like(x, dtype=to_dtype(s.out_dtype)), torch.empty_like(x, dtype=to_dtype(s.sum_dtype))
 
 
+@torch.library.custom_op("fxfuse::sum_norm", mutates_args=())
+def sum_norm(terms: list[Tensor], params: list[Tensor], spec: str) -> tuple[Tensor, Tensor]:
+    """The norm of ``sum(c_i * terms[i])`` (the constants c_i are the spec's ``sum_scales``), and that sum."""
+    s = _spec(spec)
+    if _use_triton(terms[0], s):
+        from fxfuse.runtime import norm as kernels
+
+        y, total = kernels.forward_sum(s, terms, params)
+        return laid_out_like(y, terms[0]), laid_out_like(total, terms[0])
+    return cpu_sum_norm(s, terms, params)
+
+
+def scaled_sum(s: NormSpec, terms: list[Tensor]) -> Tensor:
+    """The user's sum, op by op: each term times its constant, added left to right (the same
+    roundings as the user's code, whose products and partial sums all have the sum's dtype). Without
+    autograd, the partial sums accumulate in place (the same roundings, one tensor less per term)."""
+    in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in terms))
+    total = None
+    for t, c in zip(terms, s.sum_scales):
+        t = t * c if c != 1.0 else t
+        if total is None:
+            total = t
+        elif in_place and total._base is None and all(total is not u for u in terms):  # a tensor of our own
+            total.add_(t)
+        else:
+            total = total + t
+    return total.to(to_dtype(s.sum_dtype))
+
+
+def cpu_sum_norm(s: NormSpec, terms: list[Tensor], params: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The CPU implementation (also called outside the operator, with autograd: fxfuse.cpu_calls)."""
+    total = scaled_sum(s, terms)
+    affine = _aten_layer_norm_args(s, total, params)
+    y = reference(s, total, params) if affine is None else torch.layer_norm(total, (total.shape[-1],), *affine, s.eps)
+    return laid_out_like(y, terms[0]), laid_out_like(total, terms[0])
+
+
+@sum_norm.register_fake
+def _(terms, params, spec):
+    s = _spec(spec)
+    x = terms[0]
+    return torch.empty_like(x, dtype=to_dtype(s.out_dtype)), torch.empty_like(x, dtype=to_dtype(s.sum_dtype))
+
+
 # ---- backward operator ---------------------------------------------------------------------------
 
 @torch.library.custom_op("fxfuse::norm_backward", mutates_args=())
@@ -260,5 +307,25 @@ def _backward_add_norm(ctx, grad_y, grad_sum):
     return d_total.to(ctx.dtypes[0]), d_total.to(ctx.dtypes[1]), d_params, None
 
 
+def _setup_sum_norm(ctx, inputs, output):
+    terms, params, spec = inputs
+    ctx.save_for_backward(output[1], *params)  # the sum: one tensor, whatever the number of terms
+    ctx.spec, ctx.interpret = spec, config.current.interpret
+    ctx.dtypes = [t.dtype for t in terms]
+
+
+def _backward_sum_norm(ctx, grad_y, grad_sum):
+    total, *params = ctx.saved_tensors
+    s = _spec(ctx.spec)
+    if grad_y is None:
+        grad_y = torch.zeros_like(total, dtype=to_dtype(s.out_dtype))
+    with config.patch(interpret=ctx.interpret):
+        d_total, *d_params = torch.ops.fxfuse.norm_backward(grad_y, grad_sum, total, params, ctx.spec)
+    # A scaled term's gradient is the sum's times its constant, in the gradient's dtype (as eager's mul).
+    d_terms = [(d_total * c if c != 1.0 else d_total).to(dt) for c, dt in zip(s.sum_scales, ctx.dtypes)]
+    return d_terms, d_params, None
+
+
 norm.register_autograd(_backward_norm, setup_context=_setup_norm)
+sum_norm.register_autograd(_backward_sum_norm, setup_context=_setup_sum_norm)
 add_norm.register_autograd(_backward_add_norm, setup_context=_setup_add_norm)

@@ -19,6 +19,7 @@ from torch.fx import Node
 from fxfuse.passes.graph import (FLOAT_FORMATS, depends_on, dtype, holds_values_of, insert_call, is_op,
                                  is_python_scalar, keepdim_of, last_dim_only, match_layout, plain_cast, shape,
                                  source_of, strip_cast, val)
+from fxfuse.passes.norm_residual import try_residual
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.spec import NormSpec, ParamPrep, Step, dtype_name
 
@@ -43,6 +44,8 @@ class _Site:
     output: Node
     interior: set[Node]  # nodes the rewrite makes dead; none may be used outside the site
     notes: list[str]  # parts left outside the fused op, with reasons
+    terms: list[Node] | None = None  # fxfuse.sum_norm's terms (a scaled or multi-input residual sum)
+    sum_node: Node | None = None  # the residual sum folded into the site
 
 
 def _dtype_name(node: Node) -> str:
@@ -392,28 +395,6 @@ def _order(gm) -> dict[Node, int]:
     return {n: i for i, n in enumerate(gm.graph.nodes)}
 
 
-def _try_residual(site: _Site, order: dict[Node, int]) -> None:
-    """Fold ``x = a + b`` into the site when the sum is also used elsewhere (pre-norm blocks)."""
-    s = site.x
-    if not is_op(s, aten.add.Tensor) or s.kwargs.get("alpha", 1) != 1:
-        return
-    a, b = s.args
-    if not (isinstance(a, Node) and isinstance(b, Node)) or not (shape(a) == shape(b) == shape(s)):
-        return
-    if not all(dtype(t) in FLOAT_FORMATS for t in (a, b, s)):
-        return
-    outside = [u for u in s.users if u not in site.interior]
-    if not outside:
-        return
-    insert_after = max([a, b, *site.params], key=order.__getitem__)
-    if any(order[u] <= order[insert_after] for u in outside):
-        return  # a user of the sum runs before all inputs exist; leave the add alone
-    site.residual, site.x = b, a
-    site.interior.add(s)
-    site.spec = dataclasses.replace(site.spec, sum_dtype=dtype_name(dtype(s)))
-    site.sum_node = s
-
-
 @dataclasses.dataclass(frozen=True)
 class FuseNorm:
     name: str = "fuse-norm"
@@ -443,7 +424,7 @@ class FuseNorm:
                 result.misses.append(Miss(kind if kind != "norm" else "rms_norm/layer_norm", source, str(why), code))
                 continue
             if self.residual:
-                _try_residual(site, _order(gm))
+                try_residual(site, _order(gm))
             new = _replace(gm, site)
             claimed |= site.interior
             result.matches.append(Match(site.kind, source, site.spec, new.name, code))
@@ -469,12 +450,12 @@ def _check_site(site: _Site) -> None:
 
 def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
     order = _order(gm)
-    inputs = [site.x, *site.params] + ([site.residual] if site.residual is not None else [])
+    inputs = [*(site.terms or [site.x]), *site.params] + ([site.residual] if site.residual is not None else [])
     last_input = max(inputs, key=order.__getitem__)
     spec = site.spec.to_json()
     graph = gm.graph
     after = last_input.next
-    if site.residual is None:
+    if site.residual is None and site.terms is None:
         new = insert_call(gm, torch.ops.fxfuse.norm.default, (site.x, list(site.params), spec), after)
         new.meta.update({k: v for k, v in site.output.meta.items() if k != "val"})
         _copy_source(site.anchor, new)
@@ -482,7 +463,10 @@ def _replace(gm: torch.fx.GraphModule, site: _Site) -> Node:
         # (F.layer_norm returns a contiguous tensor for a permuted x): later views rely on it.
         site.output.replace_all_uses_with(match_layout(gm, new, val(site.output), after))
         return new
-    new = insert_call(gm, torch.ops.fxfuse.add_norm.default, (site.x, site.residual, list(site.params), spec), after)
+    if site.terms is not None:
+        new = insert_call(gm, torch.ops.fxfuse.sum_norm.default, (list(site.terms), list(site.params), spec), after)
+    else:
+        new = insert_call(gm, torch.ops.fxfuse.add_norm.default, (site.x, site.residual, list(site.params), spec), after)
     _copy_source(site.anchor, new)
     with graph.inserting_after(new):
         y = graph.call_function(operator.getitem, (new, 0))

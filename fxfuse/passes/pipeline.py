@@ -67,14 +67,15 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.linear_cross_entropy import FuseLinearCrossEntropy
     from fxfuse.passes.gated_mlp import FuseGatedMLP
     from fxfuse.passes.dyt import FuseDyT
+    from fxfuse.passes.polynorm import FusePolyNorm
     from fxfuse.passes.linear_attention import FuseLinearAttention
 
-    passes = (Canonicalize, ClaimSDPA, FuseDifferentialPairs, FuseAttention, FuseDifferential, FuseRope, FuseNorm,
-              FuseQkNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT, FuseLinearAttention)
+    passes = (Canonicalize, ClaimSDPA, FuseDifferentialPairs, FuseAttention, FuseDifferential, FuseRope, FusePolyNorm,
+              FuseNorm, FuseQkNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT, FuseLinearAttention)
     return {cls.name: cls for cls in passes}
 
 
-DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-differential-pairs,fuse-attention,fuse-differential,fuse-rope,fuse-norm,fuse-qk-norm"
+DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-differential-pairs,fuse-attention,fuse-differential,fuse-rope,fuse-polynorm,fuse-norm,fuse-qk-norm"
 
 
 def parse_pipeline(spec: str | list | tuple | None) -> list:

@@ -61,6 +61,26 @@ def forward(spec: NormSpec, x: torch.Tensor, residual, params):
     return y, s
 
 
+def forward_sum(spec: NormSpec, terms: list, params):
+    """Launch ``fxfuse.sum_norm``'s forward kernel; returns (y, sum)."""
+    kernel = _kernels(spec)[0]
+    n = terms[0].shape[-1]
+    t2 = [_rows(t, n) for t in terms]
+    y = torch.empty(terms[0].shape, dtype=getattr(torch, spec.out_dtype), device=terms[0].device)
+    s = torch.empty(terms[0].shape, dtype=getattr(torch, spec.sum_dtype), device=terms[0].device)
+    y2, s2 = y.view(-1, n), s.view(-1, n)
+    flat_params = [p.reshape(-1).contiguous() for p in params]
+    rows = y2.shape[0]
+
+    def run(c) -> None:
+        kernel[(rows,)](*t2, s2, y2, *flat_params, rows, n, *(t.stride(0) for t in t2), s2.stride(0), y2.stride(0),
+                        spec.eps, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps)
+
+    if rows:
+        _launch(spec, "forward", terms[0], n, run)
+    return y, s
+
+
 def backward(spec: NormSpec, grad_y, grad_sum, src, params):
     """Launch the backward kernel; returns (d_src, [d_param, ...]) with d_src including grad_sum."""
     kernel = _kernels(spec)[1]

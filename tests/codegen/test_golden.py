@@ -67,6 +67,18 @@ SPECS = {
                Step("cast", "bfloat16")),
         params=(ParamPrep("float32"), ParamPrep("float32")),
     ),
+    # DeepNorm: LN(alpha * x + f(x)) in bf16, alpha = (2 * 6) ** 0.25; the product and the sum round to bf16.
+    "deepnorm_layer_norm_bf16": NormSpec(
+        kind="layer_norm", eps=1e-5, compute_dtype="float32", norm_dtype="float32",
+        steps=(Step("mul", "float32", 0), Step("add", "float32", 1), Step("cast", "bfloat16")),
+        params=(ParamPrep("float32"), ParamPrep("float32")), sum_dtype="bfloat16", sum_scales=(12 ** 0.25, 1.0),
+    ),
+    # B2T: LN(f(h) + h + x), three float32 terms added left to right.
+    "b2t_layer_norm_f32": NormSpec(
+        kind="layer_norm", eps=1e-5, compute_dtype="float32", norm_dtype="float32",
+        steps=(Step("mul", "float32", 0), Step("add", "float32", 1)),
+        params=(ParamPrep("float32"), ParamPrep("float32")), sum_dtype="float32", sum_scales=(1.0, 1.0, 1.0),
+    ),
 }
 
 
