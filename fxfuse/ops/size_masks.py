@@ -62,7 +62,10 @@ def resolve(spec: AttentionSpec, extras: list[Tensor], lq: int, lk: int) -> tupl
     index = spec.size_mask
     if index < 0:
         return spec, extras, -1
-    (k, step), = [(k, s) for k, s in enumerate(spec.steps) if s.input == index]
+    readers = [(k, s) for k, s in enumerate(spec.steps) if s.input == index]
+    if len(readers) != 1 or readers[0][1].op != "fill":  # the pass marks one fill step's mask only
+        return dataclasses.replace(spec, size_mask=-1, size_key=""), extras, -1
+    (k, step), = readers
     mask = extras[index]
     key = (spec.size_key, tuple(mask.shape), mask.device.type, step.invert, lq, lk)
     window = _verdicts.get(key, _MISSING)
