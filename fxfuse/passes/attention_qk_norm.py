@@ -29,7 +29,8 @@ import torch
 from torch.fx import Node
 
 from fxfuse.passes.attention_layout import _replay, layout_chain_back
-from fxfuse.passes.graph import dtype, insert_call, is_op, shape, source_of, val
+from fxfuse.passes.attention_rope import replace_with_rope_call
+from fxfuse.passes.graph import dtype, insert_call, is_op, shape, source_of
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import is_static, same
 from fxfuse.spec import NormSpec, to_dtype
@@ -125,12 +126,7 @@ def _replace(gm, fused: Node, found: dict) -> Node:
         q, k = (x, k) if name == "q" else (q, x)
         tables += list(norm.args[1])
     args = (q, k, fused.args[2], fused.args[3], tables, spec.to_json(), *fused.args[spec_at + 1:])
-    new = insert_call(gm, torch.ops.fxfuse.attention_rope.default, args, fused, dict(fused.kwargs))
-    new.meta["stack_trace"] = fused.meta.get("stack_trace")
-    assert same(tuple(val(new).shape), tuple(val(fused).shape))
-    fused.replace_all_uses_with(new)
-    gm.graph.erase_node(fused)
-    return new
+    return replace_with_rope_call(gm, fused, args, dict(fused.kwargs))
 
 
 @dataclasses.dataclass(frozen=True)

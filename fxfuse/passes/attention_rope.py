@@ -256,7 +256,13 @@ def _replace(gm, fused: Node, found: dict) -> Node:
         cos, sin = (rope.cos, rope.sin) if rope.freqs is None else complex_rope.tables(gm, rope.freqs, fused)
         tables += [_table(gm, cos, perm, fused), _table(gm, sin, perm, fused)]
     args = (q, k, fused.args[2], fused.args[3], tables, spec.to_json(), *fused.args[5:])
-    new = insert_call(gm, torch.ops.fxfuse.attention_rope.default, args, fused)
+    return replace_with_rope_call(gm, fused, args)
+
+
+def replace_with_rope_call(gm: torch.fx.GraphModule, fused: Node, args: tuple, kwargs: dict | None = None) -> Node:
+    """Put ``fxfuse.attention_rope(*args)`` in place of the fused attention call ``fused`` (the
+    user's source line kept), which it must match in shape; returns the new call."""
+    new = insert_call(gm, torch.ops.fxfuse.attention_rope.default, args, fused, kwargs)
     new.meta["stack_trace"] = fused.meta.get("stack_trace")
     assert same(tuple(val(new).shape), tuple(val(fused).shape))
     fused.replace_all_uses_with(new)
