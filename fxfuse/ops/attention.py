@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from fxfuse.runtime.arguments import check_seed, output_buffer
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 from fxfuse.ops import size_masks
+from fxfuse.ops.optional_lists import listed
 from fxfuse.ops.size_masks import causal_mask  # noqa: F401  (the reference's, and the passes')
 
 
@@ -381,10 +383,12 @@ def _laid_out(out: Tensor, merge_heads: bool) -> Tensor:
     return output_buffer(out.shape, out.dtype, out.device, merge_heads).copy_(out)
 
 
-@torch.library.custom_op("fxfuse::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str, seed: Tensor | None = None,
+# ``Tensor[]? extras``: a site without extra tensors reaches AOTInductor's runner as None (optional_lists).
+@torch.library.custom_op("fxfuse::attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor[]? extras, str spec, Tensor? seed=None, bool merge_heads=False) -> Tensor"))
+def attention(q: Tensor, k: Tensor, v: Tensor, extras: Optional[list[Tensor]], spec: str, seed: Tensor | None = None,
               merge_heads: bool = False) -> Tensor:
-    s = _spec(spec)
+    s, extras = _spec(spec), listed(extras)
     _check_heads(s, q, k, v)
     s, extras, _ = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
     if _use_triton(q, s):
@@ -515,6 +519,7 @@ def _(grad_out, q, k, v, extras, needs_grad, spec, seed=None):
 
 def _setup(ctx, inputs, output):
     q, k, v, extras, spec, seed = inputs[:6]
+    extras = listed(extras)
     ctx.save_for_backward(q, k, v, seed, *extras)
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.needs_grad = [e.requires_grad for e in extras]

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fxfuse import config
 from fxfuse.ops import attention as attention_op
+from fxfuse.ops.optional_lists import listed
 from fxfuse.runtime.arguments import output_buffer
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
@@ -80,10 +82,13 @@ def cpu_forward(spec: AttentionSpec, q1, k1, q2, k2, v, lam, extras, merge_heads
     return attention_op._laid_out(combine(o1, o2, lam), merge_heads)
 
 
-@torch.library.custom_op("fxfuse::attention_differential", mutates_args=())
+# ``Tensor[]? extras``: a site without extra tensors reaches AOTInductor's runner as None (optional_lists).
+@torch.library.custom_op("fxfuse::attention_differential", mutates_args=(), schema=(
+    "(Tensor q1, Tensor k1, Tensor q2, Tensor k2, Tensor v, Tensor lam, Tensor[]? extras, str spec, "
+    "bool merge_heads=False) -> Tensor"))
 def attention_differential(q1: Tensor, k1: Tensor, q2: Tensor, k2: Tensor, v: Tensor, lam: Tensor,
-                           extras: list[Tensor], spec: str, merge_heads: bool = False) -> Tensor:
-    s, half, half_json = _specs(spec)
+                           extras: Optional[list[Tensor]], spec: str, merge_heads: bool = False) -> Tensor:
+    (s, half, half_json), extras = _specs(spec), listed(extras)
     _check(half, q1, k1, q2, k2, v, lam)
     if attention_op._use_triton(q1, half):
         from fxfuse.runtime import attention_differential as kernels
@@ -136,6 +141,7 @@ def _(grad_out, q1, k1, q2, k2, v, lam, extras, needs_grad, spec):
 
 def _setup(ctx, inputs, output):
     q1, k1, q2, k2, v, lam, extras, spec = inputs[:8]
+    extras = listed(extras)
     ctx.save_for_backward(q1, k1, q2, k2, v, lam, *extras)
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.needs_grad = [lam.requires_grad, *(e.requires_grad for e in extras)]

@@ -20,6 +20,7 @@ the head dim first, then rotated (or not, without RoPE); the norms' parameters f
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from fxfuse import config
 from fxfuse.ops import attention as attention_op
 from fxfuse.ops import attention_qk_norm as qk_norm
 from fxfuse.ops import size_masks
+from fxfuse.ops.optional_lists import listed
 from fxfuse.ops.attention import _contiguous_strides, _kernel_grad, _laid_out, _spec, _sum_to, _use_triton
 from fxfuse.runtime.arguments import output_buffer
 from fxfuse.spec import to_dtype
@@ -95,10 +97,13 @@ def _in_kernel(spec: AttentionSpec, q: Tensor, k: Tensor) -> bool:
     return _use_triton(q, spec) and kernel_rotates(q.shape[-1]) and qk_norm.kernel_normalises(spec, q, k)
 
 
-@torch.library.custom_op("fxfuse::attention_rope", mutates_args=())
-def attention_rope(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], tables: list[Tensor], spec: str,
+# ``Tensor[]? extras``: a site without extra tensors reaches AOTInductor's runner as None (optional_lists).
+@torch.library.custom_op("fxfuse::attention_rope", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor[]? extras, Tensor[] tables, str spec, Tensor? seed=None, "
+    "bool merge_heads=False) -> Tensor"))
+def attention_rope(q: Tensor, k: Tensor, v: Tensor, extras: Optional[list[Tensor]], tables: list[Tensor], spec: str,
                    seed: Tensor | None = None, merge_heads: bool = False) -> Tensor:
-    s = _spec(spec)
+    s, extras = _spec(spec), listed(extras)
     attention_op._check_heads(s, q, k, v)
     s, extras, _ = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
     if _in_kernel(s, q, k):
@@ -187,6 +192,7 @@ def _(grad_out, q, k, v, extras, tables, needs_grad, table_grads, spec, seed=Non
 
 def _setup(ctx, inputs, output):
     q, k, v, extras, tables, spec, seed = inputs[:7]
+    extras = listed(extras)
     ctx.save_for_backward(q, k, v, seed, *extras, *tables)
     ctx.spec, ctx.interpret, ctx.n_extras = spec, config.current.interpret, len(extras)
     ctx.needs_grad = [e.requires_grad for e in extras]

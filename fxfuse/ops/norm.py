@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fxfuse import config
 from fxfuse.lowering.norm import lower_norm
+from fxfuse.ops.optional_lists import listed
 from fxfuse.spec import NormSpec, to_dtype
 
 
@@ -136,9 +137,10 @@ def _reference_backward(spec: NormSpec, grad_y: Tensor, src: Tensor, params: lis
 
 # ---- forward operators ---------------------------------------------------------------------------
 
-@torch.library.custom_op("fxfuse::norm", mutates_args=())
-def norm(x: Tensor, params: list[Tensor], spec: str) -> Tensor:
-    s = _spec(spec)
+# ``Tensor[]? params``: a norm without parameters reaches AOTInductor's runner as None (optional_lists).
+@torch.library.custom_op("fxfuse::norm", mutates_args=(), schema="(Tensor x, Tensor[]? params, str spec) -> Tensor")
+def norm(x: Tensor, params: Optional[list[Tensor]], spec: str) -> Tensor:
+    s, params = _spec(spec), listed(params)
     if _use_triton(x, s):
         from fxfuse.runtime import norm as kernels
 
@@ -183,9 +185,10 @@ def _(x, params, spec):
     return torch.empty_like(x, dtype=to_dtype(_spec(spec).out_dtype))
 
 
-@torch.library.custom_op("fxfuse::add_norm", mutates_args=())
-def add_norm(x: Tensor, residual: Tensor, params: list[Tensor], spec: str) -> tuple[Tensor, Tensor]:
-    s = _spec(spec)
+@torch.library.custom_op("fxfuse::add_norm", mutates_args=(),
+                         schema="(Tensor x, Tensor residual, Tensor[]? params, str spec) -> (Tensor, Tensor)")
+def add_norm(x: Tensor, residual: Tensor, params: Optional[list[Tensor]], spec: str) -> tuple[Tensor, Tensor]:
+    s, params = _spec(spec), listed(params)
     if _use_triton(x, s):
         from fxfuse.runtime import norm as kernels
 
@@ -208,10 +211,11 @@ def _(x, residual, params, spec):
     return torch.empty_like(x, dtype=to_dtype(s.out_dtype)), torch.empty_like(x, dtype=to_dtype(s.sum_dtype))
 
 
-@torch.library.custom_op("fxfuse::sum_norm", mutates_args=())
-def sum_norm(terms: list[Tensor], params: list[Tensor], spec: str) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("fxfuse::sum_norm", mutates_args=(),
+                         schema="(Tensor[] terms, Tensor[]? params, str spec) -> (Tensor, Tensor)")
+def sum_norm(terms: list[Tensor], params: Optional[list[Tensor]], spec: str) -> tuple[Tensor, Tensor]:
     """The norm of ``sum(c_i * terms[i])`` (the constants c_i are the spec's ``sum_scales``), and that sum."""
-    s = _spec(spec)
+    s, params = _spec(spec), listed(params)
     if _use_triton(terms[0], s):
         from fxfuse.runtime import norm as kernels
 
@@ -279,7 +283,7 @@ def _(grad_y, grad_sum, src, params, spec):
 
 def _setup_norm(ctx, inputs, output):
     x, params, spec = inputs
-    ctx.save_for_backward(x, *params)
+    ctx.save_for_backward(x, *listed(params))
     ctx.spec, ctx.interpret = spec, config.current.interpret
 
 
@@ -293,7 +297,7 @@ def _backward_norm(ctx, grad_y):
 def _setup_add_norm(ctx, inputs, output):
     x, residual, params, spec = inputs
     # Save the sum (an output anyway, kept alive by the residual stream) rather than both inputs.
-    ctx.save_for_backward(output[1], *params)
+    ctx.save_for_backward(output[1], *listed(params))
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.dtypes = (x.dtype, residual.dtype)
 
@@ -309,7 +313,7 @@ def _backward_add_norm(ctx, grad_y, grad_sum):
 
 def _setup_sum_norm(ctx, inputs, output):
     terms, params, spec = inputs
-    ctx.save_for_backward(output[1], *params)  # the sum: one tensor, whatever the number of terms
+    ctx.save_for_backward(output[1], *listed(params))  # the sum: one tensor, whatever the number of terms
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.dtypes = [t.dtype for t in terms]
 
