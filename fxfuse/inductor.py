@@ -154,7 +154,8 @@ def _polynorm_form(x, weights, bias, spec):
 
     s = polynorm_op._spec(spec)
     n = len(weights)
-    return lambda x, *rest: polynorm_op.reference(s, x, list(rest[:n]), rest[n])
+    # Out of place whatever the fake tensors' requires_grad says: AOTAutograd may differentiate it.
+    return lambda x, *rest: polynorm_op.differentiable_reference(s, x, list(rest[:n]), rest[n])
 
 
 # operator -> (the form for these arguments or None, the tensor arguments it takes, in order)

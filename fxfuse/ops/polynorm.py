@@ -36,13 +36,7 @@ def reference(s: PolyNormSpec, x: Tensor, weights: list[Tensor], bias: Tensor) -
     Without autograd the temporaries are reused in place (the same ops, so the same roundings, and
     a third of eager's allocations)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, bias)):
-        y = None
-        for p, w in zip(s.powers, weights):
-            u = x if p == 1 else x.pow(p)
-            ms = u.pow(2).mean(-1, keepdim=True) + s.eps
-            n = u * torch.rsqrt(ms) if s.inverse == "rsqrt" else u / torch.sqrt(ms)
-            y = w * n if y is None else y + w * n
-        return y + bias
+        return differentiable_reference(s, x, weights, bias)
     y = None
     for p, w in zip(s.powers, weights):
         u = x if p == 1 else x.pow(p)
@@ -51,6 +45,19 @@ def reference(s: PolyNormSpec, x: Tensor, weights: list[Tensor], bias: Tensor) -
         n = torch.mul(w, n, out=n) if n.dtype == torch.result_type(w, n) else w * n
         y = n if y is None else y.add_(n)
     return y.add_(bias) if y.dtype == torch.result_type(y, bias) else y + bias
+
+
+def differentiable_reference(s: PolyNormSpec, x: Tensor, weights: list[Tensor], bias: Tensor) -> Tensor:
+    """``reference`` with out-of-place ops only: what autograd differentiates. The form the backend
+    traces for AOTAutograd (fxfuse.inductor) on fake tensors, whose requires_grad does not say
+    whether a gradient will flow (``reference``'s in-place ``out=`` branch crashed AOTAutograd)."""
+    y = None
+    for p, w in zip(s.powers, weights):
+        u = x if p == 1 else x.pow(p)
+        ms = u.pow(2).mean(-1, keepdim=True) + s.eps
+        n = u * torch.rsqrt(ms) if s.inverse == "rsqrt" else u / torch.sqrt(ms)
+        y = w * n if y is None else y + w * n
+    return y + bias
 
 
 def reference_backward(s: PolyNormSpec, grad: Tensor, x: Tensor, weights: list[Tensor], bias: Tensor) -> list[Tensor]:

@@ -1,6 +1,8 @@
 """PolyNorm (issue 13 item 3): three RMS norms of x, x^2 and x^3, weighted and summed, become one
 ``fxfuse.polynorm`` whose kernel reads the row once, forward and backward; near-misses stay as
 written (their norms fused one by one); float64 numerics on the torch path and the interpreted kernel."""
+import copy
+
 import pytest
 import torch
 
@@ -143,3 +145,29 @@ def test_wrong_weight_count_is_a_clear_error():
     spec = PolyNormSpec(powers=(3, 2, 1), eps=1e-6, inverse="rsqrt", dtype="float32").to_json()
     with pytest.raises(ValueError, match="one-element weights"):
         torch.ops.fxfuse.polynorm(torch.randn(2, D), [torch.tensor(1.0)], torch.tensor(0.0), spec)
+
+
+def _train(module, x, params, x_grad: bool):
+    x = x.clone().requires_grad_(x_grad)
+    out = module(x)
+    w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape)
+    return out, torch.autograd.grad((out.double() * w).sum(), [x, *params] if x_grad else params)
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "params_grad"])
+@pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
+def test_trains_under_the_backend_as_eager_does(inner, x_grad):
+    # On CPU the backend hands AOTAutograd the spec's reference (fxfuse.inductor), traced on fake
+    # tensors: its in-place branch (torch.mul(..., out=)), taken where those carried no
+    # requires_grad, crashed AOTAutograd ("functions with out=... arguments don't support
+    # automatic differentiation").
+    torch._dynamo.reset()
+    model, x = torch.nn.Sequential(torch.nn.Linear(D, D), _model(styles.RsqrtPolyNorm)), torch.randn(2, 5, D)
+    params = list(model.parameters())
+    out, grads = _train(torch.compile(model, backend=fxfuse.Backend(inner=inner)), x, params, x_grad)
+    eager, eager_grads = _train(model, x, params, x_grad)
+    ref_model = copy.deepcopy(model).double()
+    ref, ref_grads = _train(ref_model, x.double(), list(ref_model.parameters()), x_grad)
+    assert_close_to_reference(out, eager, ref, f"{inner} output")
+    for i, (g, e, r) in enumerate(zip(grads, eager_grads, ref_grads)):
+        assert_close_to_reference(g, e, r, f"{inner} gradient {i}")
