@@ -120,8 +120,9 @@ class Backend:
                 # more reduction per norm) cost more than the forms autograd differentiates, the
                 # same the composed backend hands Inductor (SDPA's fused backward, or what the
                 # user's code saved); inference keeps the operators (their CPU paths are exact and
-                # fast). interpret=True keeps them too (lower_cpu_sites).
-                lower_cpu_sites(aten_gm, example_inputs)
+                # fast). interpret=True keeps them too (lower_cpu_sites), and so does PolyNorm,
+                # whose closed-form CPU backward beats autograd of its reference op by op.
+                lower_cpu_sites(aten_gm, example_inputs, for_inductor=False)
         if inner == "eager":
             compiler = aot_autograd(
                 fw_compiler=self._compiler("aot_forward", index),

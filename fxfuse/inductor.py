@@ -194,14 +194,22 @@ def _needing_grad(gm: torch.fx.GraphModule, example_inputs) -> set:
     return found
 
 
-def lower_cpu_sites(gm: torch.fx.GraphModule, example_inputs=()) -> int:
-    """Replace the graph's CPU fused sites by the forms above, in place; returns how many."""
+# Operators whose own CPU forward and backward beat their form run op by op (inner="eager"):
+# PolyNorm's closed-form backward (ops.polynorm_cpu) against autograd's of the reference.
+_KEPT_OP_BY_OP = {_fx.polynorm.default}
+
+
+def lower_cpu_sites(gm: torch.fx.GraphModule, example_inputs=(), for_inductor: bool = True) -> int:
+    """Replace the graph's CPU fused sites by the forms above, in place; returns how many.
+    ``for_inductor=False``: the forms are to run op by op (the backend's inner="eager" in
+    training), and the operators in ``_KEPT_OP_BY_OP`` stay."""
     if config.interpret_on_cpu():
         return 0  # the Triton kernels were asked for: they run through the operators
     needing_grad = _needing_grad(gm, example_inputs)
     lowered = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _FORMS:
+        if node.op != "call_function" or node.target not in _FORMS \
+                or (not for_inductor and node.target in _KEPT_OP_BY_OP):
             continue
         choose, tensor_args = _FORMS[node.target]
         fakes = _fake(node.args)
