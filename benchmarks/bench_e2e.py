@@ -1,8 +1,9 @@
 """End-to-end benchmark: whole models through eager, Inductor and the fxfuse backend.
 
-Five models whose attention and norms are written by hand (the demo's naive transformer, and
+Six models whose attention and norms are written by hand (the demo's naive transformer,
 transformers' GPT-2, Llama, BERT and T5 with ``attn_implementation="eager"``, random weights from
-small configs: no downloads), each run four ways:
+small configs: no downloads, and PolyCom's MLP blocks with PolyNorm as the activation), each run
+five ways:
 
 | impl | what runs |
 | --- | --- |
@@ -45,7 +46,7 @@ import torch._inductor.config
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_norm import machine_info, machine_slug  # noqa: E402
+from bench_norm import PolyNorm, machine_info, machine_slug  # noqa: E402
 
 import fxfuse  # noqa: E402  (bench_norm put the checkout on sys.path)
 from fxfuse.demo import NaiveTransformer, saved_activation_bytes  # noqa: E402
@@ -108,7 +109,30 @@ def _t5(d, layers, length):
                    decoder=True), "ids"
 
 
-MODELS = {"demo": _demo, "gpt2": _gpt2, "llama": _llama, "bert": _bert, "t5": _t5}
+class PolyComMLP(nn.Module):
+    """PolyCom's MLP blocks (Zhuo et al. 2024): ``x + down(PolyNorm(up(RMSNorm(x))))``, PolyNorm as
+    the activation, a hand-written RMSNorm before each block (fxfuse: one polynorm and one rms_norm
+    site a layer)."""
+
+    def __init__(self, d, layers):
+        super().__init__()
+        self.ups = nn.ModuleList(nn.Linear(d, 4 * d) for _ in range(layers))
+        self.downs = nn.ModuleList(nn.Linear(4 * d, d) for _ in range(layers))
+        self.acts = nn.ModuleList(PolyNorm(4 * d) for _ in range(layers))
+        self.scales = nn.ParameterList(nn.Parameter(torch.ones(d)) for _ in range(layers))
+
+    def forward(self, x):
+        for up, act, down, scale in zip(self.ups, self.acts, self.downs, self.scales):
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * scale
+            x = x + down(act(up(h)))
+        return x
+
+
+def _polynorm(d, layers, length):
+    return PolyComMLP(d, layers), "embeddings"
+
+
+MODELS = {"demo": _demo, "gpt2": _gpt2, "llama": _llama, "bert": _bert, "t5": _t5, "polynorm": _polynorm}
 
 
 def make_model(name, d, layers, batch, length, device):

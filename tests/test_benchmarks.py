@@ -91,14 +91,14 @@ def test_bench_e2e_smallest(tmp_path):
     """Without Inductor's compiles (seconds each): eager and the backend with inner="eager"; the
     composed backend itself is tested in tests/test_backend_inductor.py."""
     out = tmp_path / "e2e.json"
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_e2e.py"), "--device", "cpu", "--models", "demo",
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_e2e.py"), "--device", "cpu", "--models", "demo,polynorm",
                            "--impls", "eager,fxfuse_eager", "--seq-len", "16", "--hidden", "16", "--layers", "1",
                            "--rounds", "1", "--warmup", "0", "--out", str(out)],
                           capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     with open(out.with_suffix(".csv"), newline="") as f:
-        assert len(list(csv.DictReader(f))) == len(rows) == 4
+        assert len(list(csv.DictReader(f))) == len(rows) == 8
     for r in rows:
         assert r["ms"] > 0 and r["compile_s"] is not None and r["max_abs_diff_vs_eager"] < 1e-4, r
         assert (r["saved_mib"] is not None) == (r["mode"] == "train"), r
