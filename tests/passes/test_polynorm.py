@@ -157,14 +157,15 @@ def _train(module, x, params, x_grad: bool):
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "params_grad"])
 @pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
 def test_trains_under_the_backend_as_eager_does(inner, x_grad):
-    # On CPU the backend hands AOTAutograd the spec's reference (fxfuse.inductor), traced on fake
-    # tensors: its in-place branch (torch.mul(..., out=)), taken where those carried no
+    # On CPU the composed backend hands AOTAutograd the spec's reference (fxfuse.inductor), traced
+    # on fake tensors: its in-place branch (torch.mul(..., out=)), taken where those carried no
     # requires_grad, crashed AOTAutograd ("functions with out=... arguments don't support
-    # automatic differentiation").
+    # automatic differentiation"); inner eager keeps the operator (tests/test_cpu_training_forms.py).
     torch._dynamo.reset()
     model, x = torch.nn.Sequential(torch.nn.Linear(D, D), _model(styles.RsqrtPolyNorm)), torch.randn(2, 5, D)
     params = list(model.parameters())
-    out, grads = _train(torch.compile(model, backend=fxfuse.Backend(inner=inner)), x, params, x_grad)
+    backend = fxfuse.Backend(inner=inner, keep_operators=False)  # the default (conftest keeps them)
+    out, grads = _train(torch.compile(model, backend=backend), x, params, x_grad)
     eager, eager_grads = _train(model, x, params, x_grad)
     ref_model = copy.deepcopy(model).double()
     ref, ref_grads = _train(ref_model, x.double(), list(ref_model.parameters()), x_grad)
