@@ -60,7 +60,10 @@ def _mask_of(step, extras: list[Tensor], shape4, device, rows: tuple[int, int] |
 
 
 def _addend(step, extras: list[Tensor], shape4, device, rows: tuple[int, int] | None = None) -> Tensor:
-    """What an "add" step adds: its bias tensor, or its index expression's values (in its dtype)."""
+    """What an "add" step adds: its bias tensor, its index expression's values (in its dtype), or
+    the sum of the two (the tensor's rows ``rows`` already, as the chunk's extras are)."""
+    if step.expr is not None and step.input >= 0:
+        return extras[step.input] + _expr_values(step.expr, extras, shape4, device, rows)
     if step.expr is not None:
         return _expr_values(step.expr, extras, shape4, device, rows)
     return extras[step.input]
@@ -233,7 +236,7 @@ def _sdpa_exact_on(form, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor]) 
                for t in (q, k, v)):
         return False
     step = form[1]
-    if step is not None and step.op == "add" and step.expr is None and extras[step.input].numel():
+    if step is not None and step.op == "add" and step.input >= 0 and extras[step.input].numel():
         return bool(extras[step.input].max() < math.inf)  # False for NaN too
     return True
 

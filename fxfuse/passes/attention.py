@@ -514,9 +514,12 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             flat = not aligned and not window_step and len(shape(extra)) == 3 and not same(shape(extra)[0], 1)
             mask = constant_value(extra, gm) if step.op == "fill" and not window_step else None
             window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
-            derived = None
+            derived, split = None, None
             if window is None and step.op in ("fill", "add") and aligned:
-                derived = _index_form(extra, step, here, gm, mask, notes)
+                unproved: list = []
+                derived = _index_form(extra, step, here, gm, mask, unproved)
+                split = _split_bias(extra, here, gm) if derived is None and step.op == "add" else None
+                notes += unproved if split is None else []
             if window is not None:
                 step = dataclasses.replace(step, input=-1, invert=False, window=window)
             elif derived is not None:
@@ -527,6 +530,15 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 if step.op == "fill" and step.invert:
                     expr = index_expr.negate(expr)
                 step = dataclasses.replace(step, input=-1, invert=False, expr=expr)
+            elif split is not None:  # s + (tensor + expression): the tensor read as a bias, the rest computed
+                tensor, derived = split
+                index = len(extras)
+                extras.append(tensor)
+                kinds.append("bias")
+                expr = index_expr.relabel_loads(derived.expr, {k: len(extras) + k for k in range(len(derived.heads))})
+                extras += derived.heads
+                kinds += ["head"] * len(derived.heads)
+                step = dataclasses.replace(step, input=index, expr=expr)
             else:
                 # At symbolic sizes: a mask only the sizes decide is checked against the causal
                 # rule once per shape when the site runs (Hugging Face's mask builders).
@@ -605,6 +617,28 @@ def _index_form(extra: Node, step: ScoreStep, score_shape, gm, value, notes: lis
         if not reads_graph_input(extra):
             notes.append(f"the {kind} {extra.name} stays a tensor input: {why}")
         return None
+
+
+def _split_bias(extra: Node, score_shape, gm) -> tuple[Node, Derived] | None:
+    """(tensor, proved expression) when a bias that is not an index expression is the sum of a
+    tensor and one (transformers' Swin adds its relative-position bias, gathered from a learned
+    table, to its shift mask, built from ``arange``, before the scores): the kernel then reads the
+    tensor, computes the rest, and adds the two as the user did (one rounding, in their common
+    dtype; a float sum is the same either way round). None otherwise (the bias stays one tensor)."""
+    if not is_op(extra, aten.add.Tensor) or extra.kwargs.get("alpha", 1) != 1 or len(extra.args) != 2 or \
+            not all(isinstance(a, Node) for a in extra.args):
+        return None
+    a, b = extra.args
+    if not dtype(extra).is_floating_point or dtype(a) != dtype(extra) or dtype(b) != dtype(extra):
+        return None  # a promoting sum rounds one operand first; not split
+    for tensor, other in ((a, b), (b, a)):
+        try:
+            derived = derive(other, score_shape, gm, allow_heads=True)
+        except NotIndex:
+            continue
+        if derived.expr[1] == dtype_name(dtype(extra)):
+            return tensor, derived
+    return None
 
 
 def _check_no_escape(site: _Site, probabilities: set[Node]) -> None:

@@ -1,0 +1,150 @@
+"""Swin's shift mask computed in the kernel from positions (issue 12, item 6, step 2).
+
+transformers' ``SwinLayer.get_attn_mask`` builds the mask in forward from ``arange``: each image
+position's region ``(h >= H - ws) + (h >= H - s)`` (times 3, plus the column's), partitioned into
+windows (views that split and merge dims, a transpose), ``-100`` where two tokens' regions differ.
+The deriver reads those reshapes, so the mask is an index expression over (window = b % nW, i, j),
+proved bit for bit at capture: no mask tensor is read. transformers then adds it to the
+relative-position bias (gathered from a learned table) before the scores: that sum becomes one
+step, the bias read as a (1, H, N, N) tensor and the mask computed, added as the user added them
+(the (B*nW, H, N, N) sum is never built). Outputs and gradients (the table's included) equal eager's
+against float64, on the torch path and the interpreted kernels."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxfuse
+from fxfuse.passes.attention_index import _regrouped
+from fxfuse import index_expr as ix
+from fxfuse.spec_attention import AttentionSpec
+from tests.tolerances import assert_close_to_reference
+
+WS, SHIFT, HEADS, DIM, SIDE = 2, 1, 2, 8, 4
+
+
+def window_partition(x, ws):
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c)
+    return x.transpose(2, 3).contiguous().view(-1, ws, ws, c)
+
+
+def shift_mask(height, width, dtype, by_slices=False):
+    """transformers' get_attn_mask (arange regions); ``by_slices``: the older loop of slice writes."""
+    if by_slices:  # the near-miss: index_put writes, not an index expression; it stays a tensor
+        img_mask = torch.zeros(1, height, width, 1, dtype=dtype)
+        cnt = 0
+        for h in (slice(0, -WS), slice(-WS, -SHIFT), slice(-SHIFT, None)):
+            for w in (slice(0, -WS), slice(-WS, -SHIFT), slice(-SHIFT, None)):
+                img_mask[:, h, w, :] = cnt
+                cnt += 1
+    else:
+        h_idx, w_idx = torch.arange(height), torch.arange(width)
+        h_region = (h_idx >= height - WS).long() + (h_idx >= height - SHIFT).long()
+        w_region = (w_idx >= width - WS).long() + (w_idx >= width - SHIFT).long()
+        img_mask = (h_region[None, :, None, None] * 3 + w_region[None, None, :, None]).to(dtype)
+    mw = window_partition(img_mask, WS).view(-1, WS * WS)
+    m = mw.unsqueeze(1) - mw.unsqueeze(2)
+    return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+
+
+class ShiftedWindowAttention(nn.Module):
+    """Window attention as transformers' SwinAttention (eager) computes it, the mask built in forward."""
+
+    def __init__(self, combined=True, by_slices=False, bias_dtype=None):
+        super().__init__()
+        self.combined, self.by_slices, self.bias_dtype = combined, by_slices, bias_dtype
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.table = nn.Parameter(torch.randn((2 * WS - 1) ** 2, HEADS))
+        c = torch.stack(torch.meshgrid(torch.arange(WS), torch.arange(WS), indexing="ij")).flatten(1)
+        rel = (c[:, :, None] - c[:, None, :]).permute(1, 2, 0) + (WS - 1)
+        self.register_buffer("index", (rel[..., 0] * (2 * WS - 1) + rel[..., 1]).view(-1), persistent=False)
+
+    def forward(self, x):
+        bw, n, c = x.shape
+        mask = shift_mask(SIDE, SIDE, x.dtype, self.by_slices)
+        nw = mask.shape[0]
+        q, k, v = self.qkv(x).view(bw, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        s = q @ k.transpose(-2, -1) * (c // HEADS) ** -0.5
+        mask = mask.unsqueeze(1).unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(-1, 1, n, n)
+        if self.combined:
+            rpb = self.table[self.index].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+            if self.bias_dtype is not None:  # the near-miss: a promoting sum (rpb rounded first)
+                rpb = rpb.to(self.bias_dtype)
+            s = s + (rpb + mask)
+        else:
+            s = s + mask
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(bw, n, c)
+
+
+def _x(dtype=torch.float32):
+    return torch.randn(2 * (SIDE // WS) ** 2, WS * WS, DIM, generator=torch.Generator().manual_seed(3), dtype=dtype)
+
+
+def _run(model, x):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (out.double() * upstream).sum().backward()
+    return out, [x.grad, *(p.grad for p in model.parameters())]
+
+
+def _fused_specs(res):
+    calls = [n for n in res.graph.graph.nodes if n.target == torch.ops.fxfuse.attention.default]
+    return [(AttentionSpec.from_json(n.args[4]), [tuple(e.meta["val"].shape) for e in n.args[3]]) for n in calls]
+
+
+def _check_equal(model, x):
+    res = fxfuse.rewrite(model, (x,))
+    expected, expected_grads = _run(copy.deepcopy(model).double(), x.double())
+    eager, eager_grads = _run(copy.deepcopy(model), x)
+    got, got_grads = _run(res.module, x)
+    assert_close_to_reference(got, eager, expected, "output")
+    for i, (g, e, r) in enumerate(zip(got_grads, eager_grads, expected_grads)):
+        assert (g is None) == (e is None), f"gradient {i}"
+        if g is not None:  # the table is unused when only the mask is added
+                assert_close_to_reference(g, e, r, f"gradient {i}")
+    return res
+
+
+@pytest.mark.parametrize("combined", [False, True], ids=["mask", "bias-plus-mask"])
+def test_shift_mask_from_arange_is_computed_in_the_kernel(cpu_path, combined):
+    model = ShiftedWindowAttention(combined=combined)
+    res = _check_equal(model, _x())
+    assert [m.kind for m in res.matches] == ["attention"] and not res.misses, res.report()
+    [(spec, shapes)] = _fused_specs(res)
+    [step] = [s for s in spec.steps if s.op == "add"]
+    assert step.expr is not None and "b % 4" in ix.text(step.expr), spec.describe()
+    # No mask tensor: only the relative-position bias, (1, H, N, N), is read.
+    assert shapes == ([(1, HEADS, WS * WS, WS * WS)] if combined else []), shapes
+    assert (step.input >= 0) == combined
+
+
+def test_shift_mask_written_by_slices_stays_a_tensor():
+    model = ShiftedWindowAttention(by_slices=True)
+    res = _check_equal(model, _x())
+    [(spec, shapes)] = _fused_specs(res)
+    [step] = [s for s in spec.steps if s.op == "add"]
+    assert step.expr is None and shapes == [(2 * (SIDE // WS) ** 2, HEADS, WS * WS, WS * WS)], spec.describe()
+
+
+def test_promoting_bias_plus_mask_is_not_split():
+    model = ShiftedWindowAttention(bias_dtype=torch.bfloat16)
+    res = _check_equal(model, _x())
+    [(spec, shapes)] = _fused_specs(res)
+    [step] = [s for s in spec.steps if s.op == "add"]
+    assert step.expr is None and shapes[0][0] == 2 * (SIDE // WS) ** 2, spec.describe()
+
+
+@pytest.mark.parametrize("old,new", [((1, 4, 2, 4, 2, 1), (16, 2, 2, 1)), ((16, 2, 2, 1), (16, 4)),
+                                     ((2, 3, 4), (6, 4)), ((6, 4), (2, 3, 2, 2)), ((4, 6), (3, 8)),
+                                     ((2, 1, 6), (3, 1, 4))])
+def test_regrouped_reshape_renames_positions_as_view_does(old, new):
+    """Each old dim's expression, at every position of the new shape, is where view reads it from."""
+    mapping = _regrouped(old, new)
+    grid = {f"t{k}": torch.arange(n).view([n if d == k else 1 for d in range(len(new))]) for k, n in enumerate(new)}
+    source = torch.arange(int(torch.tensor(old).prod())).view(old)
+    index = tuple(ix.evaluate(mapping[f"d{k}"], grid, []).expand(new) if f"d{k}" in mapping
+                  else torch.zeros(new, dtype=torch.long) for k in range(len(old)))
+    assert torch.equal(source[index], source.view(new))
