@@ -518,8 +518,10 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             if window is None and step.op in ("fill", "add") and aligned:
                 unproved: list = []
                 derived = _index_form(extra, step, here, gm, mask, unproved)
-                split = _split_bias(extra, here, gm) if derived is None and step.op == "add" else None
+                split = split_bias(extra, here, gm) if derived is None and step.op == "add" else None
                 notes += unproved if split is None else []
+            elif step.op in ("fill", "add") and window_step:
+                derived = _window_index_form(extra, step, here, op_shape, node, gm, notes)
             if window is not None:
                 step = dataclasses.replace(step, input=-1, invert=False, window=window)
             elif derived is not None:
@@ -619,7 +621,24 @@ def _index_form(extra: Node, step: ScoreStep, score_shape, gm, value, notes: lis
         return None
 
 
-def _split_bias(extra: Node, score_shape, gm) -> tuple[Node, Derived] | None:
+def _window_index_form(extra: Node, step: ScoreStep, here, op_shape, before: Node, gm, notes: list) -> Derived | None:
+    """The proved index expression of a mask or bias added on the (B, nW, H, Lq, Lk) view of the
+    scores (Swinv2 adds its shift mask, built from ``arange`` in forward, there), read on the
+    (B*nW, H, Lq, Lk) scores the operator sees: derived from the broadcast-and-merge the operator's
+    input would be (``_windows_merged``, inserted for the derivation and removed again), so the
+    window of batch entry b is ``b % nW``. None: the tensor is merged as before."""
+    merged = _windows_merged(gm, extra, here, before)
+    try:
+        return _index_form(merged, step, op_shape, gm, None, notes)
+    finally:
+        node = merged
+        while node is not extra:  # the inserted chain, unused whatever the outcome
+            arg = node.args[0]
+            gm.graph.erase_node(node)
+            node = arg
+
+
+def split_bias(extra: Node, score_shape, gm, allow_heads: bool = True) -> tuple[Node, Derived] | None:
     """(tensor, proved expression) when a bias that is not an index expression is the sum of a
     tensor and one (transformers' Swin adds its relative-position bias, gathered from a learned
     table, to its shift mask, built from ``arange``, before the scores): the kernel then reads the
@@ -633,7 +652,7 @@ def _split_bias(extra: Node, score_shape, gm) -> tuple[Node, Derived] | None:
         return None  # a promoting sum rounds one operand first; not split
     for tensor, other in ((a, b), (b, a)):
         try:
-            derived = derive(other, score_shape, gm, allow_heads=True)
+            derived = derive(other, score_shape, gm, allow_heads=allow_heads)
         except NotIndex:
             continue
         if derived.expr[1] == dtype_name(dtype(extra)):

@@ -91,8 +91,11 @@ def _run(model, x):
 
 
 def _fused_specs(res):
-    calls = [n for n in res.graph.graph.nodes if n.target == torch.ops.fxfuse.attention.default]
-    return [(AttentionSpec.from_json(n.args[4]), [tuple(e.meta["val"].shape) for e in n.args[3]]) for n in calls]
+    """(spec, extras' shapes) of each fused attention call (Swinv2's QK-norm sites are attention_rope's)."""
+    calls = [n for n in res.graph.graph.nodes
+             if n.target in (torch.ops.fxfuse.attention.default, torch.ops.fxfuse.attention_rope.default)]
+    return [(AttentionSpec.from_json(next(a for a in n.args if isinstance(a, str))),
+             [tuple(e.meta["val"].shape) for e in n.args[3]]) for n in calls]
 
 
 def _check_equal(model, x):
@@ -148,3 +151,59 @@ def test_regrouped_reshape_renames_positions_as_view_does(old, new):
     index = tuple(ix.evaluate(mapping[f"d{k}"], grid, []).expand(new) if f"d{k}" in mapping
                   else torch.zeros(new, dtype=torch.long) for k in range(len(old)))
     assert torch.equal(source[index], source.view(new))
+
+
+# ---- transformers' Swin and Swinv2 (tiny configs, random weights) ----------------------------------
+
+def _swin(kind: str, attn: str = "eager", frozen: bool = False):
+    from transformers import Swinv2Config, Swinv2Model, SwinConfig, SwinModel
+
+    config_cls, model_cls = (SwinConfig, SwinModel) if kind == "swin" else (Swinv2Config, Swinv2Model)
+    config = config_cls(image_size=4, patch_size=1, num_channels=2, embed_dim=4, depths=[2], num_heads=[2],
+                        window_size=2, mlp_ratio=1.0)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    model = model_cls(config, add_pooling_layer=False).eval()
+    with torch.no_grad():  # the tables start at zero: random values make the bias and its gradient show
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.requires_grad_(not frozen)
+
+
+class _Hidden(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).last_hidden_state
+
+
+# The interpreter is slow: the interpreted kernels run for Swin (the bias-plus-mask step) and Swinv2
+# (the mask on the 5-d view); Swin under SDPA's math path reaches the same step (torch path).
+@pytest.mark.parametrize("kind,attn,interpret", [("swin", "eager", False), ("swin", "eager", True),
+                                                 ("swin", "sdpa", False), ("swinv2", "eager", False),
+                                                 ("swinv2", "eager", True)])
+def test_transformers_swin_reads_no_mask_tensor_and_equals_eager(kind, attn, interpret):
+    model = _Hidden(_swin(kind, attn))
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    with fxfuse.config.patch(interpret=interpret):
+        res = _check_equal(model, x)
+    assert not res.misses and [m.kind for m in res.matches].count("attention") == 2, res.report()
+    unshifted, shifted = _fused_specs(res)
+    # Only (1, H, N, N) biases (and Swinv2's (H, 1, 1) logit scales) reach the operator: no (B*nW, ...) tensor.
+    assert all(len(s) < 4 or s[0] == 1 for _, shapes in (unshifted, shifted) for s in shapes), (unshifted, shifted)
+    assert any(step.expr is not None for step in shifted[0].steps), shifted[0].describe()
+
+
+def test_frozen_swin_under_sdpa_claims_the_bias_plus_mask():
+    """Frozen weights: SDPA's own call is claimed (claim-sdpa), its float mask the bias plus the
+    shift mask; the guard for rows with every key hidden reads the bias alone."""
+    model = _Hidden(_swin("swin", "sdpa", frozen=True))
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        res = fxfuse.rewrite(model, (x,))
+        unshifted, shifted = _fused_specs(res)
+        assert shifted[1] == [(1, 2, 4, 4)] and shifted[0].steps[-1].expr is not None, shifted
+        expected = copy.deepcopy(model).double()(x.double())
+        assert_close_to_reference(res.module(x), model(x), expected, "output")
