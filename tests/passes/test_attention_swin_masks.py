@@ -10,6 +10,7 @@ step, the bias read as a (1, H, N, N) tensor and the mask computed, added as the
 (the (B*nW, H, N, N) sum is never built). Outputs and gradients (the table's included) equal eager's
 against float64, on the torch path and the interpreted kernels."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -207,3 +208,31 @@ def test_frozen_swin_under_sdpa_claims_the_bias_plus_mask():
         assert shifted[1] == [(1, 2, 4, 4)] and shifted[0].steps[-1].expr is not None, shifted
         expected = copy.deepcopy(model).double()(x.double())
         assert_close_to_reference(res.module(x), model(x), expected, "output")
+
+
+def test_bias_plus_mask_in_bfloat16_equals_eager(cpu_path):
+    """The sum of the bias and the mask is rounded to bfloat16 before it meets the scores, as eager rounds it."""
+    model = ShiftedWindowAttention().to(torch.bfloat16)
+    res = _check_equal(model, _x(torch.bfloat16))
+    [(spec, shapes)] = _fused_specs(res)
+    assert spec.steps[-1].expr[1] == "bfloat16" and shapes == [(1, HEADS, WS * WS, WS * WS)], spec.describe()
+
+
+def test_kernel_rounds_the_bias_plus_expression_sum_to_its_dtype():
+    """256 + 0.75 is 256 in bfloat16 (its spacing there is 2): a kernel that added the two in float32
+    would give those keys e^0.75 times the weight. Interpreted kernel against the torch reference."""
+    from fxfuse.ops.attention import reference
+    from fxfuse.spec_attention import ScoreStep
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g).to(torch.bfloat16) for _ in range(3))
+    bias = (torch.rand(1, 2, 8, 8, generator=g) < 0.5).to(torch.bfloat16) * 0.75
+    step = ScoreStep("add", "float32", input=0, expr=("const", "bfloat16", 256.0))
+    spec = AttentionSpec(score_dtype="float32", steps=(step,), prob_dtype="bfloat16", inputs=("bias",))
+    want = reference(spec, q, k, v, [bias])
+    with fxfuse.config.patch(interpret=True):
+        got = torch.ops.fxfuse.attention(q, k, v, [bias], spec.to_json())
+    unrounded = reference(dataclasses.replace(spec, steps=(dataclasses.replace(step, expr=("const", "float32", 256.0)),)),
+                          q, k, v, [bias.float()])
+    assert (want.float() - unrounded.float()).abs().max() > 0.05  # the rounding matters here
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
