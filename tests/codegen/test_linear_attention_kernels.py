@@ -133,3 +133,12 @@ def test_bf16_kernels_compile_for_sm90_on_tensor_cores():
     assert len(rows) == 4 and not any("error" in r for r in rows), rows
     for r in rows:
         assert r["mma"] == "wgmma" and r["spills"] == 0 and 0 < r["registers"] <= 255, r
+
+
+def test_explain_target_lists_the_linear_attention_launches():
+    from fxfuse.target_check import launches_of_graph
+
+    q, k, v = (torch.randn(1, 2, 20, 16, dtype=torch.bfloat16) for _ in range(3))
+    res = fxfuse.rewrite(styles.elu_causal_masked_fill, (q, k, v), passes="canonicalize,fuse-linear-attention")
+    items = [i for i in launches_of_graph(res.graph) if i["kind"] == "linear_attention"]
+    assert sorted(i["sizes"]["e"] for i in items) == [1, 16] and all(i["sizes"]["d"] == 16 for i in items)
