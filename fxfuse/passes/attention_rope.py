@@ -53,7 +53,7 @@ class Rope:
     x: Node  # the unrotated operand
     cos: Node | None
     sin: Node | None
-    style: str  # "half" or "interleaved"
+    style: str  # "half" or "interleaved", "/float32" appended for a rotation in float32 (Meta's, 16-bit)
     freqs: Node | None = None  # Meta's complex form: freqs_cis, whose parts the tables are (cos, sin None)
 
 
@@ -138,8 +138,8 @@ def match_rope(node: Node, perm: list[int]) -> Rope:
     """The rotation ``node`` computes, or NotRope / Declined (see the module docstring); ``perm``
     permutes ``node`` to the operator's (B, H, L, D)."""
     try:
-        x, freqs = complex_rope.match_complex(node, perm, Declined)
-        return Rope(x, None, None, "interleaved", freqs)
+        x, freqs, in_float32 = complex_rope.match_complex(node, perm, Declined)
+        return Rope(x, None, None, "interleaved/float32" if in_float32 else "interleaved", freqs)
     except complex_rope.NotComplexRope:
         pass
     if not is_op(node, aten.add.Tensor) or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2 or \
