@@ -56,7 +56,7 @@ def match_complex(node: Node, perm: list[int], declined) -> tuple[Node, Node, bo
         if not same(tuple(shape(x) or ()), tuple(s)):
             continue
         if cast is not None or is_op(x, aten._to_copy.default):
-            source = _upcast_source(x, cast)
+            source = upcast_source(x, cast)
             if source is None:
                 raise declined(f"the complex rotation takes a {dtype(x.args[0] if is_op(x, aten._to_copy.default) else x)} "
                                f"q/k to float32 and gives {dtype(cast or node)}; fused RoPE in float32 takes a 16-bit "
@@ -68,7 +68,7 @@ def match_complex(node: Node, perm: list[int], declined) -> tuple[Node, Node, bo
     raise NotComplexRope()
 
 
-def _upcast_source(x: Node, cast: Node | None) -> Node | None:
+def upcast_source(x: Node, cast: Node | None) -> Node | None:
     """The 16-bit q/k of ``x = q.float()`` whose rotation ``cast`` rounds back to q's dtype, or None."""
     if cast is None or not is_op(x, aten._to_copy.default) or not isinstance(x.args[0], Node):
         return None

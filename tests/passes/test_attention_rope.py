@@ -178,3 +178,30 @@ def test_complex_freqs_per_head_are_declined_with_their_reason():
     res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
     reasons = [m.reason for m in res.misses if m.kind == "rope"]
     assert len(reasons) == 2 and all("not one value per pair and position" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_vision_rope_in_float32_is_the_half_rotation_in_float32(dtype, cpu_path):
+    """Qwen2-VL's vision RoPE: a 16-bit q/k rotated in float32 (float32 tables) and cast back once is
+    "half/float32" (in float32 the casts are no-ops: "half")."""
+    from tests.rope_styles import VisionRotaryInFloat32
+
+    specs = _rope_specs(_check(VisionRotaryInFloat32, dtype))
+    style = "half" if dtype == torch.float32 else "half/float32"
+    assert len(specs) == 1 and specs[0].rope_q == specs[0].rope_k == style, specs
+
+
+def test_rotation_in_float32_cast_to_another_dtype_is_declined_with_its_reason():
+    from tests.rope_styles import B, D, H, L, _attend, _tables, rotate_half
+
+    class ToHalf(torch.nn.Module):
+        def forward(self, q, k, v, cos, sin):
+            qf, cos, sin = q.float(), cos[:, None].float(), sin[:, None].float()
+            q = (qf * cos + rotate_half(qf) * sin).half()
+            return _attend(q.transpose(1, 2), k.half().transpose(1, 2), v.half().transpose(1, 2))
+
+    inputs = [torch.randn(B, L, H, D, dtype=torch.bfloat16) for _ in range(3)] + list(_tables(torch.bfloat16))
+    res = fxfuse.rewrite(ToHalf(), tuple(inputs), passes=PASSES)
+    reasons = [m.reason for m in res.misses if m.kind == "rope"]
+    assert reasons and "cast back to its dtype once" in reasons[0], res.report()
+    assert not _rope_specs(res), res.report()
