@@ -89,10 +89,11 @@ def backward(spec: LinearAttentionSpec, grad: torch.Tensor, a: torch.Tensor, bt:
     # d_a and d_b sum over E: each block of E columns writes its float32 partial, added below.
     da = torch.zeros((blocks, n, length, d), dtype=torch.float32, device=a.device)
     db = torch.zeros((blocks, n, s, d), dtype=torch.float32, device=a.device)
-    dv = torch.empty((n, s, e), dtype=v.dtype, device=a.device) if v is not None else None
+    launch = bool(n and length and s and e)  # else every gradient is zero (no query sees a key)
+    dv = (torch.empty if launch else torch.zeros)((n, s, e), dtype=v.dtype, device=a.device) if v is not None else None
     v_ptr = v3 if v3 is not None else bt3
     common = (length, s, d, e, *a3.stride(), *bt3.stride(), *_strides(v3, bt3), *g3.stride())
-    if n and length and s and e:
+    if launch:
         fns["backward_da"][(n, blocks)](g3, bt3, v_ptr, da, *common, *da.stride()[:3], **tiles)
         dv_args = (dv, *dv.stride()) if dv is not None else ()
         fns["backward_dbdv"][(n, blocks)](g3, a3, bt3, v_ptr, db, *dv_args, *common, *db.stride()[:3], **tiles)

@@ -142,3 +142,11 @@ def test_explain_target_lists_the_linear_attention_launches():
     res = fxfuse.rewrite(styles.elu_causal_masked_fill, (q, k, v), passes="canonicalize,fuse-linear-attention")
     items = [i for i in launches_of_graph(res.graph) if i["kind"] == "linear_attention"]
     assert sorted(i["sizes"]["e"] for i in items) == [1, 16] and all(i["sizes"]["d"] == 16 for i in items)
+
+
+def test_no_queries_gives_zero_gradients():
+    spec = LinearAttentionSpec(False, True, "any").to_json()
+    a, bt, v = torch.rand(2, 0, 4), torch.rand(2, 4, 5), torch.rand(2, 5, 3)
+    with fxfuse.config.patch(interpret=True):
+        d_a, d_bt, d_v = torch.ops.fxfuse.linear_attention_backward(torch.zeros(2, 0, 3), a, bt, v, spec)
+    assert d_a.shape == (2, 0, 4) and torch.equal(d_bt, torch.zeros(2, 4, 5)) and torch.equal(d_v, torch.zeros(2, 5, 3))
