@@ -242,6 +242,7 @@ def sweep_family(fam: str, attn: str, modes, do_triage: bool) -> list[dict]:
             traceback.print_exc()
             if do_triage:
                 row["triage"] = triage(fam, model, ref64, mode)
+                row["owner"] = "fxfuse" if any(v.startswith("ok") for v in row["triage"].values()) else "torch"
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps({k: v for k, v in row.items() if k not in ("declined",)}, default=str), flush=True)
         rows.append(row)
@@ -277,7 +278,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown family or mode: {unknown}; families: {', '.join(FAMILIES)}; modes: {MODES}")
     started, rows = time.perf_counter(), []
-    for fam in families:
+    for i, fam in enumerate(families):
         for attn in args.attn.split(","):
             if attn == "sdpa" and not supports_sdpa(fam):
                 rows.append({"family": fam, "attn": "sdpa", "mode": "-", "status": "no sdpa"})
@@ -286,24 +287,28 @@ def main(argv=None):
             if not args.compile_all and fam not in COMPILE_FAMILIES and not args.only:
                 fam_modes = [m for m in fam_modes if m != "compile"]
             rows.extend(sweep_family(fam, attn, fam_modes, args.triage))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        # Written after each family: a sweep stopped early leaves what it measured (meta says how far).
+        write_results(Path(args.out), args, families[:i + 1], families, rows, started)
+    print(Path(args.out).with_suffix(".md").read_text().split("## Every")[0])
+
+
+def write_results(out: Path, args, done: list[str], families: list[str], rows: list[dict], started: float) -> None:
     import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     meta = {"torch": torch.__version__, "transformers": transformers.__version__, "commit": commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "seconds": round(time.perf_counter() - started, 1),
-            "lengths": LENGTHS, "argv": sys.argv[1:]}
-    out = Path(args.out)
+            "lengths": LENGTHS, "argv": sys.argv[1:], "families_done": len(done), "families_asked": len(families)}
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.update and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
-        ran = set(families)
+        ran = set(done)
         order = {f: i for i, f in enumerate(FAMILIES)}
         rows = sorted([r for r in old["rows"] if r["family"] not in ran] + rows, key=lambda r: order.get(r["family"], 1e9))
         meta = {**old["meta"], "updates": old["meta"].get("updates", []) + [
             {"families": sorted(ran), "commit": commit, "seconds": meta["seconds"], "argv": meta["argv"]}]}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(write_markdown(meta, rows))
-    print(out.with_suffix(".md").read_text().split("## Every")[0])
-
 
 if __name__ == "__main__":
     main()

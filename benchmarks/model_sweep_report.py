@@ -32,7 +32,8 @@ def write_markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         "# fxfuse over transformers families (CPU)", "",
         f"torch {meta['torch']}, transformers {meta['transformers']}, fxfuse commit {meta['commit']}, "
-        f"{meta['machine']}, {meta['seconds']} s. Produced by `benchmarks/model_sweep.py` (see benchmarks/README.md).",
+        f"{meta['machine']}, {meta['seconds']} s, {meta.get('families_done', '?')} of {meta.get('families_asked', '?')} "
+        f"families asked (`{' '.join(meta.get('argv', []))}`). Produced by `benchmarks/model_sweep.py` (see benchmarks/README.md).",
         *(f"Re-measured at commit {u['commit']} ({u['seconds']} s): {', '.join(u['families'])}." for u in meta.get("updates", [])),
         "",
         "A cell is `ok <ratio>` when every output (gradient) is within the tolerance bound of tests/tolerances.py "
