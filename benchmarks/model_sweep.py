@@ -293,6 +293,9 @@ def main(argv=None):
     print(Path(args.out).with_suffix(".md").read_text().split("## Every")[0])
 
 
+_BEFORE_UPDATE: dict[str, dict] = {}
+
+
 def write_results(out: Path, args, done: list[str], families: list[str], rows: list[dict], started: float) -> None:
     import transformers
 
@@ -301,8 +304,9 @@ def write_results(out: Path, args, done: list[str], families: list[str], rows: l
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "seconds": round(time.perf_counter() - started, 1),
             "lengths": LENGTHS, "argv": sys.argv[1:], "families_done": len(done), "families_asked": len(families)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.update and out.with_suffix(".json").exists():
-        old = json.loads(out.with_suffix(".json").read_text())
+    if args.update and (str(out) in _BEFORE_UPDATE or out.with_suffix(".json").exists()):
+        # the file as it was before this run (written again after each family)
+        old = _BEFORE_UPDATE.setdefault(str(out), json.loads(out.with_suffix(".json").read_text()))
         ran = set(done)
         order = {f: i for i, f in enumerate(FAMILIES)}
         rows = sorted([r for r in old["rows"] if r["family"] not in ran] + rows, key=lambda r: order.get(r["family"], 1e9))

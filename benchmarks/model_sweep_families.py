@@ -59,7 +59,8 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "cohere2": ("causal", {"sliding_window": 6}),
     "granite": ("causal", {}),
     "deepseek_v3": ("causal", {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4,
-                               "qk_nope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4}),
+                               "qk_nope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4,
+                               "head_dim": 4}),  # its rotary width is head_dim (= qk_rope_head_dim)
     "codegen": ("causal", {"rotary_dim": 4}),
     "gpt_neo": ("causal", {"attention_types": [[["global", "local"], 1]], "num_layers": 2, "window_size": 6}),
     "xglm": ("causal", {}),
@@ -121,7 +122,8 @@ def build_config(model_type: str):
     import transformers
 
     default = transformers.AutoConfig.for_model(model_type)
-    kwargs = {k: v for k, v in TINY.items() if hasattr(default, k)}
+    # (not the keys the config computes: Falcon's head_dim is a property)
+    kwargs = {k: v for k, v in TINY.items() if hasattr(default, k) and not isinstance(getattr(type(default), k, None), property)}
     for k, v in vars(default).items():
         if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or "pdrop" in k):
             kwargs[k] = 0.0
