@@ -106,10 +106,21 @@ def _scalar_fill(node) -> float | None:
         value = float(node.args[0])
     if is_op(node, aten.full.default) and list(node.args[0]) == [] and is_python_scalar(node.args[1]):
         value = float(node.args[1])
+    if value is None and isinstance(node, Node) and _zero_dim_float(node):
+        # ``torch.tensor(finfo.min)`` in forward (GPT-Neo): a constant the graph holds, lifted
+        # (lift_fresh_copy of a get_attr); its value is fixed, so it is read once here.
+        t = constant_value(node, node.graph.owning_module, limit=1)
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not isinstance(t, torch._subclasses.FakeTensor):
+            value = float(t)
     if value is not None and dtype(node) in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         value = _fill_in(value, dtype_name(dtype(node)))
     return value
 
+
+
+def _zero_dim_float(node: Node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype.is_floating_point
 
 
 def _fill_in(value: float, dtype: str) -> float:
