@@ -182,16 +182,17 @@ def _sink(spec: AttentionSpec, extras: list[Tensor]) -> Tensor | None:
 
 
 def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
-              keep: Tensor | None = None) -> Tensor:
+              keep: Tensor | None = None, chunked: bool = True) -> Tensor:
     """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code,
-    a chunk of query rows at a time (SCORE_CHUNK_ELEMENTS); with dropout, ``keep`` is the mask
-    (see ``keep_mask``; a boolean (B, H, Lq, Lk) tensor, sliced per chunk)."""
+    a chunk of query rows at a time (SCORE_CHUNK_ELEMENTS; ``chunked=False``: all rows at once, as
+    the user's code computed them, which needs no concrete sizes); with dropout, ``keep`` is the
+    mask (see ``keep_mask``; a boolean (B, H, Lq, Lk) tensor, sliced per chunk)."""
     if spec.dropout and keep is None:
         raise ValueError("the reference of attention with dropout needs the keep mask")
     lq, lk = q.shape[-2], k.shape[-2]
     k, v = _heads(k, spec).to(to_dtype(spec.score_dtype)), _heads(v, spec)  # once, not per chunk
     outs = []
-    for r in _row_chunks(q, lk):
+    for r in _row_chunks(q, lk) if chunked else [(0, lq)]:
         chunk = [_rows(e, lq, r) for e in extras]
         p = softmax(spec, _scores(spec, q[..., r[0]:r[1], :], k, chunk, rows=(*r, lq), headed=True), _sink(spec, chunk))
         p = _drop(spec, p.to(to_dtype(spec.prob_dtype)), None if keep is None else keep[..., r[0]:r[1], :])

@@ -42,9 +42,9 @@ from fxfuse.passes.attention_variants import NotVariant, reaches, sigmoid_candid
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
                                            layout_chain_back, size_mask_key, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
-                                  shape, source_of, val)
+                                 scalar_value, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
-from fxfuse.passes.symbolic import is_static, same, size_args
+from fxfuse.passes.symbolic import is_static, reroute_size_reads, same, size_args
 from fxfuse.spec import dtype_name, to_dtype
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -106,10 +106,21 @@ def _scalar_fill(node) -> float | None:
         value = float(node.args[0])
     if is_op(node, aten.full.default) and list(node.args[0]) == [] and is_python_scalar(node.args[1]):
         value = float(node.args[1])
+    if value is None and isinstance(node, Node) and _zero_dim_float(node):
+        # ``torch.tensor(finfo.min)`` in forward (GPT-Neo): a constant the graph holds, lifted
+        # (lift_fresh_copy of a get_attr); its value is fixed, so it is read once here.
+        t = constant_value(node, node.graph.owning_module, limit=1)
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not isinstance(t, torch._subclasses.FakeTensor):
+            value = float(t)
     if value is not None and dtype(node) in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         value = _fill_in(value, dtype_name(dtype(node)))
     return value
 
+
+
+def _zero_dim_float(node: Node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype.is_floating_point
 
 
 def _fill_in(value: float, dtype: str) -> float:
@@ -144,9 +155,10 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
             return x, steps[::-1], views
         d = dtype_name(dtype(x))
         a = x.args[0] if isinstance(x, Node) and x.args else None
-        if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and is_python_scalar(x.args[1]):
+        if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and \
+                scalar_value(x.args[1]) is not None:  # a constant, or a size's (a symbolic head dim's)
             op = "mul" if x.target in (aten.mul.Tensor, aten.mul.Scalar) else "div"
-            steps.append((x, ScoreStep(op, d, value=float(x.args[1])), None, here))
+            steps.append((x, ScoreStep(op, d, value=scalar_value(x.args[1])), None, here))
         elif is_op(x, aten.add.Tensor, aten.sub.Tensor) and is_python_scalar(x.args[1]) and \
                 x.kwargs.get("alpha", 1) == 1:  # s + b, s - b (exactly s + (-b)): sigmoid attention's -log(L)
             value = float(x.args[1]) if x.target == aten.add.Tensor else -float(x.args[1])
@@ -588,6 +600,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout,
                  {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead),
                  merge_lead)
+    reroute_size_reads(gm, interior - {pv}, interior)
     _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else []),
                             *([sink.slice] if sink else [])})
     return site

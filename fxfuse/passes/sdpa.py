@@ -48,7 +48,7 @@ from fxfuse.passes.attention_layout import (causal_window, constant_value, head_
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   match_layout, same_layout, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
-from fxfuse.passes.symbolic import equal_or_guarded, is_static, same, size_args
+from fxfuse.passes.symbolic import equal_or_guarded, is_static, same, size_args, specialised
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -143,7 +143,11 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention on inputs that are not (B, H, L, D) tensors; fused "
                        "attention reads 4-d q, k, v", shapes=True)
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
-    if isinstance(h, int) and hk == hv == h:
+    # Head counts and head dims that are symbols (dynamic=True on q, k, v passed in) are taken at
+    # their values with a guard: the kernels specialise on them, and a model's head sizes do not vary.
+    h, hk, hv, e = (specialised(n) for n in (h, hk, hv, e))
+    specialised(shapes[2][3])
+    if hk == hv == h:
         # Keys and values repeated per query head (transformers' repeat_kv before SDPA): read the
         # kv heads in place (grouped-query attention), so the repeated copies are never made.
         repeats = repeated_heads(k, h), repeated_heads(v, h)
@@ -155,10 +159,6 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
                        f"v {list(shapes[2])}): a size is 0, so there is nothing to compute; it is left as written")
     # Batch and lengths may be symbols (dynamic shapes): each equality is proved for all their values,
     # or guarded where SDPA itself requires it (a cache's key and value lengths may be two symbols).
-    if not all(isinstance(n, int) for n in (h, hk, hv, e, shapes[2][3])):
-        raise Declined(f"scaled_dot_product_attention with a symbolic head count or head dim (q {list(shapes[0])}, "
-                       f"k {list(shapes[1])}); fused attention specialises on those (mark only batch and "
-                       "length dynamic)", shapes=True)
     if not equal_or_guarded(bk, b) or not equal_or_guarded(bv, b) or hk != hv or not equal_or_guarded(lv, lk) or \
             h % hk:
         raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
