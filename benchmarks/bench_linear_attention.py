@@ -5,9 +5,12 @@ and under ``torch.compile(backend=fxfuse)`` (the rest of the graph by Inductor).
 
     python benchmarks/bench_linear_attention.py --threads 1            # CPU: B 1, H 4, D 64, L 1024-4096
     python benchmarks/bench_linear_attention.py --lengths 512 --repeat 1
+    python benchmarks/bench_linear_attention.py --device cuda --dtype bfloat16 --lengths 4096,16384
 
 Each (implementation, length, mode) runs in a fresh subprocess; peak memory is measured as in
-bench_loss.py (peak resident set added by the call). Results: results/linear_attention_cpu.json/.csv.
+bench_loss.py (peak resident set added by the call) on the CPU, and as the peak of
+``torch.cuda.max_memory_allocated`` above what was allocated before the call on CUDA, where the
+fxfuse rows launch the generated Triton kernels. Results: results/linear_attention_<device>.json/.csv.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def causal_linear_attention(q, k, v):
     q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
     scores = q @ k.transpose(-2, -1)
     length = q.shape[-2]
-    scores = scores.masked_fill(torch.triu(torch.ones(length, length, dtype=torch.bool), 1), 0.0)
+    scores = scores.masked_fill(torch.triu(torch.ones(length, length, dtype=torch.bool, device=q.device), 1), 0.0)
     return (scores @ v) / (scores.sum(-1, keepdim=True) + 1e-6)
 
 
@@ -61,7 +64,9 @@ def _build(impl, q, k, v):
 
 def child(args) -> int:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, args.heads, args.length, args.head_dim) for _ in range(3))
+    q, k, v = (torch.randn(1, args.heads, args.length, args.head_dim, device=args.device).to(getattr(torch, args.dtype))
+               for _ in range(3))
+    cuda = args.device == "cuda"
     backward = args.mode == "fwd+bwd"
     for t in (q, k, v):
         t.requires_grad_(backward)
@@ -72,23 +77,38 @@ def child(args) -> int:
             with torch.no_grad():
                 return fn(q, k, v)
         out = fn(q, k, v)
-        torch.autograd.grad(out.sum(), (q, k, v))
+        torch.autograd.grad(out.float().sum(), (q, k, v))
         return out.detach()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     started = time.perf_counter()
     step()
+    sync()
     setup_s = time.perf_counter() - started
     step()
-    before = _rss_mib("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")
-    out = step()
-    peak = _rss_mib("VmHWM") - before
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        out = step()
+        sync()
+        peak = torch.cuda.max_memory_allocated() / 2**20 - before
+    else:
+        before = _rss_mib("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")
+        out = step()
+        peak = _rss_mib("VmHWM") - before
     times = []
     for _ in range(args.repeat):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
-    torch.save(out, args.save)
+    torch.save(out.float().cpu(), args.save)
     print(json.dumps({"ms": min(times) * 1e3, "peak_mib": peak, "setup_s": setup_s}))
     return 0
 
@@ -98,7 +118,8 @@ def measure(impl, mode, length, args, tmp) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "TRITON_INTERPRET": "0"}
     cmd = [sys.executable, __file__, "--child", "--impl", impl, "--mode", mode, "--length", str(length),
            "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--repeat", str(args.repeat),
-           "--save", save, "--threads", str(args.threads or torch.get_num_threads())]
+           "--save", save, "--threads", str(args.threads or torch.get_num_threads()), "--device", args.device,
+           "--dtype", args.dtype]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"note": f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
@@ -116,7 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(RESULTS / "linear_attention_cpu.json"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--out", default=None, help="default: results/linear_attention_<device>.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -127,6 +150,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_linear_attention: --device cuda needs a CUDA GPU (none found)", file=sys.stderr)
+        return 2
+    args.out = args.out or str(RESULTS / f"linear_attention_{args.device}.json")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for length in (int(n) for n in args.lengths.split(",")):
@@ -137,8 +164,10 @@ def main(argv=None) -> int:
                     print(f"L={length} {mode} {impl}: {found[impl].get('ms', '')} ms, "
                           f"{found[impl].get('peak_mib', '')} MiB {found[impl].get('note', '')}", flush=True)
                 rows.extend(_rows(found, mode, length, args))
-    payload = {"machine": machine_info("cpu"), "passes": PASSES, "results": rows, "source": {"commit": _commit()},
-               "peak_memory": "CPU: peak resident set added by one call (VmHWM after a reset, minus VmRSS before)"}
+    payload = {"machine": machine_info(args.device), "passes": PASSES, "dtype": args.dtype, "results": rows,
+               "source": {"commit": _commit()},
+               "peak_memory": "CPU: peak resident set added by one call (VmHWM after a reset, minus VmRSS before); "
+                              "CUDA: peak allocated during one call minus allocated before"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1))

@@ -112,6 +112,11 @@ def where(c, a, b, dt) -> tuple:
         if a[2] == b[2]:
             return a
         return c if a[2] else negate(c)
+    # where(x == y, a, where(x != y, b, z)) is where(x == y, a, b): ``!=`` is the negation of ``==``
+    # for every value, NaN included (so is ``==`` of ``!=``); masked_fill(m != 0, v).masked_fill(m == 0, 0)
+    # (Swin's shift mask) then reads m twice, not three times.
+    if b[0] == "where" and c[0] in ("eq", "ne") and b[2] == (NEGATED[c[0]], "bool", *c[2:]):
+        b = b[3]
     return ("where", dt, c, a, b)
 
 

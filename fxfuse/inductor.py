@@ -17,10 +17,11 @@ that form instead of calling the backward operator:
   compares it with the causal rule once per shape and then runs ATen's ``is_causal`` kernels; in
   training ``fxfuse::attention_saved`` (ops.attention_saved), which saves the flash forward's row
   statistics for its backward instead of recomputing the forward there;
-- other attention, with static sizes and no dropout: the spec's torch reference, which Inductor
-  fuses as it would have fused the user's code (dropout keeps the operator: its mask is drawn from a
-  seeded generator, which tracing cannot carry; symbolic sizes keep it too, since the reference
-  chooses its chunks of rows from the sizes);
+- other attention without dropout: the spec's torch reference, which Inductor fuses as it would
+  have fused the user's code, and whose gradient autograd takes as it took the user's (dropout keeps
+  the operator: its mask is drawn from a seeded generator, which tracing cannot carry). At symbolic
+  sizes the reference takes all query rows at once, as the user's code did (its row chunks are
+  chosen from concrete sizes);
 - norms: ``torch.layer_norm`` where it computes the spec (``ops.norm._aten_layer_norm_args``),
   which Inductor decomposes as it does the user's own ``F.layer_norm``, else the spec's torch
   reference; Inductor turns either into one loop per row, forward and backward.
@@ -80,9 +81,13 @@ def _attention_form(q, k, v, extras, spec, seed=None, merge_heads=False, *, grad
         form = None
     if form is not None and not any(step.op == "add" and step.input >= 0 and grads[step.input] for step in s.steps):
         return lambda q, k, v, *extras: _laid_out(attention_op._sdpa(s, form, q, k, v, list(extras)), merge_heads)
-    if s.dropout or not _static(q, k, v, *extras):
+    if s.dropout:
         return None
-    return lambda q, k, v, *extras: _laid_out(attention_op.reference(s, q, k, v, list(extras)), merge_heads)
+    # At symbolic sizes all rows at once (the row chunks are chosen from concrete sizes): the
+    # scores the user's code materialised too, so no more memory than without fxfuse.
+    chunked = _static(q, k, v, *extras)
+    return lambda q, k, v, *extras: _laid_out(attention_op.reference(s, q, k, v, list(extras), chunked=chunked),
+                                              merge_heads)
 
 
 def _normalized(s, x, params):

@@ -87,6 +87,10 @@ class NormSpec:
                    constant (DeepNorm's ``alpha * x + f(x)``; B2T's three-input ``x + f(x) + x_in``),
                    added left to right, every product and partial sum rounded to sum_dtype as the
                    user's code rounds them. Empty for the other operators.
+    sum_tensor_scales: the terms (indices) whose scale is a 0-d tensor of the term's dtype and
+                   device (DeepNorm's ``self.alpha * x`` with alpha a 0-d buffer or parameter): the
+                   operator takes these tensors after the terms, in this order; their entry of
+                   sum_scales is 1.0.
     """
 
     kind: str
@@ -100,6 +104,7 @@ class NormSpec:
     statistic: str = "mean"
     scale: float = 1.0
     sum_scales: tuple[float, ...] = ()
+    sum_tensor_scales: tuple[int, ...] = ()
 
     @property
     def residual(self) -> bool:
@@ -117,6 +122,8 @@ class NormSpec:
             del raw["scale"]
         if not raw["sum_scales"]:  # likewise
             del raw["sum_scales"]
+        if not raw["sum_tensor_scales"]:  # likewise
+            del raw["sum_tensor_scales"]
         for step in raw["steps"]:
             if step["op"] != "scale":  # likewise
                 del step["value"]
@@ -128,6 +135,7 @@ class NormSpec:
         raw["steps"] = tuple(Step(**s) for s in raw["steps"])
         raw["params"] = tuple(ParamPrep(**p) for p in raw["params"])
         raw["sum_scales"] = tuple(raw.get("sum_scales", ()))
+        raw["sum_tensor_scales"] = tuple(raw.get("sum_tensor_scales", ()))
         return NormSpec(**raw)
 
     def describe(self) -> str:
@@ -139,7 +147,9 @@ class NormSpec:
         if self.inverse == "max_l2":
             parts[1] = f"x / max(||x||, eps={self.eps:g})"
         if self.sum_scales:
-            terms = " + ".join(f"{c:g} * t{i}" if c != 1.0 else f"t{i}" for i, c in enumerate(self.sum_scales))
+            tensor = {i: j for j, i in enumerate(self.sum_tensor_scales)}
+            terms = " + ".join(f"alpha{tensor[i]} * t{i}" if i in tensor else f"{c:g} * t{i}" if c != 1.0 else f"t{i}"
+                               for i, c in enumerate(self.sum_scales))
             parts.insert(1, f"residual sum {terms}")
         elif self.residual:
             parts.insert(1, "residual add")

@@ -29,7 +29,10 @@ from fxfuse.spec import _SHORT, NormSpec
 #   "add"  s + inputs[input]    (additive mask or bias, broadcast to (B, H, Lq, Lk)), s + value with
 #          input -1 and no ``expr`` (a Python scalar: sigmoid attention's -log(L)), or with an
 #          ``expr`` (input -1), s + that index expression (see fxfuse.index_expr; it may load
-#          inputs of kind "head": (1|B, 1|H, 1, 1) tensors read once per program)
+#          inputs of kind "head": (1|B, 1|H, 1, 1) tensors read once per program), or with both
+#          an input and an ``expr``, s + (inputs[input] + expr), the sum in the step's input
+#          dtype as the user's code rounded it (Swin's relative-position bias plus its shift mask
+#          computed from positions); the input's gradient is that of a plain "add"
 #   "cast" s.to(dtype)
 #   "tanh" torch.tanh(s)        (with a "div" before and a "mul" after: logit soft-capping)
 STEP_OPS = ("mul", "div", "fill", "add", "cast", "tanh")
@@ -43,7 +46,7 @@ class ScoreStep:
     input: int = -1
     invert: bool = False  # "fill" only: fill where the mask is False (torch.where(mask, s, value))
     window: int = 0  # causal "fill" only: also hide key j when j <= i + Lk - Lq - window (sliding window)
-    expr: tuple | None = None  # "fill"/"add" with input -1: an index expression (fxfuse.index_expr)
+    expr: tuple | None = None  # "fill"/"add" with input -1 (or "add" with an input): an index expression
 
     @property
     def causal(self) -> bool:
@@ -221,6 +224,8 @@ class AttentionSpec:
                 if not scale_written:
                     parts.append(f"scale {self.scale:.6g}")
                     scale_written = True
+            elif step.expr is not None and step.input >= 0:
+                parts.append(f"+ ({self.inputs[step.input]}{step.input} + {text(step.expr)})")
             elif step.expr is not None:
                 parts.append(f"masked_fill({text(step.expr)}, {step.value:g})" if step.op == "fill"
                              else f"+ bias ({text(step.expr)})")

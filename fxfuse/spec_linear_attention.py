@@ -19,7 +19,6 @@ class LinearAttentionSpec:
     features: str
     chunk: int = 64
 
-    kernel = False  # torch ops in the linear-time order (a Triton kernel is future work)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))

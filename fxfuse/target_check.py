@@ -42,6 +42,11 @@ def launches_of_graph(gm: torch.fx.GraphModule) -> list[dict]:
                           lk=k.shape[-2], dtype=_dtype(q))
         elif op in ("norm", "add_norm"):
             item = launch(NormSpec.from_json(spec_text), n=vals[0].shape[-1], dtype=_dtype(vals[0]))
+        elif op == "linear_attention" and _dtype(vals[0]) != "float64":
+            from fxfuse.spec_linear_attention import LinearAttentionSpec
+
+            item = launch(LinearAttentionSpec.from_json(spec_text), d=vals[0].shape[-1],
+                          e=vals[2].shape[-1] if vals[2] is not None else 1, dtype=_dtype(vals[0]))
         else:
             continue
         item["sizes"] = {k: int(v) if isinstance(v, int) or hasattr(v, "__int__") and not isinstance(v, str) else v
@@ -62,6 +67,11 @@ def launches_of_files(kernels: list[dict]) -> list[dict]:
         if k["name"].startswith("fxfuse_attention_"):
             spec = AttentionSpec.from_json(text)
             out += [launch(spec, d=d, dv=d, lq=FILE_LENGTH, lk=FILE_LENGTH, dtype="bfloat16") for d in FILE_HEAD_DIMS]
+        elif k["name"].startswith("fxfuse_linear_attention_"):
+            from fxfuse.spec_linear_attention import LinearAttentionSpec
+
+            spec = LinearAttentionSpec.from_json(text)
+            out += [launch(spec, d=d, e=d if spec.values else 1, dtype="bfloat16") for d in FILE_HEAD_DIMS]
         else:
             spec = NormSpec.from_json(text)
             out.append(launch(spec, n=FILE_NORM_WIDTH, dtype=spec.out_dtype))

@@ -75,11 +75,14 @@ class TensorAlpha(DeepNormPostLN):  # alpha a per-feature tensor: not a constant
         self.alpha = nn.Parameter(torch.rand(d) + 0.5)
 
 
-class ZeroDimAlpha(DeepNormPostLN):  # a 0-d tensor alpha: a tensor, its product stays a term of its own
+class ZeroDimAlphaOtherDtype(DeepNormPostLN):  # a float32 0-d alpha on a 16-bit x: its rounding is the device's
     def __init__(self, d):
         super().__init__(d)
         del self.alpha
         self.register_buffer("alpha", torch.tensor(1.7))
+
+    def forward(self, x):
+        return self.norm(x * self.alpha.float() + self.ffn(x))
 
 
 class BroadcastResidual(nn.Module):  # a (B, 1, D) term broadcast over the sequence: not a row of the sum
@@ -105,4 +108,23 @@ class PairOfPairs(nn.Module):  # (a + b) + (c + d): the second pair stays a term
         return self.norm((x + self.f(x)) + (self.g(x) + x * 0.5))
 
 
+class ZeroDimAlpha(DeepNormPostLN):  # alpha a 0-d buffer (in the model's dtype): an operator input of the fold
+    def __init__(self, d):
+        super().__init__(d)
+        del self.alpha
+        self.register_buffer("alpha", torch.tensor(1.7))
+
+
+class ZeroDimAlphaParameter(DeepNormPostLN):  # a learnable 0-d alpha on the left, the sum returned too
+    def __init__(self, d):
+        super().__init__(d)
+        del self.alpha
+        self.alpha = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x):
+        h = self.ffn(x) + self.alpha * x
+        return self.norm(h), h
+
+
 SUM_STYLES = [DeepNormPostLN, DeepNormAlphaLeft, DeepNormRMS, B2TBlock, B2TRightNested]
+TENSOR_ALPHA_STYLES = [ZeroDimAlpha, ZeroDimAlphaParameter]

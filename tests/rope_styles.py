@@ -146,8 +146,23 @@ class TablesFromPositions(nn.Module):  # cos/sin computed in the graph from posi
         return _attend(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v, causal=True)
 
 
+class VisionRotaryInFloat32(nn.Module):  # Qwen2-VL's (and 28 other transformers families') vision RoPE
+    ROTATED = "qk"  # a 16-bit q/k is turned to float32, rotated with float32 tables, cast back once
+
+    def inputs(self, dtype):
+        return [torch.randn(B, L, H, D, dtype=dtype) for _ in range(3)] + list(_tables(dtype))
+
+    def forward(self, q, k, v, cos, sin):  # q, k: (L-major) (B, L, H, D); cos, sin: (L, D)
+        dtype = q.dtype
+        q, k = q.float(), k.float()
+        cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+        q = ((q * cos) + (rotate_half(q) * sin)).to(dtype)
+        k = ((k * cos) + (rotate_half(k) * sin)).to(dtype)
+        return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+
 STYLES = [LlamaPositionIds, NeoXChunkTable, GroupedQueryLlama, GPTJInterleavedBLHD, RepeatedKeysCopied, SmallHeadDim,
-          TablesFromPositions]
+          TablesFromPositions, VisionRotaryInFloat32]
 
 
 def freqs_cis(length=L, dim=D, base=10000.0, heads=None):
@@ -169,7 +184,7 @@ def meta_rotary(xq, xk, freqs):  # Meta's Llama apply_rotary_emb, on (B, L, H, D
 
 
 class MetaComplex(nn.Module):  # Meta's Llama: view_as_complex pairs times freqs_cis, view_as_real, flatten
-    ROTATED = "qk"  # in float32; a bf16 q/k is rotated in float32 and rounded once: declined (see the test)
+    ROTATED = "qk"  # a bf16 q/k is rotated in float32 and rounded once ("interleaved/float32")
 
     def inputs(self, dtype):
         return [torch.randn(B, L, H, D, dtype=dtype) for _ in range(3)] + [freqs_cis()]

@@ -229,3 +229,33 @@ def test_dynamic_shape_graphs_use_inductors_fx_graph_cache_and_still_run_inner_c
     assert first.get("fxgraph_cache_bypass", 0) == 0 and first.get("fxgraph_cache_miss", 0) >= 2, first
     assert second.get("fxgraph_cache_bypass", 0) == 0 and second.get("fxgraph_cache_hit", 0) >= 2, second
     assert sorted(first_stages) == sorted(second_stages) == ["aot_backward", "aot_forward"]
+
+
+class _LearnedRelativeBias(nn.Module):
+    """A learned bias per head and key offset, gathered in forward from the lengths (T5's and
+    Swin's style): at symbolic sizes a score term that needs a gradient, which SDPA cannot give."""
+
+    def __init__(self, heads=2, span=16):
+        super().__init__()
+        self.span = span
+        self.table = nn.Parameter(torch.randn(heads, 2 * span - 1) * 0.3)
+
+    def forward(self, q, k, v):
+        n = q.size(-2)
+        offset = torch.arange(n)[None, :] - torch.arange(n)[:, None] + self.span - 1
+        scores = q @ k.transpose(-1, -2) * q.size(-1) ** -0.5 + self.table[:, offset]
+        return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("model", [SoftcapGemma2(), _LearnedRelativeBias()], ids=["softcap", "learned-bias"])
+def test_at_symbolic_sizes_sites_sdpa_cannot_compute_train_through_the_reference_inductor_fuses(model, tmp_path):
+    # With symbolic sizes these sites kept the operator, whose CPU backward reruns the forward:
+    # one attention forward more per step than Inductor compiling the user's code. The reference
+    # of all rows at once (its row chunks need concrete sizes) is what Inductor gets now.
+    be = fxfuse.Backend(debug_dir=str(tmp_path))
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    for n in (5, 7, 9):
+        _check_training(model, compiled, *(torch.randn(2, 2, n, 8) for _ in range(3)))
+    assert [m.kind for m in be.matches] == ["attention"], be.report()
+    forward, backward = _graphs(tmp_path, "aot_forward"), _graphs(tmp_path, "aot_backward")
+    assert forward.count("\n") > 0 and "fxfuse" not in forward + backward

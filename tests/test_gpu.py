@@ -12,6 +12,7 @@ from tests.attention_differential_styles import STYLES as DIFFERENTIAL_STYLES
 from tests.attention_variant_styles import VARIANT_STYLES
 from tests.norm_styles import LAYER_STYLES, RMS_STYLES, PreNormResidualBlock, build
 from tests.norm_sum_styles import SUM_STYLES
+from tests.linear_attention_styles import STYLES as LINEAR_STYLES
 from tests.polynorm_styles import STYLES as POLYNORM_STYLES
 from tests.tolerances import assert_close_to_reference
 
@@ -216,3 +217,34 @@ def test_decode_launches_split_the_keys_on_cuda(lq):
         got = forward(spec, q, k, v, [], config=config)[0]
         assert (got.double() - exact).abs().max() <= 2e-2 * (1 + exact.abs().max()), config
         assert (got.double() - whole.double()).abs().max() <= 2e-2 * (1 + exact.abs().max()), config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("style", LINEAR_STYLES, ids=lambda s: s.__name__)
+def test_linear_attention_kernels_on_cuda(style, dtype, monkeypatch):
+    """fuse-linear-attention's sites run the compiled Triton kernels (forward and backward) on CUDA,
+    at head dims 64 and lengths past one chunk and not a multiple of it."""
+    from fxfuse.runtime import linear_attention as runtime
+    from tests.tolerances import assert_close_as_a_whole
+
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(runtime, name)
+        monkeypatch.setattr(runtime, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 200, 64, device="cuda", generator=g, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    res = fxfuse.rewrite(style, tuple(low), passes="canonicalize,fuse-linear-attention")
+    assert [m.kind for m in res.matches] == ["linear_attention"], res.report()
+    out = res.module(*low)
+    ours = torch.autograd.grad(out.float().sum(), low)
+    assert "forward" in calls and "backward" in calls
+    eager, ref = style(*low), style(q, k, v)
+    eager_grads = torch.autograd.grad(eager.float().sum(), low)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    check = assert_close_to_reference if dtype == torch.float32 else \
+        (lambda got, want, r, what: assert_close_as_a_whole(got, want, r, dtype, what))
+    check(out, eager, ref, "output")
+    for got, want, r in zip(ours, eager_grads, ref_grads):
+        check(got, want, r, "gradient")

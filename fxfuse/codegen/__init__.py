@@ -15,6 +15,8 @@ def generate_kernel(spec) -> Kernel:
         return generate(spec)
     if type(spec).__name__ == "PolyNormSpec":
         return __import__("fxfuse.codegen.polynorm", fromlist=["generate"]).generate(spec)
+    if type(spec).__name__ == "LinearAttentionSpec":
+        return __import__("fxfuse.codegen.linear_attention", fromlist=["generate"]).generate(spec)
     if type(spec).__name__ == "AttentionSpec":  # imported lazily, like the norm template
         return __import__("fxfuse.codegen.attention", fromlist=["generate"]).generate(spec)
     raise TypeError(f"no kernel template for spec {type(spec).__name__}")

@@ -5,7 +5,8 @@ sin tables for the tile's positions, so no rotated copy is ever written. ``rotat
 halves of the head dim (``rotate_half``: cat(-x2, x1)) or the pairs (2j, 2j+1) ("interleaved",
 complex multiplication) inside the tile: the tile holds the whole head dim (the kernels rotate
 only when BLOCK_D == D, see ``fxfuse.ops.attention_rope.kernel_rotates``). Each product and the
-sum are rounded to x's dtype, as the user's elementwise ops round them. The backward kernels load and rotate the same way, and
+sum are rounded to x's dtype, as the user's elementwise ops round them (a "/float32" style: computed
+in float32 and rounded once, as Meta's complex RoPE on a 16-bit q does). The backward kernels load and rotate the same way, and
 rotate the gradients of the rotated q and k back before they store them: the gradient of x is
 ``g * cos + rotate^T(g * sin)``, with rotate^T the transpose (inverse sign) of the swap.
 
@@ -61,10 +62,13 @@ def rope_sign(offs_d, D: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def rope_rotate(x, c, s, offs_d, ROWS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
-    # x * cos + rotate(x) * sin in x's dtype: each product and the sum rounded as the user's ops round
+def rope_rotate(x, c, s, offs_d, ROWS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, F32: tl.constexpr):
+    # x * cos + rotate(x) * sin in x's dtype: each product and the sum rounded as the user's ops
+    # round; F32: in float32 (float32 tables), rounded once to x's dtype at the end
     xf = x.to(tl.float32)
     r = rope_swap(xf, ROWS, D, HALF) * rope_sign(offs_d, D, HALF)
+    if F32:
+        return (xf * c.to(tl.float32) + r * s.to(tl.float32)).to(x.dtype)
     a = (xf * c.to(tl.float32)).to(x.dtype).to(tl.float32)
     b = (r * s.to(tl.float32)).to(x.dtype).to(tl.float32)
     return (a + b).to(x.dtype)
@@ -86,7 +90,13 @@ def _tables(name: str, offs: str, bound: str, transposed: bool = False) -> list[
 
 
 def _style(spec: AttentionSpec, name: str) -> str:
-    return "True" if getattr(spec, f"rope_{name}") == "half" else "False"
+    """The HALF flag of the swap helpers."""
+    return "True" if getattr(spec, f"rope_{name}").startswith("half") else "False"
+
+
+def _rotation(spec: AttentionSpec, name: str) -> str:
+    """The HALF and F32 flags of ``rope_rotate``."""
+    return f"{_style(spec, name)}, {getattr(spec, f'rope_{name}').endswith('/float32')}"
 
 
 def rotate_q(spec: AttentionSpec, var: str = "q") -> list[str]:
@@ -95,20 +105,20 @@ def rotate_q(spec: AttentionSpec, var: str = "q") -> list[str]:
     if not spec.rope_q:
         return normalise(spec, "q", var)
     return [*normalise(spec, "q", var), *_tables("q", "offs_m", "LQ"),
-            f"{var} = rope_rotate({var}, cq, sq, offs_d, BLOCK_M, BLOCK_D, {_style(spec, 'q')})  # RoPE on the load"]
+            f"{var} = rope_rotate({var}, cq, sq, offs_d, BLOCK_M, BLOCK_D, {_rotation(spec, 'q')})  # RoPE on the load"]
 
 
 def rotate_kt(spec: AttentionSpec, var: str) -> list[str]:
     """Normalise (QK-norm) and rotate the loaded [BLOCK_D, BLOCK_N] transposed key tile ``var``
     (keys offs_n)."""
     if spec.norm_k:  # the norm's rows are the keys: normalise (and rotate) the [BLOCK_N, BLOCK_D] tile
-        rope = [f"{var} = rope_rotate({var}, ck, sk, offs_d, BLOCK_N, BLOCK_D, {_style(spec, 'k')})  # RoPE on the load"]
+        rope = [f"{var} = rope_rotate({var}, ck, sk, offs_d, BLOCK_N, BLOCK_D, {_rotation(spec, 'k')})  # RoPE on the load"]
         return [f"{var} = tl.trans({var})", *normalise(spec, "k", var),
                 *([*_tables("k", "offs_n", "LK"), *rope] if spec.rope_k else []), f"{var} = tl.trans({var})"]
     if not spec.rope_k:
         return []
     return [*_tables("k", "offs_n", "LK"),
-            f"{var} = tl.trans(rope_rotate(tl.trans({var}), ck, sk, offs_d, BLOCK_N, BLOCK_D, {_style(spec, 'k')}))"
+            f"{var} = tl.trans(rope_rotate(tl.trans({var}), ck, sk, offs_d, BLOCK_N, BLOCK_D, {_rotation(spec, 'k')}))"
             "  # RoPE on the load"]
 
 

@@ -62,6 +62,11 @@ def steps(plan: AttentionPlan, factor_inputs: bool = False, masked: bool = True)
             # Zero outside the scores: past the end an expression may be huge (exp would overflow
             # in an unused row, and the backward multiplies that row's dS, inf * 0, into dK).
             lines += emit(index_expr, f"bias{k}")
+            if index >= 0:  # a bias tensor plus the expression, summed in the expression's dtype first
+                total = f"{_load(index, '0.0', masked)}.to(tl.float32) + bias{k}"
+                dt = index_expr[1]
+                lines.append(f"bias{k} = ({total}).to({_TL[dt]}).to(tl.float32)" if dt in ("bfloat16", "float16")
+                             else f"bias{k} = {total}")
             expr = f"s + tl.where(in_bounds, bias{k}, 0.0)" if masked else f"s + bias{k}"
         elif op == "add" and index == -1:
             expr = f"s + {lit(value)}"  # a Python scalar

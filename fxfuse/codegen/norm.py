@@ -65,12 +65,16 @@ def _sum_terms(plan: NormPlan) -> tuple[str, str, list[str]]:
     """(leading arguments, term strides, first lines) of ``fxfuse.sum_norm``'s forward: the terms
     are loaded, scaled and added left to right, each product and partial sum rounded as the user's
     code rounds it (to the sum's dtype); the sum is stored for the residual stream and backward."""
-    args = "".join(f"T{i}, " for i in range(len(plan.sum_scales))) + "S, Y, "
+    tensor = {i: j for j, i in enumerate(plan.sum_tensor_scales)}
+    args = "".join(f"T{i}, " for i in range(len(plan.sum_scales))) + "".join(f"C{j}, " for j in range(len(tensor))) + \
+        "S, Y, "
     lines = []
     for i, scale in enumerate(plan.sum_scales):
         name = "x" if i == 0 else "t"
         lines.append(f"{name} = tl.load(T{i} + row * stride_t{i} + cols, mask=mask, other=0.0).to(ACC)")
-        if scale != 1.0:  # the constant in the accumulator's dtype, as ATen's opmath holds it
+        if i in tensor:  # a 0-d tensor of the term's dtype: exact in the accumulator, the product rounded as eager's
+            lines.append(f"{name} = {_round(f'{name} * tl.load(C{tensor[i]}).to(ACC)', plan.sum_round)}")
+        elif scale != 1.0:  # the constant in the accumulator's dtype, as ATen's opmath holds it
             lines.append(f"{name} = {_round(f'{name} * tl.full([], {scale!r}, ACC)', plan.sum_round)}")
         if i:
             lines.append(f"x = {_round('x + t', plan.sum_round)}")

@@ -33,6 +33,7 @@ class NormPlan:
     inverse: str = "rsqrt"  # "max_l2": x / max(||x||, eps) (F.normalize) instead of the mean-of-squares forms
     scale: float = 1.0  # the normalized value's constant factor before the steps
     sum_scales: tuple[float, ...] = ()  # fxfuse.sum_norm: the input is the sum of these scaled terms
+    sum_tensor_scales: tuple[int, ...] = ()  # ... those terms scaled by a 0-d tensor input instead
 
 
 def lower_norm(spec: NormSpec) -> NormPlan:
@@ -57,4 +58,5 @@ def lower_norm(spec: NormSpec) -> NormPlan:
         inverse="max_l2" if spec.inverse == "max_l2" else "rsqrt",
         scale=spec.scale,
         sum_scales=spec.sum_scales,
+        sum_tensor_scales=spec.sum_tensor_scales,
     )

@@ -62,7 +62,10 @@ def _mask_of(step, extras: list[Tensor], shape4, device, rows: tuple[int, int] |
 
 
 def _addend(step, extras: list[Tensor], shape4, device, rows: tuple[int, int] | None = None) -> Tensor:
-    """What an "add" step adds: its bias tensor, or its index expression's values (in its dtype)."""
+    """What an "add" step adds: its bias tensor, its index expression's values (in its dtype), or
+    the sum of the two (the tensor's rows ``rows`` already, as the chunk's extras are)."""
+    if step.expr is not None and step.input >= 0:
+        return extras[step.input] + _expr_values(step.expr, extras, shape4, device, rows)
     if step.expr is not None:
         return _expr_values(step.expr, extras, shape4, device, rows)
     return extras[step.input]
@@ -181,16 +184,17 @@ def _sink(spec: AttentionSpec, extras: list[Tensor]) -> Tensor | None:
 
 
 def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor],
-              keep: Tensor | None = None) -> Tensor:
+              keep: Tensor | None = None, chunked: bool = True) -> Tensor:
     """The site in plain torch ops, in the dtypes (and so with the roundings) of the user's code,
-    a chunk of query rows at a time (SCORE_CHUNK_ELEMENTS); with dropout, ``keep`` is the mask
-    (see ``keep_mask``; a boolean (B, H, Lq, Lk) tensor, sliced per chunk)."""
+    a chunk of query rows at a time (SCORE_CHUNK_ELEMENTS; ``chunked=False``: all rows at once, as
+    the user's code computed them, which needs no concrete sizes); with dropout, ``keep`` is the
+    mask (see ``keep_mask``; a boolean (B, H, Lq, Lk) tensor, sliced per chunk)."""
     if spec.dropout and keep is None:
         raise ValueError("the reference of attention with dropout needs the keep mask")
     lq, lk = q.shape[-2], k.shape[-2]
     k, v = _heads(k, spec).to(to_dtype(spec.score_dtype)), _heads(v, spec)  # once, not per chunk
     outs = []
-    for r in _row_chunks(q, lk):
+    for r in _row_chunks(q, lk) if chunked else [(0, lq)]:
         chunk = [_rows(e, lq, r) for e in extras]
         p = softmax(spec, _scores(spec, q[..., r[0]:r[1], :], k, chunk, rows=(*r, lq), headed=True), _sink(spec, chunk))
         p = _drop(spec, p.to(to_dtype(spec.prob_dtype)), None if keep is None else keep[..., r[0]:r[1], :])
@@ -235,7 +239,7 @@ def _sdpa_exact_on(form, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor]) 
                for t in (q, k, v)):
         return False
     step = form[1]
-    if step is not None and step.op == "add" and step.expr is None and extras[step.input].numel():
+    if step is not None and step.op == "add" and step.input >= 0 and extras[step.input].numel():
         return bool(extras[step.input].max() < math.inf)  # False for NaN too
     return True
 

@@ -3,7 +3,8 @@
 ``attention_rope(q, k, v, extras, tables, spec)`` is ``attention(rope(q), rope(k), v, extras, spec)``
 with q and k the *unrotated* operands: the spec's ``rope_q``/``rope_k`` say which are rotated and
 how, and ``tables`` holds (cos, sin) for each rotated operand, q's first, each (1|B, 1|L, D) in
-that operand's dtype. ``rope(x) = x * cos + rotate(x) * sin`` (``rotate`` = ``rotate_half``,
+that operand's dtype (float32 for a style ending in "/float32": the rotation of a 16-bit operand is
+computed in float32 and rounded once, as Meta's complex RoPE does). ``rope(x) = x * cos + rotate(x) * sin`` (``rotate`` = ``rotate_half``,
 cat(-x2, x1) of the head dim's halves, or the same on pairs (2j, 2j+1) for "interleaved"),
 computed in x's dtype as the user's code computed it.
 
@@ -36,11 +37,22 @@ from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 
 STYLES = ("half", "interleaved")
+IN_FLOAT32 = "/float32"  # a style's suffix: rotated in float32 and rounded once to x's dtype
+
+
+def base_style(style: str) -> str:
+    return style.removesuffix(IN_FLOAT32)
+
+
+def in_float32(style: str) -> bool:
+    """Whether the rotation runs in float32 on a 16-bit x and rounds once (Meta's complex RoPE:
+    ``xq.float()`` rotated, then ``type_as(xq)``)."""
+    return style.endswith(IN_FLOAT32)
 
 
 def rotate(x: Tensor, style: str) -> Tensor:
     """``rotate_half(x)`` (cat(-x2, x1)), or for "interleaved" (-x1, x0) on each pair: exact."""
-    if style == "half":
+    if base_style(style) == "half":
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     pairs = x.unflatten(-1, (-1, 2))
@@ -57,7 +69,11 @@ def _heads_view(table: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, style: str) -> Tensor:
-    """``x * cos + rotate(x) * sin``, each op in the dtypes (so with the roundings) of the user's code."""
+    """``x * cos + rotate(x) * sin``, each op in the dtypes (so with the roundings) of the user's code:
+    x's own, or for a float32 style float32 (the tables are float32 then) rounded once to x's."""
+    if in_float32(style):
+        xf = x.float()
+        return (xf * _heads_view(cos) + rotate(xf, style) * _heads_view(sin)).to(x.dtype)
     return x * _heads_view(cos) + rotate(x, style) * _heads_view(sin)
 
 

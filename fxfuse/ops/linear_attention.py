@@ -7,8 +7,14 @@ of ``k_j^T v_j`` over the chunks before it (a (D, E) state) plus its own masked 
 Without ``v`` it computes the normaliser, the product with a column of ones.
 
 Backward is its own operator, written out (the chunked form's gradient: the states' suffix sums
-plus the in-chunk blocks, recomputed), so it keeps only the inputs. 16-bit inputs are computed in
-float32 and rounded once; every result is contiguous, as a bmm's is (real and fake layouts agree).
+plus the in-chunk blocks, recomputed), so it keeps only the inputs. Every result is contiguous, as
+a bmm's is (real and fake layouts agree).
+
+On CUDA tensors (and on the CPU when interpretation is asked for) both run the generated Triton
+kernels (``fxfuse.codegen.linear_attention``: one pass over the sequence per batch and block of
+E columns, the (D, E) state in registers). Elsewhere, and for float64 or feature dims the kernels
+do not take, they run the torch ops below, with 16-bit inputs computed in float32 and rounded
+once.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fxfuse import config
 from fxfuse.spec_linear_attention import LinearAttentionSpec
 
 
@@ -91,8 +98,20 @@ def _backward(g, a, bt, v, spec: LinearAttentionSpec):
     return unchunk(d_a), unchunk(d_b).transpose(1, 2), unchunk(d_v)
 
 
+def _use_triton(a: Tensor, bt: Tensor, v: Optional[Tensor]) -> bool:
+    from fxfuse.runtime.linear_attention import supports
+
+    if not (a.is_cuda or (a.device.type == "cpu" and config.interpret_on_cpu())):
+        return False
+    return supports(a, bt, v) is None
+
+
 @torch.library.custom_op("fxfuse::linear_attention", mutates_args=())
 def linear_attention(a: Tensor, bt: Tensor, v: Optional[Tensor], spec: str) -> Tensor:
+    if _use_triton(a, bt, v):
+        from fxfuse.runtime import linear_attention as kernels
+
+        return kernels.forward(_spec(spec), a, bt, v)
     out = _forward(*_prepared(a, bt, v), _spec(spec))
     return (out[0] if a.dim() == 2 else out).to(a.dtype).contiguous()
 
@@ -105,6 +124,10 @@ def _(a, bt, v, spec):
 @torch.library.custom_op("fxfuse::linear_attention_backward", mutates_args=())
 def linear_attention_backward(grad: Tensor, a: Tensor, bt: Tensor, v: Optional[Tensor], spec: str) -> list[Tensor]:
     """[d_a, d_bt] (+ [d_v] when v is given)."""
+    if _use_triton(a, bt, v) and grad.dtype == a.dtype:
+        from fxfuse.runtime import linear_attention as kernels
+
+        return kernels.backward(_spec(spec), grad, a, bt, v)
     g = grad[None] if a.dim() == 2 else grad
     grads = _backward(g.to(torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype),
                       *_prepared(a, bt, v), _spec(spec))
@@ -121,12 +144,13 @@ def _(grad, a, bt, v, spec):
 def _setup(ctx, inputs, output):
     a, bt, v, spec = inputs
     ctx.save_for_backward(a, bt, v)
-    ctx.spec = spec
+    ctx.spec, ctx.interpret = spec, config.current.interpret
 
 
 def _grad(ctx, grad):
     a, bt, v = ctx.saved_tensors
-    grads = torch.ops.fxfuse.linear_attention_backward(grad, a, bt, v, ctx.spec)
+    with config.patch(interpret=ctx.interpret):
+        grads = torch.ops.fxfuse.linear_attention_backward(grad, a, bt, v, ctx.spec)
     return grads[0], grads[1], grads[2] if v is not None else None, None
 
 

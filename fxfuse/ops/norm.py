@@ -214,7 +214,9 @@ def _(x, residual, params, spec):
 @torch.library.custom_op("fxfuse::sum_norm", mutates_args=(),
                          schema="(Tensor[] terms, Tensor[]? params, str spec) -> (Tensor, Tensor)")
 def sum_norm(terms: list[Tensor], params: Optional[list[Tensor]], spec: str) -> tuple[Tensor, Tensor]:
-    """The norm of ``sum(c_i * terms[i])`` (the constants c_i are the spec's ``sum_scales``), and that sum."""
+    """The norm of ``sum(c_i * terms[i])`` (the constants c_i are the spec's ``sum_scales``), and that sum.
+    The terms the spec's ``sum_tensor_scales`` names are scaled by 0-d tensors instead, which follow
+    the terms in ``terms``."""
     s, params = _spec(spec), listed(params)
     if _use_triton(terms[0], s):
         from fxfuse.runtime import norm as kernels
@@ -224,14 +226,21 @@ def sum_norm(terms: list[Tensor], params: Optional[list[Tensor]], spec: str) -> 
     return cpu_sum_norm(s, terms, params)
 
 
+def split_terms(s: NormSpec, terms: list) -> tuple[list, dict]:
+    """(the terms, {term index: its 0-d tensor scale}) of ``fxfuse.sum_norm``'s ``terms`` argument."""
+    k = len(s.sum_scales)
+    return list(terms[:k]), dict(zip(s.sum_tensor_scales, terms[k:]))
+
+
 def scaled_sum(s: NormSpec, terms: list[Tensor]) -> Tensor:
     """The user's sum, op by op: each term times its constant, added left to right (the same
     roundings as the user's code, whose products and partial sums all have the sum's dtype). Without
     autograd, the partial sums accumulate in place (the same roundings, one tensor less per term)."""
     in_place = not (torch.is_grad_enabled() and any(t.requires_grad for t in terms))
+    terms, tensor = split_terms(s, terms)
     total = None
-    for t, c in zip(terms, s.sum_scales):
-        t = t * c if c != 1.0 else t
+    for i, (t, c) in enumerate(zip(terms, s.sum_scales)):
+        t = t * tensor[i] if i in tensor else t * c if c != 1.0 else t
         if total is None:
             total = t
         elif in_place and total._base is None and all(total is not u for u in terms):  # a tensor of our own
@@ -313,20 +322,34 @@ def _backward_add_norm(ctx, grad_y, grad_sum):
 
 def _setup_sum_norm(ctx, inputs, output):
     terms, params, spec = inputs
-    ctx.save_for_backward(output[1], *listed(params))  # the sum: one tensor, whatever the number of terms
+    s = _spec(spec)
+    _, tensor = split_terms(s, terms)
+    # The sum: one tensor, whatever the number of terms; with 0-d tensor scales also those scales and
+    # their terms (alpha's gradient is sum(d_sum * x); x is the residual stream, alive anyway).
+    scaled = [t for i in s.sum_tensor_scales for t in (terms[i], tensor[i])]
+    ctx.save_for_backward(output[1], *scaled, *listed(params))
     ctx.spec, ctx.interpret = spec, config.current.interpret
     ctx.dtypes = [t.dtype for t in terms]
+    ctx.n_scaled = len(scaled)
 
 
 def _backward_sum_norm(ctx, grad_y, grad_sum):
-    total, *params = ctx.saved_tensors
+    total, *rest = ctx.saved_tensors
+    scaled, params = rest[:ctx.n_scaled], rest[ctx.n_scaled:]
     s = _spec(ctx.spec)
     if grad_y is None:
         grad_y = torch.zeros_like(total, dtype=to_dtype(s.out_dtype))
     with config.patch(interpret=ctx.interpret):
         d_total, *d_params = torch.ops.fxfuse.norm_backward(grad_y, grad_sum, total, params, ctx.spec)
-    # A scaled term's gradient is the sum's times its constant, in the gradient's dtype (as eager's mul).
-    d_terms = [(d_total * c if c != 1.0 else d_total).to(dt) for c, dt in zip(s.sum_scales, ctx.dtypes)]
+    # A scaled term's gradient is the sum's times its scale, in the gradient's dtype (as eager's mul);
+    # a 0-d tensor scale's is sum(d_sum * term), accumulated in float32 (float64 for float64).
+    tensor = {i: scaled[2 * j + 1] for j, i in enumerate(s.sum_tensor_scales)}
+    d_terms = [(d_total * tensor[i] if i in tensor else d_total * c if c != 1.0 else d_total).to(dt)
+               for i, (c, dt) in enumerate(zip(s.sum_scales, ctx.dtypes))]
+    for j in range(len(s.sum_tensor_scales)):
+        term, alpha = scaled[2 * j], scaled[2 * j + 1]
+        acc = torch.float64 if alpha.dtype == torch.float64 else torch.float32
+        d_terms.append((d_total.to(acc) * term.to(acc)).sum().reshape(alpha.shape).to(alpha.dtype))
     return d_terms, d_params, None
 
 

@@ -42,9 +42,9 @@ from fxfuse.passes.attention_variants import NotVariant, reaches, sigmoid_candid
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
                                            layout_chain_back, size_mask_key, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
-                                  shape, source_of, val)
+                                 scalar_value, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
-from fxfuse.passes.symbolic import is_static, same, size_args
+from fxfuse.passes.symbolic import is_static, reroute_size_reads, same, size_args
 from fxfuse.spec import dtype_name, to_dtype
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -106,10 +106,21 @@ def _scalar_fill(node) -> float | None:
         value = float(node.args[0])
     if is_op(node, aten.full.default) and list(node.args[0]) == [] and is_python_scalar(node.args[1]):
         value = float(node.args[1])
+    if value is None and isinstance(node, Node) and _zero_dim_float(node):
+        # ``torch.tensor(finfo.min)`` in forward (GPT-Neo): a constant the graph holds, lifted
+        # (lift_fresh_copy of a get_attr); its value is fixed, so it is read once here.
+        t = constant_value(node, node.graph.owning_module, limit=1)
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not isinstance(t, torch._subclasses.FakeTensor):
+            value = float(t)
     if value is not None and dtype(node) in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         value = _fill_in(value, dtype_name(dtype(node)))
     return value
 
+
+
+def _zero_dim_float(node: Node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype.is_floating_point
 
 
 def _fill_in(value: float, dtype: str) -> float:
@@ -144,9 +155,10 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
             return x, steps[::-1], views
         d = dtype_name(dtype(x))
         a = x.args[0] if isinstance(x, Node) and x.args else None
-        if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and is_python_scalar(x.args[1]):
+        if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and \
+                scalar_value(x.args[1]) is not None:  # a constant, or a size's (a symbolic head dim's)
             op = "mul" if x.target in (aten.mul.Tensor, aten.mul.Scalar) else "div"
-            steps.append((x, ScoreStep(op, d, value=float(x.args[1])), None, here))
+            steps.append((x, ScoreStep(op, d, value=scalar_value(x.args[1])), None, here))
         elif is_op(x, aten.add.Tensor, aten.sub.Tensor) and is_python_scalar(x.args[1]) and \
                 x.kwargs.get("alpha", 1) == 1:  # s + b, s - b (exactly s + (-b)): sigmoid attention's -log(L)
             value = float(x.args[1]) if x.target == aten.add.Tensor else -float(x.args[1])
@@ -514,9 +526,14 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
             flat = not aligned and not window_step and len(shape(extra)) == 3 and not same(shape(extra)[0], 1)
             mask = constant_value(extra, gm) if step.op == "fill" and not window_step else None
             window = causal_window(~mask if step.invert else mask, lq, lk) if mask is not None else None
-            derived = None
+            derived, split = None, None
             if window is None and step.op in ("fill", "add") and aligned:
-                derived = _index_form(extra, step, here, gm, mask, notes)
+                unproved: list = []
+                derived = _index_form(extra, step, here, gm, mask, unproved)
+                split = split_bias(extra, here, gm) if derived is None and step.op == "add" else None
+                notes += unproved if split is None else []
+            elif step.op in ("fill", "add") and window_step:
+                derived = _window_index_form(extra, step, here, op_shape, node, gm, notes)
             if window is not None:
                 step = dataclasses.replace(step, input=-1, invert=False, window=window)
             elif derived is not None:
@@ -527,6 +544,15 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                 if step.op == "fill" and step.invert:
                     expr = index_expr.negate(expr)
                 step = dataclasses.replace(step, input=-1, invert=False, expr=expr)
+            elif split is not None:  # s + (tensor + expression): the tensor read as a bias, the rest computed
+                tensor, derived = split
+                index = len(extras)
+                extras.append(tensor)
+                kinds.append("bias")
+                expr = index_expr.relabel_loads(derived.expr, {k: len(extras) + k for k in range(len(derived.heads))})
+                extras += derived.heads
+                kinds += ["head"] * len(derived.heads)
+                step = dataclasses.replace(step, input=index, expr=expr)
             else:
                 # At symbolic sizes: a mask only the sizes decide is checked against the causal
                 # rule once per shape when the site runs (Hugging Face's mask builders).
@@ -574,6 +600,7 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
     site = _Site(softmax, qk, pv, lead, extras, spec, interior, sources, probs.dropout,
                  {product_bias: beta} if product_bias is not None else {}, tuple(notes), frozenset(split_lead),
                  merge_lead)
+    reroute_size_reads(gm, interior - {pv}, interior)
     _check_no_escape(site, {softmax, *casts, *p_chain, *([probs.dropout.out] if probs.dropout else []),
                             *([sink.slice] if sink else [])})
     return site
@@ -605,6 +632,45 @@ def _index_form(extra: Node, step: ScoreStep, score_shape, gm, value, notes: lis
         if not reads_graph_input(extra):
             notes.append(f"the {kind} {extra.name} stays a tensor input: {why}")
         return None
+
+
+def _window_index_form(extra: Node, step: ScoreStep, here, op_shape, before: Node, gm, notes: list) -> Derived | None:
+    """The proved index expression of a mask or bias added on the (B, nW, H, Lq, Lk) view of the
+    scores (Swinv2 adds its shift mask, built from ``arange`` in forward, there), read on the
+    (B*nW, H, Lq, Lk) scores the operator sees: derived from the broadcast-and-merge the operator's
+    input would be (``_windows_merged``, inserted for the derivation and removed again), so the
+    window of batch entry b is ``b % nW``. None: the tensor is merged as before."""
+    merged = _windows_merged(gm, extra, here, before)
+    try:
+        return _index_form(merged, step, op_shape, gm, None, notes)
+    finally:
+        node = merged
+        while node is not extra:  # the inserted chain, unused whatever the outcome
+            arg = node.args[0]
+            gm.graph.erase_node(node)
+            node = arg
+
+
+def split_bias(extra: Node, score_shape, gm, allow_heads: bool = True) -> tuple[Node, Derived] | None:
+    """(tensor, proved expression) when a bias that is not an index expression is the sum of a
+    tensor and one (transformers' Swin adds its relative-position bias, gathered from a learned
+    table, to its shift mask, built from ``arange``, before the scores): the kernel then reads the
+    tensor, computes the rest, and adds the two as the user did (one rounding, in their common
+    dtype; a float sum is the same either way round). None otherwise (the bias stays one tensor)."""
+    if not is_op(extra, aten.add.Tensor) or extra.kwargs.get("alpha", 1) != 1 or len(extra.args) != 2 or \
+            not all(isinstance(a, Node) for a in extra.args):
+        return None
+    a, b = extra.args
+    if not dtype(extra).is_floating_point or dtype(a) != dtype(extra) or dtype(b) != dtype(extra):
+        return None  # a promoting sum rounds one operand first; not split
+    for tensor, other in ((a, b), (b, a)):
+        try:
+            derived = derive(other, score_shape, gm, allow_heads=allow_heads)
+        except NotIndex:
+            continue
+        if derived.expr[1] == dtype_name(dtype(extra)):
+            return tensor, derived
+    return None
 
 
 def _check_no_escape(site: _Site, probabilities: set[Node]) -> None:

@@ -135,6 +135,48 @@ def _rename(expr, fn) -> tuple:
     return (expr[0], expr[1], *(_rename(a, fn) if isinstance(a, tuple) else a for a in expr[2:]))
 
 
+def _regrouped(old: tuple, new: tuple) -> dict:
+    """A row-major reshape that merges or splits dimensions (Swin's window partition: (Hp, Wp) viewed
+    as (Hp/ws, ws, Wp/ws, ws), then windows merged into one dim), as a substitution of each old
+    dimension's variable by an expression over the new ones (``t{k}``): within each group of
+    dimensions whose sizes have equal products, the flat offset ``sum t_k * stride_k`` of the new
+    dims, divided by the old dim's stride and taken modulo its size. Integer arithmetic on
+    non-negative positions (exact; the proof checks it fits 32 bits); static sizes only."""
+    if not is_static(old) or not is_static(new):
+        raise NotIndex("a reshape that merges or splits index dimensions at symbolic sizes")
+    if 0 in old or 0 in new or math.prod(old) != math.prod(new):
+        raise NotIndex("a reshape of an empty tensor")
+    mapping, i, j = {}, 0, 0
+    while i < len(old) or j < len(new):
+        group_old, group_new, n_old, n_new = [], [], 1, 1
+        if i < len(old):
+            group_old, n_old, i = [i], old[i], i + 1
+        if j < len(new):
+            group_new, n_new, j = [j], new[j], j + 1
+        while n_old != n_new:
+            if n_old < n_new:
+                group_old.append(i)
+                n_old, i = n_old * old[i], i + 1
+            else:
+                group_new.append(j)
+                n_new, j = n_new * new[j], j + 1
+        flat, stride = None, 1
+        for k in reversed(group_new):
+            if new[k] != 1:
+                term = ix.var(f"t{k}") if stride == 1 else ("mul", "int64", ix.var(f"t{k}"), ix.const(stride, "int64"))
+                flat = term if flat is None else ("add", "int64", term, flat)
+            stride *= new[k]
+        stride, first = n_old, True
+        for k in group_old:
+            stride //= old[k]
+            if old[k] == 1:
+                continue
+            e = flat if stride == 1 else ("floordiv", "int64", flat, ix.const(stride, "int64"))
+            mapping[f"d{k}"] = e if first else ("mod", "int64", e, ix.const(old[k], "int64"))
+            first = False
+    return mapping
+
+
 def _affine(start: int, step: int, name: str) -> tuple:
     e = ix.var(name)
     if step != 1:
@@ -299,9 +341,10 @@ class _Deriver:
         s = self.sym(node.args[0])
         kept_in = [k for k, n in enumerate(s.shape) if n != 1]
         kept_out = [k for k, n in enumerate(shape) if n != 1]
-        if [s.shape[k] for k in kept_in] != [shape[k] for k in kept_out]:
-            raise NotIndex("a reshape that merges or splits index dimensions")
-        mapping = {f"d{a}": ix.var(f"t{b}") for a, b in zip(kept_in, kept_out)}
+        if [s.shape[k] for k in kept_in] == [shape[k] for k in kept_out]:
+            mapping = {f"d{a}": ix.var(f"t{b}") for a, b in zip(kept_in, kept_out)}
+        else:
+            mapping = _regrouped(tuple(s.shape), tuple(shape))
         return _Sym(shape, dt, _rename(_subst(s.expr, mapping), lambda n: "d" + n[1:]))
 
     def _permute(self, node, shape, dt) -> _Sym:

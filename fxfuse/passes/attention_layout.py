@@ -223,21 +223,22 @@ def layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
 
 
 
-def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = None,
-                   at_hints: bool = False, max_nodes: int = _MAX_CONSTANT_NODES) -> torch.Tensor | None:
-    """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange);
-    None when it reads one, or its result has more than ``limit`` elements (by default 2^28 for
-    boolean masks, 2^22 for other tensors). With ``at_hints`` the subgraph may read symbolic sizes
-    (a SymInt input, a tensor's ``sym_size``): it is evaluated at their example values, which
-    proves nothing about other sizes (the caller's argument must cover those)."""
+def _is_size(n: Node) -> bool:
+    return isinstance(n.meta.get("val"), torch.SymInt) and n.op in ("placeholder", "call_function")
+
+
+def _input_free_subgraph(node: Node, max_nodes: int, through_sizes: bool) -> list[Node] | None:
+    """The nodes ``node`` is computed from (itself included; with ``through_sizes`` the walk stops at
+    symbolic sizes, which are listed), or None when a graph input's values take part, an op gives
+    other values each time it runs (random or uninitialised), or there are more than ``max_nodes``."""
     order, todo, seen = [], [node], set()
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        if at_hints and isinstance(n.meta.get("val"), torch.SymInt) and n.op in ("placeholder", "call_function"):
-            order.append(n)  # a size: its example value
+        if through_sizes and _is_size(n):
+            order.append(n)
             continue
         if n.op not in ("call_function", "get_attr") or len(seen) > max_nodes:
             return None  # a graph input (placeholder) takes part: the value is not known here
@@ -245,6 +246,19 @@ def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = Non
             return None  # random or uninitialised values: one evaluation proves nothing about the next
         order.append(n)
         todo.extend(n.all_input_nodes)
+    return order
+
+
+def constant_value(node: Node, gm: torch.fx.GraphModule, limit: int | None = None,
+                   at_hints: bool = False, max_nodes: int = _MAX_CONSTANT_NODES) -> torch.Tensor | None:
+    """Evaluate a small subgraph that depends on no graph input (a mask built from ones/arange);
+    None when it reads one, or its result has more than ``limit`` elements (by default 2^28 for
+    boolean masks, 2^22 for other tensors). With ``at_hints`` the subgraph may read symbolic sizes
+    (a SymInt input, a tensor's ``sym_size``): it is evaluated at their example values, which
+    proves nothing about other sizes (the caller's argument must cover those)."""
+    order = _input_free_subgraph(node, max_nodes, at_hints)
+    if order is None:
+        return None
     env: dict[Node, object] = {}
     for n in sorted(order, key=_position(gm).__getitem__):
         try:
@@ -280,30 +294,22 @@ def size_mask_key(node: Node, gm: torch.fx.GraphModule, lq, lk, invert: bool) ->
         return None
     dims = {d.node.expr: sympy.Symbol(f"dim{i}") for i, d in enumerate(shape(node))
             if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol}
-    todo, seen, sizes = [node], set(), {}
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if isinstance(n.meta.get("val"), torch.SymInt) and n.op in ("placeholder", "call_function"):
-            size = n.meta["val"].node.expr
-            if not size.free_symbols <= set(dims):
-                return None  # a size the mask's shape does not show (or one read from data)
-            sizes[n] = sympy.srepr(size.xreplace(dims))
-            continue
-        if n.op not in ("call_function", "get_attr") or len(seen) > _MAX_SIZE_MASK_NODES:
-            return None  # a graph input's values take part
-        if n.op == "call_function" and not _repeatable(n.target):
-            return None
-        todo.extend(n.all_input_nodes)
+    subgraph = _input_free_subgraph(node, _MAX_SIZE_MASK_NODES, through_sizes=True)
+    if subgraph is None:
+        return None
+    sizes = {}
+    for n in filter(_is_size, subgraph):
+        size = n.meta["val"].node.expr
+        if not size.free_symbols <= set(dims):
+            return None  # a size the mask's shape does not show (or one read from data)
+        sizes[n] = sympy.srepr(size.xreplace(dims))
     example = constant_value(node, gm, at_hints=True, max_nodes=_MAX_SIZE_MASK_NODES)
     from fxfuse.ops.size_masks import causal_window as window_of
 
     if example is None or hint(lq) > hint(lk) or \
             window_of(~example if invert else example, hint(lq), hint(lk)) is None:
         return None
-    return _subgraph_digest(gm, seen, sizes)
+    return _subgraph_digest(gm, set(subgraph), sizes)
 
 
 def _subgraph_digest(gm, nodes: set, sizes: dict) -> str:

@@ -29,6 +29,7 @@ import operator
 import torch
 from torch.fx import Node
 
+from fxfuse.ops.attention_rope import IN_FLOAT32  # the style suffix of a rotation in float32
 from fxfuse.passes import attention_rope_complex as complex_rope
 from fxfuse.passes.attention_layout import _replay, layout_chain_back
 from fxfuse.passes.graph import dtype, insert_call, is_op, shape, source_of, val
@@ -53,7 +54,7 @@ class Rope:
     x: Node  # the unrotated operand
     cos: Node | None
     sin: Node | None
-    style: str  # "half" or "interleaved"
+    style: str  # "half" or "interleaved", "/float32" appended for a rotation in float32 (Meta's, 16-bit)
     freqs: Node | None = None  # Meta's complex form: freqs_cis, whose parts the tables are (cos, sin None)
 
 
@@ -138,10 +139,13 @@ def match_rope(node: Node, perm: list[int]) -> Rope:
     """The rotation ``node`` computes, or NotRope / Declined (see the module docstring); ``perm``
     permutes ``node`` to the operator's (B, H, L, D)."""
     try:
-        x, freqs = complex_rope.match_complex(node, perm, Declined)
-        return Rope(x, None, None, "interleaved", freqs)
+        x, freqs, in_float32 = complex_rope.match_complex(node, perm, Declined)
+        return Rope(x, None, None, "interleaved/float32" if in_float32 else "interleaved", freqs)
     except complex_rope.NotComplexRope:
         pass
+    cast = None
+    if is_op(node, aten._to_copy.default) and is_op(node.args[0], aten.add.Tensor):
+        cast, node = node, node.args[0]  # a rotation in float32 rounded back (Qwen2-VL's vision RoPE)
     if not is_op(node, aten.add.Tensor) or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2 or \
             not all(isinstance(a, Node) for a in node.args):
         raise NotRope()
@@ -156,8 +160,18 @@ def match_rope(node: Node, perm: list[int]) -> Rope:
                 if found is not None and found[0] is x:
                     rope = Rope(x, cos, sin, found[1])
                     _check(node, rope, (plain, rotated, r), perm)
-                    return rope
+                    return rope if cast is None else _in_float32(rope, cast)
     raise NotRope()
+
+
+def _in_float32(rope: Rope, cast: Node) -> Rope:
+    """The rotation of ``x.float()`` rounded back to x's 16-bit dtype by ``cast``: the style's float32
+    form, read from the 16-bit x (its tables are float32)."""
+    source = complex_rope.upcast_source(rope.x, cast)
+    if source is None:
+        raise Declined(f"the rotation runs in {dtype(rope.x)} and is cast to {dtype(cast)}; fused RoPE rotates in "
+                       "q's dtype, or in float32 on a 16-bit q that is cast back to its dtype once")
+    return dataclasses.replace(rope, x=source, style=rope.style + IN_FLOAT32)
 
 
 def _check(node: Node, rope: Rope, parts, perm: list[int]) -> None:

@@ -12,15 +12,17 @@ else reads the result): the complex view pairs x's last dim as (D/2, 2); the pro
 complex tensor of one value per pair and position, broadcast over the heads (and the batch, or
 one per batch); x is float32 (the complex dtype's parts), so each of the rotation's products and
 its sum round in x's dtype as the kernel's do. A 16-bit q turned to float32 first (``xq.float()``)
-and rounded back once after (``type_as(xq)``) rounds differently from a rotation in q's dtype: that
-site is left as written, with the reason.
+and rounded back once after (``type_as(xq)``), as Meta's and torchtitan's code does for bf16 training,
+is the style "interleaved/float32": the operator reads the 16-bit q, rotates it in float32 with the
+float32 tables and rounds once, the same roundings. Any other mix of dtypes is left as written,
+with the reason.
 """
 from __future__ import annotations
 
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.graph import dtype, insert_call, is_op, shape
+from fxfuse.passes.graph import dtype, insert_call, is_op, shape, val
 from fxfuse.passes.symbolic import is_static, same
 
 aten = torch.ops.aten
@@ -31,9 +33,10 @@ class NotComplexRope(Exception):
     """Not the complex rotation (nothing to report)."""
 
 
-def match_complex(node: Node, perm: list[int], declined) -> tuple[Node, Node]:
-    """(x, freqs_cis) when ``node`` is the complex rotation of x; raises ``declined(reason)`` for a
-    rotation that cannot be fused, NotComplexRope for anything else."""
+def match_complex(node: Node, perm: list[int], declined) -> tuple[Node, Node, bool]:
+    """(x, freqs_cis, in float32) when ``node`` is the complex rotation of x (in float32: x is 16-bit,
+    turned to float32 for the rotation and the result rounded back to x's dtype once); raises
+    ``declined(reason)`` for a rotation that cannot be fused, NotComplexRope for anything else."""
     cast = None
     if is_op(node, aten._to_copy.default) and is_op(node.args[0], *_VIEWS):  # type_as(xq) after the rotation
         cast, node = node, node.args[0]
@@ -53,12 +56,34 @@ def match_complex(node: Node, perm: list[int], declined) -> tuple[Node, Node]:
         if not same(tuple(shape(x) or ()), tuple(s)):
             continue
         if cast is not None or is_op(x, aten._to_copy.default):
-            source = x.args[0] if is_op(x, aten._to_copy.default) and isinstance(x.args[0], Node) else x
-            raise declined(f"the complex rotation runs in float32 on a {dtype(source)} q/k and rounds once, after "
-                           "it (type_as); fused RoPE rounds each product in q's dtype: not the same roundings")
+            source = upcast_source(x, cast)
+            if source is None:
+                raise declined(f"the complex rotation takes a {dtype(x.args[0] if is_op(x, aten._to_copy.default) else x)} "
+                               f"q/k to float32 and gives {dtype(cast or node)}; fused RoPE in float32 takes a 16-bit "
+                               "q/k to float32 and rounds the rotation back to its dtype once (type_as)")
+            _check(x, freqs, node, perm, declined)
+            return source, freqs, True
         _check(x, freqs, node, perm, declined)
-        return x, freqs
+        return x, freqs, False
     raise NotComplexRope()
+
+
+def upcast_source(x: Node, cast: Node | None) -> Node | None:
+    """The 16-bit q/k of ``x = q.float()`` whose rotation ``cast`` rounds back to q's dtype, or None."""
+    if cast is None or not is_op(x, aten._to_copy.default) or not isinstance(x.args[0], Node):
+        return None
+    source = x.args[0]
+    if not _plain_cast(x) or not _plain_cast(cast) or dtype(source) not in (torch.bfloat16, torch.float16) or dtype(x) != torch.float32 or \
+            dtype(cast) != dtype(source) or not same(tuple(shape(source) or ()), tuple(shape(x))):
+        return None
+    return source
+
+
+def _plain_cast(node: Node) -> bool:
+    """A ``_to_copy`` that changes only the dtype (``.float()``, ``type_as``)."""
+    kw = node.kwargs
+    return set(kw) <= {"dtype", "memory_format", "layout", "device"} and kw.get("layout", torch.strided) == torch.strided \
+        and kw.get("device", val(node.args[0]).device) == val(node.args[0]).device
 
 
 def _check(x: Node, freqs: Node, node: Node, perm: list[int], declined) -> None:

@@ -34,6 +34,27 @@ def is_python_scalar(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def size_scalar(x) -> float | None:
+    """The value of a scalar computed from symbolic sizes (``q.size(-1) ** -0.5`` with a symbolic
+    head dim), guarded: the graph then runs only where it has this value, and Dynamo compiles
+    again for another (the kernels specialise on the head dim anyway). None for anything else,
+    and for a scalar read from a tensor's data (no guard can be put on it)."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols, guard_scalar
+
+    v = x.meta.get("val") if isinstance(x, Node) else None
+    if not isinstance(v, (torch.SymInt, torch.SymFloat)) or free_unbacked_symbols(v):
+        return None
+    try:
+        return float(guard_scalar(v))
+    except GuardOnDataDependentSymNode:
+        return None
+
+
+def scalar_value(x) -> float | None:
+    """A Python number's value, or a size scalar's (``size_scalar``, guarded); else None."""
+    return float(x) if is_python_scalar(x) else size_scalar(x)
+
+
 _LIBRARY_DIRS = tuple(
     os.path.dirname(os.path.abspath(p)) + os.sep for p in (torch.__file__, os.path.dirname(os.path.abspath(__file__)))
 )

@@ -6,7 +6,12 @@ x_in``) or one with a constant-scaled term (DeepNorm's ``alpha * x + f(x)``) bec
 ``fxfuse.sum_norm`` whether the sum is used again or not: the products and partial sums it folds
 are intermediates eager writes and reads back. Each fold is proved from ``meta``: every term has the
 sum's shape (nothing broadcasts) and dtype (no promotion between partial sums), a scale is a Python
-number (a tensor ``alpha`` stays a term of its own: its product is computed before the fused op),
+number or a 0-d tensor of the term's dtype and device (an operator input: a DeepNorm ``alpha``
+buffer or parameter; the product is computed in the accumulator and rounded to the dtype, as
+eager's mul computes it). A 0-d scale of another dtype stays a term of its own: eager's product of
+a bfloat16 ``x`` and a float32 0-d ``alpha`` is bfloat16 either way, but whether alpha is rounded to
+bfloat16 first depends on where it lives (a CPU scalar is not, a CUDA tensor is), which the graph
+does not settle. A per-feature ``alpha`` is not a scale of the sum either;
 an ``add`` with ``alpha=`` (one rounding for ``a + c * b``) is not split, and the adds nest so that
 adding the terms left to right rounds as the user's code does (in ``(a + b) + (c + d)`` the pair
 ``c + d`` stays one term, computed before the fused op).
@@ -18,7 +23,7 @@ import dataclasses
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.graph import FLOAT_FORMATS, dtype, is_op, is_python_scalar, shape
+from fxfuse.passes.graph import FLOAT_FORMATS, dtype, is_op, is_python_scalar, shape, val
 from fxfuse.spec import dtype_name
 
 aten = torch.ops.aten
@@ -29,15 +34,27 @@ def _plain_add(n, like: Node) -> bool:
             and shape(n) == shape(like) and dtype(n) == dtype(like))
 
 
-def _term(n: Node, like: Node) -> tuple[Node, float, list[Node]] | None:
-    """(tensor, constant, nodes folded) for one term of the sum; None when it broadcasts or promotes."""
+def _scalar_tensor(c, t: Node) -> bool:
+    """``c`` is a 0-d tensor of ``t``'s dtype on ``t``'s device (see the module docstring)."""
+    vc, vt = val(c) if isinstance(c, Node) else None, val(t)
+    return isinstance(vc, torch.Tensor) and isinstance(vt, torch.Tensor) and vc.dim() == 0 and \
+        vc.dtype == vt.dtype and vc.device == vt.device
+
+
+def _term(n: Node, like: Node) -> tuple[Node, object, list[Node]] | None:
+    """(tensor, constant or 0-d tensor node, nodes folded) for one term of the sum; None when it
+    broadcasts or promotes."""
     if not isinstance(n, Node) or shape(n) != shape(like) or dtype(n) != dtype(like):
         return None
-    if is_op(n, aten.mul.Tensor, aten.mul.Scalar) and len(n.users) == 1:
+    if is_op(n, aten.mul.Tensor, aten.mul.Scalar) and len(n.users) == 1 and not n.kwargs:
         a, b = n.args
         t, c = (a, b) if is_python_scalar(b) else (b, a) if is_python_scalar(a) else (None, None)
         if isinstance(t, Node) and shape(t) == shape(like) and dtype(t) == dtype(like):
             return t, float(c), [n]
+        for t, c in ((a, b), (b, a)):
+            if isinstance(t, Node) and shape(t) == shape(like) and dtype(t) == dtype(like) and _scalar_tensor(c, t) \
+                    and c is not t:
+                return t, c, [n]
     return n, 1.0, []
 
 
@@ -89,14 +106,18 @@ def try_residual(site, order: dict[Node, int]) -> None:
     """Fold the sum feeding ``site`` (``site.x``) into it, when proved and worth it (above)."""
     s = site.x
     flat = flatten_sum(s)
-    if flat is None or (len(flat[0]) == 2 and all(c == 1.0 for _, c in flat[0])):
+    if flat is None or (len(flat[0]) == 2 and all(not isinstance(c, Node) and c == 1.0 for _, c in flat[0])):
         _plain_pair(site, s, order)
         return
     terms, folded = flat
     outside = [u for u in s.users if u not in site.interior]
-    if not _after_inputs(outside, [t for t, _ in terms] + list(site.params), order):
+    tensor = [(i, c) for i, (_, c) in enumerate(terms) if isinstance(c, Node)]
+    inputs = [t for t, _ in terms] + [c for _, c in tensor]
+    if not _after_inputs(outside, inputs + list(site.params), order):
         return  # a user of the sum runs before all inputs exist; leave the sum alone
     site.interior |= set(folded)
     site.sum_node = s
-    site.terms = [t for t, _ in terms]
-    site.spec = dataclasses.replace(site.spec, sum_dtype=dtype_name(dtype(s)), sum_scales=tuple(c for _, c in terms))
+    site.terms = inputs  # the 0-d scales follow the terms (fxfuse.sum_norm's convention)
+    site.spec = dataclasses.replace(site.spec, sum_dtype=dtype_name(dtype(s)),
+                                    sum_scales=tuple(1.0 if isinstance(c, Node) else c for _, c in terms),
+                                    sum_tensor_scales=tuple(i for i, _ in tensor))

@@ -41,14 +41,14 @@ import torch
 from torch.fx import Node
 
 from fxfuse import index_expr
-from fxfuse.passes.attention import site_shape
+from fxfuse.passes.attention import site_shape, split_bias
 from fxfuse.passes.attention_index import NotIndex, derive
 from fxfuse.passes.attention_layout import (causal_window, constant_value, head_merge_chain, repeated_heads,
                                            size_mask_key)
 from fxfuse.passes.graph import (broadcasts_to, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                   match_layout, same_layout, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
-from fxfuse.passes.symbolic import equal_or_guarded, same, size_args
+from fxfuse.passes.symbolic import equal_or_guarded, is_static, same, size_args, specialised
 from fxfuse.spec import dtype_name
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -143,7 +143,11 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
         raise Declined("scaled_dot_product_attention on inputs that are not (B, H, L, D) tensors; fused "
                        "attention reads 4-d q, k, v", shapes=True)
     (b, h, lq, e), (bk, hk, lk, _), (bv, hv, lv, _) = shapes
-    if isinstance(h, int) and hk == hv == h:
+    # Head counts and head dims that are symbols (dynamic=True on q, k, v passed in) are taken at
+    # their values with a guard: the kernels specialise on them, and a model's head sizes do not vary.
+    h, hk, hv, e = (specialised(n) for n in (h, hk, hv, e))
+    specialised(shapes[2][3])
+    if hk == hv == h:
         # Keys and values repeated per query head (transformers' repeat_kv before SDPA): read the
         # kv heads in place (grouped-query attention), so the repeated copies are never made.
         repeats = repeated_heads(k, h), repeated_heads(v, h)
@@ -155,10 +159,6 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
                        f"v {list(shapes[2])}): a size is 0, so there is nothing to compute; it is left as written")
     # Batch and lengths may be symbols (dynamic shapes): each equality is proved for all their values,
     # or guarded where SDPA itself requires it (a cache's key and value lengths may be two symbols).
-    if not all(isinstance(n, int) for n in (h, hk, hv, e, shapes[2][3])):
-        raise Declined(f"scaled_dot_product_attention with a symbolic head count or head dim (q {list(shapes[0])}, "
-                       f"k {list(shapes[1])}); fused attention specialises on those (mark only batch and "
-                       "length dynamic)", shapes=True)
     if not equal_or_guarded(bk, b) or not equal_or_guarded(bv, b) or hk != hv or not equal_or_guarded(lv, lk) or \
             h % hk:
         raise Declined(f"q {list(shapes[0])}, k {list(shapes[1])} and v {list(shapes[2])} are broadcast or "
@@ -215,6 +215,12 @@ def _recognise(node: Node, gm: torch.fx.GraphModule) -> _Claim:
             expr = index_expr.negate(derived.expr) if boolean else derived.expr
             steps.append(ScoreStep("fill" if boolean else "add", wide, value=_NEG_INF if boolean else 0.0, expr=expr))
             claimed_mask = None
+        elif not boolean and (split := _split_mask(claimed_mask, score_shape, gm, guard)) is not None:
+            # A tensor plus an expression (Swin's relative-position bias plus its shift mask): the
+            # tensor is read (and guarded), the rest computed, summed as the user's code summed them.
+            claimed_mask, derived = split
+            steps.append(ScoreStep("add", wide, input=0, expr=derived.expr))
+            inputs = ("bias",)
         else:
             steps.append(ScoreStep("fill", wide, value=_NEG_INF, input=0, invert=True) if boolean
                          else ScoreStep("add", wide, input=0))
@@ -239,6 +245,26 @@ def _index_form(mask: Node, boolean: bool, score_shape, gm, constant, guard: boo
         return derive(mask, score_shape, gm, allow_heads=False, value=constant)
     except NotIndex:
         return None
+
+
+def _split_mask(mask: Node, score_shape, gm, guard: bool):
+    """(tensor, expression) of a float attn_mask that is their sum (see attention.split_bias), or
+    None. With a guard (a mask that is not a constant proved to leave every row a key), the
+    guard reads the tensor alone: a row of ``tensor + e`` is all -inf exactly where the tensor's
+    is, when ``e`` is finite and below 2^100 in magnitude and the sum is float32 or bfloat16 (a
+    finite value plus such an ``e`` cannot overflow: their largest finite values are 2^104 and
+    2^120 apart from the next; float16's are 32 apart, so not float16)."""
+    if not is_static(score_shape):
+        return None
+    split = split_bias(mask, score_shape, gm, allow_heads=False)
+    if split is None or not guard:
+        return split
+    if dtype(mask) not in (torch.float32, torch.bfloat16):
+        return None
+    values = index_expr.evaluate(split[1].expr, index_expr.grids((1,) * (4 - len(score_shape)) + tuple(score_shape)), [])
+    if not bool(values.isfinite().all()) or float(values.abs().max()) >= 2.0 ** 100:
+        return None
+    return split
 
 
 def _merge_layout(t: torch.Tensor) -> bool:

@@ -72,6 +72,15 @@ def equal_or_guarded(a, b) -> bool:
     return hint(a) == hint(b) and guarded(a == b)
 
 
+def specialised(n) -> int:
+    """A size as an int: its value, with a Dynamo guard that it stays so when it is a symbol."""
+    if isinstance(n, int):
+        return n
+    value = hint(n)
+    guarded(n == value)
+    return value
+
+
 def hint(n) -> int:
     """A size's example value (the value Dynamo traced with)."""
     if isinstance(n, torch.SymInt):
@@ -101,31 +110,55 @@ def divides(d, n) -> bool:
     return known(n % d == 0)
 
 
-def size_node(gm: torch.fx.GraphModule, n, before: Node):
+def size_node(gm: torch.fx.GraphModule, n, before: Node, avoid=frozenset()):
     """``n`` as an argument of a new node inserted before ``before``: the int itself, or a node of
     the graph that computes that symbolic size placed before ``before`` (a SymInt input or size
     computation, a ``sym_size`` of a tensor with that size, or sums and products of those built
-    from the expression's symbols). None when some symbol of it has no node."""
+    from the expression's symbols), reading no node of ``avoid``. None when some symbol of it has
+    no node."""
     if isinstance(n, int):
         return n
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    earlier = [node for node in gm.graph.nodes if order[node] < order[before]]
-    return _expr_node(gm, expr(n), earlier, before)
+    earlier = [node for node in gm.graph.nodes if order[node] < order[before] and node not in avoid]
+    return _expr_node(gm, expr(n), earlier, before, n if isinstance(n, torch.SymInt) else None)
 
 
-def _expr_node(gm, target: sympy.Expr, earlier: list[Node], before: Node):
+def reroute_size_reads(gm: torch.fx.GraphModule, nodes, keep) -> None:
+    """Make the ``sym_size`` reads of ``nodes`` by nodes outside ``keep`` read the size elsewhere.
+
+    A symbolic trace takes a size from the latest tensor that has it, so a length used after an
+    attention may be read from its scores: a read of their shape, not their values, which a fused
+    site can serve from its inputs' sizes instead. Reads no other node computes stay."""
+    for node in nodes:
+        for user in list(node.users):
+            if user in keep or user.op != "call_function" or user.target is not torch.ops.aten.sym_size.int:
+                continue
+            other = size_node(gm, user.meta.get("val"), user, avoid=keep | {user})
+            if other is not None:
+                user.replace_all_uses_with(other)
+                gm.graph.erase_node(user)
+
+
+def _expr_node(gm, target: sympy.Expr, earlier: list[Node], before: Node, wanted: torch.SymInt | None = None):
     if target.is_Integer:
         return int(target)
-    for node in earlier:
-        v = node.meta.get("val")
-        if isinstance(v, torch.SymInt) and v.node.expr == target:
-            return node
-    for node in earlier:
-        v = node.meta.get("val")
-        if isinstance(v, torch.Tensor):
-            for d, size in enumerate(v.shape):
-                if isinstance(size, torch.SymInt) and size.node.expr == target:
-                    return _call(gm, torch.ops.aten.sym_size.int, (node, d), size, before)
+
+    # The same expression first; then, only if none, one the ShapeEnv proves equal ((s0*s0)//s0
+    # and s0, as a traced matmul writes a head count): sympy per candidate is slow on big graphs.
+    tests = [lambda size: size.node.expr == target]
+    if wanted is not None:
+        tests.append(lambda size: known(size == wanted))
+    for equal in tests:
+        for node in earlier:
+            v = node.meta.get("val")
+            if isinstance(v, torch.SymInt) and equal(v):
+                return node
+        for node in earlier:
+            v = node.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                for d, size in enumerate(v.shape):
+                    if isinstance(size, torch.SymInt) and equal(size):
+                        return _call(gm, torch.ops.aten.sym_size.int, (node, d), size, before)
     if isinstance(target, (sympy.Add, sympy.Mul)):
         parts = [_expr_node(gm, a, earlier, before) for a in target.args]
         if any(p is None for p in parts):

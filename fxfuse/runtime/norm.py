@@ -65,6 +65,7 @@ def forward_sum(spec: NormSpec, terms: list, params):
     """Launch ``fxfuse.sum_norm``'s forward kernel; returns (y, sum)."""
     kernel = _kernels(spec)[0]
     n = terms[0].shape[-1]
+    terms, scales = terms[:len(spec.sum_scales)], terms[len(spec.sum_scales):]  # the 0-d scales follow the terms
     t2 = [_rows(t, n) for t in terms]
     y = torch.empty(terms[0].shape, dtype=getattr(torch, spec.out_dtype), device=terms[0].device)
     s = torch.empty(terms[0].shape, dtype=getattr(torch, spec.sum_dtype), device=terms[0].device)
@@ -73,7 +74,7 @@ def forward_sum(spec: NormSpec, terms: list, params):
     rows = y2.shape[0]
 
     def run(c) -> None:
-        kernel[(rows,)](*t2, s2, y2, *flat_params, rows, n, *(t.stride(0) for t in t2), s2.stride(0), y2.stride(0),
+        kernel[(rows,)](*t2, *scales, s2, y2, *flat_params, rows, n, *(t.stride(0) for t in t2), s2.stride(0), y2.stride(0),
                         spec.eps, BLOCK_N=c.BLOCK_N, num_warps=c.num_warps)
 
     if rows:

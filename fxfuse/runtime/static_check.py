@@ -33,7 +33,9 @@ NORM_FUNCTIONS = ("forward", "backward")
 def launch(spec, **sizes) -> dict:
     """One site to check: its spec and the sizes it runs at (attention: d, dv, lq, lk, dtype;
     norm: n, dtype). Plain data, so it can travel to a child process as JSON."""
-    return {"spec": spec.to_json(), "kind": "norm" if hasattr(spec, "eps") else "attention", "sizes": sizes}
+    kind = "linear_attention" if type(spec).__name__ == "LinearAttentionSpec" else "norm" if hasattr(spec, "eps") \
+        else "attention"
+    return {"spec": spec.to_json(), "kind": kind, "sizes": sizes}
 
 
 def mma_class(ptx: str) -> str:
@@ -146,6 +148,9 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
 
     arch = arch_of(target)
     for item in launches:
+        if item["kind"] == "linear_attention":
+            yield from _check_linear_attention(item, arch, functions)
+            continue
         norm = item["kind"] == "norm"
         spec = (NormSpec if norm else AttentionSpec).from_json(item["spec"])
         sizes = item["sizes"]
@@ -190,6 +195,41 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
                 wants_wgmma = arch >= 90 and function == "forward" and not norm and dtype != "float32"
                 if first_good and row["spills"] == 0 and (row["mma"] == "wgmma" or not wants_wgmma):
                     break
+
+
+def _check_linear_attention(item: dict, arch: int, functions) -> Iterable[dict]:
+    """Rows for a linear attention launch (sizes: d, e, dtype): the one config the runtime uses."""
+    from fxfuse.codegen.linear_attention import FUNCTIONS, generate
+    from fxfuse.runtime.cache import load
+    from fxfuse.runtime.linear_attention import gpu_tiles
+    from fxfuse.spec_linear_attention import LinearAttentionSpec
+
+    spec = LinearAttentionSpec.from_json(item["spec"])
+    sizes = item["sizes"]
+    kernel = generate(spec)
+    module = load(kernel)
+    tiles = gpu_tiles(sizes["d"], sizes["e"], spec.causal)
+    config = LaunchConfig(tiles["BLOCK_C"], tiles["BLOCK_E"], tiles["num_warps"], tiles["num_stages"])
+    dtype = _PTR[sizes.get("dtype", "bfloat16")]
+    types = {"A": dtype, "BT": dtype, "V": dtype, "G": dtype, "O": dtype, "DV": dtype, "DA": "*fp32", "DB": "*fp32"}
+    for function in functions or FUNCTIONS:
+        fn = getattr(module, f"{kernel.name}_{function}")
+        constants = {k: tiles[k] for k in ("BLOCK_C", "BLOCK_D", "BLOCK_E", "DOT_F32", "PREC")}
+        # Contiguous (N, L, D) features, values and gradients; bt a transposed (N, S, D) (unit d stride):
+        # every other stride is a multiple of D or E.
+        unit = ("sa_d", "sb_d", "sv_e", "so_e", "sg_e", "sdv_e")
+        divisible = frozenset(a for a in fn.arg_names if a[:1] == "s" and "_" in a and a not in unit) | {"D", "E"} \
+            if sizes["d"] % 16 == 0 and sizes["e"] % 16 == 0 else frozenset()
+        signature, constexprs, attrs = _signature(fn, {k: v for k, v in types.items() if k in fn.arg_names}, constants,
+                                                  divisible)
+        row = {"kernel": kernel.name, "function": function, "config": config.as_dict(), "target": f"sm_{arch}",
+               "sizes": sizes}
+        try:
+            row.update(_compile(fn, signature, constexprs, attrs, arch, config))
+        except Exception as e:  # noqa: BLE001 -- reported per function
+            row.update(registers=-1, spills=-1, shared_bytes=-1, mma="none",
+                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        yield row
 
 
 def check(launches: list[dict], target: str, functions: tuple[str, ...] | None = None,

@@ -79,6 +79,13 @@ SPECS = {
         steps=(Step("mul", "float32", 0), Step("add", "float32", 1)),
         params=(ParamPrep("float32"), ParamPrep("float32")), sum_dtype="float32", sum_scales=(1.0, 1.0, 1.0),
     ),
+    # DeepNorm with alpha a 0-d bf16 parameter: LN(f(x) + alpha * x), alpha read from its pointer (C0).
+    "deepnorm_tensor_alpha_layer_norm_bf16": NormSpec(
+        kind="layer_norm", eps=1e-5, compute_dtype="float32", norm_dtype="float32",
+        steps=(Step("mul", "float32", 0), Step("add", "float32", 1), Step("cast", "bfloat16")),
+        params=(ParamPrep("float32"), ParamPrep("float32")), sum_dtype="bfloat16", sum_scales=(1.0, 1.0),
+        sum_tensor_scales=(1,),
+    ),
 }
 
 

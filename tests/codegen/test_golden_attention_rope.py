@@ -20,6 +20,9 @@ SPECS = {
     "half_gqa2_causal_bf16": AttentionSpec(BF16, _CAUSAL_BF16, BF16, kv_groups=2, rope_q="half", rope_k="half"),
     # GPT-J's rotate_every_two on q only (k's rotation stored in a cache stays as written).
     "interleaved_q_f32": dataclasses.replace(PLAIN["plain_f32"], rope_q="interleaved"),
+    # Meta's complex RoPE on bf16 q and k: rotated in float32, rounded once.
+    "interleaved_f32_rotation_causal_bf16": AttentionSpec(BF16, _CAUSAL_BF16, BF16, rope_q="interleaved/float32",
+                                                          rope_k="interleaved/float32"),
 }
 
 
@@ -41,3 +44,7 @@ def test_rotation_appears_where_the_spec_says():
     q_only = generate(SPECS["interleaved_q_f32"]).source
     assert "CK, SK" not in q_only and "ck = " not in q_only and "rope_unrotate(dk" not in q_only and "BLOCK_D, False)" in q_only
     assert generate(PLAIN["plain_f32"]).name != generate(SPECS["interleaved_q_f32"]).name
+    # a float32 rotation: rope_rotate's F32 flag set on every load of q and k
+    meta = generate(SPECS["interleaved_f32_rotation_causal_bf16"]).source
+    calls = [line for line in meta.splitlines() if "rope_rotate(" in line and "def rope_rotate" not in line]
+    assert len(calls) >= 5 and all("BLOCK_D, False, True)" in line for line in calls), calls

@@ -149,3 +149,45 @@ def test_a_site_left_unfused_because_of_its_shapes_warns_once():
     assert len(be.reports) == 2
     assert sum("left unfused because of its shapes" in str(w.message) for w in seen) == 1
     assert all(m.shapes for r in be.reports for m in r.misses if m.kind == "attention")
+
+
+class _HeadDimScaled(nn.Module):
+    """q, k, v passed in, the scale read from the head dim (``q.size(-1) ** -0.5``) and the mask
+    from the length: under dynamic=True the head dim is a symbol too, and a traced matmul reads the
+    length back from the scores."""
+
+    def forward(self, q, k, v):
+        s = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+        n = q.size(-2)
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        return s.softmax(-1) @ v
+
+
+def test_a_scale_from_a_symbolic_head_dim_is_fused_with_a_guard_on_its_value():
+    model, be = _HeadDimScaled(), Backend()
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    for n, d in ((5, 8), (9, 8), (7, 16)):  # a new head dim: the guard on the scale recompiles
+        q, k, v = (torch.randn(2, 2, n, d, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        want = model.double()(q.double(), k.double(), v.double())
+        assert_close_to_reference(compiled(q, k, v), model(q, k, v), want, f"output at L={n}, D={d}")
+    assert len(be.reports) == 2, "one graph per head dim, every length on it"
+    scales = [[s.value for s in r.matches[0].spec.steps if s.op == "mul"] for r in be.reports]
+    assert scales == [[8 ** -0.5], [16 ** -0.5]], be.report()
+
+
+def test_sdpa_on_q_k_v_passed_in_is_claimed_under_dynamic_true_with_its_head_sizes_guarded():
+    # dynamic=True makes every dim of q, k, v a symbol, the head count and head dim included; the
+    # claim takes those at their values with a guard (it declined the call before).
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    be = Backend()
+    compiled = torch.compile(attend, backend=be, dynamic=True)
+    for b, h, n, d in ((2, 3, 5, 8), (3, 3, 9, 8), (2, 3, 6, 16)):
+        q, k, v = (torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(i)) for i in range(3))
+        want = attend(q.double(), k.double(), v.double())
+        assert_close_to_reference(compiled(q, k, v), attend(q, k, v), want, f"output at {(b, h, n, d)}")
+    assert len(be.reports) == 2, "a new head dim compiles again; a new batch or length does not"
+    for report in be.reports:
+        assert [m.kind for m in report.matches] == ["attention"], report.text()
+        assert "L s" in report.matches[0].shape, report.text()

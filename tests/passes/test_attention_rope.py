@@ -139,19 +139,36 @@ def test_rewritten_module_runs_cpu_rope_sites_as_the_rotation_then_the_attention
     _check(STYLES[0], torch.float32)  # outputs and gradients (tables' too) against float64
 
 
-def test_meta_complex_rope_is_the_interleaved_rotation(cpu_path):
-    """Meta's view_as_complex form in float32 is fused as the interleaved rotation (tables built in
-    the graph from freqs_cis's parts); in bf16 it rotates in float32 and rounds once, which fused
-    RoPE does not: declined with that reason, the module still equal to eager."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_meta_complex_rope_is_the_interleaved_rotation(dtype, cpu_path):
+    """Meta's view_as_complex form is fused as the interleaved rotation (tables built in the graph
+    from freqs_cis's parts); on a 16-bit q/k it rotates in float32 and rounds once (``type_as``),
+    which the operator does too ("interleaved/float32")."""
     from tests.rope_styles import MetaComplex
 
-    res = _check(MetaComplex, torch.float32)
+    res = _check(MetaComplex, dtype)
     specs = _rope_specs(res)
-    assert len(specs) == 1 and specs[0].rope_q == specs[0].rope_k == "interleaved", res.report()
+    style = "interleaved" if dtype == torch.float32 else "interleaved/float32"
+    assert len(specs) == 1 and specs[0].rope_q == specs[0].rope_k == style, res.report()
     assert "view_as_complex" not in res.graph.code and not res.misses, res.graph.code
-    res = _check(MetaComplex, torch.bfloat16)
-    reasons = [m.reason for m in res.misses if m.kind == "rope"]
-    assert not _rope_specs(res) and len(reasons) == 2 and all("rounds once" in r for r in reasons), res.report()
+
+
+def test_complex_rope_rounded_to_another_dtype_is_declined_with_its_reason():
+    """A bf16 q rotated in float32 and rounded to float16: not one rounding back to q's dtype."""
+    from tests.rope_styles import B, D, H, L, _attend, freqs_cis
+
+    class ToHalf(torch.nn.Module):
+        def forward(self, q, k, v, freqs):
+            xq = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+            q = torch.view_as_real(xq * freqs.view(1, q.shape[1], 1, -1)).flatten(3).half()
+            return _attend(q.transpose(1, 2), k.half().transpose(1, 2), v.half().transpose(1, 2))
+
+    model = ToHalf()
+    inputs = [torch.randn(B, L, H, D, dtype=torch.bfloat16) for _ in range(3)] + [freqs_cis()]
+    res = fxfuse.rewrite(model, tuple(inputs), passes=PASSES)
+    reasons = [m.reason for m in res.misses if m.kind == "rope" and "float16" in m.reason]
+    assert reasons and "rounds the rotation back to its dtype once" in reasons[0], res.report()
+    assert not _rope_specs(res) and "view_as_complex" in res.graph.code, res.report()
 
 
 def test_complex_freqs_per_head_are_declined_with_their_reason():
@@ -161,3 +178,30 @@ def test_complex_freqs_per_head_are_declined_with_their_reason():
     res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
     reasons = [m.reason for m in res.misses if m.kind == "rope"]
     assert len(reasons) == 2 and all("not one value per pair and position" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_vision_rope_in_float32_is_the_half_rotation_in_float32(dtype, cpu_path):
+    """Qwen2-VL's vision RoPE: a 16-bit q/k rotated in float32 (float32 tables) and cast back once is
+    "half/float32" (in float32 the casts are no-ops: "half")."""
+    from tests.rope_styles import VisionRotaryInFloat32
+
+    specs = _rope_specs(_check(VisionRotaryInFloat32, dtype))
+    style = "half" if dtype == torch.float32 else "half/float32"
+    assert len(specs) == 1 and specs[0].rope_q == specs[0].rope_k == style, specs
+
+
+def test_rotation_in_float32_cast_to_another_dtype_is_declined_with_its_reason():
+    from tests.rope_styles import B, D, H, L, _attend, _tables, rotate_half
+
+    class ToHalf(torch.nn.Module):
+        def forward(self, q, k, v, cos, sin):
+            qf, cos, sin = q.float(), cos[:, None].float(), sin[:, None].float()
+            q = (qf * cos + rotate_half(qf) * sin).half()
+            return _attend(q.transpose(1, 2), k.half().transpose(1, 2), v.half().transpose(1, 2))
+
+    inputs = [torch.randn(B, L, H, D, dtype=torch.bfloat16) for _ in range(3)] + list(_tables(torch.bfloat16))
+    res = fxfuse.rewrite(ToHalf(), tuple(inputs), passes=PASSES)
+    reasons = [m.reason for m in res.misses if m.kind == "rope"]
+    assert reasons and "cast back to its dtype once" in reasons[0], res.report()
+    assert not _rope_specs(res), res.report()

@@ -68,7 +68,7 @@ def _grads(module, x, params):
 
 
 # A float64 Llama RMSNorm still takes float32 statistics (its .float()), so it has no float64 reference.
-@pytest.mark.parametrize("style,dtype", [(s, d) for s in styles.SUM_STYLES
+@pytest.mark.parametrize("style,dtype", [(s, d) for s in styles.SUM_STYLES + styles.TENSOR_ALPHA_STYLES
                                          for d in (torch.float64, torch.float32, torch.bfloat16)
                                          if not (s is styles.DeepNormRMS and d == torch.float64)],
                          ids=lambda p: getattr(p, "__name__", str(p)))
@@ -106,11 +106,28 @@ def test_sub_ln_block_fuses_every_norm():
     torch.testing.assert_close(res.module(x), rtol_out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("style", [styles.TensorAlpha, styles.ZeroDimAlpha, styles.AddAlphaKwarg],
-                         ids=lambda s: s.__name__)
-def test_a_tensor_or_fused_alpha_is_not_a_constant_of_the_fold(style):
+@pytest.mark.parametrize("style", styles.TENSOR_ALPHA_STYLES, ids=lambda s: s.__name__)
+def test_a_zero_dim_alpha_of_the_terms_dtype_folds_as_an_operator_input(style):
     model = _model(style)
     x = torch.randn(2, 5, D)
+    res = fxfuse.rewrite(model, (x,), passes="canonicalize,fuse-norm")
+    specs = _sum_specs(res)
+    assert len(specs) == 1 and len(specs[0].sum_tensor_scales) == 1 and not res.misses, res.report()
+    assert _calls(res, "sum_norm") == 1 and _aten(res, "mul") == 0 and "alpha0 * t" in res.report(), res.graph.code
+    out, eager = res.module(x), model(x)
+    for o, e in zip(out if isinstance(out, tuple) else (out,), eager if isinstance(eager, tuple) else (eager,)):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)  # the CPU path runs eager's ops
+    model.alpha.data.fill_(0.25)  # an input, not a constant: a new value is read at the next call
+    out, eager = res.module(x), model(x)
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("style,dtype", [(styles.TensorAlpha, torch.float32), (styles.ZeroDimAlphaOtherDtype, torch.bfloat16),
+                                         (styles.AddAlphaKwarg, torch.float32)],
+                         ids=lambda p: getattr(p, "__name__", str(p)))
+def test_a_tensor_or_fused_alpha_is_not_a_constant_of_the_fold(style, dtype):
+    model = _model(style, dtype)
+    x = torch.randn(2, 5, D).to(dtype)
     res = fxfuse.rewrite(model, (x,), passes="canonicalize,fuse-norm")
     assert len(res.matches) == 1 and not _sum_specs(res), res.report()
     assert _calls(res, "sum_norm") == 0 and _aten(res, "add") == 1, res.graph.code

@@ -27,10 +27,13 @@ def rope_sign(offs_d, D: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def rope_rotate(x, c, s, offs_d, ROWS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
-    # x * cos + rotate(x) * sin in x's dtype: each product and the sum rounded as the user's ops round
+def rope_rotate(x, c, s, offs_d, ROWS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, F32: tl.constexpr):
+    # x * cos + rotate(x) * sin in x's dtype: each product and the sum rounded as the user's ops
+    # round; F32: in float32 (float32 tables), rounded once to x's dtype at the end
     xf = x.to(tl.float32)
     r = rope_swap(xf, ROWS, D, HALF) * rope_sign(offs_d, D, HALF)
+    if F32:
+        return (xf * c.to(tl.float32) + r * s.to(tl.float32)).to(x.dtype)
     a = (xf * c.to(tl.float32)).to(x.dtype).to(tl.float32)
     b = (r * s.to(tl.float32)).to(x.dtype).to(tl.float32)
     return (a + b).to(x.dtype)
@@ -71,7 +74,7 @@ def fxfuse_attention_3f40f340ea5c_forward(Q, K, V, O, STATS, CQ, SQ, CK, SK, NQ0
     q = nq_v.to(q.dtype)
     cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
     sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-    q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+    q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
     if DOT_F32:  # Triton's interpreter multiplies 16-bit tiles wrongly; float32 holds their values exactly
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
@@ -107,7 +110,7 @@ def fxfuse_attention_3f40f340ea5c_forward(Q, K, V, O, STATS, CQ, SQ, CK, SK, NQ0
         k = nk_v.to(k.dtype)
         ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
         sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        k = rope_rotate(k, ck, sk, offs_d, BLOCK_N, BLOCK_D, True)  # RoPE on the load
+        k = rope_rotate(k, ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False)  # RoPE on the load
         k = tl.trans(k)
         if DOT_F32:
             k = k.to(tl.float32)
@@ -148,7 +151,7 @@ def fxfuse_attention_3f40f340ea5c_forward(Q, K, V, O, STATS, CQ, SQ, CK, SK, NQ0
         k = nk_v.to(k.dtype)
         ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
         sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        k = rope_rotate(k, ck, sk, offs_d, BLOCK_N, BLOCK_D, True)  # RoPE on the load
+        k = rope_rotate(k, ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False)  # RoPE on the load
         k = tl.trans(k)
         if DOT_F32:
             k = k.to(tl.float32)
@@ -213,7 +216,7 @@ def fxfuse_attention_3f40f340ea5c_backward_dkdv(Q, K, V, DO, STATS, DELTA, CQ, S
     kT = nk_v.to(kT.dtype)
     ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
     sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-    kT = rope_rotate(kT, ck, sk, offs_d, BLOCK_N, BLOCK_D, True)  # RoPE on the load
+    kT = rope_rotate(kT, ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False)  # RoPE on the load
     kT = tl.trans(kT)
     vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                  mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
@@ -246,7 +249,7 @@ def fxfuse_attention_3f40f340ea5c_backward_dkdv(Q, K, V, DO, STATS, DELTA, CQ, S
         q = nq_v.to(q.dtype)
         cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                      mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
         row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
@@ -296,7 +299,7 @@ def fxfuse_attention_3f40f340ea5c_backward_dkdv(Q, K, V, DO, STATS, DELTA, CQ, S
         q = nq_v.to(q.dtype)
         cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                      mask=offs_dv[None, :] < DV, other=0.0)
         row_max = tl.load(STATS + pid_bh * LQ + offs_m)
@@ -339,7 +342,7 @@ def fxfuse_attention_3f40f340ea5c_backward_dkdv(Q, K, V, DO, STATS, DELTA, CQ, S
         q = nq_v.to(q.dtype)
         cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                      mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
         row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
@@ -408,7 +411,7 @@ def fxfuse_attention_3f40f340ea5c_backward_dq(Q, K, V, DO, STATS, DELTA, CQ, SQ,
     q = nq_v.to(q.dtype)
     cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
     sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-    q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+    q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
     do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                  mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
     row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
@@ -444,7 +447,7 @@ def fxfuse_attention_3f40f340ea5c_backward_dq(Q, K, V, DO, STATS, DELTA, CQ, SQ,
         kT = nk_v.to(kT.dtype)
         ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
         sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        kT = rope_rotate(kT, ck, sk, offs_d, BLOCK_N, BLOCK_D, True)  # RoPE on the load
+        kT = rope_rotate(kT, ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False)  # RoPE on the load
         kT = tl.trans(kT)
         vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                      mask=offs_dv[None, :] < DV, other=0.0)
@@ -482,7 +485,7 @@ def fxfuse_attention_3f40f340ea5c_backward_dq(Q, K, V, DO, STATS, DELTA, CQ, SQ,
         kT = nk_v.to(kT.dtype)
         ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
         sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        kT = rope_rotate(kT, ck, sk, offs_d, BLOCK_N, BLOCK_D, True)  # RoPE on the load
+        kT = rope_rotate(kT, ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False)  # RoPE on the load
         kT = tl.trans(kT)
         vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                      mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)

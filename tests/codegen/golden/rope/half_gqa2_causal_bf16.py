@@ -27,10 +27,13 @@ def rope_sign(offs_d, D: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def rope_rotate(x, c, s, offs_d, ROWS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
-    # x * cos + rotate(x) * sin in x's dtype: each product and the sum rounded as the user's ops round
+def rope_rotate(x, c, s, offs_d, ROWS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, F32: tl.constexpr):
+    # x * cos + rotate(x) * sin in x's dtype: each product and the sum rounded as the user's ops
+    # round; F32: in float32 (float32 tables), rounded once to x's dtype at the end
     xf = x.to(tl.float32)
     r = rope_swap(xf, ROWS, D, HALF) * rope_sign(offs_d, D, HALF)
+    if F32:
+        return (xf * c.to(tl.float32) + r * s.to(tl.float32)).to(x.dtype)
     a = (xf * c.to(tl.float32)).to(x.dtype).to(tl.float32)
     b = (r * s.to(tl.float32)).to(x.dtype).to(tl.float32)
     return (a + b).to(x.dtype)
@@ -62,7 +65,7 @@ def fxfuse_attention_cc2ca73c5129_forward(Q, K, V, O, STATS, CQ, SQ, CK, SK,
                 mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
     cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
     sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-    q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+    q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
     if DOT_F32:  # Triton's interpreter multiplies 16-bit tiles wrongly; float32 holds their values exactly
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)
@@ -88,7 +91,7 @@ def fxfuse_attention_cc2ca73c5129_forward(Q, K, V, O, STATS, CQ, SQ, CK, SK,
                     mask=offs_d[:, None] < D, other=0.0)
         ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
         sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        k = tl.trans(rope_rotate(tl.trans(k), ck, sk, offs_d, BLOCK_N, BLOCK_D, True))  # RoPE on the load
+        k = tl.trans(rope_rotate(tl.trans(k), ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False))  # RoPE on the load
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, k)
@@ -118,7 +121,7 @@ def fxfuse_attention_cc2ca73c5129_forward(Q, K, V, O, STATS, CQ, SQ, CK, SK,
                     mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
         ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
         sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        k = tl.trans(rope_rotate(tl.trans(k), ck, sk, offs_d, BLOCK_N, BLOCK_D, True))  # RoPE on the load
+        k = tl.trans(rope_rotate(tl.trans(k), ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False))  # RoPE on the load
         if DOT_F32:
             k = k.to(tl.float32)
         s = tl.dot(q, k)
@@ -172,7 +175,7 @@ def fxfuse_attention_cc2ca73c5129_backward_dkdv(Q, K, V, DO, STATS, DELTA, CQ, S
                  mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
     ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
     sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-    kT = tl.trans(rope_rotate(tl.trans(kT), ck, sk, offs_d, BLOCK_N, BLOCK_D, True))  # RoPE on the load
+    kT = tl.trans(rope_rotate(tl.trans(kT), ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False))  # RoPE on the load
     vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                  mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
     if DOT_F32:
@@ -195,7 +198,7 @@ def fxfuse_attention_cc2ca73c5129_backward_dkdv(Q, K, V, DO, STATS, DELTA, CQ, S
                     mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                      mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
         row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
@@ -236,7 +239,7 @@ def fxfuse_attention_cc2ca73c5129_backward_dkdv(Q, K, V, DO, STATS, DELTA, CQ, S
                     mask=offs_d[None, :] < D, other=0.0)
         cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                      mask=offs_dv[None, :] < DV, other=0.0)
         row_max = tl.load(STATS + pid_bh * LQ + offs_m)
@@ -270,7 +273,7 @@ def fxfuse_attention_cc2ca73c5129_backward_dkdv(Q, K, V, DO, STATS, DELTA, CQ, S
                     mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
         sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+        q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
         do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                      mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
         row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
@@ -330,7 +333,7 @@ def fxfuse_attention_cc2ca73c5129_backward_dq(Q, K, V, DO, STATS, DELTA, CQ, SQ,
                 mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
     cq = tl.load(CQ + off_b * scq_b + offs_m[:, None] * scq_l + offs_d[None, :] * scq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
     sq = tl.load(SQ + off_b * ssq_b + offs_m[:, None] * ssq_l + offs_d[None, :] * ssq_d, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D), other=0.0)
-    q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True)  # RoPE on the load
+    q = rope_rotate(q, cq, sq, offs_d, BLOCK_M, BLOCK_D, True, False)  # RoPE on the load
     do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
                  mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV), other=0.0)
     row_max = tl.load(STATS + pid_bh * LQ + offs_m, mask=offs_m < LQ, other=0.0)
@@ -356,7 +359,7 @@ def fxfuse_attention_cc2ca73c5129_backward_dq(Q, K, V, DO, STATS, DELTA, CQ, SQ,
                      mask=offs_d[:, None] < D, other=0.0)
         ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
         sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        kT = tl.trans(rope_rotate(tl.trans(kT), ck, sk, offs_d, BLOCK_N, BLOCK_D, True))  # RoPE on the load
+        kT = tl.trans(rope_rotate(tl.trans(kT), ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False))  # RoPE on the load
         vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                      mask=offs_dv[None, :] < DV, other=0.0)
         if DOT_F32:
@@ -383,7 +386,7 @@ def fxfuse_attention_cc2ca73c5129_backward_dq(Q, K, V, DO, STATS, DELTA, CQ, SQ,
                      mask=(offs_n[None, :] < LK) & (offs_d[:, None] < D), other=0.0)
         ck = tl.load(CK + off_b * sck_b + offs_n[:, None] * sck_l + offs_d[None, :] * sck_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
         sk = tl.load(SK + off_b * ssk_b + offs_n[:, None] * ssk_l + offs_d[None, :] * ssk_d, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D), other=0.0)
-        kT = tl.trans(rope_rotate(tl.trans(kT), ck, sk, offs_d, BLOCK_N, BLOCK_D, True))  # RoPE on the load
+        kT = tl.trans(rope_rotate(tl.trans(kT), ck, sk, offs_d, BLOCK_N, BLOCK_D, True, False))  # RoPE on the load
         vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                      mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV), other=0.0)
         if DOT_F32:
