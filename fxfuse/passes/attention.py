@@ -42,7 +42,7 @@ from fxfuse.passes.attention_variants import NotVariant, reaches, sigmoid_candid
 from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_value, head_merge_chain, is_plain_reshape,
                                            layout_chain_back, size_mask_key, source_operand)
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
-                                 scalar_value, shape, source_of, val)
+                                 plain_cast, scalar_value, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import is_static, reroute_size_reads, same, size_args
 from fxfuse.spec import dtype_name, to_dtype
@@ -58,7 +58,6 @@ _ADDED = (aten.baddbmm.default, aten.addmm.default)
 _PRODUCTS = _BMM + _ADDED
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_CAST = (aten._to_copy.default,)
 
 
 class Declined(Exception):
@@ -86,14 +85,6 @@ class _Site:
     # Extras added on a (B, nW, H, Lq, Lk) view (Swin's windows), by index -> that 5-d shape: read
     # broadcast to (B, nW) and merged to (B*nW, …).
     merge_lead: dict = dataclasses.field(default_factory=dict)
-
-
-def _plain_cast(node) -> bool:
-    if not is_op(node, *_CAST):
-        return False
-    extra = set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}
-    v, src = val(node), val(node.args[0])
-    return not extra and v is not None and src is not None and v.device == src.device and v.dtype.is_floating_point
 
 
 def _scalar_fill(node) -> float | None:
@@ -156,9 +147,9 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
         d = dtype_name(dtype(x))
         a = x.args[0] if isinstance(x, Node) and x.args else None
         if is_op(x, aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) and \
-                scalar_value(x.args[1]) is not None:  # a constant, or a size's (a symbolic head dim's)
+                (factor := scalar_value(x.args[1])) is not None:  # a constant, or a size's (a symbolic head dim's)
             op = "mul" if x.target in (aten.mul.Tensor, aten.mul.Scalar) else "div"
-            steps.append((x, ScoreStep(op, d, value=scalar_value(x.args[1])), None, here))
+            steps.append((x, ScoreStep(op, d, value=factor), None, here))
         elif is_op(x, aten.add.Tensor, aten.sub.Tensor) and is_python_scalar(x.args[1]) and \
                 x.kwargs.get("alpha", 1) == 1:  # s + b, s - b (exactly s + (-b)): sigmoid attention's -log(L)
             value = float(x.args[1]) if x.target == aten.add.Tensor else -float(x.args[1])
@@ -181,7 +172,7 @@ def _score_steps(softmax_in: Node, score_shape: tuple) -> tuple[Node, list[tuple
             steps.append((x, ScoreStep("add" if x.target == aten.add.Tensor else "mul", d), other, here))
         elif is_op(x, aten.div.Tensor) and isinstance(x.args[1], Node) and same(shape(x.args[0]), here):
             steps.append((x, ScoreStep("div", d), x.args[1], here))
-        elif _plain_cast(x):
+        elif plain_cast(x):
             steps.append((x, ScoreStep("cast", d), None, here))
         elif is_op(x, aten.tanh.default):
             steps.append((x, ScoreStep("tanh", d), None, here))
@@ -312,7 +303,7 @@ def _walk_probabilities(softmax: Node) -> _Probabilities:
         if len(users) != 1:
             break
         user = users[0]
-        if _plain_cast(user) and len(x.users) == 1:
+        if plain_cast(user) and len(x.users) == 1:
             casts.append(user)
             x = user
         elif dropout is None and (found := dropout_of(x, user)) is not None:

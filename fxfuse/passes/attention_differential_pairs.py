@@ -33,7 +33,7 @@ from torch.fx import Node
 
 from fxfuse.passes import attention as attention_pass
 from fxfuse.passes.attention_differential import NotDifferential, lambda_rules, lambda_tensor
-from fxfuse.passes.graph import depends_on, dtype, insert_call, is_op, shape, source_of, val
+from fxfuse.passes.graph import depends_on, dtype, insert_call, is_op, plain_cast, shape, source_of, val
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import same, size_args
 from fxfuse.spec_attention import AttentionSpec
@@ -57,7 +57,7 @@ class _Pairs:
 
 
 def _softmax_behind(node: Node) -> Node | None:
-    while is_op(node, aten._to_copy.default) and attention_pass._plain_cast(node):
+    while plain_cast(node):
         node = node.args[0]
     return node if is_op(node, *_SOFTMAX) else None
 

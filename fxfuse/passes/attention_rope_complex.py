@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from fxfuse.passes.graph import dtype, insert_call, is_op, shape, val
+from fxfuse.passes.graph import dtype, insert_call, is_op, plain_cast, shape
 from fxfuse.passes.symbolic import is_static, same
 
 aten = torch.ops.aten
@@ -73,17 +73,10 @@ def upcast_source(x: Node, cast: Node | None) -> Node | None:
     if cast is None or not is_op(x, aten._to_copy.default) or not isinstance(x.args[0], Node):
         return None
     source = x.args[0]
-    if not _plain_cast(x) or not _plain_cast(cast) or dtype(source) not in (torch.bfloat16, torch.float16) or dtype(x) != torch.float32 or \
+    if not plain_cast(x) or not plain_cast(cast) or dtype(source) not in (torch.bfloat16, torch.float16) or dtype(x) != torch.float32 or \
             dtype(cast) != dtype(source) or not same(tuple(shape(source) or ()), tuple(shape(x))):
         return None
     return source
-
-
-def _plain_cast(node: Node) -> bool:
-    """A ``_to_copy`` that changes only the dtype (``.float()``, ``type_as``)."""
-    kw = node.kwargs
-    return set(kw) <= {"dtype", "memory_format", "layout", "device"} and kw.get("layout", torch.strided) == torch.strided \
-        and kw.get("device", val(node.args[0]).device) == val(node.args[0]).device
 
 
 def _check(x: Node, freqs: Node, node: Node, perm: list[int], declined) -> None:
