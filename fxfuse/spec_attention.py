@@ -102,6 +102,14 @@ class AttentionSpec:
                    head dim as the operator loads it, before any RoPE, "" for none; its parameters
                    follow the cos/sin tables in ``fxfuse.attention_rope``'s ``tables`` (see
                    fxfuse.ops.attention_qk_norm).
+    windows:       Swin's (shifted) windows addressed by index, () for none: (ws, shift, Hp, Wp). The
+                   site is one attention per ws x ws window of a (B, Hp, Wp) image rolled by -shift
+                   on both axes (``torch.roll(x, (-shift, -shift), (1, 2))``, then the window
+                   partition); window w = b * nW + wy * (Wp / ws) + wx, its token t at image position
+                   ``((wy*ws + t // ws + shift) % Hp, (wx*ws + t % ws + shift) % Wp)``. q, k, v are then
+                   given as (B, Hp, Wp, H, D) image tensors and the output is (B, Hp, Wp, H, Dv) at
+                   the un-shifted positions (see fxfuse.ops.attention_windows); every other field
+                   reads the (B * nW, H, N, N) scores as without windows.
     """
 
     score_dtype: str
@@ -120,6 +128,7 @@ class AttentionSpec:
     differential: bool = False
     norm_q: str = ""
     norm_k: str = ""
+    windows: tuple = ()
 
     @property
     def softmax_dtype(self) -> str:
@@ -174,6 +183,8 @@ class AttentionSpec:
             del raw["size_mask"], raw["size_key"]
         if not self.differential:
             del raw["differential"]
+        if not self.windows:
+            del raw["windows"]
         for step in raw["steps"]:
             if step["expr"] is None:  # specs without expressions keep their JSON (and kernel names)
                 del step["expr"]
@@ -184,6 +195,8 @@ class AttentionSpec:
         raw = json.loads(text)
         raw["steps"] = tuple(ScoreStep(**{**s, "expr": tupled(s.get("expr"))}) for s in raw["steps"])
         raw["inputs"] = tuple(raw["inputs"])
+        if "windows" in raw:
+            raw["windows"] = tuple(raw["windows"])
         return AttentionSpec(**raw)
 
     # The fields ``without_input`` renumbers. A field added later that names an input by index
@@ -264,6 +277,10 @@ class AttentionSpec:
             parts.append("RoPE on " + " and ".join(rotated))
         if self.differential:
             parts.append("differential (two softmaxes sharing v: o1 - lambda * o2)")
+        if self.windows:
+            ws, shift, hp, wp = self.windows
+            parts.append(f"windows {ws}x{ws} of a {hp}x{wp} image" + (f" shifted by {shift}" if shift else "")
+                         + " addressed by index")
         for name, norm in (("q", self.norm_q), ("k", self.norm_k)):
             if norm:
                 order = " before RoPE" if getattr(self, f"rope_{name}") else ""

@@ -9,3 +9,4 @@ from fxfuse.ops import dyt  # noqa: F401,E402  (defines fxfuse::dyt and its back
 from fxfuse.ops import polynorm  # noqa: F401,E402  (defines fxfuse::polynorm and its backward)
 from fxfuse.ops import linear_attention  # noqa: F401,E402  (defines fxfuse::linear_attention and its backward)
 from fxfuse.ops import attention_differential  # noqa: F401,E402  (defines fxfuse::attention_differential and its backward)
+from fxfuse.ops import attention_windows  # noqa: F401,E402  (defines fxfuse::window_attention)

@@ -393,6 +393,9 @@ def _laid_out(out: Tensor, merge_heads: bool) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, extras: Optional[list[Tensor]], spec: str, seed: Tensor | None = None,
               merge_heads: bool = False) -> Tensor:
     s, extras = _spec(spec), listed(extras)
+    if s.windows:
+        raise ValueError("fxfuse.attention: the spec has windows (image-layout operands); call "
+                         "fxfuse.window_attention with it")
     _check_heads(s, q, k, v)
     s, extras, _ = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
     if _use_triton(q, s):

@@ -51,13 +51,15 @@ def _concrete(args) -> bool:
     return all(not isinstance(a, (Node, torch.SymInt)) for a in flat)
 
 
-def _replay(chain: list[Node], src_shape: tuple) -> torch.Tensor | None:
+def _replay(chain: list[Node], src_shape: tuple, start: torch.Tensor | None = None) -> torch.Tensor | None:
     """Where each element of ``chain``'s result comes from: the layout ops (first applied first)
-    replayed on ``arange`` over a ``src_shape`` tensor (exact, at these shapes); None if unknown."""
+    replayed on ``arange`` over a ``src_shape`` tensor (or on the index tensor ``start``), exact
+    at these shapes; None if unknown. Ops that move elements without arithmetic (``roll``
+    included: Swin's shifted windows, fxfuse.passes.attention_windows) replay as themselves."""
     numel = math.prod(src_shape)
     if numel > _MAX_CONSTANT_NUMEL:
         return None
-    idx = torch.arange(numel).reshape(src_shape)
+    idx = torch.arange(numel).reshape(src_shape) if start is None else start
     for node in chain:
         if not _concrete(node.args[1:]):
             return None

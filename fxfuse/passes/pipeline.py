@@ -69,13 +69,15 @@ def available_passes() -> dict[str, type]:
     from fxfuse.passes.dyt import FuseDyT
     from fxfuse.passes.polynorm import FusePolyNorm
     from fxfuse.passes.linear_attention import FuseLinearAttention
+    from fxfuse.passes.attention_windows import AddressWindows
 
     passes = (Canonicalize, ClaimSDPA, FuseDifferentialPairs, FuseAttention, FuseDifferential, FuseRope, FusePolyNorm,
-              FuseNorm, FuseQkNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT, FuseLinearAttention)
+              FuseNorm, FuseQkNorm, FuseLinearCrossEntropy, FuseGatedMLP, FuseDyT, FuseLinearAttention,
+              AddressWindows)
     return {cls.name: cls for cls in passes}
 
 
-DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-differential-pairs,fuse-attention,fuse-differential,fuse-rope,fuse-polynorm,fuse-norm,fuse-qk-norm"
+DEFAULT_PIPELINE = "canonicalize,claim-sdpa,fuse-differential-pairs,fuse-attention,fuse-differential,fuse-rope,fuse-polynorm,fuse-norm,fuse-qk-norm,address-windows"
 
 
 def parse_pipeline(spec: str | list | tuple | None) -> list:

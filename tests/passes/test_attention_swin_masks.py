@@ -92,9 +92,11 @@ def _run(model, x):
 
 
 def _fused_specs(res):
-    """(spec, extras' shapes) of each fused attention call (Swinv2's QK-norm sites are attention_rope's)."""
+    """(spec, extras' shapes) of each fused attention call (Swinv2's QK-norm sites are attention_rope's,
+    Swin's with windows addressed window_attention's)."""
     calls = [n for n in res.graph.graph.nodes
-             if n.target in (torch.ops.fxfuse.attention.default, torch.ops.fxfuse.attention_rope.default)]
+             if n.target in (torch.ops.fxfuse.attention.default, torch.ops.fxfuse.attention_rope.default,
+                             torch.ops.fxfuse.window_attention.default)]
     return [(AttentionSpec.from_json(next(a for a in n.args if isinstance(a, str))),
              [tuple(e.meta["val"].shape) for e in n.args[3]]) for n in calls]
 

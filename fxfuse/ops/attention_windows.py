@@ -1,0 +1,114 @@
+"""``torch.ops.fxfuse.window_attention``: Swin's (shifted) window attention on image tensors.
+
+q, k, v are ``(B, Hp, Wp, H, D)`` image-layout tensors (the qkv projection's output viewed with its
+channels split into heads, any strides) and the spec's ``windows`` is ``(ws, shift, Hp, Wp)``: the
+site is ``fxfuse.attention`` over the ``(B * nW, H, ws * ws, D)`` windows of the image rolled by
+``-shift`` (the user's ``roll`` then window partition), its output written back to the un-shifted
+image positions, ``(B, Hp, Wp, H, Dv)`` contiguous (the user's window reverse then ``roll``). The
+extra tensors, index expressions and every other spec field read the windowed scores as they did
+in the user's code: window ``b * nW + wy * (Wp / ws) + wx`` in the batch dim.
+
+This is the operator the pass ``address-windows`` (fxfuse.passes.attention_windows) calls once it
+has proved the user's partition chain is exactly that renaming. On every path it builds the
+partition itself (one copy of q, k and v each, and of the output) and runs ``fxfuse.attention`` on
+it, so it computes exactly the user's values; the kernels that load each window's rows from
+their image positions (no copies) are the plan's remaining step (docs/limitations.md). The
+backward partitions the output's gradient the same way, runs ``fxfuse.attention_backward`` and
+writes dq, dk, dv back to image positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fxfuse import config
+from fxfuse.ops.optional_lists import listed
+from fxfuse.spec import to_dtype
+from fxfuse.spec_attention import AttentionSpec
+
+
+@functools.lru_cache(maxsize=256)
+def _specs(text: str) -> tuple[AttentionSpec, str]:
+    """(the spec, the JSON of the same spec without windows: what each window computes)."""
+    spec = AttentionSpec.from_json(text)
+    if len(spec.windows) != 4:
+        raise ValueError("fxfuse.window_attention needs a spec with windows (ws, shift, Hp, Wp); "
+                         "use fxfuse.attention for attention without windows")
+    return spec, dataclasses.replace(spec, windows=()).to_json()
+
+
+def check_image(t: Tensor, windows: tuple, role: str) -> None:
+    ws, shift, hp, wp = windows
+    if t.dim() != 5 or tuple(t.shape[1:3]) != (hp, wp) or hp % ws or wp % ws or not 0 <= shift < ws:
+        raise ValueError(f"fxfuse.window_attention: {role} has shape {list(t.shape)}; the spec's windows "
+                         f"{list(windows)} (ws, shift, Hp, Wp) need a (B, {hp}, {wp}, H, D) image tensor with "
+                         f"ws dividing Hp and Wp and 0 <= shift < ws")
+
+
+def partition(x: Tensor, windows: tuple) -> Tensor:
+    """(B, Hp, Wp, H, D) -> (B * nW, H, ws * ws, D): the image rolled by -shift, then cut into
+    windows (row ``t`` of window ``w`` as the spec's ``windows`` says)."""
+    ws, shift, hp, wp = windows
+    b, _, _, h, d = x.shape
+    if shift:
+        x = torch.roll(x, (-shift, -shift), (1, 2))
+    x = x.reshape(b, hp // ws, ws, wp // ws, ws, h, d).permute(0, 1, 3, 5, 2, 4, 6)
+    return x.reshape(b * (hp // ws) * (wp // ws), h, ws * ws, d)
+
+
+def reverse(o: Tensor, windows: tuple) -> Tensor:
+    """partition's inverse: (B * nW, H, ws * ws, Dv) -> (B, Hp, Wp, H, Dv), contiguous."""
+    ws, shift, hp, wp = windows
+    n, h, _, dv = o.shape
+    b = n // ((hp // ws) * (wp // ws))
+    x = o.reshape(b, hp // ws, wp // ws, h, ws, ws, dv).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, h, dv)
+    if shift:
+        x = torch.roll(x, (shift, shift), (1, 2))
+    return x.contiguous()
+
+
+@torch.library.custom_op("fxfuse::window_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor[]? extras, str spec, Tensor? seed=None) -> Tensor"))
+def window_attention(q: Tensor, k: Tensor, v: Tensor, extras: Optional[list[Tensor]], spec: str,
+                     seed: Tensor | None = None) -> Tensor:
+    s, inner = _specs(spec)
+    for t, role in ((q, "q"), (k, "k"), (v, "v")):
+        check_image(t, s.windows, role)
+    w = s.windows
+    out = torch.ops.fxfuse.attention(partition(q, w), partition(k, w), partition(v, w), listed(extras), inner, seed)
+    return reverse(out, w)
+
+
+@window_attention.register_fake
+def _(q, k, v, extras, spec, seed=None):
+    s, _ = _specs(spec)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=to_dtype(s.out_dtype))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, extras, spec, seed = inputs[:6]
+    extras = listed(extras)
+    ctx.save_for_backward(q, k, v, seed, *extras)
+    ctx.spec, ctx.interpret = spec, config.current.interpret
+    ctx.needs_grad = [e.requires_grad for e in extras]
+
+
+def _backward(ctx, grad_out):
+    q, k, v, seed, *extras = ctx.saved_tensors
+    s, inner = _specs(ctx.spec)
+    w = s.windows
+    with config.patch(interpret=ctx.interpret):
+        dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(
+            partition(grad_out, w), partition(q, w), partition(k, w), partition(v, w), extras, ctx.needs_grad,
+            inner, seed)
+    d_extras = [d if need and e.dtype.is_floating_point else None
+                for d, e, need in zip(d_extras, extras, ctx.needs_grad)]
+    grads = (reverse(dq, w), reverse(dk, w), reverse(dv, w), d_extras, None, None)
+    return grads[:len(ctx.needs_input_grad)]
+
+
+window_attention.register_autograd(_backward, setup_context=_setup)
