@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import torch
 from torch.fx import Node
@@ -52,14 +53,21 @@ def _zero_pad(node: Node) -> bool:
 
 
 def _movers(node: Node) -> bool:
-    return is_op(node, *LAYOUT, aten.roll.default) or _zero_pad(node)
+    """Ops that only move (or pick: ``select``, a fused qkv's ``unbind``) elements, replayed as they are."""
+    return is_op(node, *LAYOUT, aten.roll.default, aten.select.int) or _zero_pad(node)
+
+
+def _unbound(node: Node) -> bool:
+    """``unbind(x, dim)[i]`` (a fused qkv split into q, k, v): ``select(x, dim, i)``."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem and \
+        is_op(node.args[0], aten.unbind.int) and isinstance(node.args[1], int)
 
 
 def _chain_back(node: Node) -> tuple[Node, list[Node]]:
     chain = []
-    while isinstance(node, Node) and _movers(node) and isinstance(node.args[0], Node):
+    while isinstance(node, Node) and (_movers(node) or _unbound(node)) and isinstance(node.args[0], Node):
         chain.append(node)
-        node = node.args[0]
+        node = node.args[0].args[0] if _unbound(node) else node.args[0]
     return node, chain[::-1]
 
 
@@ -81,9 +89,16 @@ def _linear_parts(lin: Node) -> tuple[Node, int]:
 
 
 def _replay_from(chain: list[Node], start: torch.Tensor) -> torch.Tensor:
-    idx = _replay(chain, tuple(start.shape), start)
-    if idx is None:
-        raise _Unproved("a layout op's arguments are not constants")
+    idx = start
+    for node in chain:
+        if _unbound(node):
+            unbind = node.args[0]
+            dim = unbind.args[1] if len(unbind.args) > 1 else unbind.kwargs.get("dim", 0)
+            idx = idx.select(dim, node.args[1])
+            continue
+        idx = _replay([node], tuple(idx.shape), idx)
+        if idx is None:
+            raise _Unproved("a layout op's arguments are not constants")
     return idx
 
 
