@@ -172,4 +172,9 @@ def generate(spec: AttentionSpec) -> Kernel:
         return attention_differential.generate(spec)
     name = kernel_name("attention", spec.to_json())
     plan = lower_attention(spec)
-    return Kernel(name, _source(name, spec, plan) + backward_source(name, spec, plan), spec=spec.describe())
+    source = _source(name, spec, plan) + backward_source(name, spec, plan)
+    if spec.windows:  # Swin's windows read from image positions (fxfuse.codegen.attention_windows)
+        from fxfuse.codegen.attention_windows import address_windows
+
+        source = address_windows(source, spec)
+    return Kernel(name, source, spec=spec.describe())

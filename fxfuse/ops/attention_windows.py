@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fxfuse import config
+from fxfuse.ops.attention import _kernel_grad
 from fxfuse.ops.optional_lists import listed
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
@@ -78,9 +79,23 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, extras: Optional[list[Tens
     s, inner = _specs(spec)
     for t, role in ((q, "q"), (k, "k"), (v, "v")):
         check_image(t, s.windows, role)
-    w = s.windows
-    out = torch.ops.fxfuse.attention(partition(q, w), partition(k, w), partition(v, w), listed(extras), inner, seed)
+    w, extras = s.windows, listed(extras)
+    if _in_place(s, q, k, v, extras):  # the kernels read the windows from image positions: no copies
+        from fxfuse.runtime import attention as kernels
+
+        return kernels.forward(s, q, k, v, extras, seed=seed)[0]
+    out = torch.ops.fxfuse.attention(partition(q, w), partition(k, w), partition(v, w), extras, inner, seed)
     return reverse(out, w)
+
+
+def _in_place(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], *more: Tensor) -> bool:
+    """Whether the Triton kernels run (as for fxfuse.attention: on CUDA, or interpretation asked
+    for) and read these image tensors in place (fxfuse.runtime.attention_windows.usable); a spec
+    whose mask only sizes decide is resolved by fxfuse.attention first (the partition path)."""
+    from fxfuse.ops.attention import _use_triton
+    from fxfuse.runtime.attention_windows import usable
+
+    return spec.size_mask < 0 and _use_triton(q, spec) and usable(spec, q, k, v, *more)
 
 
 @window_attention.register_fake
@@ -102,12 +117,18 @@ def _backward(ctx, grad_out):
     s, inner = _specs(ctx.spec)
     w = s.windows
     with config.patch(interpret=ctx.interpret):
-        dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(
-            partition(grad_out, w), partition(q, w), partition(k, w), partition(v, w), extras, ctx.needs_grad,
-            inner, seed)
-    d_extras = [d if need and e.dtype.is_floating_point else None
-                for d, e, need in zip(d_extras, extras, ctx.needs_grad)]
-    grads = (reverse(dq, w), reverse(dk, w), reverse(dv, w), d_extras, None, None)
+        wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, ctx.needs_grad)]
+        if _in_place(s, q, k, v, extras, grad_out) and all(_kernel_grad(s, i) for i, want in enumerate(wanted) if want):
+            from fxfuse.runtime import attention as kernels
+
+            dq, dk, dv, *d_extras = kernels.backward(s, grad_out, q, k, v, extras, wanted, seed=seed)
+        else:
+            dq, dk, dv, *d_extras = torch.ops.fxfuse.attention_backward(
+                partition(grad_out, w), partition(q, w), partition(k, w), partition(v, w), extras, ctx.needs_grad,
+                inner, seed)
+            dq, dk, dv = reverse(dq, w), reverse(dk, w), reverse(dv, w)
+    d_extras = [d if want else None for d, want in zip(d_extras, wanted)]
+    grads = (dq, dk, dv, d_extras, None, None)
     return grads[:len(ctx.needs_input_grad)]
 
 

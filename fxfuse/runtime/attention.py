@@ -9,7 +9,7 @@ import triton
 
 from fxfuse.lowering.attention import lower_attention
 from fxfuse.lowering.attention_tiles import tile_lists
-from fxfuse.runtime import functions
+from fxfuse.runtime import attention_windows as windows, functions
 from fxfuse.runtime.configs import LaunchConfig, attention_configs, choose, length_bucket
 from fxfuse.runtime.arguments import extra_4d, output_buffer, seed_args
 from fxfuse.spec import NormSpec
@@ -33,8 +33,8 @@ def launch_configs(spec: AttentionSpec, function: str, q, k, v, arch: int | None
     """The configs fxfuse tries for ``function`` at these inputs' sizes (``arch`` defaults to the
     inputs' device's)."""
     arch = device_arch(q.device) if arch is None else arch
-    return attention_configs(arch, function, q.shape[-1], v.shape[-1], _dtype_name(q.dtype), q.shape[2], k.shape[2],
-                             tile_inputs(spec))
+    d, dv, lq, lk = windows.dims(spec, q, k, v)
+    return attention_configs(arch, function, d, dv, _dtype_name(q.dtype), lq, lk, tile_inputs(spec))
 
 
 def tile_inputs(spec: AttentionSpec) -> int:
@@ -52,8 +52,8 @@ def _pick(spec: AttentionSpec, function: str, q, k, v, run, config: LaunchConfig
     (the split-key forward tries the forward's configs: the same tile body)."""
     if config is None:
         plan = lower_attention(spec)
-        key = (spec.to_json(), function, q.shape[-1], v.shape[-1], q.dtype, length_bucket(q.shape[2]),
-               length_bucket(k.shape[2]), plan.skip_above_diagonal)
+        d, dv, lq, lk = windows.dims(spec, q, k, v)
+        key = (spec.to_json(), function, d, dv, q.dtype, length_bucket(lq), length_bucket(lk), plan.skip_above_diagonal)
         config = choose(key, launch_configs(spec, function.removesuffix("_split"), q, k, v), run)
     run(config)
 
@@ -117,13 +117,13 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
     from fxfuse.runtime import attention_decode
 
     if splits is None:
-        splits = attention_decode.decode_splits(spec, q, k)
+        splits = 1 if spec.windows else attention_decode.decode_splits(spec, q, k)
     if splits > 1 and splittable(spec) is None:
         return attention_decode.split_forward(spec, q, k, v, extras, out_dtype, seed, merge_heads, config, splits)
     kernel = functions(spec)["forward"]
-    b, h, lq, d = q.shape
-    lk, dv = k.shape[2], v.shape[3]
-    out = output_buffer((b, h, lq, dv), out_dtype or v.dtype, q.device, merge_heads)
+    b, h, lq, d, _, lk, dv = windows.sizes(spec, q, k, v)
+    out = windows.image_buffer(spec, v, v.shape[-1], out_dtype or v.dtype) if spec.windows else \
+        output_buffer((b, h, lq, dv), out_dtype or v.dtype, q.device, merge_heads)
     stats = torch.empty((2, b * h, lq), dtype=torch.float32, device=q.device)
     es = [extra_4d(e, (b, h, lq, lk)) for e in extras]
     ts = rope_tables(spec, tables, q, k)
@@ -131,10 +131,11 @@ def forward(spec: AttentionSpec, q, k, v, extras, out_dtype: torch.dtype | None 
     def run(c: LaunchConfig) -> None:
         kernel[(triton.cdiv(lq, c.BLOCK_M), b * h)](
             q, k, v, out, stats, *es, *tiles(spec, (b, h, lq, lk), c, q.device)[:3], *seed_args(spec, seed), *ts,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *(s for e in es for s in e.stride()),
+            *st(q), *st(k), *st(v), *st(out), *(s for e in es for s in e.stride()),
             *(s for t in ts for s in t.stride()), h,
             spec.kv_groups, lq, lk, d, dv, ROUND=out_dtype is None, **_grid_meta(c, d, dv, q.is_cuda))
 
+    st = functools.partial(windows.strides4, spec)
     if out.numel():
         _pick(spec, "forward", q, k, v, run, config)
     return out, stats
@@ -153,22 +154,25 @@ def backward(spec: AttentionSpec, grad_out, q, k, v, extras, extra_grads: list[b
     """
     # delta = rowsum(dO * O) stands for rowsum(dP * P): with O rounded to bf16 its error is the
     # same for every key of a row and adds up coherently in dq and dk, so O is kept in float32.
-    b, h, lq, d = q.shape
-    hkv, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    b, h, lq, d, hkv, lk, dv_dim = windows.sizes(spec, q, k, v)
+    st = functools.partial(windows.strides4, spec)
     if spec.normalizer == "sigmoid":  # no row statistics: the kernels recompute p = sigmoid(s) alone
         stats = delta = torch.empty(0, dtype=torch.float32, device=q.device)
     else:
         out, stats = forward(spec, q, k, v, extras, out_dtype=torch.float32, seed=seed, config=config, tables=tables)
-        delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, lq).contiguous()
-    dq = torch.empty((b, h, lq, d), dtype=torch.float32, device=q.device)
-    dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
-    dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
+        delta = windows.rows_of((grad_out.float() * out.float()).sum(-1, keepdim=True), spec).reshape(b * h, lq).contiguous()
+    if spec.windows:  # the kernels store dq, dk, dv at image positions
+        dq, dk, dv = (windows.image_buffer(spec, t, t.shape[-1], torch.float32) for t in (q, k, v))
+    else:
+        dq = torch.empty((b, h, lq, d), dtype=torch.float32, device=q.device)
+        dk = torch.empty((b, h, lk, d), dtype=torch.float32, device=q.device)
+        dv = torch.empty((b, h, lk, dv_dim), dtype=torch.float32, device=q.device)
     es = [extra_4d(e, (b, h, lq, lk)) for e in extras]
     ts = rope_tables(spec, tables, q, k)
 
     def common(c: LaunchConfig) -> tuple:
         return (q, k, v, grad_out, stats, delta, *es, *tiles(spec, (b, h, lq, lk), c, q.device), *seed_args(spec, seed),
-                *ts, *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *(s for e in es for s in e.stride()),
+                *ts, *st(q), *st(k), *st(v), *st(grad_out), *(s for e in es for s in e.stride()),
                 *(s for t in ts for s in t.stride()), h,
                 spec.kv_groups, lq, lk, d, dv_dim)
 

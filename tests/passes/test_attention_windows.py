@@ -218,3 +218,53 @@ def test_transformers_swin_padded_image_windows_addressed():
     res = _check(_Hidden(model), torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(4)))
     assert not res.misses and len(_window_calls(res)) == 2, res.report()
     assert {AttentionSpec.from_json(c.args[4]).windows[2:] for c in _window_calls(res)} == {(8, 8)}
+
+
+# ---- the kernels read the windows in place ----------------------------------------------------
+
+def _operator_inputs(shift, dtype=torch.float32):
+    """q, k, v as (B, Hp, Wp, H, D) views of one linear's output (fused qkv columns: not
+    contiguous), and a (1, H, N, N) bias whose gradient the kernels give."""
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(2, 4, 6, 3, HEADS, 4, generator=g).to(dtype)
+    q, k, v = (qkv[:, :, :, i] for i in range(3))
+    bias = torch.randn(1, HEADS, WS * WS, WS * WS, generator=g).to(dtype)
+    steps = (ScoreStep("mul", "float32", 0.5), ScoreStep("add", "float32", input=0))
+    spec = AttentionSpec(score_dtype="float32", steps=steps, inputs=("bias",), prob_dtype="float32",
+                         windows=(WS, shift, 4, 6))
+    return spec, q, k, v, bias
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_interpreted_kernels_read_image_tensors_in_place(shift, monkeypatch):
+    from fxfuse.ops import attention_windows
+
+    spec, q, k, v, bias = _operator_inputs(shift)
+    upstream = torch.randn(2, 4, 6, HEADS, 4, generator=torch.Generator().manual_seed(8))
+
+    def run(tensors, interpret):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        with fxfuse.config.patch(interpret=interpret):
+            out = torch.ops.fxfuse.window_attention(*leaves[:3], [leaves[3]], spec.to_json())
+            (out.double() * upstream).sum().backward()
+        return out, [t.grad for t in leaves]
+
+    expected, expected_grads = run([t.double() for t in (q, k, v, bias)], False)
+    eager, eager_grads = run([q, k, v, bias], False)  # the partition path (torch)
+
+    partition = attention_windows.partition
+
+    def rows_only(t, windows):  # the backward's delta, one float per row, is reordered by partition
+        assert t.shape[-1] == 1, "the interpreted kernels built a partition copy of an operand"
+        return partition(t, windows)
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("the interpreted kernels built a reverse copy")
+
+    monkeypatch.setattr(attention_windows, "partition", rows_only)
+    monkeypatch.setattr(attention_windows, "reverse", no_copies)
+    got, got_grads = run([q, k, v, bias], True)
+    assert got.shape == (2, 4, 6, HEADS, 4) and got.is_contiguous()
+    assert_close_to_reference(got, eager, expected, "output")
+    for name, g, e, r in zip("q k v bias".split(), got_grads, eager_grads, expected_grads):
+        assert_close_to_reference(g, e, r, f"d{name}")
