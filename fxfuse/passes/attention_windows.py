@@ -43,7 +43,11 @@ _MAX_NUMEL = 1 << 22  # index tensors replayed at capture stay this small
 
 
 class _Unproved(Exception):
-    """Why a site's windows are not addressed."""
+    """Why a site's windows are not addressed (``shapes``: the sizes are why, warned under torch.compile)."""
+
+    def __init__(self, reason: str, shapes: bool = False):
+        super().__init__(reason)
+        self.shapes = shapes
 
 
 def _zero_pad(node: Node) -> bool:
@@ -133,7 +137,8 @@ def _operand(node: Node) -> _Operand:
     out_cols = shape(lin)[1]
     bw, hx, n, dx = shape(node)
     if not all(is_static(shape(t)) for t in (node, lin, x2d, *before)) or not is_static(shape(root)):
-        raise _Unproved("the sizes are symbolic; windows are proved at static sizes only")
+        raise _Unproved("the sizes are symbolic; windows are proved at static sizes only (the partition "
+                        "stays; mark the image sizes static, e.g. torch.compile(dynamic=False))", shapes=True)
     if n_rows * max(cols, out_cols) > _MAX_NUMEL or math.prod(shape(node)) > _MAX_NUMEL:
         raise _Unproved("the image is too large to prove its windows by replay at capture")
     ws = math.isqrt(n)
@@ -289,7 +294,8 @@ class AddressWindows:
                 spec, call = _address(gm, node)
             except _Unproved as why:
                 if str(why):
-                    result.misses.append(Miss("attention-windows", source, f"windows not addressed: {why}", code))
+                    result.misses.append(Miss("attention-windows", source, f"windows not addressed: {why}", code,
+                                              shapes=why.shapes))
                 continue
             result.matches.append(Match("attention-windows", source, WindowSite(spec.windows), call.name, code))
             result.changed += 1

@@ -11,6 +11,7 @@ channel dims, strip windows, a window-layout tensor read elsewhere) stay as fuse
 them, with the reason."""
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -268,3 +269,27 @@ def test_interpreted_kernels_read_image_tensors_in_place(shift, monkeypatch):
     assert_close_to_reference(got, eager, expected, "output")
     for name, g, e, r in zip("q k v bias".split(), got_grads, eager_grads, expected_grads):
         assert_close_to_reference(g, e, r, f"d{name}")
+
+
+# ---- under torch.compile ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "symbolic"])
+def test_backend_reads_windows_and_declines_symbolic_sizes_with_a_warning(dynamic):
+    """At static sizes the windows are addressed; at symbolic sizes (dynamic=True) they are not
+    proved: the partition stays, with a warning saying why."""
+    model = SwinBlock(shift=1)
+    torch._dynamo.reset()
+    backend = fxfuse.Backend(inner="eager")
+    compiled = torch.compile(copy.deepcopy(model), backend=backend, dynamic=dynamic)
+    x = _x()
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compiled(xc)
+    assert any("sizes are symbolic" in str(w.message) for w in caught) == dynamic, [str(w.message) for w in caught]
+    assert [m.kind for m in backend.matches].count("attention-windows") == (not dynamic), backend.report()
+    eager = model(xe)
+    assert_close_to_reference(got, eager, copy.deepcopy(model).double()(x.double()), "output")
+    eager.sum().backward(), got.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    torch._dynamo.reset()
