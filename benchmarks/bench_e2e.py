@@ -66,6 +66,8 @@ class _Hidden(nn.Module):
         self.model, self.decoder = model, decoder
 
     def forward(self, ids):
+        if self.decoder == "pixels":  # Swin reads an image
+            return self.model(pixel_values=ids).last_hidden_state
         if self.decoder:  # T5: the decoder reads the same ids (teacher forcing)
             return self.model(input_ids=ids, decoder_input_ids=ids).last_hidden_state
         return self.model(input_ids=ids).last_hidden_state
@@ -101,6 +103,18 @@ def _bert(d, layers, length):
                                         attn_implementation="eager"), add_pooling_layer=False)), "ids"
 
 
+def _swin(d, layers, length):
+    """transformers' Swin: shifted-window attention on a sqrt(length)-sided image (patch 1, windows
+    of 4x4 = 16 tokens; fxfuse addresses the windows, issue 12 item 6)."""
+    from transformers import SwinConfig, SwinModel
+
+    side = math.isqrt(length)
+    config = SwinConfig(image_size=side, patch_size=1, num_channels=3, embed_dim=d, depths=[layers], num_heads=[4],
+                        window_size=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    config._attn_implementation = "eager"
+    return _Hidden(SwinModel(config, add_pooling_layer=False), decoder="pixels"), "pixels"
+
+
 def _t5(d, layers, length):
     from transformers import T5Config, T5Model
 
@@ -132,7 +146,8 @@ def _polynorm(d, layers, length):
     return PolyComMLP(d, layers), "embeddings"
 
 
-MODELS = {"demo": _demo, "gpt2": _gpt2, "llama": _llama, "bert": _bert, "t5": _t5, "polynorm": _polynorm}
+MODELS = {"demo": _demo, "gpt2": _gpt2, "llama": _llama, "bert": _bert, "t5": _t5, "polynorm": _polynorm,
+          "swin": _swin}
 
 
 def make_model(name, d, layers, batch, length, device):
@@ -141,6 +156,8 @@ def make_model(name, d, layers, batch, length, device):
     model = model.to(device)
     if kind == "ids":
         x = torch.randint(0, VOCAB, (batch, length), device=device)
+    elif kind == "pixels":
+        x = torch.randn(batch, 3, math.isqrt(length), math.isqrt(length), device=device)
     else:
         x = torch.randn(batch, length, d, device=device)
     return model, x
