@@ -9,12 +9,14 @@ extra tensors, index expressions and every other spec field read the windowed sc
 in the user's code: window ``b * nW + wy * (Wp / ws) + wx`` in the batch dim.
 
 This is the operator the pass ``address-windows`` (fxfuse.passes.attention_windows) calls once it
-has proved the user's partition chain is exactly that renaming. On every path it builds the
-partition itself (one copy of q, k and v each, and of the output) and runs ``fxfuse.attention`` on
-it, so it computes exactly the user's values; the kernels that load each window's rows from
-their image positions (no copies) are the plan's remaining step (docs/limitations.md). The
-backward partitions the output's gradient the same way, runs ``fxfuse.attention_backward`` and
-writes dq, dk, dv back to image positions.
+has proved the user's partition chain is exactly that renaming. Where the Triton kernels run (on
+CUDA, or interpreted) they read each window's rows from their image pixels and store the output,
+dq, dk and dv there (fxfuse.codegen.attention_windows): no partition or reverse copies, for one
+key/value head per query head and pixels uniformly strided. Otherwise (the CPU torch path, and
+those other cases) the operator builds the partition itself (one copy of q, k and v each, and of
+the output) and runs ``fxfuse.attention`` on it: exactly the user's values. The backward
+partitions the output's gradient the same way, runs ``fxfuse.attention_backward`` and writes dq,
+dk, dv back to image positions.
 """
 from __future__ import annotations
 
