@@ -30,6 +30,7 @@ from torch import Tensor
 from fxfuse import config
 from fxfuse.ops.attention import _kernel_grad
 from fxfuse.ops.optional_lists import listed
+from fxfuse.runtime.attention_windows import partition, reverse
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 
@@ -50,28 +51,6 @@ def check_image(t: Tensor, windows: tuple, role: str) -> None:
         raise ValueError(f"fxfuse.window_attention: {role} has shape {list(t.shape)}; the spec's windows "
                          f"{list(windows)} (ws, shift, Hp, Wp) need a (B, {hp}, {wp}, H, D) image tensor with "
                          f"ws dividing Hp and Wp and 0 <= shift < ws")
-
-
-def partition(x: Tensor, windows: tuple) -> Tensor:
-    """(B, Hp, Wp, H, D) -> (B * nW, H, ws * ws, D): the image rolled by -shift, then cut into
-    windows (row ``t`` of window ``w`` as the spec's ``windows`` says)."""
-    ws, shift, hp, wp = windows
-    b, _, _, h, d = x.shape
-    if shift:
-        x = torch.roll(x, (-shift, -shift), (1, 2))
-    x = x.reshape(b, hp // ws, ws, wp // ws, ws, h, d).permute(0, 1, 3, 5, 2, 4, 6)
-    return x.reshape(b * (hp // ws) * (wp // ws), h, ws * ws, d)
-
-
-def reverse(o: Tensor, windows: tuple) -> Tensor:
-    """partition's inverse: (B * nW, H, ws * ws, Dv) -> (B, Hp, Wp, H, Dv), contiguous."""
-    ws, shift, hp, wp = windows
-    n, h, _, dv = o.shape
-    b = n // ((hp // ws) * (wp // ws))
-    x = o.reshape(b, hp // ws, wp // ws, h, ws, ws, dv).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, h, dv)
-    if shift:
-        x = torch.roll(x, (shift, shift), (1, 2))
-    return x.contiguous()
 
 
 @torch.library.custom_op("fxfuse::window_attention", mutates_args=(), schema=(

@@ -30,7 +30,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from fxfuse.ops.attention_windows import partition, reverse
+from fxfuse.runtime.attention_windows import partition, reverse
 from fxfuse.passes.attention_layout import LAYOUT, _replay
 from fxfuse.passes.graph import insert_call, is_op, match_layout, shape, source_of, val
 from fxfuse.passes.pipeline import Match, Miss, PassResult

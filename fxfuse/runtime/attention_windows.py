@@ -1,7 +1,9 @@
 """What the attention launches need to know of a spec with ``windows`` (Swin, see
 fxfuse.ops.attention_windows and fxfuse.codegen.attention_windows): the operands are (B, Hp, Wp,
 H, D) image tensors, the scores' batch is the windows' (B * nW) and each window has ws * ws rows.
-Without windows every function here gives the (B, H, L, D) operands' own sizes and strides."""
+Without windows every function here gives the (B, H, L, D) operands' own sizes and strides.
+``partition`` and ``reverse`` are the renaming itself in torch (the operator's CPU path, the
+pass's proof, the backward's per-row delta): plain torch, so every layer above can use them."""
 from __future__ import annotations
 
 import torch
@@ -54,8 +56,26 @@ def image_buffer(spec: AttentionSpec, like: Tensor, channels: int, dtype: torch.
 def rows_of(t: Tensor, spec: AttentionSpec) -> Tensor:
     """A per-row (B, Hp, Wp, H, 1) image tensor in the scores' (B * nW, H, N, 1) order (the
     backward's delta); as it is without windows."""
-    if not spec.windows:
-        return t
-    from fxfuse.ops.attention_windows import partition
+    return partition(t, spec.windows) if spec.windows else t
 
-    return partition(t, spec.windows)
+
+def partition(x: Tensor, windows: tuple) -> Tensor:
+    """(B, Hp, Wp, H, D) -> (B * nW, H, ws * ws, D): the image rolled by -shift, then cut into
+    windows (row ``t`` of window ``w`` as the spec's ``windows`` says)."""
+    ws, shift, hp, wp = windows
+    b, _, _, h, d = x.shape
+    if shift:
+        x = torch.roll(x, (-shift, -shift), (1, 2))
+    x = x.reshape(b, hp // ws, ws, wp // ws, ws, h, d).permute(0, 1, 3, 5, 2, 4, 6)
+    return x.reshape(b * (hp // ws) * (wp // ws), h, ws * ws, d)
+
+
+def reverse(o: Tensor, windows: tuple) -> Tensor:
+    """partition's inverse: (B * nW, H, ws * ws, Dv) -> (B, Hp, Wp, H, Dv), contiguous."""
+    ws, shift, hp, wp = windows
+    n, h, _, dv = o.shape
+    b = n // ((hp // ws) * (wp // ws))
+    x = o.reshape(b, hp // ws, wp // ws, h, ws, ws, dv).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, h, dv)
+    if shift:
+        x = torch.roll(x, (shift, shift), (1, 2))
+    return x.contiguous()

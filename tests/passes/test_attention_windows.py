@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import fxfuse
 from fxfuse.codegen.attention_decode import splittable
-from fxfuse.ops.attention_windows import partition, reverse
+from fxfuse.runtime.attention_windows import partition, reverse
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 from tests.passes.test_attention_swin_masks import _Hidden, _run, _swin
 from tests.tolerances import assert_close_to_reference
@@ -239,6 +239,7 @@ def _operator_inputs(shift, dtype=torch.float32):
 @pytest.mark.parametrize("shift", [0, 1])
 def test_interpreted_kernels_read_image_tensors_in_place(shift, monkeypatch):
     from fxfuse.ops import attention_windows
+    from fxfuse.runtime import attention_windows as runtime_windows
 
     spec, q, k, v, bias = _operator_inputs(shift)
     upstream = torch.randn(2, 4, 6, HEADS, 4, generator=torch.Generator().manual_seed(8))
@@ -253,7 +254,7 @@ def test_interpreted_kernels_read_image_tensors_in_place(shift, monkeypatch):
     expected, expected_grads = run([t.double() for t in (q, k, v, bias)], False)
     eager, eager_grads = run([q, k, v, bias], False)  # the partition path (torch)
 
-    partition = attention_windows.partition
+    partition = runtime_windows.partition
 
     def rows_only(t, windows):  # the backward's delta, one float per row, is reordered by partition
         assert t.shape[-1] == 1, "the interpreted kernels built a partition copy of an operand"
@@ -262,8 +263,9 @@ def test_interpreted_kernels_read_image_tensors_in_place(shift, monkeypatch):
     def no_copies(*args, **kwargs):
         raise AssertionError("the interpreted kernels built a reverse copy")
 
-    monkeypatch.setattr(attention_windows, "partition", rows_only)
-    monkeypatch.setattr(attention_windows, "reverse", no_copies)
+    for module in (attention_windows, runtime_windows):  # the operator's names and the runtime's
+        monkeypatch.setattr(module, "partition", rows_only)
+        monkeypatch.setattr(module, "reverse", no_copies)
     got, got_grads = run([q, k, v, bias], True)
     assert got.shape == (2, 4, 6, HEADS, 4) and got.is_contiguous()
     assert_close_to_reference(got, eager, expected, "output")
