@@ -177,3 +177,16 @@ def test_bench_e2e_rounds_rotate_so_each_implementation_follows_each_other():
     four = ["a", "b", "c", "d"]  # not prime: still more than one predecessor each
     orders = [round_order(four, i) for i in range(8)]
     assert all(len({o[o.index(x) - 1] for o in orders if o.index(x)}) > 1 for x in four)
+
+
+def test_bench_swin_windows_smallest(tmp_path):
+    out = tmp_path / "swin.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_swin_windows.py"), "--side", "4", "--window", "2",
+                           "--dim", "8", "--heads", "2", "--rounds", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["mode"], r["impl"]) for r in rows} == {(m, i) for m in ("inference", "train")
+                                                      for i in ("eager", "windows", "partition")}
+    assert all(r["ms"] > 0 and r["max_abs_diff_vs_eager"] < 1e-4 for r in rows), rows
