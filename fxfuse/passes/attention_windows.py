@@ -263,16 +263,30 @@ def _address(gm, fused: Node) -> tuple[AttentionSpec, Node]:
     return spec, call
 
 
+def _kernels_run(node: Node) -> bool:
+    """Whether the site's kernels will run (CUDA tensors, or interpretation asked for): only then
+    does addressing the windows save the copies. On a CPU torch path the operator builds the
+    partition itself, and its backward partitions q, k and v again: slower than the user's one
+    partition of the image (0.81x in training, benchmarks/results/swin_windows_cpu.json)."""
+    from fxfuse import config
+
+    q = val(node.args[0])
+    return q is not None and (q.device.type == "cuda" or config.current.interpret)
+
+
 @dataclasses.dataclass(frozen=True)
 class AddressWindows:
+    """``on_cpu``: address the windows of CPU sites too (the torch path; for tests and inspection)."""
+
     name: str = "address-windows"
+    on_cpu: bool = False
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         import fxfuse.ops  # noqa: F401  (the rewritten graph calls torch.ops.fxfuse.window_attention)
 
         result = PassResult(self.name)
         for node in list(gm.graph.nodes):
-            if not is_op(node, torch.ops.fxfuse.attention.default):
+            if not is_op(node, torch.ops.fxfuse.attention.default) or not (self.on_cpu or _kernels_run(node)):
                 continue
             source, code = source_of(node)
             try:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 import fxfuse
 from fxfuse.codegen.attention_decode import splittable
+from fxfuse.passes.attention_windows import AddressWindows
+from fxfuse.passes.pipeline import DEFAULT_PIPELINE, parse_pipeline
 from fxfuse.runtime.attention_windows import partition, reverse
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 from tests.passes.test_attention_swin_masks import _Hidden, _run, _swin
@@ -27,6 +29,9 @@ from tests.tolerances import assert_close_to_reference
 
 WS, HEADS, DIM = 2, 2, 8
 aten = torch.ops.aten
+# The default pipeline addresses windows where the kernels run (CUDA, or interpreted); on the CPU
+# torch path only when asked, as here, to test that path too.
+ON_CPU = [*parse_pipeline(DEFAULT_PIPELINE.replace(",address-windows", "")), AddressWindows(on_cpu=True)]
 
 
 def window_partition(x, ws, strips=False, mix=False):
@@ -87,7 +92,7 @@ def _x(side=4, dtype=torch.float32):
 
 def _check(model, x, interpret=False):
     with fxfuse.config.patch(interpret=interpret):
-        res = fxfuse.rewrite(model, (x,))
+        res = fxfuse.rewrite(model, (x,), passes=None if interpret else ON_CPU)
         expected, expected_grads = _run(copy.deepcopy(model).double(), x.double())
         eager, eager_grads = _run(copy.deepcopy(model), x)
         got, got_grads = _run(res.module, x)
@@ -183,7 +188,7 @@ def test_near_misses_keep_the_partition(kind, why):
 def test_window_layout_output_read_elsewhere_keeps_the_partition():
     model = SwinBlock(shift=1, leak=True)
     x = _x()
-    res = fxfuse.rewrite(model, (x,))
+    res = fxfuse.rewrite(model, (x,), passes=ON_CPU)
     assert not _window_calls(res)
     [miss] = [m for m in res.misses if m.kind == "attention-windows"]
     assert "one linear" in miss.reason or "un-shifted" in miss.reason, miss.reason
@@ -281,7 +286,7 @@ def test_backend_reads_windows_and_declines_symbolic_sizes_with_a_warning(dynami
     proved: the partition stays, with a warning saying why."""
     model = SwinBlock(shift=1)
     torch._dynamo.reset()
-    backend = fxfuse.Backend(inner="eager")
+    backend = fxfuse.Backend(passes=ON_CPU, inner="eager")
     compiled = torch.compile(copy.deepcopy(model), backend=backend, dynamic=dynamic)
     x = _x()
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -295,3 +300,14 @@ def test_backend_reads_windows_and_declines_symbolic_sizes_with_a_warning(dynami
     eager.sum().backward(), got.sum().backward()
     torch.testing.assert_close(xc.grad, xe.grad)
     torch._dynamo.reset()
+
+
+def test_default_pipeline_keeps_the_partition_on_the_cpu_torch_path():
+    """Without kernels to read the windows in place the operator would build the partition itself
+    (and again in its backward): the default pipeline leaves CPU sites as fuse-attention wrote them,
+    silently, and addresses them when the kernels run (interpreted here)."""
+    model, x = SwinBlock(shift=1), _x()
+    res = fxfuse.rewrite(model, (x,))
+    assert not _window_calls(res) and not res.misses and _copies_left(res), res.report()
+    with fxfuse.config.patch(interpret=True):
+        assert len(_window_calls(fxfuse.rewrite(model, (x,)))) == 1
