@@ -1,4 +1,4 @@
-"""RoPE in the vision towers of transformers' Qwen2-VL and Qwen2.5-VL (code nobody here wrote;
+"""RoPE in the vision towers of transformers' Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V (code nobody here wrote;
 tiny configs, random weights): ``apply_rotary_pos_emb_vision`` rotates (L, H, D) q and k in
 float32, then eager and SDPA attention split q, k and v per image with
 ``torch.split(x, lengths.tolist(), dim=2)``. With one image the split's one chunk is the whole
@@ -29,6 +29,13 @@ def _tower(family: str, attn: str, dtype: torch.dtype):
         from transformers.models.qwen2_vl.modeling_qwen2_vl import (Qwen2VisionTransformerPretrainedModel as Tower,
                                                                     Qwen2VLVisionConfig as Config)
         config = Config(embed_dim=64, mlp_ratio=2, **common)
+    elif family == "qwen3_vl":
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionConfig as Config, Qwen3VLVisionModel as Tower
+        config = Config(intermediate_size=64, out_hidden_size=64, num_position_embeddings=16,
+                        deepstack_visual_indexes=[1], **common)
+    elif family == "glm4v":
+        from transformers.models.glm4v.modeling_glm4v import Glm4vVisionConfig as Config, Glm4vVisionModel as Tower
+        config = Config(intermediate_size=64, out_hidden_size=64, image_size=GRID[1] * PATCH, **common)
     else:  # window attention in the blocks not in fullatt_block_indexes; one window spans an image here
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
             Qwen2_5_VisionTransformerPretrainedModel as Tower, Qwen2_5_VLVisionConfig as Config)
@@ -46,6 +53,10 @@ def _inputs(model, images: int, dtype: torch.dtype):
     x = torch.randn(images * GRID[1] * GRID[2], 3 * PATCH * PATCH, generator=torch.Generator().manual_seed(1))
     kwargs = {"cu_seqlens": vu.get_vision_attention_seqlens(grid, model.config)[0],
               "position_ids": vu.get_vision_position_ids(grid, model.spatial_merge_size)}
+    if hasattr(model, "num_grid_per_side"):  # Qwen3-VL's interpolated position embeddings
+        kwargs["interp_indices"], kwargs["interp_weights"] = vu.get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=model.num_grid_per_side, mode=model.interpolation_mode,
+            align_corners=model.interpolation_align_corners, spatial_merge_size=model.config.spatial_merge_size)
     if hasattr(model, "fullatt_block_indexes"):
         kwargs["window_index"], kwargs["cu_window_seqlens"] = vu.get_vision_window_index(
             grid, model.spatial_merge_size, model.window_size, model.patch_size)
@@ -74,6 +85,21 @@ def test_one_image_every_layer_rotation_is_fused(family, attn, dtype):
     assert not res.misses, res.report()
     assert "split_with_sizes" not in res.graph.code and "aten.neg" not in res.graph.code, res.graph.code
     assert res.graph.code.count("aten._assert_scalar") == 3 * DEPTH  # q's, k's and v's split sizes, checked
+    out = res.module(x, grid, **kwargs).last_hidden_state
+    eager = model(x, grid, **kwargs).last_hidden_state
+    assert_close_to_reference(out, eager, _reference(model, x, grid, kwargs), "last_hidden_state")
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "glm4v"])
+def test_one_image_in_other_families_towers(family):
+    """Qwen3-VL (interpolated position embeddings, deepstack mergers) and GLM-4V (RMSNorm blocks)
+    copy Qwen2-VL's vision attention: every layer's rotation is fused there too."""
+    model = _tower(family, "sdpa", torch.bfloat16)
+    x, grid, kwargs = _inputs(model, 1, torch.bfloat16)
+    res = fxfuse.rewrite(model, (x, grid), example_kwargs=kwargs)
+    rope = _kinds(res, "rope")
+    assert len(rope) == DEPTH and all(m.spec.rope_q == "half/float32" for m in rope), res.report()
+    assert not res.misses, res.report()
     out = res.module(x, grid, **kwargs).last_hidden_state
     eager = model(x, grid, **kwargs).last_hidden_state
     assert_close_to_reference(out, eager, _reference(model, x, grid, kwargs), "last_hidden_state")

@@ -73,3 +73,25 @@ def test_a_split_on_another_dim_is_checked_against_that_dim():
         split_another_dim(_x(), torch.tensor([6]))
     with pytest.raises(RuntimeError, match="split sizes"):
         res.module(_x(), torch.tensor([6]))
+
+
+def attention_per_chunk(q, k, v, lengths):  # a vision tower's eager attention per image
+    chunks = [torch.split(t, lengths.tolist(), dim=2) for t in (q, k, v)]
+    outs = [torch.softmax(a @ b.transpose(-1, -2) * 0.25, -1) @ c for a, b, c in zip(*chunks)]
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("lengths", [[6], [2, 4]], ids=["one_chunk", "two_chunks"])
+def test_attention_per_chunk_is_fused_only_when_the_chunk_is_the_whole(lengths):
+    """One chunk: the attention reads q, k, v themselves and is fused. Two: each chunk's length is
+    read from data (it may be 0): declined with that reason, not a crash, the output eager's."""
+    qkv = [torch.randn(1, 2, 6, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    lengths = torch.tensor(lengths)
+    res = fxfuse.rewrite(attention_per_chunk, (*qkv, lengths))
+    fused = [m for m in res.matches if m.kind == "attention"]
+    misses = [m.reason for m in res.misses if m.kind == "attention"]
+    if len(lengths) == 1:
+        assert len(fused) == 1 and not misses, res.report()
+    else:
+        assert not fused and len(misses) == 2 and all("read from a tensor's values" in r for r in misses), res.report()
+    torch.testing.assert_close(res.module(*qkv, lengths), attention_per_chunk(*qkv, lengths))
