@@ -14,7 +14,8 @@ fxfuse.ops.attention_rope), so the rotated copy is never written. The rotations 
 What is proved: the rotation spans the whole head dim (halves split at exactly D/2, or every
 pair); x, cos, sin and every op's result share x's dtype (the operator rounds as they do); cos
 and sin broadcast to x's (B, H, L, D) with size 1 on the head dim, their last dim D and their
-length dim L or 1; between the rotation and the operand there is at most a permutation or a head
+length dim L or 1; between the rotation and the operand there is at most a permutation (permutes,
+transposes, and an unsqueeze of a batch-less (L, H, D) tensor, as vision towers write it) or a head
 copy (repeat_kv's expand and reshape, proved by replaying it on index tensors to keep (b, l, d) and
 take one head per (b, h', l) row: a rotation commutes with it); the rotated tensor has no other user (a rotated k stored in a KV cache stays
 as written: a miss says so). Partial rotary (GPT-NeoX's ``rotary_pct``, Phi: only the first
@@ -269,7 +270,7 @@ def _operand(arg: Node) -> tuple[Node, list[int], list[Node], bool]:
 
 
 def _rotations(fused: Node, misses: list) -> dict:
-    """{"q"|"k": (Rope, perm, head copy)} for the operands that are fusable rotations."""
+    """{"q"|"k": (Rope, perm, head copy, lifted)} for the operands that are fusable rotations (see _operand)."""
     found = {}
     for name, arg in (("q", fused.args[0]), ("k", fused.args[1])):
         root, perm, chain, lifted = _operand(arg)
