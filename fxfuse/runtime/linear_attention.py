@@ -78,7 +78,8 @@ def forward(spec: LinearAttentionSpec, a: torch.Tensor, bt: torch.Tensor, v) -> 
 
 
 def backward(spec: LinearAttentionSpec, grad: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, v) -> list:
-    """[d_a, d_bt] (+ [d_v] with values), as ``fxfuse::linear_attention_backward`` returns them."""
+    """[d_a, d_bt] (+ [d_v] with values): d_a and d_bt in float32, the gradients of the features
+    (``fxfuse::linear_attention_backward`` chains them through the spec's feature maps and rounds)."""
     fns = functions(spec)
     a3, bt3, v3, g3 = _batched(a, bt, v, grad)
     n, length, d = a3.shape
@@ -97,7 +98,6 @@ def backward(spec: LinearAttentionSpec, grad: torch.Tensor, a: torch.Tensor, bt:
         fns["backward_da"][(n, blocks)](g3, bt3, v_ptr, da, *common, *da.stride()[:3], **tiles)
         dv_args = (dv, *dv.stride()) if dv is not None else ()
         fns["backward_dbdv"][(n, blocks)](g3, a3, bt3, v_ptr, db, *dv_args, *common, *db.stride()[:3], **tiles)
-    d_a = da.sum(0).to(a.dtype)
-    d_bt = db.sum(0).transpose(1, 2).to(bt.dtype).contiguous()
-    grads = [d_a, d_bt] + ([dv] if dv is not None else [])
+    # d_a, d_bt stay float32: the operator takes them back through its feature maps, then rounds once
+    grads = [da.sum(0), db.sum(0).transpose(1, 2)] + ([dv] if dv is not None else [])
     return [t[0] for t in grads] if a.dim() == 2 else grads
