@@ -267,7 +267,7 @@ def _kernels_run(node: Node) -> bool:
     """Whether the site's kernels will run (CUDA tensors, or interpretation asked for): only then
     does addressing the windows save the copies. On a CPU torch path the operator builds the
     partition itself, and its backward partitions q, k and v again: slower than the user's one
-    partition of the image (0.81x in training, benchmarks/results/swin_windows_cpu.json)."""
+    partition of the image (0.81-0.86x in training, benchmarks/results/swin_windows_cpu.json)."""
     from fxfuse import config
 
     q = val(node.args[0])
