@@ -296,6 +296,23 @@ def main(argv=None):
 _BEFORE_UPDATE: dict[str, dict] = {}
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with the rows ``new`` re-measured replaced: the same (family, attn, mode), and a
+    family's build or no-sdpa row once it has built (or every old row of a (family, attn) that now
+    fails to build). The rows of modes not run again stay (--modes compile keeps compile_eager's)."""
+    measured = {(r["family"], r["attn"], r["mode"]) for r in new}
+    pairs = {(r["family"], r["attn"]) for r in new}
+    failed = {(r["family"], r["attn"]) for r in new if r["mode"] in ("build", "-")}
+
+    def stale(r):
+        pair = (r["family"], r["attn"])
+        return (*pair, r["mode"]) in measured or pair in failed or (pair in pairs and r["mode"] in ("build", "-"))
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    attns, modes = {"eager": 0, "sdpa": 1}, {m: i for i, m in enumerate(("build", "-") + MODES)}
+    return sorted([r for r in old if not stale(r)] + new, key=lambda r: (
+        order.get(r["family"], 1e9), attns.get(r["attn"], 9), modes.get(r["mode"], 99)))
+
+
 def write_results(out: Path, args, done: list[str], families: list[str], rows: list[dict], started: float) -> None:
     import transformers
 
@@ -307,11 +324,11 @@ def write_results(out: Path, args, done: list[str], families: list[str], rows: l
     if args.update and (str(out) in _BEFORE_UPDATE or out.with_suffix(".json").exists()):
         # the file as it was before this run (written again after each family)
         old = _BEFORE_UPDATE.setdefault(str(out), json.loads(out.with_suffix(".json").read_text()))
-        ran = set(done)
-        order = {f: i for i, f in enumerate(FAMILIES)}
-        rows = sorted([r for r in old["rows"] if r["family"] not in ran] + rows, key=lambda r: order.get(r["family"], 1e9))
+        ran_modes = sorted({r["mode"] for r in rows} - {"build", "-"})
+        rows = merge_rows(old["rows"], rows)
         meta = {**old["meta"], "updates": old["meta"].get("updates", []) + [
-            {"families": sorted(ran), "commit": commit, "seconds": meta["seconds"], "argv": meta["argv"]}]}
+            {"families": sorted(set(done)), "modes": ran_modes,
+             "commit": commit, "seconds": meta["seconds"], "argv": meta["argv"]}]}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(write_markdown(meta, rows))
 

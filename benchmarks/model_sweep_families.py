@@ -117,6 +117,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "siglip_vision_model": ("vision", {}),
 }
 
+# Model types with no Auto class for their config (AutoModel has SigLIP's vision tower, not its text one).
+MODEL_CLASSES = {"siglip_text_model": "SiglipTextModel"}
+
 
 def build_config(model_type: str):
     import transformers
@@ -124,6 +127,10 @@ def build_config(model_type: str):
     default = transformers.AutoConfig.for_model(model_type)
     # (not the keys the config computes: Falcon's head_dim is a property)
     kwargs = {k: v for k, v in TINY.items() if hasattr(default, k) and not isinstance(getattr(type(default), k, None), property)}
+    # A generic key that is another name for a key the family overrides (Swin's num_attention_heads is
+    # its num_heads, a per-stage list) would be set after it and overwrite it: the family's wins.
+    aliases = getattr(default, "attribute_map", {})
+    kwargs = {k: v for k, v in kwargs.items() if aliases.get(k) not in FAMILIES[model_type][1]}
     for k, v in vars(default).items():
         if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or "pdrop" in k):
             kwargs[k] = 0.0
@@ -140,7 +147,10 @@ def build_model(model_type: str, attn: str) -> torch.nn.Module:
     auto = {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM,
             "seq2seq": transformers.AutoModelForSeq2SeqLM, "whisper": transformers.AutoModelForSpeechSeq2Seq,
             }.get(task, transformers.AutoModel)
-    model = auto.from_config(config, attn_implementation=attn)
+    if model_type in MODEL_CLASSES:
+        model = getattr(transformers, MODEL_CLASSES[model_type])._from_config(config, attn_implementation=attn)
+    else:
+        model = auto.from_config(config, attn_implementation=attn)
     _randomize_norm_weights(model)
     return model.eval()
 

@@ -35,7 +35,8 @@ def write_markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['machine']}, {meta['seconds']} s, {meta.get('families_done', '?')} of {meta.get('families_asked', '?')} "
         f"families asked (`{' '.join(meta.get('argv', []))}`). Produced by `benchmarks/model_sweep.py` (see benchmarks/README.md).",
         *([meta["note"]] if meta.get("note") else []),
-        *(f"Re-measured at commit {u['commit']} ({u['seconds']} s): {', '.join(u['families'])}." for u in meta.get("updates", [])),
+        *(f"Re-measured at commit {u['commit']} ({u['seconds']} s{', ' + ', '.join(u['modes']) if u.get('modes') else ''}): "
+          f"{', '.join(u['families'])}.{' ' + u['note'] if u.get('note') else ''}" for u in meta.get("updates", [])),
         "",
         "A cell is `ok <ratio>` when every output (gradient) is within the tolerance bound of tests/tolerances.py "
         "(ratio = worst error / bound, <= 1 passes), `MISMATCH` above it, `CRASH` when fxfuse raised, "
