@@ -2,9 +2,10 @@
 the task head it is built with and its per-family exceptions to the generic tiny config.
 
 A config is built with ``AutoConfig.for_model(model_type, **kwargs)`` from ``TINY`` (only the keys
-that model type's default config has), every dropout set to zero (a training step is compared with
-eager's), then the family's own overrides; the model with the Auto class of its task, random weights,
-no downloads."""
+that model type's default config has), every dropout and stochastic depth (BEiT's and Swin's
+drop_path_rate: a training step is compared with eager's, so nothing random) set to zero, then the
+family's own overrides; the model with the Auto class of its task (or MODEL_CLASSES), random
+weights, no downloads."""
 from __future__ import annotations
 
 import torch
@@ -132,7 +133,7 @@ def build_config(model_type: str):
     aliases = getattr(default, "attribute_map", {})
     kwargs = {k: v for k, v in kwargs.items() if aliases.get(k) not in FAMILIES[model_type][1]}
     for k, v in vars(default).items():
-        if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or "pdrop" in k):
+        if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or "pdrop" in k or "drop_path" in k):
             kwargs[k] = 0.0
     kwargs.update(FAMILIES[model_type][1])
     return transformers.AutoConfig.for_model(model_type, **kwargs)
