@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import time
@@ -55,11 +56,12 @@ def _decode(args, batch: int, prompt: int, backend: str) -> dict:
         torch._dynamo.reset()
         model.forward = torch.compile(model.forward, backend=be)
     model.generate(ids, **kwargs)  # warm-up: compiles
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     got = model.generate(ids, **kwargs)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     row = {"bench": "decode", "backend": backend, "batch": batch, "prompt": prompt,
            "new_tokens": args.new_tokens, "tokens_per_s": batch * args.new_tokens / seconds,
+           "tokens_per_cpu_s": batch * args.new_tokens / cpu_seconds,
            "tokens_equal_eager": bool(torch.equal(got, want))}
     if isinstance(be, Backend):
         row["graphs"] = len(be.reports)
@@ -87,12 +89,12 @@ def _train(args, backend: str) -> dict:
     torch._dynamo.reset()
     for n in lengths:  # warm-up: the compiles (a static graph, then a symbolic one)
         step(n)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for n in lengths:
         step(n)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     row = {"bench": "train_varying_length", "backend": backend, "lengths": f"{lo}..{hi}", "steps": args.steps,
-           "steps_per_s": args.steps / seconds}
+           "steps_per_s": args.steps / seconds, "steps_per_cpu_s": args.steps / cpu_seconds}
     if isinstance(be, Backend):
         row["graphs"] = len(be.reports)
     return row
@@ -108,8 +110,12 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--backends", default="eager,fxfuse,inductor", help="of eager, fxfuse, fxfuse_eager, inductor")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 by default, as bench_e2e: OpenMP threads on a shared or "
+                        "oversubscribed CPU spin at barriers and distort wall time many-fold)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.prompts, args.new_tokens, args.lengths, args.steps = "128", 16, "64,256", 4
     args.lengths = tuple(int(x) for x in args.lengths.split(","))
@@ -123,7 +129,8 @@ def main(argv=None):
         print(json.dumps(rows[-1]), flush=True)
     machine = f"{platform.machine()}-{torch.get_num_threads()}threads"
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / "decode_cpu.json"
-    out.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "results": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"machine": machine, "torch": torch.__version__,
+                               "load_average_at_end": os.getloadavg(), "results": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 
 

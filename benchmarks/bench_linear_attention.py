@@ -9,7 +9,9 @@ and under ``torch.compile(backend=fxfuse)`` (the rest of the graph by Inductor).
 
 Each (implementation, length, mode) runs in a fresh subprocess; peak memory is measured as in
 bench_loss.py (peak resident set added by the call) on the CPU, and as the peak of
-``torch.cuda.max_memory_allocated`` above what was allocated before the call on CUDA, where the
+``torch.cuda.max_memory_allocated`` above what was allocated before the call on CUDA; ``saved_mib``
+(fwd+bwd) is what autograd keeps from the forward for the backward, q, k, v left out: the memory
+each such layer holds in a model's training step, which one call's peak does not show. On CUDA the
 fxfuse rows launch the generated Triton kernels. Results: results/linear_attention_<device>.json/.csv.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from bench_norm import machine_info  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 PASSES = "canonicalize,fuse-linear-attention"
 IMPLS = ("eager", "inductor", "fxfuse", "fxfuse_compile")
-COLUMNS = ("mode", "length", "heads", "head_dim", "impl", "ms", "peak_mib", "scores_f32_mib", "memory_vs_eager",
+COLUMNS = ("mode", "length", "heads", "head_dim", "impl", "ms", "peak_mib", "saved_mib", "scores_f32_mib", "memory_vs_eager",
            "speedup_vs_eager", "speedup_vs_inductor", "max_abs_diff_vs_eager", "note")
 
 
@@ -60,6 +62,24 @@ def _build(impl, q, k, v):
             raise RuntimeError("fxfuse did not fuse the site: " + res.report())
         return res.module
     return torch.compile(causal_linear_attention, backend=fxfuse.Backend(passes=PASSES))
+
+
+def _saved_for_backward_mib(fn, q, k, v) -> float:
+    """What autograd keeps from the forward until the backward (the activation memory a model pays
+    per layer), q, k and v themselves left out: the distinct storages of the tensors it saves."""
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in inputs:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(q, k, v)
+    del out
+    return sum(storages.values()) / 2**20
 
 
 def child(args) -> int:
@@ -101,6 +121,7 @@ def child(args) -> int:
         open("/proc/self/clear_refs", "w").write("5")
         out = step()
         peak = _rss_mib("VmHWM") - before
+    saved = _saved_for_backward_mib(fn, q, k, v) if backward else None
     times = []
     for _ in range(args.repeat):
         sync()
@@ -109,7 +130,7 @@ def child(args) -> int:
         sync()
         times.append(time.perf_counter() - t0)
     torch.save(out.float().cpu(), args.save)
-    print(json.dumps({"ms": min(times) * 1e3, "peak_mib": peak, "setup_s": setup_s}))
+    print(json.dumps({"ms": min(times) * 1e3, "peak_mib": peak, "saved_mib": saved, "setup_s": setup_s}))
     return 0
 
 
@@ -187,6 +208,8 @@ def _rows(found, mode, length, args) -> list[dict]:
                "scores_f32_mib": round(args.heads * length * length * 4 / 2**20, 1), "note": r.get("note", "")}
         if "ms" in r:
             row.update(ms=round(r["ms"], 2), peak_mib=round(r["peak_mib"], 1))
+            if r.get("saved_mib") is not None:
+                row["saved_mib"] = round(r["saved_mib"], 1)
             if "ms" in eager:
                 row.update(speedup_vs_eager=round(eager["ms"] / r["ms"], 3),
                            memory_vs_eager=round(r["peak_mib"] / max(eager["peak_mib"], 1e-9), 3),

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
+# Elementwise feature maps the operator can apply itself: Katharopoulos et al.'s elu(x) + 1 (alpha 1),
+# relu, exp, sigmoid, and the square (ReBased's, after its affine map).
+FEATURE_MAPS = ("elu1", "relu", "exp", "sigmoid", "square")
+
 
 @dataclasses.dataclass(frozen=True)
 class LinearAttentionSpec:
@@ -12,16 +16,25 @@ class LinearAttentionSpec:
     (the product's second operand as written) and (N, S, E) values; with ``causal``, query i sees
     keys j <= i only, computed chunk by chunk (``chunk`` rows). ``values=False``: the normaliser,
     the (L, S) product summed over the keys, (N, L, 1). ``features`` names phi as recognised (for
-    the report; the rewrite is exact for any phi)."""
+    the report; the rewrite is exact for any phi). ``phi_a`` / ``phi_b``: an elementwise feature
+    map (one of ``FEATURE_MAPS``) the operator applies to ``a`` / ``bt`` itself, which are then
+    q and k^T before phi ("" when the graph computed the features): the kernels apply it as they
+    load a tile, so phi(q) and phi(k) are never written, nor kept for the backward."""
 
     causal: bool
     values: bool
     features: str
     chunk: int = 64
+    phi_a: str = ""
+    phi_b: str = ""
 
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = dataclasses.asdict(self)
+        for name in ("phi_a", "phi_b"):  # absent at their default: specs (and kernel names) from before them are unchanged
+            if not fields[name]:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
     def from_json(text: str) -> "LinearAttentionSpec":
@@ -30,4 +43,6 @@ class LinearAttentionSpec:
     def describe(self) -> str:
         what = "phi(q) @ (phi(k)^T @ v)" if self.values else "normaliser phi(q) @ sum_keys phi(k)"
         order = f"causal, chunks of {self.chunk}" if self.causal else "non-causal"
-        return f"linear attention {what} ({order}; phi: {self.features}), the (L, L) matrix never formed"
+        inside = [f"{side} {m}" for side, m in (("phi(q) =", self.phi_a), ("phi(k) =", self.phi_b)) if m]
+        where = f", applied in the operator: {', '.join(inside)}" if inside else ""
+        return f"linear attention {what} ({order}; phi: {self.features}{where}), the (L, L) matrix never formed"

@@ -49,14 +49,52 @@ def rebased_causal(q, k, v, gamma=0.5, beta=0.1):
     return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
 
 
+def relu_causal_normalised(q, k, v):
+    """relu features (as in cosFormer's before its reweighting), causal by masked_fill, normalised."""
+    q, k = F.relu(q), torch.relu(k)
+    s = (q @ k.transpose(-2, -1)).masked_fill(_causal_hidden(q.shape[-2], q.device), 0.0)
+    return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
+
+
+def exp_and_sigmoid_features(q, k, v):
+    """Positive features of two kinds, exp on q and sigmoid on k, non-causal, normalised."""
+    q, k = q.exp(), k.sigmoid()
+    s = q @ k.transpose(-2, -1)
+    return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
+
+
 def identity_features_no_normaliser(q, k, v):
     """phi of either sign, no normaliser: the reassociation is still safe (no quotient)."""
     return (q @ k.transpose(-2, -1)) @ v * q.shape[-1] ** -0.5
 
 
 STYLES = [elu_causal_masked_fill, elu_causal_tril_multiply, elu_einsum_normalised, efficient_attention,
-          rebased_causal, identity_features_no_normaliser]
-CAUSAL = {elu_causal_masked_fill, elu_causal_tril_multiply, rebased_causal}
+          rebased_causal, relu_causal_normalised, exp_and_sigmoid_features, identity_features_no_normaliser]
+CAUSAL = {elu_causal_masked_fill, elu_causal_tril_multiply, rebased_causal, relu_causal_normalised}
+# the elementwise feature maps the operator applies itself (spec phi_a, phi_b): phi(q), phi(k) never written
+APPLIED_IN_THE_OPERATOR = {elu_causal_masked_fill: ("elu1", "elu1"), elu_causal_tril_multiply: ("elu1", "elu1"),
+                           elu_einsum_normalised: ("elu1", "elu1"), rebased_causal: ("square", "square"),
+                           relu_causal_normalised: ("relu", "relu"), exp_and_sigmoid_features: ("exp", "sigmoid"),
+                           efficient_attention: ("", ""), identity_features_no_normaliser: ("", "")}
+
+
+# ---- feature maps that stay in the graph (the site is still fused) ---------------------------------
+
+def elu_plus_two(q, k, v):
+    """elu(x) + 2: not the operator's elu1 (the features stay the graph's)."""
+    q, k = F.elu(q) + 2, F.elu(k) + 2
+    s = q @ k.transpose(-2, -1)
+    return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
+
+
+def features_cast_before_the_product(q, k, v):
+    """phi in bfloat16, then widened: phi's rounding is bfloat16's, not the product's dtype."""
+    q, k = (F.elu(q.bfloat16()) + 1).to(q.dtype), (F.elu(k.bfloat16()) + 1).to(k.dtype)
+    s = q @ k.transpose(-2, -1)
+    return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
+
+
+FEATURES_KEPT_IN_THE_GRAPH = [elu_plus_two, features_cast_before_the_product]
 
 
 # ---- near-misses: left as written -------------------------------------------------------------

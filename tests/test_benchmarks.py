@@ -156,7 +156,7 @@ def test_bench_decode_smallest(tmp_path):
     decode = [r for r in rows if r["bench"] == "decode"]
     assert {(r["backend"], r["batch"]) for r in decode} == {(b, n) for b in ("eager", "fxfuse_eager") for n in (1, 8)}
     for r in decode:
-        assert r["tokens_per_s"] > 0 and r["tokens_equal_eager"], r
+        assert r["tokens_per_s"] > 0 and r["tokens_per_cpu_s"] > 0 and r["tokens_equal_eager"], r
         if r["backend"] == "fxfuse_eager":
             assert r["attention_fused_every_graph"] and 1 <= r["graphs"] <= 3, r
     train = [r for r in rows if r["bench"] == "train_varying_length"]

@@ -1,8 +1,11 @@
 """Linear attention kernels: Triton source generated from a LinearAttentionSpec (launched by
 ``fxfuse.runtime.linear_attention``).
 
-The operator's inputs are the features as the graph computed them: ``a`` (N, L, D) = phi(q),
-``bt`` (N, D, S) = phi(k)^T, ``v`` (N, S, E) (a column of ones for the normaliser). One program
+The operator's inputs are ``a`` (N, L, D) = phi(q), ``bt`` (N, D, S) = phi(k)^T, ``v`` (N, S, E)
+(a column of ones for the normaliser): the features as the graph computed them, or q and k^T
+themselves when the spec names an elementwise feature map for a side (``phi_a`` / ``phi_b``),
+which the kernels then apply to each tile as it is loaded (the backward's d_a and d_bt are the
+features' gradients; the operator chains them through phi'). One program
 per (batch, block of E columns) walks the sequence in chunks of BLOCK_C rows holding a (D, E)
 float32 state in registers:
 
@@ -41,16 +44,37 @@ _PRELUDE = '''    n = tl.program_id(0).to(tl.int64)
 '''
 
 
+# phi of a float32 tile ``x``, for the feature maps the operator applies (spec.phi_a / phi_b):
+# elu(x) + 1 is x + 1 above 0 and exp(x) below (one exp, no cancellation in exp(x) - 1 + 1).
+_PHI = {"elu1": "tl.where({x} > 0, {x} + 1.0, tl.exp({x}))", "relu": "tl.maximum({x}, 0.0)",
+        "exp": "tl.exp({x})", "sigmoid": "1.0 / (1.0 + tl.exp(-{x}))", "square": "{x} * {x}"}
+
+
+def _featured(name: str, phi: str, mask: str, ptr: str) -> list[str]:
+    """The features of a loaded q or k tile: phi in float32, rounded once to the inputs' dtype (as
+    the model's code rounds phi's output), and zero outside the mask (the padding must stay no
+    feature at all: phi(0) is 1 for elu + 1, exp and sigmoid)."""
+    if not phi:
+        return []
+    return [f"{name} = {name}.to(tl.float32)",
+            f"{name} = tl.where({mask}, {_PHI[phi].format(x=name)}, 0.0).to({ptr}.dtype.element_ty)"]
+
+
 def _loads(spec: LinearAttentionSpec, names: str, grad: bool = False) -> list[str]:
-    """Loads of the chunk at ``rows``: ``a`` (C, D), ``bt`` (D, C), ``v`` (C, E), ``g`` (C, E)."""
+    """Loads of the chunk at ``rows``: ``a`` (C, D), ``bt`` (D, C), ``v`` (C, E), ``g`` (C, E);
+    ``a`` and ``bt`` as features (the spec's feature maps applied as they are loaded)."""
     lines = []
     for name in names.split():
         if name == "a":
+            mask = "(rows[:, None] < L) & (offs_d[None, :] < D)"
             lines.append("a = tl.load(A + n * sa_n + rows[:, None] * sa_l + offs_d[None, :] * sa_d, "
-                         "mask=(rows[:, None] < L) & (offs_d[None, :] < D), other=0.0)")
+                         f"mask={mask}, other=0.0)")
+            lines += _featured("a", spec.phi_a, mask, "A")
         elif name == "bt":
+            mask = "(offs_d[:, None] < D) & (rows[None, :] < S)"
             lines.append("bt = tl.load(BT + n * sb_n + offs_d[:, None] * sb_d + rows[None, :] * sb_s, "
-                         "mask=(offs_d[:, None] < D) & (rows[None, :] < S), other=0.0)")
+                         f"mask={mask}, other=0.0)")
+            lines += _featured("bt", spec.phi_b, mask, "BT")
         elif name == "v" and spec.values:
             lines.append("v = tl.load(V + n * sv_n + rows[:, None] * sv_s + offs_e[None, :] * sv_e, "
                          "mask=(rows[:, None] < S) & (offs_e[None, :] < E), other=0.0)")

@@ -6,7 +6,13 @@ mask is the causal rule is known only per shape: fxfuse.ops.size_masks), so it k
 one attention forward more per step than Inductor's own SDPA (which saves them). This operator
 returns them instead: ``(out, lse)``, saved for its backward, which calls ATen's flash backward
 with them. Where this shape's mask is not the causal rule (or a value is not finite) both halves
-take ``fxfuse::attention``'s exact paths, and the returned statistics are unused zeros.
+take ``fxfuse::attention``'s exact paths.
+
+The forward records which it took in the statistics it returns: NaN where the flash kernel did not
+run. Where it ran, the first row sees a key and every operand is finite, so its statistic is finite
+(but for a product that overflows, and then the backward takes the exact formula: sound either way).
+The backward reads that one value instead of redoing the forward's checks (three reductions over q,
+k and v).
 """
 from __future__ import annotations
 
@@ -31,6 +37,18 @@ def _flash_form(spec_text: str, q: Tensor, k: Tensor, v: Tensor, extras: list[Te
     return s, form[0], form[1] is not None
 
 
+def _resolved_form(spec_text: str, q: Tensor, k: Tensor, extras: list[Tensor]):
+    """(spec, scale, causal) of the flash path, with no check on the values (the forward made them)."""
+    s, _, _ = size_masks.resolve(attention_op._spec(spec_text), extras, q.shape[-2], k.shape[-2])
+    scale, step = attention_op._sdpa_form(s)
+    return s, scale, step is not None
+
+
+def _flash_ran(lse: Tensor) -> bool:
+    """Whether the forward ran ATen's flash kernel: its statistics are not the NaN it writes otherwise."""
+    return lse.numel() > 0 and not bool(torch.isnan(lse.reshape(-1)[0]))
+
+
 def _operands(s, q: Tensor, k: Tensor, v: Tensor):
     return tuple(t.contiguous() for t in (q, attention_op._heads(k, s), attention_op._heads(v, s)))
 
@@ -38,13 +56,13 @@ def _operands(s, q: Tensor, k: Tensor, v: Tensor):
 @torch.library.custom_op("fxfuse::attention_saved", mutates_args=())
 def attention_saved(q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], spec: str) -> tuple[Tensor, Tensor]:
     """(out, lse): ``fxfuse.attention``'s output (contiguous) and, where ATen's flash kernel ran,
-    its log-sum-exp per row (float32, (B, H, Lq)); zeros where it did not."""
+    its log-sum-exp per row (float32, (B, H, Lq)); NaN where it did not (read by the backward)."""
     b, h, lq = q.shape[:3]
     with torch.no_grad():
         found = _flash_form(spec, q, k, v, extras)
     if found is None:
         out = torch.ops.fxfuse.attention(q, k, v, extras, spec)
-        return out.contiguous(), q.new_zeros((b, h, lq), dtype=torch.float32)
+        return out.contiguous(), q.new_full((b, h, lq), float("nan"), dtype=torch.float32)
     s, scale, causal = found
     out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(*_operands(s, q, k, v), 0.0, causal, scale=scale)
     return out.contiguous(), lse.float().contiguous()
@@ -61,13 +79,11 @@ def _(q, k, v, extras, spec):
 def attention_saved_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              extras: list[Tensor], spec: str) -> list[Tensor]:
     """[dq, dk, dv]: by ATen's flash backward from the saved statistics where the forward used it
-    (the same decision, made again from the same values), else by ``fxfuse.attention_backward``."""
-    with torch.no_grad():
-        found = _flash_form(spec, q, k, v, extras)
-    if found is None:
+    (as the statistics record, see the module's docstring), else by ``fxfuse.attention_backward``."""
+    if not _flash_ran(lse):
         grads = torch.ops.fxfuse.attention_backward(grad_out, q, k, v, extras, [False] * len(extras), spec)
         return [g.contiguous() for g in grads[:3]]
-    s, scale, causal = found
+    s, scale, causal = _resolved_form(spec, q, k, extras)
     qc, kh, vh = _operands(s, q, k, v)
     dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out.to(out.dtype).contiguous(), qc, kh, vh, out, lse, 0.0, causal, scale=scale)

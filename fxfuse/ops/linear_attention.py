@@ -33,12 +33,47 @@ def _spec(text: str) -> LinearAttentionSpec:
     return LinearAttentionSpec.from_json(text)
 
 
-def _prepared(a: Tensor, bt: Tensor, v: Optional[Tensor]):
-    """(N, L, D), (N, D, S), (N, S, E) in the compute dtype (float32 for 16-bit), v = ones if None."""
+def feature_map(kind: str, x: Tensor) -> Tensor:
+    """phi(x) computed by the ATen ops the model's code runs, in x's dtype: the same values."""
+    if kind == "elu1":
+        return torch.nn.functional.elu(x) + 1
+    if kind == "relu":
+        return torch.relu(x)
+    if kind == "exp":
+        return torch.exp(x)
+    if kind == "sigmoid":
+        return torch.sigmoid(x)
+    if kind == "square":
+        return x * x
+    assert not kind, kind
+    return x
+
+
+def feature_map_derivative(kind: str, x: Tensor) -> Tensor:
+    """phi'(x), in x's dtype (float32 here: the gradients are float32 until the last rounding);
+    at 0, relu's is 0 and elu's 1, as torch's backward formulas give."""
+    if kind == "elu1":
+        return torch.where(x > 0, 1.0, torch.exp(x))
+    if kind == "relu":
+        return (x > 0).to(x.dtype)
+    if kind == "exp":
+        return torch.exp(x)
+    if kind == "sigmoid":
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+    if kind == "square":
+        return 2 * x
+    raise AssertionError(kind)
+
+
+def _prepared(a: Tensor, bt: Tensor, v: Optional[Tensor], spec: LinearAttentionSpec):
+    """(N, L, D), (N, D, S), (N, S, E) in the compute dtype (float32 for 16-bit), v = ones if None;
+    a and bt are the features (the spec's feature maps applied in the inputs' dtype, as the model's
+    code rounds them)."""
     if a.dim() == 2:  # a single matrix product (mm): one batch of one
         a, bt, v = a[None], bt[None], v[None] if v is not None else None
     work = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-    a, bt = a.to(work), bt.to(work)
+    a, bt = feature_map(spec.phi_a, a).to(work), feature_map(spec.phi_b, bt).to(work)
     v = v.to(work) if v is not None else a.new_ones(bt.shape[0], bt.shape[-1], 1)
     return a, bt, v
 
@@ -98,6 +133,16 @@ def _backward(g, a, bt, v, spec: LinearAttentionSpec):
     return unchunk(d_a), unchunk(d_b).transpose(1, 2), unchunk(d_v)
 
 
+def chain_feature_maps(spec: LinearAttentionSpec, d_a: Tensor, d_bt: Tensor, a: Tensor, bt: Tensor):
+    """The gradients of the features taken back through the feature maps the operator applied
+    (d_x = d_phi * phi'(x), in d_phi's float32 before the one rounding to the inputs' dtype)."""
+    if spec.phi_a:
+        d_a = d_a * feature_map_derivative(spec.phi_a, a.to(d_a.dtype))
+    if spec.phi_b:
+        d_bt = d_bt * feature_map_derivative(spec.phi_b, bt.to(d_bt.dtype))
+    return d_a, d_bt
+
+
 def _use_triton(a: Tensor, bt: Tensor, v: Optional[Tensor]) -> bool:
     from fxfuse.runtime.linear_attention import supports
 
@@ -112,7 +157,7 @@ def linear_attention(a: Tensor, bt: Tensor, v: Optional[Tensor], spec: str) -> T
         from fxfuse.runtime import linear_attention as kernels
 
         return kernels.forward(_spec(spec), a, bt, v)
-    out = _forward(*_prepared(a, bt, v), _spec(spec))
+    out = _forward(*_prepared(a, bt, v, _spec(spec)), _spec(spec))
     return (out[0] if a.dim() == 2 else out).to(a.dtype).contiguous()
 
 
@@ -127,11 +172,15 @@ def linear_attention_backward(grad: Tensor, a: Tensor, bt: Tensor, v: Optional[T
     if _use_triton(a, bt, v) and grad.dtype == a.dtype:
         from fxfuse.runtime import linear_attention as kernels
 
-        return kernels.backward(_spec(spec), grad, a, bt, v)
+        grads = kernels.backward(_spec(spec), grad, a, bt, v)
+        d_a, d_bt = chain_feature_maps(_spec(spec), grads[0], grads[1], a, bt)
+        return [d_a.to(a.dtype), d_bt.to(bt.dtype).contiguous(), *grads[2:]]
     g = grad[None] if a.dim() == 2 else grad
+    parsed = _spec(spec)
     grads = _backward(g.to(torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype),
-                      *_prepared(a, bt, v), _spec(spec))
+                      *_prepared(a, bt, v, parsed), parsed)
     grads = [t[0] if a.dim() == 2 else t for t in grads]
+    grads[:2] = chain_feature_maps(parsed, grads[0], grads[1], a, bt)
     out = [grads[0].to(a.dtype).contiguous(), grads[1].to(bt.dtype).contiguous()]
     return out + ([grads[2].to(v.dtype).contiguous()] if v is not None else [])
 

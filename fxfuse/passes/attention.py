@@ -34,6 +34,7 @@ import math
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from fxfuse import index_expr
 from fxfuse.passes.attention_dropout import Dropout, NotDropout, drawn_nearby, dropout_of, metadata_only
@@ -44,7 +45,7 @@ from fxfuse.passes.attention_layout import (LAYOUT, causal_window, constant_valu
 from fxfuse.passes.graph import (broadcasts_to, depends_on, dtype, insert_call, insert_seed, is_op, is_python_scalar,
                                  plain_cast, scalar_value, shape, source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
-from fxfuse.passes.symbolic import is_static, reroute_size_reads, same, size_args
+from fxfuse.passes.symbolic import is_static, known, reroute_size_reads, same, size_args
 from fxfuse.spec import dtype_name, to_dtype
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
 
@@ -474,7 +475,13 @@ def _recognise(softmax: Node, gm: torch.fx.GraphModule) -> _Site:
                        "permuted or broadcast), so the product does not contract the key axis", shapes=True)
     v_op = pv.args[1]
     operands = {"q": qk.args[-2], "k": qk.args[-1], "v": v_op}
-    if any(0 in (shape(t) or ()) for t in (x, *operands.values())):
+    sizes_from_data = [n for t in (x, *operands.values()) for n in (shape(t) or ())
+                       if isinstance(n, torch.SymInt) and free_unbacked_symbols(n) and not known(n != 0)]
+    if sizes_from_data:
+        raise Declined(f"a size of the site ({sizes_from_data[0]}) is read from a tensor's values (e.g. a torch.split by "
+                       "lengths.tolist(), as vision towers split per image) and may be 0, which the fused kernel "
+                       "does not compute as eager does; it is left as written", shapes=True)
+    if any(known(n == 0) for t in (x, *operands.values()) for n in (shape(t) or ())):
         sizes = ", ".join(f"{name} {list(shape(t) or ())}" for name, t in operands.items())
         raise Declined(f"the site is empty ({sizes}, scores {list(score_shape)}): a size is 0, so there is "
                        "nothing to compute; it is left as written (eager returns the empty result)")

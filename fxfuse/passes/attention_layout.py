@@ -112,7 +112,7 @@ def source_operand(operand: Node, lead: tuple[int, int], transposed: bool, group
     b, h = lead
     n, rows, cols = shape(operand)
     l, d = (cols, rows) if transposed else (rows, cols)
-    node, chain = _layout_chain_through_full_slices(operand)
+    node, chain = layout_chain_back(operand, through_full_slices=True)
     candidates = [node] + [c for c in chain[:-1]]  # the farthest first: it saves the most copies
     if not isinstance(h, int):
         return None  # the head count is a symbol: no grouping is proved
@@ -151,16 +151,6 @@ def _full_slice(node: Node) -> bool:
         all(same(x, y) for x, y in zip(a, b))
 
 
-def _layout_chain_through_full_slices(node: Node) -> tuple[Node, list[Node]]:
-    chain = []
-    while isinstance(node, Node) and node.args and isinstance(node.args[0], Node) and \
-            (is_op(node, *LAYOUT) or _full_slice(node)):
-        if not _full_slice(node):
-            chain.append(node)
-        node = node.args[0]
-    return node, chain[::-1]
-
-
 def repeated_heads(operand: Node, h: int) -> tuple[Node, int] | None:
     """(R, groups) when the 4-d (B, H, L, D) ``operand`` is R (B, H/groups, L, D) with each head
     repeated ``groups`` times in a row (transformers' ``repeat_kv``: expand + reshape, or
@@ -171,7 +161,7 @@ def repeated_heads(operand: Node, h: int) -> tuple[Node, int] | None:
     os_ = shape(operand)
     if os_ is None or len(os_) != 4 or not isinstance(h, int):
         return None
-    root, chain = _layout_chain_through_full_slices(operand)
+    root, chain = layout_chain_back(operand, through_full_slices=True)
     for i, start in enumerate([root] + chain[:-1]):
         found = _repeats(start, chain[i:], os_, h)
         if found:
@@ -213,11 +203,16 @@ def _symbolic_source(chain: list[Node], rs: tuple, sizes: tuple, transposed: boo
     return None
 
 
-def layout_chain_back(node: Node) -> tuple[Node, list[Node]]:
-    """Walk back from ``node`` through layout ops: (first non-layout node, chain in program order)."""
+def layout_chain_back(node: Node, through_full_slices: bool = False) -> tuple[Node, list[Node]]:
+    """Walk back from ``node`` through layout ops: (first non-layout node, chain in program order).
+    With ``through_full_slices`` the walk also passes slices that keep every element, leaving them
+    out of the chain (they are the identity)."""
     chain = []
-    while is_op(node, *LAYOUT) and isinstance(node.args[0], Node):
-        chain.append(node)
+    while isinstance(node, Node) and node.args and isinstance(node.args[0], Node):
+        if is_op(node, *LAYOUT):
+            chain.append(node)
+        elif not (through_full_slices and _full_slice(node)):
+            break
         node = node.args[0]
     return node, chain[::-1]
 

@@ -14,7 +14,8 @@ fxfuse.ops.attention_rope), so the rotated copy is never written. The rotations 
 What is proved: the rotation spans the whole head dim (halves split at exactly D/2, or every
 pair); x, cos, sin and every op's result share x's dtype (the operator rounds as they do); cos
 and sin broadcast to x's (B, H, L, D) with size 1 on the head dim, their last dim D and their
-length dim L or 1; between the rotation and the operand there is at most a permutation or a head
+length dim L or 1; between the rotation and the operand there is at most a permutation (permutes,
+transposes, and an unsqueeze of a batch-less (L, H, D) tensor, as vision towers write it) or a head
 copy (repeat_kv's expand and reshape, proved by replaying it on index tensors to keep (b, l, d) and
 take one head per (b, h', l) row: a rotation commutes with it); the rotated tensor has no other user (a rotated k stored in a KV cache stays
 as written: a miss says so). Partial rotary (GPT-NeoX's ``rotary_pct``, Phi: only the first
@@ -135,12 +136,14 @@ def _muls(node) -> list[tuple[Node, Node]]:
     return [(a, b), (b, a)]
 
 
-def match_rope(node: Node, perm: list[int]) -> Rope:
+def match_rope(node: Node, perm: list[int], lifted: bool = False) -> Rope:
     """The rotation ``node`` computes, or NotRope / Declined (see the module docstring); ``perm``
-    permutes ``node`` to the operator's (B, H, L, D)."""
+    permutes ``node`` (with a size-1 dim put first when ``lifted``: an (L, H, D) tensor without
+    batch dim) to the operator's (B, H, L, D)."""
     try:
-        x, freqs, in_float32 = complex_rope.match_complex(node, perm, Declined)
-        return Rope(x, None, None, "interleaved/float32" if in_float32 else "interleaved", freqs)
+        if not lifted:  # the complex form is matched on (B, L, H, D) or (B, H, L, D) only
+            x, freqs, in_float32 = complex_rope.match_complex(node, perm, Declined)
+            return Rope(x, None, None, "interleaved/float32" if in_float32 else "interleaved", freqs)
     except complex_rope.NotComplexRope:
         pass
     cast = None
@@ -150,7 +153,7 @@ def match_rope(node: Node, perm: list[int]) -> Rope:
             not all(isinstance(a, Node) for a in node.args):
         raise NotRope()
     s = shape(node)
-    if s is None or len(s) != 4 or not is_static(s[-1:]):
+    if s is None or len(s) != (3 if lifted else 4) or not is_static(s[-1:]):
         raise NotRope()
     d = s[-1]
     for plain, rotated in (node.args, node.args[::-1]):
@@ -159,7 +162,7 @@ def match_rope(node: Node, perm: list[int]) -> Rope:
                 found = rotation_of(r, d) if d % 2 == 0 else None
                 if found is not None and found[0] is x:
                     rope = Rope(x, cos, sin, found[1])
-                    _check(node, rope, (plain, rotated, r), perm)
+                    _check(node, rope, (plain, rotated, r), perm, lifted)
                     return rope if cast is None else _in_float32(rope, cast)
     raise NotRope()
 
@@ -174,7 +177,7 @@ def _in_float32(rope: Rope, cast: Node) -> Rope:
     return dataclasses.replace(rope, x=source, style=rope.style + IN_FLOAT32)
 
 
-def _check(node: Node, rope: Rope, parts, perm: list[int]) -> None:
+def _check(node: Node, rope: Rope, parts, perm: list[int], lifted: bool = False) -> None:
     want = dtype(rope.x)
     for n in (node, rope.cos, rope.sin, *parts):
         if dtype(n) != want:
@@ -183,7 +186,7 @@ def _check(node: Node, rope: Rope, parts, perm: list[int]) -> None:
                            "(as transformers' rotary embeddings do)")
     if not same(shape(rope.x), shape(node)):
         raise Declined("the rotation broadcasts q/k to another shape")
-    operand = [shape(node)[p] for p in perm]  # (B, H, L, D) as the operator reads it
+    operand = [((1,) * lifted + tuple(shape(node)))[p] for p in perm]  # (B, H, L, D) as the operator reads it
     for name, t in (("cos", rope.cos), ("sin", rope.sin)):
         ts = shape(t)
         if ts is None or len(ts) > 4:
@@ -222,48 +225,82 @@ def _head_copy(chain: list[Node], src: tuple) -> bool:
         bool((h == h[..., :1]).all())
 
 
-def _operand(arg: Node) -> tuple[Node, list[int], list[Node]]:
+_MOVES = (aten.permute.default, aten.transpose.int, aten.unsqueeze.default)
+
+
+def _moved_dims(arg: Node) -> tuple[Node, list, list[Node]] | None:
+    """When ``arg`` is a tensor moved by permute/transpose/unsqueeze only (a vision tower's
+    ``x.transpose(0, 1).unsqueeze(0)`` on (L, H, D)): (the tensor, for each of arg's dims the dim of
+    it that it is or None for a new size-1 dim, the moves in program order); else None."""
+    moves, node = [], arg
+    while is_op(node, *_MOVES) and isinstance(node.args[0], Node):
+        moves.append(node)
+        node = node.args[0]
+    if not moves or shape(node) is None:
+        return None
+    dims: list = list(range(len(shape(node))))
+    for m in reversed(moves):
+        rank = len(dims)
+        if m.target is aten.permute.default:
+            dims = [dims[_dim(p, rank)] for p in m.args[1]]
+        elif m.target is aten.transpose.int:
+            a, b = _dim(m.args[1], rank), _dim(m.args[2], rank)
+            dims[a], dims[b] = dims[b], dims[a]
+        else:
+            dims.insert(_dim(m.args[1], rank + 1), None)
+    return node, dims, moves[::-1]
+
+
+def _operand(arg: Node) -> tuple[Node, list[int], list[Node], bool]:
     """The tensor an operand of the fused call reads: (it, the permutation to the operand, the head
-    copy between them (see _head_copy), [] when none)."""
-    if is_op(arg, aten.permute.default):
-        return arg.args[0], list(arg.args[1]), []
+    copy between them (see _head_copy), [] when none, whether it is (L, H, D) without a batch dim:
+    the permutation is then of it with a size-1 dim put first)."""
+    moved = _moved_dims(arg)
+    if moved is not None and len(moved[1]) == 4:
+        root, dims, _ = moved
+        new = [i for i, d in enumerate(dims) if d is None]
+        if not new:
+            return root, dims, [], False
+        if len(new) == 1 and len(shape(root)) == 3 and same(shape(arg)[new[0]], 1):
+            return root, [0 if d is None else d + 1 for d in dims], [], True
     root, chain = layout_chain_back(arg)
     if chain and _head_copy(chain, shape(root)):
-        return root, [0, 1, 2, 3], chain
-    return arg, [0, 1, 2, 3], []
+        return root, [0, 1, 2, 3], chain, False
+    return arg, [0, 1, 2, 3], [], False
 
 
 def _rotations(fused: Node, misses: list) -> dict:
-    """{"q"|"k": (Rope, perm, head copy)} for the operands that are fusable rotations."""
+    """{"q"|"k": (Rope, perm, head copy, lifted)} for the operands that are fusable rotations (see _operand)."""
     found = {}
     for name, arg in (("q", fused.args[0]), ("k", fused.args[1])):
-        root, perm, chain = _operand(arg)
+        root, perm, chain, lifted = _operand(arg)
         if perm[3] != 3:
             continue
         try:
-            rope = match_rope(root, perm)
+            rope = match_rope(root, perm, lifted)
         except NotRope:
             continue
         except Declined as why:
             misses.append(f"RoPE on {name}: {why}")
             continue
-        between = [arg] if arg is not root and not chain else chain
+        between = chain or (_moved_dims(arg) or (None, None, [arg] if arg is not root else []))[2]
         others = [u for n in [root, *between] for u in n.users if u is not fused and u not in between]
         if others:
             misses.append(f"RoPE on {name} stays as written: the rotated {name} ({root.name}) is also used by "
                           f"{others[0].name} (a KV cache, or returned); fusing would drop that use")
             continue
-        found[name] = (rope, perm, chain)
+        found[name] = (rope, perm, chain, lifted)
     return found
 
 
 def _replace(gm, fused: Node, found: dict) -> Node:
     spec = AttentionSpec.from_json(fused.args[4])
-    spec = dataclasses.replace(spec, **{f"rope_{n}": rope.style for n, (rope, _, _) in found.items()})
+    spec = dataclasses.replace(spec, **{f"rope_{n}": rope.style for n, (rope, *_) in found.items()})
     q, k = fused.args[:2]
     tables = []
-    for name, (rope, perm, chain) in found.items():
-        x = rope.x if perm == [0, 1, 2, 3] else insert_call(gm, aten.permute.default, (rope.x, perm), fused)
+    for name, (rope, perm, chain, lifted) in found.items():
+        x = insert_call(gm, aten.unsqueeze.default, (rope.x, 0), fused) if lifted else rope.x
+        x = x if perm == [0, 1, 2, 3] else insert_call(gm, aten.permute.default, (x, perm), fused)
         for node in chain:  # the same head copy, of the unrotated tensor
             x = insert_call(gm, node.target, (x, *node.args[1:]), fused, dict(node.kwargs))
         q, k = (x, k) if name == "q" else (q, x)

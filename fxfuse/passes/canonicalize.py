@@ -12,6 +12,7 @@ from torch.fx import Node
 
 from fxfuse.passes.graph import is_op, is_python_scalar, val
 from fxfuse.passes.pipeline import PassResult
+from fxfuse.passes.whole_split import replace_whole_chunk, whole_chunk
 
 aten = torch.ops.aten
 
@@ -89,4 +90,6 @@ class Canonicalize:
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 result.changed += 1
+            elif (chunk := whole_chunk(node)) is not None and replace_whole_chunk(gm, node, *chunk):
+                result.changed += 1  # a one-chunk split of the whole tensor (one image in a vision tower)
         return result

@@ -30,7 +30,8 @@ from torch.fx import Node
 
 from fxfuse.passes.attention_index import reads_graph_input
 from fxfuse.passes.attention_layout import LAYOUT, constant_value, is_plain_reshape
-from fxfuse.passes.graph import dtype, insert_call, match_layout, val, is_op, is_python_scalar, plain_cast, shape, source_of
+from fxfuse.passes.graph import (dtype, insert_call, is_op, is_python_scalar, match_layout, plain_cast, same_layout, shape,
+                                 source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import is_static, same, size_args
 from fxfuse.spec_linear_attention import LinearAttentionSpec
@@ -219,6 +220,53 @@ def _features(node: Node, depth: int = 12) -> str | None:
     return None
 
 
+def _feature_map_input(node: Node) -> tuple[str, Node] | None:
+    """(kind, x) when ``node`` is phi(x) for an elementwise feature map the operator can apply
+    itself (spec FEATURE_MAPS), computed in x's dtype and shape; None otherwise."""
+    kind, x = None, None
+    if is_op(node, aten.add.Tensor) and is_op(node.args[0], aten.elu.default) and node.args[1] == 1 and \
+            node.kwargs.get("alpha", 1) == 1 and all(c == 1 for c in node.args[0].args[1:]):
+        kind, x = "elu1", node.args[0].args[0]
+    elif is_op(node, aten.relu.default, aten.exp.default, aten.sigmoid.default):
+        kind, x = {aten.relu.default: "relu", aten.exp.default: "exp", aten.sigmoid.default: "sigmoid"}[node.target], \
+            node.args[0]
+    elif (is_op(node, aten.pow.Tensor_Scalar) and node.args[1] == 2) or \
+            (is_op(node, aten.mul.Tensor) and node.args[0] is node.args[1]):
+        kind, x = "square", node.args[0]
+    if kind is None or not isinstance(x, Node) or dtype(x) != dtype(node) or shape(x) is None or \
+            len(shape(x)) != len(shape(node)) or not all(same(p, q) for p, q in zip(shape(x), shape(node))):
+        return None
+    return kind, x
+
+
+def _absorb_feature_map(gm, operand: Node, before: Node) -> tuple[str, Node] | None:
+    """(kind, operand before phi) when ``operand`` is an elementwise phi(x) taken through layout ops
+    only: phi commutes with them, so the same layout ops replayed on x give the operator q (or
+    k^T) to apply phi to itself. None (phi stays in the graph) when there is a cast on the way
+    (phi in another dtype than the product's) or the replayed layouts do not give the operand's
+    shape and strides."""
+    chain, node = [], operand
+    while is_op(node, *LAYOUT) and isinstance(node.args[0], Node):
+        chain.append(node)
+        node = node.args[0]
+    found = _feature_map_input(node)
+    if found is None:
+        return None
+    kind, cur = found
+    inserted = []
+    try:
+        for op in reversed(chain):
+            cur = insert_call(gm, op.target, (cur, *op.args[1:]), before, dict(op.kwargs))
+            inserted.append(cur)
+    except Exception:  # a view that does not apply to x's strides: keep phi in the graph
+        cur = None
+    if cur is None or not same_layout(val(cur), val(operand)):
+        for n in reversed(inserted):
+            gm.graph.erase_node(n)
+        return None
+    return kind, cur
+
+
 def _view_like(gm, node: Node, like: Node, last: object, before: Node) -> Node:
     sizes = list(shape(like)[:-1]) + [last]
     return insert_call(gm, aten.view.default, (node, size_args(gm, sizes, before)), before)
@@ -236,17 +284,16 @@ def _replay(gm, out: Node, steps: list, last: object, before: Node) -> Node:
     return out
 
 
-def _rewrite(gm, site: _Site, features: str) -> Node:
-    a, bt = site.product.args[:2]
+def _rewrite(gm, site: _Site, features: str, a: Node, bt: Node, phi: tuple[str, str]) -> Node:
     v = site.pv.args[1]
     for node, count, _ in site.rowsums:
-        spec = LinearAttentionSpec(site.causal, False, features).to_json()
+        spec = LinearAttentionSpec(site.causal, False, features, phi_a=phi[0], phi_b=phi[1]).to_json()
         den = insert_call(gm, torch.ops.fxfuse.linear_attention.default, (a, bt, None, spec), node)
         den = _replay(gm, den, site.steps[:count], 1, node)
         if shape(den) != shape(node):  # keepdim=False
             den = insert_call(gm, aten.view.default, (den, size_args(gm, list(shape(node)), node)), node)
         node.replace_all_uses_with(match_layout(gm, den, val(node), node))
-    spec = LinearAttentionSpec(site.causal, True, features).to_json()
+    spec = LinearAttentionSpec(site.causal, True, features, phi_a=phi[0], phi_b=phi[1]).to_json()
     num = insert_call(gm, torch.ops.fxfuse.linear_attention.default, (a, bt, v, spec), site.pv)
     num = _replay(gm, num, site.steps, shape(site.pv)[-1], site.pv)
     if shape(num) != shape(site.pv):
@@ -284,10 +331,16 @@ class FuseLinearAttention:
                 result.misses.append(Miss("linear_attention", source, str(why), code))
                 continue
             features = " / ".join(dict.fromkeys(p or "any" for p in phi))
-            fused = _rewrite(gm, site, features)
-            spec = LinearAttentionSpec(site.causal, True, features)
-            result.matches.append(Match("linear_attention", source, spec, fused.name, code,
-                                        notes=(f"normaliser rewritten ({len(site.rowsums)} row sum)",) if site.rowsums else (),
+            absorbed = [_absorb_feature_map(gm, x, node) for x in (a, bt)]
+            operands = [found[1] if found else x for found, x in zip(absorbed, (a, bt))]
+            kinds = tuple(found[0] if found else "" for found in absorbed)
+            fused = _rewrite(gm, site, features, *operands, kinds)
+            spec = LinearAttentionSpec(site.causal, True, features, phi_a=kinds[0], phi_b=kinds[1])
+            notes = (f"normaliser rewritten ({len(site.rowsums)} row sum)",) if site.rowsums else ()
+            if any(kinds):
+                notes += (f"feature map applied in the operator ({', '.join(k for k in kinds if k)}): "
+                          "phi(q), phi(k) not written",)
+            result.matches.append(Match("linear_attention", source, spec, fused.name, code, notes=notes,
                                         shape=f"N {shape(node)[0]}, L {shape(node)[-2]}, S {shape(node)[-1]}, D {shape(a)[-1]}"))
             result.changed += 1
         return result

@@ -86,6 +86,39 @@ def test_float64_and_wide_features_keep_the_torch_path(monkeypatch):
     assert "feature dim" in runtime.supports(wide, wide.transpose(1, 2), None)
 
 
+PHI64 = {"elu1": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu, "exp": torch.exp,
+         "sigmoid": torch.sigmoid, "square": lambda x: x * x}
+
+
+@pytest.mark.parametrize("causal,values", [(True, True), (False, False)])
+@pytest.mark.parametrize("phi", sorted(PHI64))
+def test_interpreted_kernels_apply_each_feature_map(phi, causal, values, monkeypatch):
+    """The operator given q and k^T applies phi to each tile as it loads it (zero past the ends: L,
+    S and D = 5 all padded, where phi(0) is 1 for three of the maps) and chains the gradients
+    through phi': against float64 autograd of the quadratic form on phi(q), phi(k)."""
+    calls = _kernel_calls(monkeypatch)
+    ins, grad = _operands(causal, values)
+    with torch.no_grad():
+        for t in ins[:2]:
+            t.sub_(0.5)  # both signs, so relu and elu take both branches
+    ref = _quadratic(PHI64[phi](ins[0]), PHI64[phi](ins[1]), ins[2] if values else None, causal)
+    ref_grads = torch.autograd.grad(ref, ins, grad)
+    low = [t.detach().float().requires_grad_() for t in ins]
+    v = low[2] if values else None
+    eager = _quadratic(PHI64[phi](low[0]), PHI64[phi](low[1]), v, causal)
+    eager_grads = torch.autograd.grad(eager, low, grad.float())
+    spec = LinearAttentionSpec(causal, values, phi, phi_a=phi, phi_b=phi).to_json()
+    with fxfuse.config.patch(interpret=True):
+        out = torch.ops.fxfuse.linear_attention(low[0], low[1], v, spec)
+        grads = torch.autograd.grad(out, low, grad.float())
+    assert calls == ["forward", "backward"]
+    assert_close_to_reference(out, eager, ref, f"{phi} output")
+    for name, got, want, reference in zip("a bt v".split(), grads, eager_grads, ref_grads):
+        assert_close_to_reference(got, want, reference, f"{phi} d_{name}")
+    torch_path = torch.ops.fxfuse.linear_attention(low[0], low[1], v, spec)  # no interpretation: torch ops
+    assert_close_to_reference(torch_path, eager, ref, f"{phi} output on the torch path")
+
+
 @pytest.mark.parametrize("style", [styles.elu_causal_masked_fill, styles.elu_einsum_normalised,
                                    styles.efficient_attention, styles.rebased_causal], ids=lambda s: s.__name__)
 def test_each_feature_map_through_the_pass_on_the_kernels(style, monkeypatch):
@@ -109,7 +142,8 @@ def test_each_feature_map_through_the_pass_on_the_kernels(style, monkeypatch):
 
 
 SPECS = {"linear_attention_causal": LinearAttentionSpec(True, True, "elu + 1"),
-         "linear_attention_normaliser": LinearAttentionSpec(False, False, "elu + 1")}
+         "linear_attention_normaliser": LinearAttentionSpec(False, False, "elu + 1"),
+         "linear_attention_causal_elu_in_loads": LinearAttentionSpec(True, True, "elu + 1", phi_a="elu1", phi_b="elu1")}
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))
@@ -128,9 +162,10 @@ def test_source_is_specialised_to_the_spec():
 def test_bf16_kernels_compile_for_sm90_on_tensor_cores():
     from fxfuse.runtime.static_check import check, launch
 
-    launches = [launch(LinearAttentionSpec(causal, True, "elu + 1"), d=64, e=64, dtype="bfloat16") for causal in (False, True)]
+    launches = [launch(LinearAttentionSpec(causal, True, "elu + 1", phi_a=phi, phi_b=phi), d=64, e=64, dtype="bfloat16")
+                for causal in (False, True) for phi in ("", "elu1")]
     rows = list(check(launches, "sm_90", functions=("forward", "backward_da")))
-    assert len(rows) == 4 and not any("error" in r for r in rows), rows
+    assert len(rows) == 8 and not any("error" in r for r in rows), rows
     for r in rows:
         assert r["mma"] == "wgmma" and r["spills"] == 0 and 0 < r["registers"] <= 255, r
 

@@ -149,3 +149,43 @@ def test_bfloat16_gradients_within_the_table():
     reference = torch.autograd.grad(style(q, k, v).sum(), (q, k, v))
     for got, want, ref in zip(ours, eager, reference):
         assert_close_to_reference(got, want, ref, "bf16 gradient")
+
+
+@pytest.mark.parametrize("style", styles.STYLES, ids=lambda s: s.__name__)
+def test_elementwise_feature_maps_are_applied_in_the_operator(style):
+    """elu + 1, relu, exp, sigmoid and the square move into the operator (q and k are its inputs):
+    no feature-map op is left in the graph, so phi(q), phi(k) are neither written nor saved."""
+    res = fxfuse.rewrite(style, tuple(_inputs()), passes=PASSES)
+    want = styles.APPLIED_IN_THE_OPERATOR[style]
+    assert {(m.spec.phi_a, m.spec.phi_b) for m in res.matches} == {want}, res.report()
+    left = {str(n.target) for n in res.graph.graph.nodes if n.op == "call_function"}
+    features = {"aten.elu.default", "aten.relu.default", "aten.exp.default", "aten.sigmoid.default", "aten.pow.Tensor_Scalar"}
+    assert not (left & features) if all(want) else True, left
+    assert ("feature map applied in the operator" in " ".join(res.matches[0].notes)) == any(want)
+
+
+@pytest.mark.parametrize("style", styles.FEATURES_KEPT_IN_THE_GRAPH, ids=lambda s: s.__name__)
+def test_other_feature_maps_stay_in_the_graph_and_the_site_is_fused(style):
+    ins = _inputs(torch.float32, grad=True)
+    res = fxfuse.rewrite(style, tuple(ins), passes=PASSES)
+    assert [(m.kind, m.spec.phi_a, m.spec.phi_b) for m in res.matches] == [("linear_attention", "", "")], res.report()
+    ref = style(*[t.detach().double() for t in ins])
+    assert_close_to_reference(res.module(*ins), style(*ins), ref, style.__name__)
+
+
+def test_training_saves_q_and_k_not_their_features():
+    """What autograd keeps for the backward: the operator's inputs (q, k, v before phi), never phi(q)."""
+    q, k, v = _inputs(torch.float32, grad=True)
+    res = fxfuse.rewrite(styles.elu_causal_masked_fill, (q, k, v), passes=PASSES)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = res.module(q, k, v)
+    features = (torch.nn.functional.elu(q) + 1).detach()
+
+    def holds(t, x):  # the operator sees (B*H, L, D) views or copies of the (B, H, L, D) tensors
+        return t.numel() == x.numel() and torch.equal(t.detach().reshape(x.shape), x.detach())
+
+    assert saved and not any(holds(t, features) for t in saved)
+    assert any(holds(t, q) for t in saved)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -212,3 +212,39 @@ def test_training_under_inductor_saves_the_flash_statistics_instead_of_rerunning
     # the first length compiles a static graph (its mask proved causal at capture); then one
     # forward and one backward per step, at every symbolic length, and no forward rerun
     assert calls.count(backward) >= 2 and calls.count(forward) == calls.count(backward), calls
+
+
+def test_the_saved_statistics_backward_reads_the_forwards_decision_instead_of_rechecking(monkeypatch):
+    """fxfuse::attention_saved: the backward takes the forward's path from the statistics it saved
+    (NaN where the flash kernel did not run), with no second pass over q, k and v; a shape whose
+    mask is not the causal rule, and a non-finite query, take the exact formula both ways."""
+    import fxfuse.ops.attention as attention_op
+
+    checks = []
+    real = attention_op._sdpa_exact_on
+    monkeypatch.setattr(attention_op, "_sdpa_exact_on", lambda *a: checks.append(1) or real(*a))
+    spec = AttentionSpec("float32", (ScoreStep("mul", "float32", value=0.25),
+                                     ScoreStep("fill", "float32", value=NEG_INF, input=0, invert=True)),
+                         inputs=("mask",), size_mask=0, size_key="test").to_json()
+    padded = _visible(6, 6)[None, None].repeat(2, 1, 1, 1)
+    padded[1, ..., 0] = False  # not one causal pattern: the plain mask
+    for mask, poison, flash in ((_visible(6, 6)[None, None], False, True), (padded, False, False),
+                                (_visible(6, 6)[None, None], True, False)):
+        leaves = [torch.randn(2, H, 6, D) for _ in range(3)]
+        if poison:
+            leaves[0][0, 0, 3, 0] = float("inf")
+        runs = []
+        for dtype in (torch.float32, torch.float64):
+            q, k, v = (t.clone().to(dtype).requires_grad_() for t in leaves)
+            if dtype == torch.float32:
+                checks.clear()
+                out, lse = torch.ops.fxfuse.attention_saved(q, k, v, [mask], spec)
+                assert bool(torch.isnan(lse).all()) != flash
+            else:
+                out = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~mask, NEG_INF).softmax(-1) @ v
+            out.nan_to_num().pow(2).sum().backward()
+            if dtype == torch.float32 and flash:
+                assert len(checks) == 1  # the forward's, none in the backward
+            runs.append([out.detach()] + [t.grad for t in (q, k, v)])
+        for what, got, ref in zip(("out", "dq", "dk", "dv"), *runs):
+            torch.testing.assert_close(got, ref.float(), rtol=1e-4, atol=1e-5, equal_nan=True, msg=what)
