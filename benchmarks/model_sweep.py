@@ -13,8 +13,9 @@ wrong numbers. Per family and attention implementation (eager, and sdpa where th
 
 Each comparison is the tolerance test of tests/tolerances.py: |out - ref64| <= atol + rtol |ref64|
 + 2 |eager - ref64|; the row's ``ratio`` is the worst |out - ref64| / that bound (<= 1 passes).
-A crash records the exception, the innermost fxfuse frame and, with --triage, the same model under
-torch.compile(backend="aot_eager") and backend="inductor" (a crash there too is torch's, not ours).
+A crash records the exception and the innermost fxfuse frame; with --triage a crash or a mismatch
+reruns the same model under torch.compile(backend="aot_eager") and backend="inductor": when the one
+the mode stands on (Inductor for compile) fails too, it is torch's, not ours (the row's ``owner``).
 
     python benchmarks/model_sweep.py                         # everything (see benchmarks/README.md)
     python benchmarks/model_sweep.py --only llama,bert --modes rewrite,train --attn eager
@@ -197,10 +198,17 @@ def triage(fam, model, ref64, mode) -> dict:
     for backend in ("aot_eager", "inductor") if mode == "compile" else ("aot_eager",):
         try:
             r = run_compile(fam, model, ref64, backend=backend, mark_dynamic=mode == "compile_eager")
-            out[backend] = f"ok (ratio {r['ratio']:.3g})"
+            out[backend] = f"{'ok' if r['ratio'] <= 1 else 'MISMATCH'} (ratio {r['ratio']:.3g})"
         except Exception as e:  # noqa: BLE001 (a crash is the result)
             out[backend] = crash_info(e)["error"]
     return out
+
+
+def owner(triaged: dict, mode: str) -> str:
+    """Whose a crash or mismatch is: torch's when torch alone fails the same model too, on the
+    backend the mode stands on (Inductor for the composed backend, aot_eager for the others)."""
+    ground = triaged.get("inductor" if mode == "compile" else "aot_eager", "")
+    return "fxfuse" if ground.startswith("ok") else "torch"
 
 
 def sweep_family(fam: str, attn: str, modes, do_triage: bool) -> list[dict]:
@@ -236,6 +244,9 @@ def sweep_family(fam: str, attn: str, modes, do_triage: bool) -> list[dict]:
             if fx:
                 row["warnings"] = fx[:3]
             row["status"] = "ok" if row["ratio"] <= 1 else "MISMATCH"
+            if row["status"] == "MISMATCH" and do_triage:
+                row["triage"] = triage(fam, model, ref64, mode)
+                row["owner"] = owner(row["triage"], mode)
         except fxfuse.CaptureError as e:  # a refusal that says what to do (not a crash), e.g. training
             row.update(status="refused", **crash_info(e))  # through a custom autograd.Function
         except Exception as e:  # noqa: BLE001
@@ -243,7 +254,7 @@ def sweep_family(fam: str, attn: str, modes, do_triage: bool) -> list[dict]:
             traceback.print_exc()
             if do_triage:
                 row["triage"] = triage(fam, model, ref64, mode)
-                row["owner"] = "fxfuse" if any(v.startswith("ok") for v in row["triage"].values()) else "torch"
+                row["owner"] = owner(row["triage"], mode)
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps({k: v for k, v in row.items() if k not in ("declined",)}, default=str), flush=True)
         rows.append(row)

@@ -9,7 +9,7 @@ def _cell(row: dict) -> str:
     if status == "ok":
         return f"ok {row['ratio']:.2f}"
     if status == "MISMATCH":
-        return f"**MISMATCH {row['ratio']:.3g}**"
+        return f"**MISMATCH {row['ratio']:.3g}**" + (f" ({row['owner']})" if row.get("owner") else "")
     if status == "refused":
         return "refused"
     if status == "CRASH":

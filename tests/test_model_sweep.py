@@ -74,3 +74,11 @@ def test_update_replaces_only_the_rows_re_measured():
     assert got == [("llama", "eager", "compile_eager", "ok"), ("llama", "eager", "compile", "ok"),
                    ("bert", "eager", "compile_eager", "ok"), ("swin", "eager", "compile", "ok"),
                    ("swin", "sdpa", "-", "no sdpa")]
+
+
+def test_triage_owner_is_torch_when_the_backend_the_mode_stands_on_fails_too():
+    owner = _sweep_module("model_sweep").owner
+    falcon = {"aot_eager": "ok (ratio 0.0185)", "inductor": "MISMATCH (ratio 239)"}
+    assert owner(falcon, "compile") == "torch"  # the composed backend stands on Inductor
+    assert owner(falcon, "compile_eager") == "fxfuse"
+    assert owner({"aot_eager": "RuntimeError: x", "inductor": "ok (ratio 0.1)"}, "train") == "torch"
