@@ -13,8 +13,9 @@ wrong numbers. Per family and attention implementation (eager, and sdpa where th
 
 Each comparison is the tolerance test of tests/tolerances.py: |out - ref64| <= atol + rtol |ref64|
 + 2 |eager - ref64|; the row's ``ratio`` is the worst |out - ref64| / that bound (<= 1 passes).
-A crash records the exception, the innermost fxfuse frame and, with --triage, the same model under
-torch.compile(backend="aot_eager") and backend="inductor" (a crash there too is torch's, not ours).
+A crash records the exception and the innermost fxfuse frame; with --triage a crash or a mismatch
+reruns the same model under torch.compile(backend="aot_eager") and backend="inductor": when the one
+the mode stands on (Inductor for compile) fails too, it is torch's, not ours (the row's ``owner``).
 
     python benchmarks/model_sweep.py                         # everything (see benchmarks/README.md)
     python benchmarks/model_sweep.py --only llama,bert --modes rewrite,train --attn eager
@@ -197,10 +198,17 @@ def triage(fam, model, ref64, mode) -> dict:
     for backend in ("aot_eager", "inductor") if mode == "compile" else ("aot_eager",):
         try:
             r = run_compile(fam, model, ref64, backend=backend, mark_dynamic=mode == "compile_eager")
-            out[backend] = f"ok (ratio {r['ratio']:.3g})"
+            out[backend] = f"{'ok' if r['ratio'] <= 1 else 'MISMATCH'} (ratio {r['ratio']:.3g})"
         except Exception as e:  # noqa: BLE001 (a crash is the result)
             out[backend] = crash_info(e)["error"]
     return out
+
+
+def owner(triaged: dict, mode: str) -> str:
+    """Whose a crash or mismatch is: torch's when torch alone fails the same model too, on the
+    backend the mode stands on (Inductor for the composed backend, aot_eager for the others)."""
+    ground = triaged.get("inductor" if mode == "compile" else "aot_eager", "")
+    return "fxfuse" if ground.startswith("ok") else "torch"
 
 
 def sweep_family(fam: str, attn: str, modes, do_triage: bool) -> list[dict]:
@@ -236,6 +244,9 @@ def sweep_family(fam: str, attn: str, modes, do_triage: bool) -> list[dict]:
             if fx:
                 row["warnings"] = fx[:3]
             row["status"] = "ok" if row["ratio"] <= 1 else "MISMATCH"
+            if row["status"] == "MISMATCH" and do_triage:
+                row["triage"] = triage(fam, model, ref64, mode)
+                row["owner"] = owner(row["triage"], mode)
         except fxfuse.CaptureError as e:  # a refusal that says what to do (not a crash), e.g. training
             row.update(status="refused", **crash_info(e))  # through a custom autograd.Function
         except Exception as e:  # noqa: BLE001
@@ -243,7 +254,7 @@ def sweep_family(fam: str, attn: str, modes, do_triage: bool) -> list[dict]:
             traceback.print_exc()
             if do_triage:
                 row["triage"] = triage(fam, model, ref64, mode)
-                row["owner"] = "fxfuse" if any(v.startswith("ok") for v in row["triage"].values()) else "torch"
+                row["owner"] = owner(row["triage"], mode)
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps({k: v for k, v in row.items() if k not in ("declined",)}, default=str), flush=True)
         rows.append(row)
@@ -296,6 +307,23 @@ def main(argv=None):
 _BEFORE_UPDATE: dict[str, dict] = {}
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with the rows ``new`` re-measured replaced: the same (family, attn, mode), and a
+    family's build or no-sdpa row once it has built (or every old row of a (family, attn) that now
+    fails to build). The rows of modes not run again stay (--modes compile keeps compile_eager's)."""
+    measured = {(r["family"], r["attn"], r["mode"]) for r in new}
+    pairs = {(r["family"], r["attn"]) for r in new}
+    failed = {(r["family"], r["attn"]) for r in new if r["mode"] in ("build", "-")}
+
+    def stale(r):
+        pair = (r["family"], r["attn"])
+        return (*pair, r["mode"]) in measured or pair in failed or (pair in pairs and r["mode"] in ("build", "-"))
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    attns, modes = {"eager": 0, "sdpa": 1}, {m: i for i, m in enumerate(("build", "-") + MODES)}
+    return sorted([r for r in old if not stale(r)] + new, key=lambda r: (
+        order.get(r["family"], 1e9), attns.get(r["attn"], 9), modes.get(r["mode"], 99)))
+
+
 def write_results(out: Path, args, done: list[str], families: list[str], rows: list[dict], started: float) -> None:
     import transformers
 
@@ -307,11 +335,11 @@ def write_results(out: Path, args, done: list[str], families: list[str], rows: l
     if args.update and (str(out) in _BEFORE_UPDATE or out.with_suffix(".json").exists()):
         # the file as it was before this run (written again after each family)
         old = _BEFORE_UPDATE.setdefault(str(out), json.loads(out.with_suffix(".json").read_text()))
-        ran = set(done)
-        order = {f: i for i, f in enumerate(FAMILIES)}
-        rows = sorted([r for r in old["rows"] if r["family"] not in ran] + rows, key=lambda r: order.get(r["family"], 1e9))
+        ran_modes = sorted({r["mode"] for r in rows} - {"build", "-"})
+        rows = merge_rows(old["rows"], rows)
         meta = {**old["meta"], "updates": old["meta"].get("updates", []) + [
-            {"families": sorted(ran), "commit": commit, "seconds": meta["seconds"], "argv": meta["argv"]}]}
+            {"families": sorted(set(done)), "modes": ran_modes,
+             "commit": commit, "seconds": meta["seconds"], "argv": meta["argv"]}]}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(write_markdown(meta, rows))
 

@@ -2,9 +2,10 @@
 the task head it is built with and its per-family exceptions to the generic tiny config.
 
 A config is built with ``AutoConfig.for_model(model_type, **kwargs)`` from ``TINY`` (only the keys
-that model type's default config has), every dropout set to zero (a training step is compared with
-eager's), then the family's own overrides; the model with the Auto class of its task, random weights,
-no downloads."""
+that model type's default config has), every dropout and stochastic depth (BEiT's and Swin's
+drop_path_rate: a training step is compared with eager's, so nothing random) set to zero, then the
+family's own overrides; the model with the Auto class of its task (or MODEL_CLASSES), random
+weights, no downloads."""
 from __future__ import annotations
 
 import torch
@@ -117,6 +118,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "siglip_vision_model": ("vision", {}),
 }
 
+# Model types with no Auto class for their config (AutoModel has SigLIP's vision tower, not its text one).
+MODEL_CLASSES = {"siglip_text_model": "SiglipTextModel"}
+
 
 def build_config(model_type: str):
     import transformers
@@ -124,8 +128,12 @@ def build_config(model_type: str):
     default = transformers.AutoConfig.for_model(model_type)
     # (not the keys the config computes: Falcon's head_dim is a property)
     kwargs = {k: v for k, v in TINY.items() if hasattr(default, k) and not isinstance(getattr(type(default), k, None), property)}
+    # A generic key that is another name for a key the family overrides (Swin's num_attention_heads is
+    # its num_heads, a per-stage list) would be set after it and overwrite it: the family's wins.
+    aliases = getattr(default, "attribute_map", {})
+    kwargs = {k: v for k, v in kwargs.items() if aliases.get(k) not in FAMILIES[model_type][1]}
     for k, v in vars(default).items():
-        if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or "pdrop" in k):
+        if isinstance(v, float) and not isinstance(v, bool) and ("dropout" in k or "pdrop" in k or "drop_path" in k):
             kwargs[k] = 0.0
     kwargs.update(FAMILIES[model_type][1])
     return transformers.AutoConfig.for_model(model_type, **kwargs)
@@ -140,7 +148,10 @@ def build_model(model_type: str, attn: str) -> torch.nn.Module:
     auto = {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM,
             "seq2seq": transformers.AutoModelForSeq2SeqLM, "whisper": transformers.AutoModelForSpeechSeq2Seq,
             }.get(task, transformers.AutoModel)
-    model = auto.from_config(config, attn_implementation=attn)
+    if model_type in MODEL_CLASSES:
+        model = getattr(transformers, MODEL_CLASSES[model_type])._from_config(config, attn_implementation=attn)
+    else:
+        model = auto.from_config(config, attn_implementation=attn)
     _randomize_norm_weights(model)
     return model.eval()
 

@@ -9,7 +9,7 @@ def _cell(row: dict) -> str:
     if status == "ok":
         return f"ok {row['ratio']:.2f}"
     if status == "MISMATCH":
-        return f"**MISMATCH {row['ratio']:.3g}**"
+        return f"**MISMATCH {row['ratio']:.3g}**" + (f" ({row['owner']})" if row.get("owner") else "")
     if status == "refused":
         return "refused"
     if status == "CRASH":
@@ -28,14 +28,15 @@ def write_markdown(meta: dict, rows: list[dict]) -> str:
         if r.get("mode") in totals and r.get("status") in totals[r["mode"]]:
             totals[r["mode"]][r["status"]] += 1
     families = sorted({r["family"] for r in rows})
-    built = sorted({r["family"] for r in rows if r.get("mode") != "build"})
+    built = sorted({r["family"] for r in rows if r.get("mode") not in ("build", "-")})  # ("-": no sdpa)
     lines = [
         "# fxfuse over transformers families (CPU)", "",
         f"torch {meta['torch']}, transformers {meta['transformers']}, fxfuse commit {meta['commit']}, "
         f"{meta['machine']}, {meta['seconds']} s, {meta.get('families_done', '?')} of {meta.get('families_asked', '?')} "
         f"families asked (`{' '.join(meta.get('argv', []))}`). Produced by `benchmarks/model_sweep.py` (see benchmarks/README.md).",
         *([meta["note"]] if meta.get("note") else []),
-        *(f"Re-measured at commit {u['commit']} ({u['seconds']} s): {', '.join(u['families'])}." for u in meta.get("updates", [])),
+        *(f"Re-measured at commit {u['commit']} ({u['seconds']} s{', ' + ', '.join(u['modes']) if u.get('modes') else ''}): "
+          f"{', '.join(u['families'])}.{' ' + u['note'] if u.get('note') else ''}" for u in meta.get("updates", [])),
         "",
         "A cell is `ok <ratio>` when every output (gradient) is within the tolerance bound of tests/tolerances.py "
         "(ratio = worst error / bound, <= 1 passes), `MISMATCH` above it, `CRASH` when fxfuse raised, "
@@ -43,7 +44,7 @@ def write_markdown(meta: dict, rows: list[dict]) -> str:
         "(torch) marks a crash that torch.compile(backend=\"aot_eager\") or Inductor gives too.",
         "",
         "## Totals", "",
-        f"{len(families)} families, {len(built)} built; rows per mode (family x attention implementation):", "",
+        f"{len(families)} families, {len(built)} built and compared (a family without a float64 reference is not); rows per mode (family x attention implementation):", "",
         "| mode | ok | mismatch | crash | refused |", "| --- | ---: | ---: | ---: | ---: |",
     ]
     for m in modes:

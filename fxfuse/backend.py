@@ -106,10 +106,15 @@ class Backend:
                 aten_gm = capture_graph(gm, example_inputs)
             except CaptureError as err:
                 # Dynamo's graph is itself correct: run it as it is, fusing nothing, and say why.
+                # Composed with Inductor, Inductor still compiles it, as the default backend
+                # would: a graph fxfuse cannot read must not lose Inductor's speed (BLOOM's
+                # custom autograd.Function in training ran op by op before).
                 reason = str(err).splitlines()[0]
-                warnings.warn(f"{title} runs unfused: {reason}", stacklevel=2)
+                composed = config.current.inner == "inductor"
+                how = "runs unfused, compiled by Inductor as written" if composed else "runs unfused"
+                warnings.warn(f"{title} {how}: {reason}", stacklevel=2)
                 self.reports.append(Report([], [Miss("graph", "<dynamo graph>", reason)], [], 0.0, title))
-                return gm.forward
+                return self._inductor_as_written(gm, example_inputs) if composed else gm.forward
             report = optimize_graph(aten_gm, title=title, debug_index=index, started=started)
             inner = config.current.inner
             _warn_shape_misses(report)
@@ -136,6 +141,15 @@ class Backend:
         # as a tensor had to be specialised), and then this graph is never run.
         self.reports.append(report)
         return compiled
+
+    def _inductor_as_written(self, gm: torch.fx.GraphModule, example_inputs):
+        """Dynamo's graph compiled by Inductor with nothing fused: what ``backend="inductor"`` runs,
+        under the same Inductor options and mode as the composed graphs."""
+        from torch._inductor.compile_fx import compile_fx
+
+        from fxfuse.inductor import inductor_config
+
+        return compile_fx(gm, example_inputs, config_patches=inductor_config(config.current.mode, config.current.inductor))
 
     def _inductor(self, aten_gm: torch.fx.GraphModule, example_inputs, index: int | None):
         """The rewritten graph compiled by Inductor (under the options: they are in force)."""

@@ -259,3 +259,47 @@ def test_at_symbolic_sizes_sites_sdpa_cannot_compute_train_through_the_reference
     assert [m.kind for m in be.matches] == ["attention"], be.report()
     forward, backward = _graphs(tmp_path, "aot_forward"), _graphs(tmp_path, "aot_backward")
     assert forward.count("\n") > 0 and "fxfuse" not in forward + backward
+
+
+class _GeLUFunction(torch.autograd.Function):
+    """A custom autograd.Function in the model's forward (BLOOM's GeLU is one): fxfuse's capture
+    refuses the training graph."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return grad * (s + 1.702 * x * s * (1 - s))
+
+
+class _CustomFunctionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(_GeLUFunction.apply(self.up(x)))
+
+
+def test_a_graph_fxfuse_cannot_capture_is_still_compiled_by_inductor(monkeypatch):
+    """Composed with Inductor, a graph the capture refuses is Inductor's to compile, as it would be
+    without fxfuse (it ran op by op before: BLOOM training lost Inductor's speed), with the warning."""
+    from torch._inductor import compile_fx as inductor
+
+    calls = []
+    real = inductor.compile_fx
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, inputs, **kw: calls.append(gm) or real(gm, inputs, **kw))
+    torch.manual_seed(0)
+    model, x = _CustomFunctionBlock(), torch.randn(2, 5, 8)
+    be = fxfuse.Backend()
+    with pytest.warns(UserWarning, match="runs unfused, compiled by Inductor as written"):
+        got = _train(model, torch.compile(model, backend=be), x)
+    assert len(calls) == 1 and be.misses and be.misses[0].kind == "graph", be.report()
+    reference = copy.deepcopy(model).double()
+    for g, e, r in zip(got, _train(model, model, x), _train(reference, reference, x.double())):
+        assert_close_to_reference(g, e, r, "custom-function block")

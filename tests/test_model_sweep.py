@@ -40,3 +40,45 @@ def test_sweep_comparison_flags_a_wrong_output():
     assert worst_ratio([off.bfloat16()], [eager.bfloat16()], [ref])[0] <= 1  # within bf16's (whole tensor)
     assert worst_ratio([off.bfloat16() + 0.5], [eager.bfloat16()], [ref])[0] > 1
     assert worst_ratio([off[:2]], [eager], [ref])[0] == float("inf")  # another shape
+
+
+def _sweep_module(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_family_table_builds_swin_and_siglip_text_without_randomness():
+    fams = _sweep_module("model_sweep_families")
+    swin = fams.build_model("swin", "eager")
+    assert swin.config.num_heads == [2, 2]  # not TINY's num_attention_heads, its alias
+    assert swin.config.drop_path_rate == 0.0  # a training step is compared with eager's: no random drop
+    siglip = fams.build_model("siglip_text_model", "eager")
+    assert type(siglip).__name__ == "SiglipTextModel"
+    with torch.no_grad():
+        assert fams.float_outputs(siglip(**fams.make_inputs("siglip_text_model", siglip, 8)))[0].shape == (2, 8, 32)
+
+
+def test_update_replaces_only_the_rows_re_measured():
+    merge_rows = _sweep_module("model_sweep").merge_rows
+    old = [{"family": "llama", "attn": "eager", "mode": "compile_eager", "status": "ok"},
+           {"family": "llama", "attn": "eager", "mode": "compile", "status": "CRASH"},
+           {"family": "swin", "attn": "eager", "mode": "build", "status": "build failed"},
+           {"family": "swin", "attn": "sdpa", "mode": "-", "status": "no sdpa"},
+           {"family": "bert", "attn": "eager", "mode": "compile_eager", "status": "ok"}]
+    new = [{"family": "swin", "attn": "eager", "mode": "compile", "status": "ok"},
+           {"family": "llama", "attn": "eager", "mode": "compile", "status": "ok"}]
+    got = [(r["family"], r["attn"], r["mode"], r["status"]) for r in merge_rows(old, new)]
+    assert got == [("llama", "eager", "compile_eager", "ok"), ("llama", "eager", "compile", "ok"),
+                   ("bert", "eager", "compile_eager", "ok"), ("swin", "eager", "compile", "ok"),
+                   ("swin", "sdpa", "-", "no sdpa")]
+
+
+def test_triage_owner_is_torch_when_the_backend_the_mode_stands_on_fails_too():
+    owner = _sweep_module("model_sweep").owner
+    falcon = {"aot_eager": "ok (ratio 0.0185)", "inductor": "MISMATCH (ratio 239)"}
+    assert owner(falcon, "compile") == "torch"  # the composed backend stands on Inductor
+    assert owner(falcon, "compile_eager") == "fxfuse"
+    assert owner({"aot_eager": "RuntimeError: x", "inductor": "ok (ratio 0.1)"}, "train") == "torch"

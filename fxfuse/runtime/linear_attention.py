@@ -37,7 +37,8 @@ def gpu_tiles(d: int, e: int, causal: bool) -> dict:
     """The tiles and warps of a GPU launch (also what ``fxfuse.runtime.static_check`` compiles).
     Measured with ptxas for sm_90 in bf16 (``tests/codegen/test_linear_attention_kernels.py``):
     non-causal 64-row chunks, 64 columns of E, compile without spills at D = E = 64 and 128 except
-    the d_b/d_v kernel at 128; the causal chunk also holds a (C, C) block and its gradient, so it
+    the d_b/d_v kernel at 128 (8 warps from a 64 x 64 state: at 4 warps Triton 3.8's d_b/d_v kernel,
+    torch 2.14.1's, spills 236 registers at D = E = 64, Triton 3.9's none; at 8 neither spills); the causal chunk also holds a (C, C) block and its gradient, so it
     takes 32-row chunks at 8 warps (forward and d_a without spills at D = 64; 32 columns of E at
     D = 128, where the forward still spills some)."""
     block_d = max(16, triton.next_power_of_2(d))
@@ -46,7 +47,7 @@ def gpu_tiles(d: int, e: int, causal: bool) -> dict:
         return {"BLOCK_C": 32, "BLOCK_D": block_d, "BLOCK_E": block_e, "DOT_F32": False, "PREC": "tf32x3",
                 "num_warps": 8, "num_stages": 2}
     block_e = max(16, min(64, triton.next_power_of_2(e)))
-    warps = 8 if block_d * block_e >= 128 * 64 else 4
+    warps = 8 if block_d * block_e >= 64 * 64 else 4
     return {"BLOCK_C": 64 if block_d <= 128 else 32, "BLOCK_D": block_d, "BLOCK_E": block_e, "DOT_F32": False,
             "PREC": "tf32x3", "num_warps": warps, "num_stages": 2}
 
