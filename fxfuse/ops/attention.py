@@ -549,7 +549,9 @@ def _(grad_out, q, k, v, extras, needs_grad, spec, seed=None):
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *d_extras]
 
 
-def _setup(ctx, inputs, output):
+def save_for_backward(ctx, inputs, output):
+    """The autograd context of an operator called ``(q, k, v, extras, spec, seed, ...)``: its
+    tensors saved, its spec, the interpretation in force and which extras need a gradient."""
     q, k, v, extras, spec, seed = inputs[:6]
     extras = listed(extras)
     ctx.save_for_backward(q, k, v, seed, *extras)
@@ -569,4 +571,4 @@ def _backward(ctx, grad_out):
     return (dq, dk, dv, d_extras, None, None, None)[:len(ctx.needs_input_grad)]
 
 
-attention.register_autograd(_backward, setup_context=_setup)
+attention.register_autograd(_backward, setup_context=save_for_backward)

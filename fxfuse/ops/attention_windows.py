@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fxfuse import config
-from fxfuse.ops.attention import _kernel_grad
+from fxfuse.ops.attention import _kernel_grad, save_for_backward
 from fxfuse.ops.optional_lists import listed
 from fxfuse.runtime.attention_windows import partition, reverse
 from fxfuse.spec import to_dtype
@@ -85,14 +85,6 @@ def _(q, k, v, extras, spec, seed=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=to_dtype(s.out_dtype))
 
 
-def _setup(ctx, inputs, output):
-    q, k, v, extras, spec, seed = inputs[:6]
-    extras = listed(extras)
-    ctx.save_for_backward(q, k, v, seed, *extras)
-    ctx.spec, ctx.interpret = spec, config.current.interpret
-    ctx.needs_grad = [e.requires_grad for e in extras]
-
-
 def _backward(ctx, grad_out):
     q, k, v, seed, *extras = ctx.saved_tensors
     s, inner = _specs(ctx.spec)
@@ -113,4 +105,4 @@ def _backward(ctx, grad_out):
     return grads[:len(ctx.needs_input_grad)]
 
 
-window_attention.register_autograd(_backward, setup_context=_setup)
+window_attention.register_autograd(_backward, setup_context=save_for_backward)
