@@ -29,7 +29,7 @@ import torch
 from torch.fx import Node
 
 from fxfuse.passes.attention_index import reads_graph_input
-from fxfuse.passes.attention_layout import LAYOUT, constant_value, is_plain_reshape
+from fxfuse.passes.attention_layout import LAYOUT, constant_value, is_plain_reshape, layout_chain_back
 from fxfuse.passes.graph import (dtype, insert_call, is_op, is_python_scalar, match_layout, plain_cast, same_layout, shape,
                                  source_of, val)
 from fxfuse.passes.pipeline import Match, Miss, PassResult
@@ -245,17 +245,14 @@ def _absorb_feature_map(gm, operand: Node, before: Node) -> tuple[str, Node] | N
     k^T) to apply phi to itself. None (phi stays in the graph) when there is a cast on the way
     (phi in another dtype than the product's) or the replayed layouts do not give the operand's
     shape and strides."""
-    chain, node = [], operand
-    while is_op(node, *LAYOUT) and isinstance(node.args[0], Node):
-        chain.append(node)
-        node = node.args[0]
+    node, chain = layout_chain_back(operand)
     found = _feature_map_input(node)
     if found is None:
         return None
     kind, cur = found
     inserted = []
     try:
-        for op in reversed(chain):
+        for op in chain:
             cur = insert_call(gm, op.target, (cur, *op.args[1:]), before, dict(op.kwargs))
             inserted.append(cur)
     except Exception:  # a view that does not apply to x's strides: keep phi in the graph
