@@ -25,23 +25,17 @@ from fxfuse.ops import size_masks
 _aten = torch.ops.aten
 
 
-def _flash_form(spec_text: str, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor]):
+def _flash_form(spec_text: str, q: Tensor, k: Tensor, v: Tensor, extras: list[Tensor], check_values: bool = True):
     """(spec, scale, causal) when ATen's flash kernels compute this call exactly (the mask resolved
-    to the causal rule with Lq == Lk, or no mask step; one head size; finite operands), else None."""
+    to the causal rule with Lq == Lk, or no mask step; one head size; finite operands), else None.
+    ``check_values=False``: the operands' values are not read (the backward: the forward checked them)."""
     s, extras, _ = size_masks.resolve(attention_op._spec(spec_text), extras, q.shape[-2], k.shape[-2])
     form = attention_op._sdpa_form(s)
     if form is None or extras or q.shape[-1] != v.shape[-1] or not attention_op._every_row_sees_a_key(form, q, k):
         return None
-    if not attention_op._sdpa_exact_on(form, q, k, v, extras):
+    if check_values and not attention_op._sdpa_exact_on(form, q, k, v, extras):
         return None
     return s, form[0], form[1] is not None
-
-
-def _resolved_form(spec_text: str, q: Tensor, k: Tensor, extras: list[Tensor]):
-    """(spec, scale, causal) of the flash path, with no check on the values (the forward made them)."""
-    s, _, _ = size_masks.resolve(attention_op._spec(spec_text), extras, q.shape[-2], k.shape[-2])
-    scale, step = attention_op._sdpa_form(s)
-    return s, scale, step is not None
 
 
 def _flash_ran(lse: Tensor) -> bool:
@@ -83,7 +77,7 @@ def attention_saved_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     if not _flash_ran(lse):
         grads = torch.ops.fxfuse.attention_backward(grad_out, q, k, v, extras, [False] * len(extras), spec)
         return [g.contiguous() for g in grads[:3]]
-    s, scale, causal = _resolved_form(spec, q, k, extras)
+    s, scale, causal = _flash_form(spec, q, k, v, extras, check_values=False)
     qc, kh, vh = _operands(s, q, k, v)
     dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out.to(out.dtype).contiguous(), qc, kh, vh, out, lse, 0.0, causal, scale=scale)
