@@ -20,10 +20,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_norm's measuring helpers
-from bench_norm import device_parser, first_call, machine_info, machine_slug, time_ms  # noqa: E402
+from bench_norm import device_parser, first_call, machine_info, machine_slug, private_inductor_cache, time_ms  # noqa: E402
 
 import fxfuse  # noqa: E402  (bench_norm put the checkout on sys.path)
 
@@ -550,7 +548,7 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda needs a CUDA GPU; this machine has none (use --device cpu)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_attention_inductor_")
+    private_inductor_cache("bench_attention_inductor_")
     torch._inductor.config.fx_graph_cache = False  # setup_s shows what a first compile costs
     started = time.perf_counter()
     results, sites = [], {}

@@ -36,7 +36,6 @@ import math
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch._inductor.config
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_norm import PolyNorm, machine_info, machine_slug  # noqa: E402
+from bench_norm import PolyNorm, machine_info, machine_slug, private_inductor_cache  # noqa: E402
 
 import fxfuse  # noqa: E402  (bench_norm put the checkout on sys.path)
 from fxfuse.demo import NaiveTransformer, saved_activation_bytes  # noqa: E402
@@ -304,9 +303,7 @@ def main(argv=None) -> int:
     if not args.reuse_compile_cache:
         torch._inductor.config.fx_graph_cache = False
         torch._inductor.config.autotune_local_cache = False
-        import os
-
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxfuse-e2e-inductor-")
+        private_inductor_cache("fxfuse-e2e-inductor-")
     # One throwaway compile first: Inductor's one-time start-up (imports, C++ toolchain probes)
     # would otherwise be charged to whichever implementation compiles first.
     if {"inductor", "fxfuse"} & set(args.impls):

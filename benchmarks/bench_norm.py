@@ -18,12 +18,14 @@ Results go to benchmarks/results/norm_<machine>.json and .csv. See benchmarks/RE
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -234,6 +236,17 @@ def first_tensor(result):
     while isinstance(result, (tuple, list)):
         result = result[0]
     return result
+
+
+def private_inductor_cache(prefix: str) -> str:
+    """Point Inductor at a fresh cache directory, removed when the process exits.
+
+    Cold-compile timings need an empty cache; a leftover directory per run (hundreds of MiB of
+    generated C++ and Triton) once filled this machine's disk and broke CI's install."""
+    cache = tempfile.mkdtemp(prefix=prefix)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    return cache
 
 
 def machine_info(device: str) -> dict:
@@ -477,7 +490,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.reuse_compile_cache:  # setup_s should show what a first compile costs
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_norm_inductor_")
+        private_inductor_cache("bench_norm_inductor_")
         torch._inductor.config.fx_graph_cache = False
     started = time.perf_counter()
     peak = copy_gbps(max(args.rows), max(args.hidden), args.dtype, args.device, args.budget)

@@ -14,12 +14,25 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _private_tmp(out: Path) -> Path:
+    tmp = out.parent / f"tmp-{out.stem}"
+    tmp.mkdir()
+    return tmp
+
+
+def _assert_no_leftover_caches(tmp: Path) -> None:
+    """Each run's private Inductor cache is removed when it exits: they once filled the disk."""
+    assert not list(tmp.iterdir()), sorted(p.name for p in tmp.iterdir())
+
+
 def _run(script: str, out: Path, *flags: str) -> tuple[dict, list[dict]]:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the CPU path, as the benchmarks measure it
+    tmp = _private_tmp(out)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TMPDIR": str(tmp)}  # the CPU path, as the benchmarks measure it
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--device", "cpu", "--threads", "1",
                            "--budget", "0.01", "--out", str(out), *flags],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    _assert_no_leftover_caches(tmp)
     payload = json.loads(out.read_text())
     with open(out.with_suffix(".csv"), newline="") as f:
         rows = list(csv.DictReader(f))
@@ -91,11 +104,14 @@ def test_bench_e2e_smallest(tmp_path):
     """Without Inductor's compiles (seconds each): eager and the backend with inner="eager"; the
     composed backend itself is tested in tests/test_backend_inductor.py."""
     out = tmp_path / "e2e.json"
+    tmp = _private_tmp(out)
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_e2e.py"), "--device", "cpu", "--models", "demo,polynorm",
                            "--impls", "eager,fxfuse_eager", "--seq-len", "16", "--hidden", "16", "--layers", "1",
                            "--rounds", "1", "--warmup", "0", "--out", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0", "TMPDIR": str(tmp)},
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    _assert_no_leftover_caches(tmp)
     rows = json.loads(out.read_text())["results"]
     with open(out.with_suffix(".csv"), newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows) == 8
