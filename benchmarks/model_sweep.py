@@ -282,8 +282,10 @@ def main(argv=None):
     ap.add_argument("--update", action="store_true",
                     help="replace only the rows of the families run in an existing --out JSON (meta records both runs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_sweep_cpu"))
+    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                    help="torch CPU threads (1 on a machine shared with other work)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     families = args.only.split(",") if args.only else list(FAMILIES)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [f for f in families if f not in FAMILIES] + [m for m in modes if m not in MODES]
