@@ -166,7 +166,10 @@ def run_compile(fam, model, ref64, backend="fxfuse", options=None, mark_dynamic=
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     m = copy.deepcopy(model)
-    compiled = torch.compile(m, backend=backend, options=options)
+    # fxfuse as a Backend object (what backend="fxfuse" builds per graph) keeps each graph's report:
+    # a row within tolerance says what fxfuse fused in it, not only that the numbers held
+    fx_backend = fxfuse.Backend(**(options or {})) if backend == "fxfuse" else None
+    compiled = torch.compile(m, backend=fx_backend or backend, options=None if fx_backend else options)
     ratio, err, per_length = 0.0, 0.0, {}
     for length in LENGTHS:
         kwargs = _inputs(fam, m, length)
@@ -186,9 +189,17 @@ def run_compile(fam, model, ref64, backend="fxfuse", options=None, mark_dynamic=
     ref = copy.deepcopy(ref64)
     expected_g = _grads(ref, float_outputs(ref(**_inputs(fam, m, LENGTHS[-1], torch.float64))), w)
     rg, eg = worst_ratio(got_g, eager_g, expected_g, whole=True)
+    fused = {}
+    if fx_backend is not None:
+        per_graph = [{k: sum(1 for m in r.matches if m.kind == k) for k in sorted({m.kind for m in r.matches})}
+                     for r in fx_backend.reports]
+        declined = sorted({f"{m.kind}: {m.reason}"[:240] for m in fx_backend.misses})
+        # the last graph is the one the later lengths ran (dynamic after the static first)
+        fused = {"matches": per_graph[-1] if per_graph else {}, "matches_per_graph": per_graph,
+                 "declined": declined[:4], "declined_total": len(fx_backend.misses)}
     return {"ratio": max(ratio, rg), "max_err": max(err, eg), "per_length": per_length, "grad_ratio": rg,
             "grad_elementwise_ratio": worst_ratio(got_g, eager_g, expected_g)[0],
-            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"], **fused}
 
 
 def triage(fam, model, ref64, mode) -> dict:

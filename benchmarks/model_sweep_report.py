@@ -59,7 +59,9 @@ def write_markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(f"| {fam} | {attn} | | | " + " | ".join("" for _ in modes) + f" | {r['status']}: "
                          f"{r.get('error', '')[:120]} |")
             continue
-        first = by_mode.get("rewrite") or next(iter(by_mode.values()))
+        # what fxfuse fused: the rewrite's report, else a compile row's (its last graph)
+        first = by_mode.get("rewrite") or next((r for r in by_mode.values() if "matches" in r), None) \
+            or next(iter(by_mode.values()))
         matches = first.get("matches", {})
         norms = sum(v for k, v in matches.items() if k in NORM_KINDS)
         declined = (first.get("declined") or [""])[0].replace("|", "/")[:160]

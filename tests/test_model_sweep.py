@@ -15,7 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_model_sweep_one_family(tmp_path):
     out = tmp_path / "sweep"
     done = subprocess.run([sys.executable, str(BENCHMARKS / "model_sweep.py"), "--only", "llama", "--modes",
-                           "rewrite", "--attn", "eager", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "rewrite", "--attn", "eager", "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     payload = json.loads(out.with_suffix(".json").read_text())
     (row,) = payload["rows"]
