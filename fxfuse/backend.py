@@ -155,10 +155,11 @@ class Backend:
         """The rewritten graph compiled by Inductor (under the options: they are in force)."""
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-        from fxfuse.inductor import inductor_config, lower_cpu_sites
+        from fxfuse.inductor import inductor_config, lower_cpu_sites, views_as_reshapes
 
         patches = inductor_config(config.current.mode, config.current.inductor)
         lower_cpu_sites(aten_gm, example_inputs)
+        views_as_reshapes(aten_gm)  # Inductor's decompositions may lay tensors out otherwise
         options, runtime = self.options, self._runtime_options()
 
         def inner_compile(gm, inputs, **kwargs):

@@ -277,3 +277,38 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, sub: torch.fx.GraphMo
     else:
         node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
+
+
+def views_as_reshapes(gm: torch.fx.GraphModule) -> int:
+    """Turn the graph's ``aten.view`` nodes into ``aten.reshape``, in place; returns how many.
+
+    The graph was traced once already, by the capture (and by ``lower_cpu_sites``' forms): each
+    composite op (``matmul``, ``reshape``, ``flatten``) chose a view there from the strides the
+    tensors had in that trace. Inductor traces it again with its own decompositions, which can lay
+    a tensor out otherwise: ``cat`` of one non-empty tensor (RoPE's empty pass-through part, Phi-3)
+    becomes a ``clone`` that keeps its input's transposed strides where eager's cat is contiguous,
+    and the view made for the contiguous tensor then fails ("Cannot view a tensor with shape ...").
+    ``reshape`` makes that choice again against the strides of the new trace: the same view where
+    one exists, a copy where not, the same values either way. A view that an in-place op writes
+    through (directly or through further views) stays: there the aliasing is the semantics."""
+    written: set[torch.fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        schema = target._schema
+        if schema.is_mutable:
+            for arg, value in zip(schema.arguments, node.args):
+                if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
+                    written.add(value)
+        if node in written and schema.arguments and schema.arguments[0].alias_info is not None \
+                and isinstance(node.args[0], torch.fx.Node):
+            written.add(node.args[0])  # a view of a written tensor: its base is written through it
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default and node not in written:
+            node.target = torch.ops.aten.reshape.default
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
