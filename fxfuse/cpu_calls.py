@@ -23,7 +23,7 @@ from fxfuse.ops import norm as norm_op
 _fx = torch.ops.fxfuse
 
 
-def _attention_call(spec_text: str):
+def _attention_call(spec_text: str, autograd: bool = True):
     spec = attention_op._spec(spec_text)
     op = _fx.attention.default
 
@@ -31,11 +31,11 @@ def _attention_call(spec_text: str):
         # A safe softmax's fully hidden rows: autograd of the reference gives NaN gradients there
         # (softmax of -inf), the operator's backward gives the zeros eager's _safe_softmax gives.
         if q.device.type != "cpu" or config.interpret_on_cpu() or (
-                spec.safe_softmax and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                                                   or any(e.requires_grad for e in extras))):
+                autograd and spec.safe_softmax and torch.is_grad_enabled()
+                and (q.requires_grad or k.requires_grad or v.requires_grad or any(e.requires_grad for e in extras))):
             return op(q, k, v, extras, spec_arg, seed, merge_heads)
         attention_op._check_heads(spec, q, k, v)
-        return attention_op.cpu_forward(spec, q, k, v, extras, seed, merge_heads, autograd=True)
+        return attention_op.cpu_forward(spec, q, k, v, extras, seed, merge_heads, autograd=autograd)
 
     return attention
 
@@ -151,10 +151,20 @@ def _on_cpu(node: torch.fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.device.type == "cpu"
 
 
-def direct_cpu_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+# The calls that are the operator's own CPU implementation when nothing is differentiated
+# through them (``direct_cpu_calls(gm, autograd=False)``): the same function, the same strides.
+_OPERATOR_EQUAL = (_fx.attention.default, _fx.norm.default, _fx.add_norm.default, _fx.sum_norm.default)
+
+
+def direct_cpu_calls(gm: torch.fx.GraphModule, autograd: bool = True) -> torch.fx.GraphModule:
     """A copy of ``gm`` whose CPU fused sites call their implementations directly (``gm`` itself
-    is unchanged); ``gm`` when it has none."""
-    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CALLS and _on_cpu(n)]
+    is unchanged); ``gm`` when it has none. ``autograd=False``: for a graph autograd never
+    differentiates (AOTAutograd's compiled forward, which runs with grad off, its backward given
+    as a graph of its own: the backend's ``inner="eager"``), whose sites must compute exactly
+    what their operators' CPU implementations do (the values and strides AOTAutograd planned
+    for); only those sites whose direct call is that implementation are replaced."""
+    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CALLS and _on_cpu(n)
+             and (autograd or n.target in _OPERATOR_EQUAL)]
     if not sites:
         return gm
     graph = torch.fx.Graph()
@@ -165,5 +175,6 @@ def direct_cpu_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         node = env[old]
         make, spec_at = _CALLS[old.target]
         spec_text = node.args[spec_at] if len(node.args) > spec_at else node.kwargs["spec"]
-        node.target = make(spec_text)
+        node.target = make(spec_text) if autograd or old.target is not _fx.attention.default \
+            else _attention_call(spec_text, autograd=False)
     return torch.fx.GraphModule(gm, graph)
