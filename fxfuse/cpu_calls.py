@@ -13,6 +13,8 @@ kernels, asked for when the call runs, still goes through the operators.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import fxfuse.ops  # noqa: F401
@@ -40,14 +42,14 @@ def _attention_call(spec_text: str, autograd: bool = True):
     return attention
 
 
-def _attention_rope_call(spec_text: str):
+def _attention_rope_call(spec_text: str, autograd: bool = True):
     """RoPE sites: the rotation as the user's code wrote it (autograd differentiates it as it did
     the user's ops), then the attention site's own direct call. The operator's backward recomputes
     the rotation and the attention forward, which on CPU is slower than what it replaced."""
     from fxfuse.ops import attention_rope as rope_op
 
     spec = rope_op._spec(spec_text)
-    plain = _attention_call(rope_op.without_rope(spec).to_json())
+    plain = _attention_call(rope_op.without_rope(spec).to_json(), autograd)
     op = _fx.attention_rope.default
 
     def attention_rope(q, k, v, extras, tables, spec_arg=spec_text, seed=None, merge_heads=False):
@@ -153,28 +155,43 @@ def _on_cpu(node: torch.fx.Node) -> bool:
 
 # The calls that are the operator's own CPU implementation when nothing is differentiated
 # through them (``direct_cpu_calls(gm, autograd=False)``): the same function, the same strides.
-_OPERATOR_EQUAL = (_fx.attention.default, _fx.norm.default, _fx.add_norm.default, _fx.sum_norm.default)
+_OPERATOR_EQUAL = (_fx.attention.default, _fx.attention_rope.default, _fx.norm.default, _fx.add_norm.default,
+                   _fx.sum_norm.default)
+_WITH_AUTOGRAD_FLAG = (_fx.attention.default, _fx.attention_rope.default)
 
 
-def direct_cpu_calls(gm: torch.fx.GraphModule, autograd: bool = True) -> torch.fx.GraphModule:
-    """A copy of ``gm`` whose CPU fused sites call their implementations directly (``gm`` itself
-    is unchanged); ``gm`` when it has none. ``autograd=False``: for a graph autograd never
-    differentiates (AOTAutograd's compiled forward, which runs with grad off, its backward given
-    as a graph of its own: the backend's ``inner="eager"``), whose sites must compute exactly
-    what their operators' CPU implementations do (the values and strides AOTAutograd planned
-    for); only those sites whose direct call is that implementation are replaced."""
-    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CALLS and _on_cpu(n)
-             and (autograd or n.target in _OPERATOR_EQUAL)]
-    if not sites:
-        return gm
+def direct_cpu_calls(gm: torch.fx.GraphModule, autograd: bool = True, sites: bool = True) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (``gm`` itself is unchanged) whose CPU fused sites call their
+    implementations directly (``sites``) and whose ATen calls skip ``OpOverload.__call__``.
+    ``autograd=False``: for a graph autograd never differentiates (AOTAutograd's compiled forward,
+    which runs with grad off, its backward given as a graph of its own: the backend's
+    ``inner="eager"``), whose sites must compute exactly what their operators' CPU implementations
+    do (the values and strides AOTAutograd planned for); only those sites whose direct call is that
+    implementation are replaced."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     output = graph.graph_copy(gm.graph, env)
     graph.output(output)
-    for old in sites:
-        node = env[old]
-        make, spec_at = _CALLS[old.target]
-        spec_text = node.args[spec_at] if len(node.args) > spec_at else node.kwargs["spec"]
-        node.target = make(spec_text) if autograd or old.target is not _fx.attention.default \
-            else _attention_call(spec_text, autograd=False)
+    for old, node in env.items():
+        if old.op != "call_function":
+            continue
+        if sites and old.target in _CALLS and _on_cpu(old) and (autograd or old.target in _OPERATOR_EQUAL):
+            make, spec_at = _CALLS[old.target]
+            spec_text = node.args[spec_at] if len(node.args) > spec_at else node.kwargs["spec"]
+            node.target = make(spec_text, autograd) if old.target in _WITH_AUTOGRAD_FLAG else make(spec_text)
+        elif isinstance(old.target, torch._ops.OpOverload):
+            node.target = _unwrapped(old.target)
     return torch.fx.GraphModule(gm, graph)
+
+
+@functools.lru_cache(maxsize=None)
+def _unwrapped(op: torch._ops.OpOverload) -> functools.partial:
+    """What ``OpOverload.__call__`` calls (``self._op(*args, **kwargs)``), without its Python
+    frame: 1-2 us of a 4-8 us view or add, on every node of a graph of mostly small ops. A
+    partial (called in C) with a name of its own, so that the graph's generated code holds it as a
+    global (``_op`` itself, nameless, cannot be written there)."""
+    call = functools.partial(op._op)
+    call.__name__ = "aten_" + str(op).replace("aten.", "", 1).replace(".", "_") if str(op).startswith("aten.") \
+        else str(op).replace(".", "_")
+    call.__module__ = __name__
+    return call
