@@ -91,6 +91,20 @@ def test_inference_calls_the_operators_implementations_and_keep_operators_runs_t
         want = model(x)
     assert compiled is not model and not seen.ops, seen.ops
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and training: both AOTAutograd graphs call ATen without OpOverload.__call__ (cpu_calls)
+    from fxfuse import backend as backend_module
+
+    graphs = []
+    boxed = backend_module._boxed
+    backend_module._boxed = lambda gm, options: graphs.append(gm) or boxed(gm, options)
+    try:
+        got = _step(_compiled(model), model, (x,))
+    finally:
+        backend_module._boxed = boxed
+    assert len(graphs) == 2 and all(
+        n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) for gm in graphs for n in gm.graph.nodes)
+    for g, w in zip(got, _step(model, model, (x,))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     compiled = _compiled(model, keep_operators=True)
     with torch.no_grad():
         compiled(x)
