@@ -92,6 +92,34 @@ def _norm_call(spec_text: str):
     return norm
 
 
+def _norm_then_contiguous_call(spec_text: str):
+    """A norm site whose only use is ``clone(memory_format=contiguous)``: the pass keeps the layout
+    the user's code had (``F.layer_norm`` gives a contiguous output for a transposed input, Swin's
+    patch embedding), so the operator's output in the input's strides was copied back. This call
+    computes both: the output contiguous, made once (ATen's layer_norm gives it so)."""
+    spec = norm_op._spec(spec_text)
+    op = _fx.norm.default
+
+    def norm_contiguous(x, params, spec_arg=spec_text):
+        if x.device.type != "cpu" or config.interpret_on_cpu():
+            return op(x, params, spec_arg).clone(memory_format=torch.contiguous_format)
+        return norm_op.cpu_norm(spec, x, params, contiguous=True)
+
+    return norm_contiguous
+
+
+def _then_contiguous(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node's only user when that is ``clone(node, memory_format=torch.contiguous_format)``."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    (user,) = users
+    if user.op == "call_function" and user.target is torch.ops.aten.clone.default and user.args == (node,) \
+            and user.kwargs == {"memory_format": torch.contiguous_format}:
+        return user
+    return None
+
+
 def _add_norm_call(spec_text: str):
     spec = norm_op._spec(spec_text)
     op = _fx.add_norm.default
@@ -172,15 +200,22 @@ def direct_cpu_calls(gm: torch.fx.GraphModule, autograd: bool = True, sites: boo
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     output = graph.graph_copy(gm.graph, env)
     graph.output(output)
+    folded = []
     for old, node in env.items():
-        if old.op != "call_function":
+        if old.op != "call_function" or node in folded:
             continue
-        if sites and old.target in _CALLS and _on_cpu(old) and (autograd or old.target in _OPERATOR_EQUAL):
+        if sites and old.target is _fx.norm.default and _on_cpu(old) and (clone := _then_contiguous(old)) is not None:
+            node.target = _norm_then_contiguous_call(old.args[2] if len(old.args) > 2 else old.kwargs["spec"])
+            env[clone].replace_all_uses_with(node)
+            folded.append(env[clone])
+        elif sites and old.target in _CALLS and _on_cpu(old) and (autograd or old.target in _OPERATOR_EQUAL):
             make, spec_at = _CALLS[old.target]
             spec_text = node.args[spec_at] if len(node.args) > spec_at else node.kwargs["spec"]
             node.target = make(spec_text, autograd) if old.target in _WITH_AUTOGRAD_FLAG else make(spec_text)
         elif isinstance(old.target, torch._ops.OpOverload):
             node.target = _unwrapped(old.target)
+    for clone in folded:
+        graph.erase_node(clone)
     return torch.fx.GraphModule(gm, graph)
 
 

@@ -240,3 +240,32 @@ def test_the_executed_graph_calls_aten_without_the_opoverload_wrapper():
     model.float()
     for i, (g, e, w) in enumerate(zip(got, eager, want)):
         assert_close_to_reference(g, e, w, f"output/gradient {i}")
+
+
+def test_a_layer_norm_on_a_transposed_view_makes_its_contiguous_output_once():
+    # F.layer_norm of a transposed view (a patch embedding: conv, flatten, transpose) is contiguous;
+    # the operator promises the input's strides, so the graph copied its output back (clone). The
+    # executed graph folds the two: one contiguous output, no clone, the same values and gradients.
+    class PatchNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.norm = nn.Conv2d(3, 16, 2, stride=2), nn.LayerNorm(16)
+
+        def forward(self, img):
+            return self.norm(self.proj(img).flatten(2).transpose(1, 2)) * 2
+
+    model, img = PatchNorm(), torch.randn(2, 3, 8, 8)
+    res = fxfuse.rewrite(model, (img,))
+    assert [m.kind for m in res.matches] == ["layer_norm"]
+    clones = [n for n in res.graph.graph.nodes if n.target is torch.ops.aten.clone.default]
+    assert clones  # the reported graph: the operator, then the copy to F.layer_norm's layout
+    (graph,) = res.module._graphs.values()
+    executed = graph.run.__self__.graph
+    assert not [n for n in executed.nodes if getattr(n.target, "func", None) is torch.ops.aten.clone.default._op]
+    got = _grads(res.module, torch.float32, (img,))
+    eager = _grads(model, torch.float32, (img,))
+    want = _grads(model.double(), torch.float64, (img,))
+    model.float()
+    assert got[0].stride() == eager[0].stride()
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")

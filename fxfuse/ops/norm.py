@@ -186,12 +186,13 @@ def _layer_norm_plan(s: NormSpec, acc: torch.dtype) -> tuple | None:
     return tuple((0 if op == "mul" else 1, index) for op, index in found.items())
 
 
-def cpu_norm(s: NormSpec, x: Tensor, params: list[Tensor]) -> Tensor:
-    """The CPU implementation (also called outside the operator, with autograd: fxfuse.cpu_calls)."""
+def cpu_norm(s: NormSpec, x: Tensor, params: list[Tensor], contiguous: bool = False) -> Tensor:
+    """The CPU implementation (also called outside the operator, with autograd: fxfuse.cpu_calls);
+    ``contiguous``: the output contiguous instead of in the operator's promised layout (for a site
+    whose graph copies it to contiguous next: ``F.layer_norm`` on a transposed view)."""
     affine = _aten_layer_norm_args(s, x, params)
-    if affine is not None:
-        return laid_out_like(torch.layer_norm(x, (x.shape[-1],), *affine, s.eps), x)
-    return laid_out_like(reference(s, x, params), x)
+    y = reference(s, x, params) if affine is None else torch.layer_norm(x, (x.shape[-1],), *affine, s.eps)
+    return y.contiguous() if contiguous else laid_out_like(y, x)
 
 
 @norm.register_fake
