@@ -144,7 +144,7 @@ def _sum_norm_call(spec_text: str):
     return sum_norm
 
 
-def _polynorm_call(spec_text: str):
+def _polynorm_call(spec_text: str, autograd: bool = True):
     from fxfuse.ops import polynorm as polynorm_op
     from fxfuse.ops import polynorm_cpu
 
@@ -154,6 +154,11 @@ def _polynorm_call(spec_text: str):
     def polynorm(x, weights, bias, spec_arg=spec_text):
         if x.device.type != "cpu" or config.interpret_on_cpu():
             return op(x, weights, bias, spec_arg)
+        if not autograd:  # the operator's CPU implementation, as it is
+            polynorm_op._check(spec, x, weights, bias)
+            if polynorm_cpu.applies(x, weights, bias):
+                return polynorm_cpu.forward(spec, x.contiguous(), weights, bias)
+            return polynorm_op.reference(spec, x, weights, bias).contiguous()
         if polynorm_cpu.applies(x, weights, bias):
             return polynorm_cpu.call(spec, x.contiguous(), weights, bias)
         return polynorm_op.reference(spec, x, weights, bias)
@@ -184,8 +189,8 @@ def _on_cpu(node: torch.fx.Node) -> bool:
 # The calls that are the operator's own CPU implementation when nothing is differentiated
 # through them (``direct_cpu_calls(gm, autograd=False)``): the same function, the same strides.
 _OPERATOR_EQUAL = (_fx.attention.default, _fx.attention_rope.default, _fx.norm.default, _fx.add_norm.default,
-                   _fx.sum_norm.default)
-_WITH_AUTOGRAD_FLAG = (_fx.attention.default, _fx.attention_rope.default)
+                   _fx.sum_norm.default, _fx.polynorm.default)
+_WITH_AUTOGRAD_FLAG = (_fx.attention.default, _fx.attention_rope.default, _fx.polynorm.default)
 
 
 def direct_cpu_calls(gm: torch.fx.GraphModule, autograd: bool = True, sites: bool = True) -> torch.fx.GraphModule:
