@@ -215,3 +215,37 @@ def promoting_mask(q, k, v):
     q, k = F.elu(q) + 1, F.elu(k) + 1
     s = (q @ k.transpose(-2, -1)) * torch.tril(torch.ones(q.shape[-2], q.shape[-2]))
     return s @ v.float()
+
+
+# ---- efficient attention already in the linear order: no (L, L) product; the softmaxes move in --------
+
+def efficient_attention_linear_order(q, k, v):
+    """q_s @ (k_s^T @ v) on (B, H, L, D) heads."""
+    q, k = q.softmax(dim=-1), k.softmax(dim=-2)
+    return q @ (k.transpose(-2, -1) @ v)
+
+
+def efficient_attention_paper_code(q, k, v):
+    """As Shen et al.'s code writes it, channels first: keys and queries (B*H, D, L), k's softmax
+    over the positions (dim=2), q's over the channels (dim=1); context = k @ v^T, out = context^T @ q."""
+    b, h, length, d = q.shape
+    queries, keys, values = (t.transpose(-2, -1).reshape(b * h, d, length) for t in (q, k, v))
+    key = F.softmax(keys, dim=2)
+    query = F.softmax(queries, dim=1)
+    context = key @ values.transpose(1, 2)
+    attended = context.transpose(1, 2) @ query  # (B*H, D, L)
+    return attended.reshape(b, h, d, length).transpose(-2, -1)
+
+
+LINEAR_ORDER = [efficient_attention_linear_order, efficient_attention_paper_code]
+
+
+def two_products_without_feature_maps(q, k, v):
+    """q @ (k^T @ v) with no feature map: two products, left as written (not a linear attention here)."""
+    return q @ (k.transpose(-2, -1) @ v)
+
+
+def context_used_twice(q, k, v):
+    q, k = q.softmax(dim=-1), k.softmax(dim=-2)
+    context = k.transpose(-2, -1) @ v
+    return q @ context, context

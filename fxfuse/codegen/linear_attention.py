@@ -5,7 +5,9 @@ The operator's inputs are ``a`` (N, L, D) = phi(q), ``bt`` (N, D, S) = phi(k)^T,
 (a column of ones for the normaliser): the features as the graph computed them, or q and k^T
 themselves when the spec names an elementwise feature map for a side (``phi_a`` / ``phi_b``),
 which the kernels then apply to each tile as it is loaded (the backward's d_a and d_bt are the
-features' gradients; the operator chains them through phi'). One program
+features' gradients; the operator chains them through phi', or a softmax's Jacobian). A softmax
+over the features is row-local (all of D is one tile); k's softmax over the sequence takes a
+first walk over the keys for each feature's max and sum (``_key_stats``). One program
 per (batch, block of E columns) walks the sequence in chunks of BLOCK_C rows holding a (D, E)
 float32 state in registers:
 

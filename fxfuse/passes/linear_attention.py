@@ -13,6 +13,10 @@ commute with it, read from the graph:
   moves past the product with V, ``(r * S) @ V = r * (S @ V)``;
 - and on the way, row sums ``S.sum(-1)`` (the normaliser), replaced by ``A @ B^T.sum(keys)``.
 
+Efficient attention written in the linear order already (``q_s @ (k_s^T @ v)``, its paper code's
+``context^T @ q_s``) is found too (``linear_attention_linear_form``), for its softmaxes: the
+feature maps the operator applies move into it on either form (``linear_attention_features``).
+
 Any other use of the (L, L) matrix declines the site (it would have to exist anyway); a softmax in
 between is ordinary attention (fuse-attention), not this. The rewrite is exact in real arithmetic
 but reassociates floating point, hence opt-in: the sums run in another order (in float32 for
@@ -32,6 +36,7 @@ from fxfuse.passes.attention_index import reads_graph_input
 from fxfuse.passes.attention_layout import LAYOUT, constant_value, is_plain_reshape
 from fxfuse.passes.graph import (dtype, insert_call, is_op, is_python_scalar, match_layout, shape,
                                  source_of, val)
+from fxfuse.passes import linear_attention_linear_form as linear_form
 from fxfuse.passes.linear_attention_features import absorb_feature_map, nonnegative_feature_map
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import is_static, same, size_args
@@ -271,4 +276,13 @@ class FuseLinearAttention:
             result.matches.append(Match("linear_attention", source, spec, fused.name, code, notes=notes,
                                         shape=f"N {shape(node)[0]}, L {shape(node)[-2]}, S {shape(node)[-1]}, D {shape(a)[-1]}"))
             result.changed += 1
+        for node in list(gm.graph.nodes):  # sites already in the linear order (efficient attention's paper code)
+            if len(node.users) == 0 or (site := linear_form.find(node)) is None:
+                continue
+            done = linear_form.rewrite(gm, site)
+            if done is not None:
+                source, code = source_of(node)
+                fused, spec, notes, sizes = done
+                result.matches.append(Match("linear_attention", source, spec, fused.name, code, notes=notes, shape=sizes))
+                result.changed += 1
         return result

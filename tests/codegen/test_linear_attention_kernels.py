@@ -155,7 +155,7 @@ def test_interpreted_kernels_apply_each_softmax_map(phi_a, phi_b, causal, values
 
 @pytest.mark.parametrize("style", [styles.elu_causal_masked_fill, styles.elu_einsum_normalised,
                                    styles.efficient_attention, styles.efficient_attention_heads_last,
-                                   styles.rebased_causal], ids=lambda s: s.__name__)
+                                   styles.efficient_attention_paper_code, styles.rebased_causal], ids=lambda s: s.__name__)
 def test_each_feature_map_through_the_pass_on_the_kernels(style, monkeypatch):
     """elu + 1, softmax (q over features, k over the sequence), ReBased's square: computed in the
     graph, then the kernels; output and q/k/v gradients against float64."""

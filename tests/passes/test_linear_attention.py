@@ -267,3 +267,42 @@ def test_training_saves_q_and_k_not_their_softmaxes(style):
     eager = torch.autograd.grad(style(q, k, v).sum(), (q, k, v))
     for got, want in zip(ours, eager):
         torch.testing.assert_close(got, want, **dict(zip(("rtol", "atol"), tolerance(torch.float64))))
+
+
+@pytest.mark.parametrize("style", styles.LINEAR_ORDER, ids=lambda s: s.__name__)
+def test_efficient_attention_in_the_linear_order_takes_its_softmaxes_in(style):
+    """q_s @ (k_s^T @ v), or the paper code's context^T @ q_s channels first: one operator, both
+    softmaxes applied in it; output and gradients equal eager's in float64."""
+    q, k, v = _inputs(grad=True)
+    res = fxfuse.rewrite(style, (q, k, v), passes=PASSES)
+    assert [(m.kind, m.spec.causal, m.spec.phi_a, m.spec.phi_b) for m in res.matches] == \
+        [("linear_attention", False, "softmax_features", "softmax_keys")] and not res.misses, res.report()
+    assert "linear order" in res.matches[0].notes[0]
+    left = {n.target for n in res.graph.graph.nodes if n.op == "call_function"}
+    assert not left & {torch.ops.aten._softmax.default, torch.ops.aten.bmm.default}, left
+    rtol, atol = tolerance(torch.float64)
+    out = res.module(q, k, v)
+    torch.testing.assert_close(out, style(q, k, v), rtol=rtol, atol=atol)
+    for got, want in zip(torch.autograd.grad(out.pow(2).sum(), (q, k, v)),
+                         torch.autograd.grad(style(q, k, v).pow(2).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("style", [styles.two_products_without_feature_maps, styles.context_used_twice],
+                         ids=lambda s: s.__name__)
+def test_two_products_that_are_not_a_linear_attention_site_are_left_as_written(style):
+    q, k, v = _inputs()
+    res = fxfuse.rewrite(style, (q, k, v), passes=PASSES)
+    assert not res.matches and not res.misses, res.report()
+    got, want = res.module(q, k, v), style(q, k, v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_linear_order_in_float32_and_bfloat16_within_the_table():
+    q, k, v = _inputs(length=200)
+    style = styles.efficient_attention_paper_code
+    for dtype in (torch.float32, torch.bfloat16):
+        low = [t.to(dtype) for t in (q, k, v)]
+        res = fxfuse.rewrite(style, tuple(low), passes=PASSES)
+        assert res.matches, res.report()
+        assert_close_to_reference(res.module(*low), style(*low), style(q, k, v), f"paper code {dtype}")
