@@ -58,7 +58,7 @@ def _inner(node: Node) -> tuple[Node, list[Node]] | None:
 
 def _is_transposed_regroup(chain: list[Node], src: tuple, dst: tuple) -> bool:
     """Whether ``chain`` maps a ``src`` (N, D, E) tensor to its transpose (N, E, D) = ``dst`` (static sizes)."""
-    if not (is_static(src) and is_static(dst)) or not chain:
+    if not (is_static(src) and is_static(dst)) or not chain or tuple(dst) != (*src[:-2], src[-1], src[-2]):
         return False
     idx = _replay(chain, src)
     if idx is None or tuple(idx.shape) != tuple(dst):
@@ -77,7 +77,8 @@ def find(outer: Node) -> LinearFormSite | None:
     found = _inner(y)
     if found is not None:  # a @ ctx
         inner, chain = found
-        if is_plain_reshape(chain, shape(inner), shape(y)) and same(shape(inner)[-1], shape(y)[-1]):
+        keeps = all(same(p, q) for p, q in zip(shape(inner)[-2:], shape(y)[-2:]))  # (D, E) stays (D, E)
+        if keeps and is_plain_reshape(chain, shape(inner), shape(y)):
             return LinearFormSite(outer, x, None, inner.args[0], inner.args[1], transposed=False)
     found = _inner(x)
     if found is not None:  # ctx^T @ y = (y^T @ ctx)^T

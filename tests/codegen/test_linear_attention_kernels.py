@@ -123,11 +123,12 @@ SOFTMAX64 = {("a", "softmax_features"): lambda x: x.softmax(-1), ("bt", "softmax
              ("bt", "softmax_keys"): lambda x: x.softmax(-1), ("a", ""): lambda x: x, ("bt", ""): lambda x: x}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("values", [True, False])
 @pytest.mark.parametrize("phi_a,phi_b,causal", [("softmax_features", "softmax_keys", False),
                                                 ("softmax_features", "softmax_features", True),
                                                 ("", "softmax_keys", False)])
-def test_interpreted_kernels_apply_each_softmax_map(phi_a, phi_b, causal, values, monkeypatch):
+def test_interpreted_kernels_apply_each_softmax_map(phi_a, phi_b, causal, values, dtype, monkeypatch):
     """q's softmax over its features (the whole row in one tile, D = 5 padded to 16), k's over its
     features or over the S = 29 keys (a first walk for each feature's max and sum, two chunks, the
     second padded): applied to each tile as it is loaded, gradients through softmax's JVP; against
@@ -139,18 +140,21 @@ def test_interpreted_kernels_apply_each_softmax_map(phi_a, phi_b, causal, values
             t.mul_(4).sub_(2)  # logits of either sign, spread enough that the softmaxes are not flat
     ref = _quadratic(SOFTMAX64["a", phi_a](ins[0]), SOFTMAX64["bt", phi_b](ins[1]), ins[2] if values else None, causal)
     ref_grads = torch.autograd.grad(ref, ins, grad)
-    low = [t.detach().float().requires_grad_() for t in ins]
+    low = [t.detach().to(dtype).requires_grad_() for t in ins]
     v = low[2] if values else None
     eager = _quadratic(SOFTMAX64["a", phi_a](low[0]), SOFTMAX64["bt", phi_b](low[1]), v, causal)
-    eager_grads = torch.autograd.grad(eager, low, grad.float())
+    eager_grads = torch.autograd.grad(eager, low, grad.to(dtype))
     spec = LinearAttentionSpec(causal, values, "softmax", phi_a=phi_a, phi_b=phi_b).to_json()
     with fxfuse.config.patch(interpret=True):
         out = torch.ops.fxfuse.linear_attention(low[0], low[1], v, spec)
-        grads = torch.autograd.grad(out, low, grad.float())
+        grads = torch.autograd.grad(out, low, grad.to(dtype))
     assert calls == ["forward", "backward"]
-    assert_close_to_reference(out, eager, ref, f"{phi_a}/{phi_b} output")
-    for name, got, want, reference in zip("a bt v".split(), grads, eager_grads, ref_grads):
-        assert_close_to_reference(got, want, reference, f"{phi_a}/{phi_b} d_{name}")
+    for name, got, want, reference in [("output", out, eager, ref), *zip(("d_a", "d_bt", "d_v"), grads, eager_grads, ref_grads)]:
+        assert got.dtype == dtype and got.shape == reference.shape, name
+        if dtype == torch.float32:
+            assert_close_to_reference(got, want, reference, f"{phi_a}/{phi_b} {name}")
+        else:  # as the elementwise maps' bf16 test: values of either sign near zero, see docs/tolerances.md
+            assert_close_as_a_whole(got, want, reference, dtype, f"{phi_a}/{phi_b} {name}")
 
 
 @pytest.mark.parametrize("style", [styles.elu_causal_masked_fill, styles.elu_einsum_normalised,
