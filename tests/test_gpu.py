@@ -12,7 +12,7 @@ from tests.attention_differential_styles import STYLES as DIFFERENTIAL_STYLES
 from tests.attention_variant_styles import VARIANT_STYLES
 from tests.norm_styles import LAYER_STYLES, RMS_STYLES, PreNormResidualBlock, build
 from tests.norm_sum_styles import SUM_STYLES
-from tests.linear_attention_styles import STYLES as LINEAR_STYLES
+from tests.linear_attention_styles import LINEAR_ORDER, STYLES as LINEAR_STYLES
 from tests.polynorm_styles import STYLES as POLYNORM_STYLES
 from tests.tolerances import assert_close_to_reference
 
@@ -220,7 +220,7 @@ def test_decode_launches_split_the_keys_on_cuda(lq):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("style", LINEAR_STYLES, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("style", LINEAR_STYLES + LINEAR_ORDER, ids=lambda s: s.__name__)
 def test_linear_attention_kernels_on_cuda(style, dtype, monkeypatch):
     """fuse-linear-attention's sites run the compiled Triton kernels (forward and backward) on CUDA,
     at head dims 64 and lengths past one chunk and not a multiple of it."""
