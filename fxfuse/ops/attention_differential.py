@@ -114,9 +114,18 @@ def attention_differential_backward(grad_out: Tensor, q1: Tensor, k1: Tensor, q2
     """[dq1, dk1, dq2, dk2, dv, dlambda, *d_extras]: each half's gradients by the attention backward
     (whichever path it takes: kernels, ATen's fused CPU backward or the formula); ``needs_grad``
     is lambda's flag, then one per extra (an unwanted gradient is an empty tensor)."""
-    _, _, half_json = _specs(spec)
+    s, half, half_json = _specs(spec)
     lam4 = lambda_4d(lam, *q1.shape[:2])
     extra_flags = list(needs_grad[1:])
+    wanted = [need and e.dtype.is_floating_point for e, need in zip(extras, extra_flags)]
+    if attention_op._use_triton(q1, half) and not any(wanted):
+        from fxfuse.runtime import attention_differential as kernels
+
+        if kernels.fused(s):  # both halves in two kernels, from one forward's statistics
+            *grads, dlam4 = kernels.backward(s, grad_out, q1, k1, q2, k2, v, lam4, extras)
+            dlam = (dlam4.sum_to_size(lam4.shape).reshape(lam.shape).to(lam.dtype) if needs_grad[0]
+                    else lam.new_empty(0))
+            return [*(attention_op._contiguous_strides(g) for g in grads), dlam, *(e.new_empty(0) for e in extras)]
     g2 = (-(lam4 * grad_out)).to(grad_out.dtype)  # d o2 = -lambda dO, in dO's dtype as the user's autograd
     dq1, dk1, dv1, *de1 = torch.ops.fxfuse.attention_backward(grad_out, q1, k1, v, extras, extra_flags, half_json)
     dq2, dk2, dv2, *de2 = torch.ops.fxfuse.attention_backward(g2, q2, k2, v, extras, extra_flags, half_json)
