@@ -169,7 +169,8 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
                          **{f"DP{i}": acc for i in range(len(spec.params))}}
             else:
                 tried = configs or attention_configs(arch, function.removesuffix("_split"), sizes["d"], sizes["dv"],
-                                                     dtype, sizes["lq"], sizes["lk"], tile_inputs(spec))
+                                                     dtype, sizes["lq"], sizes["lk"], tile_inputs(spec),
+                                                     halves=2 if spec.differential else 1)
                 types = _attention_pointers(fn, spec, dtype)
                 if function == "forward_split":
                     types["O"] = "*fp32"  # the ranges' unnormalised float32 accumulators
