@@ -112,3 +112,15 @@ def test_differential_field_stays_out_of_plain_specs_and_the_split_kernel_declin
     assert '"differential":true' in diff.to_json() and AttentionSpec.from_json(diff.to_json()) == diff
     assert splittable(plain) is None
     assert "differential" in splittable(diff)
+
+
+def test_explain_target_lists_the_differential_kernels():
+    """``fxfuse explain --target sm_90`` compiles the site's kernels: its launch is found in the graph."""
+    from fxfuse.spec_attention import AttentionSpec
+    from fxfuse.target_check import launches_of_graph
+
+    model = DiffFlashStyleSDPA()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    items = [i for i in launches_of_graph(res.graph)
+             if i["kind"] == "attention" and AttentionSpec.from_json(i["spec"]).differential]
+    assert len(items) == 1 and items[0]["kind"] == "attention" and set(items[0]["sizes"]) == {"d", "dv", "lq", "lk", "dtype"}
