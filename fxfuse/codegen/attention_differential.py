@@ -8,8 +8,9 @@ softmaxes (m1/l1/acc1 and m2/l2/acc2), then loads the v tile once and adds both 
 products to their accumulators. At the end each half is normalised and rounded to the output's
 dtype, as the user's two attentions were, then ``o1 - lambda * o2`` is formed with the user's two
 roundings (lambda read once per program, a (1|B, 1|H, 1, 1) tensor, never rounded: ATen reads a
-0-dim factor in float32). No row statistics are written: the backward runs each half's own
-backward kernels (``fxfuse.ops.attention_differential``), which recompute theirs.
+0-dim factor in float32). With ``SAVE`` it also writes each half's row max (natural units) and
+sum and its output before rounding, in float32: what the backward kernels
+(``attention_differential_backward``, in the same module) read instead of recomputing them.
 
 Only specs whose every field this template knows are rendered (``renders``): no dropout, sinks,
 RoPE or sigmoid (the pass never builds those; a spec that has them runs the two halves' own kernels).

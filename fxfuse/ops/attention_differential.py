@@ -12,9 +12,14 @@ generated kernel runs both online softmaxes over the same key tiles and reads ea
 (``fxfuse.codegen.attention_differential``); on the CPU the two halves take
 ``fxfuse.ops.attention.cpu_forward`` each (ATen's fused CPU attention where it computes the spec)
 and are combined with the user's own two ATen ops, so the CPU site costs what the user's code cost
-with each half fused. The backward is an operator of its own: each half's gradients by
-``fxfuse.attention_backward`` (the second with ``-lambda * dO``), dv their sum, and ``dlambda =
--sum(dO * o2)`` reduced to lambda's shape (o2 recomputed: the forward keeps no output of its own).
+with each half fused. The operator returns ``(out, stats, halves)``: beside the output, what its
+backward reads (each half's row max and sum from the kernel, NaN on the torch path; each half's
+output, float32), which autograd saves, so the backward reruns no forward. The backward is an
+operator of its own: on the kernel path the two differential backward kernels
+(``fxfuse.codegen.attention_differential_backward``); otherwise (or for a bias needing its
+gradient) each half's gradients by ``fxfuse.attention_backward`` (the second with ``-lambda *
+dO``), dv their sum; ``dlambda = -sum(dO * o2)`` from the saved o2, reduced to lambda's shape.
+The rewritten graph reads item 0.
 """
 from __future__ import annotations
 
