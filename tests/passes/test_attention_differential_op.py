@@ -1,7 +1,8 @@
 """fxfuse.attention_differential against float64: the torch path in float64 itself, the one-kernel
-Triton forward and the differential backward kernels (the halves' own for a bias needing its gradient) through the interpreter (tiny shapes: a ragged key
-tile, GQA, a bottom-right causal mask with Lq < Lk, a bias needing its gradient, lambda per
-(batch, head) and 0-dim), and the errors a wrong lambda or a plain spec get."""
+Triton forward and the differential backward kernels (the halves' own for a bias needing its
+gradient) through the interpreter (tiny shapes: a ragged key tile, GQA, a bottom-right causal mask
+with Lq < Lk, a bias needing its gradient, lambda per (batch, head) and 0-dim), and the errors a
+wrong lambda or a plain spec get."""
 import pytest
 import torch
 
