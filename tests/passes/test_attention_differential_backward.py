@@ -125,3 +125,27 @@ def test_statistics_a_forward_did_not_write_are_recomputed(monkeypatch):
     assert calls["forward"] == 1  # the statistics were recomputed, once for both halves
     for name, a, b in zip(NAMES, saved, again):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_training_saves_the_statistics(monkeypatch):
+    """Under torch.compile AOTAutograd saves the operator's statistics and halves for its backward:
+    one differential forward and one fused backward per step, gradients as eager's (float64)."""
+    import copy
+
+    from tests.attention_differential_styles import DiffFlashStyleSDPA
+
+    model = DiffFlashStyleSDPA()
+    inputs = [t.requires_grad_() for t in model.inputs(torch.float32)]
+    wide_model = copy.deepcopy(model).double()
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    ref = torch.autograd.grad(wide_model(*wide).pow(2).sum(), [*wide, *wide_model.parameters()])
+    eager_model = copy.deepcopy(model)
+    eager = torch.autograd.grad(eager_model(*inputs).pow(2).sum(), [*inputs, *eager_model.parameters()])
+    with fxfuse.config.patch(interpret=True):
+        compiled = torch.compile(model, backend="fxfuse")
+        compiled(*inputs)  # compiles (the capture runs the operator on fake tensors only)
+        calls = _counting(monkeypatch)
+        got = torch.autograd.grad(compiled(*inputs).pow(2).sum(), [*inputs, *model.parameters()])
+    assert calls == {"forward": 1, "plain": 0, "backward": 1}, calls
+    for g, e, r in zip(got, eager, ref):
+        assert_close_to_reference(g, e, r, "gradient")
