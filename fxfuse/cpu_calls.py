@@ -75,7 +75,8 @@ def _differential_call(spec_text: str):
         if q1.device.type != "cpu" or config.interpret_on_cpu() or (half.safe_softmax and grads):
             return op(q1, k1, q2, k2, v, lam, extras, spec_arg, merge_heads)
         diff_op._check(half, q1, k1, q2, k2, v, lam)
-        return diff_op.cpu_forward(spec, q1, k1, q2, k2, v, lam, extras, merge_heads, autograd=True)
+        # Only the output is read (the graph takes item 0): autograd differentiates the ATen ops.
+        return diff_op.cpu_forward(spec, q1, k1, q2, k2, v, lam, extras, merge_heads, autograd=True), None, None
 
     return attention_differential
 
