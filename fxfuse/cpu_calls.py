@@ -230,8 +230,11 @@ def _unwrapped(op: torch._ops.OpOverload) -> functools.partial:
     """What ``OpOverload.__call__`` calls (``self._op(*args, **kwargs)``), without its Python
     frame: 1-2 us of a 4-8 us view or add, on every node of a graph of mostly small ops. A
     partial (called in C) with a name of its own, so that the graph's generated code holds it as a
-    global (``_op`` itself, nameless, cannot be written there)."""
-    call = functools.partial(op._op)
+    global (``_op`` itself, nameless, cannot be written there).
+
+    The C++ dispatcher's handle: torch 2.14 may swap ``_op`` for a Python fast path that
+    ``__call__`` bypasses in some states; the handle it falls back to is always the full dispatch."""
+    call = functools.partial(getattr(op, "_cpp_dispatch_handle", op._op))
     call.__name__ = "aten_" + str(op).replace("aten.", "", 1).replace(".", "_") if str(op).startswith("aten.") \
         else str(op).replace(".", "_")
     call.__module__ = __name__
