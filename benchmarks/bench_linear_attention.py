@@ -6,6 +6,11 @@ and under ``torch.compile(backend=fxfuse)`` (the rest of the graph by Inductor).
     python benchmarks/bench_linear_attention.py --threads 1            # CPU: B 1, H 4, D 64, L 1024-4096
     python benchmarks/bench_linear_attention.py --lengths 512 --repeat 1
     python benchmarks/bench_linear_attention.py --device cuda --dtype bfloat16 --lengths 4096,16384
+    python benchmarks/bench_linear_attention.py --style efficient --modes fwd+bwd --lengths 4096
+
+``--style efficient``: Shen et al.'s efficient attention instead (non-causal; q's softmax over the
+features, k's over the sequence, both applied inside the operator), results in
+results/linear_attention_efficient_<device>.json/.csv.
 
 Each (implementation, length, mode) runs in a fresh subprocess; peak memory is measured as in
 bench_loss.py (peak resident set added by the call) on the CPU, and as the peak of
@@ -49,19 +54,29 @@ def causal_linear_attention(q, k, v):
     return (scores @ v) / (scores.sum(-1, keepdim=True) + 1e-6)
 
 
-def _build(impl, q, k, v):
+def efficient_attention(q, k, v):
+    """Shen et al.'s efficient attention written quadratically: softmax of q over the features, of k
+    over the sequence."""
+    return (q.softmax(dim=-1) @ k.softmax(dim=-2).transpose(-2, -1)) @ v
+
+
+STYLES = {"causal-elu": causal_linear_attention, "efficient": efficient_attention}
+
+
+def _build(impl, q, k, v, style="causal-elu"):
     import fxfuse
 
+    fn = STYLES[style]
     if impl == "eager":
-        return causal_linear_attention
+        return fn
     if impl == "inductor":
-        return torch.compile(causal_linear_attention)
+        return torch.compile(fn)
     if impl == "fxfuse":
-        res = fxfuse.rewrite(causal_linear_attention, (q, k, v), passes=PASSES)
+        res = fxfuse.rewrite(fn, (q, k, v), passes=PASSES)
         if not res.matches:
             raise RuntimeError("fxfuse did not fuse the site: " + res.report())
         return res.module
-    return torch.compile(causal_linear_attention, backend=fxfuse.Backend(passes=PASSES))
+    return torch.compile(fn, backend=fxfuse.Backend(passes=PASSES))
 
 
 def _saved_for_backward_mib(fn, q, k, v) -> float:
@@ -90,7 +105,7 @@ def child(args) -> int:
     backward = args.mode == "fwd+bwd"
     for t in (q, k, v):
         t.requires_grad_(backward)
-    fn = _build(args.impl, q, k, v)
+    fn = _build(args.impl, q, k, v, args.style)
 
     def step():
         if not backward:
@@ -140,7 +155,7 @@ def measure(impl, mode, length, args, tmp) -> dict:
     cmd = [sys.executable, __file__, "--child", "--impl", impl, "--mode", mode, "--length", str(length),
            "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--repeat", str(args.repeat),
            "--save", save, "--threads", str(args.threads or torch.get_num_threads()), "--device", args.device,
-           "--dtype", args.dtype]
+           "--dtype", args.dtype, "--style", args.style]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"note": f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
@@ -160,7 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--out", default=None, help="default: results/linear_attention_<device>.json")
+    p.add_argument("--style", default="causal-elu", choices=sorted(STYLES))
+    p.add_argument("--out", default=None, help="default: results/linear_attention[_efficient]_<device>.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -174,7 +190,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_linear_attention: --device cuda needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
-    args.out = args.out or str(RESULTS / f"linear_attention_{args.device}.json")
+    infix = "" if args.style == "causal-elu" else "_" + args.style
+    args.out = args.out or str(RESULTS / f"linear_attention{infix}_{args.device}.json")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for length in (int(n) for n in args.lengths.split(",")):
@@ -185,7 +202,7 @@ def main(argv=None) -> int:
                     print(f"L={length} {mode} {impl}: {found[impl].get('ms', '')} ms, "
                           f"{found[impl].get('peak_mib', '')} MiB {found[impl].get('note', '')}", flush=True)
                 rows.extend(_rows(found, mode, length, args))
-    payload = {"machine": machine_info(args.device), "passes": PASSES, "dtype": args.dtype, "results": rows,
+    payload = {"machine": machine_info(args.device), "passes": PASSES, "dtype": args.dtype, "style": args.style, "results": rows,
                "source": {"commit": _commit()},
                "peak_memory": "CPU: peak resident set added by one call (VmHWM after a reset, minus VmRSS before); "
                               "CUDA: peak allocated during one call minus allocated before"}

@@ -124,8 +124,15 @@ def _differential_form(q1, k1, q2, k2, v, lam, extras, spec, merge_heads=False, 
     inner = _attention_form(q1, k1, v, extras, half_json, grads=grads, qkv_grad=qkv_grad)
     if inner is None:
         return None
-    return lambda q1, k1, q2, k2, v, lam, *extras: _laid_out(
-        diff_op.combine(inner(q1, k1, v, *extras), inner(q2, k2, v, *extras), lam), merge_heads)
+    s = diff_op._specs(spec)[0]
+
+    def form(q1, k1, q2, k2, v, lam, *extras):
+        # (out, stats, halves) as the operator returns them; only the output has users (autograd
+        # differentiates this form, not the operator's backward), so the other two are dead code.
+        o1, o2 = inner(q1, k1, v, *extras), inner(q2, k2, v, *extras)
+        return _laid_out(diff_op.combine(o1, o2, lam), merge_heads), *diff_op._not_saved(s, q1, o1, o2)
+
+    return form
 
 
 def _norm_form(x, params, spec):

@@ -40,6 +40,10 @@ def launches_of_graph(gm: torch.fx.GraphModule) -> list[dict]:
             q, k, v = vals
             item = launch(AttentionSpec.from_json(spec_text), d=q.shape[-1], dv=v.shape[-1], lq=q.shape[-2],
                           lk=k.shape[-2], dtype=_dtype(q))
+        elif op == "attention_differential":  # (q1, k1, q2, k2, v, ...): both halves' kernels
+            q, k, v = vals[0], vals[1], node.args[4].meta.get("val")
+            item = launch(AttentionSpec.from_json(spec_text), d=q.shape[-1], dv=v.shape[-1], lq=q.shape[-2],
+                          lk=k.shape[-2], dtype=_dtype(q))
         elif op in ("norm", "add_norm"):
             item = launch(NormSpec.from_json(spec_text), n=vals[0].shape[-1], dtype=_dtype(vals[0]))
         elif op == "linear_attention" and _dtype(vals[0]) != "float64":

@@ -42,6 +42,29 @@ def efficient_attention(q, k, v):
     return (q @ k.transpose(-1, -2)) @ v
 
 
+def efficient_attention_heads_last(q, k, v):
+    """Efficient attention on heads split from (B, L, H, D) projections (strided (B, H, L, D)
+    views), F.softmax with dim= counted from the front and a dtype= equal to the input's."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    q = F.softmax(q, dim=3, dtype=q.dtype)
+    k = torch.softmax(k, 2)
+    return torch.matmul(torch.matmul(q, k.transpose(2, 3)), v)
+
+
+def efficient_attention_einsum(q, k, v):
+    """Efficient attention with einsum, k's softmax written on its transpose (dim=-1 of (B, H, D, L))."""
+    q = q.softmax(-1)
+    kt = k.transpose(-2, -1).softmax(dim=-1)
+    return torch.einsum("bhls,bhse->bhle", torch.einsum("bhld,bhds->bhls", q, kt), v)
+
+
+def softmax_features_causal(q, k, v):
+    """Both softmaxes over the features (row-local, so causal is fine), causal tril, normalised."""
+    q, k = q.softmax(dim=-1), k.softmax(dim=-1)
+    s = torch.tril(q @ k.transpose(-2, -1))
+    return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
+
+
 def rebased_causal(q, k, v, gamma=0.5, beta=0.1):
     """ReBased-style features (gamma * x + beta) ** 2, causal with tril, normalised."""
     q, k = (gamma * q + beta) ** 2, (gamma * k + beta) ** 2
@@ -69,13 +92,18 @@ def identity_features_no_normaliser(q, k, v):
 
 
 STYLES = [elu_causal_masked_fill, elu_causal_tril_multiply, elu_einsum_normalised, efficient_attention,
+          efficient_attention_heads_last, efficient_attention_einsum, softmax_features_causal,
           rebased_causal, relu_causal_normalised, exp_and_sigmoid_features, identity_features_no_normaliser]
-CAUSAL = {elu_causal_masked_fill, elu_causal_tril_multiply, rebased_causal, relu_causal_normalised}
+CAUSAL = {elu_causal_masked_fill, elu_causal_tril_multiply, rebased_causal, relu_causal_normalised, softmax_features_causal}
 # the elementwise feature maps the operator applies itself (spec phi_a, phi_b): phi(q), phi(k) never written
 APPLIED_IN_THE_OPERATOR = {elu_causal_masked_fill: ("elu1", "elu1"), elu_causal_tril_multiply: ("elu1", "elu1"),
                            elu_einsum_normalised: ("elu1", "elu1"), rebased_causal: ("square", "square"),
                            relu_causal_normalised: ("relu", "relu"), exp_and_sigmoid_features: ("exp", "sigmoid"),
-                           efficient_attention: ("", ""), identity_features_no_normaliser: ("", "")}
+                           efficient_attention: ("softmax_features", "softmax_keys"),
+                           efficient_attention_heads_last: ("softmax_features", "softmax_keys"),
+                           efficient_attention_einsum: ("softmax_features", "softmax_keys"),
+                           softmax_features_causal: ("softmax_features", "softmax_features"),
+                           identity_features_no_normaliser: ("", "")}
 
 
 # ---- feature maps that stay in the graph (the site is still fused) ---------------------------------
@@ -94,7 +122,42 @@ def features_cast_before_the_product(q, k, v):
     return (s @ v) / (s.sum(-1, keepdim=True) + EPS)
 
 
+def softmax_over_the_wrong_axis(q, k, v):
+    """q's softmax over the sequence, k's over the features: q's stays in the graph (the operator
+    normalises a query's features only), k's (row-local) moves in."""
+    q, k = q.softmax(dim=-2), k.softmax(dim=-1)
+    return (q @ k.transpose(-2, -1)) @ v
+
+
+def causal_with_keys_softmax_over_the_sequence(q, k, v):
+    """k's softmax over the whole sequence under a causal mask: each key's features depend on later
+    keys, so it stays in the graph (q's, over its features, moves in)."""
+    q, k = q.softmax(-1), k.softmax(-2)
+    s = (q @ k.transpose(-2, -1)).masked_fill(_causal_hidden(q.shape[-2], q.device), 0.0)
+    return s @ v
+
+
+def softmax_in_float32_before_the_product(q, k, v):
+    """The softmaxes computed in float32 and rounded back: their dtype is not the product's."""
+    q = F.softmax(q, dim=-1, dtype=torch.float32).to(q.dtype)
+    k = F.softmax(k.float(), dim=-2).to(k.dtype)
+    return (q @ k.transpose(-2, -1)) @ v
+
+
+def softmax_with_a_tensor_temperature(q, k, v):
+    """A temperature read from the data (not a constant): the division stays in the graph and the
+    operator's softmax applies to its result, the exact features either way."""
+    tau = q.detach().abs().amax(dim=-1, keepdim=True) + 1
+    q, k = (q / tau).softmax(-1), (k / tau).softmax(-2)
+    return (q @ k.transpose(-2, -1)) @ v
+
+
 FEATURES_KEPT_IN_THE_GRAPH = [elu_plus_two, features_cast_before_the_product]
+# softmax feature maps near the operator's: (phi_a, phi_b) taken in, a note's words when one stays out
+SOFTMAX_NEAR_MISSES = {softmax_over_the_wrong_axis: (("", "softmax_features"), "over an axis the operator does not"),
+                       causal_with_keys_softmax_over_the_sequence: (("softmax_features", ""), "at a causal site"),
+                       softmax_in_float32_before_the_product: (("", ""), None),
+                       softmax_with_a_tensor_temperature: (("softmax_features", "softmax_keys"), None)}
 
 
 # ---- near-misses: left as written -------------------------------------------------------------
@@ -152,3 +215,37 @@ def promoting_mask(q, k, v):
     q, k = F.elu(q) + 1, F.elu(k) + 1
     s = (q @ k.transpose(-2, -1)) * torch.tril(torch.ones(q.shape[-2], q.shape[-2]))
     return s @ v.float()
+
+
+# ---- efficient attention already in the linear order: no (L, L) product; the softmaxes move in --------
+
+def efficient_attention_linear_order(q, k, v):
+    """q_s @ (k_s^T @ v) on (B, H, L, D) heads."""
+    q, k = q.softmax(dim=-1), k.softmax(dim=-2)
+    return q @ (k.transpose(-2, -1) @ v)
+
+
+def efficient_attention_paper_code(q, k, v):
+    """As Shen et al.'s code writes it, channels first: keys and queries (B*H, D, L), k's softmax
+    over the positions (dim=2), q's over the channels (dim=1); context = k @ v^T, out = context^T @ q."""
+    b, h, length, d = q.shape
+    queries, keys, values = (t.transpose(-2, -1).reshape(b * h, d, length) for t in (q, k, v))
+    key = F.softmax(keys, dim=2)
+    query = F.softmax(queries, dim=1)
+    context = key @ values.transpose(1, 2)
+    attended = context.transpose(1, 2) @ query  # (B*H, D, L)
+    return attended.reshape(b, h, d, length).transpose(-2, -1)
+
+
+LINEAR_ORDER = [efficient_attention_linear_order, efficient_attention_paper_code]
+
+
+def two_products_without_feature_maps(q, k, v):
+    """q @ (k^T @ v) with no feature map: two products, left as written (not a linear attention here)."""
+    return q @ (k.transpose(-2, -1) @ v)
+
+
+def context_used_twice(q, k, v):
+    q, k = q.softmax(dim=-1), k.softmax(dim=-2)
+    context = k.transpose(-2, -1) @ v
+    return q @ context, context

@@ -158,6 +158,21 @@ def test_bench_linear_attention_smallest(tmp_path):
             assert r["max_abs_diff_vs_eager"] < 1e-5, r  # the linear-time form computes what eager does
 
 
+def test_bench_linear_attention_efficient_saves_no_softmax(tmp_path):
+    """Efficient attention's row: the fused operator keeps q, k, v only (left out of saved_mib), where
+    eager keeps both softmaxes and the (L, L) product."""
+    out = tmp_path / "efficient.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_linear_attention.py"), "--threads", "1", "--lengths", "512",
+                           "--heads", "1", "--head-dim", "16", "--impls", "eager,fxfuse", "--repeat", "1", "--modes", "fwd+bwd",
+                           "--style", "efficient", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in payload["results"]}
+    assert payload["style"] == "efficient" and rows["eager"]["saved_mib"] >= 1.0, rows  # the (512, 512) float32 product
+    assert rows["fxfuse"]["saved_mib"] == 0.0 and rows["fxfuse"]["max_abs_diff_vs_eager"] < 1e-5, rows
+
+
 def test_bench_decode_smallest(tmp_path):
     """generate() with the dynamic cache and a varying-length training loop, through the backend
     without Inductor (its compiles take minutes here): tokens equal eager's, attention fused in

@@ -124,3 +124,148 @@ def test_fused_cpu_backward_on_keys_stored_transposed():
     out64 = (((args64[0] @ args64[1]) / 4).softmax(-1) @ args64[2]).sum()
     for a, e, r in zip(got, eager, torch.autograd.grad(out64, args64)):
         assert_close_to_reference(a, e, r, "gradient")
+
+
+class _AdditiveMask(nn.Module):  # a float (B, 1, 1, L) mask added to the scores
+    def forward(self, q, k, v, mask):
+        return (q @ k.transpose(-1, -2) * 0.3 + mask).softmax(-1) @ v
+
+
+class _TorchCalls(torch.overrides.TorchFunctionMode):
+    """The names of the torch functions and tensor methods called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("hide_a_row", [False, True])
+def test_an_additive_mask_without_neg_inf_skips_the_hidden_row_check(hide_a_row):
+    # SDPA gives zeros where every score of a row is -inf, the user's softmax NaN: the CPU path
+    # fills such rows with NaN. Checking for them took an (B, H, Lq, Lk) comparison, a reduction and
+    # a masked copy of the output (0.2 of Swin's 0.5 ms window site); a mask whose min is finite
+    # (transformers' finfo.min masks, biases) has no such row: one reduction decides it.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[1, ..., :2] = torch.finfo(torch.float32).min
+    if hide_a_row:
+        mask[0] = float("-inf")  # every key of the first sequence hidden: NaN rows in eager
+    model = _AdditiveMask()
+    res = fxfuse.rewrite(model, (q, k, v, mask))
+    assert [m.kind for m in res.matches] == ["attention"]
+    calls = _TorchCalls()
+    with torch.no_grad(), calls:
+        got = res.module(q, k, v, mask)
+    filled = [n for n in calls.names if n in ("masked_fill", "__eq__", "all")]
+    assert "scaled_dot_product_attention" in calls.names
+    assert filled == (["__eq__", "all", "masked_fill"] if hide_a_row else []), calls.names
+    want = model(q, k, v, mask)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(want).any() == hide_a_row
+    want64 = model(*(t.double() for t in (q, k, v, mask)))
+    assert_close_to_reference(got.nan_to_num(), want.nan_to_num(), want64.nan_to_num(), "output")
+
+
+def test_contiguous_strides_are_torchs_and_the_attention_output_check_uses_them():
+    from torch._prims_common import make_contiguous_strides_for
+
+    from fxfuse.runtime.arguments import contiguous_strides
+
+    for shape in [(), (3,), (2, 0, 4), (1, 5, 1, 2), (2, 3, 4, 5), (0,), (1, 1)]:
+        assert contiguous_strides(shape) == tuple(make_contiguous_strides_for(shape)), shape
+    assert "make_contiguous_strides_for" not in vars(attention_op)  # the ~45 us helper, per call
+
+
+def test_a_layer_norm_sites_proof_runs_once_per_spec_not_per_call():
+    import fxfuse.ops.norm as norm_op
+
+    model, x = nn.LayerNorm(16), torch.randn(2, 4, 16)
+    res = fxfuse.rewrite(model, (x,))
+    with torch.no_grad():
+        res.module(x)
+        before = norm_op._layer_norm_plan.cache_info()
+        for _ in range(3):
+            got = res.module(x)
+        after = norm_op._layer_norm_plan.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 3
+    torch.testing.assert_close(got, model(x), rtol=0, atol=0)
+
+
+def test_the_training_reference_takes_q_whole_and_checks_no_values_sdpa_would_not_use(monkeypatch):
+    # One chunk of rows: q itself, not a slice (whose backward is a zero-filled copy of dq); a masked
+    # site trains through the reference, so the finite-values check for SDPA is not run at all.
+    model = PaddingMaskFill()
+    q, k, v, keep = model.inputs(torch.float32)
+    res = fxfuse.rewrite(model, (q, k, v, keep))
+    checks = _spy(monkeypatch, "_sdpa_exact_on")
+    inputs = [t.clone().requires_grad_() if t.is_floating_point() else t for t in (q, k, v, keep)]
+    out = res.module(*inputs)
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    assert not checks
+    assert "SliceBackward0" not in {type(f).__name__ for f in seen}, sorted({type(f).__name__ for f in seen})
+    got = _grads(res.module, torch.float32, (q, k, v, keep))
+    eager, want = _grads(model, torch.float32, (q, k, v, keep)), _grads(model, torch.float64, (q, k, v, keep))
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+
+
+def test_the_executed_graph_calls_aten_without_the_opoverload_wrapper():
+    # OpOverload.__call__ is one Python frame around ``self._op``: 1-2 us on each small op, the most
+    # of a graph's nodes. The executed copy calls ``_op`` (in a partial) with the same arguments.
+    from fxfuse.demo import NaiveTransformer
+
+    model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
+    res = fxfuse.rewrite(model, (x,))
+    (graph,) = res.module._graphs.values()
+    executed = graph.run.__self__
+    targets = [n.target for n in executed.graph.nodes if n.op == "call_function"]
+    assert any(isinstance(n.target, torch._ops.OpOverload) for n in res.graph.graph.nodes)  # the reported graph
+    assert targets and not any(isinstance(t, torch._ops.OpOverload) for t in targets)
+    aten = {n.name: n.target for n in graph.captured.gm.graph.nodes
+            if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten"}
+    called = {n.name: n.target for n in executed.graph.nodes if n.name in aten}
+    assert aten and all(called[name].func is op._op and not called[name].args for name, op in aten.items())
+    got = _grads(res.module, torch.float32, (x,))
+    eager = _grads(model, torch.float32, (x,))
+    want = _grads(model.double(), torch.float64, (x,))
+    model.float()
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+
+
+def test_a_layer_norm_on_a_transposed_view_makes_its_contiguous_output_once():
+    # F.layer_norm of a transposed view (a patch embedding: conv, flatten, transpose) is contiguous;
+    # the operator promises the input's strides, so the graph copied its output back (clone). The
+    # executed graph folds the two: one contiguous output, no clone, the same values and gradients.
+    class PatchNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.norm = nn.Conv2d(3, 16, 2, stride=2), nn.LayerNorm(16)
+
+        def forward(self, img):
+            return self.norm(self.proj(img).flatten(2).transpose(1, 2)) * 2
+
+    model, img = PatchNorm(), torch.randn(2, 3, 8, 8)
+    res = fxfuse.rewrite(model, (img,))
+    assert [m.kind for m in res.matches] == ["layer_norm"]
+    clones = [n for n in res.graph.graph.nodes if n.target is torch.ops.aten.clone.default]
+    assert clones  # the reported graph: the operator, then the copy to F.layer_norm's layout
+    (graph,) = res.module._graphs.values()
+    executed = graph.run.__self__.graph
+    assert not [n for n in executed.nodes if getattr(n.target, "func", None) is torch.ops.aten.clone.default._op]
+    got = _grads(res.module, torch.float32, (img,))
+    eager = _grads(model, torch.float32, (img,))
+    want = _grads(model.double(), torch.float64, (img,))
+    model.float()
+    assert got[0].stride() == eager[0].stride()
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")

@@ -9,7 +9,11 @@ import torch
 
 import fxfuse
 from fxfuse.demo import NaiveTransformer
+from tests import attention_styles as styles
 from tests.attention_variant_styles import SigmoidCausalLearnedBias, SinksGptOss
+from tests.norm_styles import LlamaStyleRMSNorm, TorchLayerNorm
+from tests.norm_sum_styles import DeepNormPostLN
+from tests.polynorm_styles import RsqrtPolyNorm
 from tests.tolerances import assert_close_to_reference
 
 
@@ -76,19 +80,74 @@ def test_training_sites_fused_and_their_forms_reach_autograd():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_inference_and_keep_operators_run_the_operators():
+def test_inference_calls_the_operators_implementations_and_keep_operators_runs_the_operators():
+    # Inference keeps the fused sites, which AOTAutograd's forward (grad off) calls as their
+    # operators' CPU implementations directly (fxfuse.cpu_calls): no dispatch, 35 us a call.
     model, x = NaiveTransformer(dim=16, heads=2, layers=1), torch.randn(2, 8, 16)
     compiled = _compiled(model)
     with torch.no_grad():
         compiled(x)
         with _FxfuseOps() as seen:
+            got = compiled(x)
+        want = model(x)
+    assert compiled is not model and not seen.ops, seen.ops
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and training: both AOTAutograd graphs call ATen without OpOverload.__call__ (cpu_calls)
+    from fxfuse import backend as backend_module
+
+    graphs = []
+    boxed = backend_module._boxed
+    backend_module._boxed = lambda gm, options: graphs.append(gm) or boxed(gm, options)
+    try:
+        got = _step(_compiled(model), model, (x,))
+    finally:
+        backend_module._boxed = boxed
+    assert len(graphs) == 2 and all(
+        n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) for gm in graphs for n in gm.graph.nodes)
+    for g, w in zip(got, _step(model, model, (x,))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    compiled = _compiled(model, keep_operators=True)
+    with torch.no_grad():
+        compiled(x)
+        with _FxfuseOps() as seen:
             compiled(x)
     assert "attention" in seen.ops and "norm" in seen.ops, seen.ops
-    compiled = _compiled(model, keep_operators=True)
     _step(compiled, model, (x,))
     with _FxfuseOps() as seen:
         _step(compiled, model, (x,))
     assert "attention_backward" in seen.ops and "norm_backward" in seen.ops, seen.ops
+
+
+_DIRECT_STYLES = [styles.PaddingMaskFill, styles.AdditiveMaskBert, styles.RelativeBias, styles.CausalArangeWhere,
+                  styles.GroupedQueryRepeatInterleave, styles.SoftcapGemma2, styles.AlibiSlopes,
+                  styles.SafeSoftmaxPaddedQueries]
+
+
+@pytest.mark.parametrize("style", _DIRECT_STYLES + [TorchLayerNorm, LlamaStyleRMSNorm, DeepNormPostLN, RsqrtPolyNorm],
+                         ids=lambda c: c.__name__)
+def test_inference_sites_called_directly_give_the_operators_values(style):
+    # AOTAutograd's forward calls each CPU site's implementation without the operator (see above):
+    # the values must be the operator's, checked against float64 eager for each kind of site.
+    if style in _DIRECT_STYLES:
+        model = style()
+        inputs = model.inputs(torch.float32)
+    elif style is RsqrtPolyNorm:
+        model, inputs = style(), [torch.randn(2, 5, 16)]
+    else:
+        model = style(16)
+        inputs = [torch.randn(2, 5, 16)]
+    compiled = _compiled(model)
+    with torch.no_grad():
+        compiled(*inputs)
+        with _FxfuseOps() as seen:
+            got = compiled(*inputs)
+        eager = model(*inputs)
+        want = model.double()(*(t.double() if t.is_floating_point() else t for t in inputs))
+    model.float()
+    assert not seen.ops, seen.ops
+    for g, e, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, eager, want))):
+        assert torch.equal(torch.isnan(g), torch.isnan(e))
+        assert_close_to_reference(g.nan_to_num(), e.nan_to_num(), w.nan_to_num(), style.__name__)
 
 
 def test_polynorm_keeps_its_operator_whose_closed_form_backward_is_faster_op_by_op():
@@ -105,7 +164,9 @@ def test_polynorm_keeps_its_operator_whose_closed_form_backward_is_faster_op_by_
     _step(compiled, model, inputs)  # compiles
     with _FxfuseOps() as seen:
         got = _step(compiled, model, inputs)
-    assert "polynorm" in seen.ops and "polynorm_backward" in seen.ops, seen.ops
+    # the forward's site called as the operator's implementation (AOTAutograd's forward runs with
+    # grad off), the backward the operator's
+    assert "polynorm_backward" in seen.ops and "polynorm" not in seen.ops, seen.ops
     eager = _step(model, model, inputs)
     reference = copy.deepcopy(model).double()
     want = _step(reference, reference, [t.double() for t in inputs])

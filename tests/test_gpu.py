@@ -12,7 +12,7 @@ from tests.attention_differential_styles import STYLES as DIFFERENTIAL_STYLES
 from tests.attention_variant_styles import VARIANT_STYLES
 from tests.norm_styles import LAYER_STYLES, RMS_STYLES, PreNormResidualBlock, build
 from tests.norm_sum_styles import SUM_STYLES
-from tests.linear_attention_styles import STYLES as LINEAR_STYLES
+from tests.linear_attention_styles import LINEAR_ORDER, STYLES as LINEAR_STYLES
 from tests.polynorm_styles import STYLES as POLYNORM_STYLES
 from tests.tolerances import assert_close_to_reference
 
@@ -107,6 +107,38 @@ def test_differential_kernel_on_cuda(style, dtype):
     assert_close_to_reference(got.detach(), eager, ref, "output")
     got.float().pow(2).sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_differential_backward_kernels_on_cuda(dtype):
+    """The differential backward kernels compiled for CUDA (head dim 64, ragged lengths, a padding
+    mask, causal with Lq < Lk, lambda per head) against float64, from the forward's saved statistics."""
+    from tests.passes.test_attention_differential_backward import NAMES, _spec
+
+    b, h, lq, lk, d = 2, 4, 333, 401, 64
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(s, generator=g, dtype=torch.float64)  # noqa: E731
+    wide = [r(b, h, lq, d), r(b, h, lk, d), r(b, h, lq, d), r(b, h, lk, d), r(b, h, lk, d), 0.4 + 0.1 * r(h, 1, 1)]
+    keep = torch.ones(b, 1, 1, lk, dtype=torch.bool)
+    keep[1, ..., lk - 50:] = False
+    upstream = r(b, h, lq, d)
+    hidden = torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1)
+
+    def reference(q1, k1, q2, k2, v, lam):
+        def attend(q, k):
+            s = (q @ k.transpose(-1, -2) * d ** -0.5).masked_fill(~keep.to(q.device), float("-inf"))
+            return torch.softmax(s.masked_fill(hidden.to(q.device), float("-inf")), -1) @ v
+        return attend(q1, k1) - lam * attend(q2, k2)
+
+    leaves = [t.to(dtype).cuda().requires_grad_() for t in wide]
+    spec = _spec(str(dtype).removeprefix("torch."), True, False, True)
+    out = torch.ops.fxfuse.attention_differential(*leaves, [keep.cuda()], spec.to_json())[0]
+    got = torch.autograd.grad(out, leaves, upstream.to(dtype).cuda())
+    wide = [t.requires_grad_() for t in wide]
+    ref = torch.autograd.grad(reference(*wide), wide, upstream)
+    eager = torch.autograd.grad(reference(*leaves), leaves, upstream.to(dtype).cuda())
+    for name, gk, e, rf in zip(NAMES, got, eager, ref):
+        assert_close_to_reference(gk.cpu(), e.cpu(), rf, name)
 
 
 def test_backend_on_cuda_trains_like_eager():
@@ -220,7 +252,7 @@ def test_decode_launches_split_the_keys_on_cuda(lq):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("style", LINEAR_STYLES, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("style", LINEAR_STYLES + LINEAR_ORDER, ids=lambda s: s.__name__)
 def test_linear_attention_kernels_on_cuda(style, dtype, monkeypatch):
     """fuse-linear-attention's sites run the compiled Triton kernels (forward and backward) on CUDA,
     at head dims 64 and lengths past one chunk and not a multiple of it."""

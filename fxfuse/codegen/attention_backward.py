@@ -17,50 +17,81 @@ def dropped(spec: AttentionSpec, p: str) -> str:
     return f"tl.where(keep, {p} * {lit(1.0 / (1.0 - spec.dropout))}, 0.0)" if spec.dropout else p
 
 
-def _load_q(spec: AttentionSpec, plan: AttentionPlan, masked: bool) -> list[str]:
-    """q, dO and the rows' statistics of query tile offs_m (rows past the end masked, if any)."""
-    rows = "offs_m[:, None] < LQ"
-    both = (lambda d: f"({rows}) & ({d})") if masked else (lambda d: d)
+def load_q(masked: bool, n: str = "") -> list[str]:
+    """Query tile offs_m of operand ``Q{n}`` as ``q{n}`` (rows past the end masked, if any): the
+    plain kernels' ``q`` (n empty), or one half's of a differential site (n "1", "2")."""
+    both = "(offs_m[:, None] < LQ) & (offs_d[None, :] < D)" if masked else "offs_d[None, :] < D"
+    return [f"q{n} = tl.load(Q{n} + off_b * stride_q{n}b + off_h * stride_q{n}h + offs_m[:, None] * stride_q{n}m"
+            f" + offs_d[None, :] * stride_q{n}d,", f"            mask={both}, other=0.0)"]
+
+
+def load_do(masked: bool) -> list[str]:
+    both = "(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV)" if masked else "offs_dv[None, :] < DV"
+    return ["do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,",
+            f"             mask={both}, other=0.0)"]
+
+
+def row_stats(spec: AttentionSpec, plan: AttentionPlan, masked: bool, n: str = "") -> list[str]:
+    """The rows' max, sum (from ``STATS{n}``, the forward's) and delta (``DELTA{n}``) as
+    ``row_max{n}``, ``row_sum{n}``, ``delta{n}``."""
     row = ", mask=offs_m < LQ" if masked else ""
     lines = [
-        "q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
-        f"            mask={both('offs_d[None, :] < D')}, other=0.0)", *rotate_q(spec),
-        "do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,",
-        f"             mask={both('offs_dv[None, :] < DV')}, other=0.0)"]
-    if plan.sigmoid:  # p = sigmoid(s) needs no row statistics
-        return lines + ["if DOT_F32:", "    q = q.to(tl.float32)", "    do = do.to(tl.float32)"]
-    lines += [
-        f"row_max = tl.load(STATS + pid_bh * LQ + offs_m{row}{', other=0.0' if masked else ''})",
-        f"row_sum = tl.load(STATS + (tl.num_programs(1) + pid_bh) * LQ + offs_m{row}{', other=1.0' if masked else ''})",
-        f"delta = tl.load(DELTA + pid_bh * LQ + offs_m{row}{', other=0.0' if masked else ''})"]
+        f"row_max{n} = tl.load(STATS{n} + pid_bh * LQ + offs_m{row}{', other=0.0' if masked else ''})",
+        f"row_sum{n} = tl.load(STATS{n} + (tl.num_programs(1) + pid_bh) * LQ + offs_m{row}{', other=1.0' if masked else ''})",
+        f"delta{n} = tl.load(DELTA{n} + pid_bh * LQ + offs_m{row}{', other=0.0' if masked else ''})"]
     if spec.safe_softmax:
         # A safe softmax's row with every score -inf (max -inf, sum 0) recomputes p = exp(-inf) / 1
         # = 0, so dS and every gradient of that row are 0 (not exp(-inf + inf) / 0 = NaN).
-        lines += ["row_max = tl.where(row_sum == 0.0, 0.0, row_max)  # safe softmax: p = 0 in a row with no finite score",
-                  "row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)"]
+        lines += [f"row_max{n} = tl.where(row_sum{n} == 0.0, 0.0, row_max{n})  # safe softmax: p = 0 in a row with no finite score",
+                  f"row_sum{n} = tl.where(row_sum{n} == 0.0, 1.0, row_sum{n})"]
     if plan.log2_fold is not None:
-        lines.append(f"row_max = row_max * {lit(LOG2E)}  # log2 units, as the scores")
+        lines.append(f"row_max{n} = row_max{n} * {lit(LOG2E)}  # log2 units, as the scores")
+    return lines
+
+
+def _load_q(spec: AttentionSpec, plan: AttentionPlan, masked: bool) -> list[str]:
+    """q, dO and the rows' statistics of query tile offs_m (rows past the end masked, if any)."""
+    lines = [*load_q(masked), *rotate_q(spec), *load_do(masked)]
+    if not plan.sigmoid:  # p = sigmoid(s) needs no row statistics
+        lines += row_stats(spec, plan, masked)
     return lines + ["if DOT_F32:", "    q = q.to(tl.float32)", "    do = do.to(tl.float32)"]
 
 
+def load_k(masked: bool, n: str = "") -> list[str]:
+    """Key tile offs_n of ``K{n}``, transposed, as ``kT{n}``."""
+    mask = "(offs_n[None, :] < LK) & (offs_d[:, None] < D)" if masked else "offs_d[:, None] < D"
+    return [f"kT{n} = tl.load(K{n} + off_b * stride_k{n}b + off_hkv * stride_k{n}h + offs_n[None, :] * stride_k{n}n"
+            f" + offs_d[:, None] * stride_k{n}d,", f"             mask={mask}, other=0.0)"]
+
+
+def load_v(masked: bool) -> list[str]:
+    mask = "(offs_n[:, None] < LK) & (offs_dv[None, :] < DV)" if masked else "offs_dv[None, :] < DV"
+    return ["vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+            f"             mask={mask}, other=0.0)"]
+
+
 def _load_kv(spec: AttentionSpec, masked: bool) -> list[str]:
-    k_mask, v_mask = "offs_d[:, None] < D", "offs_dv[None, :] < DV"
-    if masked:
-        k_mask, v_mask = f"(offs_n[None, :] < LK) & ({k_mask})", f"(offs_n[:, None] < LK) & ({v_mask})"
-    return [
-        "kT = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,",
-        f"             mask={k_mask}, other=0.0)", *rotate_kt(spec, "kT"),
-        "vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
-        f"             mask={v_mask}, other=0.0)",
-        "if DOT_F32:", "    kT = kT.to(tl.float32)", "    vt = vt.to(tl.float32)"]
+    return [*load_k(masked), *rotate_kt(spec, "kT"), *load_v(masked),
+            "if DOT_F32:", "    kT = kT.to(tl.float32)", "    vt = vt.to(tl.float32)"]
 
 
-def _at(lines: list[str], n: int) -> str:
+def at(lines: list[str], n: int) -> str:
     return "\n".join(" " * n + line for line in lines)
 
 
-def _at_lines(lines: list[str]) -> str:
+def at_lines(lines: list[str]) -> str:
     return "".join("\n    " + line for line in lines)
+
+
+def program_head(spec: AttentionSpec, plan: AttentionPlan) -> str:
+    """A backward program's (batch, head) offsets, its seed and per-head loads (at 4 spaces)."""
+    return '''    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = off_h // GROUPS
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)''' + ("\n    seed = tl.load(SEED)" if spec.dropout else "") + \
+        "".join("\n    " + line for line in prologue(plan.loads))
 
 
 def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
@@ -87,14 +118,14 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
                 f"dp = tl.dot(do, tl.trans(vt){precision})", *dropout, ds, *grad_steps(plan, store_bias, masked)]
 
     def dkdv_tile(masked: bool) -> str:
-        return _at([*_load_q(spec, plan, masked), *scores_grad(False, masked),
+        return at([*_load_q(spec, plan, masked), *scores_grad(False, masked),
                     f"p_v = {dropped(spec, 'p')}.to(V.dtype.element_ty)  # as in the forward: p meets v in v's dtype",
                     "ds_q = ds.to(Q.dtype.element_ty)",
                     "if DOT_F32:", "    p_v = p_v.to(tl.float32)", "    ds_q = ds_q.to(tl.float32)",
                     f"dv += tl.dot(tl.trans(p_v), do{precision})", f"dk += tl.dot(tl.trans(ds_q), q{precision})"], 8)
 
     def dq_tile(masked: bool) -> str:
-        return _at([*_load_kv(spec, masked), *scores_grad(True, masked), "ds_k = ds.to(K.dtype.element_ty)",
+        return at([*_load_kv(spec, masked), *scores_grad(True, masked), "ds_k = ds.to(K.dtype.element_ty)",
                     "if DOT_F32:", "    ds_k = ds_k.to(tl.float32)",
                     f"dq += tl.dot(ds_k, tl.trans(kT){precision})"], 8)
 
@@ -119,13 +150,7 @@ def backward_source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
         {extra_strides}H, GROUPS, LQ, LK, D, DV'''
     consts = ("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, "
               "DOT_F32: tl.constexpr, ROUND: tl.constexpr")
-    head = '''    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUPS
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)''' + ("\n    seed = tl.load(SEED)" if spec.dropout else "") + \
-        "".join("\n    " + line for line in prologue(plan.loads))
+    head = program_head(spec, plan)
     pid_m = ("tl.num_programs(0) - 1 - tl.program_id(0)  # longest rows first"
              if longest_first(plan) else "tl.program_id(0)")
     return f'''
@@ -135,10 +160,10 @@ def {name}_backward_dkdv({args}, DK, DV_OUT, {consts}):
 {head}
     pid_n = tl.program_id(0)  # under a causal rule the first key tiles see the most queries: they start first
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-{_at(_load_kv(spec, True), 4)}
+{at(_load_kv(spec, True), 4)}
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-{tile_loops(plan, "m", *query_range(plan), dkdv_tile)}{_at_lines(unrotate(spec, "k", "dk"))}
+{tile_loops(plan, "m", *query_range(plan), dkdv_tile)}{at_lines(unrotate(spec, "k", "dk"))}
     rows = (pid_bh * LK + offs_n)[:, None]
     tl.store(DK + rows * D + offs_d[None, :], dk, mask=(offs_n[:, None] < LK) & (offs_d[None, :] < D))
     tl.store(DV_OUT + rows * DV + offs_dv[None, :], dv, mask=(offs_n[:, None] < LK) & (offs_dv[None, :] < DV))
@@ -149,9 +174,9 @@ def {name}_backward_dq({args}, DQ, {bias_args}{consts}):
 {head}
     pid_m = {pid_m}
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-{_at(_load_q(spec, plan, True), 4)}{sink_grad}
+{at(_load_q(spec, plan, True), 4)}{sink_grad}
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-{tile_loops(plan, "n", *key_range(plan), dq_tile)}{_at_lines(unrotate(spec, "q", "dq"))}
+{tile_loops(plan, "n", *key_range(plan), dq_tile)}{at_lines(unrotate(spec, "q", "dq"))}
     rows = (pid_bh * LQ + offs_m)[:, None]
     tl.store(DQ + rows * D + offs_d[None, :], dq, mask=(offs_m[:, None] < LQ) & (offs_d[None, :] < D))
 '''

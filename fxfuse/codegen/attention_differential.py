@@ -8,8 +8,9 @@ softmaxes (m1/l1/acc1 and m2/l2/acc2), then loads the v tile once and adds both 
 products to their accumulators. At the end each half is normalised and rounded to the output's
 dtype, as the user's two attentions were, then ``o1 - lambda * o2`` is formed with the user's two
 roundings (lambda read once per program, a (1|B, 1|H, 1, 1) tensor, never rounded: ATen reads a
-0-dim factor in float32). No row statistics are written: the backward runs each half's own
-backward kernels (``fxfuse.ops.attention_differential``), which recompute theirs.
+0-dim factor in float32). With ``SAVE`` it also writes each half's row max (natural units) and
+sum and its output before rounding, in float32: what the backward kernels
+(``attention_differential_backward``, in the same module) read instead of recomputing them.
 
 Only specs whose every field this template knows are rendered (``renders``): no dropout, sinks,
 RoPE or sigmoid (the pass never builds those; a spec that has them runs the two halves' own kernels).
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from fxfuse.codegen.attention import _head_loads
-from fxfuse.codegen.attention_steps import exp, key_range, longest_first, steps, tile_args, tile_loops
+from fxfuse.codegen.attention import LN2, _head_loads
+from fxfuse.codegen.attention_differential_backward import backward_source
+from fxfuse.codegen.attention_steps import exp, key_range, lit, longest_first, steps, tile_args, tile_loops
 from fxfuse.codegen.kernel import Kernel, kernel_name
 from fxfuse.lowering.attention import AttentionPlan, lower_attention
 from fxfuse.spec_attention import AttentionSpec
@@ -88,6 +90,7 @@ def _source(name: str, spec: AttentionSpec, plan: AttentionPlan) -> str:
              if longest_first(plan) else "tl.program_id(0)")
     operands = "".join(f"stride_{x}b, stride_{x}h, stride_{x}{'m' if x[0] == 'q' else 'n'}, stride_{x}d, "
                        for x in ("q1", "k1", "q2", "k2"))
+    row_max = {n: f"m{n} * {lit(LN2)}" if plan.log2_fold is not None else f"m{n}" for n in (1, 2)}
     safe = spec.safe_softmax
     norm = {n: f"tl.where(l{n} == 0.0, 1.0, l{n})" if safe else f"l{n}" for n in (1, 2)}
     state = "".join(f"    m{n} = tl.full([BLOCK_M], float('-inf'), dtype=tl.float32)\n"
@@ -101,12 +104,12 @@ import triton.language as tl
 
 
 @triton.jit
-def {name}_forward(Q1, K1, Q2, K2, V, LAM, O, {extras}
+def {name}_forward(Q1, K1, Q2, K2, V, LAM, O, STATS1, STATS2, O1F, O2F, {extras}
                    {operands}
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
                    stride_lb, stride_lh, {extra_strides}H, GROUPS, LQ, LK, D, DV,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   ROUND: tl.constexpr,
+                   ROUND: tl.constexpr, SAVE: tl.constexpr,
                    DOT_F32: tl.constexpr):
     pid_m = {pid_m}
     pid_bh = tl.program_id(1)
@@ -129,6 +132,15 @@ def {name}_forward(Q1, K1, Q2, K2, V, LAM, O, {extras}
     out = o1 - scaled
     tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=(offs_m[:, None] < LQ) & (offs_dv[None, :] < DV))
+    if SAVE:  # for the backward kernels: each half's row max (natural units) and sum, and its output in float32
+        rows = offs_m < LQ
+        tl.store(STATS1 + pid_bh * LQ + offs_m, {row_max[1]}, mask=rows)
+        tl.store(STATS1 + (tl.num_programs(1) + pid_bh) * LQ + offs_m, l1, mask=rows)
+        tl.store(STATS2 + pid_bh * LQ + offs_m, {row_max[2]}, mask=rows)
+        tl.store(STATS2 + (tl.num_programs(1) + pid_bh) * LQ + offs_m, l2, mask=rows)
+        halves = (pid_bh * LQ + offs_m[:, None]) * DV + offs_dv[None, :]
+        tl.store(O1F + halves, acc1 / {norm[1]}[:, None], mask=rows[:, None] & (offs_dv[None, :] < DV))
+        tl.store(O2F + halves, acc2 / {norm[2]}[:, None], mask=rows[:, None] & (offs_dv[None, :] < DV))
 '''
 
 
@@ -139,4 +151,4 @@ def generate(spec: AttentionSpec) -> Kernel:
         raise ValueError(f"no differential attention kernel for this spec: {reason}")
     name = kernel_name("attention", spec.to_json())
     plan = lower_attention(dataclasses.replace(spec, differential=False))
-    return Kernel(name, _source(name, spec, plan), spec=spec.describe())
+    return Kernel(name, _source(name, spec, plan) + backward_source(name, spec, plan), spec=spec.describe())

@@ -5,7 +5,9 @@ The operator's inputs are ``a`` (N, L, D) = phi(q), ``bt`` (N, D, S) = phi(k)^T,
 (a column of ones for the normaliser): the features as the graph computed them, or q and k^T
 themselves when the spec names an elementwise feature map for a side (``phi_a`` / ``phi_b``),
 which the kernels then apply to each tile as it is loaded (the backward's d_a and d_bt are the
-features' gradients; the operator chains them through phi'). One program
+features' gradients; the operator chains them through phi', or a softmax's Jacobian). A softmax
+over the features is row-local (all of D is one tile); k's softmax over the sequence takes a
+first walk over the keys for each feature's max and sum (``_key_stats``). One program
 per (batch, block of E columns) walks the sequence in chunks of BLOCK_C rows holding a (D, E)
 float32 state in registers:
 
@@ -56,8 +58,35 @@ def _featured(name: str, phi: str, mask: str, ptr: str) -> list[str]:
     feature at all: phi(0) is 1 for elu + 1, exp and sigmoid)."""
     if not phi:
         return []
+    if phi == "softmax_features":  # every feature of a row (a) or column (bt) is in the tile: BLOCK_D >= D
+        axis, keep = (1, "[:, None]") if name == "a" else (0, "[None, :]")
+        features = "offs_d[None, :] < D" if name == "a" else "offs_d[:, None] < D"
+        return [f'{name} = tl.where({features}, {name}.to(tl.float32), float("-inf"))',  # padded features weigh 0
+                f"{name} = tl.exp({name} - tl.max({name}, axis={axis}){keep})",
+                f"{name} = tl.where({mask}, {name} / tl.sum({name}, axis={axis}){keep}, 0.0).to({ptr}.dtype.element_ty)"]
+    if phi == "softmax_keys":  # each feature over all the keys, from the statistics of _key_stats
+        return [f"{name} = tl.where({mask}, tl.exp({name}.to(tl.float32) - m_k[:, None]) / l_k[:, None], 0.0)"
+                f".to({ptr}.dtype.element_ty)"]
     return [f"{name} = {name}.to(tl.float32)",
             f"{name} = tl.where({mask}, {_PHI[phi].format(x=name)}, 0.0).to({ptr}.dtype.element_ty)"]
+
+
+def _key_stats(spec: LinearAttentionSpec) -> list[str]:
+    """For k's softmax over the sequence (spec.phi_b "softmax_keys", non-causal): a first walk over
+    the keys computing each feature's max ``m_k`` and sum of exp(k - m_k) ``l_k`` (online, as
+    flash attention's rows), so the later loads apply the softmax tile by tile. A (BLOCK_D,)
+    vector pair per program: the softmaxed keys are never written."""
+    if spec.phi_b != "softmax_keys":
+        return []
+    return ['m_k = tl.full([BLOCK_D], float("-inf"), tl.float32)',
+            "l_k = tl.zeros([BLOCK_D], dtype=tl.float32)",
+            "for start in range(0, S, BLOCK_C):", "    rows = start + offs_c",
+            "    x = tl.load(BT + n * sb_n + offs_d[:, None] * sb_d + rows[None, :] * sb_s, "
+            "mask=(offs_d[:, None] < D) & (rows[None, :] < S), other=0.0)",
+            '    x = tl.where(rows[None, :] < S, x.to(tl.float32), float("-inf"))',
+            "    m_new = tl.maximum(m_k, tl.max(x, axis=1))",
+            "    l_k = l_k * tl.exp(m_k - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)",
+            "    m_k = m_new"]
 
 
 def _loads(spec: LinearAttentionSpec, names: str, grad: bool = False) -> list[str]:
@@ -105,7 +134,7 @@ def _forward(spec: LinearAttentionSpec) -> list[str]:
     store = ["tl.store(O + n * so_n + rows[:, None] * so_l + offs_e[None, :] * so_e, out.to(O.dtype.element_ty),",
              "         mask=(rows[:, None] < L) & (offs_e[None, :] < E))"]
     if not spec.causal:
-        return [state, "for start in range(0, S, BLOCK_C):", "    rows = start + offs_c",
+        return [state, *_key_stats(spec), "for start in range(0, S, BLOCK_C):", "    rows = start + offs_c",
                 *("    " + x for x in _loads(spec, "bt v")),
                 f"    state += {_dot('bt', 'v')}",
                 "for start in range(0, L, BLOCK_C):", "    rows = start + offs_c",
@@ -123,7 +152,7 @@ def _backward_da(spec: LinearAttentionSpec) -> list[str]:
              "         mask=(rows[:, None] < L) & (offs_d[None, :] < D))"]
     head = ["eb = tl.program_id(1).to(tl.int64)", "state = tl.zeros([BLOCK_D, BLOCK_E], dtype=tl.float32)"]
     if not spec.causal:
-        return [*head, "for start in range(0, S, BLOCK_C):", "    rows = start + offs_c",
+        return [*head, *_key_stats(spec), "for start in range(0, S, BLOCK_C):", "    rows = start + offs_c",
                 *("    " + x for x in _loads(spec, "bt v")), f"    state += {_dot('bt', 'v')}",
                 "for start in range(0, L, BLOCK_C):", "    rows = start + offs_c",
                 *("    " + x for x in _loads(spec, "g")),
@@ -145,7 +174,8 @@ def _backward_dbdv(spec: LinearAttentionSpec) -> list[str]:
     dv_line = f"dv = {_dot(_f32('tl.trans(bt)'), 'dstate')}"
     db_line = f"db = {_dot(_f32('v'), 'tl.trans(dstate)')}"
     if not spec.causal:
-        return [*head, "for start in range(0, L, BLOCK_C):", "    rows = start + offs_c",
+        return [*head, *(_key_stats(spec) if spec.values else []), "for start in range(0, L, BLOCK_C):",
+                "    rows = start + offs_c",
                 *("    " + x for x in _loads(spec, "a g")), f"    dstate += {_dot('tl.trans(a)', 'g')}",
                 "for start in range(0, S, BLOCK_C):", "    rows = start + offs_c",
                 *("    " + x for x in _loads(spec, "bt v" if spec.values else "v")),

@@ -32,10 +32,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._prims_common import make_contiguous_strides_for
 
 from fxfuse import config, index_expr
-from fxfuse.runtime.arguments import check_seed, output_buffer
+from fxfuse.runtime.arguments import check_seed, contiguous_strides, output_buffer
 from fxfuse.spec import to_dtype
 from fxfuse.spec_attention import AttentionSpec
 from fxfuse.ops import size_masks
@@ -221,7 +220,10 @@ def reference(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list
     outs = []
     for r in _row_chunks(q, lk) if chunked else [(0, lq)]:
         chunk = [_rows(e, lq, r) for e in extras]
-        p = softmax(spec, _scores(spec, q[..., r[0]:r[1], :], k, chunk, rows=(*r, lq), headed=True), _sink(spec, chunk))
+        # All rows: q itself (a slice of every row would still be a view autograd differentiates,
+        # its backward a zero-filled copy of dq).
+        qr = q if r == (0, lq) else q[..., r[0]:r[1], :]
+        p = softmax(spec, _scores(spec, qr, k, chunk, rows=(*r, lq), headed=True), _sink(spec, chunk))
         p = _drop(spec, p.to(to_dtype(spec.prob_dtype)), None if keep is None else keep[..., r[0]:r[1], :])
         outs.append(torch.matmul(p, v))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
@@ -275,7 +277,8 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     if step is not None and step.op == "add":
         shape4 = (*q.shape[:2], q.shape[-2], k.shape[-2])
         mask = _addend(step, extras, shape4, q.device).to(q.dtype)  # exact: a wider bias would have widened the scores
-        hidden = mask == float("-inf")
+        if not _holds_no_neg_inf(mask):
+            hidden = mask == float("-inf")
     elif step is not None and step.causal and not step.window and not step.invert and q.shape[-2] == k.shape[-2]:
         # Bottom-right and SDPA's top-left causal alignment agree when Lq == Lk, and every row sees
         # its own key (no NaN row): is_causal, whose kernel skips the hidden tiles.
@@ -288,8 +291,24 @@ def _sdpa(spec: AttentionSpec, form, q, k, v, extras) -> Tensor:
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=spec.kv_groups > 1)
     if hidden is not None and not spec.safe_softmax:  # a safe softmax gives 0 there, as SDPA does
         # A row whose every score is -inf is NaN in the user's softmax; SDPA returns zeros there.
-        out = out.masked_fill(hidden.all(-1, keepdim=True), float("nan"))
+        rows = hidden.all(-1, keepdim=True)
+        if _traced(rows) or rows.any():  # run, the fill (a copy of the output) only where a row needs it
+            out = out.masked_fill(rows, float("nan"))
     return out
+
+
+def _traced(t: Tensor) -> bool:
+    """Whether ``t`` is being traced (Inductor's decomposition of a site, make_fx, a fake
+    tensor), where a check of its values cannot decide what the graph computes."""
+    return type(t) is not torch.Tensor or torch._C._len_torch_dispatch_stack() > 0 or torch.compiler.is_compiling()
+
+
+def _holds_no_neg_inf(mask: Tensor) -> bool:
+    """Whether a float mask, run (not traced), holds no -inf, so that no row can be all -inf: one
+    reduction (its min; NaN, which it propagates, answers False). The exact check it spares is
+    an (B, H, Lq, Lk) comparison, a reduction of it and a masked copy of the output: most of a
+    small site's time (Swin's 16-token windows: 0.2 of 0.5 ms)."""
+    return not _traced(mask) and (mask.numel() == 0 or bool(mask.min() > float("-inf")))
 
 
 def _every_row_sees_a_key(form, q: Tensor, k: Tensor) -> bool:
@@ -403,10 +422,10 @@ def _laid_out(out: Tensor, merge_heads: bool) -> Tensor:
     else copied into such a buffer."""
     b, h, lq, dv = out.shape
     if merge_heads:  # the strides output_buffer gives, computed without allocating (every call)
-        sb, sl, sh, sd = make_contiguous_strides_for((b, lq, h, dv))
+        sb, sl, sh, sd = contiguous_strides((b, lq, h, dv))
         want = (sb, sh, sl, sd)
     else:
-        want = tuple(make_contiguous_strides_for((b, h, lq, dv)))
+        want = contiguous_strides((b, h, lq, dv))
     if out.stride() == want:
         return out
     return output_buffer(out.shape, out.dtype, out.device, merge_heads).copy_(out)
@@ -440,11 +459,11 @@ def cpu_forward(s: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, extras: list[
     which autograd differentiates as it did the user's code."""
     s, extras, _ = size_masks.resolve(s, extras, q.shape[-2], k.shape[-2])
     form = _sdpa_form(s)
+    if form is not None and autograd and torch.is_grad_enabled() and not _every_row_sees_a_key(form, q, k):
+        form = None  # decided by the form alone: before the check of the values, which it spares
     if form is not None:
         with torch.no_grad():  # a check, not part of what autograd differentiates
             form = form if _sdpa_exact_on(form, q, k, v, extras) else None
-    if form is not None and autograd and torch.is_grad_enabled() and not _every_row_sees_a_key(form, q, k):
-        form = None
     keep = keep_mask(s, seed, _shape4(q, k), q.device, triton=False)
     if form is not None and autograd and torch.is_grad_enabled():
         # Contiguous operands for the fused CPU backward autograd will run: on strided keys it
@@ -538,7 +557,7 @@ def _contiguous_strides(t: Tensor) -> Tensor:
     """``t`` with exactly the strides ``new_empty`` gives (the fake's), size-1 dims included:
     ``contiguous()`` keeps a tensor whose only odd strides are on size-1 dims (ATen's fused CPU
     backward returns such gradients), and then real and fake strides differ."""
-    if t.stride() == tuple(make_contiguous_strides_for(t.shape)):
+    if t.stride() == contiguous_strides(t.shape):
         return t
     return t.new_empty(t.shape).copy_(t)
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fxfuse import config
-from fxfuse.spec_linear_attention import LinearAttentionSpec
+from fxfuse.spec_linear_attention import SOFTMAX_MAPS, LinearAttentionSpec, softmax_dim
 
 
 @functools.lru_cache(maxsize=64)
@@ -33,8 +33,11 @@ def _spec(text: str) -> LinearAttentionSpec:
     return LinearAttentionSpec.from_json(text)
 
 
-def feature_map(kind: str, x: Tensor) -> Tensor:
-    """phi(x) computed by the ATen ops the model's code runs, in x's dtype: the same values."""
+def feature_map(kind: str, x: Tensor, side: str) -> Tensor:
+    """phi(x) computed by the ATen ops the model's code runs, in x's dtype: the same values
+    (``side``: "a" or "bt", the operand x is, which decides a softmax's dim)."""
+    if kind in SOFTMAX_MAPS:
+        return torch.softmax(x, softmax_dim(kind, side))
     if kind == "elu1":
         return torch.nn.functional.elu(x) + 1
     if kind == "relu":
@@ -73,7 +76,7 @@ def _prepared(a: Tensor, bt: Tensor, v: Optional[Tensor], spec: LinearAttentionS
     if a.dim() == 2:  # a single matrix product (mm): one batch of one
         a, bt, v = a[None], bt[None], v[None] if v is not None else None
     work = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-    a, bt = feature_map(spec.phi_a, a).to(work), feature_map(spec.phi_b, bt).to(work)
+    a, bt = feature_map(spec.phi_a, a, "a").to(work), feature_map(spec.phi_b, bt, "bt").to(work)
     v = v.to(work) if v is not None else a.new_ones(bt.shape[0], bt.shape[-1], 1)
     return a, bt, v
 
@@ -136,11 +139,20 @@ def _backward(g, a, bt, v, spec: LinearAttentionSpec):
 def chain_feature_maps(spec: LinearAttentionSpec, d_a: Tensor, d_bt: Tensor, a: Tensor, bt: Tensor):
     """The gradients of the features taken back through the feature maps the operator applied
     (d_x = d_phi * phi'(x), in d_phi's float32 before the one rounding to the inputs' dtype)."""
-    if spec.phi_a:
-        d_a = d_a * feature_map_derivative(spec.phi_a, a.to(d_a.dtype))
-    if spec.phi_b:
-        d_bt = d_bt * feature_map_derivative(spec.phi_b, bt.to(d_bt.dtype))
-    return d_a, d_bt
+    return (_chain(spec.phi_a, d_a, a, "a") if spec.phi_a else d_a,
+            _chain(spec.phi_b, d_bt, bt, "bt") if spec.phi_b else d_bt)
+
+
+def _chain(kind: str, d_phi: Tensor, x: Tensor, side: str) -> Tensor:
+    """d_x from d_phi = dL/dphi(x). An elementwise map's Jacobian is diagonal; a softmax's along its
+    dim is diag(p) - p p^T (p = softmax(x), recomputed), so d_x = p * (d_phi - sum(p * d_phi)) per
+    line: for softmax_keys each feature's row over all S keys of bt."""
+    x = x.to(d_phi.dtype)
+    if kind in SOFTMAX_MAPS:
+        dim = softmax_dim(kind, side)
+        p = torch.softmax(x, dim)
+        return p * (d_phi - (p * d_phi).sum(dim, keepdim=True))
+    return d_phi * feature_map_derivative(kind, x)
 
 
 def _use_triton(a: Tensor, bt: Tensor, v: Optional[Tensor]) -> bool:

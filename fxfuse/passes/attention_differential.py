@@ -30,6 +30,7 @@ The official code's other style, one softmax over 2H heads whose probabilities a
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 from torch.fx import Node
@@ -178,10 +179,12 @@ def _replace(gm, sub: Node, att1: Node, att2: Node, lam, spec: AttentionSpec) ->
     lam = made if made is not None else lam
     args = (a1["q"], a1["k"], a2["q"], a2["k"], a1["v"], lam, list(a1["extras"]), spec.to_json(),
             *([True] if a1.get("merge_heads") else []))
-    new = insert_call(gm, torch.ops.fxfuse.attention_differential.default, args, sub)
-    new.meta["stack_trace"] = sub.meta.get("stack_trace") or att1.meta.get("stack_trace")
+    call = insert_call(gm, torch.ops.fxfuse.attention_differential.default, args, sub)
+    new = insert_call(gm, operator.getitem, (call, 0), sub)  # the output (then what its backward reads)
+    call.meta["stack_trace"] = new.meta["stack_trace"] = sub.meta.get("stack_trace") or att1.meta.get("stack_trace")
     if not same_layout(val(new), val(sub)):
         gm.graph.erase_node(new)
+        gm.graph.erase_node(call)
         if made is not None:
             gm.graph.erase_node(made)
         raise NotDifferential(f"the difference has strides {list(val(sub).stride())}, not the fused output's")
@@ -217,7 +220,8 @@ class FuseDifferential:
             for dead in [node, form[5], *form[3], form[2], *form[1], form[0]]:
                 gm.graph.erase_node(dead)
             b, h, lq, dv = val(new).shape
-            result.matches.append(Match("differential", source, spec, new.name, code,
-                                        shape=f"B {b}, H {h}, Lq {lq}, Lk {val(new.args[1]).shape[2]}, Dv {dv}"))
+            call = new.args[0]  # the operator's node (``new`` takes its output)
+            result.matches.append(Match("differential", source, spec, call.name, code,
+                                        shape=f"B {b}, H {h}, Lq {lq}, Lk {val(call.args[1]).shape[2]}, Dv {dv}"))
             result.changed += 1
         return result

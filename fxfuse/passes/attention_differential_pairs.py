@@ -27,6 +27,7 @@ probabilities, one dtype throughout).
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 from torch.fx import Node
@@ -187,10 +188,11 @@ def _differential(gm, fused: Node, diff: Node, v_heads: Node, lam, spec: Attenti
         halves.append([insert_call(gm, aten.select.int, (x5, 2, i), diff) for i in (0, 1)])
     (q1, q2), (k1, k2) = halves
     lam = lam if isinstance(lam, Node) else lambda_tensor(gm, lam, diff)
-    new = insert_call(gm, torch.ops.fxfuse.attention_differential.default,
-                      (q1, k1, q2, k2, v_heads, lam, extras, dataclasses.replace(spec, differential=True).to_json()),
-                      diff)
-    new.meta["stack_trace"] = diff.meta.get("stack_trace")
+    call = insert_call(gm, torch.ops.fxfuse.attention_differential.default,
+                       (q1, k1, q2, k2, v_heads, lam, extras, dataclasses.replace(spec, differential=True).to_json()),
+                       diff)
+    new = insert_call(gm, operator.getitem, (call, 0), diff)  # the output (then what its backward reads)
+    call.meta["stack_trace"] = new.meta["stack_trace"] = diff.meta.get("stack_trace")
     diff.replace_all_uses_with(new)
     return new
 
@@ -244,7 +246,8 @@ class FuseDifferentialPairs:
             gm.graph.eliminate_dead_code()
             spec = dataclasses.replace(attention.spec, differential=True)
             b, h, lq, dv = val(new).shape
-            result.matches.append(Match("differential", source, spec, new.name, code,
-                                        shape=f"B {b}, H {h}, Lq {lq}, Lk {val(new.args[1]).shape[2]}, Dv {dv}"))
+            call = new.args[0]  # the operator's node (``new`` takes its output)
+            result.matches.append(Match("differential", source, spec, call.name, code,
+                                        shape=f"B {b}, H {h}, Lq {lq}, Lk {val(call.args[1]).shape[2]}, Dv {dv}"))
             result.changed += 1
         return result

@@ -13,6 +13,10 @@ commute with it, read from the graph:
   moves past the product with V, ``(r * S) @ V = r * (S @ V)``;
 - and on the way, row sums ``S.sum(-1)`` (the normaliser), replaced by ``A @ B^T.sum(keys)``.
 
+Efficient attention written in the linear order already (``q_s @ (k_s^T @ v)``, its paper code's
+``context^T @ q_s``) is found too (``linear_attention_linear_form``), for its softmaxes: the
+feature maps the operator applies move into it on either form (``linear_attention_features``).
+
 Any other use of the (L, L) matrix declines the site (it would have to exist anyway); a softmax in
 between is ordinary attention (fuse-attention), not this. The rewrite is exact in real arithmetic
 but reassociates floating point, hence opt-in: the sums run in another order (in float32 for
@@ -29,9 +33,11 @@ import torch
 from torch.fx import Node
 
 from fxfuse.passes.attention_index import reads_graph_input
-from fxfuse.passes.attention_layout import LAYOUT, constant_value, is_plain_reshape, layout_chain_back
-from fxfuse.passes.graph import (dtype, insert_call, is_op, is_python_scalar, match_layout, plain_cast, same_layout, shape,
+from fxfuse.passes.attention_layout import LAYOUT, constant_value, is_plain_reshape
+from fxfuse.passes.graph import (dtype, insert_call, is_op, is_python_scalar, match_layout, shape,
                                  source_of, val)
+from fxfuse.passes import linear_attention_linear_form as linear_form
+from fxfuse.passes.linear_attention_features import absorb_feature_map, nonnegative_feature_map
 from fxfuse.passes.pipeline import Match, Miss, PassResult
 from fxfuse.passes.symbolic import is_static, same, size_args
 from fxfuse.spec_linear_attention import LinearAttentionSpec
@@ -192,78 +198,6 @@ def _walk(product: Node, gm) -> _Site | None:
         cur = step.node
 
 
-def _features(node: Node, depth: int = 12) -> str | None:
-    """The name of a feature map whose values are provably >= 0, or None."""
-    for _ in range(depth):
-        if is_op(node, *LAYOUT) or plain_cast(node):  # they keep each value's sign
-            node = node.args[0]
-            continue
-        break
-    if is_op(node, aten.add.Tensor) and is_op(node.args[0], aten.elu.default) and is_python_scalar(node.args[1]) \
-            and node.kwargs.get("alpha", 1) == 1:
-        alpha = node.args[0].args[1] if len(node.args[0].args) > 1 else 1.0
-        scales = node.args[0].args[2:] or (1,)
-        if all(s == 1 for s in scales) and node.args[1] >= alpha >= 0:
-            return "elu + 1"
-    if is_op(node, aten.relu.default):
-        return "relu"
-    if is_op(node, aten._softmax.default, aten.softmax.int):
-        return "softmax"
-    if is_op(node, aten.exp.default):
-        return "exp"
-    if is_op(node, aten.sigmoid.default):
-        return "sigmoid"
-    if is_op(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
-        return "square"
-    if is_op(node, aten.mul.Tensor) and node.args[0] is node.args[1]:
-        return "square"
-    return None
-
-
-def _feature_map_input(node: Node) -> tuple[str, Node] | None:
-    """(kind, x) when ``node`` is phi(x) for an elementwise feature map the operator can apply
-    itself (spec FEATURE_MAPS), computed in x's dtype and shape; None otherwise."""
-    kind, x = None, None
-    if is_op(node, aten.add.Tensor) and is_op(node.args[0], aten.elu.default) and node.args[1] == 1 and \
-            node.kwargs.get("alpha", 1) == 1 and all(c == 1 for c in node.args[0].args[1:]):
-        kind, x = "elu1", node.args[0].args[0]
-    elif is_op(node, aten.relu.default, aten.exp.default, aten.sigmoid.default):
-        kind, x = {aten.relu.default: "relu", aten.exp.default: "exp", aten.sigmoid.default: "sigmoid"}[node.target], \
-            node.args[0]
-    elif (is_op(node, aten.pow.Tensor_Scalar) and node.args[1] == 2) or \
-            (is_op(node, aten.mul.Tensor) and node.args[0] is node.args[1]):
-        kind, x = "square", node.args[0]
-    if kind is None or not isinstance(x, Node) or dtype(x) != dtype(node) or shape(x) is None or \
-            len(shape(x)) != len(shape(node)) or not all(same(p, q) for p, q in zip(shape(x), shape(node))):
-        return None
-    return kind, x
-
-
-def _absorb_feature_map(gm, operand: Node, before: Node) -> tuple[str, Node] | None:
-    """(kind, operand before phi) when ``operand`` is an elementwise phi(x) taken through layout ops
-    only: phi commutes with them, so the same layout ops replayed on x give the operator q (or
-    k^T) to apply phi to itself. None (phi stays in the graph) when there is a cast on the way
-    (phi in another dtype than the product's) or the replayed layouts do not give the operand's
-    shape and strides."""
-    node, chain = layout_chain_back(operand)
-    found = _feature_map_input(node)
-    if found is None:
-        return None
-    kind, cur = found
-    inserted = []
-    try:
-        for op in chain:
-            cur = insert_call(gm, op.target, (cur, *op.args[1:]), before, dict(op.kwargs))
-            inserted.append(cur)
-    except Exception:  # a view that does not apply to x's strides: keep phi in the graph
-        cur = None
-    if cur is None or not same_layout(val(cur), val(operand)):
-        for n in reversed(inserted):
-            gm.graph.erase_node(n)
-        return None
-    return kind, cur
-
-
 def _view_like(gm, node: Node, like: Node, last: object, before: Node) -> Node:
     sizes = list(shape(like)[:-1]) + [last]
     return insert_call(gm, aten.view.default, (node, size_args(gm, sizes, before)), before)
@@ -317,7 +251,7 @@ class FuseLinearAttention:
                 if site.problems:
                     raise Declined(site.problems[0])
                 a, bt = node.args[:2]
-                phi = [_features(a), _features(bt)]
+                phi = [nonnegative_feature_map(a), nonnegative_feature_map(bt)]
                 if site.rowsums and None in phi:
                     side = "phi(q)" if phi[0] is None else "phi(k)"
                     raise Declined(f"{side} is not provably non-negative, so the normaliser's terms may cancel: near "
@@ -328,7 +262,8 @@ class FuseLinearAttention:
                 result.misses.append(Miss("linear_attention", source, str(why), code))
                 continue
             features = " / ".join(dict.fromkeys(p or "any" for p in phi))
-            absorbed = [_absorb_feature_map(gm, x, node) for x in (a, bt)]
+            kept = []  # why a softmax feature map stays in the graph
+            absorbed = [absorb_feature_map(gm, x, node, side, site.causal, kept) for x, side in ((a, "a"), (bt, "bt"))]
             operands = [found[1] if found else x for found, x in zip(absorbed, (a, bt))]
             kinds = tuple(found[0] if found else "" for found in absorbed)
             fused = _rewrite(gm, site, features, *operands, kinds)
@@ -337,7 +272,17 @@ class FuseLinearAttention:
             if any(kinds):
                 notes += (f"feature map applied in the operator ({', '.join(k for k in kinds if k)}): "
                           "phi(q), phi(k) not written",)
+            notes += tuple(kept)
             result.matches.append(Match("linear_attention", source, spec, fused.name, code, notes=notes,
                                         shape=f"N {shape(node)[0]}, L {shape(node)[-2]}, S {shape(node)[-1]}, D {shape(a)[-1]}"))
             result.changed += 1
+        for node in list(gm.graph.nodes):  # sites already in the linear order (efficient attention's paper code)
+            if len(node.users) == 0 or (site := linear_form.find(node)) is None:
+                continue
+            done = linear_form.rewrite(gm, site)
+            if done is not None:
+                source, code = source_of(node)
+                fused, spec, notes, sizes = done
+                result.matches.append(Match("linear_attention", source, spec, fused.name, code, notes=notes, shape=sizes))
+                result.changed += 1
         return result

@@ -34,7 +34,8 @@ def launch_configs(spec: AttentionSpec, function: str, q, k, v, arch: int | None
     inputs' device's)."""
     arch = device_arch(q.device) if arch is None else arch
     d, dv, lq, lk = windows.dims(spec, q, k, v)
-    return attention_configs(arch, function, d, dv, _dtype_name(q.dtype), lq, lk, tile_inputs(spec))
+    return attention_configs(arch, function, d, dv, _dtype_name(q.dtype), lq, lk, tile_inputs(spec),
+                             halves=2 if spec.differential else 1)
 
 
 def tile_inputs(spec: AttentionSpec) -> int:

@@ -72,10 +72,12 @@ def length_bucket(n: int) -> int:
 
 
 def attention_configs(arch: int | None, function: str, d: int, dv: int, dtype: str, lq: int, lk: int,
-                      tile_inputs: int = 0) -> list[LaunchConfig]:
+                      tile_inputs: int = 0, halves: int = 1) -> list[LaunchConfig]:
     """The configs fxfuse tries for one launch of an attention kernel ``function`` (``forward``,
     ``backward_dkdv``, ``backward_dq``) on compute capability ``arch`` (None: the interpreter),
-    most promising first. ``tile_inputs``: the tensors (masks, biases) read as a score tile."""
+    most promising first. ``tile_inputs``: the tensors (masks, biases) read as a score tile.
+    ``halves``: 2 for differential attention, whose programs hold both halves' q (k) tiles, score
+    tiles and accumulators (one v and dO tile)."""
     if arch is None:
         return [INTERPRETER]
     bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
@@ -98,8 +100,8 @@ def attention_configs(arch: int | None, function: str, d: int, dv: int, dtype: s
             return False
         # the streamed tiles (K and V forward; q, dO for dK/dV; K and V for dq) times the stages,
         # plus the tile held for the whole loop
-        streamed = (n if function != "backward_dkdv" else m) * (bd + bdv) * size * st
-        held = (m if function != "backward_dkdv" else n) * (bd + bdv) * size
+        streamed = (n if function != "backward_dkdv" else m) * (halves * bd + bdv) * size * st
+        held = (m if function != "backward_dkdv" else n) * (halves * bd + bdv) * size
         if streamed + held > smem:
             return False
         # float32 accumulators held in registers (q, k, v, dO tiles feed wgmma from shared memory):
@@ -107,11 +109,16 @@ def attention_configs(arch: int | None, function: str, d: int, dv: int, dtype: s
         # (p; p and dS in dq, where the dot reads them from registers; dK/dV holds more).
         # Measured with `fxfuse explain --target sm_90` (bf16, pipelined): dq at D=128 128x64 8
         # warps 206-226 registers, 128x128 spills; at D=64 128x128 244, no spills.
-        held_regs = {"forward": m * bdv, "backward_dq": m * bd, "backward_dkdv": n * (bd + bdv)}[function]
+        held_regs = {"forward": m * bdv, "backward_dq": m * bd, "backward_dkdv": n * bd}[function] * halves + \
+            (n * bdv if function == "backward_dkdv" else 0)
         # each tensor read as a score tile costs a 64-bit pointer per score (measured: a bf16 bias
         # at D=64 spills at 128x64, 8 warps, and fits at 128x32)
-        per_score = {"forward": 1, "backward_dq": 1.25, "backward_dkdv": 2}[function] + 4 * tile_inputs
-        return (held_regs + m * n * per_score) / (32 * warps) <= _REGISTER_BUDGET
+        per_score = {"forward": 1, "backward_dq": 1.25, "backward_dkdv": 2}[function] * halves + 4 * tile_inputs
+        # Differential (two halves): dK/dV keeps both halves' p and dS live until dv's product; the
+        # budget grows by half (measured at D=128, bf16, sm_90: forward 128x32 and 64x16, dK/dV
+        # 32x64, dq 128x32 and 64x16 fit; forward 128x64, dK/dV 64x64, dq 128x64 and 64x64 spill).
+        per_score += (halves - 1) * (function == "backward_dkdv")
+        return (held_regs + m * n * per_score) / (32 * warps) <= _REGISTER_BUDGET * (1 + (halves - 1) / 2)
 
     configs = [LaunchConfig(m, n, w, s) for m in rows for n in cols for w in (4, 8) for s in stages
                if fits(m, n, w, s)]

@@ -87,9 +87,10 @@ def _divisible(fn, sizes: dict, norm: bool) -> frozenset:
 def _attention_pointers(fn, spec, dtype: str) -> dict:
     types = {}
     for name in fn.arg_names:
-        if name in ("Q", "K", "V", "O", "DO"):
+        if name in ("Q", "K", "V", "O", "DO", "Q1", "K1", "Q2", "K2"):  # (1, 2: a differential site's halves)
             types[name] = _PTR[dtype]
-        elif name in ("STATS", "DELTA", "DK", "DV_OUT", "DQ", "DSINK") or re.fullmatch(r"D[BF]\d+", name):
+        elif name in ("STATS", "DELTA", "DK", "DV_OUT", "DQ", "DSINK", "LAM") or re.fullmatch(r"D[BF]\d+", name) \
+                or re.fullmatch(r"(STATS|DELTA|DK|DQ)[12]|O[12]F", name):
             types[name] = "*fp32"
         elif re.fullmatch(r"E\d+", name):
             kind = spec.inputs[int(name[1:])]
@@ -168,17 +169,20 @@ def check_in_process(launches: Iterable[dict], target: str, functions: tuple[str
                          **{f"DP{i}": acc for i in range(len(spec.params))}}
             else:
                 tried = configs or attention_configs(arch, function.removesuffix("_split"), sizes["d"], sizes["dv"],
-                                                     dtype, sizes["lq"], sizes["lk"], tile_inputs(spec))
+                                                     dtype, sizes["lq"], sizes["lk"], tile_inputs(spec),
+                                                     halves=2 if spec.differential else 1)
                 types = _attention_pointers(fn, spec, dtype)
                 if function == "forward_split":
                     types["O"] = "*fp32"  # the ranges' unnormalised float32 accumulators
             for config in (tried[::-1] if last_first else tried):
                 constants = {"BLOCK_M": config.BLOCK_M, "BLOCK_N": config.BLOCK_N, "ROUND": function.startswith("forward"),
-                             "DOT_F32": False, "BIAS_GRAD": True, "FACTOR_GRAD": True, "SINK_GRAD": True}
+                             "DOT_F32": False, "BIAS_GRAD": True, "FACTOR_GRAD": True, "SINK_GRAD": True,
+                             "SAVE": True}  # (a differential forward in training writes what its backward reads)
                 if not norm:
                     constants.update(BLOCK_D=max(16, 1 << (sizes["d"] - 1).bit_length()),
                                      BLOCK_DV=max(16, 1 << (sizes["dv"] - 1).bit_length()),
-                                     **{s: 1 for s in ("stride_qd", "stride_kd", "stride_vd", "stride_od")})
+                                     **{s: 1 for s in ("stride_qd", "stride_kd", "stride_vd", "stride_od",
+                                                       "stride_q1d", "stride_k1d", "stride_q2d", "stride_k2d")})
                 signature, constexprs, attrs = _signature(fn, types, {k: v for k, v in constants.items()
                                                                         if k in fn.arg_names},
                                                           _divisible(fn, sizes, norm))

@@ -119,8 +119,47 @@ def test_interpreted_kernels_apply_each_feature_map(phi, causal, values, monkeyp
     assert_close_to_reference(torch_path, eager, ref, f"{phi} output on the torch path")
 
 
+SOFTMAX64 = {("a", "softmax_features"): lambda x: x.softmax(-1), ("bt", "softmax_features"): lambda x: x.softmax(-2),
+             ("bt", "softmax_keys"): lambda x: x.softmax(-1), ("a", ""): lambda x: x, ("bt", ""): lambda x: x}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("values", [True, False])
+@pytest.mark.parametrize("phi_a,phi_b,causal", [("softmax_features", "softmax_keys", False),
+                                                ("softmax_features", "softmax_features", True),
+                                                ("", "softmax_keys", False)])
+def test_interpreted_kernels_apply_each_softmax_map(phi_a, phi_b, causal, values, dtype, monkeypatch):
+    """q's softmax over its features (the whole row in one tile, D = 5 padded to 16), k's over its
+    features or over the S = 29 keys (a first walk for each feature's max and sum, two chunks, the
+    second padded): applied to each tile as it is loaded, gradients through softmax's JVP; against
+    float64 autograd of the quadratic form on the softmaxed operands."""
+    calls = _kernel_calls(monkeypatch)
+    ins, grad = _operands(causal, values)
+    with torch.no_grad():
+        for t in ins[:2]:
+            t.mul_(4).sub_(2)  # logits of either sign, spread enough that the softmaxes are not flat
+    ref = _quadratic(SOFTMAX64["a", phi_a](ins[0]), SOFTMAX64["bt", phi_b](ins[1]), ins[2] if values else None, causal)
+    ref_grads = torch.autograd.grad(ref, ins, grad)
+    low = [t.detach().to(dtype).requires_grad_() for t in ins]
+    v = low[2] if values else None
+    eager = _quadratic(SOFTMAX64["a", phi_a](low[0]), SOFTMAX64["bt", phi_b](low[1]), v, causal)
+    eager_grads = torch.autograd.grad(eager, low, grad.to(dtype))
+    spec = LinearAttentionSpec(causal, values, "softmax", phi_a=phi_a, phi_b=phi_b).to_json()
+    with fxfuse.config.patch(interpret=True):
+        out = torch.ops.fxfuse.linear_attention(low[0], low[1], v, spec)
+        grads = torch.autograd.grad(out, low, grad.to(dtype))
+    assert calls == ["forward", "backward"]
+    for name, got, want, reference in [("output", out, eager, ref), *zip(("d_a", "d_bt", "d_v"), grads, eager_grads, ref_grads)]:
+        assert got.dtype == dtype and got.shape == reference.shape, name
+        if dtype == torch.float32:
+            assert_close_to_reference(got, want, reference, f"{phi_a}/{phi_b} {name}")
+        else:  # as the elementwise maps' bf16 test: values of either sign near zero, see docs/tolerances.md
+            assert_close_as_a_whole(got, want, reference, dtype, f"{phi_a}/{phi_b} {name}")
+
+
 @pytest.mark.parametrize("style", [styles.elu_causal_masked_fill, styles.elu_einsum_normalised,
-                                   styles.efficient_attention, styles.rebased_causal], ids=lambda s: s.__name__)
+                                   styles.efficient_attention, styles.efficient_attention_heads_last,
+                                   styles.efficient_attention_paper_code, styles.rebased_causal], ids=lambda s: s.__name__)
 def test_each_feature_map_through_the_pass_on_the_kernels(style, monkeypatch):
     """elu + 1, softmax (q over features, k over the sequence), ReBased's square: computed in the
     graph, then the kernels; output and q/k/v gradients against float64."""
@@ -143,7 +182,9 @@ def test_each_feature_map_through_the_pass_on_the_kernels(style, monkeypatch):
 
 SPECS = {"linear_attention_causal": LinearAttentionSpec(True, True, "elu + 1"),
          "linear_attention_normaliser": LinearAttentionSpec(False, False, "elu + 1"),
-         "linear_attention_causal_elu_in_loads": LinearAttentionSpec(True, True, "elu + 1", phi_a="elu1", phi_b="elu1")}
+         "linear_attention_causal_elu_in_loads": LinearAttentionSpec(True, True, "elu + 1", phi_a="elu1", phi_b="elu1"),
+         "linear_attention_efficient_softmax_in_loads": LinearAttentionSpec(False, True, "softmax", phi_a="softmax_features",
+                                                                            phi_b="softmax_keys")}
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))
@@ -164,8 +205,12 @@ def test_bf16_kernels_compile_for_sm90_on_tensor_cores():
 
     launches = [launch(LinearAttentionSpec(causal, True, "elu + 1", phi_a=phi, phi_b=phi), d=64, e=64, dtype="bfloat16")
                 for causal in (False, True) for phi in ("", "elu1")]
+    launches += [launch(LinearAttentionSpec(False, True, "softmax", phi_a="softmax_features", phi_b="softmax_keys"),
+                        d=64, e=64, dtype="bfloat16"),
+                 launch(LinearAttentionSpec(True, True, "softmax", phi_a="softmax_features", phi_b="softmax_features"),
+                        d=64, e=64, dtype="bfloat16")]
     rows = list(check(launches, "sm_90", functions=("forward", "backward_da")))
-    assert len(rows) == 8 and not any("error" in r for r in rows), rows
+    assert len(rows) == 12 and not any("error" in r for r in rows), rows
     for r in rows:
         assert r["mma"] == "wgmma" and r["spills"] == 0 and 0 < r["registers"] <= 255, r
 

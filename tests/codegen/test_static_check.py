@@ -104,3 +104,17 @@ def test_the_check_compiles_as_a_launch_specializes_so_the_key_loop_pipelines():
     two, three = (next(r for r in rows if r["config"]["num_stages"] == s) for s in (2, 3))
     assert three["shared_bytes"] - two["shared_bytes"] == 2 * 64 * 128 * 2, (two, three)
     assert two["spills"] == three["spills"] == 0 and two["mma"] == three["mma"] == "wgmma"
+
+
+def test_differential_kernels_compile_for_sm90_with_a_config_that_does_not_spill():
+    """Both halves in one program hold two query (key) tiles and two row states: each of the
+    differential forward and backward kernels, bf16 at head dim 128, has a config fxfuse tries
+    that uses wgmma and does not spill."""
+    import dataclasses
+
+    spec = dataclasses.replace(SPECS["causal_bf16"], differential=True)
+    rows = list(check([launch(spec, d=128, dv=128, lq=4096, lk=4096, dtype="bfloat16")], "sm_90",
+                      functions=("forward", "backward_dkdv", "backward_dq"), first_good=True, last_first=True))
+    for function in ("forward", "backward_dkdv", "backward_dq"):
+        good = [r for r in rows if r["function"] == function and r["spills"] == 0 and r["mma"] == "wgmma"]
+        assert good and 0 < good[0]["registers"] <= 255, (function, rows)

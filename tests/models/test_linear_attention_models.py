@@ -117,3 +117,121 @@ def test_mask_buffer_is_declined_with_what_to_do():
     res = fxfuse.rewrite(model, (x,), passes=PASSES)
     assert not res.matches and len(res.misses) == 1 and "build it in forward" in res.misses[0].reason, res.report()
     torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=0)
+
+
+class EfficientAttention(nn.Module):
+    """Shen et al.'s efficient attention over a sequence, as reimplementations in ViT-style code
+    write it (the quadratic product, heads split by reshape/permute and indexing): q's softmax
+    over its features, k's over the positions, no normaliser (both softmaxes already sum to 1)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.to_qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q.softmax(dim=-1)
+        k = k.softmax(dim=-2)
+        context = q @ k.transpose(-2, -1)
+        out = (context @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(out)
+
+
+class EfficientEncoder(nn.Module):
+    def __init__(self, dim=16, heads=2, layers=2):
+        super().__init__()
+        self.blocks = nn.ModuleList(EfficientAttention(dim, heads) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+
+    def forward(self, x):
+        for norm, attn in zip(self.norms, self.blocks):
+            x = x + attn(norm(x))
+        return x.pow(2).mean()
+
+
+def test_efficient_attention_training_step_equals_eager_in_float64():
+    """Both softmaxes are applied inside the operator in each layer; loss and every parameter's
+    gradient equal eager's."""
+    torch.manual_seed(0)
+    model = EfficientEncoder().double()
+    x = torch.randn(2, 70, 16, dtype=torch.float64)
+    res = fxfuse.rewrite(model, (x,), passes=PASSES)
+    assert [(m.kind, m.spec.causal, m.spec.phi_a, m.spec.phi_b) for m in res.matches] == \
+        [("linear_attention", False, "softmax_features", "softmax_keys")] * 2, res.report()
+    assert not any(n.target == torch.ops.aten._softmax.default for n in res.graph.graph.nodes)
+    rtol, atol = tolerance(torch.float64)
+
+    def step(m):
+        m.zero_grad()
+        loss = m(x)
+        loss.backward()
+        return [loss] + [p.grad.clone() for p in m.parameters()]
+
+    for got, want in zip(step(res.module), step(model)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def test_efficient_attention_under_torch_compile_in_float32():
+    torch.manual_seed(0)
+    model = EfficientEncoder()
+    x = torch.randn(2, 70, 16)
+    backend = fxfuse.Backend(passes=PASSES)
+    compiled = torch.compile(model, backend=backend)
+    rtol, atol = tolerance(torch.float32)
+    torch.testing.assert_close(compiled(x), model(x), rtol=rtol, atol=atol)
+    assert [(m.spec.phi_a, m.spec.phi_b) for m in backend.matches] == [("softmax_features", "softmax_keys")] * 2, \
+        backend.report()
+
+
+class EfficientAttention2d(nn.Module):
+    """Efficient attention on feature maps as Shen et al.'s code lays it out (written here from the
+    paper): 1x1 convolutions for keys, queries and values, channels first (N, C, H*W), a loop over
+    heads slicing channels, k's softmax over the positions, q's over the channels, then
+    ``context = k @ v^T`` and ``context^T @ q``, heads concatenated, reprojected, a residual."""
+
+    def __init__(self, channels=8, key_channels=8, value_channels=8, heads=2):
+        super().__init__()
+        self.heads, self.key_channels, self.value_channels = heads, key_channels, value_channels
+        self.to_k, self.to_q = nn.Conv2d(channels, key_channels, 1), nn.Conv2d(channels, key_channels, 1)
+        self.to_v = nn.Conv2d(channels, value_channels, 1)
+        self.reproject = nn.Conv2d(value_channels, channels, 1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        keys = self.to_k(x).reshape(n, self.key_channels, h * w)
+        queries = self.to_q(x).reshape(n, self.key_channels, h * w)
+        values = self.to_v(x).reshape(n, self.value_channels, h * w)
+        dk, dv = self.key_channels // self.heads, self.value_channels // self.heads
+        heads = []
+        for i in range(self.heads):
+            key = F.softmax(keys[:, i * dk:(i + 1) * dk, :], dim=2)
+            query = F.softmax(queries[:, i * dk:(i + 1) * dk, :], dim=1)
+            value = values[:, i * dv:(i + 1) * dv, :]
+            context = key @ value.transpose(1, 2)
+            heads.append((context.transpose(1, 2) @ query).reshape(n, dv, h, w))
+        return self.reproject(torch.cat(heads, dim=1)) + x
+
+
+def test_efficient_attention_2d_as_the_paper_code_writes_it_in_float64():
+    """Each head's two products become one operator with both softmaxes inside; the output and
+    every parameter's gradient equal eager's."""
+    torch.manual_seed(0)
+    model = EfficientAttention2d().double()
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
+    res = fxfuse.rewrite(model, (x,), passes=PASSES)
+    assert [(m.spec.phi_a, m.spec.phi_b) for m in res.matches] == [("softmax_features", "softmax_keys")] * 2, res.report()
+    assert not any(n.target == torch.ops.aten._softmax.default for n in res.graph.graph.nodes)
+    rtol, atol = tolerance(torch.float64)
+
+    def step(m):
+        m.zero_grad()
+        out = m(x)
+        out.pow(2).sum().backward()
+        return [out] + [p.grad.clone() for p in m.parameters()]
+
+    for got, want in zip(step(res.module), step(model)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)

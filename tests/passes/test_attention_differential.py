@@ -64,9 +64,20 @@ def test_the_kernel_reads_each_v_tile_once():
     model = DiffFlashStyleSDPA()
     res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
     kernel = next(k for k in res.kernels if "differential" in k.spec)
-    for_loops = kernel.source.split("for start_n in range(")[1:]
+    forward, dkdv = kernel.source.split("_backward_dkdv(")
+    dkdv, dq = dkdv.split("_backward_dq(")
+    for_loops = forward.split("for start_n in range(")[1:]
     assert for_loops and all(body.count("tl.load(V +") == 1 and body.count("tl.dot(") == 4 for body in for_loops)
-    assert kernel.source.count("m1_new = ") == kernel.source.count("m2_new = ") == len(for_loops)
+    assert forward.count("m1_new = ") == forward.count("m2_new = ") == len(for_loops)
+    # The backward: dK/dV loads its k1, k2, v tile once and each query tile's q1, q2, dO once, for
+    # both halves (one dO v^T, one product for dv); dQ each key tile of k1, k2 and v once.
+    key_tile, *query_loops = dkdv.split("for start_m in range(")
+    assert all(key_tile.count(f"tl.load({x} +") == 1 for x in ("K1", "K2", "V"))
+    assert query_loops and all(all(body.count(f"tl.load({x} +") == 1 for x in ("Q1", "Q2", "DO"))
+                               and body.count("tl.dot(") == 6 and body.count("tl.load(V +") == 0 for body in query_loops)
+    key_loops = dq.split("for start_n in range(")[1:]
+    assert key_loops and all(all(body.count(f"tl.load({x} +") == 1 for x in ("K1", "K2", "V"))
+                             and body.count("tl.dot(") == 5 for body in key_loops)
 
 
 def test_default_pipeline_fuses_it_and_the_per_head_norm():
@@ -101,3 +112,15 @@ def test_differential_field_stays_out_of_plain_specs_and_the_split_kernel_declin
     assert '"differential":true' in diff.to_json() and AttentionSpec.from_json(diff.to_json()) == diff
     assert splittable(plain) is None
     assert "differential" in splittable(diff)
+
+
+def test_explain_target_lists_the_differential_kernels():
+    """``fxfuse explain --target sm_90`` compiles the site's kernels: its launch is found in the graph."""
+    from fxfuse.spec_attention import AttentionSpec
+    from fxfuse.target_check import launches_of_graph
+
+    model = DiffFlashStyleSDPA()
+    res = fxfuse.rewrite(model, tuple(model.inputs(torch.float32)), passes=PASSES)
+    items = [i for i in launches_of_graph(res.graph)
+             if i["kind"] == "attention" and AttentionSpec.from_json(i["spec"]).differential]
+    assert len(items) == 1 and items[0]["kind"] == "attention" and set(items[0]["sizes"]) == {"d", "dv", "lq", "lk", "dtype"}

@@ -1,7 +1,8 @@
 """fxfuse.attention_differential against float64: the torch path in float64 itself, the one-kernel
-Triton forward and the halves' backward kernels through the interpreter (tiny shapes: a ragged key
-tile, GQA, a bottom-right causal mask with Lq < Lk, a bias needing its gradient, lambda per
-(batch, head) and 0-dim), and the errors a wrong lambda or a plain spec get."""
+Triton forward and the differential backward kernels (the halves' own for a bias needing its
+gradient) through the interpreter (tiny shapes: a ragged key tile, GQA, a bottom-right causal mask
+with Lq < Lk, a bias needing its gradient, lambda per (batch, head) and 0-dim), and the errors a
+wrong lambda or a plain spec get."""
 import pytest
 import torch
 
@@ -69,7 +70,7 @@ def test_operator_matches_float64(dtype, lam_shape, bias, groups, causal, cpu_pa
 
     def fused(*args):
         *t, ex = args
-        return torch.ops.fxfuse.attention_differential(*t, ex, spec.to_json())
+        return torch.ops.fxfuse.attention_differential(*t, ex, spec.to_json())[0]
 
     def eager(*args):
         *t, ex = args
@@ -102,15 +103,21 @@ def test_a_plain_spec_is_refused():
         torch.ops.fxfuse.attention_differential(*tensors, [], plain.to_json())
 
 
-def test_fake_output_matches_real(cpu_path):
+def test_fake_outputs_match_real(cpu_path):
+    """The output and what the backward reads (statistics, halves): shapes, dtypes and strides,
+    on the torch path and the kernels (a float64 site keeps float64 halves)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    spec = _spec("float32").to_json()
-    tensors, _ = _inputs(torch.float32, (H, 1, 1), False, 1)
-    with torch.no_grad():
-        for merge in (False, True):
-            real = torch.ops.fxfuse.attention_differential(*tensors, [], spec, merge)
-            with FakeTensorMode(allow_non_fake_inputs=True):
-                fake = torch.ops.fxfuse.attention_differential(*tensors, [], spec, merge)
-            assert (real.shape, real.dtype, real.stride()) == (fake.shape, fake.dtype, fake.stride())
+    for dtype in (torch.float32, torch.float64):
+        spec = _spec(str(dtype).removeprefix("torch.")).to_json()
+        tensors, _ = _inputs(dtype, (H, 1, 1), False, 1)
+        with torch.no_grad():
+            for merge in (False, True):
+                real = torch.ops.fxfuse.attention_differential(*tensors, [], spec, merge)
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    fake = torch.ops.fxfuse.attention_differential(*tensors, [], spec, merge)
+                assert len(real) == len(fake) == 3
+                for r, f in zip(real, fake):
+                    assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+                assert real[2].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert fxfuse  # the package registers the operators

@@ -496,3 +496,19 @@ def test_config_lists_follow_the_arch_head_dim_dtype_and_length():
     assert LaunchConfig(128, 64, 8, 3) in dq and LaunchConfig(128, 128, 8, 2) not in dq
     assert all(c.num_stages <= 3 for c in attention_configs(80, "forward", 64, 64, "bfloat16", 4096, 4096))
     assert all(c.BLOCK_M <= 64 and c.BLOCK_N <= 64 for c in attention_configs(90, "forward", 64, 64, "float32", 4096, 4096))
+
+
+def test_differential_config_lists_hold_both_halves():
+    """A differential program holds two query (key) tiles, two score tiles and two accumulators:
+    at D=128 on sm_90 (--target sm_90, bf16) the configs that spill there are not tried, those
+    that fit are."""
+    from fxfuse.runtime.configs import attention_configs
+
+    def tried(function):
+        return attention_configs(90, function, 128, 128, "bfloat16", 4096, 4096, halves=2)
+
+    forward, dkdv, dq = tried("forward"), tried("backward_dkdv"), tried("backward_dq")
+    assert LaunchConfig(128, 32, 8, 2) in forward and LaunchConfig(64, 16, 4, 2) in forward
+    assert not {LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)} & set(forward)
+    assert LaunchConfig(32, 64, 8, 2) in dkdv and LaunchConfig(64, 64, 8, 2) not in dkdv
+    assert LaunchConfig(128, 32, 8, 2) in dq and not {LaunchConfig(128, 64, 8, 2), LaunchConfig(64, 64, 4, 2)} & set(dq)

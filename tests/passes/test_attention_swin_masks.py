@@ -101,8 +101,9 @@ def _fused_specs(res):
              [tuple(e.meta["val"].shape) for e in n.args[3]]) for n in calls]
 
 
-def _check_equal(model, x):
-    res = fxfuse.rewrite(model, (x,))
+def _check_equal(model, x, passes=None):
+    """Rewrite ``model``; its output and every gradient match eager's against float64."""
+    res = fxfuse.rewrite(model, (x,), passes=passes)
     expected, expected_grads = _run(copy.deepcopy(model).double(), x.double())
     eager, eager_grads = _run(copy.deepcopy(model), x)
     got, got_grads = _run(res.module, x)
@@ -110,7 +111,7 @@ def _check_equal(model, x):
     for i, (g, e, r) in enumerate(zip(got_grads, eager_grads, expected_grads)):
         assert (g is None) == (e is None), f"gradient {i}"
         if g is not None:  # the table is unused when only the mask is added
-                assert_close_to_reference(g, e, r, f"gradient {i}")
+            assert_close_to_reference(g, e, r, f"gradient {i}")
     return res
 
 

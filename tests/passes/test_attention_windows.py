@@ -24,7 +24,7 @@ from fxfuse.passes.attention_windows import AddressWindows
 from fxfuse.passes.pipeline import DEFAULT_PIPELINE, parse_pipeline
 from fxfuse.runtime.attention_windows import partition, reverse
 from fxfuse.spec_attention import AttentionSpec, ScoreStep
-from tests.passes.test_attention_swin_masks import _Hidden, _run, _swin
+from tests.passes.test_attention_swin_masks import _check_equal, _Hidden, _swin
 from tests.tolerances import assert_close_to_reference
 
 WS, HEADS, DIM = 2, 2, 8
@@ -91,17 +91,9 @@ def _x(side=4, dtype=torch.float32):
 
 
 def _check(model, x, interpret=False):
+    """_check_equal with windows addressed: on the CPU torch path unless ``interpret``."""
     with fxfuse.config.patch(interpret=interpret):
-        res = fxfuse.rewrite(model, (x,), passes=None if interpret else ON_CPU)
-        expected, expected_grads = _run(copy.deepcopy(model).double(), x.double())
-        eager, eager_grads = _run(copy.deepcopy(model), x)
-        got, got_grads = _run(res.module, x)
-    assert_close_to_reference(got, eager, expected, "output")
-    for i, (g, e, r) in enumerate(zip(got_grads, eager_grads, expected_grads)):
-        assert (g is None) == (e is None), f"gradient {i}"
-        if g is not None:
-            assert_close_to_reference(g, e, r, f"gradient {i}")
-    return res
+        return _check_equal(model, x, passes=None if interpret else ON_CPU)
 
 
 def _window_calls(res):

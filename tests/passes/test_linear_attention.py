@@ -36,7 +36,8 @@ def test_style_is_rewritten_exactly_in_float64(style):
     assert not _largest_square(res.module, L)
 
 
-@pytest.mark.parametrize("style", [styles.elu_causal_masked_fill, styles.elu_einsum_normalised, styles.rebased_causal],
+@pytest.mark.parametrize("style", [styles.elu_causal_masked_fill, styles.elu_einsum_normalised, styles.rebased_causal,
+                                   styles.efficient_attention_heads_last, styles.softmax_features_causal],
                          ids=lambda s: s.__name__)
 def test_gradients_equal_eager_in_float64(style):
     q, k, v = _inputs(grad=True)
@@ -159,7 +160,8 @@ def test_elementwise_feature_maps_are_applied_in_the_operator(style):
     want = styles.APPLIED_IN_THE_OPERATOR[style]
     assert {(m.spec.phi_a, m.spec.phi_b) for m in res.matches} == {want}, res.report()
     left = {str(n.target) for n in res.graph.graph.nodes if n.op == "call_function"}
-    features = {"aten.elu.default", "aten.relu.default", "aten.exp.default", "aten.sigmoid.default", "aten.pow.Tensor_Scalar"}
+    features = {"aten.elu.default", "aten.relu.default", "aten.exp.default", "aten.sigmoid.default", "aten.pow.Tensor_Scalar",
+                "aten._softmax.default"}
     assert not (left & features) if all(want) else True, left
     assert ("feature map applied in the operator" in " ".join(res.matches[0].notes)) == any(want)
 
@@ -189,3 +191,118 @@ def test_training_saves_q_and_k_not_their_features():
     assert any(holds(t, q) for t in saved)
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("style", list(styles.SOFTMAX_NEAR_MISSES), ids=lambda s: s.__name__)
+def test_softmax_feature_maps_the_operator_does_not_apply_stay_in_the_graph(style):
+    """The site is still fused (exact: the graph computes those features), the softmax that the
+    operator would compute differently stays as written, with a note saying why when it is one."""
+    ins = _inputs()
+    res = fxfuse.rewrite(style, tuple(ins), passes=PASSES)
+    (phi, words) = styles.SOFTMAX_NEAR_MISSES[style]
+    assert [(m.spec.phi_a, m.spec.phi_b) for m in res.matches] == [phi], res.report()
+    softmaxes = sum(n.target == torch.ops.aten._softmax.default for n in res.graph.graph.nodes)
+    assert softmaxes == sum(not p for p in phi), res.graph.graph
+    if words:
+        assert any(words in note for note in res.matches[0].notes), res.report()
+    torch.testing.assert_close(res.module(*ins), style(*ins), **dict(zip(("rtol", "atol"), tolerance(torch.float64))))
+
+
+SOFTMAX_SPECS = [("softmax_features", "softmax_keys", False), ("softmax_features", "softmax_features", True),
+                 ("", "softmax_keys", False), ("softmax_features", "", True), ("softmax_features", "relu", False)]
+
+
+@pytest.mark.parametrize("phi_a,phi_b,causal", SOFTMAX_SPECS)
+@pytest.mark.parametrize("length", [1, 5, 70])
+def test_softmax_maps_on_the_torch_path_in_float64(phi_a, phi_b, causal, length):
+    """q's softmax over the features, k's over the features or (non-causal) the sequence, applied by
+    the operator: equal to the quadratic form on the softmaxed operands, gradients by gradcheck
+    (softmax's Jacobian-vector product on each line); the normaliser too."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, length, 3, generator=g, dtype=torch.float64)
+    bt = torch.randn(2, 3, length, generator=g, dtype=torch.float64)
+    v = torch.randn(2, length, 4, generator=g, dtype=torch.float64)
+    maps = {"softmax_features": {"a": lambda x: x.softmax(-1), "bt": lambda x: x.softmax(-2)},
+            "softmax_keys": {"bt": lambda x: x.softmax(-1)}, "relu": {"bt": torch.relu}, "": {"a": lambda x: x, "bt": lambda x: x}}
+    s = maps[phi_a]["a"](a) @ maps[phi_b]["bt"](bt)
+    s = s.tril() if causal else s
+    op = torch.ops.fxfuse.linear_attention
+    for values in (v, None):
+        spec = LinearAttentionSpec(causal, values is not None, "softmax", 4, phi_a=phi_a, phi_b=phi_b).to_json()
+        want = s @ v if values is not None else s.sum(-1, keepdim=True)
+        torch.testing.assert_close(op(a, bt, values, spec), want, rtol=1e-12, atol=1e-12)
+        ins = [t[:, :, :3].clone().requires_grad_() if t is bt else t[:, :3].clone().requires_grad_()
+               for t in (a, bt, values) if t is not None]
+        assert torch.autograd.gradcheck(lambda *x: op(x[0], x[1], x[2] if len(x) > 2 else None, spec), ins)
+    mm = LinearAttentionSpec(causal, True, "softmax", 4, phi_a=phi_a, phi_b=phi_b).to_json()  # a single mm
+    torch.testing.assert_close(op(a[0], bt[0], v[0], mm), (s @ v)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_keys_softmax_over_the_sequence_is_non_causal_only():
+    with pytest.raises(ValueError, match="non-causal only"):
+        LinearAttentionSpec(True, True, "softmax", phi_b="softmax_keys")
+    with pytest.raises(ValueError, match="bt only"):
+        LinearAttentionSpec(False, True, "softmax", phi_a="softmax_keys")
+
+
+@pytest.mark.parametrize("style", [styles.efficient_attention, styles.efficient_attention_heads_last],
+                         ids=lambda s: s.__name__)
+def test_training_saves_q_and_k_not_their_softmaxes(style):
+    """Efficient attention: autograd keeps the operator's inputs (q, k before their softmaxes),
+    never softmax(q) or softmax(k); the gradients still equal eager's."""
+    q, k, v = _inputs(grad=True)
+    res = fxfuse.rewrite(style, (q, k, v), passes=PASSES)
+    assert [(m.spec.phi_a, m.spec.phi_b) for m in res.matches] == [("softmax_features", "softmax_keys")], res.report()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = res.module(q, k, v)
+
+    def holds(t, x):  # (B*H, L, D) views or copies of the (B, H, L, D) tensors, or k's transpose
+        return any(t.numel() == y.numel() and torch.equal(t.detach().reshape(y.shape), y.detach())
+                   for y in (x, x.transpose(-2, -1).contiguous()))
+
+    assert saved and not any(holds(t, q.softmax(-1)) or holds(t, k.softmax(-2)) for t in saved)
+    assert any(holds(t, q) for t in saved) and any(holds(t, k) for t in saved)
+    ours = torch.autograd.grad(out.sum(), (q, k, v))
+    eager = torch.autograd.grad(style(q, k, v).sum(), (q, k, v))
+    for got, want in zip(ours, eager):
+        torch.testing.assert_close(got, want, **dict(zip(("rtol", "atol"), tolerance(torch.float64))))
+
+
+@pytest.mark.parametrize("style", styles.LINEAR_ORDER, ids=lambda s: s.__name__)
+def test_efficient_attention_in_the_linear_order_takes_its_softmaxes_in(style):
+    """q_s @ (k_s^T @ v), or the paper code's context^T @ q_s channels first: one operator, both
+    softmaxes applied in it; output and gradients equal eager's in float64."""
+    q, k, v = _inputs(grad=True)
+    res = fxfuse.rewrite(style, (q, k, v), passes=PASSES)
+    assert [(m.kind, m.spec.causal, m.spec.phi_a, m.spec.phi_b) for m in res.matches] == \
+        [("linear_attention", False, "softmax_features", "softmax_keys")] and not res.misses, res.report()
+    assert "linear order" in res.matches[0].notes[0]
+    left = {n.target for n in res.graph.graph.nodes if n.op == "call_function"}
+    assert not left & {torch.ops.aten._softmax.default, torch.ops.aten.bmm.default}, left
+    rtol, atol = tolerance(torch.float64)
+    out = res.module(q, k, v)
+    torch.testing.assert_close(out, style(q, k, v), rtol=rtol, atol=atol)
+    for got, want in zip(torch.autograd.grad(out.pow(2).sum(), (q, k, v)),
+                         torch.autograd.grad(style(q, k, v).pow(2).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("style", [styles.two_products_without_feature_maps, styles.context_used_twice],
+                         ids=lambda s: s.__name__)
+def test_two_products_that_are_not_a_linear_attention_site_are_left_as_written(style):
+    q, k, v = _inputs()
+    res = fxfuse.rewrite(style, (q, k, v), passes=PASSES)
+    assert not res.matches and not res.misses, res.report()
+    got, want = res.module(q, k, v), style(q, k, v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_linear_order_in_float32_and_bfloat16_within_the_table():
+    q, k, v = _inputs(length=200)
+    style = styles.efficient_attention_paper_code
+    for dtype in (torch.float32, torch.bfloat16):
+        low = [t.to(dtype) for t in (q, k, v)]
+        res = fxfuse.rewrite(style, tuple(low), passes=PASSES)
+        assert res.matches, res.report()
+        assert_close_to_reference(res.module(*low), style(*low), style(q, k, v), f"paper code {dtype}")
