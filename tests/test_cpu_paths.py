@@ -22,6 +22,18 @@ def _grads(model, dtype, inputs):
     return [out.detach(), *(t.grad for t in inputs if t.is_floating_point())]
 
 
+def _assert_grads_match_eager(module, model, inputs):
+    """``module``'s output and input gradients equal ``model``'s (eager) against float64; returns
+    (got, eager)."""
+    got = _grads(module, torch.float32, inputs)
+    eager = _grads(model, torch.float32, inputs)
+    want = _grads(model.double(), torch.float64, inputs)
+    model.float()
+    for i, (g, e, w) in enumerate(zip(got, eager, want)):
+        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+    return got, eager
+
+
 def _spy(monkeypatch, name):
     calls = []
     real = getattr(attention_op, name)
@@ -79,12 +91,7 @@ def test_rewritten_module_calls_its_cpu_sites_directly_and_the_triton_kernels_wh
     (graph,) = res.module._graphs.values()
     assert "torch.ops.fxfuse.attention" in res.graph.code and "torch.ops.fxfuse.norm" in res.graph.code
     assert "torch.ops.fxfuse" not in graph.run.__self__.code  # the executed copy
-    got = _grads(res.module, torch.float32, (x,))
-    eager = _grads(model, torch.float32, (x,))
-    want = _grads(model.double(), torch.float64, (x,))
-    model.float()
-    for i, (g, e, w) in enumerate(zip(got, eager, want)):
-        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+    _assert_grads_match_eager(res.module, model, (x,))
     launches = []
     forward = fxfuse.runtime.norm.forward
     monkeypatch.setattr(fxfuse.runtime.norm, "forward", lambda *a, **k: launches.append(1) or forward(*a, **k))
@@ -234,12 +241,7 @@ def test_the_executed_graph_calls_aten_without_the_opoverload_wrapper():
             if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten"}
     called = {n.name: n.target for n in executed.graph.nodes if n.name in aten}
     assert aten and all(called[name].func is op._op and not called[name].args for name, op in aten.items())
-    got = _grads(res.module, torch.float32, (x,))
-    eager = _grads(model, torch.float32, (x,))
-    want = _grads(model.double(), torch.float64, (x,))
-    model.float()
-    for i, (g, e, w) in enumerate(zip(got, eager, want)):
-        assert_close_to_reference(g, e, w, f"output/gradient {i}")
+    _assert_grads_match_eager(res.module, model, (x,))
 
 
 def test_a_layer_norm_on_a_transposed_view_makes_its_contiguous_output_once():
@@ -262,10 +264,5 @@ def test_a_layer_norm_on_a_transposed_view_makes_its_contiguous_output_once():
     (graph,) = res.module._graphs.values()
     executed = graph.run.__self__.graph
     assert not [n for n in executed.nodes if getattr(n.target, "func", None) is torch.ops.aten.clone.default._op]
-    got = _grads(res.module, torch.float32, (img,))
-    eager = _grads(model, torch.float32, (img,))
-    want = _grads(model.double(), torch.float64, (img,))
-    model.float()
+    got, eager = _assert_grads_match_eager(res.module, model, (img,))
     assert got[0].stride() == eager[0].stride()
-    for i, (g, e, w) in enumerate(zip(got, eager, want)):
-        assert_close_to_reference(g, e, w, f"output/gradient {i}")
